@@ -1,0 +1,104 @@
+"""The interface every compute backend implements.
+
+A backend knows how to put a prepared run directory (code package, job script,
+credential file) onto a machine, start it, tell its state, read its log, cancel
+it and hand back its files. It knows nothing of MLflow: the RunService does the
+tracking. Backends declare what they can do through ``capabilities``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..states import RunState
+
+Progress = Callable[[int, int], None]
+"""A callback ``progress(done_bytes, total_bytes)`` for long transfers."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    name: str
+    cancel: bool = True
+    logs: bool = True
+    files: bool = True
+    download_folder: bool = True
+    batch_states: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: RunState
+    # The backend's own state word (e.g. Slurm's TIMEOUT), for display and the reason tag.
+    native_state: str = ""
+    exit_code: int | None = None
+    # Why a job ended when it did not finish cleanly: an exit code, TIMEOUT,
+    # OUT_OF_MEMORY, CANCELLED, NODE_FAIL.
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the run directory, "/"-separated
+    size: int
+    is_dir: bool
+
+
+@dataclass
+class PreparedJob:
+    """Everything a backend needs to start one run, made by the RunService.
+
+    ``local_dir`` holds the files to ship: ``package.tar.gz`` (the code),
+    ``mantik-job.sh`` (the job script) and ``.mantik-credentials`` (mode 0600,
+    may be absent). The backend copies them to the run directory it owns.
+    """
+
+    run_id: str
+    local_dir: Path
+    job_name: str
+    files: list[str] = field(default_factory=list)
+
+
+class Backend(abc.ABC):
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def submit(self, job: PreparedJob, progress: Progress | None = None) -> str:
+        """Ship and start a job; return the backend's job id."""
+
+    @abc.abstractmethod
+    def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        """States of many jobs at once (one round trip where the backend allows it).
+
+        A job whose state cannot be learnt now maps to ``RunState.UNKNOWN``;
+        a backend that cannot be reached at all raises ``BackendUnavailable``.
+        """
+
+    @abc.abstractmethod
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
+        """Bytes of ``mantik.log`` from ``offset``; returns (data, new offset)."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Stop a job. Cancelling a job that already ended is not an error."""
+
+    @abc.abstractmethod
+    def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
+        """Files below ``path`` (relative to the run directory)."""
+
+    @abc.abstractmethod
+    def download(
+        self, job_id: str, path: str, dest: Path, progress: Progress | None = None
+    ) -> Path:
+        """Copy a file or folder of the run directory to ``dest``; return the local path."""
+
+    @abc.abstractmethod
+    def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
+        """Stream one file of the run directory in chunks."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
