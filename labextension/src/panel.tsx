@@ -1,0 +1,469 @@
+/**
+ * The "Mantik" left-sidebar panel: tracking connection, login/logout and a
+ * shortcut to the embedded MLflow UI.
+ */
+import {
+  Button,
+  InputGroup,
+  ReactWidget,
+  refreshIcon
+} from '@jupyterlab/ui-components';
+import { Message } from '@lumino/messaging';
+import React, { useCallback, useEffect, useId, useRef, useState } from 'react';
+
+import {
+  IAuthStatus,
+  LoginCredentials,
+  MantikApi,
+  MantikApiError
+} from './api';
+import { mantikIcon } from './icons';
+
+/** Poll interval (seconds) while the embedded tracking server is starting. */
+const STARTING_POLL_INTERVAL = 2;
+
+/** Id of the sidebar widget. */
+export const PANEL_ID = 'mantik-sidebar';
+
+/** User-facing text of an error of any kind. */
+export function errorMessage(error: unknown): string {
+  if (error instanceof MantikApiError) {
+    return error.message;
+  }
+  if (error instanceof Error) {
+    return error.message;
+  }
+  return String(error);
+}
+
+/** Options of the sidebar panel. */
+export interface IMantikPanelOptions {
+  api: MantikApi;
+  /** Run the "open MLflow" command. */
+  onOpenMlflow: () => void;
+  /** Status poll interval in seconds (0: no polling). */
+  pollInterval?: number;
+}
+
+/**
+ * The sidebar widget. Lumino owns visibility; React owns the content.
+ * Polling runs only while the panel is visible.
+ */
+export class MantikPanel extends ReactWidget {
+  constructor(options: IMantikPanelOptions) {
+    super();
+    this._api = options.api;
+    this._onOpenMlflow = options.onOpenMlflow;
+    this._pollInterval = options.pollInterval ?? 10;
+    this.id = PANEL_ID;
+    this.addClass('mantik-Panel');
+    this.node.dataset.testid = 'mantik-sidebar';
+    this.title.icon = mantikIcon;
+    this.title.caption = 'Mantik';
+  }
+
+  /** Status poll interval in seconds; 0 disables polling. */
+  get pollInterval(): number {
+    return this._pollInterval;
+  }
+  set pollInterval(value: number) {
+    const seconds = Number.isFinite(value) && value > 0 ? value : 0;
+    if (seconds !== this._pollInterval) {
+      this._pollInterval = seconds;
+      this.update();
+    }
+  }
+
+  /** Ask the content to reload the status now. */
+  refresh(): void {
+    this._refreshToken++;
+    this.update();
+  }
+
+  protected onAfterShow(msg: Message): void {
+    super.onAfterShow(msg);
+    this.update();
+  }
+
+  protected onAfterHide(msg: Message): void {
+    super.onAfterHide(msg);
+    this.update();
+  }
+
+  protected render(): JSX.Element {
+    return (
+      <MantikPanelComponent
+        api={this._api}
+        onOpenMlflow={this._onOpenMlflow}
+        pollInterval={this.isVisible ? this._pollInterval : 0}
+        refreshToken={this._refreshToken}
+      />
+    );
+  }
+
+  private _api: MantikApi;
+  private _onOpenMlflow: () => void;
+  private _pollInterval: number;
+  private _refreshToken = 0;
+}
+
+interface IPanelProps {
+  api: MantikApi;
+  onOpenMlflow: () => void;
+  /** Seconds between status polls; 0 pauses polling. */
+  pollInterval: number;
+  /** Changing this number reloads the status. */
+  refreshToken: number;
+}
+
+/** The panel's content. */
+export function MantikPanelComponent(props: IPanelProps): JSX.Element {
+  const { api, onOpenMlflow, pollInterval, refreshToken } = props;
+  const [status, setStatus] = useState<IAuthStatus | null>(null);
+  const [statusError, setStatusError] = useState<string | null>(null);
+  const [loading, setLoading] = useState(true);
+  const [busy, setBusy] = useState(false);
+  const [actionError, setActionError] = useState<string | null>(null);
+  const mounted = useRef(true);
+  const inFlight = useRef(false);
+
+  useEffect(() => {
+    mounted.current = true;
+    return () => {
+      mounted.current = false;
+    };
+  }, []);
+
+  const loadStatus = useCallback(async () => {
+    if (inFlight.current) {
+      return;
+    }
+    inFlight.current = true;
+    try {
+      const next = await api.authStatus();
+      if (mounted.current) {
+        setStatus(next);
+        setStatusError(null);
+      }
+    } catch (error) {
+      if (mounted.current) {
+        setStatusError(errorMessage(error));
+      }
+    } finally {
+      inFlight.current = false;
+      if (mounted.current) {
+        setLoading(false);
+      }
+    }
+  }, [api]);
+
+  // Initial load and explicit refreshes.
+  useEffect(() => {
+    void loadStatus();
+  }, [loadStatus, refreshToken]);
+
+  // Polling while visible; faster while the embedded server is starting.
+  const starting = status !== null && status.ready === false;
+  const interval =
+    pollInterval > 0 && starting
+      ? Math.min(pollInterval, STARTING_POLL_INTERVAL)
+      : pollInterval;
+  useEffect(() => {
+    if (interval <= 0) {
+      return;
+    }
+    const timer = window.setInterval(() => {
+      void loadStatus();
+    }, interval * 1000);
+    return () => window.clearInterval(timer);
+  }, [loadStatus, interval]);
+
+  const runAction = useCallback(
+    async (action: () => Promise<IAuthStatus>): Promise<boolean> => {
+      setBusy(true);
+      setActionError(null);
+      try {
+        const next = await action();
+        if (mounted.current) {
+          setStatus(next);
+          setStatusError(null);
+        }
+        return true;
+      } catch (error) {
+        if (mounted.current) {
+          setActionError(errorMessage(error));
+        }
+        return false;
+      } finally {
+        if (mounted.current) {
+          setBusy(false);
+        }
+      }
+    },
+    []
+  );
+
+  const onLogin = useCallback(
+    (credentials: LoginCredentials) =>
+      runAction(() => api.login(credentials)),
+    [api, runAction]
+  );
+  const onLogout = useCallback(
+    () => void runAction(() => api.logout()),
+    [api, runAction]
+  );
+
+  return (
+    <div className="mantik-PanelContent">
+      <header className="mantik-Panel-header">
+        <mantikIcon.react tag="span" className="mantik-Panel-logo" />
+        <h2 className="mantik-Panel-title">Mantik</h2>
+        <Button
+          minimal
+          small
+          className="mantik-refresh"
+          data-testid="mantik-refresh"
+          title="Refresh status"
+          aria-label="Refresh status"
+          onClick={() => void loadStatus()}
+          disabled={busy}
+        >
+          <refreshIcon.react tag="span" />
+        </Button>
+      </header>
+
+      <section
+        className="mantik-Section mantik-status"
+        data-testid="mantik-status"
+        aria-labelledby="mantik-status-heading"
+        aria-busy={loading}
+      >
+        <h3 id="mantik-status-heading" className="mantik-Section-title">
+          Tracking
+        </h3>
+        {loading && status === null && statusError === null ? (
+          <p className="mantik-muted">Checking the tracking connection…</p>
+        ) : null}
+        {statusError !== null ? (
+          <p
+            className="mantik-error mantik-status-error"
+            data-testid="mantik-status-error"
+            role="alert"
+          >
+            {statusError}
+          </p>
+        ) : null}
+        {status !== null ? <StatusView status={status} /> : null}
+      </section>
+
+      {status !== null && !status.embedded && !status.logged_in ? (
+        <LoginForm busy={busy} onLogin={onLogin} />
+      ) : null}
+
+      {actionError !== null ? (
+        <p
+          className="mantik-error mantik-action-error"
+          data-testid="mantik-action-error"
+          role="alert"
+        >
+          {actionError}
+        </p>
+      ) : null}
+
+      <section className="mantik-Section mantik-actions">
+        <Button
+          className="jp-mod-styled jp-mod-accept mantik-open-mlflow"
+          data-testid="mantik-open-mlflow"
+          onClick={onOpenMlflow}
+          title="Open the MLflow UI in a tab"
+        >
+          Open MLflow
+        </Button>
+        {status !== null && !status.embedded && status.logged_in ? (
+          <Button
+            className="jp-mod-styled jp-mod-reject mantik-logout"
+            data-testid="mantik-logout"
+            onClick={onLogout}
+            disabled={busy}
+          >
+            Log out
+          </Button>
+        ) : null}
+      </section>
+    </div>
+  );
+}
+
+function StatusView(props: { status: IAuthStatus }): JSX.Element {
+  const { status } = props;
+  return (
+    <dl className="mantik-StatusList">
+      <dt>Server</dt>
+      <dd className="mantik-tracking-uri" data-testid="mantik-tracking-uri">
+        {status.embedded ? (
+          <span title={status.tracking_uri}>Embedded tracking</span>
+        ) : (
+          <a href={status.tracking_uri} target="_blank" rel="noreferrer">
+            {status.tracking_uri}
+          </a>
+        )}
+      </dd>
+      {status.ready === false ? (
+        <>
+          <dt>Server state</dt>
+          <dd>
+            <span
+              className="mantik-chip mantik-chip-pending"
+              data-testid="mantik-server-state"
+            >
+              Starting…
+            </span>
+          </dd>
+        </>
+      ) : null}
+      <dt>User</dt>
+      <dd className="mantik-username" data-testid="mantik-username">
+        {status.username ?? <span className="mantik-muted">—</span>}
+      </dd>
+      <dt>State</dt>
+      <dd>
+        <span
+          className={`mantik-chip ${
+            status.logged_in ? 'mantik-chip-ok' : 'mantik-chip-warn'
+          }`}
+          data-testid="mantik-login-state"
+          data-logged-in={status.logged_in ? 'true' : 'false'}
+        >
+          {status.logged_in ? 'Logged in' : 'Not logged in'}
+        </span>
+      </dd>
+    </dl>
+  );
+}
+
+type LoginMode = 'password' | 'token';
+
+function LoginForm(props: {
+  busy: boolean;
+  onLogin: (credentials: LoginCredentials) => Promise<boolean>;
+}): JSX.Element {
+  const { busy, onLogin } = props;
+  const [mode, setMode] = useState<LoginMode>('password');
+  const [username, setUsername] = useState('');
+  const [password, setPassword] = useState('');
+  const [token, setToken] = useState('');
+  const id = useId();
+
+  const canSubmit =
+    !busy &&
+    (mode === 'password'
+      ? username.trim().length > 0 && password.length > 0
+      : token.trim().length > 0);
+
+  const submit = async (event: React.FormEvent<HTMLFormElement>) => {
+    event.preventDefault();
+    if (!canSubmit) {
+      return;
+    }
+    const credentials: LoginCredentials =
+      mode === 'password'
+        ? { username: username.trim(), password }
+        : { token: token.trim() };
+    const ok = await onLogin(credentials);
+    if (ok) {
+      // Never keep secrets around longer than needed.
+      setPassword('');
+      setToken('');
+    }
+  };
+
+  return (
+    <form
+      className="mantik-Section mantik-login-form"
+      data-testid="mantik-login-form"
+      aria-label="Log in to the tracking server"
+      onSubmit={event => void submit(event)}
+    >
+      <h3 className="mantik-Section-title">Log in</h3>
+      <fieldset className="mantik-login-mode">
+        <legend>Authenticate with</legend>
+        <label>
+          <input
+            type="radio"
+            name={`${id}-mode`}
+            value="password"
+            checked={mode === 'password'}
+            onChange={() => setMode('password')}
+          />{' '}
+          Password
+        </label>
+        <label>
+          <input
+            type="radio"
+            name={`${id}-mode`}
+            value="token"
+            checked={mode === 'token'}
+            onChange={() => setMode('token')}
+          />{' '}
+          Token
+        </label>
+      </fieldset>
+      {mode === 'password' ? (
+        <>
+          <label className="mantik-Field" htmlFor={`${id}-username`}>
+            Username
+          </label>
+          <InputGroup
+            id={`${id}-username`}
+            name="username"
+            className="mantik-username-input"
+            data-testid="mantik-username-input"
+            autoComplete="username"
+            value={username}
+            onChange={event => setUsername(event.target.value)}
+            disabled={busy}
+          />
+          <label className="mantik-Field" htmlFor={`${id}-password`}>
+            Password
+          </label>
+          <InputGroup
+            id={`${id}-password`}
+            name="password"
+            type="password"
+            className="mantik-password-input"
+            data-testid="mantik-password-input"
+            autoComplete="current-password"
+            value={password}
+            onChange={event => setPassword(event.target.value)}
+            disabled={busy}
+          />
+        </>
+      ) : (
+        <>
+          <label className="mantik-Field" htmlFor={`${id}-token`}>
+            Access token
+          </label>
+          <InputGroup
+            id={`${id}-token`}
+            name="token"
+            type="password"
+            className="mantik-token-input"
+            data-testid="mantik-token-input"
+            autoComplete="off"
+            value={token}
+            onChange={event => setToken(event.target.value)}
+            disabled={busy}
+          />
+        </>
+      )}
+      <Button
+        type="submit"
+        className="jp-mod-styled jp-mod-accept mantik-login-submit"
+        data-testid="mantik-login-submit"
+        disabled={!canSubmit}
+      >
+        {busy ? 'Logging in…' : 'Log in'}
+      </Button>
+    </form>
+  );
+}

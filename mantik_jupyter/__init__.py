@@ -1,0 +1,35 @@
+"""mantik-jupyter: run MLprojects on HPC clusters from JupyterLab, tracked in MLflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    from .app import MantikApp
+
+    return [{"module": "mantik_jupyter", "app": MantikApp}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextension", "dest": "mantik-jupyter"}]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def login(
+    username: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Log in to the tracking server from Python; returns the status (never a secret)."""
+    from .api import tracking_service
+
+    return tracking_service(tracking_uri).login(username=username, password=password, token=token)

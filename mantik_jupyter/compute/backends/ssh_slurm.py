@@ -1,0 +1,862 @@
+"""Slurm over SSH: the backend for HPC login nodes reached with a key or password.
+
+One paramiko connection is kept and reused; when it drops (login node
+rebooted, sshd restarted) the next call opens a new one, and a call that
+cannot reach the host raises ``BackendUnavailable`` (the RunService turns that
+into ``UNKNOWN``, never ``FAILED``).
+
+Job ids are Slurm's own numeric ids. Every job lives in its own run directory,
+``<remote_dir>/<run_id>``; log, files and the exit-code fallback are read from
+there. The backend remembers the run directory of every job it submitted
+(``run_dir_of``). After a restart of the lab the RunService hands it back with
+``attach(job_id, run_dir)`` (it keeps both in MLflow tags), or passes
+``run_dirs={job_id: run_dir}`` to the constructor. Without either, the backend
+asks Slurm for the job's working directory (one extra command, then cached).
+
+Security: host keys are checked against known_hosts and never added on the
+fly; every value that reaches the remote shell goes through ``shlex.quote``;
+file access is confined to the run directory (no ``..``, no absolute paths, no
+symlinks leading out); passwords and keys never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import re
+import shlex
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import paramiko
+
+from ...errors import (
+    AuthenticationFailed,
+    BackendRejected,
+    BackendUnavailable,
+    Conflict,
+    HostKeyUnknown,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    UnsafePath,
+)
+from ..states import RunState
+from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LOG_FILE = "mantik.log"
+EXITCODE_FILE = "mantik.exitcode"
+PACKAGE_FILE = "package.tar.gz"
+JOB_SCRIPT = "mantik-job.sh"
+CREDENTIALS_FILE = ".mantik-credentials"
+CHUNK = 256 * 1024
+# read_log answers at most this much per call, so a huge log streams in pieces.
+MAX_LOG_READ = 4 * 1024 * 1024
+COMMAND_TIMEOUT = 120.0
+
+_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+# Separates the sections of the one combined status command's output.
+_MARK = "@@mantik@@"
+
+# Slurm state words (first word: sacct says "CANCELLED by 1001").
+_ACTIVE = {
+    "PENDING": RunState.QUEUED,
+    "CONFIGURING": RunState.QUEUED,
+    "REQUEUED": RunState.QUEUED,
+    "REQUEUE_FED": RunState.QUEUED,
+    "REQUEUE_HOLD": RunState.QUEUED,
+    "RESIZING": RunState.QUEUED,
+    "SUSPENDED": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    "COMPLETING": RunState.RUNNING,
+    "STAGE_OUT": RunState.RUNNING,
+    "SIGNALING": RunState.RUNNING,
+    "STOPPED": RunState.RUNNING,
+}
+_FAILED = {"FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE"}
+_FINAL = _FAILED | {"COMPLETED", "CANCELLED", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+
+_CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+
+@dataclass
+class _Result:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def err_text(self) -> str:
+        return self.stderr.decode(errors="replace").strip()
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """RejectPolicy that tells the user how to trust the host."""
+
+    def __init__(self, host: str, port: int, known_hosts: Path) -> None:
+        self.host = host
+        self.port = port
+        self.known_hosts = known_hosts
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise HostKeyUnknown(
+            f"The SSH host {self.host}:{self.port} (key {key.get_name()} {key.fingerprint}) "
+            f"is not in {self.known_hosts}. Check the fingerprint against the site's "
+            f"documentation, then trust it with: "
+            f"{_keyscan_hint(self.host, self.port, self.known_hosts)}"
+        )
+
+
+def _keyscan_hint(host: str, port: int, known_hosts: Path) -> str:
+    port_opt = f"-p {port} " if port != 22 else ""
+    return f"ssh-keyscan {port_opt}{shlex.quote(host)} >> {shlex.quote(str(known_hosts))}"
+
+
+def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text), password=passphrase)
+        except (paramiko.SSHException, ValueError):
+            continue
+    # Deliberately vague: the text of a key must never end up in a message.
+    raise AuthenticationFailed(
+        "The SSH private key could not be read: it is not an OpenSSH/PEM private key of "
+        "type ed25519, ecdsa or rsa, or its passphrase is wrong."
+    )
+
+
+class SshSlurmBackend(Backend):
+    """Runs jobs with ``sbatch`` on a Slurm login node over SSH (paramiko).
+
+    ``remote_dir`` is relative to the remote home unless absolute. Credentials:
+    ``key_filename`` (a private key file), ``private_key`` (the key's text, e.g.
+    from ``MANTIK_SSH_PRIVATE_KEY``) or ``password`` (also the key passphrase);
+    with none of them, the SSH agent and ``~/.ssh/id_*`` are tried, like ``ssh``.
+    """
+
+    capabilities = Capabilities(
+        name="ssh-slurm",
+        description="Slurm batch jobs on a login node reached over SSH",
+    )
+
+    def __init__(
+        self,
+        hostname: str,
+        port: int = 22,
+        username: str | None = None,
+        key_filename: str | None = None,
+        private_key: str | None = None,
+        password: str | None = None,
+        known_hosts: str | Path | None = None,
+        remote_dir: str = "mantik-runs",
+        run_dirs: dict[str, str] | None = None,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self.hostname = hostname
+        self.port = int(port)
+        self.username = username
+        self._key_filename = key_filename
+        self._pkey = _load_private_key(private_key, password) if private_key else None
+        self._password = password
+        self.known_hosts = Path(known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
+        self._remote_dir_setting = remote_dir
+        self._remote_base: str | None = None
+        self._run_dirs: dict[str, str] = dict(run_dirs or {})
+        self._connect_timeout = connect_timeout
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.RLock()
+        # Remote shell commands run so far; a benchmark asserts one per status poll.
+        self.commands_issued = 0
+
+    def __repr__(self) -> str:  # no credentials in reprs that end up in logs
+        return f"SshSlurmBackend({self._where()})"
+
+    # ---- run directory bookkeeping -------------------------------------------------
+
+    def attach(self, job_id: str, run_dir: str) -> None:
+        """Tell the backend where a job submitted earlier (e.g. before a restart) lives."""
+        self._run_dirs[str(job_id)] = run_dir
+
+    def run_dir_of(self, job_id: str) -> str:
+        """The absolute remote run directory of a job (store it next to the job id)."""
+        job_id = self._check_job_id(job_id)
+        if job_id not in self._run_dirs:
+            self._run_dirs[job_id] = self._ask_slurm_workdir(job_id)
+        return self._run_dirs[job_id]
+
+    def remote_base(self) -> str:
+        """The absolute directory that holds all run directories."""
+        with self._lock:
+            self._connection()
+            assert self._remote_base is not None
+            return self._remote_base
+
+    # ---- connection -------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"{self.username or '?'}@{self.hostname}:{self.port}"
+
+    def _connection(self) -> paramiko.SSHClient:
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is None or not transport.is_active():
+                self._drop()
+                self._client = self._connect()
+                self._remote_base = self._resolve_remote_base()
+            assert self._client is not None
+            return self._client
+
+    def _connect(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        if self.known_hosts.is_file():
+            client.load_system_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(
+            _RefuseUnknownHost(self.hostname, self.port, self.known_hosts)
+        )
+        explicit = bool(self._key_filename or self._pkey or self._password)
+        try:
+            client.connect(
+                self.hostname,
+                port=self.port,
+                username=self.username,
+                key_filename=self._key_filename,
+                pkey=self._pkey,
+                password=self._password,
+                timeout=self._connect_timeout,
+                banner_timeout=self._connect_timeout,
+                auth_timeout=self._connect_timeout,
+                allow_agent=not explicit,
+                look_for_keys=not explicit,
+            )
+        except HostKeyUnknown:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise self._host_key_changed(exc) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise AuthenticationFailed(
+                f"The SSH server refused the credentials of {self.username}@{self.hostname} "
+                f"(port {self.port}). Check the user name and the key or password."
+            ) from None
+        except (*_CONNECTION_ERRORS, ValueError) as exc:
+            client.close()
+            raise BackendUnavailable(
+                f"Cannot reach the SSH server {self.hostname}:{self.port}: {_describe(exc)}"
+            ) from None
+        transport = client.get_transport()
+        assert transport is not None
+        # Keepalives let a silently dead link (no FIN) be noticed between polls.
+        transport.set_keepalive(30)
+        log.info("connected to %s", self._where())
+        return client
+
+    def _host_key_changed(self, exc: paramiko.BadHostKeyException) -> HostKeyUnknown:
+        host = f"[{self.hostname}]:{self.port}" if self.port != 22 else self.hostname
+        return HostKeyUnknown(
+            f"The SSH host key of {self.hostname}:{self.port} does not match {self.known_hosts} "
+            f"(got {exc.key.get_name()} {exc.key.fingerprint}). If the site announced a new "
+            f"key, remove the old one with: ssh-keygen -R {shlex.quote(host)} -f "
+            f"{shlex.quote(str(self.known_hosts))} and trust the new one with: "
+            f"{_keyscan_hint(self.hostname, self.port, self.known_hosts)}"
+        )
+
+    def _resolve_remote_base(self) -> str:
+        setting = self._remote_dir_setting
+        if setting.startswith("~/"):
+            setting = setting[2:]
+        if posixpath.isabs(setting):
+            return posixpath.normpath(setting)
+        home = self._sftp_client().normalize(".")
+        return posixpath.normpath(posixpath.join(home, setting))
+
+    def _drop(self) -> None:
+        with self._lock:
+            for thing in (self._sftp, self._client):
+                if thing is not None:
+                    try:
+                        thing.close()
+                    except Exception:  # noqa: S110 - closing a dead link may fail any way
+                        pass
+            self._sftp = None
+            self._client = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        """The shared SFTP session for small operations (hold ``_lock`` while using it)."""
+        with self._lock:
+            if self._sftp is None or self._sftp.get_channel().closed:
+                client = self._client
+                assert client is not None
+                self._sftp = client.open_sftp()
+            return self._sftp
+
+    def _with_connection(self, action: Callable[[], T], what: str, retry: bool = True) -> T:
+        """Run ``action()`` needing the connection; reconnect once if the link was stale."""
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
+            with self._lock:
+                self._connection()
+            try:
+                return action()
+            except FileNotFoundError as exc:
+                raise NotFound(f"Not found on {self.hostname} while {what}: {exc}") from None
+            except PermissionError as exc:
+                raise PermissionDenied(
+                    f"{self.hostname} denied access while {what}: {exc}"
+                ) from None
+            except _CONNECTION_ERRORS as exc:
+                self._drop()
+                if attempt + 1 == attempts:
+                    raise BackendUnavailable(
+                        f"Lost the SSH connection to {self.hostname}:{self.port} while "
+                        f"{what}: {_describe(exc)}"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    # ---- remote commands ----------------------------------------------------------------
+
+    def _run(self, command: str, what: str, retry: bool = True) -> _Result:
+        """Run one shell command; ``retry`` only for commands safe to run twice."""
+        return self._with_connection(lambda: self._exec(command), what, retry)
+
+    def _exec(self, command: str, timeout: float = COMMAND_TIMEOUT) -> _Result:
+        client = self._connection()
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session(timeout=self._connect_timeout)
+        self.commands_issued += 1
+        try:
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            out, err = _drain(channel)
+            return _Result(channel.recv_exit_status(), out, err)
+        finally:
+            channel.close()
+
+    def _open_stream(self, command: str) -> paramiko.Channel:
+        client = self._connection()
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session(timeout=self._connect_timeout)
+        self.commands_issued += 1
+        channel.settimeout(COMMAND_TIMEOUT)
+        channel.exec_command(command)
+        return channel
+
+    # ---- submit ---------------------------------------------------------------------------
+
+    def submit(self, job: PreparedJob, progress: Progress | None = None) -> str:
+        run_dir = posixpath.join(self.remote_base(), _safe_name(job.run_id, "run id"))
+        files = self._files_to_ship(job)
+        self._with_connection(
+            lambda: self._upload(run_dir, job.local_dir, files, progress), "uploading the run"
+        )
+        # Not retried: a dropped link after sbatch ran would otherwise submit twice.
+        result = self._run(self._submit_command(run_dir, job.job_name, files), "submitting", False)
+        if result.status != 0:
+            raise BackendRejected(
+                f"sbatch on {self.hostname} refused the job of run {job.run_id}: "
+                f"{result.err_text or result.stdout.decode(errors='replace').strip()}"
+            )
+        job_id = result.stdout.decode().strip().splitlines()[-1].split(";")[0]
+        self._check_job_id(job_id)
+        self._run_dirs[job_id] = run_dir
+        log.info("submitted run %s as Slurm job %s on %s", job.run_id, job_id, self.hostname)
+        return job_id
+
+    @staticmethod
+    def _files_to_ship(job: PreparedJob) -> list[str]:
+        names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
+        for name in names:
+            _safe_name(name, "file name")
+        if JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        return names
+
+    def _upload(
+        self, run_dir: str, local_dir: Path, names: list[str], progress: Progress | None
+    ) -> None:
+        total = sum((local_dir / n).stat().st_size for n in names)
+        done = 0
+        sftp = self._connection().open_sftp()
+        try:
+            _sftp_makedirs(sftp, run_dir)
+            for name in names:
+                local = local_dir / name
+                mode = stat.S_IMODE(local.stat().st_mode)
+                with local.open("rb") as src, sftp.open(posixpath.join(run_dir, name), "wb") as dst:
+                    # Mode first, data second: a secret is never readable by others remotely.
+                    dst.chmod(mode)
+                    dst.set_pipelined(True)
+                    while chunk := src.read(CHUNK):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+        finally:
+            sftp.close()
+        if progress:
+            progress(total, total)
+
+    @staticmethod
+    def _submit_command(run_dir: str, job_name: str, files: list[str]) -> str:
+        q = shlex.quote
+        steps = [f"cd {q(run_dir)}"]
+        if PACKAGE_FILE in files:
+            steps.append(f"mkdir -p code && tar -xzf {q(PACKAGE_FILE)} -C code")
+        steps.append(
+            f"sbatch --parsable --chdir={q(run_dir)} --job-name={q(job_name)} {q(JOB_SCRIPT)}"
+        )
+        return " && ".join(steps)
+
+    # ---- states ---------------------------------------------------------------------------
+
+    def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        valid = [j for j in dict.fromkeys(str(j) for j in job_ids) if _JOB_ID.match(j)]
+        answer = {str(j): JobStatus(RunState.UNKNOWN) for j in job_ids}
+        if not valid:
+            return answer
+        result = self._run(self._status_command(valid), "asking Slurm for job states")
+        sections = _split_sections(result.stdout.decode(errors="replace"))
+        squeue = _parse_table(sections.get("squeue", ""), 2)
+        sacct = _parse_table(sections.get("sacct", ""), 3)
+        codes = _parse_table(sections.get("exitcodes", ""), 2)
+        for job_id in valid:
+            answer[job_id] = _decide(squeue.get(job_id), sacct.get(job_id), codes.get(job_id))
+        return answer
+
+    def _status_command(self, job_ids: list[str]) -> str:
+        """One shell line: squeue (active and recently ended jobs), then sacct only for
+        the jobs squeue does not show as active (sacct is the slower of the two), then
+        the ``mantik.exitcode`` files (for sites without accounting)."""
+        ids = shlex.quote(",".join(job_ids))
+        active = "|".join(sorted(_ACTIVE))
+        # awk prints the ids squeue did not report as active, comma-separated.
+        not_active = (
+            f"awk -F'|' -v ids={ids} 'BEGIN {{ n = split(ids, a, \",\"); "
+            f"for (i = 1; i <= n; i++) want[a[i]] = 1 }} "
+            f"$2 ~ /^({active})$/ {{ delete want[$1] }} "
+            f'END {{ s = ""; for (k in want) s = s (s == "" ? "" : ",") k; print s }}\''
+        )
+        parts = [
+            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T' 2>/dev/null)",
+            f"echo {_MARK}squeue",
+            'printf "%s\\n" "$sq"',
+            f'rest=$(printf "%s\\n" "$sq" | {not_active})',
+            f"echo {_MARK}sacct",
+            'if [ -n "$rest" ]; then '
+            'sacct -X -n -P -j "$rest" -o JobIDRaw,State,ExitCode 2>/dev/null; fi',
+            f"echo {_MARK}exitcodes",
+        ]
+        known = [(j, self._run_dirs[j]) for j in job_ids if j in self._run_dirs]
+        if known:
+            pairs = " ".join(
+                f"{shlex.quote(j)} {shlex.quote(posixpath.join(d, EXITCODE_FILE))}"
+                for j, d in known
+            )
+            parts.append(
+                f"set -- {pairs}; while [ $# -gt 1 ]; do "
+                f'[ -f "$2" ] && printf "%s|%s\\n" "$1" "$(head -c 32 "$2")"; shift 2; done'
+            )
+        # sh -c: the script is POSIX sh, whatever the account's login shell (csh exists).
+        return "sh -c " + shlex.quote("; ".join(parts) + "; true")
+
+    # ---- logs, cancel ---------------------------------------------------------------------
+
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
+        path = posixpath.join(self.run_dir_of(job_id), LOG_FILE)
+
+        def read() -> tuple[bytes, int]:
+            with self._lock:
+                try:
+                    with self._sftp_client().open(path, "rb") as f:
+                        f.seek(offset)
+                        data = f.read(MAX_LOG_READ)
+                except FileNotFoundError:
+                    return b"", offset  # not started yet: no log so far
+            return data, offset + len(data)
+
+        return self._with_connection(read, "reading the log")
+
+    def cancel(self, job_id: str) -> None:
+        job_id = self._check_job_id(job_id)
+        result = self._run(f"scancel {shlex.quote(job_id)}", "cancelling the job")
+        err = result.err_text
+        if result.status != 0 and "already completed" not in err and "Invalid job id" not in err:
+            raise BackendRejected(f"scancel on {self.hostname} failed for job {job_id}: {err}")
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
+        """The entries of one directory of the run (not recursive), directories first."""
+        run_dir = self.run_dir_of(job_id)
+        rel = _clean_relative(path)
+
+        def listing() -> list[FileEntry]:
+            with self._lock:
+                sftp = self._sftp_client()
+                target = self._confined(sftp, run_dir, rel)
+                if not stat.S_ISDIR(sftp.stat(target).st_mode or 0):
+                    raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
+                attrs = sftp.listdir_attr(target)
+            entries = [
+                FileEntry(
+                    path=posixpath.join(rel, a.filename) if rel else a.filename,
+                    size=a.st_size or 0,
+                    is_dir=stat.S_ISDIR(a.st_mode or 0),
+                )
+                for a in attrs
+            ]
+            return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+
+        return self._with_connection(listing, "listing files")
+
+    def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
+        run_dir = self.run_dir_of(job_id)
+        rel = _clean_relative(path)
+        sftp, target = self._with_connection(
+            lambda: self._open_confined_file(run_dir, rel, path), "opening a file"
+        )
+        return self._stream_file(sftp, target)
+
+    def _open_confined_file(
+        self, run_dir: str, rel: str, path: str
+    ) -> tuple[paramiko.SFTPClient, str]:
+        # A session of its own: a long stream must not hold the shared one.
+        sftp = self._connection().open_sftp()
+        try:
+            target = self._confined(sftp, run_dir, rel)
+            if not stat.S_ISREG(sftp.stat(target).st_mode or 0):
+                raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a file")
+        except BaseException:
+            sftp.close()
+            raise
+        return sftp, target
+
+    def _stream_file(self, sftp: paramiko.SFTPClient, target: str) -> Iterator[bytes]:
+        try:
+            with sftp.open(target, "rb") as f:
+                f.prefetch()
+                while chunk := f.read(CHUNK):
+                    yield chunk
+        except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
+            raise BackendUnavailable(
+                f"Lost the SSH connection to {self.hostname}:{self.port} while reading "
+                f"{target}: {_describe(exc)}"
+            ) from None
+        finally:
+            sftp.close()
+
+    def download(
+        self, job_id: str, path: str, dest: Path, progress: Progress | None = None
+    ) -> Path:
+        """A file lands at ``dest`` (or inside it, if ``dest`` is a folder) and replaces
+        an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
+        (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
+        run_dir = self.run_dir_of(job_id)
+        rel = _clean_relative(path)
+        dest = Path(dest)
+
+        def inspect() -> tuple[str, bool, int]:
+            with self._lock:
+                sftp = self._sftp_client()
+                target = self._confined(sftp, run_dir, rel)
+                st = sftp.stat(target)
+            return target, stat.S_ISDIR(st.st_mode or 0), st.st_size or 0
+
+        target, is_dir, size = self._with_connection(inspect, "inspecting a file")
+        name = posixpath.basename(rel) or posixpath.basename(run_dir)
+        final = dest / name if dest.is_dir() else dest
+        if is_dir:
+            return self._download_folder(target, final, progress)
+        return self._download_file(job_id, rel, final, size, progress)
+
+    def _download_file(
+        self, job_id: str, rel: str, final: Path, size: int, progress: Progress | None
+    ) -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.part")
+        done = 0
+        with tmp.open("wb") as out:
+            for chunk in self.open_file(job_id, rel):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, max(size, done))
+        tmp.replace(final)
+        if progress:
+            progress(done, max(size, done))
+        return final
+
+    def _download_folder(self, target: str, final: Path, progress: Progress | None) -> Path:
+        parent, name = posixpath.split(target)
+        q = shlex.quote
+        # Size first (for progress), then the archive, on one channel.
+        command = f"cd {q(parent)} && du -sb -- {q(name)} | cut -f1 && tar -cf - -- {q(name)}"
+        if final.exists():
+            # Never delete or merge into a local folder the user may care about.
+            raise Conflict(f"{final} exists already: remove it or download elsewhere")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
+        try:
+            channel = self._with_connection(lambda: self._open_stream(command), "downloading")
+            try:
+                _untar_stream(channel, staging, progress)
+                status = channel.recv_exit_status()
+                err = _rest_of_stderr(channel).decode(errors="replace").strip()
+            except _CONNECTION_ERRORS as exc:
+                self._drop()
+                raise BackendUnavailable(
+                    f"Lost the SSH connection to {self.hostname}:{self.port} while "
+                    f"downloading {target}: {_describe(exc)}"
+                ) from None
+            finally:
+                channel.close()
+            if status != 0:
+                raise BackendRejected(f"tar of {target} on {self.hostname} failed: {err}")
+            (staging / name).replace(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def _confined(self, sftp: paramiko.SFTPClient, run_dir: str, rel: str) -> str:
+        """The real remote path of ``rel``; refuses anything resolving outside the run."""
+        try:
+            real_root = sftp.normalize(run_dir)
+        except FileNotFoundError:
+            raise NotFound(
+                f"The run directory {run_dir} does not exist on {self.hostname}"
+            ) from None
+        candidate = posixpath.join(run_dir, rel) if rel else run_dir
+        try:
+            # The server's realpath resolves symlinks, so a link leading out is caught.
+            real = sftp.normalize(candidate)
+        except FileNotFoundError:
+            raise NotFound(f"No file {rel!r} in run directory {run_dir}") from None
+        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+            raise UnsafePath(f"{rel!r} leads outside the run directory {run_dir}")
+        return real
+
+    # ---- helpers needing the connection -----------------------------------------------
+
+    def _check_job_id(self, job_id: str) -> str:
+        job_id = str(job_id)
+        if not _JOB_ID.match(job_id):
+            raise NotFound(f"{job_id!r} is not a Slurm job id")
+        return job_id
+
+    def _ask_slurm_workdir(self, job_id: str) -> str:
+        q = shlex.quote(job_id)
+        result = self._run(
+            f"squeue -h -t all -j {q} -o %Z 2>/dev/null; "
+            f"sacct -X -n -P -j {q} -o WorkDir 2>/dev/null; true",
+            "asking Slurm for the job's directory",
+        )
+        for line in result.stdout.decode(errors="replace").splitlines():
+            if line.strip():
+                return line.strip()
+        raise NotFound(
+            f"Slurm on {self.hostname} does not know job {job_id}, and its run directory "
+            "was not given (attach(job_id, run_dir))"
+        )
+
+
+# ---- pure helpers (no connection) -------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _safe_name(name: str, what: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise UnsafePath(f"{name!r} is not a usable {what} (one path component expected)")
+    return name
+
+
+def _clean_relative(path: str) -> str:
+    """``path`` as a normalised relative path; refuses absolute paths and ``..``."""
+    path = (path or "").replace("\\", "/")
+    if path.startswith("/") or path.startswith("~"):
+        raise UnsafePath(f"{path!r} must be relative to the run directory")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"{path!r} leads outside the run directory ('..' is not allowed)")
+    return "/".join(parts)
+
+
+def _drain(channel: paramiko.Channel) -> tuple[bytes, bytes]:
+    """stdout to its end, then stderr. Both share one SSH window, so this would stall
+    only if a command wrote megabytes to stderr; none of ours does."""
+    out = bytearray()
+    while chunk := channel.recv(CHUNK):
+        out += chunk
+    return bytes(out), _rest_of_stderr(channel)
+
+
+def _rest_of_stderr(channel: paramiko.Channel) -> bytes:
+    rest = bytearray()
+    while chunk := channel.recv_stderr(CHUNK):
+        rest += chunk
+    return bytes(rest)
+
+
+def _split_sections(text: str) -> dict[str, str]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(_MARK):
+            current = sections.setdefault(line[len(_MARK) :].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in sections.items()}
+
+
+def _parse_table(text: str, columns: int) -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        cells = line.strip().split("|")
+        if len(cells) >= columns and cells[0]:
+            rows[cells[0]] = cells[1:columns]
+    return rows
+
+
+def _exit_code(text: str | None) -> int | None:
+    """Slurm's ``3:0`` (code:signal) or the exit-code file's ``3``."""
+    if not text:
+        return None
+    head = text.strip().split(":")[0]
+    return int(head) if head.lstrip("-").isdigit() else None
+
+
+def _decide(
+    squeue: list[str] | None, sacct: list[str] | None, exitcode: list[str] | None
+) -> JobStatus:
+    """One job's status from what squeue, sacct and the exit-code file said.
+
+    A final state wins over an active one (sacct lags a moment behind slurmctld,
+    and squeue forgets a job ``MinJobAge`` after it ended); sacct is preferred
+    among final states because it carries the exit code.
+    """
+    file_code = _exit_code(exitcode[0]) if exitcode else None
+    sq_state = squeue[0].split()[0] if squeue and squeue[0].strip() else None
+    sa_state = sacct[0].split()[0] if sacct and sacct[0].strip() else None
+    if sa_state in _FINAL:
+        assert sacct is not None
+        return _final(sa_state, _exit_code(sacct[1]), file_code)
+    if sq_state in _FINAL:
+        return _final(sq_state, None, file_code)
+    for word in (sq_state, sa_state):
+        if word in _ACTIVE:
+            return JobStatus(_ACTIVE[word], native_state=word)
+    if file_code is not None:
+        # Slurm forgot the job (no accounting, MinJobAge passed); the file remains.
+        return _final("COMPLETED", None, file_code)
+    return JobStatus(RunState.UNKNOWN, native_state=sq_state or sa_state or "")
+
+
+def _final(word: str, slurm_code: int | None, file_code: int | None) -> JobStatus:
+    # The job script's own record beats Slurm's: a script may exit 0 after a failed command.
+    code = file_code if file_code is not None else slurm_code
+    if word == "COMPLETED":
+        if code:
+            return JobStatus(RunState.FAILED, word, code, f"exit code {code}")
+        return JobStatus(RunState.FINISHED, word, code or 0)
+    if word == "CANCELLED":
+        return JobStatus(RunState.KILLED, word, code, "CANCELLED")
+    if word == "FAILED":
+        return JobStatus(RunState.FAILED, word, code, f"exit code {code}" if code else "FAILED")
+    return JobStatus(RunState.FAILED, word, code, word)
+
+
+class _CountingReader(io.RawIOBase):
+    """A channel as a file for tarfile, reporting bytes read against an announced total."""
+
+    def __init__(self, channel: paramiko.Channel, total: int, progress: Progress | None) -> None:
+        self.channel = channel
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self._last = 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self.channel.recv(len(buffer))
+        buffer[: len(data)] = data
+        self.done += len(data)
+        now = time.monotonic()
+        if self.progress and (now - self._last > 0.2 or not data):
+            self._last = now
+            self.progress(min(self.done, self.total), self.total)
+        return len(data)
+
+
+def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
+    out), but skipping such a member instead of failing the download: run directories
+    often hold venvs whose links point to the cluster's own interpreters."""
+    try:
+        return tarfile.data_filter(member, dest)
+    except tarfile.FilterError as exc:
+        log.warning("download: skipped %s (%s)", member.name, exc)
+        return None
+
+
+def _read_line(channel: paramiko.Channel) -> bytes:
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = channel.recv(1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
+def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | None) -> None:
+    size_line = _read_line(channel).strip()
+    # tar adds headers and padding to the payload; progress is an estimate and is capped.
+    total = int(size_line) + 10240 if size_line.isdigit() else 0
+    reader = io.BufferedReader(_CountingReader(channel, total, progress), CHUNK)
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as archive:
+            archive.extractall(dest, filter=_skip_unsafe_members)  # noqa: S202 - filtered
+    except tarfile.TarError as exc:
+        raise BackendRejected(f"The folder arrived as a broken tar stream: {exc}") from None
+    if progress:
+        progress(total, total)
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    missing = []
+    while path not in ("", "/"):
+        try:
+            sftp.stat(path)
+            break
+        except FileNotFoundError:
+            missing.append(path)
+            path = posixpath.dirname(path)
+    for directory in reversed(missing):
+        # 0700: the run directory holds the tracking credential.
+        sftp.mkdir(directory, mode=0o700)

@@ -1,0 +1,327 @@
+"""The bash job script that runs one MLproject entry point on a compute system.
+
+The script is started with the run directory as working directory. That
+directory holds ``code/`` (the unpacked project) and, for a moment,
+``.mantik-credentials`` (mode 0600, ``KEY=VALUE`` lines) with the tracking
+credential. The script reads that file without evaluating it, deletes it, and
+exports only the three MLflow credential variables, so the secret is never part
+of the script text, a command line or the log.
+
+Every value from the config or the run that reaches the shell is quoted, except
+the Pre-/PostRunCommand entries, which are shell code by intent and run as the
+user wrote them, each on its own lines. Values in ``#SBATCH`` lines cannot be
+quoted (sbatch parses them itself), so they are validated instead.
+
+Paths and variable values may refer to environment variables as ``$NAME`` or
+``${NAME}`` (Mantik's configs use ``$PROJECT/...`` on JSC systems); those
+references are expanded, and nothing else is: no command substitution, no
+globbing, no word splitting.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import PurePosixPath
+from typing import Literal
+from urllib.parse import urlparse
+
+from ..errors import ConfigError
+from .config import (
+    RESERVED_VARIABLES,
+    SLURM_VALUE_RULES,
+    Apptainer,
+    ComputeConfig,
+    check_slurm_value,
+    format_slurm_time,
+)
+
+Scheduler = Literal["slurm", "none"]
+
+CREDENTIALS_FILE = ".mantik-credentials"
+EXIT_CODE_FILE = "mantik.exitcode"
+LOG_FILE = "mantik.log"
+CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ID = re.compile(r"[A-Za-z0-9._-]+")
+_VARIABLE_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_JOB_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def safe_job_name(name: str) -> str:
+    """A Slurm job name made from any text (e.g. a run name): safe for ``#SBATCH``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return (cleaned or "mantik")[:128]
+
+
+def render_job_script(
+    config: ComputeConfig,
+    *,
+    command: str,
+    run_id: str,
+    experiment_id: str,
+    tracking_uri: str,
+    job_name: str,
+    scheduler: Scheduler,
+) -> str:
+    """The job script for one run. Raises ``ConfigError`` for values that cannot be used."""
+    _check_ids(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+    if scheduler not in ("slurm", "none"):
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected 'slurm' or 'none'")
+    lines = ["#!/bin/bash"]
+    if scheduler == "slurm":
+        lines += sbatch_lines(config, job_name)
+    lines += _preamble(run_id)
+    lines += _credentials()
+    lines += _tracking_exports(run_id, experiment_id, tracking_uri)
+    lines += _user_environment(config)
+    lines += _entry_point(config, command, scheduler)
+    lines += _post_run(config)
+    lines += ['exit "$mantik_status"', ""]
+    return "\n".join(lines)
+
+
+def sbatch_lines(config: ComputeConfig, job_name: str) -> list[str]:
+    """``#SBATCH`` lines from Resources, each value validated against Slurm's syntax."""
+    if not _JOB_NAME.fullmatch(job_name):
+        raise ConfigError(
+            f"job name {job_name!r} cannot go into a #SBATCH line; use letters, digits, "
+            "'.', '_' and '-' (at most 128), e.g. through safe_job_name()"
+        )
+    res = config.resources
+    options: list[tuple[str, str | int | None]] = [
+        ("job-name", job_name),
+        ("partition", _checked("Queue", res.queue)),
+        ("account", _checked("ComputeBudgetAccount", config.compute_budget_account)),
+        (
+            "time",
+            None if res.runtime is None else format_slurm_time(_positive("Runtime", res.runtime)),
+        ),
+        ("nodes", _positive("Nodes", res.nodes)),
+        ("ntasks", _positive("TotalCPUs", res.total_cpus)),
+        ("ntasks-per-node", _positive("CPUsPerNode", res.cpus_per_node)),
+        ("gpus-per-node", _positive("GPUsPerNode", res.gpus_per_node, minimum=0)),
+        (
+            "mem",
+            None
+            if res.memory_per_node is None
+            else f"{_positive('MemoryPerNode', res.memory_per_node)}M",
+        ),
+        ("reservation", _checked("Reservation", res.reservation)),
+        ("constraint", _checked("NodeConstraints", res.node_constraints)),
+        ("qos", _checked("QoS", res.qos)),
+        # Relative to the job's working directory: the run directory.
+        ("output", LOG_FILE),
+        ("error", LOG_FILE),
+    ]
+    return [f"#SBATCH --{name}={value}" for name, value in options if value is not None]
+
+
+def _checked(key: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    assert key in SLURM_VALUE_RULES
+    problem = check_slurm_value(key, value)
+    if problem:
+        where = key if key == "ComputeBudgetAccount" else f"Resources.{key}"
+        raise ConfigError(f"{where}: {problem}")
+    return value
+
+
+def _positive(key: str, value: int | None, minimum: int = 1) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"Resources.{key}: expected an integer of at least {minimum}, got {value!r}"
+        )
+    return value
+
+
+def _check_ids(*, run_id: str, experiment_id: str, tracking_uri: str) -> None:
+    # These come from MLflow, not from the user; a bad one is a programming error.
+    for name, value in (("run_id", run_id), ("experiment_id", experiment_id)):
+        if not _ID.fullmatch(value):
+            raise ValueError(f"{name} {value!r} is not an MLflow id")
+    parsed = urlparse(tracking_uri)
+    if parsed.password or parsed.username:
+        raise ValueError(
+            "the tracking URI carries a credential; pass it through the credentials file instead"
+        )
+    if "\n" in tracking_uri or "\r" in tracking_uri:
+        raise ValueError("the tracking URI must be one line")
+
+
+def _preamble(run_id: str) -> list[str]:
+    return [
+        f"# mantik-jupyter job script for MLflow run {run_id}.",
+        "# Started with the run directory as working directory.",
+        "set -uo pipefail",
+        'RUN_DIR="$PWD"',
+        "mantik_status=0",
+        "mantik_fail() {",
+        '    echo "[mantik] $2 failed with exit status $1" >&2',
+        f'    echo "$1" > "$RUN_DIR/{EXIT_CODE_FILE}"',
+        '    echo "[mantik] exit status $1"',
+        '    exit "$1"',
+        "}",
+    ]
+
+
+def _credentials() -> list[str]:
+    keys = "|".join(CREDENTIAL_KEYS)
+    return [
+        "# The tracking credential arrives in a 0600 file; it is read as data (no",
+        "# source/eval), only known keys are taken, and the file is removed at once.",
+        f'MANTIK_CREDENTIALS="$RUN_DIR/{CREDENTIALS_FILE}"',
+        "trap 'rm -f -- \"$MANTIK_CREDENTIALS\"' EXIT",
+        'if [ -f "$MANTIK_CREDENTIALS" ]; then',
+        # Split at the first '=' by hand: `IFS='=' read k v` would drop a trailing
+        # '=' of the value, which base64 tokens end with.
+        '    while IFS= read -r mantik_line || [ -n "$mantik_line" ]; do',
+        '        mantik_key="${mantik_line%%=*}"',
+        '        case "$mantik_key" in',
+        f'            {keys}) export "$mantik_key=${{mantik_line#*=}}" ;;',
+        "        esac",
+        '    done < "$MANTIK_CREDENTIALS"',
+        '    rm -f -- "$MANTIK_CREDENTIALS"',
+        "fi",
+        "unset mantik_line mantik_key",
+    ]
+
+
+def _tracking_exports(run_id: str, experiment_id: str, tracking_uri: str) -> list[str]:
+    return [
+        f"export MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)}",
+        f"export MLFLOW_RUN_ID={shlex.quote(run_id)}",
+        f"export MLFLOW_EXPERIMENT_ID={shlex.quote(experiment_id)}",
+    ]
+
+
+def _user_environment(config: ComputeConfig) -> list[str]:
+    env = config.environment
+    lines = [
+        'cd "$RUN_DIR/code" || mantik_fail 1 "entering the code directory $RUN_DIR/code"',
+        # Module systems, venv activation and user commands are rarely safe
+        # under `set -u`; the script's own variables are all set by now.
+        "set +u",
+    ]
+    for name, value in env.variables.items():
+        if not _SHELL_NAME.fullmatch(name):
+            raise ConfigError(f"Environment.Variables: {name!r} is not a valid variable name")
+        if name in RESERVED_VARIABLES:
+            continue
+        lines.append(f"export {name}={expand_quoted(value)}")
+    if env.modules:
+        lines += _module_init()
+        for module in env.modules:
+            lines.append(
+                f"module load {shlex.quote(module)} || "
+                f"mantik_fail $? {shlex.quote('module load ' + module)}"
+            )
+    lines += _user_commands(env.pre_run_command_on_compute_node, "PreRunCommandOnComputeNode", True)
+    if env.python is not None:
+        activate = expand_quoted(env.python.rstrip("/") + "/bin/activate")
+        lines.append(f"source {activate} || mantik_fail $? 'activating the venv'")
+    return lines
+
+
+def _module_init() -> list[str]:
+    # A batch shell is not a login shell, so `module` may be undefined; load the
+    # usual Lmod/Environment Modules init scripts when it is.
+    return [
+        "if ! type module >/dev/null 2>&1; then",
+        "    for mantik_init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh \\",
+        "            /usr/share/lmod/lmod/init/bash /usr/share/modules/init/bash; do",
+        '        if [ -f "$mantik_init" ]; then . "$mantik_init"; break; fi',
+        "    done",
+        "fi",
+    ]
+
+
+def _user_commands(commands: tuple[str, ...], key: str, stop_on_failure: bool) -> list[str]:
+    lines: list[str] = []
+    for index, command in enumerate(commands):
+        label = f"{key}[{index}]"
+        lines.append(f"echo {shlex.quote(f'[mantik] {label}')}")
+        # User shell code, as written. The blank line ends a trailing
+        # backslash continuation so the status check stays a command of its own.
+        lines += [command, ""]
+        if stop_on_failure:
+            quoted = shlex.quote(label)
+            lines.append(
+                f'mantik_rc=$?; [ "$mantik_rc" -eq 0 ] || mantik_fail "$mantik_rc" {quoted}'
+            )
+        else:
+            lines.append(
+                f'mantik_rc=$?; [ "$mantik_rc" -eq 0 ] || '
+                f'echo "[mantik] {label} failed with exit status $mantik_rc" >&2'
+            )
+    return lines
+
+
+def _entry_point(config: ComputeConfig, command: str, scheduler: Scheduler) -> list[str]:
+    run = f"bash -c {shlex.quote(command)}"
+    apptainer = config.environment.apptainer
+    if apptainer is not None:
+        words = ["apptainer", "run", *_apptainer_options(apptainer), _image(apptainer), run]
+        if scheduler == "slurm":
+            words.insert(0, "srun")
+        run = " ".join(words)
+    return [
+        f"echo {shlex.quote('[mantik] starting entry point: ' + command)}",
+        run,
+        "mantik_status=$?",
+        f'echo "$mantik_status" > "$RUN_DIR/{EXIT_CODE_FILE}"',
+        'echo "[mantik] exit status $mantik_status"',
+    ]
+
+
+def _apptainer_options(apptainer: Apptainer) -> list[str]:
+    words: list[str] = []
+    for option in apptainer.options:
+        try:
+            words += [expand_quoted(word) for word in shlex.split(option)]
+        except ValueError as exc:
+            raise ConfigError(
+                f"Environment.Apptainer.Options: {option!r} cannot be split into words ({exc})"
+            ) from None
+    return words
+
+
+def _image(apptainer: Apptainer) -> str:
+    if apptainer.type == "remote":
+        return expand_quoted(apptainer.path)
+    relative = PurePosixPath(apptainer.package_path)
+    return f'"$RUN_DIR/code"/{shlex.quote(relative.as_posix())}'
+
+
+def _post_run(config: ComputeConfig) -> list[str]:
+    commands = config.environment.post_run_command_on_compute_node
+    # The entry point's status is already recorded; a failing post command is only reported.
+    return _user_commands(commands, "PostRunCommandOnComputeNode", False)
+
+
+def expand_quoted(value: str) -> str:
+    """``value`` as one shell word in which only ``$NAME``/``${NAME}`` expand.
+
+    A leading ``~/`` means the home directory, as users expect of paths.
+    Everything else is literal: ``$(...)``, backticks, ``;``, globs, spaces.
+    """
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ConfigError(f"{value[:40]!r}...: a path or value must be one line")
+    parts: list[str] = []
+    rest = value
+    if rest == "~" or rest.startswith("~/"):
+        parts.append('"$HOME"')
+        rest = rest[1:]
+    position = 0
+    for match in _VARIABLE_REFERENCE.finditer(rest):
+        if match.start() > position:
+            parts.append(shlex.quote(rest[position : match.start()]))
+        parts.append(f'"${{{match.group(1) or match.group(2)}}}"')
+        position = match.end()
+    if position < len(rest) or not parts:
+        parts.append(shlex.quote(rest[position:]))
+    return "".join(parts)

@@ -1,0 +1,112 @@
+"""The base of every mantik handler: authentication, JSON in and out, and error mapping.
+
+Domain errors (``mantik_jupyter.errors``) become ``{"message", "reason"}`` with
+their own status. Anything else is a 500 whose body says only that the server
+log has the details: no traceback ever reaches a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from jupyter_server.utils import ensure_async
+from tornado import web
+
+from ..errors import InvalidRequest, MantikError
+
+if TYPE_CHECKING:
+    from ..app import MantikApp
+
+T = TypeVar("T")
+
+AUTH_RESOURCE = "mantik"
+
+
+def write_mantik_error(handler: web.RequestHandler, status_code: int, **kwargs: Any) -> None:
+    """``write_error`` shared by the JSON handlers and the proxy."""
+    exc = kwargs.get("exc_info", (None, None, None))[1]
+    if isinstance(exc, MantikError):
+        handler.set_status(exc.status)
+        body = exc.to_json()
+    elif isinstance(exc, web.HTTPError):
+        body = {
+            "message": exc.log_message or exc.reason or handler._reason,
+            "reason": (exc.reason or handler._reason).lower().replace(" ", "_"),
+        }
+    else:
+        body = {
+            "message": "Internal error in the mantik server extension; the server log has details.",
+            "reason": "internal_error",
+        }
+    handler.clear_header("Content-Disposition")
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps(body))
+
+
+class MantikMixin(ExtensionHandlerMixin):
+    """What the JSON handlers and the proxy share."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def mantik(self) -> MantikApp:
+        return self.extensionapp  # type: ignore[return-value]
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, MantikError):
+            # A user-facing error: its message is the whole story, and carries no secret.
+            self.log.warning("%s %s: %s", self.request.method, self.request.path, value.message)  # type: ignore[attr-defined]
+        else:
+            super().log_exception(typ, value, tb)  # type: ignore[misc]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        write_mantik_error(self, status_code, **kwargs)  # type: ignore[arg-type]
+
+    async def check_authorized(self) -> None:
+        """Authentication and authorization, for handlers that cannot use the decorators."""
+        user = self.current_user  # type: ignore[attr-defined]
+        if not user:
+            raise web.HTTPError(403, "Authentication is required.")
+        action = {"GET": "read", "HEAD": "read", "OPTIONS": "read"}.get(
+            self.request.method or "GET", "write"
+        )
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, user, action, self.auth_resource)  # type: ignore[attr-defined]
+        )
+        if not allowed:
+            raise web.HTTPError(403, f"Not authorized to {action} {self.auth_resource}.")
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking core call off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+class MantikAPIHandler(MantikMixin, APIHandler):
+    """JSON handlers under ``{base_url}mantik/api/``; every verb needs an authorized user."""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        await self.check_authorized()
+
+    def json_body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return data
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))

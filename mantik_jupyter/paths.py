@@ -1,0 +1,22 @@
+"""Where mantik keeps its files on the lab's machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+
+
+def data_dir() -> Path:
+    """The root of mantik's own files: ``$MANTIK_DATA_DIR`` or ``<jupyter data dir>/mantik``."""
+    env = os.environ.get("MANTIK_DATA_DIR")
+    return Path(env) if env else Path(jupyter_data_dir()) / "mantik"
+
+
+def credentials_file() -> Path:
+    return data_dir() / "credentials.json"
+
+
+def embedded_dir() -> Path:
+    return data_dir() / "tracking"

@@ -1,0 +1,108 @@
+"""Tracking credentials and the file that stores them, one entry per tracking URI.
+
+The store is a JSON file with mode 0600 on the lab's machine. Nothing in here
+ever returns a secret to a caller that would send it to a browser: faces get
+``Credential.describe()``, which holds the user name only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidRequest
+from .secrets import read_json, write_private_json
+
+
+@dataclass(frozen=True)
+class Credential:
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.token:
+            return
+        if not self.username or not self.password:
+            raise InvalidRequest(
+                "A tracking credential needs a username and a password, or a token."
+            )
+
+    def auth_header(self) -> str:
+        if self.token:
+            return f"Bearer {self.token}"
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def describe(self) -> dict[str, str | None]:
+        return {"username": self.username or ("token" if self.token else None)}
+
+    def env(self) -> dict[str, str]:
+        """The MLflow client's environment variables for this credential."""
+        if self.token:
+            return {"MLFLOW_TRACKING_TOKEN": self.token}
+        assert self.username is not None and self.password is not None
+        return {
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
+
+    def to_json(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Credential:
+        return cls(
+            username=data.get("username"),
+            password=data.get("password"),
+            token=data.get("token"),
+        )
+
+
+def credential_from_env() -> Credential | None:
+    """``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, if set."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return Credential(token=token)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return Credential(username=user, password=password)
+    return None
+
+
+def normalize_uri(uri: str) -> str:
+    return uri.rstrip("/")
+
+
+class CredentialStore:
+    """Credentials by tracking URI in a 0600 JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        data = read_json(self.path)
+        return data if isinstance(data, dict) else {}
+
+    def get(self, uri: str) -> Credential | None:
+        entry = self._load().get(normalize_uri(uri))
+        return Credential.from_json(entry) if entry else None
+
+    def set(self, uri: str, credential: Credential) -> None:
+        with self._lock:
+            data = self._load()
+            data[normalize_uri(uri)] = credential.to_json()
+            write_private_json(self.path, data)
+
+    def delete(self, uri: str) -> bool:
+        with self._lock:
+            data = self._load()
+            removed = data.pop(normalize_uri(uri), None) is not None
+            if removed:
+                write_private_json(self.path, data)
+            return removed

@@ -1,0 +1,305 @@
+"""The embedded MLflow tracking server: the default that needs no configuration.
+
+``mlflow server`` runs as a child process of the lab with an sqlite store and
+proxied artifacts under one directory, MLflow's basic-auth app with
+``default_permission = NO_PERMISSIONS``, and a generated admin password and
+Flask secret kept in a 0600 file. It binds to 127.0.0.1 on a free port.
+``server.json`` records the running process so that a later start (or the
+``mantik`` command, or a kernel) finds it, and so that a process left behind by
+a crash is found and stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import getpass
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import TrackingTimeout, TrackingUnavailable
+from .credentials import Credential
+from .rest import TrackingClient
+from .secrets import read_json, write_private, write_private_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "server.json"
+SECRETS_FILE = "secrets.json"
+AUTH_INI = "basic_auth.ini"
+LOG_FILE = "server.log"
+
+
+@dataclass(frozen=True)
+class EmbeddedSecrets:
+    admin_username: str
+    admin_password: str
+    flask_secret: str
+
+    def credential(self) -> Credential:
+        return Credential(username=self.admin_username, password=self.admin_password)
+
+
+def _admin_name() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "admin"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "admin"
+
+
+def load_or_create_secrets(directory: Path) -> EmbeddedSecrets:
+    path = directory / SECRETS_FILE
+    data = read_json(path)
+    if not isinstance(data, dict) or not {"admin_username", "admin_password", "flask_secret"} <= set(data):
+        data = {
+            "admin_username": _admin_name(),
+            "admin_password": secrets.token_urlsafe(24),
+            "flask_secret": secrets.token_urlsafe(32),
+        }
+        write_private_json(path, data)
+    return EmbeddedSecrets(**{k: data[k] for k in ("admin_username", "admin_password", "flask_secret")})
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the lab dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_server(pid: int, directory: Path) -> bool:
+    """True when ``pid`` is an ``mlflow server`` of this data directory (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return "mlflow" in cmdline and str(directory) in cmdline
+
+
+def _terminate_group(pid: int, timeout: float = 15) -> None:
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader still counts for killpg; reap our own children.
+    try:
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class EmbeddedTrackingServer:
+    """One ``mlflow server`` process owned by the lab."""
+
+    def __init__(self, directory: Path, startup_timeout: float = 90) -> None:
+        self.directory = directory.resolve()
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
+        self._failure: str | None = None
+        self.secrets = load_or_create_secrets(self.directory)
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise TrackingUnavailable("The embedded tracking server has not been started.")
+        return f"http://127.0.0.1:{self.port}"
+
+    def credential(self) -> Credential:
+        return self.secrets.credential()
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the server and return at once; ``wait_ready`` waits for its health."""
+        self.cleanup_stale()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.directory / "artifacts").mkdir(exist_ok=True)
+        ini = self.directory / AUTH_INI
+        write_private(
+            ini,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.directory / 'auth.db'}\n"
+            f"admin_username = {self.secrets.admin_username}\n"
+            f"admin_password = {self.secrets.admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            MLFLOW_FLASK_SERVER_SECRET_KEY=self.secrets.flask_secret,
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+        )
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
+            "--artifacts-destination", str(self.directory / "artifacts"),
+            "--app-name", "basic-auth",
+        ]  # fmt: skip
+        logfile = open(self.directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touched in it
+            )
+        finally:
+            logfile.close()
+        write_private_json(
+            self.directory / STATE_FILE, {"pid": self._proc.pid, "port": self.port}
+        )
+        log.info("Started the embedded MLflow server (pid %s) on %s", self._proc.pid, self.uri)
+        threading.Thread(target=self._watch_health, name="mantik-mlflow-health", daemon=True).start()
+
+    def _watch_health(self) -> None:
+        client = TrackingClient(self.uri, None)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is not None:
+                self._failure = (
+                    f"The embedded MLflow server exited with code {proc.returncode} while "
+                    f"starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
+                )
+                log.error("%s", self._failure)
+                return
+            if client.health(timeout=2):
+                self._ready.set()
+                return
+            time.sleep(0.25)
+        self._failure = (
+            f"The embedded MLflow server did not become healthy within "
+            f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
+        )
+        log.error("%s", self._failure)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the server answers /health; raise TrackingTimeout if it never does."""
+        if self._ready.is_set():
+            return
+        if self._proc is None:
+            raise TrackingUnavailable("The embedded tracking server has not been started.")
+        limit = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not self._ready.wait(0.1):
+            if self._failure:
+                raise TrackingTimeout(self._failure)
+            if time.monotonic() > deadline:
+                raise TrackingTimeout(
+                    f"The embedded MLflow server is not ready after {limit:.0f} s. "
+                    f"See {self.directory / LOG_FILE}."
+                )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        self._ready.clear()
+        if proc is not None:
+            _terminate_group(proc.pid)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            log.info("Stopped the embedded MLflow server (pid %s)", proc.pid)
+        state = read_json(self.directory / STATE_FILE)
+        if isinstance(state, dict) and proc is not None and state.get("pid") == proc.pid:
+            (self.directory / STATE_FILE).unlink(missing_ok=True)
+
+    def cleanup_stale(self) -> None:
+        """Stop a server of this directory left running by an earlier, crashed lab."""
+        state = read_json(self.directory / STATE_FILE)
+        if not isinstance(state, dict):
+            return
+        pid = int(state.get("pid", 0))
+        if pid and _pid_alive(pid) and _is_our_server(pid, self.directory):
+            log.warning("Stopping a stale embedded MLflow server (pid %s)", pid)
+            _terminate_group(pid)
+        (self.directory / STATE_FILE).unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = (self.directory / LOG_FILE).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def discover(directory: Path) -> tuple[str, Credential] | None:
+    """The URI and admin credential of a running embedded server of ``directory``, if any."""
+    directory = directory.resolve()
+    state = read_json(directory / STATE_FILE)
+    if not isinstance(state, dict):
+        return None
+    pid, port = int(state.get("pid", 0)), state.get("port")
+    if not (pid and port and _pid_alive(pid) and _is_our_server(pid, directory)):
+        return None
+    return f"http://127.0.0.1:{port}", load_or_create_secrets(directory).credential()

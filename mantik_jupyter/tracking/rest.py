@@ -1,0 +1,152 @@
+"""A thin client of MLflow's REST API with an explicit credential.
+
+MLflow's Python client reads its credential from process-wide environment
+variables. The lab serves one user but several tracking servers, and its child
+processes (kernels, terminals) must not inherit a tracking password, so the
+server side talks to MLflow through this client instead, which carries the
+credential per call. Jobs and kernels use MLflow's own client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import requests
+
+from ..errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    TrackingUnavailable,
+)
+from .credentials import Credential, normalize_uri
+
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+
+
+class TrackingClient:
+    def __init__(self, uri: str, credential: Credential | None) -> None:
+        self.uri = normalize_uri(uri)
+        self.credential = credential
+        self.session = requests.Session()
+        # The credential travels in our own header; never read a ~/.netrc.
+        self.session.trust_env = False
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self.credential.auth_header()} if self.credential else {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        data: BinaryIO | bytes | None = None,
+        stream: bool = False,
+        timeout: float = READ_TIMEOUT,
+    ) -> requests.Response:
+        url = f"{self.uri}/{path.lstrip('/')}"
+        try:
+            resp = self.session.request(
+                method,
+                url,
+                json=json,
+                params=params,
+                data=data,
+                headers=self._headers(),
+                stream=stream,
+                timeout=(CONNECT_TIMEOUT, timeout),
+            )
+        except requests.ConnectionError as exc:
+            raise TrackingUnavailable(
+                f"The tracking server {self.uri} cannot be reached ({type(exc).__name__}). "
+                "Check that it runs and that the URI is right."
+            ) from None
+        except requests.Timeout:
+            raise TrackingUnavailable(
+                f"The tracking server {self.uri} did not answer within {timeout:.0f} s."
+            ) from None
+        self._raise_for_status(resp)
+        return resp
+
+    def _raise_for_status(self, resp: requests.Response) -> None:
+        if resp.status_code < 400:
+            return
+        detail = _error_detail(resp)
+        who = self.credential.describe()["username"] if self.credential else None
+        if resp.status_code == 401:
+            raise AuthenticationFailed(
+                f"The tracking server {self.uri} refused the credential"
+                + (f" of user '{who}'" if who else " (none given)")
+                + ". Log in again with the right user name and password or token."
+            )
+        if resp.status_code == 403:
+            raise PermissionDenied(
+                f"The tracking server {self.uri} denied this to user '{who}': {detail}"
+            )
+        if resp.status_code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail:
+            raise NotFound(f"Not found on the tracking server {self.uri}: {detail}")
+        if resp.status_code < 500:
+            raise InvalidRequest(f"The tracking server {self.uri} rejected the request: {detail}")
+        raise TrackingUnavailable(
+            f"The tracking server {self.uri} failed with HTTP {resp.status_code}: {detail}"
+        )
+
+    def api(self, method: str, endpoint: str, **body: Any) -> dict[str, Any]:
+        """Call ``/api/2.0/mlflow/<endpoint>``; GET sends ``body`` as query parameters."""
+        path = f"api/2.0/mlflow/{endpoint}"
+        if method == "GET":
+            resp = self.request("GET", path, params=body or None)
+        else:
+            resp = self.request(method, path, json=body)
+        return resp.json() if resp.content else {}
+
+    # --- checks -------------------------------------------------------------
+
+    def health(self, timeout: float = 5) -> bool:
+        try:
+            resp = self.session.get(f"{self.uri}/health", timeout=(2, timeout))
+        except requests.RequestException:
+            return False
+        return resp.status_code == 200
+
+    def verify(self) -> None:
+        """Raise AuthenticationFailed/TrackingUnavailable unless the credential works."""
+        self.api("POST", "experiments/search", max_results=1)
+
+    # --- artifacts (proxied through the server: mlflow-artifacts:/) ----------
+
+    def upload_artifact(self, run_artifact_path: str, data: BinaryIO | bytes) -> None:
+        self.request(
+            "PUT",
+            f"api/2.0/mlflow-artifacts/artifacts/{quote(run_artifact_path)}",
+            data=data,
+            timeout=3600,
+        )
+
+    def download_artifact(self, run_artifact_path: str) -> Iterator[bytes]:
+        resp = self.request(
+            "GET",
+            f"api/2.0/mlflow-artifacts/artifacts/{quote(run_artifact_path)}",
+            stream=True,
+            timeout=3600,
+        )
+        yield from resp.iter_content(chunk_size=1 << 20)
+
+
+def _error_detail(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        text = resp.text.strip().splitlines()
+        return text[0][:300] if text else resp.reason or ""
+    if isinstance(body, dict):
+        code = body.get("error_code", "")
+        msg = body.get("message", "")
+        return f"{code}: {msg}" if code else str(msg)
+    return str(body)[:300]

@@ -1,0 +1,123 @@
+"""Which tracking server to use, with which credential: the core API of the auth faces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import NotLoggedIn, TrackingUnavailable
+from .credentials import Credential, CredentialStore, credential_from_env, normalize_uri
+from .embedded import EmbeddedTrackingServer, discover
+from .rest import TrackingClient
+
+
+class TrackingService:
+    """The tracking server of this lab (embedded or remote) and the user's credential for it.
+
+    Credentials are looked up in this order: a login stored for the URI, the
+    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN`` environment, and, for the
+    embedded server, its generated admin credential (the automatic login).
+    """
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        tracking_uri: str | None = None,
+        embedded: EmbeddedTrackingServer | None = None,
+        embedded_credential: Credential | None = None,
+    ) -> None:
+        if tracking_uri is None and embedded is None:
+            raise ValueError("give a tracking URI or an embedded server")
+        self.store = store
+        self._uri = normalize_uri(tracking_uri) if tracking_uri else None
+        self.embedded_server = embedded
+        self._embedded_credential = embedded_credential or (embedded and embedded.credential())
+
+    @property
+    def is_embedded(self) -> bool:
+        return self._embedded_credential is not None
+
+    @property
+    def uri(self) -> str:
+        if self.embedded_server is not None:
+            return self.embedded_server.uri
+        assert self._uri is not None
+        return self._uri
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if self.embedded_server is not None:
+            self.embedded_server.wait_ready(timeout)
+
+    def credential(self) -> Credential | None:
+        stored = self.store.get(self.uri)
+        if stored:
+            return stored
+        env = credential_from_env()
+        if env and not self.is_embedded:
+            return env
+        return self._embedded_credential
+
+    def require_credential(self) -> Credential:
+        cred = self.credential()
+        if cred is None:
+            raise NotLoggedIn(
+                f"Not logged in to the tracking server {self.uri}. Log in from the Mantik "
+                "panel, with %mantik_login, or with `mantik login`."
+            )
+        return cred
+
+    def client(self) -> TrackingClient:
+        self.wait_ready()
+        return TrackingClient(self.uri, self.require_credential())
+
+    def status(self) -> dict[str, Any]:
+        cred = self.credential()
+        return {
+            "tracking_uri": self.uri,
+            "username": cred.describe()["username"] if cred else None,
+            "logged_in": cred is not None,
+            "embedded": self.is_embedded,
+            "ready": self.embedded_server.ready if self.embedded_server else True,
+        }
+
+    def login(
+        self,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+    ) -> dict[str, Any]:
+        """Verify a credential against the tracking server, then store it (0600)."""
+        cred = Credential(username=username, password=password, token=token)
+        self.wait_ready()
+        TrackingClient(self.uri, cred).verify()
+        self.store.set(self.uri, cred)
+        return self.status()
+
+    def logout(self) -> dict[str, Any]:
+        self.store.delete(self.uri)
+        return self.status()
+
+
+def resolve_tracking(
+    store_path: Path,
+    embedded_dir: Path,
+    tracking_uri: str | None = None,
+) -> TrackingService:
+    """The tracking service for a process outside the lab server (CLI, kernel).
+
+    An explicit URI or ``MLFLOW_TRACKING_URI`` wins; otherwise the embedded
+    server that a running lab started is used.
+    """
+    store = CredentialStore(store_path)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return TrackingService(store, tracking_uri=uri)
+    found = discover(embedded_dir)
+    if found is None:
+        raise TrackingUnavailable(
+            "No tracking server is configured and no embedded one is running. Start "
+            "JupyterLab (it starts the embedded server) or set MLFLOW_TRACKING_URI."
+        )
+    uri, admin = found
+    return TrackingService(store, tracking_uri=uri, embedded_credential=admin)

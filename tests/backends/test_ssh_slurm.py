@@ -1,0 +1,333 @@
+"""SshSlurmBackend against the real loopback Slurm cluster and sshd (tests/cluster/setup.sh)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    HostKeyUnknown,
+    NotFound,
+    UnsafePath,
+)
+
+pytestmark = pytest.mark.slurm
+
+SECRET = "s3cret-tracking-token"
+
+
+def _backend(cluster, base: str, **overrides) -> SshSlurmBackend:
+    options = dict(
+        hostname=cluster.host,
+        port=cluster.port,
+        username=cluster.username,
+        key_filename=str(cluster.key_path),
+        known_hosts=cluster.known_hosts,
+        remote_dir=base,
+        connect_timeout=5,
+    )
+    options.update(overrides)
+    return SshSlurmBackend(**options)
+
+
+@pytest.fixture(scope="module")
+def base(slurm_cluster) -> Iterator[str]:
+    """A fresh folder of run directories for this module, removed afterwards."""
+    path = f"{slurm_cluster.remote_dir}/test-{uuid.uuid4().hex[:8]}"
+    yield path
+    cleaner = _backend(slurm_cluster, path)
+    cleaner._run(f"rm -rf {path}", "cleaning up")
+    cleaner.close()
+
+
+@pytest.fixture(scope="module")
+def backend(slurm_cluster, base) -> Iterator[SshSlurmBackend]:
+    b = _backend(slurm_cluster, base)
+    yield b
+    b.close()
+
+
+def make_job(tmp_path: Path, body: str, sbatch: str = "", name: str = "mantik-test") -> PreparedJob:
+    """A prepared run in the shape the RunService makes: package, job script, credentials."""
+    run_id = uuid.uuid4().hex
+    local = tmp_path / run_id
+    local.mkdir()
+    with tarfile.open(local / "package.tar.gz", "w:gz") as tar:
+        data = b"print('hello from the package')\n"
+        info = tarfile.TarInfo("main.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    script = local / "mantik-job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --output=mantik.log\n"
+        "#SBATCH --ntasks=1\n"
+        f"{sbatch}"
+        "(\n"
+        f"{body}\n"
+        ")\n"
+        "status=$?\n"
+        "echo $status > mantik.exitcode\n"
+        "exit $status\n"
+    )
+    script.chmod(0o755)
+    creds = local / ".mantik-credentials"
+    creds.write_text(f"MLFLOW_TRACKING_TOKEN={SECRET}\n")
+    creds.chmod(0o600)
+    return PreparedJob(run_id=run_id, local_dir=local, job_name=name)
+
+
+def wait_for(backend: SshSlurmBackend, job_id: str, states: set[RunState], timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = backend.states([job_id])[job_id]
+        if status.state in states or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+FINAL = {RunState.FINISHED, RunState.FAILED, RunState.KILLED}
+
+
+def test_job_finishes_and_its_files_come_back(backend, slurm_cluster, tmp_path):
+    job = make_job(
+        tmp_path,
+        "echo first line\n"
+        "python3 code/main.py\n"
+        f"{slurm_cluster.python} -c 'import mlflow; print(\"mlflow\", mlflow.__version__)'\n"
+        "mkdir -p outputs/sub && echo 42 > outputs/result.txt && echo deep > outputs/sub/d.txt\n"
+        "ln -s /etc/passwd outputs/escape\n"
+        "echo last line",
+    )
+    seen = []
+    job_id = backend.submit(job, progress=lambda done, total: seen.append((done, total)))
+    assert job_id.isdigit()
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+
+    status = wait_for(backend, job_id, FINAL)
+    assert status.state == RunState.FINISHED, status
+    assert status.exit_code == 0
+
+    log, end = backend.read_log(job_id)
+    text = log.decode()
+    assert "first line" in text and "hello from the package" in text and "mlflow 3" in text
+    assert end == len(log)
+    tail, end2 = backend.read_log(job_id, offset=len(b"first line\n"))
+    assert tail == log[len(b"first line\n") :] and end2 == end
+    assert backend.read_log(job_id, offset=end) == (b"", end)
+
+    names = {e.path: e for e in backend.list_files(job_id)}
+    assert {"code", "outputs", "mantik.log", "mantik.exitcode", ".mantik-credentials"} <= set(names)
+    assert names["outputs"].is_dir and not names["mantik.log"].is_dir
+    assert [e.path for e in backend.list_files(job_id, "code")] == ["code/main.py"]
+
+    run_dir = backend.run_dir_of(job_id)
+    with backend._lock:
+        mode = backend._sftp_client().stat(f"{run_dir}/.mantik-credentials").st_mode
+    assert mode & 0o777 == 0o600
+
+    assert b"".join(backend.open_file(job_id, "outputs/result.txt")) == b"42\n"
+    got = backend.download(job_id, "outputs/result.txt", tmp_path)
+    assert got == tmp_path / "result.txt" and got.read_text() == "42\n"
+
+    progress = []
+    folder = backend.download(
+        job_id, "outputs", tmp_path / "dl", progress=lambda d, t: progress.append((d, t))
+    )
+    assert folder == tmp_path / "dl"
+    assert (folder / "result.txt").read_text() == "42\n"
+    assert (folder / "sub" / "d.txt").read_text() == "deep\n"
+    # The symlink leading out of the run directory is not recreated locally.
+    assert not (folder / "escape").exists() and not (folder / "escape").is_symlink()
+    assert progress and progress[-1][0] == progress[-1][1]
+
+
+def test_failing_job_reports_its_exit_code(backend, tmp_path):
+    job_id = backend.submit(make_job(tmp_path, "echo about to fail; exit 3"))
+    status = wait_for(backend, job_id, FINAL)
+    assert status.state == RunState.FAILED
+    assert status.exit_code == 3
+    assert status.reason == "exit code 3"
+
+
+def test_cancel_kills_and_cancelling_again_is_fine(backend, tmp_path):
+    job_id = backend.submit(make_job(tmp_path, "sleep 300"))
+    wait_for(backend, job_id, {RunState.RUNNING}, timeout=30)
+    backend.cancel(job_id)
+    status = wait_for(backend, job_id, FINAL, timeout=30)
+    assert status.state == RunState.KILLED and status.reason == "CANCELLED"
+    backend.cancel(job_id)
+
+
+def test_log_is_read_while_running_from_offsets(backend, tmp_path):
+    job_id = backend.submit(make_job(tmp_path, "echo part one; sleep 4; echo part two; sleep 60"))
+    try:
+        assert wait_for(backend, job_id, {RunState.RUNNING}, 30).state == RunState.RUNNING
+        data, offset = b"", 0
+        deadline = time.monotonic() + 30
+        while b"part two" not in data and time.monotonic() < deadline:
+            chunk, offset = backend.read_log(job_id, offset)
+            data += chunk
+            if b"part one" in data and b"part two" not in data:
+                assert offset == len(data)
+            time.sleep(0.5)
+        assert data == b"part one\npart two\n"
+        assert backend.states([job_id])[job_id].state == RunState.RUNNING
+    finally:
+        backend.cancel(job_id)
+
+
+@pytest.mark.slow
+def test_time_limit_gives_timeout(backend, tmp_path):
+    job_id = backend.submit(make_job(tmp_path, "sleep 600", sbatch="#SBATCH --time=1\n"))
+    status = wait_for(backend, job_id, FINAL, timeout=240)
+    assert status.state == RunState.FAILED and status.reason == "TIMEOUT"
+
+
+@pytest.fixture(scope="module")
+def finished_job(backend, tmp_path_factory) -> str:
+    job = make_job(tmp_path_factory.mktemp("finished"), "ln -s / root-link; echo x > inside")
+    job_id = backend.submit(job)
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+    return job_id
+
+
+@pytest.mark.parametrize("path", ["../x", "code/../../x", "/etc/passwd", "~/x", "root-link/etc"])
+def test_paths_leaving_the_run_directory_are_refused(backend, finished_job, tmp_path, path):
+    with pytest.raises(UnsafePath):
+        backend.list_files(finished_job, path)
+    with pytest.raises(UnsafePath):
+        list(backend.open_file(finished_job, path))
+    with pytest.raises(UnsafePath):
+        backend.download(finished_job, path, tmp_path)
+
+
+def test_missing_file_is_not_found(backend, finished_job):
+    with pytest.raises(NotFound):
+        list(backend.open_file(finished_job, "no-such-file"))
+
+
+def test_shell_values_are_quoted(backend, tmp_path):
+    marker = f"/tmp/mantik-pwned-{uuid.uuid4().hex}"
+    name = f"it's a $(touch {marker}) `touch {marker}` job; touch {marker}"
+    job_id = backend.submit(make_job(tmp_path, "true", name=name))
+    wait_for(backend, job_id, FINAL)
+    out = backend._run(f"squeue -h -t all -j {job_id} -o %j; ls {marker} 2>&1", "check")
+    assert name in out.stdout.decode()
+    assert not Path(marker).exists()
+
+
+def test_many_states_in_one_command(backend, tmp_path):
+    ids = [backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n")) for _ in range(6)]
+    try:
+        before = backend.commands_issued
+        answer = backend.states([*ids, "999999", "not-a-job"])
+        assert backend.commands_issued - before == 1
+        assert all(answer[i].state == RunState.QUEUED for i in ids), answer
+        assert answer["999999"].state == RunState.UNKNOWN
+        assert answer["not-a-job"].state == RunState.UNKNOWN
+    finally:
+        backend._run("scancel " + " ".join(ids), "cleanup")
+
+
+def test_restarted_lab_finds_job_by_attach_or_slurm(slurm_cluster, base, backend, finished_job):
+    run_dir = backend.run_dir_of(finished_job)
+    fresh = _backend(slurm_cluster, base)
+    try:
+        # Without attach, the run directory comes from Slurm's record of the job.
+        assert fresh.read_log(finished_job)[0] == backend.read_log(finished_job)[0]
+        assert fresh.run_dir_of(finished_job) == run_dir
+    finally:
+        fresh.close()
+    attached = _backend(slurm_cluster, base, run_dirs={finished_job: run_dir})
+    try:
+        before = attached.commands_issued
+        assert attached.states([finished_job])[finished_job].state == RunState.FINISHED
+        assert attached.commands_issued - before == 1
+    finally:
+        attached.close()
+
+
+def test_private_key_text_is_accepted(slurm_cluster, base):
+    b = _backend(
+        slurm_cluster, base, key_filename=None, private_key=slurm_cluster.key_path.read_text()
+    )
+    try:
+        assert b.states(["999999"])["999999"].state == RunState.UNKNOWN
+    finally:
+        b.close()
+
+
+def test_unknown_host_key_is_refused_with_a_hint(slurm_cluster, base, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyUnknown) as caught:
+        _backend(slurm_cluster, base, known_hosts=empty).states(["1"])
+    message = caught.value.message
+    assert f"ssh-keyscan -p {slurm_cluster.port} {slurm_cluster.host} >> {empty}" in message
+
+
+def test_changed_host_key_is_refused(slurm_cluster, base, tmp_path):
+    other = paramiko.RSAKey.generate(1024)
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        f"[{slurm_cluster.host}]:{slurm_cluster.port} ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+        f"[{slurm_cluster.host}]:{slurm_cluster.port} {other.get_name()} {other.get_base64()}\n"
+    )
+    with pytest.raises(HostKeyUnknown) as caught:
+        _backend(slurm_cluster, base, known_hosts=known).states(["1"])
+    assert "does not match" in caught.value.message
+
+
+def test_wrong_key_is_refused_without_leaking_it(slurm_cluster, base):
+    wrong = paramiko.RSAKey.generate(2048)
+    text = io.StringIO()
+    wrong.write_private_key(text)
+    with pytest.raises(AuthenticationFailed) as caught:
+        _backend(slurm_cluster, base, key_filename=None, private_key=text.getvalue()).states(["1"])
+    message = caught.value.message
+    assert f"{slurm_cluster.username}@{slurm_cluster.host}" in message
+    assert wrong.get_base64()[:20] not in message and "PRIVATE KEY" not in message
+
+
+def test_unreachable_host_is_backend_unavailable(slurm_cluster, base):
+    with pytest.raises(BackendUnavailable) as caught:
+        _backend(slurm_cluster, base, port=1).states(["1"])
+    assert f"{slurm_cluster.host}:1" in caught.value.message
+    assert not isinstance(caught.value, HostKeyUnknown)
+
+
+def test_sshd_restart_is_unavailable_then_recovers(slurm_cluster, base, finished_job):
+    b = _backend(slurm_cluster, base)
+    try:
+        assert b.states([finished_job])[finished_job].state == RunState.FINISHED
+        slurm_cluster.sshd("stop")
+        try:
+            with pytest.raises(BackendUnavailable):
+                b.states([finished_job])
+            with pytest.raises(BackendUnavailable):
+                b.read_log(finished_job)
+        finally:
+            slurm_cluster.sshd("start")
+        assert b.states([finished_job])[finished_job].state == RunState.FINISHED
+        assert b.read_log(finished_job)[1] >= 0
+    finally:
+        b.close()
+
+
+def test_secret_never_in_repr(slurm_cluster, base):
+    b = _backend(slurm_cluster, base, password="hunter2-password")
+    assert "hunter2" not in repr(b)

@@ -1,0 +1,52 @@
+"""How Slurm's answers become RunStates, and path cleaning (no cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mantik_jupyter.compute.backends.ssh_slurm import _clean_relative, _decide
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import UnsafePath
+
+
+@pytest.mark.parametrize(
+    ("squeue", "sacct", "exitcode", "state", "reason"),
+    [
+        (["PENDING"], None, None, RunState.QUEUED, None),
+        (["CONFIGURING"], ["PENDING", "0:0"], None, RunState.QUEUED, None),
+        (["REQUEUED"], None, None, RunState.QUEUED, None),
+        (["RUNNING"], ["RUNNING", "0:0"], None, RunState.RUNNING, None),
+        (["COMPLETING"], None, None, RunState.RUNNING, None),
+        (None, ["COMPLETED", "0:0"], ["0"], RunState.FINISHED, None),
+        # The job script's own record wins: the command failed, the script exited 0.
+        (None, ["COMPLETED", "0:0"], ["2"], RunState.FAILED, "exit code 2"),
+        (["FAILED"], ["FAILED", "3:0"], None, RunState.FAILED, "exit code 3"),
+        (None, ["TIMEOUT", "0:15"], None, RunState.FAILED, "TIMEOUT"),
+        (None, ["OUT_OF_MEMORY", "0:125"], None, RunState.FAILED, "OUT_OF_MEMORY"),
+        (None, ["NODE_FAIL", "0:0"], None, RunState.FAILED, "NODE_FAIL"),
+        (None, ["CANCELLED by 1001", "0:15"], None, RunState.KILLED, "CANCELLED"),
+        # sacct lags behind slurmctld: squeue's final word beats sacct's RUNNING.
+        (["COMPLETED"], ["RUNNING", "0:0"], ["0"], RunState.FINISHED, None),
+        # No accounting, squeue forgot the job: the exit-code file decides.
+        (None, None, ["0"], RunState.FINISHED, None),
+        (None, None, ["1"], RunState.FAILED, "exit code 1"),
+        (None, None, None, RunState.UNKNOWN, None),
+    ],
+)
+def test_slurm_words_map_to_run_states(squeue, sacct, exitcode, state, reason):
+    status = _decide(squeue, sacct, exitcode)
+    assert status.state == state
+    assert status.reason == reason
+
+
+@pytest.mark.parametrize("path", ["..", "a/../../b", "/etc", "~root", "a/..\\..\\b"])
+def test_escaping_paths_are_refused(path):
+    with pytest.raises(UnsafePath):
+        _clean_relative(path)
+
+
+@pytest.mark.parametrize(
+    ("path", "clean"), [("", ""), (".", ""), ("a//b/./c", "a/b/c"), ("out/", "out")]
+)
+def test_harmless_paths_are_normalised(path, clean):
+    assert _clean_relative(path) == clean

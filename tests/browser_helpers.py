@@ -1,0 +1,224 @@
+"""A real ``jupyter lab`` for browser tests, isolated from the user's Jupyter directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+LABEXTENSION_BUILD = REPO / "mantik_jupyter" / "labextension"
+BASE_URL = "/lab-under-test/"
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+# Environment variables that would point the lab at the user's files or a real tracking server.
+_SCRUBBED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "JUPYTER_PATH",
+    "JUPYTER_CONFIG_PATH",
+    "JUPYTER_TOKEN",
+    "JUPYTER_PREFER_ENV_PATH",
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LabServer:
+    """A running ``jupyter lab`` subprocess."""
+
+    root: Path
+    port: int
+    token: str
+    process: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+
+    @property
+    def base(self) -> str:
+        """Absolute URL of the server's base, ending with a slash."""
+        return f"http://127.0.0.1:{self.port}{BASE_URL}"
+
+    @property
+    def lab_url(self) -> str:
+        return f"{self.base}lab?token={self.token}"
+
+    def get_json(self, path: str, timeout: float = 10.0) -> tuple[int, object]:
+        """GET ``<base><path>`` with the token; returns (status, parsed JSON or text)."""
+        request = urllib.request.Request(
+            self.base + path, headers={"Authorization": f"token {self.token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "<no server log>"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_until(self, predicate, timeout: float, what: str, interval: float = 0.5):
+        """Poll ``predicate()`` until it returns a truthy value; fail with the server log."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"jupyter lab exited with {self.process.returncode} while waiting for "
+                    f"{what}.\n--- server log ---\n{self.log_tail()}"
+                )
+            try:
+                last = predicate()
+            except OSError as error:  # connection refused while starting
+                last = error
+            else:
+                if last:
+                    return last
+            time.sleep(interval)
+        raise AssertionError(
+            f"Timed out after {timeout:.0f} s waiting for {what} (last: {last!r}).\n"
+            f"--- server log ---\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        # SIGTERM lets jupyter_server run stop_extension (which stops the embedded MLflow).
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def start_lab(tmp: Path) -> LabServer:
+    """Start ``jupyter lab`` with every Jupyter directory under ``tmp``.
+
+    The server extension is enabled through the isolated config dir and the labextension is the
+    build in this work tree (linked into the isolated data dir), so the test does not depend on
+    the project being pip-installed and never touches the user's Jupyter directories.
+    """
+    root = tmp / "root"
+    data = tmp / "data"
+    config = tmp / "config"
+    runtime = tmp / "runtime"
+    home = tmp / "home"
+    for path in (root, data / "labextensions", config, runtime, home):
+        path.mkdir(parents=True, exist_ok=True)
+
+    link = data / "labextensions" / "mantik-jupyter"
+    link.symlink_to(LABEXTENSION_BUILD, target_is_directory=True)
+
+    (config / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "ServerApp": {
+                    "jpserver_extensions": {"mantik_jupyter": True},
+                    "allow_unauthenticated_access": False,
+                },
+                "LabApp": {
+                    "news_url": None,
+                    "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                },
+            }
+        )
+    )
+
+    # No "get notified about Jupyter news?" toast over the panels in screenshots.
+    notification = tmp / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True, exist_ok=True)
+    (notification / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false"})
+    )
+
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    venv_bin = str(Path(sys.executable).parent)
+    env.update(
+        {
+            "HOME": str(home),
+            "JUPYTER_DATA_DIR": str(data),
+            "JUPYTER_CONFIG_DIR": str(config),
+            "JUPYTER_RUNTIME_DIR": str(runtime),
+            "JUPYTERLAB_SETTINGS_DIR": str(tmp / "lab-settings"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "lab-workspaces"),
+            "MANTIK_DATA_DIR": str(tmp / "mantik"),
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+            ),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+
+    port = free_port()
+    token = secrets.token_hex(24)
+    log_path = tmp / "jupyter-lab.log"
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--allow-root",
+        "--no-browser",
+        f"--ServerApp.token={token}",
+        f"--ServerApp.base_url={BASE_URL}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root}",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return LabServer(root=root, port=port, token=token, process=process, log_path=log_path, env=env)
+
+
+def save_log(server: LabServer, name: str = "jupyter-lab.log") -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(server.log_path, ARTIFACTS / name)
