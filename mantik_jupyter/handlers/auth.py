@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from jupyter_server.auth.decorator import authorized
+from tornado import web
+
 from ..errors import InvalidRequest
 from .base import MantikAPIHandler
 
 
 class StatusHandler(MantikAPIHandler):
+    @web.authenticated
+    @authorized
     async def get(self) -> None:
         self.write_json(self.mantik.tracking.status())
 
 
 class LoginHandler(MantikAPIHandler):
+    @web.authenticated
+    @authorized
     async def post(self) -> None:
         body = self.json_body()
         fields = {k: body.get(k) for k in ("username", "password", "token")}
@@ -25,6 +32,8 @@ class LoginHandler(MantikAPIHandler):
 
 
 class LogoutHandler(MantikAPIHandler):
+    @web.authenticated
+    @authorized
     async def post(self) -> None:
         self.write_json(await self.in_thread(self.mantik.tracking.logout))
 

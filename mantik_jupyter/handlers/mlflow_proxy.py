@@ -181,21 +181,26 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         self.write(chunk)
         return self.flush()
 
+    @web.authenticated
     async def _proxy(self, *args: Any) -> None:
         if self._fetch is None:
             return
         if self._body is not None:
             await self._body.put(None)
-        response = await self._fetch
-        if not self._started:
+        try:
+            response = await self._fetch
             error = response.error
-            if isinstance(error, HTTPClientError) and error.code != 599:
-                raise error
-            raise TrackingUnavailable(
-                f"The tracking server {self._upstream} cannot be reached "
-                f"({type(error).__name__ if error else 'no response'})."
-            )
-        self.finish()
+        except (OSError, HTTPClientError) as exc:
+            error = exc
+        if self._started:
+            self.finish()
+            return
+        if isinstance(error, HTTPClientError) and error.code != 599:
+            raise error
+        raise TrackingUnavailable(
+            f"The tracking server {self._upstream} cannot be reached "
+            f"({type(error).__name__ if error else 'no response'}). Check that it runs."
+        )
 
     def on_connection_close(self) -> None:
         if self._fetch is not None and not self._fetch.done():

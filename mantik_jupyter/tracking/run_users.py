@@ -1,0 +1,82 @@
+"""One MLflow user per run, for jobs reporting to the embedded tracking server.
+
+A job on a cluster holds its tracking credential in a file for as long as it runs.
+With the embedded server the lab owns an admin account; handing that to a job would
+let a leaked credential do anything. Instead every run gets its own user, named after
+the run (``mantik-run-<run_id>``), with a random password and an ``EDIT`` grant on the
+run's experiment only (MLflow's permission model has no narrower useful scope: run-level
+grants only accept ``*``). The user is deleted when the run ends, which revokes access
+at once. With a remote tracking server the job gets the submitting user's own credential
+instead (the lab is not an admin there).
+
+Permissions API of MLflow 3.x: ``POST /api/3.0/mlflow/users/permissions/grant`` with
+``username``, ``resource_type`` (``experiment``), ``resource_id``, ``permission``;
+users are created with ``POST /api/2.0/mlflow/users/create`` and removed with
+``DELETE /api/2.0/mlflow/users/delete``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from ..errors import InvalidRequest, NotFound
+from .credentials import Credential
+from .rest import TrackingClient
+
+log = logging.getLogger(__name__)
+
+USER_PREFIX = "mantik-run-"
+# MLflow requires at least 12 characters; 32 random bytes are far beyond that.
+PASSWORD_BYTES = 32
+_RUN_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def run_username(run_id: str) -> str:
+    if not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"{run_id!r} is not an MLflow run id")
+    return f"{USER_PREFIX}{run_id}"
+
+
+def create_run_user(admin: TrackingClient, run_id: str, experiment_id: str) -> Credential:
+    """Create the run's user, allowed to edit only the run's experiment; return its credential."""
+    username = run_username(run_id)
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    try:
+        admin.api("POST", "users/create", username=username, password=password)
+    except InvalidRequest:
+        # Left over from an earlier attempt for the same run: start afresh.
+        delete_run_user(admin, username)
+        admin.api("POST", "users/create", username=username, password=password)
+    try:
+        admin.request(
+            "POST",
+            "api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": username,
+                "resource_type": "experiment",
+                "resource_id": str(experiment_id),
+                "permission": "EDIT",
+            },
+        )
+    except BaseException:
+        delete_run_user(admin, username)
+        raise
+    return Credential(username=username, password=password)
+
+
+def delete_run_user(admin: TrackingClient, username: str) -> bool:
+    """Delete a per-run user; True if it existed. Never deletes other users."""
+    if not username.startswith(USER_PREFIX):
+        raise ValueError(f"{username!r} is not a per-run user")
+    try:
+        admin.request("DELETE", "api/2.0/mlflow/users/delete", json={"username": username})
+    except NotFound:
+        return False
+    except InvalidRequest as exc:
+        if "not found" in exc.message.lower() or "does not exist" in exc.message.lower():
+            return False
+        raise
+    log.info("deleted the per-run tracking user %s", username)
+    return True

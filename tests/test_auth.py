@@ -1,0 +1,160 @@
+"""auth/status, auth/login, auth/logout against a real MLflow basic-auth server."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import tornado.httpclient
+
+from mantik_jupyter.tracking.embedded import free_port
+
+from .lab_fixtures import api_json, lab_config
+from .lab_fixtures import jp_base_url, jp_server_config  # noqa: F401
+
+
+async def test_status_before_login(jp_fetch, mlflow_server):
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 200
+    assert body["tracking_uri"] == mlflow_server.uri
+    assert body["logged_in"] is False
+    assert body["embedded"] is False
+
+
+async def test_login_status_logout(jp_fetch, mlflow_server, tmp_path):
+    user = mlflow_server.create_user()
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST",
+        body={"username": user.username, "password": user.password},
+    )  # fmt: skip
+    assert code == 200, body
+    assert body["logged_in"] is True and body["username"] == user.username
+    assert user.password not in json.dumps(body)
+
+    cred_file = tmp_path / "mantik" / "credentials.json"
+    assert stat.S_IMODE(cred_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cred_file.parent.stat().st_mode) & 0o077 == 0
+
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert body["logged_in"] is True and body["username"] == user.username
+
+    code, body = await api_json(jp_fetch, "auth", "logout", method="POST", body={})
+    assert code == 200 and body["logged_in"] is False
+    assert user.username not in cred_file.read_text()
+
+
+async def test_wrong_password_is_401_naming_the_server(jp_fetch, mlflow_server):
+    user = mlflow_server.create_user()
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST",
+        body={"username": user.username, "password": "not-the-password-at-all"},
+    )  # fmt: skip
+    assert code == 401
+    assert body["reason"] == "authentication_failed"
+    assert mlflow_server.uri in body["message"]
+    assert "not-the-password-at-all" not in body["message"]
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert body["logged_in"] is False
+
+
+async def test_token_rejected_by_basic_auth_server(jp_fetch, mlflow_server):
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST", body={"token": "definitely-not-valid"}
+    )
+    assert code == 401 and "refused" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("{not json", "invalid_request"),
+        ("[1, 2]", "invalid_request"),
+        (json.dumps({"username": "x"}), "invalid_request"),
+        (json.dumps({"username": 3, "password": "x"}), "invalid_request"),
+    ],
+)
+async def test_malformed_login_is_400(jp_fetch, raw, reason):
+    code, body = await api_json(jp_fetch, "auth", "login", method="POST", body=raw)
+    assert code == 400 and body["reason"] == reason
+    assert "Traceback" not in body["message"]
+
+
+class TestUnreachable:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path):
+        self.uri = f"http://127.0.0.1:{free_port()}"
+        return lab_config(tmp_path / "mantik", self.uri)
+
+    async def test_unreachable_tracking_server_is_502_naming_it(self, jp_fetch):
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST", body={"username": "u", "password": "p" * 12}
+        )
+        assert code == 502
+        assert body["reason"] == "tracking_unavailable" and self.uri in body["message"]
+
+    async def test_proxy_to_unreachable_server_is_502(self, jp_fetch, monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "u")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p" * 12)
+        resp = await jp_fetch("mantik", "mlflow", "health", raise_error=False)
+        assert resp.code == 502 and self.uri in json.loads(resp.body)["message"]
+
+
+class TestEnvironmentCredential:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, mlflow_server, monkeypatch):
+        user = mlflow_server.create_user()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user.username)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user.password)
+        self.user = user
+        return lab_config(tmp_path / "mantik", mlflow_server.uri)
+
+    async def test_environment_credential_is_honoured(self, jp_fetch):
+        code, body = await api_json(jp_fetch, "auth", "status")
+        assert body["logged_in"] is True and body["username"] == self.user.username
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+            method="POST", body=json.dumps({"max_results": 1}),
+            headers={"Content-Type": "application/json"}, raise_error=False,
+        )  # fmt: skip
+        assert resp.code == 200, resp.body
+
+
+async def test_every_route_requires_authentication(jp_fetch, jp_serverapp, jp_base_url):
+    """Enumerates the extension's routes, so routes added later are covered too."""
+    from mantik_jupyter.app import MantikApp
+
+    ext = next(
+        app
+        for pkg in jp_serverapp.extension_manager.extensions.values()
+        for app in pkg.apps
+        if isinstance(app, MantikApp)
+    )
+    patterns = [h[0] for h in ext.handlers]
+    assert len(patterns) >= 4
+    client = tornado.httpclient.AsyncHTTPClient()
+    url = jp_fetch.__wrapped__ if hasattr(jp_fetch, "__wrapped__") else None
+    del url
+    port = jp_serverapp.port
+    for pattern in patterns:
+        path = pattern.replace("(.*)", "x").replace("?", "").replace("([^/]+)", "abc123")
+        path = path.replace("(?P<run_id>[^/]+)", "abc123")
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            resp = await client.fetch(
+                f"http://127.0.0.1:{port}{jp_base_url}{path}",
+                method=method,
+                body=b"{}" if method in ("POST", "PUT") else None,
+                allow_nonstandard_methods=True,
+                follow_redirects=False,
+                raise_error=False,
+            )
+            assert resp.code == 403, (pattern, method, resp.code)
+            assert b"Traceback" not in resp.body
+
+
+def test_credentials_are_never_in_repr(tmp_path: Path):
+    from mantik_jupyter.tracking.credentials import Credential
+
+    cred = Credential(username="alice", password="s3cret-password-1")
+    assert "s3cret" not in repr(cred)

@@ -1,0 +1,95 @@
+"""The embedded MLflow server: start, automatic admin login, restart with data, clean stop."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+import requests
+
+from mantik_jupyter.errors import TrackingTimeout
+from mantik_jupyter.tracking.embedded import STATE_FILE, EmbeddedTrackingServer, discover
+from mantik_jupyter.tracking.rest import TrackingClient
+
+
+def _group_gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture
+def server_dir(tmp_path):
+    return tmp_path / "tracking"
+
+
+def test_lifecycle_auth_restart_and_no_leftovers(server_dir):
+    server = EmbeddedTrackingServer(server_dir)
+    server.start()
+    try:
+        server.wait_ready(120)
+        admin = TrackingClient(server.uri, server.credential())
+        created = admin.api("POST", "experiments/create", name="survives-restart")
+        # basic-auth is on: no credential, no data
+        anonymous = requests.post(
+            f"{server.uri}/api/2.0/mlflow/experiments/search", json={"max_results": 5}, timeout=10
+        )
+        assert anonymous.status_code == 401
+        for name in ("secrets.json", "basic_auth.ini"):
+            assert stat.S_IMODE((server_dir / name).stat().st_mode) == 0o600
+        assert discover(server_dir) is not None
+        first_pid = server._proc.pid
+    finally:
+        server.stop()
+    assert _group_gone(first_pid), "mlflow processes left behind after stop()"
+    assert not (server_dir / STATE_FILE).exists()
+    assert discover(server_dir) is None
+
+    again = EmbeddedTrackingServer(server_dir)
+    again.start()
+    try:
+        again.wait_ready(120)
+        got = TrackingClient(again.uri, again.credential()).api(
+            "GET", "experiments/get", experiment_id=created["experiment_id"]
+        )
+        assert got["experiment"]["name"] == "survives-restart"
+        assert again.credential() == server.credential()
+    finally:
+        again.stop()
+
+
+def test_stale_server_from_a_crash_is_cleaned_up(server_dir):
+    crashed = EmbeddedTrackingServer(server_dir)
+    crashed.start()
+    crashed.wait_ready(120)
+    stale_pid = crashed._proc.pid
+    # The lab died without stopping it: a new lab with the same data dir starts.
+    fresh = EmbeddedTrackingServer(server_dir)
+    fresh.start()
+    try:
+        assert _group_gone(stale_pid), "the stale server was not stopped"
+        fresh.wait_ready(120)
+        assert TrackingClient(fresh.uri, fresh.credential()).health()
+    finally:
+        fresh.stop()
+        crashed._proc = None
+
+
+def test_a_server_that_cannot_start_gives_a_clear_error(server_dir, monkeypatch):
+    # A broken backend store makes mlflow exit during start-up.
+    server = EmbeddedTrackingServer(server_dir, startup_timeout=60)
+    (server_dir / "mlflow.db").write_text("this is not an sqlite database" * 100)
+    server.start()
+    try:
+        with pytest.raises(TrackingTimeout) as err:
+            server.wait_ready(60)
+        assert "server.log" in err.value.message
+    finally:
+        server.stop()

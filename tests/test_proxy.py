@@ -1,0 +1,226 @@
+"""The MLflow proxy: MLflow's own client and UI through the lab, header hygiene, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from mantik_jupyter.tracking.embedded import free_port
+
+from .lab_fixtures import api_json, lab_config
+from .lab_fixtures import jp_base_url, jp_server_config  # noqa: F401
+
+
+def lab_url(jp_serverapp, jp_base_url: str) -> str:
+    return f"http://127.0.0.1:{jp_serverapp.port}{jp_base_url}"
+
+
+async def login_as_new_user(jp_fetch, mlflow_server):
+    user = mlflow_server.create_user()
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST",
+        body={"username": user.username, "password": user.password},
+    )  # fmt: skip
+    assert code == 200, body
+    return user
+
+
+async def run_python(script: str, env: dict[str, str], timeout: float = 240) -> str:
+    """Run MLflow's client in a child process so the in-process lab keeps serving."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", textwrap.dedent(script),
+        env={**clean, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode()
+
+
+CLIENT_ROUND_TRIP = """
+    import json, os, tempfile, mlflow
+    from mlflow import MlflowClient
+    mlflow.set_experiment("through-the-proxy")
+    with mlflow.start_run() as run:
+        mlflow.log_param("lr", "0.01")
+        for step in range(5):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+        path = os.path.join(tempfile.mkdtemp(), "forecast.csv")
+        open(path, "w").write("t,temp\\n0,12.5\\n")
+        mlflow.log_artifact(path, "outputs")
+    client = MlflowClient()
+    got = client.get_run(run.info.run_id)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    local = client.download_artifacts(run.info.run_id, "outputs/forecast.csv", tempfile.mkdtemp())
+    print(json.dumps({
+        "params": got.data.params, "steps": [m.step for m in history],
+        "artifact": open(local).read(), "artifact_uri": got.info.artifact_uri,
+    }))
+"""
+
+
+async def test_mlflow_client_through_the_proxy_with_a_jupyter_token(
+    jp_fetch, jp_serverapp, jp_base_url, mlflow_server
+):
+    await login_as_new_user(jp_fetch, mlflow_server)
+    out = await run_python(
+        CLIENT_ROUND_TRIP,
+        {
+            "MLFLOW_TRACKING_URI": lab_url(jp_serverapp, jp_base_url) + "mantik/mlflow",
+            "MLFLOW_TRACKING_TOKEN": jp_serverapp.identity_provider.token,
+        },
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["params"] == {"lr": "0.01"}
+    assert result["steps"] == [0, 1, 2, 3, 4]
+    assert result["artifact"] == "t,temp\n0,12.5\n"
+
+
+async def test_proxy_keeps_upstream_status_and_serves_the_ui(jp_fetch, mlflow_server):
+    await login_as_new_user(jp_fetch, mlflow_server)
+    resp = await jp_fetch(
+        "mantik", "mlflow", "api", "2.0", "mlflow", "runs", "get",
+        params={"run_id": "0" * 32}, raise_error=False,
+    )  # fmt: skip
+    assert resp.code == 404
+    assert json.loads(resp.body)["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+
+    resp = await jp_fetch("mantik", "mlflow", raise_error=False, follow_redirects=False)
+    assert resp.code == 302 and resp.headers["Location"].endswith("/mantik/mlflow/")
+    resp = await jp_fetch("mantik", "mlflow", "", raise_error=False)
+    assert resp.code == 200 and b"<html" in resp.body.lower()
+    assert "frame-ancestors 'self'" in resp.headers.get("Content-Security-Policy", "")
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+LARGE_ARTIFACT = """
+    import hashlib, json, os, tempfile, mlflow
+    from mlflow import MlflowClient
+    mlflow.set_experiment("large-artifacts")
+    path = os.path.join(tempfile.mkdtemp(), "big.bin")
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for i in range(200):
+            block = os.urandom(1 << 20)
+            digest.update(block)
+            fh.write(block)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(path)
+    os.remove(path)
+    local = MlflowClient().download_artifacts(run.info.run_id, "big.bin", tempfile.mkdtemp())
+    back = hashlib.sha256()
+    with open(local, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            back.update(block)
+    print(json.dumps({"same": back.hexdigest() == digest.hexdigest(), "size": os.path.getsize(local)}))
+"""
+
+
+async def test_a_200_mb_artifact_streams_through_without_growing_the_server(
+    jp_fetch, jp_serverapp, jp_base_url, mlflow_server
+):
+    await login_as_new_user(jp_fetch, mlflow_server)
+    before = _rss_mb()
+    peak = before
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, _rss_mb())
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        out = await run_python(
+            LARGE_ARTIFACT,
+            {
+                "MLFLOW_TRACKING_URI": lab_url(jp_serverapp, jp_base_url) + "mantik/mlflow",
+                "MLFLOW_TRACKING_TOKEN": jp_serverapp.identity_provider.token,
+            },
+        )
+    finally:
+        sampler.cancel()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"same": True, "size": 200 << 20}
+    # The lab runs in this process: 200 MB went up and came back; it must not have been held.
+    assert peak - before < 80, f"server memory grew by {peak - before:.0f} MB"
+
+
+class TestHeaderHygiene:
+    """A capturing upstream shows exactly what the proxy forwards."""
+
+    @pytest.fixture
+    def upstream(self):
+        seen: list[dict] = []
+
+        class Capture(tornado.web.RequestHandler):
+            def _reply(self, path: str) -> None:
+                seen.append(
+                    {"method": self.request.method, "path": self.request.path,
+                     "query": self.request.query, "headers": dict(self.request.headers),
+                     "body": self.request.body.decode()}
+                )  # fmt: skip
+                if path == "redirect":
+                    self.redirect(f"http://127.0.0.1:{port}/next?x=1")
+                    return
+                self.set_status(418)
+                self.set_header("Set-Cookie", "upstream=1")
+                self.set_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                self.set_header("X-Upstream", "yes")
+                self.finish({"ok": True})
+
+            get = post = put = delete = _reply
+
+        port = free_port()
+        server = HTTPServer(tornado.web.Application([(r"/(.*)", Capture)]))
+        server.listen(port, "127.0.0.1")
+        self.port = port
+        yield seen
+        server.stop()
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, upstream, monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
+        return lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+
+    async def test_forwarded_request_and_response(self, jp_fetch, upstream, jp_base_url):
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "some path", method="POST",
+            body=b'{"a": 1}', params={"q": "1 2"},
+            headers={"Cookie": "_xsrf=abc; secret-session=xyz", "Origin": "http://127.0.0.1"},
+            raise_error=False,
+        )  # fmt: skip
+        assert resp.code == 418
+        assert "Set-Cookie" not in resp.headers and "WWW-Authenticate" not in resp.headers
+        assert resp.headers["X-Upstream"] == "yes"
+        got = upstream[-1]
+        assert got["path"] == "/api/2.0/some%20path" and got["query"] == "q=1+2"
+        assert got["body"] == '{"a": 1}'
+        headers = {k.lower(): v for k, v in got["headers"].items()}
+        assert "cookie" not in headers
+        assert headers["authorization"].startswith("Basic ")
+        assert headers["host"] == f"127.0.0.1:{self.port}"
+        assert headers["origin"] == f"http://127.0.0.1:{self.port}"
+
+    async def test_upstream_redirects_point_back_at_the_proxy(self, jp_fetch, jp_base_url):
+        resp = await jp_fetch(
+            "mantik", "mlflow", "redirect", raise_error=False, follow_redirects=False
+        )
+        assert resp.code == 302
+        assert resp.headers["Location"] == f"{jp_base_url}mantik/mlflow/next?x=1"
