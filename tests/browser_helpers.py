@@ -57,12 +57,14 @@ def free_port() -> int:
 class LabServer:
     """A running ``jupyter lab`` subprocess."""
 
+    tmp: Path
     root: Path
     port: int
     token: str
     process: subprocess.Popen
     log_path: Path
     env: dict[str, str] = field(repr=False)
+    stray_pids: list[int] = field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -75,7 +77,7 @@ class LabServer:
 
     def get_json(self, path: str, timeout: float = 10.0) -> tuple[int, object]:
         """GET ``<base><path>`` with the token; returns (status, parsed JSON or text)."""
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 (http URL built here)
             self.base + path, headers={"Authorization": f"token {self.token}"}
         )
         try:
@@ -119,18 +121,59 @@ class LabServer:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        # SIGTERM lets jupyter_server run stop_extension (which stops the embedded MLflow).
-        self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+            if self.process.poll() is None:
+                # SIGTERM lets jupyter_server run stop_extension (stops the embedded MLflow).
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    # A blocked event loop ignores SIGTERM: SIGABRT makes faulthandler
+                    # (PYTHONFAULTHANDLER) write every thread's stack to the server log first.
+                    self.process.send_signal(signal.SIGABRT)
+                    try:
+                        self.process.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                        self.process.wait(timeout=10)
+        finally:
+            self._reap_strays()
+
+    def _reap_strays(self) -> None:
+        """End processes this lab left behind (e.g. an embedded MLflow in its own session).
+
+        Only processes whose command line names this lab's private temporary directory are
+        ended, by pid; a failure here is reported so that leaks do not go unnoticed.
+        """
+        marker = str(self.tmp) + os.sep
+        strays: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                strays.append(int(entry.name))
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for pid in strays:
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.2)
+            if Path(f"/proc/{pid}").exists():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.stray_pids = strays
 
 
-def start_lab(tmp: Path) -> LabServer:
+def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
     """Start ``jupyter lab`` with every Jupyter directory under ``tmp``.
 
     The server extension is enabled through the isolated config dir and the labextension is the
@@ -183,10 +226,9 @@ def start_lab(tmp: Path) -> LabServer:
             "MANTIK_DATA_DIR": str(tmp / "mantik"),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-            ),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
             "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",
         }
     )
 
@@ -205,6 +247,7 @@ def start_lab(tmp: Path) -> LabServer:
         f"--port={port}",
         "--ServerApp.port_retries=0",
         f"--ServerApp.root_dir={root}",
+        *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -216,7 +259,9 @@ def start_lab(tmp: Path) -> LabServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return LabServer(root=root, port=port, token=token, process=process, log_path=log_path, env=env)
+    return LabServer(
+        tmp=tmp, root=root, port=port, token=token, process=process, log_path=log_path, env=env
+    )
 
 
 def save_log(server: LabServer, name: str = "jupyter-lab.log") -> None:

@@ -18,6 +18,8 @@ import requests
 from mantik_jupyter.tracking.credentials import Credential
 from mantik_jupyter.tracking.embedded import free_port
 
+from .secret_audit import SECRETS
+
 __all__ = ["MlflowServer", "mlflow_server", "start_mlflow_server"]
 
 
@@ -39,6 +41,7 @@ class MlflowServer:
             timeout=30,
         )
         resp.raise_for_status()
+        SECRETS.add(password)
         return Credential(username=username, password=password)
 
     def env(self, credential: Credential) -> dict[str, str]:
@@ -48,6 +51,7 @@ class MlflowServer:
 def start_mlflow_server(directory: Path) -> MlflowServer:
     directory.mkdir(parents=True, exist_ok=True)
     admin = Credential(username="admin", password=secrets.token_urlsafe(18))
+    SECRETS.add(admin.password)
     ini = directory / "auth.ini"
     ini.write_text(
         "[mlflow]\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -126,20 +127,18 @@ async def test_every_route_requires_authentication(jp_fetch, jp_serverapp, jp_ba
     from mantik_jupyter.app import MantikApp
 
     ext = next(
-        app
+        point.app
         for pkg in jp_serverapp.extension_manager.extensions.values()
-        for app in pkg.apps
-        if isinstance(app, MantikApp)
+        for point in pkg.extension_points.values()
+        if isinstance(point.app, MantikApp)
     )
     patterns = [h[0] for h in ext.handlers]
     assert len(patterns) >= 4
     client = tornado.httpclient.AsyncHTTPClient()
-    url = jp_fetch.__wrapped__ if hasattr(jp_fetch, "__wrapped__") else None
-    del url
     port = jp_serverapp.port
     for pattern in patterns:
-        path = pattern.replace("(.*)", "x").replace("?", "").replace("([^/]+)", "abc123")
-        path = path.replace("(?P<run_id>[^/]+)", "abc123")
+        # Fill every regex group with a plausible value.
+        path = re.sub(r"\(\?P<\w+>[^)]*\)|\([^)]*\)", "abc123", pattern).replace("?", "")
         for method in ("GET", "POST", "PUT", "DELETE"):
             resp = await client.fetch(
                 f"http://127.0.0.1:{port}{jp_base_url}{path}",
@@ -158,3 +157,33 @@ def test_credentials_are_never_in_repr(tmp_path: Path):
 
     cred = Credential(username="alice", password="s3cret-password-1")
     assert "s3cret" not in repr(cred)
+
+
+class TestEmbeddedDefault:
+    """No tracking URI: the lab starts its own MLflow and logs the user in."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, monkeypatch):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return lab_config(tmp_path / "mantik", None)
+
+    async def test_embedded_server_with_automatic_login(self, jp_fetch, tmp_path):
+        code, body = await api_json(jp_fetch, "auth", "status")
+        assert code == 200
+        assert body["embedded"] is True and body["logged_in"] is True
+        assert body["tracking_uri"].startswith("http://127.0.0.1:")
+        # The proxy waits for MLflow to boot instead of failing.
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+            method="POST", body=json.dumps({"max_results": 5}),
+            headers={"Content-Type": "application/json"}, request_timeout=120,
+        )  # fmt: skip
+        names = [e["name"] for e in json.loads(resp.body)["experiments"]]
+        assert "Default" in names
+        anonymous = await tornado.httpclient.AsyncHTTPClient().fetch(
+            body["tracking_uri"] + "/api/2.0/mlflow/experiments/search",
+            method="POST", body=b"{}", raise_error=False,
+        )  # fmt: skip
+        assert anonymous.code == 401, "the embedded MLflow must require authentication"
+        secrets_file = tmp_path / "mantik" / "tracking" / "secrets.json"
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600

@@ -9,30 +9,21 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
 
-try:
-    from browser_helpers import (
-        ARTIFACTS,
-        CHROMIUM,
-        CHROMIUM_ARGS,
-        LABEXTENSION_BUILD,
-        LabServer,
-        save_log,
-        start_lab,
-    )
-except ImportError:  # tests/ is a package
-    from .browser_helpers import (
-        ARTIFACTS,
-        CHROMIUM,
-        CHROMIUM_ARGS,
-        LABEXTENSION_BUILD,
-        LabServer,
-        save_log,
-        start_lab,
-    )
+from .browser_helpers import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LABEXTENSION_BUILD,
+    LabServer,
+    free_port,
+    save_log,
+    start_lab,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -44,14 +35,13 @@ TRACKING_READY_TIMEOUT = 120.0
 UI_TIMEOUT_MS = 60_000
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+def _running_lab(tmp, extra_args=()) -> Iterator[LabServer]:
     if not (LABEXTENSION_BUILD / "package.json").exists():
         pytest.fail(
             f"The labextension is not built ({LABEXTENSION_BUILD}/package.json is missing): run "
             "`cd labextension && jlpm install && jlpm build:prod` or `pip install -e .`"
         )
-    server = start_lab(tmp_path_factory.mktemp("lab"))
+    server = start_lab(tmp, extra_args)
     try:
         server.wait_until(
             lambda: server.get_json("api/status")[0] == 200, timeout=60, what="jupyter lab"
@@ -59,7 +49,44 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
         yield server
     finally:
         server.stop()
-        save_log(server)
+        save_log(server, f"{tmp.name}.log")
+        if server.stray_pids:
+            warnings.warn(
+                f"jupyter lab left processes running after it stopped: {server.stray_pids} "
+                "(ended by the test)",
+                stacklevel=1,
+            )
+
+
+@pytest.fixture
+def jp_asyncio_loop():
+    """Override pytest-jupyter's autouse loop fixture (when that plugin is loaded).
+
+    It closes "the current" event loop after each test, which under Playwright's sync API is
+    Playwright's own, still running, loop. These tests need no Jupyter loop in this process.
+    """
+    yield None
+
+
+@pytest.fixture
+def jp_server_cleanup():
+    """Override pytest-jupyter's autouse in-process server cleanup: no in-process server here."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """A lab on the default: the embedded tracking server."""
+    yield from _running_lab(tmp_path_factory.mktemp("lab-embedded"))
+
+
+@pytest.fixture(scope="module")
+def remote_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """A lab configured for a remote tracking server that does not answer (a closed port)."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    yield from _running_lab(
+        tmp_path_factory.mktemp("lab-remote"), (f"--MantikApp.tracking_uri={uri}",)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +158,9 @@ def test_sidebar_shows_embedded_tracking_and_opens_mlflow(page, lab, tracking_re
 
     assert tracking_ready["embedded"] is True
     ARTIFACTS.mkdir(exist_ok=True)
+    # The proxy must answer at all before the UI can render in the iframe.
+    code, _ = lab.get_json("mantik/mlflow/", timeout=30)
+    assert code == 200, f"GET mantik/mlflow/ answered {code}.\n{lab.log_tail()}"
 
     sidebar = open_lab(page, lab)
     status = sidebar.locator(".mantik-status")
@@ -211,3 +241,38 @@ def test_commands_in_palette_and_dark_theme(page, lab, tracking_ready):
     palette_input.fill("JupyterLab Light")
     items.filter(has_text="JupyterLab Light").first.click()
     expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "true")
+
+
+def test_remote_tracking_login_form_shows_server_errors(page, remote_lab):
+    from playwright.sync_api import expect
+
+    status, body = remote_lab.get_json("mantik/api/auth/status")
+    assert status == 200 and body["embedded"] is False and body["logged_in"] is False, body
+
+    sidebar = open_lab(page, remote_lab)
+    expect(sidebar.locator(".mantik-tracking-uri")).to_have_text(body["tracking_uri"])
+    expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text("Not logged in")
+
+    form = sidebar.locator(".mantik-login-form")
+    expect(form).to_be_visible()
+    submit = form.locator('[data-testid="mantik-login-submit"]')
+    expect(submit).to_be_disabled()
+
+    # Inputs are reachable by their labels (accessibility) and submit with Enter.
+    form.get_by_label("Username", exact=True).fill("ada")
+    form.get_by_label("Password", exact=True).fill("not-the-password")
+    expect(submit).to_be_enabled()
+    sidebar.screenshot(path=str(ARTIFACTS / "sidebar-remote-login.png"))
+    form.get_by_label("Password", exact=True).press("Enter")
+
+    # The tracking server is unreachable: the server's JSON `message` is shown inline.
+    error = sidebar.locator('[data-testid="mantik-action-error"]')
+    expect(error).to_be_visible(timeout=90_000)
+    expect(error).not_to_be_empty()
+    expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text("Not logged in")
+    sidebar.screenshot(path=str(ARTIFACTS / "sidebar-remote-login-error.png"))
+
+    # Token mode swaps the fields.
+    form.get_by_label("With token").check()
+    expect(form.get_by_label("Token", exact=True)).to_be_visible()
+    expect(form.get_by_label("Username", exact=True)).to_have_count(0)

@@ -1,0 +1,126 @@
+"""Shared pieces of the RunService lifecycle tests (local and Slurm backends)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from mantik_jupyter.compute import runs as runs_module
+from mantik_jupyter.compute.runs import RunInfo, RunService
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.tracking.credentials import Credential, CredentialStore
+from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.runs_api import RunsApi
+from mantik_jupyter.tracking.service import TrackingService
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "weather-forecast"
+FINAL = {RunState.FINISHED, RunState.FAILED, RunState.KILLED}
+
+
+def copy_example(dest: Path) -> Path:
+    project = dest / "weather-forecast"
+    shutil.copytree(EXAMPLE, project)
+    (project / "compute-backend-config.yaml").unlink()
+    return project
+
+
+def write_config(project: Path, config: dict, name: str = "compute-backend-config.yaml") -> Path:
+    path = project / name
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+class RunUserSpy:
+    """Records the per-run credentials the service creates (the tests need the passwords)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.created: dict[str, Credential] = {}
+        original = runs_module.create_run_user
+
+        def spy(admin, run_id, experiment_id):
+            cred = original(admin, run_id, experiment_id)
+            self.created[run_id] = cred
+            return cred
+
+        monkeypatch.setattr(runs_module, "create_run_user", spy)
+
+
+def make_tracking(server, tmp: Path, user: Credential) -> TrackingService:
+    """Embedded mode against the fixture server: the admin makes per-run users,
+    the stored login of ``user`` submits."""
+    store = CredentialStore(tmp / "credentials.json")
+    store.set(server.uri, user)
+    return TrackingService(store, tracking_uri=server.uri, embedded_credential=server.admin)
+
+
+def admin_api(server) -> RunsApi:
+    return RunsApi(TrackingClient(server.uri, server.admin))
+
+
+def wait_for(
+    service: RunService, run_id: str, states: set[RunState], timeout: float = 90
+) -> RunInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = service.get(run_id)
+        if info.state in states:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} stayed {info.state} ({info.tags})")
+        time.sleep(0.5)
+
+
+def artifact_bytes(server, run_id: str, path: str) -> bytes:
+    api = admin_api(server)
+    return b"".join(api.download_artifact(api.get_run(run_id), path))
+
+
+def artifact_names(server, run_id: str, path: str = "") -> set[str]:
+    api = admin_api(server)
+    names = set()
+    for entry in api.list_artifacts(run_id, path):
+        if entry.get("is_dir"):
+            names |= artifact_names(server, run_id, entry["path"])
+        else:
+            names.add(entry["path"])
+    return names
+
+
+def login_works(server, cred: Credential) -> bool:
+    resp = requests.post(
+        f"{server.uri}/api/2.0/mlflow/experiments/search",
+        json={"max_results": 1},
+        auth=(cred.username, cred.password),
+        timeout=30,
+    )
+    return resp.status_code == 200
+
+
+def assert_no_secret(server, run_id: str, secrets: list[str]) -> None:
+    """No secret in any tag, param or artifact (archives are looked into)."""
+    api = admin_api(server)
+    run = api.get_run(run_id)
+    blobs = [repr(run["data"]).encode()]
+    for name in artifact_names(server, run_id):
+        data = artifact_bytes(server, run_id, name)
+        blobs.append(data)
+        if name.endswith(".tar.gz"):
+            blobs.append(gzip.decompress(data))
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for member in tar.getmembers():
+                    if member.isfile():
+                        f = tar.extractfile(member)
+                        assert f is not None
+                        blobs.append(f.read())
+    for secret in secrets:
+        assert secret
+        for blob in blobs:
+            assert secret.encode() not in blob

@@ -1,0 +1,269 @@
+"""RunService lifecycle with the local backend, against a real MLflow server."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mantik_jupyter.compute.backends.local import LocalBackend
+from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import (
+    BackendRejected,
+    ConfigError,
+    Conflict,
+    NotFound,
+    ProjectError,
+    UnsafePath,
+)
+
+from .runs_helpers import (
+    FINAL,
+    RunUserSpy,
+    admin_api,
+    artifact_bytes,
+    artifact_names,
+    assert_no_secret,
+    copy_example,
+    login_works,
+    make_tracking,
+    wait_for,
+    write_config,
+)
+
+LOCAL_CONFIG = {
+    "Local": {},
+    "Resources": {"Queue": "local"},
+    # The job's python (with mlflow and numpy): this test's venv.
+    "Environment": {"Python": sys.prefix, "Variables": {"EVIL": "$(touch pwned)"}},
+}
+
+
+@pytest.fixture(scope="module")
+def user(mlflow_server):
+    return mlflow_server.create_user()
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server, user, tmp_path_factory):
+    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
+
+
+@pytest.fixture
+def project(tmp_path):
+    project = copy_example(tmp_path)
+    write_config(project, LOCAL_CONFIG)
+    return project
+
+
+@pytest.fixture
+def service(tracking, tmp_path):
+    svc = RunService(tracking, work_dir=tmp_path / "work")
+    yield svc
+    svc.close()
+
+
+def test_lifecycle_finishes_with_everything_in_mlflow(
+    service, project, mlflow_server, user, monkeypatch, tmp_path
+):
+    spy = RunUserSpy(monkeypatch)
+    stages = []
+    info = service.submit(
+        project,
+        params={"epochs": "4", "station": "1; touch pwned"},
+        experiment_name="local-lifecycle",
+        run_name="first try",
+        source="lab",
+        progress=lambda stage, done, total: stages.append(stage),
+    )
+    assert {"package", "upload"} <= set(stages)
+    assert info.state == RunState.QUEUED
+    assert info.backend == "local" and info.job_id.startswith("local-")
+    assert info.source == "lab" and info.user == user.username
+    assert info.run_name == "first try" and info.entry_point == "main"
+
+    # The log is readable while the job runs, and follow_logs ends with the run.
+    text = "".join(service.follow_logs(info.run_id[:10], poll_interval=0.2))
+    assert "epoch 1/4" in text and "epoch 4/4" in text
+    final = wait_for(service, info.run_id, FINAL, timeout=30)
+    assert final.state == RunState.FINISHED, final.tags
+    assert final.mlflow_status == "FINISHED" and final.end_time
+    assert final.exit_code == 0
+
+    # Params with defaults, the user value arrives literally.
+    assert final.params == {
+        "epochs": "4",
+        "learning_rate": "0.01",
+        "station": "1; touch pwned",
+    }
+    assert {"loss", "rmse"} <= set(final.metrics)
+    tags = final.tags
+    assert tags["mantik.backend"] == "local"
+    assert tags["mantik.entry_point"] == "main"
+    assert tags["mlflow.source.type"] == "PROJECT"
+    assert tags["mlflow.project.entryPoint"] == "main"
+    assert len(tags["mantik.package_sha256"]) == 64
+    assert tags["mantik.run_dir"]
+    names = artifact_names(mlflow_server, info.run_id)
+    assert {
+        "mantik/code.tar.gz",
+        "mantik/backend-config.json",
+        "mantik/mantik-job.sh",
+        "mantik/mantik.log",
+        "forecast.csv",
+    } <= names
+    assert b"epoch 4/4" in artifact_bytes(mlflow_server, info.run_id, "mantik/mantik.log")
+    run_dir = Path(tags["mantik.run_dir"])
+    assert not list(run_dir.rglob("pwned")) and not (project / "pwned").exists()
+    assert not (run_dir / ".mantik-credentials").exists()
+    assert not (service.work_dir / info.run_id).exists()  # job dir cleaned up
+
+    # Files and downloads, confined to the run directory.
+    entries = {e.path: e for e in service.files(info.run_id)}
+    assert entries["code"].is_dir and "mantik.log" in entries
+    got = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "dl")
+    assert got.read_text().startswith("station,day_ahead")
+    folder = service.download(info.run_id, "", tmp_path / "whole")
+    assert (folder / "code" / "train.py").is_file() and (folder / "mantik.log").is_file()
+    for bad in ("../x", "/etc/passwd", "code/../../x"):
+        with pytest.raises(UnsafePath):
+            service.files(info.run_id, bad)
+        with pytest.raises(UnsafePath):
+            service.download(info.run_id, bad, tmp_path / "bad")
+    (run_dir / "escape").symlink_to("/etc")
+    with pytest.raises(UnsafePath):
+        service.files(info.run_id, "escape")
+
+    # The per-run user worked and is gone; no secret was stored anywhere.
+    cred = spy.created[info.run_id]
+    assert len(cred.password) >= 12
+    assert tags["mantik.run_user"] == cred.username
+    assert not login_works(mlflow_server, cred)
+    assert_no_secret(mlflow_server, info.run_id, [cred.password, user.password])
+
+    with pytest.raises(Conflict):
+        service.cancel(info.run_id)
+    chunk = service.logs(info.run_id)
+    assert chunk.final is False and "epoch 1/4" in chunk.text
+    assert service.logs(info.run_id, chunk.offset).final
+
+
+def test_failing_entry_point(service, project):
+    info = service.submit(project, entry_point="fail", experiment_name="local-lifecycle")
+    final = wait_for(service, info.run_id, FINAL, timeout=30)
+    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
+    assert final.exit_code == 3 and final.reason == "exit code 3"
+    text = "".join(service.follow_logs(info.run_id))
+    assert "simulated failure" in text
+
+
+def test_cancel_kills_the_process_group(service, project):
+    info = service.submit(project, entry_point="sleep", experiment_name="local-lifecycle")
+    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=20)
+    pid = int(info.job_id.split("-")[1])
+    killed = service.cancel(info.run_id)
+    assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
+    assert killed.reason == "CANCELLED"
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_restarted_lab_still_tracks_the_run(tracking, project, tmp_path, mlflow_server):
+    first = RunService(tracking, work_dir=tmp_path / "work")
+    info = first.submit(
+        project, entry_point="sleep", params={"seconds": "3"}, experiment_name="local-restart"
+    )
+    first.close()
+    del first
+    second = RunService(tracking, work_dir=tmp_path / "work")
+    assert info.run_id in {r.run_id for r in second.sync()}
+    final = wait_for(second, info.run_id, FINAL, timeout=30)
+    assert final.state == RunState.FINISHED
+    # And a backend object built from the run's tags alone (no process handle) agrees.
+    backend = LocalBackend(Path(final.tags["mantik.run_dir"]).parent)
+    assert backend.states([info.job_id])[info.job_id].state == RunState.FINISHED
+
+
+def test_list_resolve_and_get(service, project):
+    info = service.submit(
+        project, params={"epochs": "1"}, experiment_name="local-list", run_name="listed-run"
+    )
+    wait_for(service, info.run_id, FINAL, timeout=30)
+    assert service.resolve(info.run_id) == info.run_id
+    assert service.resolve(info.run_id[:12]) == info.run_id
+    assert service.resolve("listed-run") == info.run_id
+    with pytest.raises(NotFound):
+        service.resolve("no-such-run-name")
+    runs, _ = service.list(experiment_name="local-list", state="finished")
+    assert info.run_id in {r.run_id for r in runs}
+    runs, _ = service.list(experiment_name="local-list", state="RUNNING")
+    assert info.run_id not in {r.run_id for r in runs}
+    json_form = service.get(info.run_id).to_json()
+    assert json_form["state"] == "FINISHED" and json_form["is_final"]
+    kinds = {b["name"]: b for b in service.backends()}
+    assert kinds["local"]["supported"] and not kinds["unicore"]["supported"]
+
+
+def _run_count(mlflow_server, name):
+    api = admin_api(mlflow_server)
+    found = api.get_experiment_by_name(name)
+    if found is None:
+        return 0
+    return len(api.search_runs([found["experiment_id"]])[0])
+
+
+def test_errors_come_before_anything_is_created(service, project, mlflow_server, tmp_path):
+    name = "local-errors"
+    with pytest.raises(ProjectError, match="valid parameters"):
+        service.submit(project, params={"epoch": "3"}, experiment_name=name)
+    with pytest.raises(ProjectError, match="Unknown entry point"):
+        service.submit(project, entry_point="nope", experiment_name=name)
+    (project / "compute-backend-config.yaml").unlink()
+    with pytest.raises(ConfigError, match="compute-backend-config.yaml"):
+        service.submit(project, experiment_name=name)
+    write_config(project, {"UnicoreApiUrl": "https://unicore.example/SITE/rest/core",
+                           "Resources": {"Queue": "batch"}})  # fmt: skip
+    with pytest.raises(ConfigError, match="UnicoreApiUrl.*not supported yet"):
+        service.submit(project, experiment_name=name)
+    assert _run_count(mlflow_server, name) == 0
+
+    confined = RunService(service.tracking, work_dir=tmp_path / "w2", root_dir=tmp_path / "jail")
+    (tmp_path / "jail").mkdir()
+    with pytest.raises(UnsafePath):
+        confined.submit(project, experiment_name=name)
+    with pytest.raises(UnsafePath):
+        confined.submit("../weather-forecast", experiment_name=name)
+
+
+def test_failed_submission_marks_the_run_and_removes_its_user(
+    service, project, mlflow_server, monkeypatch
+):
+    spy = RunUserSpy(monkeypatch)
+
+    def refuse(self, job, progress=None):
+        raise BackendRejected("no room at the inn")
+
+    monkeypatch.setattr(LocalBackend, "submit", refuse)
+    with pytest.raises(BackendRejected):
+        service.submit(project, experiment_name="local-refused")
+    (run_id,) = spy.created
+    info = service.get(run_id)
+    assert info.state == RunState.FAILED and info.mlflow_status == "FAILED"
+    assert "no room at the inn" in info.reason
+    assert not login_works(mlflow_server, spy.created[run_id])
+    assert not (service.work_dir / run_id).exists()
+
+
+def test_loopback_warning_for_a_remote_cluster(service, project):
+    notes = service._check_tracking_uri(
+        "http://127.0.0.1:5000", {"kind": "ssh", "Hostname": "juwels.fz-juelich.de"}
+    )
+    assert notes and "loopback" in notes[0]
+    assert not service._check_tracking_uri(
+        "http://127.0.0.1:5000", {"kind": "ssh", "Hostname": "localhost"}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not service._check_tracking_uri("http://127.0.0.1:5000", {"kind": "local"})
