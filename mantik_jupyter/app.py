@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, Unicode, default
 
 from . import paths
-from .handlers import auth, mlflow_proxy
+from .compute.runs import RunService
+from .errors import MantikError
+from .handlers import auth, backends, mlflow_proxy, runs
 from .tracking.credentials import CredentialStore
 from .tracking.embedded import EmbeddedTrackingServer
 from .tracking.service import TrackingService
@@ -37,6 +40,15 @@ class MantikApp(ExtensionApp):
     embedded_startup_timeout = Float(
         90.0, config=True, help="Seconds the embedded MLflow server may take to become healthy."
     )
+    job_tracking_uri = Unicode(
+        "",
+        config=True,
+        help="The address compute nodes use to reach the tracking server, when it differs "
+        "from the lab's (e.g. a login node's name instead of 127.0.0.1). Default: the lab's.",
+    )
+    sync_interval = Float(
+        10.0, config=True, help="Seconds between background refreshes of active runs' states."
+    )
 
     @default("tracking_uri")
     def _tracking_uri_default(self) -> str | None:
@@ -63,10 +75,45 @@ class MantikApp(ExtensionApp):
             # Spawned, not awaited: the lab starts while MLflow boots; requests wait for it.
             self.embedded.start()
             self.tracking = TrackingService(store, embedded=self.embedded)
+        self.run_service = RunService(
+            self.tracking,
+            work_dir=Path(self.data_dir) / "runs",
+            job_tracking_uri=self.job_tracking_uri or None,
+            root_dir=Path(self.serverapp.root_dir),
+        )
+        self._sync_task: asyncio.Task[None] | None = None
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(auth.handlers + mlflow_proxy.handlers)
+        self.handlers.extend(
+            auth.handlers + runs.handlers + backends.handlers + mlflow_proxy.handlers
+        )
+
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        # Runs once the event loop is up; runs keep their states fresh while nobody polls.
+        if self.sync_interval > 0:
+            self._sync_task = asyncio.create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        last_error = ""
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.run_service.sync)
+                last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except MantikError as exc:
+                # Not logged in, cluster down: worth one line, not one every interval.
+                if exc.message != last_error:
+                    self.log.warning("mantik: refreshing run states: %s", exc.message)
+                last_error = exc.message
+            except Exception:
+                self.log.exception("mantik: refreshing run states failed")
 
     async def stop_extension(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        # SSH connections to clusters; jobs keep running and are found again on restart.
+        self.run_service.close()
         if self.embedded is not None:
             self.embedded.stop()

@@ -72,11 +72,22 @@ def start_mlflow_server(directory: Path) -> MlflowServer:
     log = open(directory / "server.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-            "--artifacts-destination", str(directory / "artifacts"),
-            "--app-name", "basic-auth",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{directory / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(directory / "artifacts"),
+            "--app-name",
+            "basic-auth",
         ],  # fmt: skip
         env=env,
         stdout=log,
@@ -88,7 +99,9 @@ def start_mlflow_server(directory: Path) -> MlflowServer:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server died: {(directory / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"mlflow server died: {(directory / 'server.log').read_text()[-2000:]}"
+            )
         try:
             if requests.get(f"{uri}/health", timeout=2).status_code == 200:
                 return MlflowServer(uri=uri, admin=admin, directory=directory, proc=proc)

@@ -13,7 +13,6 @@ import tornado.httpclient
 from mantik_jupyter.tracking.embedded import free_port
 
 from .lab_fixtures import api_json, lab_config
-from .lab_fixtures import jp_base_url, jp_server_config  # noqa: F401
 
 
 async def test_status_before_login(jp_fetch, mlflow_server):

@@ -195,8 +195,9 @@ def test_sidebar_shows_embedded_tracking_and_opens_mlflow(page, lab, tracking_re
     expect(frame.locator("body")).to_contain_text(
         re.compile(r"Experiments|Default"), timeout=90_000
     )
-    # Let the experiment list finish loading for a useful picture.
-    page.wait_for_timeout(1500)
+    # The "Default" experiment is listed: the UI's API calls (POSTs too) work through the proxy.
+    frame.get_by_role("link", name="Experiments").first.click()
+    expect(frame.get_by_text("Default", exact=True).first).to_be_visible(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "mlflow-in-lab.png"))
 
     # Opening again re-activates the same tab instead of stacking copies.

@@ -16,7 +16,6 @@ from tornado.httpserver import HTTPServer
 from mantik_jupyter.tracking.embedded import free_port
 
 from .lab_fixtures import api_json, lab_config
-from .lab_fixtures import jp_base_url, jp_server_config  # noqa: F401
 
 
 def lab_url(jp_serverapp, jp_base_url: str) -> str:
@@ -127,7 +126,8 @@ LARGE_ARTIFACT = """
     with open(local, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             back.update(block)
-    print(json.dumps({"same": back.hexdigest() == digest.hexdigest(), "size": os.path.getsize(local)}))
+    same = back.hexdigest() == digest.hexdigest()
+    print(json.dumps({"same": same, "size": os.path.getsize(local)}))
 """
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from tornado.httpclient import HTTPResponse
 
 from .mlflow_fixtures import MlflowServer
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "weather-forecast"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "weather-forecast"
 FINAL = {"FINISHED", "FAILED", "KILLED"}
 RUN_TIMEOUT = 180
 
@@ -169,6 +171,23 @@ async def test_every_route_needs_authentication(
             )
             assert resp.code == 403, f"{method} {url} answered {resp.code} without authentication"
             assert b"Traceback" not in (resp.body or b"")
+
+
+def _openapi_path(pattern: str, base_url: str) -> str:
+    """``/base/mantik/api/runs/(?P<ref>[^/]+)/logs$`` -> ``/api/runs/{ref}/logs``."""
+    path = re.sub(r"\(\?P<(\w+)>[^()]*\)", r"{\1}", pattern)
+    path = re.sub(r"/\?\([^()]*\)", "/{path}", path)
+    return path.rstrip("$").removeprefix(f"{base_url}mantik")
+
+
+def test_openapi_describes_every_route(jp_serverapp: Any, jp_base_url: str) -> None:
+    spec = yaml.safe_load((REPO / "docs" / "openapi.yaml").read_text())
+    registered = {_openapi_path(p, jp_base_url) for p in _mantik_patterns(jp_serverapp.web_app)}
+    assert registered == set(spec["paths"]), (registered, set(spec["paths"]))
+    for path, item in spec["paths"].items():
+        for verb, op in item.items():
+            if verb in ("get", "post", "put", "patch", "delete", "head", "options"):
+                assert "403" in op["responses"], (verb, path)
 
 
 # ---- the lifecycle ---------------------------------------------------------------------

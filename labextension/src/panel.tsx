@@ -386,7 +386,7 @@ function LoginForm(props: {
     >
       <h3 className="mantik-Section-title">Log in</h3>
       <fieldset className="mantik-login-mode">
-        <legend>Authenticate with</legend>
+        <legend>Authentication</legend>
         <label>
           <input
             type="radio"
@@ -395,7 +395,7 @@ function LoginForm(props: {
             checked={mode === 'password'}
             onChange={() => setMode('password')}
           />{' '}
-          Password
+          With password
         </label>
         <label>
           <input
@@ -405,7 +405,7 @@ function LoginForm(props: {
             checked={mode === 'token'}
             onChange={() => setMode('token')}
           />{' '}
-          Token
+          With token
         </label>
       </fieldset>
       {mode === 'password' ? (
@@ -441,7 +441,7 @@ function LoginForm(props: {
       ) : (
         <>
           <label className="mantik-Field" htmlFor={`${id}-token`}>
-            Access token
+            Token
           </label>
           <InputGroup
             id={`${id}-token`}

@@ -35,7 +35,14 @@ HOP_BY_HOP = {
     "upgrade",
 }
 # Browser credentials of the lab must not reach MLflow.
-DROP_REQUEST = HOP_BY_HOP | {"host", "cookie", "authorization", "x-xsrftoken", "x-csrftoken", "referer"}
+DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "cookie",
+    "authorization",
+    "x-xsrftoken",
+    "x-csrftoken",
+    "referer",
+}
 # A 401 challenge would make the browser pop a password dialog; cookies of the
 # upstream must not land on the lab's origin.
 # CORS headers are dropped: the lab and the proxied UI share one origin.
@@ -80,7 +87,11 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         await self.check_authorized()
         # The raw path keeps its percent-encoding (artifact names with spaces or slashes).
         self._prefix = url_path_join(self.base_url, "mantik/mlflow/")
-        path = self.request.path[len(self._prefix) :] if self.request.path.startswith(self._prefix) else ""
+        path = (
+            self.request.path[len(self._prefix) :]
+            if self.request.path.startswith(self._prefix)
+            else ""
+        )
         if not path and not self.request.path.endswith("/"):
             # Without the slash the UI's relative asset paths point one level up.
             query = f"?{self.request.query}" if self.request.query else ""

@@ -1,10 +1,11 @@
 """``runs``: submit, list, follow, cancel and download runs through the RunService.
 
 The handlers only translate: query strings and JSON bodies become arguments of
-the core's calls (run in a thread, they block on MLflow and the cluster), and
-its results become JSON. Paths in a request that name files of the lab
-(``project_dir``, ``backend_config``) are relative to the Jupyter root and may
-not leave it; paths inside a run (``path``) are confined by the backend.
+the core's calls (run in a thread: they block on MLflow and the cluster), and
+its results become JSON. Paths naming files of the lab (``project_dir``,
+``backend_config``) are relative to the Jupyter root; the RunService of the lab
+is built with that root and refuses anything leading out of it (UnsafePath).
+Paths inside a run (``path``) are confined to the run directory by the backend.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequest, UnsafePath
+from jupyter_server.auth.decorator import authorized
+from tornado import web
+
+from ..errors import InvalidRequest
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
     from ..compute.runs import RunService
 
-SOURCES = ("lab", "notebook", "cli")
 MAX_RESULTS_LIMIT = 1000
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+_TRUE = ("1", "true", "yes")
 
 
 class RunsBaseHandler(MantikAPIHandler):
@@ -32,11 +35,8 @@ class RunsBaseHandler(MantikAPIHandler):
     def runs(self) -> RunService:
         return self.mantik.run_service
 
-    # ---- query and body parsing -------------------------------------------------------
-
     def query_str(self, name: str) -> str | None:
-        value = self.get_query_argument(name, None)
-        return value if value else None
+        return self.get_query_argument(name, None) or None
 
     def query_int(
         self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
@@ -55,39 +55,21 @@ class RunsBaseHandler(MantikAPIHandler):
             raise InvalidRequest(f"Query parameter '{name}' must be {bound}, not {value}.")
         return value
 
-    def root_path(self, rel: str, field: str) -> Path:
-        """A path of the request inside the Jupyter root; anything leading out is refused."""
-        root = Path(self.settings["server_root_dir"]).expanduser().resolve()
-        if not rel or "\x00" in rel:
-            raise InvalidRequest(
-                f"'{field}' must be a non-empty path relative to the Jupyter root."
-            )
-        candidate = Path(rel)
-        if candidate.is_absolute():
-            raise UnsafePath(
-                f"'{field}' must be relative to the Jupyter root, not the absolute path {rel!r}."
-            )
-        # resolve() follows symlinks, so a link pointing out of the root is caught too.
-        resolved = (root / candidate).resolve()
-        if not resolved.is_relative_to(root):
-            raise UnsafePath(f"'{field}' {rel!r} leads out of the Jupyter root.")
-        return resolved
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
 
 
 def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
-    """``body[name]`` if absent or of one of ``kinds``; JSON true/false is never a number."""
+    """``body[name]`` when absent or of one of ``kinds``; JSON true/false is never a number."""
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise InvalidRequest(f"'{name}' must be {what}, not {_json_type(value)}.")
     return value
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "an array", dict: "an object"}  # fmt: skip
-    return names.get(type(value), type(value).__name__)
 
 
 def _params(raw: Any) -> dict[str, str]:
@@ -107,9 +89,11 @@ def _params(raw: Any) -> dict[str, str]:
 
 
 class RunsHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def get(self) -> None:
+        # Repeated (?experiment_id=1&experiment_id=2) and comma-separated ids both work.
         raw_ids = self.get_query_arguments("experiment_id")
-        # Repeated (?experiment_id=1&experiment_id=2) or comma-separated both work.
         experiment_ids = [i for raw in raw_ids for i in raw.split(",") if i] or None
         runs, token = await self.in_thread(
             self.runs.list,
@@ -118,74 +102,70 @@ class RunsHandler(RunsBaseHandler):
             state=self.query_str("state"),
             max_results=self.query_int("max_results", 50, minimum=1, maximum=MAX_RESULTS_LIMIT),
             page_token=self.query_str("page_token"),
+            # The lab syncs active runs in the background; ask for a sync only when needed.
+            refresh=(self.get_query_argument("refresh", "") or "").lower() in _TRUE,
         )
         self.write_json({"runs": [r.to_json() for r in runs], "next_page_token": token})
 
+    @web.authenticated
+    @authorized
     async def post(self) -> None:
         body = self.json_body()
-        project_rel = _field(body, "project_dir", (str,), "a path relative to the Jupyter root")
-        if not project_rel:
+        project_dir = _field(body, "project_dir", (str,), "a path relative to the Jupyter root")
+        if not project_dir:
             raise InvalidRequest(
                 "'project_dir' is required: the MLproject folder, relative to the Jupyter root."
             )
-        project_dir = self.root_path(project_rel, "project_dir")
-        config_rel = _field(body, "backend_config", (str,), "a path relative to the Jupyter root")
-        backend_config = self._config_path(config_rel, project_dir) if config_rel else None
         experiment_id = _field(body, "experiment_id", (str, int), "a string")
-        experiment_name = _field(body, "experiment_name", (str,), "a string")
-        if experiment_id is not None and experiment_name is not None:
-            raise InvalidRequest("Give 'experiment_name' or 'experiment_id', not both.")
-        source = _field(body, "source", (str,), "a string") or "lab"
-        if source not in SOURCES:
-            raise InvalidRequest(f"'source' must be one of {', '.join(SOURCES)}, not {source!r}.")
         info = await self.in_thread(
             self.runs.submit,
             project_dir,
-            backend_config=backend_config,
+            backend_config=_field(body, "backend_config", (str,), "a path") or None,
             entry_point=_field(body, "entry_point", (str,), "a string") or "main",
             params=_params(body.get("params")),
-            experiment_name=experiment_name,
+            experiment_name=_field(body, "experiment_name", (str,), "a string") or None,
             experiment_id=str(experiment_id) if experiment_id is not None else None,
             run_name=_field(body, "run_name", (str,), "a string") or None,
-            source=source,
+            source=_field(body, "source", (str,), "a string") or "lab",
         )
         self.write_json(info.to_json(), status=201)
 
-    def _config_path(self, rel: str, project_dir: Path) -> Path:
-        # As in Mantik, a config name is first looked up in the project folder; a path
-        # relative to the Jupyter root works as well.
-        root = Path(self.settings["server_root_dir"]).expanduser().resolve()
-        in_project = project_dir / rel
-        if not Path(rel).is_absolute() and in_project.exists():
-            return self.root_path(str(in_project.relative_to(root)), "backend_config")
-        return self.root_path(rel, "backend_config")
-
 
 class RunHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def get(self, ref: str) -> None:
         info = await self.in_thread(self.runs.get, ref)
         self.write_json(info.to_json())
 
 
 class RunLogsHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def get(self, ref: str) -> None:
         chunk = await self.in_thread(self.runs.logs, ref, self.query_int("offset", 0))
         self.write_json({"text": chunk.text, "offset": chunk.offset, "final": chunk.final})
 
 
 class RunCancelHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def post(self, ref: str) -> None:
         info = await self.in_thread(self.runs.cancel, ref)
         self.write_json(info.to_json())
 
 
 class RunFilesHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def get(self, ref: str) -> None:
         entries = await self.in_thread(self.runs.files, ref, self.get_query_argument("path", ""))
         self.write_json({"files": [asdict(e) for e in entries]})
 
 
 class RunDownloadHandler(RunsBaseHandler):
+    @web.authenticated
+    @authorized
     async def get(self, ref: str) -> None:
         path = self.get_query_argument("path", "")
         run_id = await self.in_thread(self.runs.resolve, ref)
@@ -210,47 +190,48 @@ class RunDownloadHandler(RunsBaseHandler):
 
     def _open(self, run_id: str, path: str) -> tuple[bytes | None, Iterator[bytes], str]:
         """First chunk, the rest, and a file name: a file of the run, or a tar of a folder."""
-        name = _safe_name(posixpath.basename(path.strip("/"))) or f"run-{run_id[:8]}"
-        if path.strip("/"):
+        wanted = path.strip("/")
+        name = _safe_filename(posixpath.basename(wanted)) or f"run-{run_id[:8]}"
+        if wanted:
             try:
                 chunks = iter(self.runs.open_file(run_id, path))
                 return next(chunks, None), chunks, name
             except InvalidRequest:
-                # Most likely a folder; anything else is re-raised below.
-                if not self._is_folder(run_id, path):
+                # Most likely a folder; anything else is the user's answer.
+                if not self._is_folder(run_id, wanted):
                     raise
-        # Only a core that can stream a folder as one tar (one round trip) is used
-        # for folders: fetching file by file would be slow and inconsistent.
+        # A folder only travels as one tar stream made by the core (one round trip to the
+        # cluster); assembling it here file by file would be slow and inconsistent.
         open_tar = getattr(self.runs, "open_tar", None)
         if open_tar is None:
-            what = f"'{path}'" if path.strip("/") else "the run directory"
+            what = f"'{wanted}'" if wanted else "The run directory"
             raise InvalidRequest(
-                f"{what} of run {run_id} is a folder; pick a file inside it "
-                f"(GET runs/{run_id}/files?path={path}) or download the folder with "
-                f"`mantik runs download {run_id} --remote-path '{path}'`."
+                f"{what} of run {run_id} is a folder: pick a file inside it "
+                f"(GET runs/{run_id}/files?path={wanted}), or download the folder with "
+                f"`mantik runs download {run_id}"
+                + (f" --remote-path {wanted}`." if wanted else "`.")
             )
         chunks = iter(open_tar(run_id, path))
         return next(chunks, None), chunks, f"{name}.tar"
 
-    def _is_folder(self, run_id: str, path: str) -> bool:
-        wanted = path.strip("/")
+    def _is_folder(self, run_id: str, wanted: str) -> bool:
         parent = posixpath.dirname(wanted)
         return any(
             e.is_dir and e.path.strip("/") == wanted for e in self.runs.files(run_id, parent)
         )
 
 
-def _safe_name(name: str) -> str:
-    """A file name that cannot break the header or point anywhere when saved."""
-    return _SAFE_NAME.sub("_", name).strip("._")[:200]
+def _safe_filename(name: str) -> str:
+    """A name that cannot break the header or point anywhere when the browser saves it."""
+    return _UNSAFE_FILENAME.sub("_", name).strip("._")[:200]
 
 
-_ID = r"(?P<ref>[^/]+)"
+_REF = r"(?P<ref>[^/]+)"
 handlers = [
     (r"mantik/api/runs", RunsHandler),
-    (rf"mantik/api/runs/{_ID}", RunHandler),
-    (rf"mantik/api/runs/{_ID}/logs", RunLogsHandler),
-    (rf"mantik/api/runs/{_ID}/cancel", RunCancelHandler),
-    (rf"mantik/api/runs/{_ID}/files", RunFilesHandler),
-    (rf"mantik/api/runs/{_ID}/download", RunDownloadHandler),
+    (rf"mantik/api/runs/{_REF}", RunHandler),
+    (rf"mantik/api/runs/{_REF}/logs", RunLogsHandler),
+    (rf"mantik/api/runs/{_REF}/cancel", RunCancelHandler),
+    (rf"mantik/api/runs/{_REF}/files", RunFilesHandler),
+    (rf"mantik/api/runs/{_REF}/download", RunDownloadHandler),
 ]

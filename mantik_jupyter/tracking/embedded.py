@@ -60,14 +60,20 @@ def _admin_name() -> str:
 def load_or_create_secrets(directory: Path) -> EmbeddedSecrets:
     path = directory / SECRETS_FILE
     data = read_json(path)
-    if not isinstance(data, dict) or not {"admin_username", "admin_password", "flask_secret"} <= set(data):
+    if not isinstance(data, dict) or not {
+        "admin_username",
+        "admin_password",
+        "flask_secret",
+    } <= set(data):
         data = {
             "admin_username": _admin_name(),
             "admin_password": secrets.token_urlsafe(24),
             "flask_secret": secrets.token_urlsafe(32),
         }
         write_private_json(path, data)
-    return EmbeddedSecrets(**{k: data[k] for k in ("admin_username", "admin_password", "flask_secret")})
+    return EmbeddedSecrets(
+        **{k: data[k] for k in ("admin_username", "admin_password", "flask_secret")}
+    )
 
 
 def _die_with_parent() -> None:
@@ -209,11 +215,11 @@ class EmbeddedTrackingServer:
             )
         finally:
             logfile.close()
-        write_private_json(
-            self.directory / STATE_FILE, {"pid": self._proc.pid, "port": self.port}
-        )
+        write_private_json(self.directory / STATE_FILE, {"pid": self._proc.pid, "port": self.port})
         log.info("Started the embedded MLflow server (pid %s) on %s", self._proc.pid, self.uri)
-        threading.Thread(target=self._watch_health, name="mantik-mlflow-health", daemon=True).start()
+        threading.Thread(
+            target=self._watch_health, name="mantik-mlflow-health", daemon=True
+        ).start()
 
     def _watch_health(self) -> None:
         client = TrackingClient(self.uri, None)

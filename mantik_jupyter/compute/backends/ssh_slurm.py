@@ -52,6 +52,8 @@ from ...errors import (
 )
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .paths import clean_relative as _clean_relative
+from .paths import safe_name as _safe_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -686,23 +688,6 @@ class SshSlurmBackend(Backend):
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _safe_name(name: str, what: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise UnsafePath(f"{name!r} is not a usable {what} (one path component expected)")
-    return name
-
-
-def _clean_relative(path: str) -> str:
-    """``path`` as a normalised relative path; refuses absolute paths and ``..``."""
-    path = (path or "").replace("\\", "/")
-    if path.startswith("/") or path.startswith("~"):
-        raise UnsafePath(f"{path!r} must be relative to the run directory")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafePath(f"{path!r} leads outside the run directory ('..' is not allowed)")
-    return "/".join(parts)
 
 
 def _drain(channel: paramiko.Channel) -> tuple[bytes, bytes]:

@@ -1,0 +1,136 @@
+"""Latency of the MLflow proxy against MLflow itself, measured in one run.
+
+Starts a real ``jupyter server`` with the mantik extension on the embedded
+default, logs a run with 10,000 metric points, then times ``runs/search`` and
+``metrics/get-history`` straight to MLflow and through ``<lab>/mantik/mlflow``,
+interleaved so that machine noise hits both alike. Prints p50/p95 and the
+ratio proxy/direct (target: p50 ratio <= 1.15).
+
+    python bench/proxy.py [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from mantik_jupyter.tracking.embedded import free_port
+
+
+def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    port, token = free_port(), secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MANTIK_DATA_DIR=str(tmp / "mantik"), JUPYTER_CONFIG_DIR=str(tmp / "cfg"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--allow-root",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            "--ServerApp.jpserver_extensions={'mantik_jupyter': True}",
+            f"--ServerApp.root_dir={tmp}",
+        ],  # fmt: skip
+        env=env,
+        stdout=open(tmp / "lab.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}/", token
+
+
+def wait_ready(lab: str, token: str) -> dict:
+    headers = {"Authorization": f"token {token}"}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            status = requests.get(f"{lab}mantik/api/auth/status", headers=headers, timeout=5).json()
+            if status.get("ready"):
+                return status
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the lab's embedded MLflow did not become ready")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        proc, lab, token = start_lab(tmp)
+        try:
+            status = wait_ready(lab, token)
+            admin = json.loads((tmp / "mantik" / "tracking" / "secrets.json").read_text())
+            direct = requests.Session()
+            direct.auth = (admin["admin_username"], admin["admin_password"])
+            proxied = requests.Session()
+            proxied.headers["Authorization"] = f"token {token}"
+            up, via = status["tracking_uri"] + "/", lab + "mantik/mlflow/"
+
+            api = "api/2.0/mlflow/"
+            exp = direct.post(up + api + "experiments/create", json={"name": "bench"}).json()
+            run = direct.post(
+                up + api + "runs/create", json={"experiment_id": exp["experiment_id"]}
+            )
+            run_id = run.json()["run"]["info"]["run_id"]
+            now = int(time.time() * 1000)
+            for start in range(0, 10_000, 1000):
+                metrics = [
+                    {"key": "loss", "value": 1 / (i + 1), "timestamp": now + i, "step": i}
+                    for i in range(start, start + 1000)
+                ]
+                direct.post(
+                    up + api + "runs/log-batch", json={"run_id": run_id, "metrics": metrics}
+                ).raise_for_status()
+
+            search = {"experiment_ids": [exp["experiment_id"]], "max_results": 50}
+            history = {"run_id": run_id, "metric_key": "loss", "max_results": 25000}
+            calls = {
+                "runs/search": ("POST", api + "runs/search", {"json": search}),
+                "metrics/get-history (10k points)": (
+                    "GET", api + "metrics/get-history", {"params": history},
+                ),
+            }  # fmt: skip
+            head = ("call", "direct p50", "proxy p50", "ratio", "direct p95", "proxy p95")
+            print("{:36} {:>11} {:>10} {:>6} {:>11} {:>10}".format(*head))
+            for name, (method, path, kw) in calls.items():
+                times: dict[str, list[float]] = {"direct": [], "proxy": []}
+                for i in range(args.requests + 10):
+                    for label, session, base in (("direct", direct, up), ("proxy", proxied, via)):
+                        t0 = time.perf_counter()
+                        resp = session.request(method, base + path, timeout=60, **kw)
+                        elapsed = time.perf_counter() - t0
+                        resp.raise_for_status()
+                        if i >= 10:  # warm-up
+                            times[label].append(elapsed * 1000)
+                d50, p50 = statistics.median(times["direct"]), statistics.median(times["proxy"])
+                d95, p95 = percentile(times["direct"], 95), percentile(times["proxy"], 95)
+                row = f"{name:36} {d50:9.2f}ms {p50:8.2f}ms {p50 / d50:6.2f}"
+                print(f"{row} {d95:9.2f}ms {p95:8.2f}ms")
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""The ``mantik`` command: log in to tracking, submit and follow runs from a terminal.
+
+A thin face over the same core the lab uses: ``TrackingService`` for the
+credential and ``RunService`` for runs, so a run submitted here shows up in the
+lab's sidebar and in MLflow, and the other way round. Domain errors become
+``error: <message>`` on stderr and the exit code ``errors.py`` assigns to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, paths
+from .cli_format import ProgressBar, run_details, runs_table
+from .errors import InvalidRequest, MantikError, exit_code_table
+
+if TYPE_CHECKING:
+    from .compute.runs import RunService
+    from .tracking.service import TrackingService
+
+EXIT_OK = 0
+EXIT_RUN_UNSUCCESSFUL = 7
+EXIT_INTERRUPTED = 130
+
+
+class Context:
+    """What every command needs: its arguments, the core services, and the output mode."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json: bool = getattr(args, "json", False)
+
+    @cached_property
+    def tracking(self) -> TrackingService:
+        from .api import tracking_service
+
+        return tracking_service(getattr(self.args, "tracking_uri", None))
+
+    @cached_property
+    def runs(self) -> RunService:
+        # Imported here: login/status should not pay for loading the compute stack.
+        from .compute.runs import RunService
+
+        return RunService(
+            self.tracking,
+            work_dir=paths.data_dir() / "runs",
+            job_tracking_uri=getattr(self.args, "job_tracking_uri", None) or None,
+        )
+
+    def emit(self, data: Any, human: str | Callable[[], str]) -> None:
+        """JSON for scripts (``--json``), text for people; both on stdout."""
+        if self.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            print(human() if callable(human) else human)
+
+
+# ---- auth ------------------------------------------------------------------------------
+
+
+def cmd_login(ctx: Context) -> int:
+    args = ctx.args
+    tracking = ctx.tracking
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise InvalidRequest("--token-stdin: no token on standard input.")
+        status = tracking.login(token=token)
+    else:
+        username = args.username or os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if not username:
+            if not sys.stdin.isatty():
+                raise InvalidRequest("Give --username (standard input is not a terminal).")
+            username = input(f"Username for {tracking.uri}: ").strip()
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            # getpass never echoes; the password is never an argument (shell history, ps).
+            password = getpass.getpass(f"Password for {username} at {tracking.uri}: ")
+        if not password:
+            raise InvalidRequest("No password given.")
+        status = tracking.login(username=username, password=password)
+    ctx.emit(status, f"Logged in to {status['tracking_uri']} as {status['username']}.")
+    return EXIT_OK
+
+
+def cmd_logout(ctx: Context) -> int:
+    status = ctx.tracking.logout()
+    ctx.emit(status, f"Logged out of {status['tracking_uri']}.")
+    return EXIT_OK
+
+
+def cmd_status(ctx: Context) -> int:
+    status = ctx.tracking.status()
+
+    def human() -> str:
+        who = f"logged in as {status['username']}" if status["logged_in"] else "not logged in"
+        kind = "embedded" if status["embedded"] else "remote"
+        return f"Tracking server: {status['tracking_uri']} ({kind})\nUser: {who}"
+
+    ctx.emit(status, human)
+    return EXIT_OK
+
+
+# ---- runs ------------------------------------------------------------------------------
+
+
+def _backend_config(project: Path, given: str | None) -> Path | None:
+    if not given:
+        return None
+    # Mantik reads the config name relative to the project folder; a path from the
+    # current directory (or an absolute one) works as well.
+    in_project = project / given
+    if not Path(given).is_absolute() and in_project.exists():
+        return in_project.resolve()
+    return Path(given).resolve()
+
+
+def cmd_submit(ctx: Context) -> int:
+    from .compute.project import parse_param_args
+
+    args = ctx.args
+    project = Path(args.path).resolve()
+    params = parse_param_args(args.param or [])
+    experiment_id = args.experiment_id
+    experiment_name = args.experiment_name
+    if experiment_id is None and experiment_name is None:
+        # MLflow's own variables, so a shell set up for `mlflow run` works here too.
+        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+        experiment_name = None if experiment_id else os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    bar = ProgressBar()
+    try:
+        run = ctx.runs.submit(
+            project,
+            backend_config=_backend_config(project, args.backend_config),
+            entry_point=args.entry_point,
+            params=params,
+            experiment_name=experiment_name,
+            experiment_id=experiment_id,
+            run_name=args.run_name,
+            source="cli",
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    for warning in run.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not args.wait:
+        ctx.emit(
+            run.to_json(),
+            f"Submitted run {run.run_id} ({run.run_name}) to {run.backend}, "
+            f"job {run.job_id}: {run.state}",
+        )
+        return EXIT_OK
+    if not ctx.json:
+        print(f"Submitted run {run.run_id} ({run.run_name}); following its log.", file=sys.stderr)
+        _follow(ctx, run.run_id, 0)
+    final = _wait(ctx, run.run_id)
+    ctx.emit(final.to_json(), lambda: run_details(final.to_json(), full=False))
+    return EXIT_OK if final.state == "FINISHED" else EXIT_RUN_UNSUCCESSFUL
+
+
+def _wait(ctx: Context, run_id: str, poll: float = 2.0) -> Any:
+    import time
+
+    while True:
+        run = ctx.runs.get(run_id)
+        if run.state in ("FINISHED", "FAILED", "KILLED"):
+            return run
+        time.sleep(poll)
+
+
+def _follow(ctx: Context, ref: str, offset: int) -> None:
+    for text in ctx.runs.follow_logs(ref, offset=offset):
+        sys.stdout.write(text)
+        # Flushed per chunk: the user is watching, and a pipe must see lines as they come.
+        sys.stdout.flush()
+
+
+def cmd_list(ctx: Context) -> int:
+    args = ctx.args
+    runs, token = ctx.runs.list(
+        experiment_ids=[args.experiment_id] if args.experiment_id else None,
+        experiment_name=args.experiment_name,
+        state=args.state,
+        max_results=args.limit,
+        page_token=args.page_token,
+        # No lab may be running to keep states fresh: ask the backends now.
+        refresh=True,
+    )
+    data = [r.to_json() for r in runs]
+    ctx.emit({"runs": data, "next_page_token": token}, lambda: runs_table(data))
+    if token and not ctx.json:
+        print(f"(more runs: --page-token {token})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status_run(ctx: Context) -> int:
+    run = ctx.runs.get(ctx.args.run).to_json()
+    ctx.emit(run, lambda: run_details(run, full=False))
+    return EXIT_OK
+
+
+def cmd_info(ctx: Context) -> int:
+    run = ctx.runs.get(ctx.args.run).to_json()
+    ctx.emit(run, lambda: run_details(run, full=True))
+    return EXIT_OK
+
+
+def cmd_logs(ctx: Context) -> int:
+    args = ctx.args
+    if args.follow:
+        if ctx.json:
+            # One JSON object per line, so a script can read the log as it grows.
+            for text in ctx.runs.follow_logs(args.run, offset=args.offset):
+                print(json.dumps({"text": text}), flush=True)
+        else:
+            _follow(ctx, args.run, args.offset)
+        return EXIT_OK
+    chunk = ctx.runs.logs(args.run, offset=args.offset)
+    if ctx.json:
+        ctx.emit({"text": chunk.text, "offset": chunk.offset, "final": chunk.final}, "")
+    else:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_cancel(ctx: Context) -> int:
+    run = ctx.runs.cancel(ctx.args.run)
+    ctx.emit(run.to_json(), f"Cancelled run {run.run_id} ({run.run_name}): {run.state}")
+    return EXIT_OK
+
+
+def cmd_download(ctx: Context) -> int:
+    args = ctx.args
+    bar = ProgressBar(label="download")
+    try:
+        target = ctx.runs.download(
+            args.run,
+            args.remote_path or "",
+            dest=Path(args.local_path) if args.local_path else None,
+            progress=bar.bytes,
+        )
+    finally:
+        bar.close()
+    ctx.emit({"path": str(target)}, f"Downloaded to {target}")
+    return EXIT_OK
+
+
+# ---- parser ----------------------------------------------------------------------------
+
+
+def _epilog() -> str:
+    extra = {1: "unexpected error", 2: "wrong command-line usage"}
+    lines = ["exit codes:", f"  {EXIT_OK:>3}  success"]
+    for code, reasons in exit_code_table():
+        note = f"; {extra[code]}" if code in extra else ""
+        lines.append(f"  {code:>3}  {reasons}{note}")
+    lines += [
+        f"  {EXIT_RUN_UNSUCCESSFUL:>3}  runs submit --wait: the run ended FAILED or KILLED",
+        f"  {EXIT_INTERRUPTED:>3}  interrupted (Ctrl-C); a submitted run keeps running",
+        "",
+        "Runs are named by their MLflow run id, a unique prefix of it, or the run name.",
+        "Tracking: --tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded server of",
+        "a running JupyterLab. Credentials: `mantik login`, else $MLFLOW_TRACKING_USERNAME",
+        "and $MLFLOW_TRACKING_PASSWORD, or $MLFLOW_TRACKING_TOKEN.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS keeps a subcommand from resetting an option given before it
+    # (`mantik --json runs list` and `mantik runs list --json` both work).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="output JSON for scripts"
+    )
+    common.add_argument(
+        "--tracking-uri",
+        default=argparse.SUPPRESS,
+        metavar="URI",
+        help="tracking server (default: $MLFLOW_TRACKING_URI or the lab's embedded one)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="mantik",
+        description="Submit MLprojects to HPC clusters and follow them, tracked in MLflow.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"mantik-jupyter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        group: Any, name: str, func: Callable[[Context], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command(sub, "login", cmd_login, "log in to the tracking server (verified, then stored)")
+    p.add_argument("--username", help="default: $MLFLOW_TRACKING_USERNAME, else asked")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--token-stdin", action="store_true", help="read a token from stdin")
+    how.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (scripts)"
+    )
+    command(sub, "logout", cmd_logout, "forget the stored credential for the tracking server")
+    command(sub, "status", cmd_status, "show the tracking server and who is logged in")
+
+    runs = sub.add_parser("runs", help="submit and manage runs", parents=[common])
+    rsub = runs.add_subparsers(dest="runs_command", metavar="COMMAND", required=True)
+
+    p = command(rsub, "submit", cmd_submit, "submit an MLproject folder as a run")
+    p.add_argument("path", metavar="PATH", help="the MLproject folder")
+    p.add_argument(
+        "--backend-config",
+        metavar="FILE",
+        help="compute backend config (.yaml/.yml/.json), relative to PATH or the current folder",
+    )
+    p.add_argument("--entry-point", "-e", default="main", help="entry point (default: main)")
+    p.add_argument(
+        "-P",
+        "--parameter",
+        dest="param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an entry-point parameter; repeat for more",
+    )
+    exp = p.add_mutually_exclusive_group()
+    exp.add_argument("--experiment-name", help="default: $MLFLOW_EXPERIMENT_NAME")
+    exp.add_argument("--experiment-id", help="default: $MLFLOW_EXPERIMENT_ID")
+    p.add_argument("--run-name", help="MLflow run name (default: generated)")
+    p.add_argument(
+        "--job-tracking-uri",
+        default=os.environ.get("MANTIK_JOB_TRACKING_URI"),
+        metavar="URI",
+        help="tracking address the compute nodes use, if not the one given here "
+        "(default: $MANTIK_JOB_TRACKING_URI)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the log until the run ends")
+
+    p = command(rsub, "list", cmd_list, "list runs (newest first)")
+    exp = p.add_mutually_exclusive_group()
+    exp.add_argument("--experiment-name")
+    exp.add_argument("--experiment-id")
+    p.add_argument(
+        "--state", help="SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED or UNKNOWN"
+    )
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most N runs (default 50)")
+    p.add_argument("--page-token", help="continue a listing (printed when there are more)")
+
+    for name, func, text in (
+        ("status", cmd_status_run, "state of a run"),
+        ("info", cmd_info, "details of a run: params, metrics, tags, reason"),
+        ("cancel", cmd_cancel, "cancel a run"),
+    ):
+        command(rsub, name, func, text).add_argument("run", metavar="ID")
+
+    p = command(rsub, "logs", cmd_logs, "print a run's log")
+    p.add_argument("run", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    p.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte")
+
+    p = command(rsub, "download", cmd_download, "download a run's files")
+    p.add_argument("run", metavar="ID")
+    p.add_argument("--remote-path", default="", help="file or folder in the run (default: all)")
+    p.add_argument("--local-path", help="where to put it (default: the current folder)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = Context(args)
+    try:
+        return int(args.func(ctx))
+    except MantikError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        # Only this command stops: a submitted run keeps running on its backend.
+        print("", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `mantik runs logs X | head`: the reader left; not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

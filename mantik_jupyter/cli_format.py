@@ -1,0 +1,165 @@
+"""Human output of the ``mantik`` command: tables, times, sizes and progress bars."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+SHORT_ID = 8
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def age(ms: int | None, now: float | None = None) -> str:
+    """``ms`` since the epoch as "5m ago"; an absolute date beyond a week."""
+    if not ms:
+        return "-"
+    now = time.time() if now is None else now
+    seconds = max(0.0, now - ms / 1000)
+    if seconds > 7 * 86400:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
+    return f"{duration(seconds)} ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def run_duration(run: dict[str, Any], now: float | None = None) -> str:
+    start, end = run.get("start_time"), run.get("end_time")
+    if not start:
+        return "-"
+    stop = end / 1000 if end else (time.time() if now is None else now)
+    return duration(stop - start / 1000)
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        [
+            str(r.get("run_id", ""))[:SHORT_ID],
+            str(r.get("run_name") or "-"),
+            str(r.get("state") or "-"),
+            str(r.get("backend") or "-"),
+            age(r.get("start_time")),
+            run_duration(r),
+        ]
+        for r in runs
+    ]
+    return table(["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"], rows)
+
+
+def run_details(run: dict[str, Any], *, full: bool) -> str:
+    """``runs status`` (full=False) and ``runs info`` (full=True)."""
+    fields = [
+        ("Run", run.get("run_id")),
+        ("Name", run.get("run_name")),
+        ("State", run.get("state")),
+        ("MLflow status", run.get("mlflow_status")),
+        ("Reason", run.get("reason")),
+        ("Exit code", run.get("exit_code")),
+        ("Backend", run.get("backend")),
+        ("Job", run.get("job_id")),
+    ]
+    if full:
+        fields += [
+            ("Experiment", run.get("experiment_id")),
+            ("Entry point", run.get("entry_point")),
+            ("Source", run.get("source")),
+            ("User", run.get("user")),
+            ("Started", age(run.get("start_time"))),
+            ("Duration", run_duration(run)),
+        ]
+    out = [f"{k + ':':<15}{v}" for k, v in fields if v not in (None, "")]
+    if full:
+        for title in ("params", "metrics", "tags"):
+            values = run.get(title) or {}
+            out.append(f"{title.capitalize()}:" + ("" if values else " -"))
+            out.extend(f"  {k} = {values[k]}" for k in sorted(values))
+    return "\n".join(out)
+
+
+class ProgressBar:
+    """One line on stderr: redrawn in place on a terminal, a line now and then otherwise.
+
+    Call it as ``bar(stage, done, total)`` (packaging, upload) or through
+    ``bar.bytes(done, total)`` for a download.
+    """
+
+    WIDTH = 28
+    TTY_EVERY = 0.1
+    LOG_EVERY = 5.0
+
+    def __init__(self, stream: TextIO | None = None, label: str = "") -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.label = label
+        self._stage = ""
+        self._last = 0.0
+        self._open_line = False
+
+    def bytes(self, done: int, total: int) -> None:
+        self(self.label or "download", done, total)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        finished = total > 0 and done >= total
+        if stage != self._stage:
+            self.close()
+            self._stage, self._last = stage, 0.0
+        elif not finished and now - self._last < (self.TTY_EVERY if self.tty else self.LOG_EVERY):
+            return
+        self._last = now
+        line = self._line(stage, done, total)
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+            self._open_line = True
+            if finished:
+                self.close()
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _line(self, stage: str, done: int, total: int) -> str:
+        if total <= 0:
+            return f"{stage}: {size(done)}"
+        frac = min(1.0, done / total)
+        filled = int(frac * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        return f"{stage:<10} [{bar}] {frac:4.0%}  {size(done)} / {size(total)}"
+
+    def close(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False

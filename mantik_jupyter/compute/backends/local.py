@@ -1,0 +1,384 @@
+"""Local processes: the backend of the embedded default, and the same code path as HPC.
+
+Every run gets the run-directory layout the cluster backends use,
+``<directory>/<run_id>/`` with ``code/`` (the unpacked package), ``mantik-job.sh``
+(generated with ``scheduler="none"``), ``mantik.log`` and ``mantik.exitcode``. The
+script runs as ``bash mantik-job.sh`` in that directory, in a session (process group)
+of its own, so ``cancel`` stops the whole tree.
+
+Job ids are ``local-<pid>-<start>``, where ``<start>`` is the process start time from
+``/proc/<pid>/stat``: after a restart of the lab a pid that was reused by another
+process is not mistaken for the job. When the process is gone the state comes from
+``mantik.exitcode``; a missing exit code means the job was killed (``mantik.cancelled``
+marks a cancel through this backend).
+
+The job's environment is the lab's, minus every ``MLFLOW_*`` and ``MANTIK_SSH_*``
+variable: the job script sets the tracking variables from its credential file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
+from ..states import RunState
+from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .paths import clean_relative, safe_name
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "mantik.log"
+EXITCODE_FILE = "mantik.exitcode"
+PACKAGE_FILE = "package.tar.gz"
+JOB_SCRIPT = "mantik-job.sh"
+CREDENTIALS_FILE = ".mantik-credentials"
+CANCELLED_FILE = "mantik.cancelled"
+JOB_ID_FILE = "mantik.jobid"
+CHUNK = 256 * 1024
+MAX_LOG_READ = 4 * 1024 * 1024
+CANCEL_GRACE = 5.0
+
+_JOB_ID = re.compile(r"^local-(\d+)-(\d+)$")
+_STRIPPED_ENV_PREFIXES = ("MLFLOW_", "MANTIK_SSH_")
+
+# Child processes started by any LocalBackend of this process, so that a fresh backend
+# (e.g. a new RunService) still reaps them and learns their exit status.
+_CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The start time of a live (non-zombie) process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # No /proc (not Linux): fall back to "some process has this pid".
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "0"
+        return "0"
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+class LocalBackend(Backend):
+    """Runs jobs as local processes below ``directory``."""
+
+    capabilities = Capabilities(
+        name="local",
+        batch_states=True,
+        description="Local processes on the machine of the lab (no scheduler)",
+    )
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser().absolute()
+        self._run_dirs: dict[str, Path] = {}
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({self.directory})"
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def attach(self, job_id: str, run_dir: str | Path) -> None:
+        self._run_dirs[self._check_job_id(job_id)] = Path(run_dir)
+
+    def run_dir_of(self, job_id: str) -> str:
+        job_id = self._check_job_id(job_id)
+        if job_id not in self._run_dirs:
+            for marker in self.directory.glob(f"*/{JOB_ID_FILE}"):
+                try:
+                    if marker.read_text().strip() == job_id:
+                        self._run_dirs[job_id] = marker.parent
+                        break
+                except OSError:
+                    continue
+            else:
+                raise NotFound(f"No local job {job_id} below {self.directory}")
+        return str(self._run_dirs[job_id])
+
+    @staticmethod
+    def _check_job_id(job_id: str) -> str:
+        job_id = str(job_id)
+        if not _JOB_ID.match(job_id):
+            raise NotFound(f"{job_id!r} is not a local job id (local-<pid>-<start>)")
+        return job_id
+
+    # ---- submit -------------------------------------------------------------------------
+
+    def submit(self, job: PreparedJob, progress: Progress | None = None) -> str:
+        run_dir = self.directory / safe_name(job.run_id, "run id")
+        names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
+        for name in names:
+            safe_name(name, "file name")
+        if JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700, exist_ok=True)
+        total = sum((job.local_dir / n).stat().st_size for n in names)
+        done = 0
+        if job.local_dir.resolve() != run_dir.resolve():
+            for name in names:
+                done += _copy_private(job.local_dir / name, run_dir / name)
+                if progress:
+                    progress(done, total)
+        if progress:
+            progress(total, total)
+        if (run_dir / PACKAGE_FILE).is_file():
+            _unpack(run_dir / PACKAGE_FILE, run_dir / "code")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED_ENV_PREFIXES)}
+        with (run_dir / LOG_FILE).open("ab") as out:
+            try:
+                proc = subprocess.Popen(
+                    ["bash", JOB_SCRIPT],
+                    cwd=run_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise BackendRejected(f"Cannot start the job of run {job.run_id}: {exc}") from None
+        start = _proc_start_time(proc.pid) or "0"
+        job_id = f"local-{proc.pid}-{start}"
+        with _CHILDREN_LOCK:
+            _CHILDREN[job_id] = proc
+        (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
+        self._run_dirs[job_id] = run_dir
+        log.info("started run %s as local job %s", job.run_id, job_id)
+        return job_id
+
+    # ---- states -------------------------------------------------------------------------
+
+    def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        answer: dict[str, JobStatus] = {}
+        for job_id in job_ids:
+            try:
+                answer[str(job_id)] = self._state(self._check_job_id(job_id))
+            except NotFound:
+                answer[str(job_id)] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
+        return answer
+
+    def _alive(self, job_id: str) -> bool:
+        match = _JOB_ID.match(job_id)
+        assert match is not None
+        pid, start = int(match.group(1)), match.group(2)
+        with _CHILDREN_LOCK:
+            child = _CHILDREN.get(job_id)
+        if child is not None and child.poll() is not None:
+            return False  # reaped now; the zombie is gone
+        current = _proc_start_time(pid)
+        return current is not None and (current == start or start == "0")
+
+    def _state(self, job_id: str) -> JobStatus:
+        if self._alive(job_id):
+            return JobStatus(RunState.RUNNING, native_state="RUNNING")
+        run_dir = Path(self.run_dir_of(job_id))
+        cancelled = (run_dir / CANCELLED_FILE).exists()
+        code = _read_code(run_dir / EXITCODE_FILE)
+        if cancelled:
+            return JobStatus(RunState.KILLED, "CANCELLED", code, "CANCELLED")
+        if code is None:
+            with _CHILDREN_LOCK:
+                child = _CHILDREN.get(job_id)
+            rc = child.returncode if child is not None else None
+            reason = f"killed by signal {-rc}" if rc is not None and rc < 0 else "killed"
+            return JobStatus(RunState.FAILED, "KILLED", rc, reason)
+        if code == 0:
+            return JobStatus(RunState.FINISHED, "COMPLETED", 0)
+        return JobStatus(RunState.FAILED, "FAILED", code, f"exit code {code}")
+
+    # ---- logs, cancel -------------------------------------------------------------------
+
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
+        path = Path(self.run_dir_of(job_id)) / LOG_FILE
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(MAX_LOG_READ)
+        except FileNotFoundError:
+            return b"", offset
+        return data, offset + len(data)
+
+    def cancel(self, job_id: str) -> None:
+        job_id = self._check_job_id(job_id)
+        run_dir = Path(self.run_dir_of(job_id))
+        if not self._alive(job_id):
+            return
+        (run_dir / CANCELLED_FILE).write_text("cancelled\n")
+        pid = int(job_id.split("-")[1])
+        self._signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + CANCEL_GRACE
+        while self._alive(job_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._alive(job_id):
+            self._signal_group(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # ---- files --------------------------------------------------------------------------
+
+    def _confined(self, job_id: str, path: str) -> tuple[Path, Path, str]:
+        run_dir = Path(self.run_dir_of(job_id))
+        rel = clean_relative(path)
+        root = run_dir.resolve()
+        if not root.is_dir():
+            raise NotFound(f"The run directory {run_dir} does not exist")
+        target = (root / rel).resolve() if rel else root
+        if target != root and not target.is_relative_to(root):
+            raise UnsafePath(f"{rel!r} leads outside the run directory {run_dir}")
+        if not target.exists():
+            raise NotFound(f"No file {rel!r} in run directory {run_dir}")
+        return root, target, rel
+
+    def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
+        root, target, rel = self._confined(job_id, path)
+        if not target.is_dir():
+            raise InvalidRequest(f"{path!r} of run directory {root} is not a folder")
+        entries = []
+        for child in target.iterdir():
+            st = child.lstat()
+            entries.append(
+                FileEntry(
+                    path=f"{rel}/{child.name}" if rel else child.name,
+                    size=st.st_size,
+                    is_dir=stat.S_ISDIR(st.st_mode),
+                )
+            )
+        return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+
+    def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
+        root, target, _ = self._confined(job_id, path)
+        if not target.is_file():
+            raise InvalidRequest(f"{path!r} of run directory {root} is not a file")
+        return self._stream(target)
+
+    @staticmethod
+    def _stream(target: Path) -> Iterator[bytes]:
+        with target.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def download(
+        self, job_id: str, path: str, dest: Path, progress: Progress | None = None
+    ) -> Path:
+        """Same contract as ``SshSlurmBackend.download``: a file replaces an older copy,
+        a folder lands as ``dest/<name>`` (or ``dest``) and never merges into one."""
+        root, target, rel = self._confined(job_id, path)
+        dest = Path(dest)
+        name = target.name if rel else root.name
+        final = dest / name if dest.is_dir() else dest
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            if final.exists():
+                raise Conflict(f"{final} exists already: remove it or download elsewhere")
+            total = _tree_size(target)
+            copied = [0]
+
+            def copy(src: str, dst: str) -> None:
+                shutil.copy2(src, dst)
+                copied[0] += os.path.getsize(src)
+                if progress:
+                    progress(copied[0], total)
+
+            shutil.copytree(
+                target,
+                final,
+                symlinks=True,
+                ignore=_links_leaving(root),
+                copy_function=copy,
+            )
+            if progress:
+                progress(total, total)
+            return final
+        size = target.stat().st_size
+        tmp = final.with_name(f".{final.name}.part")
+        done = 0
+        with tmp.open("wb") as out:
+            for chunk in self._stream(target):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, max(size, done))
+        tmp.replace(final)
+        return final
+
+
+def _copy_private(src: Path, dst: Path) -> int:
+    """Copy keeping the mode; the mode is set before any byte is written."""
+    mode = stat.S_IMODE(src.stat().st_mode)
+    dst.unlink(missing_ok=True)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    size = 0
+    with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+        os.fchmod(out.fileno(), mode)
+        while chunk := inp.read(CHUNK):
+            out.write(chunk)
+            size += len(chunk)
+    return size
+
+
+def _unpack(package: Path, dest: Path) -> None:
+    dest.mkdir(exist_ok=True)
+    try:
+        with tarfile.open(package, "r:gz") as archive:
+            archive.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise BackendRejected(f"Cannot unpack the code package {package}: {exc}") from None
+
+
+def _read_code(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    head = text.splitlines()[0].strip() if text else ""
+    return int(head) if head.lstrip("-").isdigit() else None
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _links_leaving(root: Path):
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        skipped = []
+        for name in names:
+            path = Path(directory) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                log.warning("download: skipped %s (a link leading out of the run)", path)
+                skipped.append(name)
+        return skipped
+
+    return ignore

@@ -1,0 +1,369 @@
+"""The ``mantik`` command, run as a real process against a real MLflow server.
+
+Runs use the example project with its Local backend, so the whole path (package,
+MLflow run, job script, process, log, files) is the one an HPC run takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mantik_jupyter.errors import exit_code_table
+
+from .mlflow_fixtures import MlflowServer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "weather-forecast"
+RUN_TIMEOUT = 180
+
+
+def _base_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MANTIK_"))}
+    env["MANTIK_DATA_DIR"] = str(data_dir)
+    # The local backend runs `python train.py`: the venv's python must come first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # This checkout, whether or not it is installed in the venv.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+class Mantik:
+    """Runs the real command in a fresh process with a fixed environment."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mantik_jupyter.cli", *args]
+
+    def __call__(
+        self, *args: str, input: str | None = None, timeout: float = RUN_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            env=self.env,
+            cwd=self.cwd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            # No controlling terminal: getpass must never wait on the test's tty.
+            start_new_session=True,
+        )
+
+
+@pytest.fixture
+def anon(mlflow_server: MlflowServer, tmp_path: Path) -> Mantik:
+    """`mantik` pointed at the server, with no credential anywhere."""
+    env = _base_env(tmp_path / "data")
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    return Mantik(env, tmp_path)
+
+
+@pytest.fixture
+def mantik(mlflow_server: MlflowServer, tmp_path: Path) -> Mantik:
+    """`mantik` with a fresh MLflow user's credential in the environment, as in CI jobs."""
+    user = mlflow_server.create_user()
+    env = _base_env(tmp_path / "data")
+    env.update(mlflow_server.env(user))
+    return Mantik(env, tmp_path)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    dest = tmp_path / "weather-forecast"
+    shutil.copytree(EXAMPLE, dest)
+    return dest
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(ok(result).stdout)
+
+
+def wait_state(mantik: Mantik, run_id: str, states: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = as_json(mantik("runs", "status", run_id, "--json"))
+        if run["state"] in states:
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still {run['state']}"
+        time.sleep(1)
+
+
+# ---- help and usage ----------------------------------------------------------------------
+
+
+def test_help_documents_exit_codes(tmp_path: Path) -> None:
+    result = ok(Mantik(_base_env(tmp_path), tmp_path)("--help"))
+    assert "exit codes:" in result.stdout
+    for code, reasons in exit_code_table():
+        assert f"{code:>3}  {reasons}" in result.stdout
+    assert "130" in result.stdout
+    for sub in ("login", "logout", "status", "runs"):
+        assert sub in result.stdout
+
+
+def test_mantik_flags_parse(tmp_path: Path) -> None:
+    from mantik_jupyter.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "runs",
+            "submit",
+            "proj",
+            "--backend-config",
+            "c.yaml",
+            "--entry-point",
+            "train",
+            "-P",
+            "epochs=3",
+            "-P",
+            "expr=a=b",
+            "--experiment-id",
+            "7",
+            "--run-name",
+            "r1",
+            "--json",
+        ]  # fmt: skip
+    )
+    assert (args.path, args.backend_config, args.entry_point) == ("proj", "c.yaml", "train")
+    assert args.param == ["epochs=3", "expr=a=b"]
+    assert (args.experiment_id, args.run_name, args.json) == ("7", "r1", True)
+    # --json before the command works as well as after it.
+    args = build_parser().parse_args(["--json", "runs", "list"])
+    assert args.json is True
+    result = Mantik(_base_env(tmp_path), tmp_path)(
+        "runs", "submit", "p", "--experiment-id", "1", "--experiment-name", "x"
+    )
+    assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+# ---- login, status, logout ---------------------------------------------------------------
+
+
+def test_login_status_logout(anon: Mantik, mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    status = as_json(anon("status", "--json"))
+    assert status["tracking_uri"] == mlflow_server.uri
+    assert status["logged_in"] is False
+
+    user = mlflow_server.create_user()
+    result = ok(
+        anon("login", "--username", user.username, "--password-stdin", input=user.password + "\n")
+    )
+    assert user.username in result.stdout and mlflow_server.uri in result.stdout
+    assert user.password not in result.stdout + result.stderr
+    stored = tmp_path / "data" / "credentials.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+
+    status = as_json(anon("status", "--json"))
+    assert status["logged_in"] is True and status["username"] == user.username
+    assert user.password not in json.dumps(status)
+    human = ok(anon("status")).stdout
+    assert f"logged in as {user.username}" in human
+
+    status = as_json(anon("logout", "--json"))
+    assert status["logged_in"] is False
+    assert as_json(anon("status", "--json"))["logged_in"] is False
+
+
+def test_login_wrong_password(anon: Mantik, mlflow_server: MlflowServer) -> None:
+    user = mlflow_server.create_user()
+    result = anon(
+        "login", "--username", user.username, "--password-stdin", input="wrong-password-123\n"
+    )
+    assert result.returncode == 3, result
+    assert result.stderr.startswith("error: ")
+    assert mlflow_server.uri in result.stderr
+    assert "wrong-password-123" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_login_token_stdin_refused(anon: Mantik, mlflow_server: MlflowServer) -> None:
+    # The basic-auth server knows no tokens: the refusal names the server, exit 3.
+    result = anon("login", "--token-stdin", input="not-a-token\n")
+    assert result.returncode == 3 and mlflow_server.uri in result.stderr, result
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    from mantik_jupyter.tracking.embedded import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = Mantik(_base_env(tmp_path), tmp_path)(
+        "login", "--tracking-uri", uri, "--username", "u", "--password-stdin", input="p" * 12
+    )
+    assert result.returncode == 5 and uri in result.stderr, result
+
+
+# ---- runs ------------------------------------------------------------------------------
+
+
+def test_runs_lifecycle(mantik: Mantik, project: Path, tmp_path: Path) -> None:
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    run_name = f"cli-run-{uuid.uuid4().hex[:6]}"
+    result = ok(
+        mantik(
+            "runs",
+            "submit",
+            str(project),
+            "--backend-config",
+            "compute-backend-config.yaml",
+            "--entry-point",
+            "main",
+            "-P",
+            "epochs=2",
+            "-P",
+            "station=Bonn",
+            "--experiment-name",
+            experiment,
+            "--run-name",
+            run_name,
+            "--json",
+        )  # fmt: skip
+    )
+    run = json.loads(result.stdout)
+    run_id = run["run_id"]
+    assert run["run_name"] == run_name and run["source"] == "cli"
+    assert run["params"]["epochs"] == "2" and run["params"]["station"] == "Bonn"
+
+    # Follow the log by a unique prefix until the run ends; the command ends with it.
+    follow = ok(mantik("runs", "logs", run_id[:8], "--follow"))
+    assert "exit status 0" in follow.stdout
+
+    # The run's name names it too.
+    status = as_json(mantik("runs", "status", run_name, "--json"))
+    assert status["run_id"] == run_id and status["state"] == "FINISHED"
+    assert "FINISHED" in ok(mantik("runs", "status", run_id)).stdout
+
+    listing = as_json(mantik("runs", "list", "--experiment-name", experiment, "--json"))
+    assert [r["run_id"] for r in listing["runs"]] == [run_id]
+    table = ok(mantik("runs", "list", "--experiment-name", experiment)).stdout.splitlines()
+    assert table[0].split() == ["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"]
+    assert table[1].startswith(run_id[:8]) and run_name in table[1] and "FINISHED" in table[1]
+    assert as_json(mantik("runs", "list", "--state", "RUNNING", "--experiment-name", experiment,
+                          "--json"))["runs"] == []  # fmt: skip
+
+    info = as_json(mantik("runs", "info", run_id, "--json"))
+    assert info["metrics"] and info["params"]["epochs"] == "2"
+    human = ok(mantik("runs", "info", run_id)).stdout
+    assert "Params:" in human and "epochs = 2" in human and "Metrics:" in human
+
+    logs = as_json(mantik("runs", "logs", run_id, "--json"))
+    assert logs["text"] == follow.stdout
+    tail = as_json(mantik("runs", "logs", run_id, "--offset", str(logs["offset"]), "--json"))
+    assert tail["text"] == "" and tail["final"] is True
+
+    one = tmp_path / "one"
+    result = ok(
+        mantik("runs", "download", run_id, "--remote-path", "mantik.log", "--local-path", str(one))
+    )
+    got = Path(result.stdout.strip().removeprefix("Downloaded to "))
+    assert got.is_file() and got.read_text() == follow.stdout
+    everything = tmp_path / "all"
+    target = as_json(mantik("runs", "download", run_id, "--local-path", str(everything), "--json"))
+    files = {p.name for p in Path(target["path"]).rglob("*")}
+    assert "mantik.log" in files
+    assert ".mantik-credentials" not in files
+
+    result = mantik("runs", "cancel", run_id)
+    assert result.returncode == 4 and "already ended" in result.stderr, result
+
+
+def test_submit_wait_failing_run(mantik: Mantik, project: Path) -> None:
+    result = mantik(
+        "runs", "submit", str(project), "--entry-point", "fail", "--wait",
+        "--backend-config", "compute-backend-config.yaml",
+        "--experiment-name", f"cli-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    assert result.returncode == 7, result
+    assert "FAILED" in result.stdout
+
+
+def test_follow_interrupted_leaves_run(mantik: Mantik, project: Path, tmp_path: Path) -> None:
+    run = as_json(
+        mantik(
+            "runs",
+            "submit",
+            str(project),
+            "--entry-point",
+            "sleep",
+            "-P",
+            "seconds=600",
+            "--backend-config",
+            "compute-backend-config.yaml",
+            "--experiment-name",
+            f"cli-{uuid.uuid4().hex[:8]}",
+            "--json",
+        )  # fmt: skip
+    )
+    run_id = run["run_id"]
+    try:
+        wait_state(mantik, run_id, {"RUNNING"})
+        proc = subprocess.Popen(
+            mantik.argv("runs", "logs", run_id, "--follow"),
+            env=mantik.env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        time.sleep(4)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, (out, err)
+        assert "Traceback" not in err
+        assert as_json(mantik("runs", "status", run_id, "--json"))["state"] == "RUNNING"
+    finally:
+        cancelled = as_json(mantik("runs", "cancel", run_id, "--json"))
+    assert cancelled["state"] == "KILLED"
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
+def test_missing_config_exit_2(mantik: Mantik, project: Path) -> None:
+    result = mantik("runs", "submit", str(project), "--backend-config", "nope.yaml")
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: ") and "nope.yaml" in result.stderr
+
+
+def test_bad_parameter_exit_2(mantik: Mantik, project: Path) -> None:
+    result = mantik(
+        "runs", "submit", str(project), "--backend-config", "compute-backend-config.yaml",
+        "-P", "epochs",
+    )  # fmt: skip
+    assert result.returncode == 2 and "-P name=value" in result.stderr, result
+    result = mantik(
+        "runs", "submit", str(project), "--backend-config", "compute-backend-config.yaml",
+        "-P", "no_such=1",
+    )  # fmt: skip
+    assert result.returncode == 2 and "no_such" in result.stderr, result
+
+
+def test_unknown_run_exit_4(mantik: Mantik) -> None:
+    for args in (("status", "no-such-run"), ("info", "deadbeef"), ("logs", "no-such-run")):
+        result = mantik("runs", *args)
+        assert result.returncode == 4, (args, result)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_not_logged_in_exit_3(anon: Mantik) -> None:
+    result = anon("runs", "list")
+    assert result.returncode == 3 and "mantik login" in result.stderr, result

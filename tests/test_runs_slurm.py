@@ -1,0 +1,194 @@
+"""RunService lifecycle over SSH on the loopback Slurm cluster, tracked in a real MLflow."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
+from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import Conflict, UnsafePath
+
+from .runs_helpers import (
+    FINAL,
+    RunUserSpy,
+    artifact_bytes,
+    artifact_names,
+    assert_no_secret,
+    copy_example,
+    login_works,
+    make_tracking,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def remote_base(slurm_cluster):
+    base = f"{slurm_cluster.remote_dir}/runs-{uuid.uuid4().hex[:8]}"
+    yield base
+    cleaner = SshSlurmBackend(
+        slurm_cluster.host,
+        slurm_cluster.port,
+        slurm_cluster.username,
+        key_filename=str(slurm_cluster.key_path),
+        known_hosts=slurm_cluster.known_hosts,
+        remote_dir=base,
+    )
+    try:
+        slurm_cluster.sshd("start")
+        cleaner._run(f"rm -rf {base}", "cleaning up")
+    finally:
+        cleaner.close()
+
+
+def cluster_config(cluster, remote_base: str, **resources) -> dict:
+    return {
+        "SSH": {
+            "Hostname": cluster.host,
+            "Port": cluster.port,
+            "Username": cluster.username,
+            "IdentityFile": str(cluster.key_path),
+            "KnownHostsFile": str(cluster.known_hosts),
+            "RemoteDirectory": remote_base,
+        },
+        "Resources": {"Queue": "debug", **resources},
+        "Environment": {
+            "Python": str(Path(cluster.python).parent.parent),
+            "Variables": {"EVIL": "$(touch pwned)", "GREETING": "hello; touch pwned2"},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def user(mlflow_server):
+    return mlflow_server.create_user()
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server, user, tmp_path_factory):
+    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
+
+
+@pytest.fixture
+def project(tmp_path, slurm_cluster, remote_base):
+    project = copy_example(tmp_path)
+    write_config(project, cluster_config(slurm_cluster, remote_base))
+    return project
+
+
+@pytest.fixture
+def service(tracking, tmp_path):
+    svc = RunService(tracking, work_dir=tmp_path / "work")
+    yield svc
+    svc.close()
+
+
+def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp_path):
+    spy = RunUserSpy(monkeypatch)
+    info = service.submit(
+        project,
+        params={"epochs": "6", "station": "1; touch pwned"},
+        experiment_name="slurm-lifecycle",
+    )
+    assert info.state == RunState.QUEUED and info.job_id.isdigit()
+    assert info.backend == "ssh-slurm"
+    assert info.tags["mantik.run_dir"].startswith("/")
+
+    # Readable while it runs; follow_logs ends when the run ended.
+    text = "".join(service.follow_logs(info.run_id, poll_interval=0.3))
+    assert "epoch 1/6" in text and "epoch 6/6" in text
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FINISHED, final.tags
+    assert final.mlflow_status == "FINISHED" and final.exit_code == 0
+    assert final.params["station"] == "1; touch pwned"
+    assert final.params["learning_rate"] == "0.01"
+    assert {"loss", "rmse"} <= set(final.metrics)
+    names = artifact_names(mlflow_server, info.run_id)
+    assert {
+        "mantik/code.tar.gz",
+        "mantik/backend-config.json",
+        "mantik/mantik-job.sh",
+        "mantik/mantik.log",
+        "forecast.csv",
+    } <= names
+    script = artifact_bytes(mlflow_server, info.run_id, "mantik/mantik-job.sh").decode()
+    assert "#SBATCH --partition=debug" in script
+
+    # Nothing injected ran; the whole folder and one file download.
+    folder = service.download(info.run_id, "", tmp_path / "whole")
+    assert not list(folder.rglob("pwned*"))
+    assert (folder / "code" / "outputs" / "forecast.csv").is_file()
+    assert not (folder / ".mantik-credentials").exists()
+    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv")
+    assert one.read_text().startswith("station,")
+    for bad in ("../x", "/etc/passwd"):
+        with pytest.raises(UnsafePath):
+            service.download(info.run_id, bad, tmp_path / "bad")
+        with pytest.raises(UnsafePath):
+            service.files(info.run_id, bad)
+
+    cred = spy.created[info.run_id]
+    assert not login_works(mlflow_server, cred)
+    assert cred.password not in script
+    assert_no_secret(mlflow_server, info.run_id, [cred.password, user.password])
+    with pytest.raises(Conflict):
+        service.cancel(info.run_id)
+
+
+def test_slurm_failing_entry_point(service, project):
+    info = service.submit(project, entry_point="fail", experiment_name="slurm-lifecycle")
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
+    assert final.exit_code == 3 and final.reason == "exit code 3"
+    assert "simulated failure" in service.logs(info.run_id).text
+
+
+def test_slurm_cancel(service, project):
+    info = service.submit(project, entry_point="sleep", experiment_name="slurm-lifecycle")
+    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
+    killed = service.cancel(info.run_id)
+    assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
+    assert killed.reason == "CANCELLED"
+
+
+def test_sshd_down_is_unknown_then_recovers_after_a_lab_restart(
+    tracking, project, slurm_cluster, tmp_path
+):
+    first = RunService(tracking, work_dir=tmp_path / "work")
+    info = first.submit(
+        project, entry_point="sleep", params={"seconds": "6"}, experiment_name="slurm-restart"
+    )
+    wait_for(first, info.run_id, {RunState.RUNNING}, timeout=60)
+    try:
+        slurm_cluster.sshd("stop")
+        blind = first.get(info.run_id)
+        assert blind.state == RunState.UNKNOWN
+        assert blind.mlflow_status == "RUNNING"  # never FAILED because the network blinked
+        assert "mantik.state_message" in blind.tags
+    finally:
+        slurm_cluster.sshd("start")
+        first.close()
+    # A fresh service (the lab restarted) finds the run and its true state.
+    second = RunService(tracking, work_dir=tmp_path / "work")
+    try:
+        assert info.run_id in {r.run_id for r in second.sync()}
+        final = wait_for(second, info.run_id, FINAL, timeout=60)
+        assert final.state == RunState.FINISHED, final.tags
+        assert "mantik.state_message" not in final.tags
+    finally:
+        second.close()
+
+
+@pytest.mark.slow
+def test_slurm_runtime_exceeded_is_timeout(service, project, slurm_cluster, remote_base):
+    write_config(project, cluster_config(slurm_cluster, remote_base, Runtime="1m"))
+    info = service.submit(project, entry_point="sleep", experiment_name="slurm-timeout")
+    final = wait_for(service, info.run_id, FINAL, timeout=240)
+    assert final.state == RunState.FAILED and final.reason == "TIMEOUT"
+    assert final.mlflow_status == "FAILED"
