@@ -64,6 +64,12 @@ class MantikApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         store = CredentialStore(Path(self.credentials_path))
+        # Kernels, terminals and the `mantik` command started from the lab find the same
+        # tracking server and credential store (paths and URIs only, never a secret).
+        os.environ["MANTIK_DATA_DIR"] = self.data_dir
+        os.environ["MANTIK_CREDENTIALS_FILE"] = self.credentials_path
+        if self.tracking_uri:
+            os.environ["MANTIK_TRACKING_URI"] = self.tracking_uri
         self.embedded: EmbeddedTrackingServer | None = None
         if self.tracking_uri:
             self.tracking = TrackingService(store, tracking_uri=self.tracking_uri)

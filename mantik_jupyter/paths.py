@@ -15,7 +15,8 @@ def data_dir() -> Path:
 
 
 def credentials_file() -> Path:
-    return data_dir() / "credentials.json"
+    env = os.environ.get("MANTIK_CREDENTIALS_FILE")
+    return Path(env) if env else data_dir() / "credentials.json"
 
 
 def embedded_dir() -> Path:

@@ -106,11 +106,16 @@ def resolve_tracking(
 ) -> TrackingService:
     """The tracking service for a process outside the lab server (CLI, kernel).
 
-    An explicit URI or ``MLFLOW_TRACKING_URI`` wins; otherwise the embedded
+    An explicit URI, ``MLFLOW_TRACKING_URI`` or the lab's ``MANTIK_TRACKING_URI``
+    wins; otherwise the embedded
     server that a running lab started is used.
     """
     store = CredentialStore(store_path)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or os.environ.get("MANTIK_TRACKING_URI")
+    )
     if uri:
         return TrackingService(store, tracking_uri=uri)
     found = discover(embedded_dir)
