@@ -186,3 +186,45 @@ class TestEmbeddedDefault:
         assert anonymous.code == 401, "the embedded MLflow must require authentication"
         secrets_file = tmp_path / "mantik" / "tracking" / "secrets.json"
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+
+
+class TestTokenLogin:
+    """A team's tracking server that takes tokens: here another lab's MLflow proxy.
+
+    jupyter_server accepts ``Authorization: Bearer <token>``, so a lab that shares
+    its tracking (e.g. on a hub) is a tracking server reached with a token.
+    """
+
+    @pytest.fixture(scope="class")
+    def other_lab(self, tmp_path_factory):
+        from .browser_helpers import start_lab
+
+        lab = start_lab(tmp_path_factory.mktemp("other-lab"))
+        try:
+            lab.wait_until(
+                lambda: lab.get_json("mantik/api/auth/status")[1].get("ready"),
+                timeout=180,
+                what="the other lab's embedded MLflow",
+            )
+            yield lab
+        finally:
+            lab.stop()
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, other_lab):
+        return lab_config(tmp_path / "mantik", other_lab.base + "mantik/mlflow")
+
+    async def test_token_login_and_proxy_use(self, jp_fetch, other_lab):
+        code, body = await api_json(jp_fetch, "auth", "login", method="POST", body={"token": "x"})
+        assert code == 401
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST", body={"token": other_lab.token}
+        )
+        assert code == 200, body
+        assert body["logged_in"] is True and other_lab.token not in json.dumps(body)
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+            method="POST", body=json.dumps({"max_results": 5}),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert "Default" in [e["name"] for e in json.loads(resp.body)["experiments"]]

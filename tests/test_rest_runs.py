@@ -378,11 +378,6 @@ async def test_unknown_run(jp_fetch: Any, logged_in: str, unknown: str) -> None:
     assert code == 400, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MLflow's auth answers 403 for an unknown full run id to a non-admin user, and "
-    "RunService.resolve passes that on instead of falling back to its search (-> 404)",
-)
 async def test_unknown_full_run_id(jp_fetch: Any, logged_in: str) -> None:
     code, err = await call(jp_fetch, "runs", "f" * 32)
     assert code == 404 and err["reason"] == "not_found", err

@@ -184,12 +184,12 @@ class Apptainer:
         """Where a local image lives inside the shipped ``code/`` directory.
 
         A path inside the project keeps its relative place; an image outside
-        the project (absolute, or reached through ``..``) is shipped at the
-        top of ``code/`` under its file name.
+        the project (absolute, or reached through ``..``) is shipped under
+        ``images/`` with its file name, where the packaging puts extra files.
         """
         pure = PurePosixPath(self.path.replace("\\", "/"))
         if pure.is_absolute() or ".." in pure.parts:
-            return pure.name
+            return f"images/{pure.name}"
         return pure.as_posix()
 
     def to_dict(self) -> dict[str, Any]:

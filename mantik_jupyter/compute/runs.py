@@ -64,6 +64,7 @@ from ..errors import (
     InvalidRequest,
     MantikError,
     NotFound,
+    PermissionDenied,
     ProjectError,
     UnsafePath,
 )
@@ -260,11 +261,7 @@ class RunService:
 
     def _admin(self) -> TrackingClient | None:
         """A client with the embedded server's admin credential, or None for a remote server."""
-        if not self.tracking.is_embedded:
-            return None
-        credential = getattr(self.tracking, "embedded_credential", None) or getattr(
-            self.tracking, "_embedded_credential", None
-        )
+        credential = self.tracking.embedded_credential
         if credential is None:
             return None
         self.tracking.wait_ready()
@@ -658,7 +655,8 @@ class RunService:
         if _HEX_ID.fullmatch(ref):
             try:
                 return api.get_run(ref)
-            except NotFound:
+            except (NotFound, PermissionDenied):
+                # MLflow's auth layer answers 403 for a run id that does not exist.
                 pass
         return self._search_ref(api, ref)
 

@@ -117,7 +117,17 @@ class TrackingClient:
 
     def verify(self) -> None:
         """Raise AuthenticationFailed/TrackingUnavailable unless the credential works."""
-        self.api("POST", "experiments/search", max_results=1)
+        try:
+            self.api("POST", "experiments/search", max_results=1)
+        except PermissionDenied:
+            # Searching is open to every user; a 403 here (e.g. from a proxy in front of
+            # MLflow) means the credential itself was refused.
+            who = self.credential.describe()["username"] if self.credential else None
+            raise AuthenticationFailed(
+                f"The tracking server {self.uri} refused the credential"
+                + (f" of user '{who}'" if who else "")
+                + ". Log in again with the right user name and password or token."
+            ) from None
 
     # --- artifacts (proxied through the server: mlflow-artifacts:/) ----------
 

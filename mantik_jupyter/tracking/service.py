@@ -39,6 +39,11 @@ class TrackingService:
         return self._embedded_credential is not None
 
     @property
+    def embedded_credential(self) -> Credential | None:
+        """The embedded server's admin credential (makes per-run users); None when remote."""
+        return self._embedded_credential
+
+    @property
     def uri(self) -> str:
         if self.embedded_server is not None:
             return self.embedded_server.uri
