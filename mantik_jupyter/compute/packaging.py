@@ -59,7 +59,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 DEFAULT_SIZE_LIMIT = 2 * 1024**3
 # Level 1 is several times faster than 6 and costs a few percent of size on source code;
-# the package is uploaded once and unpacked once, so speed wins (see bench/packaging.py).
+# the package is uploaded once and unpacked once, so speed wins (see bench/package_build.py).
 COMPRESS_LEVEL = 1
 # 1980-01-01: the oldest time zip can store; some tools treat 1970 (mtime 0) as "unset".
 FIXED_MTIME = 315532800

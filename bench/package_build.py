@@ -4,7 +4,7 @@ Creates a ~200 MB project of 5,000 files (many small text files, a few large ran
 partly compressible binaries) plus excluded content (.git, __pycache__, mlruns, .venv) in a
 temporary directory. Prints both times and the ratio build_package / zip (target <= 1.0).
 
-    python bench/packaging.py [--files 5000] [--megabytes 200] [--rounds 3]
+    python bench/package_build.py [--files 5000] [--megabytes 200] [--rounds 3]
 """
 
 from __future__ import annotations
