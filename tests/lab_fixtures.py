@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-__all__ = ["lab_config", "jp_server_config", "jp_base_url", "api", "api_json"]
+__all__ = ["lab_config", "jp_server_config", "jp_base_url", "api", "api_json", "login_as"]
 
 
 def lab_config(data_dir: Path, tracking_uri: str | None, **mantik: Any) -> Config:
@@ -46,3 +46,13 @@ def api(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None, **kw:
 async def api_json(jp_fetch: Any, *parts: str, **kw: Any) -> tuple[int, Any]:
     resp = await api(jp_fetch, *parts, **kw)
     return resp.code, json.loads(resp.body) if resp.body else None
+
+
+async def login_as(jp_fetch: Any, credential: Any) -> dict[str, Any]:
+    """Log the lab in to its tracking server through ``POST auth/login``."""
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST",
+        body={"username": credential.username, "password": credential.password},
+    )  # fmt: skip
+    assert code == 200, body
+    return body

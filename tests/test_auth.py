@@ -12,7 +12,7 @@ import tornado.httpclient
 
 from mantik_jupyter.tracking.embedded import free_port
 
-from .lab_fixtures import api_json, lab_config
+from .lab_fixtures import api_json, lab_config, login_as
 
 
 async def test_status_before_login(jp_fetch, mlflow_server):
@@ -25,11 +25,7 @@ async def test_status_before_login(jp_fetch, mlflow_server):
 
 async def test_login_status_logout(jp_fetch, mlflow_server, tmp_path):
     user = mlflow_server.create_user()
-    code, body = await api_json(
-        jp_fetch, "auth", "login", method="POST",
-        body={"username": user.username, "password": user.password},
-    )  # fmt: skip
-    assert code == 200, body
+    body = await login_as(jp_fetch, user)
     assert body["logged_in"] is True and body["username"] == user.username
     assert user.password not in json.dumps(body)
 

@@ -15,7 +15,7 @@ from tornado.httpserver import HTTPServer
 
 from mantik_jupyter.tracking.embedded import free_port
 
-from .lab_fixtures import api_json, lab_config
+from .lab_fixtures import lab_config, login_as
 
 
 def lab_url(jp_serverapp, jp_base_url: str) -> str:
@@ -24,11 +24,7 @@ def lab_url(jp_serverapp, jp_base_url: str) -> str:
 
 async def login_as_new_user(jp_fetch, mlflow_server):
     user = mlflow_server.create_user()
-    code, body = await api_json(
-        jp_fetch, "auth", "login", method="POST",
-        body={"username": user.username, "password": user.password},
-    )  # fmt: skip
-    assert code == 200, body
+    await login_as(jp_fetch, user)
     return user
 
 
