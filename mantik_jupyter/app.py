@@ -12,7 +12,7 @@ from traitlets import Float, Unicode, default
 from . import paths
 from .compute.runs import RunService
 from .errors import MantikError
-from .handlers import auth, backends, mlflow_proxy, runs
+from .handlers import auth, backends, mlflow_proxy, projects, runs
 from .tracking.credentials import CredentialStore
 from .tracking.embedded import EmbeddedTrackingServer
 from .tracking.service import TrackingService
@@ -91,7 +91,8 @@ class MantikApp(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(
-            auth.handlers + runs.handlers + backends.handlers + mlflow_proxy.handlers
+            auth.handlers + runs.handlers + projects.handlers + backends.handlers
+            + mlflow_proxy.handlers
         )
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, paths
+from . import __version__
 from .cli_format import ProgressBar, run_details, runs_table
 from .errors import InvalidRequest, MantikError, exit_code_table
 
@@ -46,12 +46,10 @@ class Context:
 
     @cached_property
     def runs(self) -> RunService:
-        # Imported here: login/status should not pay for loading the compute stack.
-        from .compute.runs import RunService
+        from .api import run_service
 
-        return RunService(
-            self.tracking,
-            work_dir=paths.data_dir() / "runs",
+        return run_service(
+            getattr(self.args, "tracking_uri", None),
             job_tracking_uri=getattr(self.args, "job_tracking_uri", None) or None,
         )
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from mantik_jupyter.tracking.credentials import Credential
-from mantik_jupyter.tracking.embedded import free_port
+from mantik_jupyter.tracking.embedded import AUTH_CACHE_TTL, free_port
 
 from .secret_audit import SECRETS
 
@@ -60,6 +60,8 @@ def start_mlflow_server(directory: Path) -> MlflowServer:
         f"admin_username = {admin.username}\n"
         f"admin_password = {admin.password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # As the embedded server (tracking/embedded.py): no scrypt per request.
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL}\n"
     )
     ini.chmod(0o600)
     port = free_port()

@@ -39,18 +39,33 @@ def write_config(project: Path, config: dict, name: str = "compute-backend-confi
 
 
 class RunUserSpy:
-    """Records the per-run credentials the service creates (the tests need the passwords)."""
+    """Records the per-run credentials the service creates (the tests need the passwords).
+
+    The user is made while the run is created, so it is matched to its run afterwards,
+    through the run's ``mantik.run_user`` tag: ``created`` maps run id -> credential."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.created: dict[str, Credential] = {}
+        self._made: list[tuple[TrackingClient, str, Credential]] = []
         original = runs_module.create_run_user
 
-        def spy(admin, run_id, experiment_id):
-            cred = original(admin, run_id, experiment_id)
-            self.created[run_id] = cred
+        def spy(admin, username, experiment_id):
+            cred = original(admin, username, experiment_id)
+            self._made.append((admin, str(experiment_id), cred))
             return cred
 
         monkeypatch.setattr(runs_module, "create_run_user", spy)
+
+    @property
+    def created(self) -> dict[str, Credential]:
+        out: dict[str, Credential] = {}
+        for admin, experiment_id, cred in self._made:
+            runs, _ = RunsApi(admin).search_runs(
+                [experiment_id],
+                filter_string=f"tags.`mantik.run_user` = '{cred.username}'",
+            )
+            for run in runs:
+                out[run["info"]["run_id"]] = cred
+        return out
 
 
 def make_tracking(server, tmp: Path, user: Credential) -> TrackingService:

@@ -124,9 +124,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def page(browser, lab: LabServer, request: pytest.FixtureRequest):
+    from playwright.sync_api import expect
+
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UI_TIMEOUT_MS)
+    # Assertions wait as long as actions: the lab loads slowly on a busy machine.
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     console: list[str] = []
     page.on("console", lambda msg: console.append(f"[{msg.type}] {msg.text}"))
     page.on("pageerror", lambda err: console.append(f"[pageerror] {err}"))
@@ -277,3 +281,164 @@ def test_remote_tracking_login_form_shows_server_errors(page, remote_lab):
     form.get_by_label("With token").check()
     expect(form.get_by_label("Token", exact=True)).to_be_visible()
     expect(form.get_by_label("Username", exact=True)).to_have_count(0)
+
+
+# ---- runs: submit from the dialog, follow, cancel, open in MLflow ------------------------
+
+# Runs on the local backend take 10-20 s on a loaded machine; MLflow answers in ~1 s.
+RUN_TIMEOUT_MS = 240_000
+
+
+def _copy_example(lab: LabServer) -> str:
+    import shutil
+
+    from .browser_helpers import REPO
+
+    target = lab.root / "weather-forecast"
+    if not target.exists():
+        shutil.copytree(REPO / "examples" / "weather-forecast", target)
+    return target.name
+
+
+def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str, **params):
+    """Right-click the project folder, "Submit to HPC…", fill the form, submit."""
+    from playwright.sync_api import expect
+
+    page.locator('.jp-SideBar.jp-mod-left [data-id="filebrowser"]').click()
+    item = page.locator(".jp-DirListing-item").filter(
+        has=page.locator(".jp-DirListing-itemText", has_text=re.compile(f"^{folder}$"))
+    )
+    expect(item).to_be_visible()
+    item.click(button="right")
+    menu_item = page.locator(".lm-Menu-item").filter(has_text="Submit to HPC…")
+    expect(menu_item).to_be_visible()
+    menu_item.click()
+
+    dialog = page.locator('[data-testid="mantik-submit-dialog"]')
+    expect(dialog.get_by_role("dialog")).to_be_visible()
+    expect(dialog.locator(".mantik-submit-project")).to_contain_text(folder)
+    # Every control has a label (accessibility), so the test fills the form by label.
+    expect(dialog.get_by_label("Backend config")).to_have_value("compute-backend-config.yaml")
+    dialog.get_by_label("Entry point").select_option(entry_point)
+    for name, value in params.items():
+        field = dialog.get_by_label(re.compile(f"^{name}"))
+        expect(field).to_be_visible()
+        field.fill(str(value))
+    dialog.get_by_label("Experiment").fill("e2e-sidebar")
+    dialog.get_by_label("Run name").fill(run_name)
+    return dialog
+
+
+def _wait_for_state(run_details, states: str, what: str):
+    from playwright.sync_api import expect
+
+    chip = run_details.locator(".mantik-Section-header .mantik-run-state")
+    try:
+        expect(chip).to_have_attribute("data-state", re.compile(states), timeout=RUN_TIMEOUT_MS)
+    except AssertionError as error:
+        raise AssertionError(
+            f"{what}: the run did not reach {states} within {RUN_TIMEOUT_MS / 1000:.0f} s; "
+            f"it shows {chip.get_attribute('data-state')!r}. Log pane:\n"
+            f"{run_details.locator('.mantik-log').inner_text()[-2000:]}"
+        ) from error
+
+
+def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
+    from playwright.sync_api import expect
+
+    folder = _copy_example(lab)
+    sidebar = open_lab(page, lab)
+    expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text("Logged in")
+    expect(sidebar.locator('[data-testid="mantik-runs"]')).to_be_visible()
+
+    # 1. Submit the example with epochs=2 from the dialog (context menu on the folder).
+    dialog = _submit_from_file_browser(page, folder, "main", "e2e-forecast", epochs=2)
+    # A wrong value is flagged inline before anything is sent.
+    epochs = dialog.get_by_label(re.compile("^epochs"))
+    epochs.fill("two")
+    expect(dialog.locator(".mantik-field-error")).to_have_text("Must be a whole number")
+    epochs.fill("2")
+    expect(dialog.locator(".mantik-field-error")).to_have_count(0)
+    # Enter in a field submits the form (and does not just close the dialog).
+    epochs.press("Enter")
+    expect(dialog).to_have_count(0, timeout=120_000)
+
+    # The panel comes back with the new run on top, selected.
+    expect(sidebar).to_be_visible()
+    first_row = sidebar.locator(".mantik-run-row").first
+    expect(first_row.locator(".mantik-run-name")).to_have_text("e2e-forecast")
+    details = sidebar.locator('[data-testid="mantik-run-details"]')
+    expect(details.locator(".mantik-details-title")).to_have_text("e2e-forecast")
+
+    # 2. It reaches FINISHED in the list; params and the log are shown.
+    _wait_for_state(details, "^FINISHED$", "e2e-forecast")
+    expect(first_row.locator(".mantik-run-state")).to_have_text("FINISHED")
+    expect(details.locator(".mantik-params")).to_contain_text("epochs")
+    log = details.locator('[data-testid="mantik-log"]')
+    expect(log).to_contain_text("epoch 2/2", timeout=60_000)
+    expect(details.locator(".mantik-log-state")).to_have_text("complete", timeout=60_000)
+    expect(details.locator(".mantik-metrics")).to_contain_text("rmse", timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    sidebar.screenshot(path=str(ARTIFACTS / "sidebar-run-finished.png"))
+
+    # Files of the run, with download links.
+    details.locator(".mantik-files summary").click()
+    expect(details.locator(".mantik-FileList a").first).to_be_visible(timeout=60_000)
+
+    # 3. A long run (the `sleep` entry point) is cancelled after confirming.
+    dialog = _submit_from_file_browser(page, folder, "sleep", "e2e-sleep", seconds=600)
+    page.screenshot(path=str(ARTIFACTS / "submit-dialog.png"))
+    dialog.get_by_role("button", name="Submit").click()
+    expect(dialog).to_have_count(0, timeout=120_000)
+    details = sidebar.locator('[data-testid="mantik-run-details"]')
+    expect(details.locator(".mantik-details-title")).to_have_text("e2e-sleep")
+    _wait_for_state(details, "^(QUEUED|RUNNING)$", "e2e-sleep")
+    details.locator('[data-testid="mantik-cancel-run"]').click()
+    confirm = page.locator(".jp-Dialog").filter(has_text="Cancel run?")
+    expect(confirm).to_be_visible()
+    confirm.get_by_role("button", name="Cancel run").click()
+    _wait_for_state(details, "^KILLED$", "e2e-sleep after cancel")
+    expect(details.locator('[data-testid="mantik-cancel-run"]')).to_have_count(0)
+    expect(sidebar.locator(".mantik-run-row").first.locator(".mantik-run-state")).to_have_text(
+        "KILLED"
+    )
+    # Filters: only the finished run is left under "Finished".
+    sidebar.get_by_label("Filter runs by state").select_option("FINISHED")
+    expect(sidebar.locator(".mantik-run-row")).to_have_count(1)
+    expect(sidebar.locator(".mantik-run-row .mantik-run-name")).to_have_text("e2e-forecast")
+    sidebar.get_by_label("Filter runs by state").select_option("all")
+    sidebar.screenshot(path=str(ARTIFACTS / "sidebar-runs.png"))
+
+    # 4. "Open in MLflow" opens the run's page in the MLflow tab.
+    details.locator('[data-testid="mantik-open-run-mlflow"]').click()
+    mlflow = page.locator("#mantik-mlflow")
+    expect(mlflow).to_be_visible()
+    src = mlflow.locator("iframe").get_attribute("src") or ""
+    assert "/lab-under-test/mantik/mlflow/#/experiments/" in src, src
+    frame = page.frame_locator("#mantik-mlflow iframe")
+    expect(frame.locator("body")).to_contain_text("e2e-sleep", timeout=90_000)
+    page.screenshot(path=str(ARTIFACTS / "mlflow-run-in-lab.png"))
+
+
+def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
+    from playwright.sync_api import expect
+
+    folder = _copy_example(lab)
+    broken = lab.root / folder / "broken-config.yaml"
+    broken.write_text("Local: {}\nResources:\n  Queue: local\n  Nodez: 2\n")
+    try:
+        open_lab(page, lab)
+        dialog = _submit_from_file_browser(page, folder, "main", "e2e-broken")
+        dialog.get_by_label("Backend config").select_option("broken-config.yaml")
+        # The config check from the server is shown before submitting ...
+        expect(dialog.locator(".mantik-config-error")).to_contain_text("Nodez")
+        # ... and the server's answer to the submission too, with the dialog left open.
+        dialog.get_by_role("button", name="Submit").click()
+        error = dialog.locator('[data-testid="mantik-submit-error"]')
+        expect(error).to_contain_text("Nodes", timeout=60_000)
+        expect(error).to_have_attribute("data-reason", "invalid_config")
+        page.screenshot(path=str(ARTIFACTS / "submit-dialog-error.png"))
+        page.keyboard.press("Escape")
+        expect(dialog).to_have_count(0)
+    finally:
+        broken.unlink()

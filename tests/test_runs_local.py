@@ -203,7 +203,7 @@ def test_list_resolve_and_get(service, project):
     json_form = service.get(info.run_id).to_json()
     assert json_form["state"] == "FINISHED" and json_form["is_final"]
     kinds = {b["name"]: b for b in service.backends()}
-    assert kinds["local"]["supported"] and not kinds["unicore"]["supported"]
+    assert kinds["local"]["supported"] and kinds["unicore"]["supported"]
 
 
 def _run_count(mlflow_server, name):
@@ -223,9 +223,9 @@ def test_errors_come_before_anything_is_created(service, project, mlflow_server,
     (project / "compute-backend-config.yaml").unlink()
     with pytest.raises(ConfigError, match="compute-backend-config.yaml"):
         service.submit(project, experiment_name=name)
-    write_config(project, {"UnicoreApiUrl": "https://unicore.example/SITE/rest/core",
-                           "Resources": {"Queue": "batch"}})  # fmt: skip
-    with pytest.raises(ConfigError, match="UnicoreApiUrl.*not supported yet"):
+    firecrest = {"ApiUrl": "https://f.example", "TokenUrl": "https://t.example", "Machine": "m"}
+    write_config(project, {"Firecrest": firecrest, "Resources": {"Queue": "batch"}})
+    with pytest.raises(ConfigError, match="Firecrest.*not supported yet"):
         service.submit(project, experiment_name=name)
     assert _run_count(mlflow_server, name) == 0
 

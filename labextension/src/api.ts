@@ -106,6 +106,134 @@ export class MantikApi {
     return isAuthStatus(body) ? parseAuthStatus(body) : this.authStatus();
   }
 
+  /**
+   * One page of runs, newest first. `refresh` asks the server to query the
+   * backends for the states of active runs first.
+   */
+  async listRuns(query: IRunQuery = {}): Promise<IRunList> {
+    const params = new URLSearchParams();
+    if (query.state) {
+      params.set('state', query.state);
+    }
+    if (query.experimentName) {
+      params.set('experiment_name', query.experimentName);
+    }
+    if (query.maxResults !== undefined) {
+      params.set('max_results', String(query.maxResults));
+    }
+    if (query.pageToken) {
+      params.set('page_token', query.pageToken);
+    }
+    if (query.refresh) {
+      params.set('refresh', 'true');
+    }
+    const qs = params.toString();
+    const body = await this.request(qs ? `runs?${qs}` : 'runs', {
+      method: 'GET'
+    });
+    if (!isRecord(body) || !Array.isArray(body.runs)) {
+      throw invalid('runs');
+    }
+    return {
+      runs: body.runs.map(parseRun),
+      next_page_token:
+        typeof body.next_page_token === 'string' ? body.next_page_token : null
+    };
+  }
+
+  /** One run, its state refreshed from the backend. */
+  async getRun(ref: string): Promise<IRun> {
+    return parseRun(
+      await this.request(`runs/${encodeURIComponent(ref)}`, { method: 'GET' })
+    );
+  }
+
+  /** Submit an MLproject folder; answers the new run (201). */
+  async submitRun(request: ISubmitRequest): Promise<IRun> {
+    return parseRun(
+      await this.request('runs', {
+        method: 'POST',
+        body: JSON.stringify(request)
+      })
+    );
+  }
+
+  /** Cancel a run; answers the run after the backend confirmed (or not yet). */
+  async cancelRun(ref: string): Promise<IRun> {
+    return parseRun(
+      await this.request(`runs/${encodeURIComponent(ref)}/cancel`, {
+        method: 'POST',
+        body: '{}'
+      })
+    );
+  }
+
+  /** A chunk of the run's log from a byte offset. */
+  async runLogs(ref: string, offset = 0): Promise<ILogChunk> {
+    const body = await this.request(
+      `runs/${encodeURIComponent(ref)}/logs?offset=${Math.max(0, offset)}`,
+      { method: 'GET' }
+    );
+    if (
+      !isRecord(body) ||
+      typeof body.text !== 'string' ||
+      typeof body.offset !== 'number' ||
+      typeof body.final !== 'boolean'
+    ) {
+      throw invalid('logs');
+    }
+    return { text: body.text, offset: body.offset, final: body.final };
+  }
+
+  /** The entries of one folder of the run directory. */
+  async runFiles(ref: string, path = ''): Promise<IFileEntry[]> {
+    const qs = path ? `?path=${encodeURIComponent(path)}` : '';
+    const body = await this.request(
+      `runs/${encodeURIComponent(ref)}/files${qs}`,
+      { method: 'GET' }
+    );
+    if (!isRecord(body) || !Array.isArray(body.files)) {
+      throw invalid('files');
+    }
+    return body.files.filter(isFileEntry).map(entry => ({
+      path: entry.path,
+      size: entry.size,
+      is_dir: entry.is_dir
+    }));
+  }
+
+  /**
+   * URL that downloads one file of a run (the lab's cookie authenticates a
+   * plain browser download; no token is put in the URL).
+   */
+  downloadUrl(ref: string, path: string): string {
+    return (
+      URLExt.join(
+        this.serverSettings.baseUrl,
+        API_NAMESPACE,
+        'runs',
+        encodeURIComponent(ref),
+        'download'
+      ) + `?path=${encodeURIComponent(path)}`
+    );
+  }
+
+  /** Describe the MLproject that a file or folder of the Jupyter root belongs to. */
+  async describeProject(path: string): Promise<IProject> {
+    const body = await this.request(
+      `projects?path=${encodeURIComponent(path)}`,
+      { method: 'GET' }
+    );
+    return parseProject(body);
+  }
+
+  /** URL of the MLflow UI page of a run (through the proxy). */
+  mlflowRunUrl(run: Pick<IRun, 'experiment_id' | 'run_id'>): string {
+    return `${this.mlflowUrl}#/experiments/${encodeURIComponent(
+      run.experiment_id
+    )}/runs/${encodeURIComponent(run.run_id)}`;
+  }
+
   /** Forget the stored credential. Returns the new status. */
   async logout(): Promise<IAuthStatus> {
     const body = await this.request('auth/logout', {
@@ -170,6 +298,14 @@ export class MantikApi {
     }
     return data;
   }
+}
+
+function invalid(what: string): MantikApiError {
+  return new MantikApiError(
+    `Unexpected answer from ${what}`,
+    'invalid_response',
+    200
+  );
 }
 
 function errorFromResponse(
@@ -239,5 +375,267 @@ export function parseAuthStatus(value: unknown): IAuthStatus {
     logged_in: value.logged_in,
     embedded: value.embedded,
     ready: value.ready ?? true
+  };
+}
+
+/** Run states (`RunState` in docs/openapi.yaml). */
+export type RunState =
+  | 'SUBMITTING'
+  | 'QUEUED'
+  | 'RUNNING'
+  | 'FINISHED'
+  | 'FAILED'
+  | 'KILLED'
+  | 'UNKNOWN';
+
+/** States after which a run never changes again. */
+export const FINAL_STATES: ReadonlySet<string> = new Set([
+  'FINISHED',
+  'FAILED',
+  'KILLED'
+]);
+
+/** A run as `GET runs` / `GET runs/{ref}` describe it. */
+export interface IRun {
+  run_id: string;
+  run_name: string | null;
+  experiment_id: string;
+  state: RunState | string;
+  is_final: boolean;
+  mlflow_status: string;
+  backend: string | null;
+  job_id: string | null;
+  entry_point: string | null;
+  source: string | null;
+  /** ms since the epoch */
+  start_time: number | null;
+  end_time: number | null;
+  params: Record<string, string>;
+  metrics: Record<string, number>;
+  tags: Record<string, string>;
+  reason: string | null;
+  exit_code: number | null;
+  user: string | null;
+  warnings: string[];
+}
+
+export interface IRunList {
+  runs: IRun[];
+  next_page_token: string | null;
+}
+
+export interface IRunQuery {
+  /** A run state, or `active` / `final`. */
+  state?: string;
+  experimentName?: string;
+  maxResults?: number;
+  pageToken?: string;
+  refresh?: boolean;
+}
+
+/** Body of `POST runs`. */
+export interface ISubmitRequest {
+  project_dir: string;
+  backend_config?: string;
+  entry_point?: string;
+  params?: Record<string, string>;
+  experiment_name?: string;
+  experiment_id?: string;
+  run_name?: string;
+  source?: 'lab' | 'notebook' | 'cli' | 'api';
+}
+
+export interface ILogChunk {
+  text: string;
+  offset: number;
+  final: boolean;
+}
+
+export interface IFileEntry {
+  path: string;
+  size: number;
+  is_dir: boolean;
+}
+
+export interface IParameterSpec {
+  name: string;
+  type: string;
+  /** null when the parameter is required */
+  default: string | null;
+  required: boolean;
+}
+
+export interface IConfigCheck {
+  ok: boolean;
+  backend?: string;
+  error: string | null;
+  warnings: string[];
+}
+
+/** `GET projects?path=` */
+export interface IProject {
+  project_dir: string;
+  name: string;
+  entry_points: Record<
+    string,
+    { command?: string; parameters: IParameterSpec[] }
+  >;
+  config_files: string[];
+  config_checks: Record<string, IConfigCheck>;
+  default_config: string | null;
+}
+
+function stringRecord(value: unknown): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (isRecord(value)) {
+    for (const [key, v] of Object.entries(value)) {
+      if (typeof v === 'string') {
+        out[key] = v;
+      } else if (typeof v === 'number' || typeof v === 'boolean') {
+        out[key] = String(v);
+      }
+    }
+  }
+  return out;
+}
+
+function numberRecord(value: unknown): Record<string, number> {
+  const out: Record<string, number> = {};
+  if (isRecord(value)) {
+    for (const [key, v] of Object.entries(value)) {
+      if (typeof v === 'number') {
+        out[key] = v;
+      }
+    }
+  }
+  return out;
+}
+
+function strOrNull(value: unknown): string | null {
+  return typeof value === 'string' ? value : null;
+}
+
+function numOrNull(value: unknown): number | null {
+  return typeof value === 'number' && Number.isFinite(value) ? value : null;
+}
+
+/**
+ * Validate one run of the API.
+ *
+ * @throws MantikApiError if required fields are missing.
+ */
+export function parseRun(value: unknown): IRun {
+  if (
+    !isRecord(value) ||
+    typeof value.run_id !== 'string' ||
+    typeof value.state !== 'string'
+  ) {
+    throw invalid('runs');
+  }
+  const state = value.state;
+  return {
+    run_id: value.run_id,
+    run_name: strOrNull(value.run_name),
+    experiment_id:
+      typeof value.experiment_id === 'string' ||
+      typeof value.experiment_id === 'number'
+        ? String(value.experiment_id)
+        : '',
+    state,
+    is_final:
+      typeof value.is_final === 'boolean'
+        ? value.is_final
+        : FINAL_STATES.has(state),
+    mlflow_status: typeof value.mlflow_status === 'string' ? value.mlflow_status : '',
+    backend: strOrNull(value.backend),
+    job_id: strOrNull(value.job_id),
+    entry_point: strOrNull(value.entry_point),
+    source: strOrNull(value.source),
+    start_time: numOrNull(value.start_time),
+    end_time: numOrNull(value.end_time),
+    params: stringRecord(value.params),
+    metrics: numberRecord(value.metrics),
+    tags: stringRecord(value.tags),
+    reason: strOrNull(value.reason),
+    exit_code: numOrNull(value.exit_code),
+    user: strOrNull(value.user),
+    warnings: Array.isArray(value.warnings)
+      ? value.warnings.filter((w): w is string => typeof w === 'string')
+      : []
+  };
+}
+
+function isFileEntry(value: unknown): value is IFileEntry {
+  return (
+    isRecord(value) &&
+    typeof value.path === 'string' &&
+    typeof value.size === 'number' &&
+    typeof value.is_dir === 'boolean'
+  );
+}
+
+function parseParameter(value: unknown): IParameterSpec | null {
+  if (!isRecord(value) || typeof value.name !== 'string') {
+    return null;
+  }
+  const def =
+    typeof value.default === 'string' || typeof value.default === 'number'
+      ? String(value.default)
+      : null;
+  return {
+    name: value.name,
+    type: typeof value.type === 'string' ? value.type : 'string',
+    default: def,
+    required: typeof value.required === 'boolean' ? value.required : def === null
+  };
+}
+
+/**
+ * Validate the body of `GET projects`.
+ *
+ * @throws MantikApiError if the body has the wrong shape.
+ */
+export function parseProject(value: unknown): IProject {
+  if (
+    !isRecord(value) ||
+    typeof value.project_dir !== 'string' ||
+    !isRecord(value.entry_points)
+  ) {
+    throw invalid('projects');
+  }
+  const entryPoints: IProject['entry_points'] = {};
+  for (const [name, ep] of Object.entries(value.entry_points)) {
+    const params = isRecord(ep) && Array.isArray(ep.parameters) ? ep.parameters : [];
+    entryPoints[name] = {
+      command: isRecord(ep) && typeof ep.command === 'string' ? ep.command : undefined,
+      parameters: params
+        .map(parseParameter)
+        .filter((p): p is IParameterSpec => p !== null)
+    };
+  }
+  const checks: Record<string, IConfigCheck> = {};
+  if (isRecord(value.config_checks)) {
+    for (const [name, check] of Object.entries(value.config_checks)) {
+      if (isRecord(check) && typeof check.ok === 'boolean') {
+        checks[name] = {
+          ok: check.ok,
+          backend: typeof check.backend === 'string' ? check.backend : undefined,
+          error: strOrNull(check.error),
+          warnings: Array.isArray(check.warnings)
+            ? check.warnings.filter((w): w is string => typeof w === 'string')
+            : []
+        };
+      }
+    }
+  }
+  return {
+    project_dir: value.project_dir,
+    name: typeof value.name === 'string' ? value.name : value.project_dir,
+    entry_points: entryPoints,
+    config_files: Array.isArray(value.config_files)
+      ? value.config_files.filter((f): f is string => typeof f === 'string')
+      : [],
+    config_checks: checks,
+    default_config: strOrNull(value.default_config)
   };
 }

@@ -7,16 +7,22 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import {
+  Dialog,
   ICommandPalette,
   MainAreaWidget,
+  showDialog,
   WidgetTracker
 } from '@jupyterlab/apputils';
+import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { Widget } from '@lumino/widgets';
 
-import { MantikApi } from './api';
+import { IRun, MantikApi } from './api';
 import { mantikIcon } from './icons';
 import { createMlflowWidget, MlflowFrame, MLFLOW_WIDGET_ID } from './mlflow';
 import { MantikPanel, PANEL_ID } from './panel';
+import { displayName } from './state';
+import { showSubmitDialog } from './submit';
 
 export { MantikApi, MantikApiError } from './api';
 export type { IAuthStatus, LoginCredentials } from './api';
@@ -28,6 +34,13 @@ const PLUGIN_ID = 'mantik-jupyter:plugin';
 export namespace CommandIDs {
   export const openMlflow = 'mantik:open-mlflow';
   export const openPanel = 'mantik:open-panel';
+  export const submit = 'mantik:submit';
+  export const submitFromBrowser = 'mantik:submit-from-browser';
+}
+
+/** Whether a file name is an MLproject file (matched case-insensitively, as MLflow does). */
+function isMLprojectFile(name: string): boolean {
+  return name.toLowerCase() === 'mlproject';
 }
 
 /** Settings (`schema/plugin.json`). */
@@ -37,7 +50,7 @@ export interface IMantikSettings {
 }
 
 const DEFAULT_SETTINGS: IMantikSettings = {
-  pollInterval: 10,
+  pollInterval: 5,
   defaultConfigFile: 'compute-backend-config.yaml'
 };
 
@@ -47,12 +60,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
   description: 'Mantik sidebar: MLflow tracking connection and the MLflow UI.',
   autoStart: true,
-  optional: [ICommandPalette, ILayoutRestorer, ISettingRegistry],
+  optional: [
+    ICommandPalette,
+    ILayoutRestorer,
+    ISettingRegistry,
+    IDefaultFileBrowser
+  ],
   activate: (
     app: JupyterFrontEnd,
     palette: ICommandPalette | null,
     restorer: ILayoutRestorer | null,
-    settingRegistry: ISettingRegistry | null
+    settingRegistry: ISettingRegistry | null,
+    fileBrowser: IDefaultFileBrowser | null
   ) => {
     const api = new MantikApi({
       serverSettings: app.serviceManager.serverSettings
@@ -68,24 +87,125 @@ const plugin: JupyterFrontEndPlugin<void> = {
       label: 'Open MLflow',
       caption: 'Open the MLflow tracking UI in a tab',
       icon: args => (args['isPalette'] ? undefined : mantikIcon),
-      execute: async () => {
+      execute: async args => {
+        // A run's page when both ids are given; the URL is always built here, never taken
+        // from the arguments.
+        const runId = typeof args['runId'] === 'string' ? args['runId'] : '';
+        const experimentId =
+          typeof args['experimentId'] === 'string' ? args['experimentId'] : '';
+        const url =
+          runId && experimentId
+            ? api.mlflowRunUrl({ run_id: runId, experiment_id: experimentId })
+            : api.mlflowUrl;
         let widget = tracker.find(w => w.id === MLFLOW_WIDGET_ID) ?? null;
         if (!widget || widget.isDisposed) {
-          widget = createMlflowWidget(api.mlflowUrl);
+          widget = createMlflowWidget(url);
           void tracker.add(widget);
           app.shell.add(widget, 'main');
+        } else if (runId) {
+          widget.content.url = url;
         }
         app.shell.activateById(widget.id);
         return widget;
       }
     });
 
+    // --- Submit to HPC ----------------------------------------------------
+    const localPath = (path: string) =>
+      app.serviceManager.contents.localPath(path);
+
+    /** The file in focus (notebook, editor), else the file browser's folder. */
+    const pathInFocus = (): string => {
+      const current = app.shell.currentWidget as
+        | (Widget & { context?: { path?: unknown } })
+        | null;
+      const path = current?.context?.path;
+      if (typeof path === 'string') {
+        return localPath(path);
+      }
+      return fileBrowser ? localPath(fileBrowser.model.path) : '';
+    };
+
+    const selectedInBrowser = () => {
+      const item = fileBrowser?.selectedItems().next();
+      return item && !item.done ? item.value : null;
+    };
+
+    const submit = async (path: string): Promise<IRun | null> => {
+      const run = await showSubmitDialog({
+        api,
+        path,
+        defaultConfigFile: settings.defaultConfigFile
+      });
+      if (run) {
+        panel.addRun(run);
+        app.shell.activateById(PANEL_ID);
+      }
+      return run;
+    };
+
+    app.commands.addCommand(CommandIDs.submit, {
+      label: args =>
+        args['isPalette'] ? 'Submit Project to HPC…' : 'Submit to HPC…',
+      caption:
+        'Submit the MLproject of the file in focus to a compute backend',
+      icon: args => (args['isPalette'] ? undefined : mantikIcon),
+      execute: args =>
+        submit(typeof args['path'] === 'string' ? args['path'] : pathInFocus())
+    });
+
+    app.commands.addCommand(CommandIDs.submitFromBrowser, {
+      label: 'Submit to HPC…',
+      caption: 'Submit this MLproject to a compute backend',
+      icon: mantikIcon,
+      isVisible: () => {
+        const item = selectedInBrowser();
+        return (
+          !!item &&
+          (item.type === 'directory' || isMLprojectFile(item.name))
+        );
+      },
+      execute: () => {
+        const item = selectedInBrowser();
+        return submit(item ? localPath(item.path) : pathInFocus());
+      }
+    });
+    app.contextMenu.addItem({
+      command: CommandIDs.submitFromBrowser,
+      selector: '.jp-DirListing-item[data-isdir="true"]',
+      rank: 3
+    });
+    app.contextMenu.addItem({
+      command: CommandIDs.submitFromBrowser,
+      selector: '.jp-DirListing-item[data-isdir="false"]',
+      rank: 3
+    });
+
     // --- Sidebar ----------------------------------------------------------
     const panel = new MantikPanel({
       api,
       pollInterval: settings.pollInterval,
-      onOpenMlflow: () => {
-        void app.commands.execute(CommandIDs.openMlflow);
+      onOpenMlflow: run => {
+        void app.commands.execute(
+          CommandIDs.openMlflow,
+          run ? { runId: run.run_id, experimentId: run.experiment_id } : {}
+        );
+      },
+      onSubmit: () => {
+        void app.commands.execute(CommandIDs.submit);
+      },
+      confirmCancel: async run => {
+        const result = await showDialog({
+          title: 'Cancel run?',
+          body: `Cancel run "${displayName(run)}" on ${
+            run.backend ?? 'its backend'
+          }? The job is stopped and the run is marked KILLED.`,
+          buttons: [
+            Dialog.cancelButton({ label: 'Keep running' }),
+            Dialog.warnButton({ label: 'Cancel run' })
+          ]
+        });
+        return result.button.accept;
       }
     });
     app.shell.add(panel, 'left', { rank: 900 });
@@ -108,6 +228,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
       });
       palette.addItem({
         command: CommandIDs.openMlflow,
+        category: PALETTE_CATEGORY,
+        args: { isPalette: true }
+      });
+      palette.addItem({
+        command: CommandIDs.submit,
         category: PALETTE_CATEGORY,
         args: { isPalette: true }
       });

@@ -13,11 +13,14 @@ import React, { useCallback, useEffect, useId, useRef, useState } from 'react';
 
 import {
   IAuthStatus,
+  IRun,
   LoginCredentials,
   MantikApi,
   MantikApiError
 } from './api';
 import { mantikIcon } from './icons';
+import { RunsSection } from './runs';
+import { RunsModel } from './state';
 
 /** Poll interval (seconds) while the embedded tracking server is starting. */
 const STARTING_POLL_INTERVAL = 2;
@@ -39,8 +42,12 @@ export function errorMessage(error: unknown): string {
 /** Options of the sidebar panel. */
 export interface IMantikPanelOptions {
   api: MantikApi;
-  /** Run the "open MLflow" command. */
-  onOpenMlflow: () => void;
+  /** Run the "open MLflow" command (at a run's page when given one). */
+  onOpenMlflow: (run?: IRun) => void;
+  /** Run the "submit" command. */
+  onSubmit: () => void;
+  /** Ask the user to confirm cancelling a run. */
+  confirmCancel: (run: IRun) => Promise<boolean>;
   /** Status poll interval in seconds (0: no polling). */
   pollInterval?: number;
 }
@@ -54,7 +61,16 @@ export class MantikPanel extends ReactWidget {
     super();
     this._api = options.api;
     this._onOpenMlflow = options.onOpenMlflow;
-    this._pollInterval = options.pollInterval ?? 10;
+    this._onSubmit = options.onSubmit;
+    this._confirmCancel = options.confirmCancel;
+    this._pollInterval = options.pollInterval ?? 5;
+    this.runs = new RunsModel({
+      fetchRuns: async refresh =>
+        (await this._api.listRuns({ maxResults: 100, refresh })).runs,
+      interval: this._pollInterval * 1000,
+      visible: false,
+      describeError: errorMessage
+    });
     this.id = PANEL_ID;
     this.addClass('mantik-Panel');
     this.node.dataset.testid = 'mantik-sidebar';
@@ -70,23 +86,40 @@ export class MantikPanel extends ReactWidget {
     const seconds = Number.isFinite(value) && value > 0 ? value : 0;
     if (seconds !== this._pollInterval) {
       this._pollInterval = seconds;
+      this.runs.setInterval(seconds * 1000);
       this.update();
     }
   }
 
-  /** Ask the content to reload the status now. */
+  /** The runs list (polled with backoff while this panel is visible). */
+  readonly runs: RunsModel;
+
+  /** Show a run (e.g. just submitted) at the top of the list. */
+  addRun(run: IRun): void {
+    this.runs.upsert(run, true);
+  }
+
+  /** Ask the content to reload the status and the runs now. */
   refresh(): void {
     this._refreshToken++;
+    void this.runs.refresh();
     this.update();
+  }
+
+  dispose(): void {
+    this.runs.dispose();
+    super.dispose();
   }
 
   protected onAfterShow(msg: Message): void {
     super.onAfterShow(msg);
+    this.runs.setVisible(true);
     this.update();
   }
 
   protected onAfterHide(msg: Message): void {
     super.onAfterHide(msg);
+    this.runs.setVisible(false);
     this.update();
   }
 
@@ -95,21 +128,34 @@ export class MantikPanel extends ReactWidget {
       <MantikPanelComponent
         api={this._api}
         onOpenMlflow={this._onOpenMlflow}
-        pollInterval={this.isVisible ? this._pollInterval : 0}
+        pollInterval={this.isVisible ? Math.max(this._pollInterval, 10) : 0}
         refreshToken={this._refreshToken}
-      />
+      >
+        <RunsSection
+          api={this._api}
+          model={this.runs}
+          visible={this.isVisible}
+          onOpenMlflow={this._onOpenMlflow}
+          onSubmit={this._onSubmit}
+          confirmCancel={this._confirmCancel}
+        />
+      </MantikPanelComponent>
     );
   }
 
   private _api: MantikApi;
-  private _onOpenMlflow: () => void;
+  private _onOpenMlflow: (run?: IRun) => void;
+  private _onSubmit: () => void;
+  private _confirmCancel: (run: IRun) => Promise<boolean>;
   private _pollInterval: number;
   private _refreshToken = 0;
 }
 
 interface IPanelProps {
   api: MantikApi;
-  onOpenMlflow: () => void;
+  onOpenMlflow: (run?: IRun) => void;
+  /** The runs section, shown below the tracking connection. */
+  children?: React.ReactNode;
   /** Seconds between status polls; 0 pauses polling. */
   pollInterval: number;
   /** Changing this number reloads the status. */
@@ -118,7 +164,7 @@ interface IPanelProps {
 
 /** The panel's content. */
 export function MantikPanelComponent(props: IPanelProps): JSX.Element {
-  const { api, onOpenMlflow, pollInterval, refreshToken } = props;
+  const { api, onOpenMlflow, pollInterval, refreshToken, children } = props;
   const [status, setStatus] = useState<IAuthStatus | null>(null);
   const [statusError, setStatusError] = useState<string | null>(null);
   const [loading, setLoading] = useState(true);
@@ -274,7 +320,7 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
         <Button
           className="jp-mod-styled jp-mod-accept mantik-open-mlflow"
           data-testid="mantik-open-mlflow"
-          onClick={onOpenMlflow}
+          onClick={() => onOpenMlflow()}
           title="Open the MLflow UI in a tab"
         >
           Open MLflow
@@ -290,6 +336,7 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
           </Button>
         ) : null}
       </section>
+      {children}
     </div>
   );
 }

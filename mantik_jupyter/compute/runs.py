@@ -7,11 +7,12 @@ everything about the job on it:
 tag                         meaning
 ==========================  ===========================================================
 ``mantik.state``            fine-grained state (``RunState``), MLflow status follows it
-``mantik.backend``          backend kind (``ssh-slurm``, ``local``)
+``mantik.backend``          backend kind (``ssh-slurm``, ``unicore``, ``local``)
 ``mantik.backend_spec``     JSON of the backend section (no secrets): rebuilds the backend
                             after a restart of the lab
 ``mantik.job_id``           the backend's job id
-``mantik.run_dir``          the run directory on the compute system
+``mantik.run_dir``          the run directory on the compute system (UNICORE: the URL of
+                            the job's working-directory storage)
 ``mantik.entry_point``      MLproject entry point; ``mantik.source``: cli|notebook|lab|api
 ``mantik.user``             submitting tracking user; ``mantik.run_user``: per-run user
 ``mantik.package_sha256``   digest of the code archive
@@ -86,6 +87,7 @@ from .backends.base import Backend, Capabilities, FileEntry, JobStatus, Prepared
 from .backends.local import LocalBackend
 from .backends.paths import clean_relative
 from .backends.ssh_slurm import SshSlurmBackend
+from .backends.unicore import UnicoreBackend, UnicoreJob
 from .config import (
     CONFIG_FILENAMES,
     ENV_SSH_PASSWORD,
@@ -288,11 +290,7 @@ class RunService:
         return [
             entry(SshSlurmBackend.capabilities, "SSH"),
             entry(LocalBackend.capabilities, "Local"),
-            entry(
-                Capabilities(name="unicore", description="UNICORE sites (coming soon)"),
-                "UnicoreApiUrl",
-                False,
-            ),
+            entry(UnicoreBackend.capabilities, "UnicoreApiUrl"),
             entry(
                 Capabilities(name="firecrest", description="FirecREST sites (coming soon)"),
                 "Firecrest",
@@ -313,11 +311,13 @@ class RunService:
             else:
                 path = self.work_dir / "local-runs"
             return {"kind": "local", "Directory": str(path.absolute())}
-        key = "UnicoreApiUrl" if config.backend == "unicore" else "Firecrest"
+        if config.backend == "unicore":
+            assert config.unicore is not None
+            return {"kind": "unicore", "UnicoreApiUrl": config.unicore.api_url}
         raise ConfigError(
-            f"{config.source}: the {config.backend} backend (config key '{key}') is not "
-            "supported yet; it is coming in a later release. Use an 'SSH' section (Slurm "
-            "over SSH) or 'Local' for now."
+            f"{config.source}: the {config.backend} backend (config key 'Firecrest') is not "
+            "supported yet; it is coming in a later release. Use 'UnicoreApiUrl', an 'SSH' "
+            "section (Slurm over SSH) or 'Local' for now."
         )
 
     def _backend(self, spec: Mapping[str, Any], config: ComputeConfig | None = None) -> Backend:
@@ -329,13 +329,22 @@ class RunService:
                 self._backends[key] = backend
             return backend
 
-    @staticmethod
-    def _make_backend(spec: Mapping[str, Any], config: ComputeConfig | None) -> Backend:
+    def _make_backend(self, spec: Mapping[str, Any], config: ComputeConfig | None) -> Backend:
         import os
 
         kind = spec.get("kind")
         if kind == "local":
             return LocalBackend(spec["Directory"])
+        if kind == "unicore":
+            # A credential stored for the site's URL (as for a tracking server), else the
+            # backend reads MANTIK_UNICORE_TOKEN or MANTIK_UNICORE_USERNAME/PASSWORD.
+            stored = self.tracking.store.get(spec["UnicoreApiUrl"])
+            return UnicoreBackend(
+                spec["UnicoreApiUrl"],
+                username=stored.username if stored else None,
+                password=stored.password if stored else None,
+                token=stored.token if stored else None,
+            )
         if kind == "ssh":
             ssh = config.ssh if config is not None else None
             identity = spec.get("IdentityFile")
@@ -530,6 +539,8 @@ class RunService:
                 job_name=safe_job_name(run_name or project.name or "mantik"),
                 files=[PACKAGE_FILE, JOB_SCRIPT, CREDENTIALS_FILE],
             )
+            if spec["kind"] == "unicore":
+                job = UnicoreJob.from_prepared(job, config)
             try:
                 job_id = backend.submit(
                     job, progress=(lambda d, t: progress("upload", d, t)) if progress else None
@@ -586,13 +597,14 @@ class RunService:
     def _check_tracking_uri(job_uri: str, spec: Mapping[str, Any]) -> list[str]:
         host = (urlparse(job_uri).hostname or "").lower()
         loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
-        remote = spec.get("kind") == "ssh" and str(spec.get("Hostname", "")).lower() not in (
-            _LOOPBACK_HOSTS | {"127.0.0.1"}
-        )
+        where = str(spec.get("Hostname", "")) if spec.get("kind") == "ssh" else ""
+        if spec.get("kind") == "unicore":
+            where = urlparse(str(spec.get("UnicoreApiUrl", ""))).hostname or ""
+        remote = bool(where) and where.lower() not in (_LOOPBACK_HOSTS | {"127.0.0.1"})
         if loopback and remote:
             return [
                 f"The job will report to the tracking server at {job_uri}, a loopback address, "
-                f"but runs on {spec.get('Hostname')}: it will not reach the server from there. "
+                f"but runs on {where}: it will not reach the server from there. "
                 "Set the job tracking URI (an address the compute nodes can reach) or tunnel "
                 "the port."
             ]

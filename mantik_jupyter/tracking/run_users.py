@@ -2,11 +2,12 @@
 
 A job on a cluster holds its tracking credential in a file for as long as it runs.
 With the embedded server the lab owns an admin account; handing that to a job would
-let a leaked credential do anything. Instead every run gets its own user, named after
-the run (``mantik-run-<run_id>``), with a random password and an ``EDIT`` grant on the
-run's experiment only (MLflow's permission model has no narrower useful scope: run-level
-grants only accept ``*``). The user is deleted when the run ends, which revokes access
-at once. With a remote tracking server the job gets the submitting user's own credential
+let a leaked credential do anything. Instead every run gets its own user with a random
+name (``mantik-run-<32 hex digits>``, recorded in the run's ``mantik.run_user`` tag; it
+does not derive from the run id, so the user can be made while the run is being
+created), a random password and an ``EDIT`` grant on the run's experiment only
+(MLflow's permission model has no narrower useful scope: run-level grants only accept
+``*``). The user is deleted when the run ends, which revokes access at once. With a remote tracking server the job gets the submitting user's own credential
 instead (the lab is not an admin there).
 
 Permissions API of MLflow 3.x: ``POST /api/3.0/mlflow/users/permissions/grant`` with
@@ -18,7 +19,6 @@ users are created with ``POST /api/2.0/mlflow/users/create`` and removed with
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 
 from ..errors import InvalidRequest, NotFound
@@ -30,25 +30,21 @@ log = logging.getLogger(__name__)
 USER_PREFIX = "mantik-run-"
 # MLflow requires at least 12 characters; 32 random bytes are far beyond that.
 PASSWORD_BYTES = 32
-_RUN_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+NAME_BYTES = 16
 
 
-def run_username(run_id: str) -> str:
-    if not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"{run_id!r} is not an MLflow run id")
-    return f"{USER_PREFIX}{run_id}"
+def new_run_username() -> str:
+    """A fresh per-run user name (random, so it never collides with an earlier one)."""
+    return f"{USER_PREFIX}{secrets.token_hex(NAME_BYTES)}"
 
 
-def create_run_user(admin: TrackingClient, run_id: str, experiment_id: str) -> Credential:
-    """Create the run's user, allowed to edit only the run's experiment; return its credential."""
-    username = run_username(run_id)
+def create_run_user(admin: TrackingClient, username: str, experiment_id: str) -> Credential:
+    """Create the user ``username`` (from ``new_run_username``), allowed to edit only the
+    experiment ``experiment_id``; return its credential."""
+    if not username.startswith(USER_PREFIX):
+        raise ValueError(f"{username!r} is not a per-run user name")
     password = secrets.token_urlsafe(PASSWORD_BYTES)
-    try:
-        admin.api("POST", "users/create", username=username, password=password)
-    except InvalidRequest:
-        # Left over from an earlier attempt for the same run: start afresh.
-        delete_run_user(admin, username)
-        admin.api("POST", "users/create", username=username, password=password)
+    admin.api("POST", "users/create", username=username, password=password)
     try:
         admin.request(
             "POST",

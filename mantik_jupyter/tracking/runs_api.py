@@ -24,6 +24,11 @@ from .rest import TrackingClient
 MAX_TAGS_PER_BATCH = 100
 MAX_PARAMS_PER_BATCH = 100
 ACTIVE_ONLY = "ACTIVE_ONLY"
+# MLflow's limits for metric histories: one get-history page, and per run / runs per
+# request of get-history-bulk-interval.
+MAX_HISTORY_PAGE = 25000
+MAX_SAMPLED_PER_RUN = 2500
+MAX_RUNS_PER_BULK = 100
 
 
 def now_ms() -> int:
@@ -214,6 +219,49 @@ class RunsApi:
                 yield from runs
                 if not token:
                     break
+
+    # ---- metric histories -------------------------------------------------------------
+
+    def metric_history(
+        self, run_id: str, key: str, *, page_size: int = MAX_HISTORY_PAGE
+    ) -> list[dict[str, Any]]:
+        """Every logged value of metric ``key`` of a run (``metrics/get-history``, paged)."""
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            body: dict[str, Any] = {"run_id": run_id, "metric_key": key, "max_results": page_size}
+            if token:
+                body["page_token"] = token
+            answer = self.client.api("GET", "metrics/get-history", **body)
+            out += answer.get("metrics", [])
+            token = answer.get("next_page_token")
+            if not token:
+                return out
+
+    def metric_history_sampled(
+        self, run_ids: Iterable[str], key: str, *, max_results: int = MAX_SAMPLED_PER_RUN
+    ) -> dict[str, list[dict[str, Any]]] | None:
+        """Up to ``max_results`` values of ``key`` per run, sampled evenly by the server
+        (``metrics/get-history-bulk-interval``: first and last point always kept), at most
+        100 runs per request. A run with fewer values gets all of them. ``None`` when the
+        server does not offer the endpoint (older MLflow, other servers)."""
+        ids = list(dict.fromkeys(str(i) for i in run_ids))
+        result: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        for start in range(0, len(ids), MAX_RUNS_PER_BULK):
+            params: dict[str, Any] = {
+                "run_ids": ids[start : start + MAX_RUNS_PER_BULK],
+                "metric_key": key,
+                "max_results": max(1, min(max_results, MAX_SAMPLED_PER_RUN)),
+            }
+            try:
+                resp = self.client.request(
+                    "GET", "ajax-api/2.0/mlflow/metrics/get-history-bulk-interval", params=params
+                )
+            except NotFound:
+                return None
+            for metric in (resp.json() if resp.content else {}).get("metrics", []):
+                result.setdefault(metric.get("run_id", ""), []).append(metric)
+        return result
 
     # ---- artifacts --------------------------------------------------------------------
 

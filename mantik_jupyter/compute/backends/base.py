@@ -100,5 +100,10 @@ class Backend(abc.ABC):
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         """Stream one file of the run directory in chunks."""
 
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """Open connections ahead of ``submit``; called while the MLflow run is being
+        created, so a slow login overlaps with it. Never raises: ``submit`` reports
+        whatever is wrong."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

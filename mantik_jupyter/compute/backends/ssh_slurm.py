@@ -302,6 +302,12 @@ class SshSlurmBackend(Backend):
     def close(self) -> None:
         self._drop()
 
+    def warm_up(self) -> None:
+        try:
+            self.remote_base()
+        except Exception as exc:  # noqa: BLE001 - only an optimisation; submit reports it
+            log.debug("connecting ahead of submit to %s failed: %s", self._where(), exc)
+
     def _sftp_client(self) -> paramiko.SFTPClient:
         """The shared SFTP session for small operations (hold ``_lock`` while using it)."""
         with self._lock:

@@ -1,0 +1,584 @@
+/**
+ * The runs part of the sidebar: a filterable list that updates live, and the
+ * details of the selected run (params, metrics, a following log, files, cancel).
+ */
+import { Button, refreshIcon } from '@jupyterlab/ui-components';
+import React, {
+  useCallback,
+  useEffect,
+  useId,
+  useRef,
+  useState,
+  useSyncExternalStore
+} from 'react';
+
+import { IFileEntry, IRun, MantikApi } from './api';
+import {
+  backendsOf,
+  displayName,
+  EMPTY_FILTER,
+  filterRuns,
+  formatAge,
+  formatBytes,
+  formatDuration,
+  IRunFilter,
+  isActive,
+  LogBuffer,
+  Poller,
+  RunsModel,
+  stateKind
+} from './state';
+
+/** User-facing text of an error of any kind. */
+export function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+const STATE_OPTIONS = [
+  ['all', 'All states'],
+  ['active', 'Active'],
+  ['QUEUED', 'Queued'],
+  ['RUNNING', 'Running'],
+  ['FINISHED', 'Finished'],
+  ['FAILED', 'Failed'],
+  ['KILLED', 'Killed']
+] as const;
+
+export interface IRunsSectionProps {
+  api: MantikApi;
+  model: RunsModel;
+  visible: boolean;
+  onOpenMlflow: (run?: IRun) => void;
+  onSubmit: () => void;
+  /** Ask the user to confirm; resolves true to cancel. */
+  confirmCancel: (run: IRun) => Promise<boolean>;
+}
+
+export function StateChip(props: { state: string }): JSX.Element {
+  return (
+    <span
+      className={`mantik-chip mantik-chip-${stateKind(props.state)} mantik-run-state`}
+      data-state={props.state}
+    >
+      {props.state}
+    </span>
+  );
+}
+
+/** Re-render every `ms` so ages stay current. */
+function useNow(ms: number, enabled: boolean): number {
+  const [now, setNow] = useState(() => Date.now());
+  useEffect(() => {
+    if (!enabled) {
+      return;
+    }
+    setNow(Date.now());
+    const timer = window.setInterval(() => setNow(Date.now()), ms);
+    return () => window.clearInterval(timer);
+  }, [ms, enabled]);
+  return now;
+}
+
+export function RunsSection(props: IRunsSectionProps): JSX.Element {
+  const { api, model, visible, onOpenMlflow, onSubmit, confirmCancel } = props;
+  const snapshot = useSyncExternalStore(
+    useCallback(listener => model.subscribe(listener), [model]),
+    () => model.snapshot
+  );
+  const [filter, setFilter] = useState<IRunFilter>(EMPTY_FILTER);
+  const [selectedId, setSelectedId] = useState<string | null>(null);
+  const now = useNow(10_000, visible);
+  const id = useId();
+  const listRef = useRef<HTMLUListElement>(null);
+
+  const runs = filterRuns(snapshot.runs, filter);
+  const backends = backendsOf(snapshot.runs);
+  const selected = snapshot.runs.find(r => r.run_id === selectedId) ?? null;
+
+  // A new submission becomes the selection.
+  const selectSeq = snapshot.select?.seq;
+  useEffect(() => {
+    if (snapshot.select) {
+      setSelectedId(snapshot.select.runId);
+      setFilter(EMPTY_FILTER);
+    }
+  }, [selectSeq]);
+
+  const onListKeyDown = (event: React.KeyboardEvent<HTMLUListElement>) => {
+    if (event.key !== 'ArrowDown' && event.key !== 'ArrowUp') {
+      return;
+    }
+    const buttons = Array.from(
+      listRef.current?.querySelectorAll<HTMLButtonElement>('.mantik-run-row') ?? []
+    );
+    const index = buttons.findIndex(b => b === document.activeElement);
+    const next =
+      event.key === 'ArrowDown'
+        ? Math.min(buttons.length - 1, index + 1)
+        : Math.max(0, index - 1);
+    buttons[next]?.focus();
+    event.preventDefault();
+  };
+
+  return (
+    <>
+      <section
+        className="mantik-Section mantik-runs"
+        data-testid="mantik-runs"
+        aria-labelledby={`${id}-runs-heading`}
+      >
+        <div className="mantik-Section-header">
+          <h3 id={`${id}-runs-heading`} className="mantik-Section-title">
+            Runs
+          </h3>
+          <Button
+            small
+            className="jp-mod-styled jp-mod-accept mantik-submit-open"
+            data-testid="mantik-submit-open"
+            title="Submit the project of the file in focus to a compute backend"
+            onClick={onSubmit}
+          >
+            Submit…
+          </Button>
+          <Button
+            minimal
+            small
+            className="mantik-runs-refresh"
+            title="Refresh runs"
+            aria-label="Refresh runs"
+            onClick={() => void model.refresh()}
+          >
+            <refreshIcon.react tag="span" />
+          </Button>
+        </div>
+        <div className="mantik-filters" role="group" aria-label="Filter runs">
+          <input
+            type="search"
+            className="jp-mod-styled mantik-filter-text"
+            placeholder="Filter by name or id"
+            aria-label="Filter runs by name or id"
+            value={filter.text}
+            onChange={e => setFilter({ ...filter, text: e.target.value })}
+          />
+          <select
+            className="jp-mod-styled mantik-filter-state"
+            aria-label="Filter runs by state"
+            value={filter.state}
+            onChange={e => setFilter({ ...filter, state: e.target.value })}
+          >
+            {STATE_OPTIONS.map(([value, label]) => (
+              <option key={value} value={value}>
+                {label}
+              </option>
+            ))}
+          </select>
+          <select
+            className="jp-mod-styled mantik-filter-backend"
+            aria-label="Filter runs by backend"
+            value={filter.backend}
+            onChange={e => setFilter({ ...filter, backend: e.target.value })}
+          >
+            <option value="">All backends</option>
+            {backends.map(b => (
+              <option key={b} value={b}>
+                {b}
+              </option>
+            ))}
+          </select>
+        </div>
+        {snapshot.error !== null ? (
+          <p className="mantik-error mantik-runs-error" role="alert">
+            {snapshot.error}
+          </p>
+        ) : null}
+        {!snapshot.loaded ? (
+          <p className="mantik-muted">Loading runs…</p>
+        ) : runs.length === 0 ? (
+          <p className="mantik-muted mantik-runs-empty">
+            {snapshot.runs.length === 0
+              ? 'No runs yet. Use "Submit…" or right-click an MLproject folder.'
+              : 'No run matches the filters.'}
+          </p>
+        ) : (
+          <ul
+            className="mantik-RunList"
+            data-testid="mantik-run-list"
+            aria-label="Runs, newest first"
+            ref={listRef}
+            onKeyDown={onListKeyDown}
+          >
+            {runs.map(run => (
+              <li key={run.run_id}>
+                <button
+                  type="button"
+                  className={`mantik-run-row${
+                    run.run_id === selectedId ? ' mantik-mod-selected' : ''
+                  }`}
+                  data-run-id={run.run_id}
+                  aria-pressed={run.run_id === selectedId}
+                  aria-label={`${displayName(run)}, ${run.state}, ${
+                    run.backend ?? 'unknown backend'
+                  }, started ${formatAge(run.start_time, now)} ago`}
+                  onClick={() =>
+                    setSelectedId(run.run_id === selectedId ? null : run.run_id)
+                  }
+                >
+                  <span className="mantik-run-name" title={run.run_id}>
+                    {displayName(run)}
+                  </span>
+                  <StateChip state={run.state} />
+                  <span className="mantik-run-backend">{run.backend ?? '—'}</span>
+                  <span className="mantik-run-age">{formatAge(run.start_time, now)}</span>
+                </button>
+              </li>
+            ))}
+          </ul>
+        )}
+      </section>
+      {selected !== null ? (
+        <RunDetails
+          key={selected.run_id}
+          api={api}
+          run={selected}
+          visible={visible}
+          now={now}
+          onClose={() => setSelectedId(null)}
+          onOpenMlflow={() => onOpenMlflow(selected)}
+          onCancelled={run => model.upsert(run)}
+          confirmCancel={confirmCancel}
+        />
+      ) : null}
+    </>
+  );
+}
+
+interface IRunDetailsProps {
+  api: MantikApi;
+  run: IRun;
+  visible: boolean;
+  now: number;
+  onClose: () => void;
+  onOpenMlflow: () => void;
+  onCancelled: (run: IRun) => void;
+  confirmCancel: (run: IRun) => Promise<boolean>;
+}
+
+function RunDetails(props: IRunDetailsProps): JSX.Element {
+  const { api, run, visible, now, onClose, onOpenMlflow, onCancelled, confirmCancel } =
+    props;
+  const id = useId();
+  const [cancelling, setCancelling] = useState(false);
+  const [actionError, setActionError] = useState<string | null>(null);
+  const active = isActive(run);
+
+  const cancel = async () => {
+    setActionError(null);
+    if (!(await confirmCancel(run))) {
+      return;
+    }
+    setCancelling(true);
+    try {
+      onCancelled(await api.cancelRun(run.run_id));
+    } catch (error) {
+      setActionError(errorText(error));
+    } finally {
+      setCancelling(false);
+    }
+  };
+
+  const params = Object.entries(run.params).sort(([a], [b]) => a.localeCompare(b));
+  const metrics = Object.entries(run.metrics).sort(([a], [b]) => a.localeCompare(b));
+
+  return (
+    <section
+      className="mantik-Section mantik-RunDetails"
+      data-testid="mantik-run-details"
+      data-run-id={run.run_id}
+      aria-labelledby={`${id}-title`}
+    >
+      <div className="mantik-Section-header">
+        <h3 id={`${id}-title`} className="mantik-Section-title mantik-details-title">
+          {displayName(run)}
+        </h3>
+        <StateChip state={run.state} />
+        <Button
+          minimal
+          small
+          className="mantik-details-close"
+          aria-label="Close run details"
+          title="Close run details"
+          onClick={onClose}
+        >
+          ×
+        </Button>
+      </div>
+      <dl className="mantik-StatusList mantik-run-facts">
+        <dt>Run id</dt>
+        <dd className="mantik-mono">{run.run_id}</dd>
+        <dt>Backend</dt>
+        <dd>
+          {run.backend ?? '—'}
+          {run.job_id ? <span className="mantik-muted"> (job {run.job_id})</span> : null}
+        </dd>
+        <dt>Entry point</dt>
+        <dd>{run.entry_point ?? '—'}</dd>
+        <dt>Duration</dt>
+        <dd>{formatDuration(run.start_time, run.end_time, now)}</dd>
+        {run.reason ? (
+          <>
+            <dt>Reason</dt>
+            <dd className="mantik-run-reason">{run.reason}</dd>
+          </>
+        ) : null}
+      </dl>
+      {run.warnings.map(w => (
+        <p key={w} className="mantik-warning">
+          {w}
+        </p>
+      ))}
+      <div className="mantik-actions">
+        <Button
+          small
+          className="jp-mod-styled mantik-open-run-mlflow"
+          data-testid="mantik-open-run-mlflow"
+          onClick={onOpenMlflow}
+          title="Open this run in the MLflow UI"
+        >
+          Open in MLflow
+        </Button>
+        {active ? (
+          <Button
+            small
+            className="jp-mod-styled jp-mod-warn mantik-cancel-run"
+            data-testid="mantik-cancel-run"
+            onClick={() => void cancel()}
+            disabled={cancelling}
+          >
+            {cancelling ? 'Cancelling…' : 'Cancel run'}
+          </Button>
+        ) : null}
+      </div>
+      {actionError !== null ? (
+        <p className="mantik-error" role="alert">
+          {actionError}
+        </p>
+      ) : null}
+
+      <details className="mantik-params" open={params.length > 0 && params.length <= 8}>
+        <summary>Parameters ({params.length})</summary>
+        <KeyValueTable rows={params} label="Parameters" />
+      </details>
+      <details className="mantik-metrics" open={metrics.length > 0}>
+        <summary>Latest metrics ({metrics.length})</summary>
+        <KeyValueTable
+          rows={metrics.map(([k, v]) => [k, Number.isInteger(v) ? String(v) : v.toPrecision(5)])}
+          label="Latest metrics"
+        />
+      </details>
+      <LogView api={api} run={run} visible={visible} />
+      <FilesView api={api} run={run} />
+    </section>
+  );
+}
+
+function KeyValueTable(props: {
+  rows: Array<[string, string]>;
+  label: string;
+}): JSX.Element {
+  if (props.rows.length === 0) {
+    return <p className="mantik-muted">None</p>;
+  }
+  return (
+    <table className="mantik-kv" aria-label={props.label}>
+      <tbody>
+        {props.rows.map(([k, v]) => (
+          <tr key={k}>
+            <th scope="row">{k}</th>
+            <td>{v}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
+/** The run's log, following while the run is active and the panel visible. */
+function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.Element {
+  const { api, run, visible } = props;
+  const [buffer] = useState(() => new LogBuffer());
+  const [, setVersion] = useState(0);
+  const [error, setError] = useState<string | null>(null);
+  const [follow, setFollow] = useState(true);
+  const pre = useRef<HTMLPreElement>(null);
+  const poller = useRef<Poller | null>(null);
+  const runId = run.run_id;
+
+  useEffect(() => {
+    const p = new Poller({
+      interval: 1500,
+      maxInterval: 10_000,
+      factor: 1.6,
+      paused: !visible,
+      task: async () => {
+        try {
+          const chunk = await api.runLogs(runId, buffer.offset);
+          const grew = buffer.append(chunk);
+          setError(null);
+          if (grew || chunk.final) {
+            setVersion(v => v + 1);
+          }
+          if (chunk.final) {
+            p.dispose();
+          }
+          return grew ? 'active' : 'idle';
+        } catch (e) {
+          setError(errorText(e));
+          return 'error';
+        }
+      }
+    });
+    poller.current = p;
+    p.start();
+    return () => p.dispose();
+  }, [api, runId, buffer]);
+
+  useEffect(() => {
+    poller.current?.[visible ? 'resume' : 'pause']();
+  }, [visible]);
+
+  // The run's state changed (e.g. it ended): read the rest of the log now.
+  useEffect(() => {
+    if (!buffer.final && poller.current && !poller.current.isDisposed) {
+      void poller.current.refresh();
+    }
+  }, [run.state]);
+
+  useEffect(() => {
+    if (follow && pre.current) {
+      pre.current.scrollTop = pre.current.scrollHeight;
+    }
+  });
+
+  const onScroll = () => {
+    const el = pre.current;
+    if (el) {
+      setFollow(el.scrollHeight - el.scrollTop - el.clientHeight < 24);
+    }
+  };
+
+  return (
+    <div className="mantik-LogView">
+      <div className="mantik-Section-header">
+        <h4 className="mantik-Subsection-title">Log</h4>
+        <span className="mantik-muted mantik-log-state" aria-live="polite">
+          {buffer.final ? 'complete' : follow ? 'following' : 'paused (scrolled up)'}
+        </span>
+      </div>
+      {error !== null ? (
+        <p className="mantik-error mantik-log-error" role="alert">
+          {error}
+        </p>
+      ) : null}
+      <pre
+        ref={pre}
+        className="mantik-log"
+        data-testid="mantik-log"
+        role="log"
+        aria-label={`Log of run ${displayName(run)}`}
+        tabIndex={0}
+        onScroll={onScroll}
+      >
+        {buffer.truncated ? '[… earlier output dropped …]\n' : ''}
+        {buffer.text || (buffer.final ? '(empty log)' : 'Waiting for output…')}
+      </pre>
+    </div>
+  );
+}
+
+/** One folder of the run directory, with downloads. */
+function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
+  const { api, run } = props;
+  const [open, setOpen] = useState(false);
+  const [path, setPath] = useState('');
+  const [entries, setEntries] = useState<IFileEntry[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [loading, setLoading] = useState(false);
+
+  const load = useCallback(
+    async (folder: string) => {
+      setLoading(true);
+      setError(null);
+      try {
+        setEntries(await api.runFiles(run.run_id, folder));
+        setPath(folder);
+      } catch (e) {
+        setError(errorText(e));
+      } finally {
+        setLoading(false);
+      }
+    },
+    [api, run.run_id]
+  );
+
+  useEffect(() => {
+    if (open) {
+      void load(path);
+    }
+    // Reload when the run ends: its outputs are complete then.
+  }, [open, run.is_final]);
+
+  const parent = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
+  const name = (p: string) => p.slice(p.lastIndexOf('/') + 1);
+
+  return (
+    <details
+      className="mantik-files"
+      onToggle={e => setOpen((e.target as HTMLDetailsElement).open)}
+    >
+      <summary>Files</summary>
+      {loading ? <p className="mantik-muted">Loading…</p> : null}
+      {error !== null ? (
+        <p className="mantik-error" role="alert">
+          {error}
+        </p>
+      ) : null}
+      {entries !== null ? (
+        <ul className="mantik-FileList" aria-label={`Files in ${path || 'the run directory'}`}>
+          {path ? (
+            <li>
+              <button type="button" className="mantik-linkbutton" onClick={() => void load(parent)}>
+                ../
+              </button>
+            </li>
+          ) : null}
+          {entries.length === 0 ? <li className="mantik-muted">Empty</li> : null}
+          {entries.map(entry => (
+            <li key={entry.path}>
+              {entry.is_dir ? (
+                <button
+                  type="button"
+                  className="mantik-linkbutton"
+                  aria-label={`Open folder ${name(entry.path)}`}
+                  onClick={() => void load(entry.path)}
+                >
+                  {name(entry.path)}/
+                </button>
+              ) : (
+                <a
+                  href={api.downloadUrl(run.run_id, entry.path)}
+                  download={name(entry.path)}
+                  aria-label={`Download ${name(entry.path)} (${formatBytes(entry.size)})`}
+                >
+                  {name(entry.path)}
+                </a>
+              )}
+              {entry.is_dir ? null : (
+                <span className="mantik-muted"> {formatBytes(entry.size)}</span>
+              )}
+            </li>
+          ))}
+        </ul>
+      ) : null}
+    </details>
+  );
+}

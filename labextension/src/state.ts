@@ -1,0 +1,590 @@
+/**
+ * UI state logic of the sidebar, free of React and the DOM so it can be unit-tested:
+ * a poller with backoff that pauses while the panel is hidden, a log follower,
+ * and the pure helpers of the runs list (filters, merge, ages, chips).
+ */
+import { FINAL_STATES, ILogChunk, IRun } from './api';
+
+// --------------------------------------------------------------------------- polling
+
+/** What one poll found, which decides the next delay. */
+export type PollOutcome = 'active' | 'idle' | 'error';
+
+export interface IBackoff {
+  /** Delay after a poll that found something changing (ms). */
+  interval: number;
+  /** Upper bound of the delay (ms). */
+  maxInterval: number;
+  /** Factor the delay grows by after an idle poll or an error. */
+  factor: number;
+}
+
+/**
+ * The delay before the next poll: back to `interval` while something is active,
+ * growing by `factor` (up to `maxInterval`) while idle or failing.
+ */
+export function nextDelay(
+  previous: number,
+  outcome: PollOutcome,
+  backoff: IBackoff
+): number {
+  const base = Math.max(1, backoff.interval);
+  const max = Math.max(base, backoff.maxInterval);
+  if (outcome === 'active') {
+    return base;
+  }
+  const grown = Math.max(base, previous) * Math.max(1, backoff.factor);
+  return Math.min(max, Math.round(grown));
+}
+
+/** Timer functions, replaceable in tests. */
+export interface ITimers {
+  setTimeout: (fn: () => void, ms: number) => unknown;
+  clearTimeout: (handle: unknown) => void;
+}
+
+const defaultTimers: ITimers = {
+  setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+  clearTimeout: handle =>
+    globalThis.clearTimeout(handle as ReturnType<typeof setTimeout>)
+};
+
+export interface IPollerOptions extends IBackoff {
+  /** One poll; its outcome sets the next delay. A throw counts as 'error'. */
+  task: () => Promise<PollOutcome>;
+  /** Start paused (e.g. while the panel is hidden). */
+  paused?: boolean;
+  timers?: ITimers;
+}
+
+/**
+ * Calls `task` repeatedly, one call at a time, with backoff.
+ *
+ * - While paused no poll is scheduled; `resume()` polls at once.
+ * - `refresh()` polls at once and resets the backoff (after a user action).
+ * - `interval === 0` (settings) stops polling; explicit refreshes still work.
+ */
+export class Poller {
+  constructor(options: IPollerOptions) {
+    this._task = options.task;
+    this._backoff = {
+      interval: options.interval,
+      maxInterval: options.maxInterval,
+      factor: options.factor
+    };
+    this._paused = options.paused ?? false;
+    this._timers = options.timers ?? defaultTimers;
+    this._delay = options.interval;
+  }
+
+  /** Delay (ms) before the next scheduled poll. */
+  get delay(): number {
+    return this._delay;
+  }
+
+  get isPaused(): boolean {
+    return this._paused;
+  }
+
+  get isDisposed(): boolean {
+    return this._disposed;
+  }
+
+  /** Whether a poll is scheduled (a timer is pending). */
+  get isScheduled(): boolean {
+    return this._timer !== null;
+  }
+
+  /** Number of polls started so far. */
+  get polls(): number {
+    return this._polls;
+  }
+
+  /** Start polling (at once). */
+  start(): void {
+    if (!this._paused) {
+      this._schedule(0);
+    }
+  }
+
+  /** Change the backoff; the next delay starts from the new interval. */
+  configure(backoff: Partial<IBackoff>): void {
+    this._backoff = { ...this._backoff, ...backoff };
+    this._delay = this._backoff.interval;
+    if (!this._paused && !this._running) {
+      this._schedule(this._enabled ? this._delay : -1);
+    }
+  }
+
+  pause(): void {
+    this._paused = true;
+    this._clear();
+  }
+
+  resume(): void {
+    if (!this._paused || this._disposed) {
+      return;
+    }
+    this._paused = false;
+    // Whatever happened while hidden: look now.
+    this._schedule(0);
+  }
+
+  /** Poll now and reset the backoff. Resolves when that poll is done. */
+  refresh(): Promise<void> {
+    this._delay = this._backoff.interval;
+    if (this._running) {
+      // Poll again right after the current one.
+      this._again = true;
+      return this._current ?? Promise.resolve();
+    }
+    this._clear();
+    return this._tick();
+  }
+
+  dispose(): void {
+    this._disposed = true;
+    this._clear();
+  }
+
+  private get _enabled(): boolean {
+    return this._backoff.interval > 0;
+  }
+
+  /** ms < 0: nothing scheduled. */
+  private _schedule(ms: number): void {
+    this._clear();
+    if (this._disposed || this._paused || ms < 0) {
+      return;
+    }
+    this._timer = this._timers.setTimeout(() => {
+      this._timer = null;
+      void this._tick();
+    }, ms);
+  }
+
+  private _clear(): void {
+    if (this._timer !== null) {
+      this._timers.clearTimeout(this._timer);
+      this._timer = null;
+    }
+  }
+
+  private _tick(): Promise<void> {
+    if (this._disposed) {
+      return Promise.resolve();
+    }
+    this._running = true;
+    this._polls++;
+    const run = async () => {
+      let outcome: PollOutcome;
+      try {
+        outcome = await this._task();
+      } catch {
+        outcome = 'error';
+      }
+      this._running = false;
+      this._current = null;
+      this._delay = nextDelay(this._delay, outcome, this._backoff);
+      if (this._again) {
+        this._again = false;
+        this._delay = this._backoff.interval;
+        this._schedule(0);
+      } else {
+        this._schedule(this._enabled ? this._delay : -1);
+      }
+    };
+    this._current = run();
+    return this._current;
+  }
+
+  private _task: () => Promise<PollOutcome>;
+  private _backoff: IBackoff;
+  private _paused: boolean;
+  private _timers: ITimers;
+  private _delay: number;
+  private _timer: unknown = null;
+  private _running = false;
+  private _again = false;
+  private _current: Promise<void> | null = null;
+  private _disposed = false;
+  private _polls = 0;
+}
+
+// --------------------------------------------------------------------------- logs
+
+/** Most characters of a log kept in the browser; older text is dropped. */
+export const MAX_LOG_CHARS = 1_000_000;
+
+/** Accumulates a run's log from offset-based chunks. */
+export class LogBuffer {
+  text = '';
+  offset = 0;
+  final = false;
+  truncated = false;
+
+  /** Append one chunk; returns whether anything new arrived. */
+  append(chunk: ILogChunk): boolean {
+    const grew = chunk.text.length > 0;
+    if (grew) {
+      this.text += chunk.text;
+      if (this.text.length > MAX_LOG_CHARS) {
+        this.text = this.text.slice(this.text.length - MAX_LOG_CHARS);
+        this.truncated = true;
+      }
+    }
+    this.offset = Math.max(this.offset, chunk.offset);
+    this.final = chunk.final;
+    return grew;
+  }
+}
+
+// --------------------------------------------------------------------------- runs list
+
+export function isActive(run: Pick<IRun, 'state' | 'is_final'>): boolean {
+  return !run.is_final && !FINAL_STATES.has(run.state);
+}
+
+export function hasActiveRuns(runs: readonly IRun[]): boolean {
+  return runs.some(isActive);
+}
+
+/** Filters of the runs list. */
+export interface IRunFilter {
+  /** Matched case-insensitively against name, id, entry point and backend. */
+  text: string;
+  /** 'all', 'active', or one state. */
+  state: string;
+  /** '' for every backend. */
+  backend: string;
+}
+
+export const EMPTY_FILTER: IRunFilter = { text: '', state: 'all', backend: '' };
+
+export function matchesFilter(run: IRun, filter: IRunFilter): boolean {
+  if (filter.state === 'active' && !isActive(run)) {
+    return false;
+  }
+  if (
+    filter.state !== 'all' &&
+    filter.state !== 'active' &&
+    run.state !== filter.state
+  ) {
+    return false;
+  }
+  if (filter.backend && run.backend !== filter.backend) {
+    return false;
+  }
+  const text = filter.text.trim().toLowerCase();
+  if (!text) {
+    return true;
+  }
+  return [run.run_name, run.run_id, run.entry_point, run.backend].some(
+    field => (field ?? '').toLowerCase().includes(text)
+  );
+}
+
+export function filterRuns(runs: readonly IRun[], filter: IRunFilter): IRun[] {
+  return runs.filter(run => matchesFilter(run, filter));
+}
+
+/** Backends that occur in the list, for the filter's options. */
+export function backendsOf(runs: readonly IRun[]): string[] {
+  return [...new Set(runs.map(r => r.backend).filter((b): b is string => !!b))].sort();
+}
+
+/**
+ * The list after a poll, keeping runs the server did not (yet) return, e.g. one just
+ * submitted while MLflow's search lags: newest first, no duplicates.
+ */
+export function mergeRuns(
+  fetched: readonly IRun[],
+  pinned: readonly IRun[]
+): IRun[] {
+  const ids = new Set(fetched.map(r => r.run_id));
+  const extra = pinned.filter(r => !ids.has(r.run_id));
+  return sortRuns([...extra, ...fetched]);
+}
+
+/** Put one run (new or updated) into the list. */
+export function upsertRun(runs: readonly IRun[], run: IRun): IRun[] {
+  const others = runs.filter(r => r.run_id !== run.run_id);
+  return sortRuns([run, ...others]);
+}
+
+/** Newest first; runs without a start time (just submitted) on top. Stable. */
+export function sortRuns(runs: readonly IRun[]): IRun[] {
+  return runs
+    .map((run, index) => ({ run, index }))
+    .sort((a, b) => {
+      const ta = a.run.start_time ?? Number.MAX_SAFE_INTEGER;
+      const tb = b.run.start_time ?? Number.MAX_SAFE_INTEGER;
+      return tb - ta || a.index - b.index;
+    })
+    .map(x => x.run);
+}
+
+/** "just now", "42 s", "5 min", "3 h", "2 d". */
+export function formatAge(startMs: number | null, nowMs: number): string {
+  if (startMs === null) {
+    return '—';
+  }
+  const seconds = Math.max(0, Math.floor((nowMs - startMs) / 1000));
+  if (seconds < 5) {
+    return 'just now';
+  }
+  if (seconds < 60) {
+    return `${seconds} s`;
+  }
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) {
+    return `${minutes} min`;
+  }
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) {
+    return `${hours} h`;
+  }
+  return `${Math.floor(hours / 24)} d`;
+}
+
+/** Duration of a run, e.g. "1 min 12 s". */
+export function formatDuration(
+  startMs: number | null,
+  endMs: number | null,
+  nowMs: number
+): string {
+  if (startMs === null) {
+    return '—';
+  }
+  const total = Math.max(0, Math.round(((endMs ?? nowMs) - startMs) / 1000));
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = total % 60;
+  if (h > 0) {
+    return `${h} h ${m} min`;
+  }
+  return m > 0 ? `${m} min ${s} s` : `${s} s`;
+}
+
+/** CSS modifier of a state chip. */
+export function stateKind(state: string): 'ok' | 'error' | 'warn' | 'pending' | 'active' {
+  switch (state) {
+    case 'FINISHED':
+      return 'ok';
+    case 'FAILED':
+      return 'error';
+    case 'KILLED':
+    case 'UNKNOWN':
+      return 'warn';
+    case 'RUNNING':
+      return 'active';
+    default:
+      return 'pending';
+  }
+}
+
+export function displayName(run: Pick<IRun, 'run_name' | 'run_id'>): string {
+  return run.run_name || run.run_id.slice(0, 8);
+}
+
+export function formatBytes(size: number): string {
+  if (size < 1024) {
+    return `${size} B`;
+  }
+  const units = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let value = size / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
+// --------------------------------------------------------------------------- submit form
+
+/** The config a form preselects: the settings' default, the server's, else the first. */
+export function pickConfig(
+  files: readonly string[],
+  preferred: string,
+  serverDefault: string | null
+): string {
+  if (preferred && files.includes(preferred)) {
+    return preferred;
+  }
+  if (serverDefault && files.includes(serverDefault)) {
+    return serverDefault;
+  }
+  return files[0] ?? '';
+}
+
+/** Client-side check of one parameter value; the server checks again. */
+export function checkParam(
+  type: string,
+  value: string,
+  required: boolean
+): string | null {
+  const v = value.trim();
+  if (!v) {
+    return required ? 'Required' : null;
+  }
+  const t = type.toLowerCase();
+  if ((t === 'int' || t === 'integer') && !/^[+-]?\d+$/.test(v)) {
+    return 'Must be a whole number';
+  }
+  if (
+    (t === 'float' || t === 'double') &&
+    (!/^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(v) || !Number.isFinite(Number(v)))
+  ) {
+    return 'Must be a number';
+  }
+  return null;
+}
+
+/** Parameters to send: only values that differ from the MLproject's defaults. */
+export function changedParams(
+  specs: ReadonlyArray<{ name: string; default: string | null }>,
+  values: Readonly<Record<string, string>>
+): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const spec of specs) {
+    const value = (values[spec.name] ?? '').trim();
+    if (value && value !== spec.default) {
+      out[spec.name] = value;
+    }
+  }
+  return out;
+}
+
+// --------------------------------------------------------------------------- runs model
+
+export interface IRunsModelOptions {
+  /** Fetch the newest runs; `refresh` asks the server to query the backends first. */
+  fetchRuns: (refresh: boolean) => Promise<IRun[]>;
+  /** Poll delay while runs are active (ms); 0 disables polling. */
+  interval: number;
+  /** Longest delay while idle or failing (ms). */
+  maxInterval?: number;
+  factor?: number;
+  /** Start hidden (paused). */
+  visible?: boolean;
+  timers?: ITimers;
+  /** Error text of a failed fetch. */
+  describeError?: (error: unknown) => string;
+}
+
+export interface IRunsSnapshot {
+  runs: IRun[];
+  error: string | null;
+  loaded: boolean;
+  /** A run the list should select (a new submission); `seq` grows with each request. */
+  select: { runId: string; seq: number } | null;
+}
+
+/**
+ * The runs list: fetched with backoff while the panel is visible, paused while it is
+ * hidden; a submitted run is shown at once, before MLflow's search returns it.
+ */
+export class RunsModel {
+  constructor(options: IRunsModelOptions) {
+    this._fetch = options.fetchRuns;
+    this._describe = options.describeError ?? (e => String(e));
+    this._poller = new Poller({
+      task: () => this._poll(),
+      interval: options.interval,
+      maxInterval: options.maxInterval ?? Math.max(options.interval * 8, 30_000),
+      factor: options.factor ?? 1.5,
+      paused: options.visible === false,
+      timers: options.timers
+    });
+    this._poller.start();
+  }
+
+  get poller(): Poller {
+    return this._poller;
+  }
+
+  get snapshot(): IRunsSnapshot {
+    return this._snapshot;
+  }
+
+  subscribe(listener: () => void): () => void {
+    this._listeners.add(listener);
+    return () => this._listeners.delete(listener);
+  }
+
+  setVisible(visible: boolean): void {
+    if (visible) {
+      this._poller.resume();
+    } else {
+      this._poller.pause();
+    }
+  }
+
+  setInterval(intervalMs: number, maxIntervalMs?: number): void {
+    this._poller.configure({
+      interval: intervalMs,
+      maxInterval: maxIntervalMs ?? Math.max(intervalMs * 8, 30_000)
+    });
+  }
+
+  /**
+   * Show a run at the top now (a new submission, a cancel answer) and poll soon;
+   * `select` asks the list to select it.
+   */
+  upsert(run: IRun, select = false): void {
+    this._pinned = upsertRun(this._pinned, run);
+    const request = select
+      ? { runId: run.run_id, seq: (this._snapshot.select?.seq ?? 0) + 1 }
+      : this._snapshot.select;
+    this._set({
+      ...this._snapshot,
+      runs: upsertRun(this._snapshot.runs, run),
+      select: request
+    });
+    void this._poller.refresh();
+  }
+
+  refresh(): Promise<void> {
+    return this._poller.refresh();
+  }
+
+  dispose(): void {
+    this._poller.dispose();
+    this._listeners.clear();
+  }
+
+  private async _poll(): Promise<PollOutcome> {
+    try {
+      const fetched = await this._fetch(hasActiveRuns(this._snapshot.runs));
+      const ids = new Set(fetched.map(r => r.run_id));
+      // A pinned run stays until the search returns it.
+      this._pinned = this._pinned.filter(r => !ids.has(r.run_id));
+      const runs = mergeRuns(fetched, this._pinned);
+      this._set({ ...this._snapshot, runs, error: null, loaded: true });
+      return hasActiveRuns(runs) ? 'active' : 'idle';
+    } catch (error) {
+      this._set({ ...this._snapshot, error: this._describe(error), loaded: true });
+      return 'error';
+    }
+  }
+
+  private _set(next: IRunsSnapshot): void {
+    this._snapshot = next;
+    for (const listener of [...this._listeners]) {
+      listener();
+    }
+  }
+
+  private _fetch: (refresh: boolean) => Promise<IRun[]>;
+  private _describe: (error: unknown) => string;
+  private _poller: Poller;
+  private _pinned: IRun[] = [];
+  private _listeners = new Set<() => void>();
+  private _snapshot: IRunsSnapshot = {
+    runs: [],
+    error: null,
+    loaded: false,
+    select: null
+  };
+}

@@ -1,0 +1,765 @@
+"""UNICORE: the backend for sites reached through a UNICORE REST API (JUWELS, JURECA, ...).
+
+Everything goes through pyunicore's client (``Client``, ``Job``, ``Storage``,
+``PathFile``); no HTTP is written by hand. Two small additions to pyunicore's
+``Transport``: it keeps the HTTP status and UNICORE's own ``errorMessage`` of a failed
+call (pyunicore folds them into the text of an ``httpx.HTTPError``), and it verifies TLS
+certificates by default (pyunicore does not).
+
+A run is one UNICORE job (``Job type`` BATCH). Its working directory (the job's
+"uspace") is the run directory, with the same layout as on the other backends:
+
+* the job is created with ``haveClientStageIn: "true"``; ``package.tar.gz``,
+  ``mantik-job.sh`` and ``.mantik-credentials`` are uploaded into its working directory
+  (client stage-in), then the job is started (``action:start``);
+* the ``User precommand`` runs on the login node (``RunUserPrecommandOnLoginNode``):
+  it unpacks the package into ``code/`` and then runs ``PreRunCommandOnLoginNode``;
+  ``PostRunCommandOnLoginNode`` becomes the ``User postcommand`` on the login node.
+  Their output goes to ``mantik-login.log`` in the run directory;
+* ``Executable: bash``, ``Arguments: [mantik-job.sh]`` runs the generated job script
+  (rendered with ``scheduler="none"``) on the compute node, ``Stdout``/``Stderr``
+  ``mantik.log``; ``Resources`` become UNICORE resource requests (``Runtime`` in
+  seconds, ``MemoryPerNode`` in megabytes), the compute budget account becomes
+  ``Project``; ``Environment.Variables``, modules, the venv/Apptainer image and the
+  MLflow settings are set by the job script on the compute node, like on Slurm.
+
+The tracking credential. The UNICORE protocol offers one way to get a file to the
+job: through the UNICORE server (HTTPS to the gateway and UNICORE/X, which writes it
+into the job directory through the TSI). So the credential necessarily passes through
+the site's UNICORE services and sits in the job directory on the cluster file system
+from stage-in until the job script starts. What is done to limit that: it is never in
+the job description (UNICORE stores descriptions and shows them at
+``/jobs/{id}/submitted``), nor in the ``Environment``, the job's name, tags or log; it
+is uploaded as the 0600 file ``.mantik-credentials`` (the job runs with
+``Umask: 077``, which UNICORE applies to staged-in files) before the job is started; the
+job script reads it as data and deletes it first thing, as on Slurm; with the embedded
+tracking server it is a per-run user that can only write to the run's experiment and
+is deleted when the run ends.
+
+Job ids are UNICORE's job ids (the last part of the job URL). The run directory
+(``run_dir_of``) is the URL of the job's working-directory storage; after a restart of
+the lab the RunService hands it back with ``attach(job_id, run_dir)``.
+
+States: UNICORE's REST API lists jobs only as URLs (``GET /jobs`` answers
+``{"jobs": [url, ...]}``, see unicorex ``Jobs``/``ServicesBase``), so the list cannot
+give states. ``states()`` therefore asks each job once, narrowed with
+``?fields=status,statusMessage,exitCode``, several jobs in parallel. pyunicore's
+``Job.exit_code`` turns an exit code of 0 into ``None``; the raw ``exitCode`` property is
+read instead, and ``mantik.exitcode`` in the working directory is the fallback. The
+mapping is in ``docs/states.md``.
+
+Credentials: ``token`` (OIDC/bearer, e.g. ``MANTIK_UNICORE_TOKEN``) or
+``username``/``password`` (``MANTIK_UNICORE_USERNAME``/``MANTIK_UNICORE_PASSWORD``).
+They never appear in messages, logs or reprs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from pyunicore import client as uc
+from pyunicore.credentials import AuthenticationFailedException, OIDCToken, UsernamePassword
+
+from ...errors import (
+    AuthenticationFailed,
+    BackendRejected,
+    BackendUnavailable,
+    Conflict,
+    InvalidRequest,
+    MantikError,
+    NotFound,
+    PermissionDenied,
+)
+from ..config import ComputeConfig
+from ..states import RunState
+from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .paths import clean_relative, safe_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENV_UNICORE_USERNAME = "MANTIK_UNICORE_USERNAME"
+ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
+ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
+
+LOG_FILE = "mantik.log"
+LOGIN_LOG_FILE = "mantik-login.log"
+EXITCODE_FILE = "mantik.exitcode"
+PACKAGE_FILE = "package.tar.gz"
+JOB_SCRIPT = "mantik-job.sh"
+CREDENTIALS_FILE = ".mantik-credentials"
+CHUNK = 256 * 1024
+MAX_LOG_READ = 4 * 1024 * 1024
+STATE_WORKERS = 8
+_STATE_FIELDS = "status,statusMessage,exitCode"
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ACTIVE = {
+    "UNDEFINED": RunState.QUEUED,
+    "READY": RunState.QUEUED,
+    "STAGINGIN": RunState.QUEUED,
+    "QUEUED": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    "STAGINGOUT": RunState.RUNNING,
+}
+
+
+# ---- pyunicore transport with usable errors ---------------------------------------------
+
+
+class UnicoreHTTPError(httpx.HTTPError):
+    """A UNICORE answer with an error status; ``message`` is UNICORE's ``errorMessage``."""
+
+    def __init__(self, status: int, message: str, url: str) -> None:
+        super().__init__(f"{status} {message} for url: {url}")
+        self.status = status
+        self.message = message
+
+
+class _Transport(uc.Transport):
+    """pyunicore's Transport, keeping the status code and UNICORE's own error message."""
+
+    def _clone(self) -> _Transport:
+        clone = _Transport(
+            self.credential, verify=self.verify, use_security_sessions=self.use_security_sessions
+        )
+        clone._preferences = self._preferences
+        clone.last_session_id = self.last_session_id
+        clone.timeout = self.timeout
+        return clone
+
+    def check_error(self, res: httpx.Response) -> None:
+        if 400 <= res.status_code < 600:
+            res.read()
+            message = res.reason_phrase
+            try:
+                message = res.json().get("errorMessage") or message
+            except ValueError:
+                pass
+            raise UnicoreHTTPError(res.status_code, str(message), str(res.url))
+        res.raise_for_status()
+
+
+# ---- the job description ----------------------------------------------------------------
+
+
+@dataclass
+class UnicoreJob(PreparedJob):
+    """A ``PreparedJob`` with the config its UNICORE job description is made from."""
+
+    config: ComputeConfig | None = None
+
+    @classmethod
+    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> UnicoreJob:
+        return cls(
+            run_id=job.run_id,
+            local_dir=job.local_dir,
+            job_name=job.job_name,
+            files=list(job.files),
+            config=config,
+        )
+
+
+def job_description(config: ComputeConfig | None, job_name: str, run_id: str) -> dict[str, Any]:
+    """The UNICORE job description of one run (no secret ever goes in here)."""
+    description: dict[str, Any] = {
+        "Name": job_name,
+        "Job type": "BATCH",
+        "Executable": "bash",
+        "Arguments": [JOB_SCRIPT],
+        "Stdout": LOG_FILE,
+        "Stderr": LOG_FILE,
+        "haveClientStageIn": "true",
+        "Umask": "077",
+        # Run ids are hex; they tell a login-node command which run it serves.
+        "Environment": {"MLFLOW_RUN_ID": run_id, "MANTIK_RUN_ID": run_id},
+        "Tags": ["mantik", f"mantik-run-{run_id}"],
+        "User precommand": _login_commands((), "PreRunCommandOnLoginNode", unpack=True),
+        "RunUserPrecommandOnLoginNode": "true",
+    }
+    if config is None:
+        return description
+    env = config.environment
+    if env.pre_run_command_on_login_node:
+        description["User precommand"] = _login_commands(
+            env.pre_run_command_on_login_node, "PreRunCommandOnLoginNode", unpack=True
+        )
+    if env.post_run_command_on_login_node:
+        description["User postcommand"] = _login_commands(
+            env.post_run_command_on_login_node, "PostRunCommandOnLoginNode", unpack=False
+        )
+        description["RunUserPostcommandOnLoginNode"] = "true"
+    resources = unicore_resources(config)
+    if resources:
+        description["Resources"] = resources
+    if config.compute_budget_account:
+        description["Project"] = config.compute_budget_account
+    return description
+
+
+def unicore_resources(config: ComputeConfig) -> dict[str, str]:
+    """``Resources`` of the config as UNICORE resource requests (values as strings)."""
+    res = config.resources
+    values: dict[str, Any] = {
+        "Queue": res.queue,
+        "Runtime": res.runtime,  # seconds, UNICORE's unit for a plain number
+        "Nodes": res.nodes,
+        "TotalCPUs": res.total_cpus,
+        "CPUsPerNode": res.cpus_per_node,
+        "GPUsPerNode": res.gpus_per_node,
+        "MemoryPerNode": None if res.memory_per_node is None else f"{res.memory_per_node}M",
+        "Reservation": res.reservation,
+        "NodeConstraints": res.node_constraints,
+        "QoS": res.qos,
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _login_commands(commands: tuple[str, ...], key: str, *, unpack: bool) -> str:
+    """One shell text for a UNICORE user pre/post command: output to mantik-login.log,
+    the first failing step ends it with its status (UNICORE then fails the job)."""
+    lines = [f"exec >> {LOGIN_LOG_FILE} 2>&1"]
+    if unpack:
+        q = shlex.quote
+        lines.append(
+            f"if [ -f {q(PACKAGE_FILE)} ]; then mkdir -p code && "
+            f"tar -xzf {q(PACKAGE_FILE)} -C code || "
+            '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi'
+        )
+    for index, command in enumerate(commands):
+        label = f"{key}[{index}]"
+        lines.append(f"echo {shlex.quote(f'[mantik] {label}')}")
+        # User shell code, as written; the blank line ends a trailing continuation.
+        lines += [command, ""]
+        lines.append(
+            f'mantik_rc=$?; [ "$mantik_rc" -eq 0 ] || {{ echo "[mantik] {label} failed '
+            f'with exit status $mantik_rc"; exit "$mantik_rc"; }}'
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---- the backend -------------------------------------------------------------------------
+
+
+class UnicoreBackend(Backend):
+    """Runs jobs at a UNICORE site (``api_url`` is its ``.../rest/core`` URL)."""
+
+    capabilities = Capabilities(
+        name="unicore",
+        # UNICORE's job list carries no states: one (small, parallel) request per job.
+        batch_states=False,
+        description="Batch jobs at a UNICORE site (UnicoreApiUrl)",
+    )
+
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 60.0,
+        run_dirs: dict[str, str] | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        if token is None and not (username and password):
+            token = os.environ.get(ENV_UNICORE_TOKEN) or None
+            if token is None:
+                username = username or os.environ.get(ENV_UNICORE_USERNAME) or None
+                password = password or os.environ.get(ENV_UNICORE_PASSWORD) or None
+        self.username = None if token else username
+        self._password = password
+        self._token = token
+        self._verify = verify
+        self._timeout = timeout
+        self._run_dirs: dict[str, str] = dict(run_dirs or {})
+        self._client: uc.Client | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:  # no credentials in reprs that end up in logs
+        return f"UnicoreBackend({self.api_url})"
+
+    # ---- connection and errors -------------------------------------------------------------
+
+    def _site(self) -> str:
+        parts = urlsplit(self.api_url)
+        return f"{parts.hostname or self.api_url}" + (f":{parts.port}" if parts.port else "")
+
+    def _credential(self) -> UsernamePassword | OIDCToken:
+        if self._token:
+            _check_token_expiry(self._token, self.api_url)
+            return OIDCToken(self._token)
+        if self.username and self._password:
+            return UsernamePassword(self.username, self._password)
+        raise AuthenticationFailed(
+            f"No credential for the UNICORE site {self.api_url}: set {ENV_UNICORE_USERNAME} "
+            f"and {ENV_UNICORE_PASSWORD}, or {ENV_UNICORE_TOKEN} (an OIDC access token)."
+        )
+
+    def _refused(self) -> AuthenticationFailed:
+        if self._token:
+            return AuthenticationFailed(
+                f"The UNICORE site {self.api_url} refused the access token: it has probably "
+                f"expired or is not valid for this site. Renew the token and set it again "
+                f"({ENV_UNICORE_TOKEN})."
+            )
+        return AuthenticationFailed(
+            f"The UNICORE site {self.api_url} refused the login of user {self.username!r}. "
+            f"Check the user name and password ({ENV_UNICORE_USERNAME}/"
+            f"{ENV_UNICORE_PASSWORD})."
+        )
+
+    def client(self) -> uc.Client:
+        """The pyunicore site client (the login is checked when it is made)."""
+        with self._lock:
+            if self._client is None:
+                credential = self._credential()
+
+                def connect() -> uc.Client:
+                    transport = _Transport(credential, verify=self._verify)
+                    transport.timeout = self._timeout
+                    return uc.Client(transport, self.api_url)
+
+                self._client = self._call(connect, "logging in")
+            return self._client
+
+    def _call(self, action: Callable[[], T], what: str) -> T:
+        """Run a pyunicore call; turn its failures into the domain errors."""
+        try:
+            return action()
+        except MantikError:
+            raise
+        except AuthenticationFailedException:
+            raise self._refused() from None
+        except UnicoreHTTPError as exc:
+            raise self._http_error(exc, what) from None
+        except (httpx.TransportError, OSError) as exc:
+            raise BackendUnavailable(
+                f"Cannot reach the UNICORE site {self.api_url} while {what}: {_describe(exc)}"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(
+                f"The UNICORE site {self.api_url} failed while {what}: {_describe(exc)}"
+            ) from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BackendUnavailable(
+                f"The UNICORE site {self.api_url} gave an answer that is not UNICORE's REST "
+                f"API while {what} ({_describe(exc)}); is UnicoreApiUrl the site's "
+                ".../rest/core URL?"
+            ) from None
+
+    def _http_error(self, exc: UnicoreHTTPError, what: str) -> MantikError:
+        if exc.status == 401:
+            with self._lock:
+                self._client = None
+            return self._refused()
+        if exc.status == 403:
+            return PermissionDenied(
+                f"The UNICORE site {self.api_url} denied access while {what}: {exc.message}"
+            )
+        if exc.status == 404:
+            return NotFound(f"Not found at the UNICORE site {self.api_url} while {what}: "
+                            f"{exc.message}")  # fmt: skip
+        if exc.status >= 500 or exc.status in (408, 429):
+            return BackendUnavailable(
+                f"The UNICORE site {self.api_url} answered {exc.status} while {what}: {exc.message}"
+            )
+        return BackendRejected(
+            f"The UNICORE site {self.api_url} refused {what} ({exc.status}): {exc.message}"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._client = None
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def attach(self, job_id: str, run_dir: str) -> None:
+        self._run_dirs[self._check_job_id(job_id)] = run_dir
+
+    def run_dir_of(self, job_id: str) -> str:
+        """The URL of the job's working-directory storage."""
+        job_id = self._check_job_id(job_id)
+        if job_id not in self._run_dirs:
+            job = self._job(job_id)
+            self._run_dirs[job_id] = self._call(
+                lambda: job.links["workingDirectory"], f"looking up job {job_id}"
+            )
+        return self._run_dirs[job_id]
+
+    def job_url(self, job_id: str) -> str:
+        return f"{self.api_url}/jobs/{self._check_job_id(job_id)}"
+
+    @staticmethod
+    def _check_job_id(job_id: str) -> str:
+        job_id = str(job_id)
+        if not _JOB_ID.match(job_id):
+            raise NotFound(f"{job_id!r} is not a UNICORE job id")
+        return job_id
+
+    def _job(self, job_id: str) -> uc.Job:
+        return uc.Job(self.client().transport, self.job_url(job_id))
+
+    def _storage(self, job_id: str) -> uc.Storage:
+        return uc.Storage(self.client().transport, self.run_dir_of(job_id))
+
+    # ---- submit --------------------------------------------------------------------------------
+
+    def submit(self, job: PreparedJob, progress: Progress | None = None) -> str:
+        names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
+        for name in names:
+            safe_name(name, "file name")
+        if JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        config = job.config if isinstance(job, UnicoreJob) else None
+        description = job_description(config, job.job_name, safe_name(job.run_id, "run id"))
+        site = self.client()
+
+        def create() -> uc.Job:
+            try:
+                return site.new_job(description, autostart=False)
+            except UnicoreHTTPError as exc:
+                if exc.status in (401, 403, 404):
+                    raise
+                # UNICORE answers a description it cannot accept with 4xx/500 and its reason.
+                raise BackendRejected(
+                    f"The UNICORE site {self.api_url} rejected the job of run {job.run_id}: "
+                    f"{exc.message}"
+                ) from None
+
+        created = self._call(create, "submitting the job")
+        job_id = self._check_job_id(created.job_id)
+        try:
+            workdir = self._call(lambda: created.working_dir, "opening the job directory")
+            self._upload(workdir, job.local_dir, names, progress)
+            self._call(created.start, "starting the job")
+        except BaseException:
+            # Do not leave a half-staged job (with the credential) behind.
+            try:
+                created.delete()
+            except Exception as again:  # noqa: BLE001 - best effort
+                log.warning("could not remove the half-submitted UNICORE job %s: %s", job_id,
+                            _describe(again))  # fmt: skip
+            raise
+        self._run_dirs[job_id] = workdir.resource_url
+        log.info("submitted run %s as UNICORE job %s at %s", job.run_id, job_id, self.api_url)
+        return job_id
+
+    def _upload(
+        self, workdir: uc.Storage, local_dir: Path, names: list[str], progress: Progress | None
+    ) -> None:
+        total = sum((local_dir / n).stat().st_size for n in names)
+        done = 0
+
+        def counting(path: Path) -> Iterator[bytes]:
+            nonlocal done
+            with path.open("rb") as src:
+                while chunk := src.read(CHUNK):
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+                    yield chunk
+
+        # No security session for uploads: pyunicore repeats a request the site answers
+        # with 432 (session expired), and a streamed body cannot be sent twice.
+        transport = workdir.transport._clone()
+        transport.use_security_sessions = False
+        for name in names:
+            path = local_dir / name
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(path.stat().st_size),
+            }
+            self._call(
+                lambda path=path, name=name, headers=headers: transport.put(
+                    url=workdir._to_file_url(name), headers=headers, content=counting(path)
+                ).close(),
+                f"uploading {name}",
+            )
+        if progress:
+            progress(total, total)
+
+    # ---- states --------------------------------------------------------------------------------
+
+    def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        answer = {str(j): JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND") for j in job_ids}
+        valid = [j for j in dict.fromkeys(str(j) for j in job_ids) if _JOB_ID.match(j)]
+        if not valid:
+            return answer
+        self.client()  # a refused login or an unreachable site raises here, once
+        workers = min(STATE_WORKERS, len(valid))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(self._one_state, valid))
+        unreachable = [r for r in results if isinstance(r, BackendUnavailable)]
+        if unreachable and len(unreachable) == len(valid):
+            raise unreachable[0]
+        for job_id, result in zip(valid, results, strict=True):
+            if isinstance(result, JobStatus):
+                answer[job_id] = result
+            elif isinstance(result, NotFound):
+                answer[job_id] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
+            elif isinstance(result, AuthenticationFailed):
+                raise result
+            else:
+                answer[job_id] = JobStatus(RunState.UNKNOWN)
+        return answer
+
+    def _one_state(self, job_id: str) -> JobStatus | MantikError:
+        transport = self.client().transport
+        try:
+            props = self._call(
+                lambda: transport.get(url=self.job_url(job_id), params={"fields": _STATE_FIELDS}),
+                f"asking for the state of job {job_id}",
+            )
+            status = str(props.get("status") or "UNDEFINED")
+            code = _exit_code(props.get("exitCode"))
+            if status in ("SUCCESSFUL", "FAILED") and code is None:
+                code = self._exit_code_file(job_id)
+            return decide(status, str(props.get("statusMessage") or ""), code)
+        except MantikError as exc:
+            return exc
+
+    def _exit_code_file(self, job_id: str) -> int | None:
+        try:
+            data, _ = self._read(job_id, EXITCODE_FILE, 0, 64)
+        except MantikError:
+            return None
+        return _exit_code(data.decode(errors="replace").strip().splitlines()[0] if data else None)
+
+    # ---- logs, cancel ----------------------------------------------------------------------
+
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
+        data, _ = self._read(job_id, LOG_FILE, offset, MAX_LOG_READ)
+        return data, offset + len(data)
+
+    def _read(self, job_id: str, name: str, offset: int, size: int) -> tuple[bytes, bool]:
+        """Up to ``size`` bytes of a file from ``offset``; (b"", False) when it is absent."""
+        storage = self._storage(job_id)
+        url = storage._to_file_url(name)
+        path = uc.PathFile(storage, url, name)
+
+        def read() -> tuple[bytes, bool]:
+            with path.raw(offset=offset, size=size) as resp:
+                if resp.status_code in (404, 416):
+                    return b"", resp.status_code == 416
+                if resp.status_code >= 400:
+                    resp.read()
+                    storage.transport.check_error(resp)
+                data = resp.read()
+            if resp.status_code == 200 and offset:
+                data = data[offset:]  # a server that ignored the Range
+            return data[:size], True
+
+        return self._call(read, f"reading {name} of job {job_id}")
+
+    def cancel(self, job_id: str) -> None:
+        job = self._job(job_id)
+        try:
+            self._call(job.abort, f"aborting job {job_id}")
+        except NotFound:
+            return  # gone already: nothing to stop
+
+    # ---- files -----------------------------------------------------------------------------
+
+    def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
+        """The entries of one directory of the run (not recursive), directories first."""
+        rel = clean_relative(path)
+        storage = self._storage(job_id)
+        listing = self._call(lambda: storage.contents(rel or "/"), "listing files")
+        if not listing.get("isDirectory", "content" in listing):
+            raise InvalidRequest(f"{path!r} of the run directory is not a folder")
+        entries = []
+        for name, meta in (listing.get("content") or {}).items():
+            entry_path = clean_relative(name.lstrip("/"))
+            entries.append(
+                FileEntry(
+                    path=entry_path,
+                    size=int(meta.get("size") or 0),
+                    is_dir=bool(meta.get("isDirectory")),
+                )
+            )
+        return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+
+    def _stat(self, job_id: str, rel: str) -> dict[str, Any]:
+        storage = self._storage(job_id)
+        return self._call(
+            lambda: storage.transport.get(
+                url=storage._to_file_url(rel or "/"), headers={"Accept": "application/json"}
+            ),
+            f"looking at {rel or 'the run directory'}",
+        )
+
+    def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
+        rel = clean_relative(path)
+        if not rel:
+            raise InvalidRequest("Give the path of a file of the run directory.")
+        if self._stat(job_id, rel).get("isDirectory"):
+            raise InvalidRequest(f"{path!r} of the run directory is not a file")
+        return self._stream(job_id, rel)
+
+    def _stream(self, job_id: str, rel: str) -> Iterator[bytes]:
+        storage = self._storage(job_id)
+        path = uc.PathFile(storage, storage._to_file_url(rel), rel)
+        try:
+            with path.raw() as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._call(lambda: storage.transport.check_error(resp), f"reading {rel}")
+                yield from resp.iter_raw(CHUNK)
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(
+                f"Lost the UNICORE site {self.api_url} while reading {rel}: {_describe(exc)}"
+            ) from None
+
+    def download(
+        self, job_id: str, path: str, dest: Path, progress: Progress | None = None
+    ) -> Path:
+        """Same contract as the other backends: a file replaces an older copy at ``dest``
+        (or inside it, if ``dest`` is a folder); a folder lands as ``dest/<name>`` (or at
+        ``dest`` if that does not exist yet) and never merges into an existing one."""
+        rel = clean_relative(path)
+        dest = Path(dest)
+        props = self._stat(job_id, rel)
+        name = rel.rsplit("/", 1)[-1] if rel else job_id
+        final = dest / name if dest.is_dir() else dest
+        if not props.get("isDirectory"):
+            return self._download_file(job_id, rel, final, int(props.get("size") or 0), progress)
+        if final.exists():
+            raise Conflict(f"{final} exists already: remove it or download elsewhere")
+        files = self._walk(job_id, rel)
+        total = sum(size for _, size in files) or 0
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
+        done = 0
+        try:
+            root = staging / "root"
+            root.mkdir()
+            for file_rel, _size in files:
+                inner = file_rel[len(rel) :].lstrip("/") if rel else file_rel
+                target = root / inner
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with target.open("wb") as out:
+                        for chunk in self._stream(job_id, file_rel):
+                            out.write(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress(done, max(total, done))
+                except (PermissionDenied, NotFound) as exc:
+                    # A link leading out of the job directory, or a file gone meanwhile.
+                    target.unlink(missing_ok=True)
+                    log.warning("download: skipped %s (%s)", file_rel, exc.message)
+            root.replace(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if progress:
+            progress(max(total, done), max(total, done))
+        return final
+
+    def _walk(self, job_id: str, rel: str) -> list[tuple[str, int]]:
+        files: list[tuple[str, int]] = []
+        pending = [rel]
+        while pending:
+            current = pending.pop()
+            for entry in self.list_files(job_id, current):
+                if entry.is_dir:
+                    pending.append(entry.path)
+                else:
+                    files.append((entry.path, entry.size))
+        return files
+
+    def _download_file(
+        self, job_id: str, rel: str, final: Path, size: int, progress: Progress | None
+    ) -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.part")
+        done = 0
+        try:
+            with tmp.open("wb") as out:
+                for chunk in self._stream(job_id, rel):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, max(size, done))
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if progress:
+            progress(done, max(size, done))
+        return final
+
+
+# ---- pure helpers -------------------------------------------------------------------------
+
+
+def decide(status: str, message: str, exit_code: int | None) -> JobStatus:
+    """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code."""
+    if status in _ACTIVE:
+        return JobStatus(_ACTIVE[status], native_state=status)
+    lowered = message.lower()
+    if status == "SUCCESSFUL":
+        if exit_code:
+            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        return JobStatus(RunState.FINISHED, status, 0)
+    if status == "FAILED":
+        if "abort" in lowered or "cancel" in lowered:
+            return JobStatus(RunState.KILLED, status, exit_code, "CANCELLED")
+        if "timeout" in lowered or "time limit" in lowered:
+            return JobStatus(RunState.FAILED, status, exit_code, "TIMEOUT")
+        if "out_of_memory" in lowered or "out of memory" in lowered or "oom" in lowered.split():
+            return JobStatus(RunState.FAILED, status, exit_code, "OUT_OF_MEMORY")
+        if exit_code:
+            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        first = message.strip().splitlines()[0] if message.strip() else "FAILED"
+        return JobStatus(RunState.FAILED, status, exit_code, first)
+    return JobStatus(RunState.UNKNOWN, native_state=status)
+
+
+def _exit_code(value: Any) -> int | None:
+    """UNICORE's ``exitCode`` ("0", 0, "3", absent). Not pyunicore's ``Job.exit_code``,
+    which turns 0 into None."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _check_token_expiry(token: str, api_url: str) -> None:
+    """Refuse a JWT access token whose ``exp`` has passed (without sending it)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+        expires = float(claims["exp"])
+    except (ValueError, KeyError, TypeError):
+        return
+    if expires < time.time():
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
+        raise AuthenticationFailed(
+            f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
+            f"token and set it again ({ENV_UNICORE_TOKEN})."
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

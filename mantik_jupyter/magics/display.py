@@ -1,0 +1,318 @@
+"""What the magics show: the ``Run`` object, the live status line, run tables, logs.
+
+Two functions are the seams for the widgets (``mantik_jupyter/widgets/``): ``_show_runs``
+(the run table of ``%mantik_runs``) and ``_stream_log`` (the text of ``%mantik_logs
+--follow``). Everything else here only needs IPython's display machinery.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..cli_format import age, run_duration, runs_table, size
+
+if TYPE_CHECKING:
+    from ..compute.runs import RunInfo, RunService
+
+SHORT_ID = 8
+_STATE_COLOURS = {
+    "SUBMITTING": "#6c757d",
+    "QUEUED": "#6c757d",
+    "RUNNING": "#0d6efd",
+    "FINISHED": "#198754",
+    "FAILED": "#dc3545",
+    "KILLED": "#fd7e14",
+    "UNKNOWN": "#6f42c1",
+}
+
+
+def in_kernel() -> bool:
+    """True in a Jupyter kernel (display updates reach a frontend), False in plain IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+class Rich:
+    """Text for terminals, HTML for notebooks."""
+
+    def __init__(self, text: str, html_text: str | None = None) -> None:
+        self.text = text
+        self.html = html_text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str | None:
+        return self.html
+
+
+class StatusLine:
+    """One line that updates in place in a notebook; printed lines (on change) elsewhere."""
+
+    def __init__(self, live: bool | None = None) -> None:
+        self.live = in_kernel() if live is None else live
+        self._handle: Any = None
+        self._last: str | None = None
+
+    def update(self, text: str, html_text: str | None = None, *, force: bool = False) -> None:
+        if text == self._last and not force:
+            return
+        self._last = text
+        if not self.live:
+            print(text, flush=True)
+            return
+        from IPython.display import display
+
+        obj = Rich(text, html_text)
+        if self._handle is None:
+            self._handle = display(obj, display_id=True)
+        else:
+            self._handle.update(obj)
+
+
+class PackagingProgress:
+    """The ``progress`` callback of ``RunService.submit``: packaging, then upload."""
+
+    def __init__(self, line: StatusLine, min_interval: float = 0.25) -> None:
+        self.line = line
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        new_phase = phase != self._phase
+        if not self.line.live:
+            # A terminal gets one line per phase, not a stream of percentages.
+            if new_phase:
+                self._phase = phase
+                self.line.update(_phase_text(phase, None, total))
+            return
+        if not new_phase and now - self._last < self.min_interval and done < total:
+            return
+        self._phase, self._last = phase, now
+        self.line.update(_phase_text(phase, done, total))
+
+
+def _phase_text(phase: str, done: int | None, total: int) -> str:
+    word = {"package": "Packaging the code", "upload": "Uploading the package"}.get(phase, phase)
+    if done is None or total <= 0:
+        return f"{word}…" + (f" ({size(total)})" if total > 0 else "")
+    return f"{word}… {min(100, int(100 * done / total))}% of {size(total)}"
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+def short(run_id: str) -> str:
+    return run_id[:SHORT_ID]
+
+
+def _state_html(state: str) -> str:
+    colour = _STATE_COLOURS.get(state, "#6c757d")
+    return f'<b style="color:{colour}">{html.escape(state)}</b>'
+
+
+def _metrics_text(metrics: dict[str, float], limit: int = 6) -> str:
+    items = sorted(metrics.items())[:limit]
+    return "  ".join(f"{k}={v:.4g}" for k, v in items)
+
+
+def status_text(info: RunInfo, history: Sequence[str] = ()) -> str:
+    states = " → ".join(history) if history else str(info.state)
+    where = info.backend or "-"
+    if info.job_id:
+        where += f" job {info.job_id}"
+    text = f"Run {info.run_name or '-'} ({short(info.run_id)}) on {where}: {states}"
+    if info.start_time:
+        text += f" · {run_duration(info.to_json())}"
+    if info.state.is_final and info.reason:
+        text += f" ({info.reason})"
+    if info.state.is_final and info.metrics:
+        text += f" · {_metrics_text(info.metrics)}"
+    return text
+
+
+def status_html(info: RunInfo, url: str, history: Sequence[str] = ()) -> str:
+    states = " → ".join(_state_html(s) for s in (history or [str(info.state)]))
+    where = html.escape(info.backend or "-")
+    if info.job_id:
+        where += f" job {html.escape(info.job_id)}"
+    parts = [
+        f"Run <code>{html.escape(info.run_name or '-')}</code> "
+        f"(<code>{short(info.run_id)}</code>) on {where}: {states}"
+    ]
+    if info.start_time:
+        parts.append(html.escape(run_duration(info.to_json())))
+    if info.state.is_final and info.reason:
+        parts.append(html.escape(info.reason))
+    if info.state.is_final and info.metrics:
+        parts.append(f"<code>{html.escape(_metrics_text(info.metrics))}</code>")
+    parts.append(f'<a href="{html.escape(url)}" target="_blank">open in MLflow</a>')
+    return '<div class="mantik-run-status">' + " · ".join(parts) + "</div>"
+
+
+class Run:
+    """A run submitted from a notebook: ``state``, ``logs()``, ``wait()``, ``cancel()``,
+    ``download()``, ``metrics()``. Every call asks the tracking server (and, for active
+    runs, the backend) afresh; ``info`` is what the last call saw."""
+
+    def __init__(self, service: RunService, info: RunInfo, url: str) -> None:
+        self._service = service
+        self.info = info
+        self.url = url
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id
+
+    @property
+    def run_name(self) -> str | None:
+        return self.info.run_name
+
+    def refresh(self) -> RunInfo:
+        self.info = self._service.get(self.run_id)
+        return self.info
+
+    @property
+    def state(self) -> str:
+        """The current state: SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED, UNKNOWN."""
+        return str(self.refresh().state)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest value of every metric the run logged."""
+        return dict(self.refresh().metrics)
+
+    @property
+    def params(self) -> dict[str, str]:
+        return dict(self.info.params)
+
+    def logs(self) -> str:
+        """The log so far (all of it once the run ended)."""
+        return read_log(self._service, self.run_id)[0]
+
+    def wait(self, timeout: float | None = None, poll: float = 2.0) -> Run:
+        """Block until the run ended (or ``timeout`` seconds passed); shows its status line."""
+        watch(self._service, self, StatusLine(), poll=poll, timeout=timeout)
+        return self
+
+    def cancel(self) -> Run:
+        self.info = self._service.cancel(self.run_id)
+        return self
+
+    def download(self, path: str = "", to: str | Path | None = None) -> Path:
+        """Copy a file or folder of the run directory (default: all of it) to ``to``."""
+        return self._service.download(self.run_id, path, Path(to) if to else None)
+
+    def __repr__(self) -> str:
+        return status_text(self.info) + f"\n{self.url}"
+
+    def _repr_html_(self) -> str:
+        return status_html(self.info, self.url)
+
+
+def watch(
+    service: RunService,
+    run: Run,
+    line: StatusLine,
+    *,
+    poll: float = 2.0,
+    timeout: float | None = None,
+) -> RunInfo:
+    """Update ``line`` with the run's state until it ended: queued → running → finished."""
+    history: list[str] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    info = run.info
+    while True:
+        state = str(info.state)
+        if not history or history[-1] != state:
+            history.append(state)
+        line.update(status_text(info, history), status_html(info, run.url, history))
+        if info.state.is_final or (deadline is not None and time.monotonic() > deadline):
+            run.info = info
+            return info
+        time.sleep(poll)
+        info = service.get(run.run_id)
+
+
+def read_log(service: RunService, run_id: str, offset: int = 0) -> tuple[str, int]:
+    """All log text available now, and the offset after it."""
+    parts = []
+    while True:
+        chunk = service.logs(run_id, offset=offset)
+        if not chunk.text:
+            return "".join(parts), chunk.offset
+        parts.append(chunk.text)
+        offset = chunk.offset
+
+
+def tail(text: str, lines: int | None) -> str:
+    if lines is None:
+        return text
+    if lines <= 0:
+        return ""
+    kept = text.splitlines(keepends=True)[-lines:]
+    return "".join(kept)
+
+
+def _stream_log(chunks: Iterable[str]) -> None:
+    """Print log text as it arrives (``%mantik_logs --follow``); the LogView seam."""
+    for text in chunks:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+class RunsTable:
+    def __init__(self, runs: Sequence[RunInfo], url_for: Callable[[RunInfo], str]) -> None:
+        self.runs = list(runs)
+        self.url_for = url_for
+
+    def __repr__(self) -> str:
+        if not self.runs:
+            return "No runs."
+        return runs_table([r.to_json() for r in self.runs])
+
+    def _repr_html_(self) -> str:
+        if not self.runs:
+            return "<p>No runs.</p>"
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("ID", "Name", "State", "Backend", "Started", "Duration", "Metrics", "")
+        )
+        rows = []
+        for r in self.runs:
+            data = r.to_json()
+            cells = [
+                f"<code>{short(r.run_id)}</code>",
+                html.escape(r.run_name or "-"),
+                _state_html(str(r.state)),
+                html.escape(r.backend or "-"),
+                html.escape(age(r.start_time)),
+                html.escape(run_duration(data)),
+                f"<code>{html.escape(_metrics_text(r.metrics, 3))}</code>",
+                f'<a href="{html.escape(self.url_for(r))}" target="_blank">MLflow</a>',
+            ]
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        return (
+            '<table class="mantik-runs"><thead><tr>'
+            + head
+            + "</tr></thead><tbody>"
+            + "".join(rows)
+            + "</tbody></table>"
+        )
+
+
+def _show_runs(runs: Sequence[RunInfo], url_for: Callable[[RunInfo], str]) -> None:
+    """Show runs (``%mantik_runs``): an HTML table; the RunTable widget's seam."""
+    from IPython.display import display
+
+    display(RunsTable(runs, url_for))

@@ -1,0 +1,127 @@
+"""End-to-end: RunTable and MetricComparison in a notebook of a real lab, in Debian Chromium.
+
+The notebook logs two runs into the lab's embedded MLflow, then displays the widgets; the
+test checks that the table rows and the chart's lines are visible, clicks a row to open
+the details pane and a header to sort. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .browser_helpers import ARTIFACTS, CHROMIUM
+from .test_browser import (  # noqa: F401 - fixtures
+    UI_TIMEOUT_MS,
+    browser,
+    jp_asyncio_loop,
+    jp_server_cleanup,
+    lab,
+    page,
+    tracking_ready,
+)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
+
+SETUP = """\
+import math, time
+from mantik_jupyter.widgets import MetricComparison, RunTable
+from mantik_jupyter.widgets._core import default_service, runs_api
+
+api = runs_api(default_service())
+exp, _ = api.get_or_create_experiment("widgets-demo")
+ids = []
+for name, scale, width in [("baseline", 1.0, 64), ("wider", 0.6, 128)]:
+    rid = api.create_run(exp, run_name=name)["info"]["run_id"]
+    now = int(time.time() * 1000)
+    api.client.api(
+        "POST", "runs/log-batch", run_id=rid,
+        params=[{"key": "width", "value": str(width)}],
+        metrics=[{"key": "loss", "value": scale * math.exp(-s / 60) + 0.02 * math.sin(s),
+                  "step": s, "timestamp": now + 100 * s} for s in range(400)],
+    )
+    api.update_run(rid, status="FINISHED", end_time=now + 40_000)
+    ids.append(rid)
+print("runs ready", len(ids))
+"""
+
+
+def notebook(cells: list[str]) -> dict:
+    return {
+        "cells": [
+            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [],
+             "execution_count": None}
+            for src in cells
+        ],
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }  # fmt: skip
+
+
+def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready):  # noqa: F811
+    from playwright.sync_api import expect
+
+    path = lab.root / "dashboards.ipynb"
+    path.write_text(
+        json.dumps(
+            notebook(
+                [
+                    SETUP,
+                    'table = RunTable(experiment="widgets-demo")\ntable',
+                    'MetricComparison(ids, metrics=["loss"])',
+                ]
+            )
+        )
+    )
+    page.goto(f"{lab.base}lab/tree/dashboards.ipynb?token={lab.token}")
+    notebook_panel = page.locator(".jp-NotebookPanel")
+    expect(notebook_panel).to_be_visible()
+    # The kernel is up when its status says idle.
+    expect(
+        page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelName")
+    ).not_to_have_count(0)
+    page.wait_for_timeout(1000)
+    page.keyboard.press("Control+Shift+C")
+    page.locator(".lm-CommandPalette-input").fill("Run All Cells")
+    page.locator(".lm-CommandPalette-item").filter(has_text="Run All Cells").first.click()
+
+    expect(page.get_by_text("runs ready 2")).to_be_visible(timeout=180_000)
+    rows = page.locator(".mantik-runtable tr.mantik-run-row")
+    expect(rows).to_have_count(2, timeout=UI_TIMEOUT_MS)
+    expect(rows.first).to_be_visible()
+    expect(page.locator(".mantik-runtable")).to_contain_text("baseline")
+    expect(page.locator(".mantik-runtable")).to_contain_text("FINISHED")
+
+    chart = page.locator(".mantik-comparison .js-plotly-plot").first
+    expect(chart).to_be_visible(timeout=UI_TIMEOUT_MS)
+    lines = chart.locator(".scatterlayer .trace path.js-line")
+    expect(lines).to_have_count(2, timeout=UI_TIMEOUT_MS)
+    box = lines.first.bounding_box()
+    assert box is not None and box["width"] > 100, box
+    expect(page.locator(".mantik-comparison .mantik-summary .mantik-best")).to_have_count(1)
+
+    # Sort by name (ascending) from the header, then open a run's details by a click.
+    page.locator(".mantik-runtable th", has_text="Name").click()
+    page.locator(".mantik-runtable th", has_text="Name").click()
+    expect(rows.first).to_contain_text("baseline", timeout=UI_TIMEOUT_MS)
+    rows.filter(has_text="wider").click()
+    expect(rows.filter(has_text="wider")).to_have_attribute("aria-selected", "true")
+    link = page.locator("a.mantik-open-in-mlflow")
+    expect(link).to_be_visible(timeout=UI_TIMEOUT_MS)
+    assert "/lab-under-test/mantik/mlflow/#/experiments/" in (link.get_attribute("href") or "")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".mantik-runtable-widget").screenshot(
+        path=str(ARTIFACTS / "widgets-run-table.png")
+    )
+    chart.scroll_into_view_if_needed()
+    page.locator(".mantik-comparison").first.screenshot(
+        path=str(ARTIFACTS / "widgets-metric-comparison.png")
+    )

@@ -1,0 +1,345 @@
+"""The run magics in a real IPython shell and in a real kernel (nbclient), against the real
+MLflow server, the loopback Slurm cluster and the local backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+from IPython.testing.globalipapp import start_ipython
+
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.magics.display import Run
+
+from .runs_helpers import admin_api, artifact_bytes, artifact_names, copy_example, write_config
+
+LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
+EXAMPLE_NOTEBOOK = "weather-forecast.ipynb"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "mantik_jupyter")
+    return shell
+
+
+@pytest.fixture(scope="module")
+def user(mlflow_server):
+    return mlflow_server.create_user()
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, mlflow_server, user):
+    """A kernel's environment: the tracking server and the user's credential, no lab."""
+    monkeypatch.setenv("MANTIK_DATA_DIR", str(tmp_path / "mantik"))
+    for name in ("MANTIK_CREDENTIALS_FILE", "MANTIK_TRACKING_URI", "JPY_SESSION_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    for key, value in mlflow_server.env(user).items():
+        monkeypatch.setenv(key, value)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def remote_base(slurm_cluster):
+    base = f"{slurm_cluster.remote_dir}/magics-{uuid.uuid4().hex[:8]}"
+    yield base
+    cleaner = SshSlurmBackend(
+        slurm_cluster.host,
+        slurm_cluster.port,
+        slurm_cluster.username,
+        key_filename=str(slurm_cluster.key_path),
+        known_hosts=slurm_cluster.known_hosts,
+        remote_dir=base,
+    )
+    try:
+        cleaner._run(f"rm -rf {base}", "cleaning up")
+    finally:
+        cleaner.close()
+
+
+def slurm_config(cluster, remote_base: str) -> dict:
+    return {
+        "SSH": {
+            "Hostname": cluster.host,
+            "Port": cluster.port,
+            "Username": cluster.username,
+            "IdentityFile": str(cluster.key_path),
+            "KnownHostsFile": str(cluster.known_hosts),
+            "RemoteDirectory": remote_base,
+        },
+        "Resources": {"Queue": "debug"},
+        "Environment": {"Python": str(Path(cluster.python).parent.parent)},
+    }
+
+
+def magics(ip):
+    return ip.magics_manager.registry["MantikMagics"]
+
+
+def one_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("mantik: ") and "Traceback" not in out
+    return lines[0]
+
+
+# ---- Slurm: submit, follow, list, status, download, cancel ---------------------------------
+
+
+@pytest.mark.slurm
+def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys):
+    project = copy_example(env)
+    write_config(project, slurm_config(slurm_cluster, remote_base))
+    notebook = project / EXAMPLE_NOTEBOOK
+    os.environ["JPY_SESSION_NAME"] = str(notebook)
+    name = f"magic-{uuid.uuid4().hex[:6]}"
+
+    run = ip.run_line_magic(
+        "mantik_submit", f"-P epochs=3 --experiment magics-slurm --run-name {name}"
+    )
+    out = capsys.readouterr().out
+    assert isinstance(run, Run), out
+    assert run.info.state == RunState.QUEUED and run.info.backend == "ssh-slurm"
+    assert run.info.source == "notebook" and run.info.params["epochs"] == "3"
+    assert "Packaging the code" in out and "mantik warning" not in out
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.run_id}" in out
+    assert magics(ip).last_run_id == run.run_id
+
+    # Follows the log live until the run ended.
+    started = time.monotonic()
+    print("T19", round(time.monotonic(),1), file=sys.__stderr__)
+    ip.run_line_magic("mantik_logs", "last --follow")
+    print("T20", round(time.monotonic(),1), file=sys.__stderr__)
+    log = capsys.readouterr().out
+    assert "epoch 1/3" in log and "epoch 3/3" in log and "exit status 0" in log
+    assert time.monotonic() - started < 60
+    assert run.state == "FINISHED"
+    assert {"loss", "rmse"} <= set(run.metrics())
+    print("T25", round(time.monotonic(),1), file=sys.__stderr__)
+
+    ip.run_line_magic("mantik_logs", "last --tail 1")
+    print("T27", round(time.monotonic(),1), file=sys.__stderr__)
+    assert capsys.readouterr().out.strip().splitlines() == ["[mantik] exit status 0"]
+
+    ip.run_line_magic("mantik_runs", "--experiment magics-slurm --limit 5")
+    print("T30", round(time.monotonic(),1), file=sys.__stderr__)
+    table = capsys.readouterr().out
+    assert name in table and "FINISHED" in table and run.run_id[:8] in table
+
+    status = ip.run_line_magic("mantik_status", run.run_id[:12])
+    print("T34", round(time.monotonic(),1), file=sys.__stderr__)
+    assert isinstance(status, Run) and status.info.state == RunState.FINISHED
+    assert status.run_id == run.run_id
+    assert "FINISHED" in status._repr_html_() and "loss=" in repr(status)
+    by_name = ip.run_line_magic("mantik_status", name)
+    print("T38", round(time.monotonic(),1), file=sys.__stderr__)
+    assert by_name.run_id == run.run_id
+
+    ip.run_line_magic("mantik_download", f"last code/outputs/forecast.csv --to {env}")
+    print("T41", round(time.monotonic(),1), file=sys.__stderr__)
+    assert "Downloaded to" in capsys.readouterr().out
+    assert (env / "forecast.csv").read_text().startswith("station,")
+
+    # Cancel a sleeping run.
+    sleeper = ip.run_line_magic("mantik_submit", "-e sleep --experiment magics-slurm")
+    print("T46", round(time.monotonic(),1), file=sys.__stderr__)
+    capsys.readouterr()
+    deadline = time.monotonic() + 60
+    while sleeper.state != "RUNNING":
+        assert time.monotonic() < deadline, sleeper.info
+        time.sleep(0.5)
+    ip.run_line_magic("mantik_cancel", "last")
+    print("T52", round(time.monotonic(),1), file=sys.__stderr__)
+    assert "KILLED" in capsys.readouterr().out
+    assert sleeper.state == "KILLED"
+
+
+# ---- a real kernel runs the example notebook --------------------------------------------------
+
+
+def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
+    from nbclient import NotebookClient
+
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    path = project / EXAMPLE_NOTEBOOK
+    nb = nbformat.read(path, as_version=4)
+    kernel_env = {
+        **os.environ,
+        "JPY_SESSION_NAME": str(path),
+        # The kernel imports mantik_jupyter from this checkout.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    NotebookClient(nb, timeout=180, resources={"metadata": {"path": str(project)}}).execute(
+        env=kernel_env
+    )
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.source for c in code] == [
+        "%load_ext mantik_jupyter",
+        "%mantik_submit --wait",
+        "%mantik_logs last",
+        "%mantik_runs",
+    ]
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
+    submit = json.dumps(code[1].outputs)
+    # The status line was updated in place to the end state, with the metrics.
+    status = [o for o in code[1].outputs if o.output_type == "display_data"]
+    assert status and "FINISHED" in status[0]["data"]["text/plain"], submit
+    assert "rmse=" in status[0]["data"]["text/plain"]
+    assert "QUEUED" in status[0]["data"]["text/html"] or "RUNNING" in submit
+    result = [o for o in code[1].outputs if o.output_type == "execute_result"]
+    assert result and "open in MLflow" in result[0]["data"]["text/html"]
+    log = "".join(o.get("text", "") for o in code[2].outputs)
+    assert "epoch 5/5" in log and "exit status 0" in log
+    table = json.dumps(code[3].outputs)
+    assert "mantik-runs" in table and "FINISHED" in table
+
+    runs = admin_api(mlflow_server).search_runs(
+        [admin_api(mlflow_server).get_experiment_by_name("weather-forecast")["experiment_id"]],
+        filter_string="tags.`mantik.source` = 'notebook'",
+        max_results=5,
+    )[0]
+    assert runs and runs[0]["info"]["status"] == "FINISHED"
+
+
+# ---- --notebook mode ------------------------------------------------------------------------
+
+
+def write_notebook(folder: Path, *cells: str, name: str = "study.ipynb") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            'epochs = 2\nstation = "Juelich"\nscale = 0.5', metadata={"tags": ["parameters"]}
+        ),
+        *(nbformat.v4.new_code_cell(c) for c in cells),
+    ]
+    path = folder / name
+    nbformat.write(nb, path)
+    return path
+
+
+TRAIN_CELL = (
+    "import mlflow\n"
+    'print(f"training {station} for {epochs} epochs ({type(epochs).__name__}) x{scale}")\n'
+    'mlflow.log_metric("epochs_seen", epochs)'
+)
+
+
+@pytest.mark.slurm
+def test_notebook_mode_on_the_slurm_cluster(
+    ip, env, slurm_cluster, remote_base, mlflow_server, capsys
+):
+    folder = env / "study"
+    notebook = write_notebook(folder, TRAIN_CELL)
+    write_config(folder, slurm_config(slurm_cluster, remote_base))
+    before = sorted(p.name for p in folder.iterdir())
+    os.environ["JPY_SESSION_NAME"] = str(notebook)
+
+    run = ip.run_line_magic(
+        "mantik_submit", "--notebook -P epochs=3 -P station=Bonn --wait --experiment nb-mode"
+    )
+    out = capsys.readouterr().out
+    assert isinstance(run, Run), out
+    assert run.info.state == RunState.FINISHED, (out, run.logs())
+    assert "FINISHED" in out
+    assert sorted(p.name for p in folder.iterdir()) == before  # the user's folder untouched
+    info = run.refresh()
+    assert info.params == {"epochs": "3", "station": "Bonn", "scale": "0.5"}
+    assert info.metrics["epochs_seen"] == 3
+    assert info.tags["mantik.notebook"] == "study.ipynb"
+    assert info.tags["mlflow.source.name"] == str(notebook)
+    assert "training Bonn for 3 epochs (int) x0.5" in run.logs()
+
+    assert "notebook/study.ipynb" in artifact_names(mlflow_server, run.run_id)
+    executed = nbformat.reads(
+        artifact_bytes(mlflow_server, run.run_id, "notebook/study.ipynb").decode(), as_version=4
+    )
+    injected = executed.cells[1]
+    assert injected.metadata["tags"] == ["injected-parameters"]
+    assert "epochs = 3" in injected.source and "station = 'Bonn'" in injected.source
+    assert "training Bonn for 3 epochs" in json.dumps(executed.cells[2].outputs)
+
+
+def test_notebook_mode_failing_cell_fails_the_run(ip, env, capsys):
+    folder = env / "failing"
+    notebook = write_notebook(
+        folder,
+        'print(f"training {station} for {epochs} epochs ({type(epochs).__name__})")',
+        'raise ValueError("bad weather in " + station)',
+    )
+    write_config(folder, LOCAL_CONFIG)
+    os.environ["JPY_SESSION_NAME"] = str(notebook)
+
+    run = ip.run_line_magic("mantik_submit", "--notebook --wait --experiment nb-mode")
+    capsys.readouterr()
+    assert run.info.state == RunState.FAILED, run.logs()
+    assert run.info.exit_code == 1
+    log = run.logs()
+    assert "ValueError: bad weather in Juelich" in log
+    assert "training Juelich for 2 epochs (int)" in log
+
+
+# ---- mistakes are one line -----------------------------------------------------------------
+
+
+def test_no_mlproject_names_both_ways_out(ip, env, capsys):
+    notebook = write_notebook(env / "loose", TRAIN_CELL)
+    write_config(notebook.parent, LOCAL_CONFIG)
+    os.environ["JPY_SESSION_NAME"] = str(notebook)
+    assert ip.run_line_magic("mantik_submit", "") is None
+    line = one_line(capsys.readouterr().out)
+    assert "MLproject" in line and "--notebook" in line and str(notebook.parent) in line
+
+
+def test_unknown_parameters_list_the_valid_ones(ip, env, capsys):
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    os.environ["JPY_SESSION_NAME"] = str(project / EXAMPLE_NOTEBOOK)
+    ip.run_line_magic("mantik_submit", "-P epochs=2 -P epoch=3")
+    line = one_line(capsys.readouterr().out)
+    assert "'epoch'" in line and "'epochs', 'learning_rate', 'station'" in line
+
+    notebook = write_notebook(env / "nb", TRAIN_CELL)
+    write_config(notebook.parent, LOCAL_CONFIG)
+    os.environ["JPY_SESSION_NAME"] = str(notebook)
+    ip.run_line_magic("mantik_submit", "--notebook -P stations=Bonn")
+    line = one_line(capsys.readouterr().out)
+    assert "'stations'" in line and "'epochs', 'station', 'scale'" in line
+    assert not list((env / "mantik" / "runs").glob(".notebook-*"))  # nothing left behind
+
+
+def test_errors_are_one_line_unless_tracebacks_are_asked_for(ip, env, capsys):
+    magics(ip).last_run_id = None
+    ip.run_line_magic("mantik_logs", "last")
+    assert "No run was submitted from this kernel" in one_line(capsys.readouterr().out)
+    ip.run_line_magic("mantik_status", "no-such-run")
+    assert "no-such-run" in one_line(capsys.readouterr().out)
+    ip.run_line_magic("config", "MantikMagics.show_tracebacks = True")
+    try:
+        from mantik_jupyter.errors import NotFound
+
+        with pytest.raises(NotFound):
+            ip.run_line_magic("mantik_logs", "last")
+    finally:
+        ip.run_line_magic("config", "MantikMagics.show_tracebacks = False")
+
+
+def test_help_is_real(ip):
+    doc = ip.find_line_magic("mantik_submit").__doc__
+    for option in ("--backend-config", "--entry-point", "-P", "--experiment", "--run-name"):
+        assert option in doc
+    assert "--wait" in doc and "--notebook" in doc
+    assert "--follow" in ip.find_line_magic("mantik_logs").__doc__
+    assert "--to" in ip.find_line_magic("mantik_download").__doc__

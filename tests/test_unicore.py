@@ -1,0 +1,367 @@
+"""The UNICORE backend: RunService lifecycle through pyunicore against the UNICORE
+stand-in site (test infrastructure, tests/unicore_standin) on loopback, tracked in a
+real MLflow server; plus the backend's errors, states and mapping without MLflow."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.unicore import (
+    UnicoreBackend,
+    decide,
+    job_description,
+)
+from mantik_jupyter.compute.config import load_config, parse_config
+from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import (
+    AuthenticationFailed,
+    BackendRejected,
+    BackendUnavailable,
+    Conflict,
+    UnsafePath,
+)
+from mantik_jupyter.tracking.embedded import free_port
+
+from .runs_helpers import (
+    FINAL,
+    RunUserSpy,
+    artifact_bytes,
+    artifact_names,
+    assert_no_secret,
+    copy_example,
+    login_works,
+    make_tracking,
+    wait_for,
+    write_config,
+)
+from .unicore_standin.fixtures import PROJECT, USER, new_password, start_site
+from .unicore_standin.server import UnicoreStandin
+
+# An existing Mantik UNICORE config: Apptainer image on the cluster, modules, login-node
+# commands, variables (one of them an injection attempt).
+MANTIK_STYLE = {
+    "Environment": {
+        "Apptainer": {
+            "Path": "/p/project/images/weather.sif",
+            "Type": "remote",
+            "Options": ["--nv", "-B /p/scratch:/scratch"],
+        },
+        "Modules": ["Stages/2024", "Python/3.11.3"],
+        "Variables": {"EVIL": "$(touch pwned)", "DATA_DIR": "$HOME/data"},
+        "PreRunCommandOnLoginNode": ["echo prepared on $(hostname) > prepared.txt"],
+        "PostRunCommandOnLoginNode": "echo cleaned up > post.txt",
+    },
+    "ComputeBudgetAccount": PROJECT,
+}
+
+
+def site_config(site: UnicoreStandin, **extra) -> dict:
+    config = {
+        "UnicoreApiUrl": site.base_url,
+        "Resources": {"Queue": "batch", "Runtime": "10m", "Nodes": 1, "MemoryPerNode": "2G"},
+        "Environment": {"Python": sys.prefix},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture(scope="module")
+def unicore_password():
+    return new_password()
+
+
+@pytest.fixture(scope="module")
+def unicore_site(tmp_path_factory, unicore_password):
+    site = start_site(tmp_path_factory.mktemp("unicore-site"), unicore_password)
+    yield site
+    site.close()
+
+
+@pytest.fixture(scope="module")
+def user(mlflow_server):
+    return mlflow_server.create_user()
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server, user, tmp_path_factory):
+    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
+
+
+@pytest.fixture
+def login(monkeypatch, unicore_password):
+    monkeypatch.setenv("MANTIK_UNICORE_USERNAME", USER)
+    monkeypatch.setenv("MANTIK_UNICORE_PASSWORD", unicore_password)
+
+
+@pytest.fixture
+def project(tmp_path, unicore_site):
+    project = copy_example(tmp_path)
+    write_config(project, site_config(unicore_site))
+    return project
+
+
+@pytest.fixture
+def service(tracking, tmp_path, login):
+    svc = RunService(tracking, work_dir=tmp_path / "work")
+    yield svc
+    svc.close()
+
+
+def _job_id_file(site: UnicoreStandin, job_id: str):
+    return site.jobs[job_id]
+
+
+# ---- lifecycle through the RunService (real MLflow) ---------------------------------------
+
+
+def test_unicore_lifecycle_with_a_mantik_config(
+    service, project, unicore_site, mlflow_server, user, monkeypatch, tmp_path, unicore_password
+):
+    write_config(project, site_config(unicore_site, **MANTIK_STYLE))
+    spy = RunUserSpy(monkeypatch)
+    info = service.submit(
+        project,
+        params={"epochs": "3", "station": "1; touch pwned"},
+        experiment_name="unicore-lifecycle",
+    )
+    assert info.state == RunState.QUEUED and info.backend == "unicore"
+    job = unicore_site.jobs[info.job_id]
+    assert info.tags["mantik.run_dir"].endswith(f"/storages/{info.job_id}-uspace")
+
+    # The config mapped onto the UNICORE job description.
+    desc = job.description
+    assert desc["Resources"] == {
+        "Queue": "batch",
+        "Runtime": "600",
+        "Nodes": "1",
+        "MemoryPerNode": "2048M",
+    }
+    assert desc["Project"] == PROJECT
+    assert desc["Executable"] == "bash" and desc["Arguments"] == ["mantik-job.sh"]
+    assert desc["RunUserPrecommandOnLoginNode"] == "true"
+    assert "echo prepared on $(hostname) > prepared.txt" in desc["User precommand"]
+    assert "echo cleaned up > post.txt" in desc["User postcommand"]
+
+    # Logs while it runs; follow_logs ends when the run ended.
+    text = "".join(service.follow_logs(info.run_id, poll_interval=0.3))
+    assert "epoch 1/3" in text and "epoch 3/3" in text
+    assert "[fake-apptainer] run --nv -B /p/scratch:/scratch /p/project/images/weather.sif" in text
+    assert "[fake-module] load Stages/2024" in text
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FINISHED, final.tags
+    # UNICORE says exitCode "0", which pyunicore's Job.exit_code reports as None.
+    assert final.mlflow_status == "FINISHED" and final.exit_code == 0
+    assert final.tags["mantik.native_state"] == "SUCCESSFUL"
+    assert final.params["station"] == "1; touch pwned"
+    assert {"loss", "rmse"} <= set(final.metrics)
+    names = artifact_names(mlflow_server, info.run_id)
+    assert {"mantik/mantik-job.sh", "mantik/mantik.log", "forecast.csv"} <= names
+    script = artifact_bytes(mlflow_server, info.run_id, "mantik/mantik-job.sh").decode()
+    assert "#SBATCH" not in script  # UNICORE makes the batch script from Resources
+
+    # Login-node commands ran in the job directory; nothing injected ran.
+    files = {e.path for e in service.files(info.run_id)}
+    assert {"prepared.txt", "post.txt", "mantik.log", "mantik-login.log", "code"} <= files
+    assert ".mantik-credentials" not in files
+    folder = service.download(info.run_id, "", tmp_path / "whole")
+    assert not list(folder.rglob("pwned*"))
+    assert (folder / "code" / "outputs" / "forecast.csv").is_file()
+    assert "[mantik] PreRunCommandOnLoginNode[0]" in (folder / "mantik-login.log").read_text()
+    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv")
+    assert one.read_text().startswith("station,")
+    for bad in ("../x", "/etc/passwd"):
+        with pytest.raises(UnsafePath):
+            service.download(info.run_id, bad, tmp_path / "bad")
+
+    # The tracking credential reached the job only as a staged-in file.
+    cred = spy.created[info.run_id]
+    assert not login_works(mlflow_server, cred)
+    blob = json.dumps(desc) + "\n".join(job.log)
+    for secret in (cred.password, unicore_password, user.password):
+        assert secret not in blob
+    assert_no_secret(mlflow_server, info.run_id, [cred.password, user.password, unicore_password])
+    with pytest.raises(Conflict):
+        service.cancel(info.run_id)
+
+
+def test_unicore_failing_entry_point(service, project):
+    info = service.submit(project, entry_point="fail", experiment_name="unicore-lifecycle")
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
+    assert final.exit_code == 3 and final.reason == "exit code 3"
+    assert "simulated failure" in service.logs(info.run_id).text
+
+
+def test_unicore_cancel_and_a_lab_restart(service, project, tracking, tmp_path, login):
+    info = service.submit(project, entry_point="sleep", experiment_name="unicore-lifecycle")
+    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
+    # A fresh service (the lab restarted) finds the job through the run's tags.
+    second = RunService(tracking, work_dir=tmp_path / "work2")
+    try:
+        assert second.logs(info.run_id).text is not None
+        killed = second.cancel(info.run_id)
+    finally:
+        second.close()
+    assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
+    assert killed.reason == "CANCELLED"
+
+
+def test_unicore_is_a_supported_backend(service):
+    kinds = {b["name"]: b for b in service.backends()}
+    assert kinds["unicore"]["supported"] and kinds["unicore"]["config_key"] == "UnicoreApiUrl"
+
+
+# ---- the backend on its own (no MLflow) ------------------------------------------------------
+
+
+def _prepared(tmp_path: Path, script: str, run_id: str = "0123abcd") -> PreparedJob:
+    local = tmp_path / run_id
+    local.mkdir()
+    (local / "mantik-job.sh").write_text(script)
+    return PreparedJob(run_id=run_id, local_dir=local, job_name="t", files=["mantik-job.sh"])
+
+
+def _wait_final(backend: UnicoreBackend, job_id: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = backend.states([job_id])[job_id]
+        if status.state.is_final or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def test_wrong_password_says_the_site_refused_the_login(unicore_site, unicore_password):
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password="not-the-password")
+    with pytest.raises(AuthenticationFailed, match="refused the login of user 'alice'") as err:
+        backend.states(["some-job"])
+    assert "not-the-password" not in err.value.message
+    assert "not-the-password" not in repr(backend)
+
+
+def test_token_login_expired_token_and_states_of_many_jobs(unicore_site, tmp_path):
+    token = unicore_site.add_token(USER)
+    backend = UnicoreBackend(unicore_site.base_url, token=token)
+    ids = [
+        backend.submit(_prepared(tmp_path, f"echo job {n}; exit {n}\n", f"run{n}"))
+        for n in range(3)
+    ]
+    finals = {job_id: _wait_final(backend, job_id) for job_id in ids}
+    assert finals[ids[0]].state == RunState.FINISHED and finals[ids[0]].exit_code == 0
+    assert finals[ids[1]].state == RunState.FAILED and finals[ids[1]].reason == "exit code 1"
+    # One small request per job (UNICORE's job list carries URLs only), no more.
+    before = len(unicore_site.requests)
+    states = backend.states([*ids, "no-such-job"])
+    job_gets = [r for r in unicore_site.requests[before:] if "/jobs/" in r[1]]
+    assert len(job_gets) == 4
+    assert states["no-such-job"].state == RunState.UNKNOWN
+    assert states[ids[2]].exit_code == 2
+    # A security session the site forgot: pyunicore repeats the call with the token.
+    unicore_site.expire_sessions()
+    assert backend.states([ids[0]])[ids[0]].state == RunState.FINISHED
+
+    unicore_site.tokens[token] = (USER, time.time() - 1)
+    expired = UnicoreBackend(unicore_site.base_url, token=token)
+    with pytest.raises(AuthenticationFailed, match="refused the access token.*Renew"):
+        expired.states(ids)
+    # A JWT whose exp has passed is not even sent.
+    claims = base64.urlsafe_b64encode(json.dumps({"exp": 1000}).encode()).decode().rstrip("=")
+    jwt_like = UnicoreBackend(unicore_site.base_url, token=f"e30.{claims}.c2ln")
+    with pytest.raises(AuthenticationFailed, match="expired at 1970"):
+        jwt_like.states(ids)
+
+
+def test_rejected_description_shows_unicores_message(
+    unicore_site,
+    unicore_password,
+    tmp_path,
+):
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job = _prepared(tmp_path, "exit 0\n")
+    from mantik_jupyter.compute.backends.unicore import UnicoreJob
+
+    config = parse_config({"UnicoreApiUrl": unicore_site.base_url, "Resources": {"Queue": "gpu"}})
+    with pytest.raises(BackendRejected, match="Queue <gpu> is not available"):
+        backend.submit(UnicoreJob.from_prepared(job, config))
+
+
+def test_unreachable_site_is_backend_unavailable(unicore_password):
+    url = f"http://127.0.0.1:{free_port()}/SITE/rest/core"
+    backend = UnicoreBackend(url, username=USER, password=unicore_password, timeout=5)
+    with pytest.raises(BackendUnavailable, match="Cannot reach the UNICORE site"):
+        backend.states(["a-job"])
+
+
+def test_an_existing_mantik_unicore_config_maps_onto_a_job_description(tmp_path, monkeypatch):
+    monkeypatch.delenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", raising=False)
+    path = tmp_path / "compute-backend-config.yaml"
+    path.write_text(
+        "UnicoreApiUrl: https://zam2125.zam.kfa-juelich.de:9112/JUWELS/rest/core\n"
+        "Environment:\n"
+        "  Apptainer: {Path: /p/images/mantik.sif, Type: remote, Options: [--nv]}\n"
+        "  Modules: [Stages/2024, GCC]\n"
+        "  PreRunCommand: {Command: module load git, ExecuteOnLoginNode: true}\n"
+        "  PostRunCommandOnLoginNode: [echo done]\n"
+        "Resources:\n"
+        "  Queue: devel\n  Runtime: 1h30m\n  Nodes: 2\n  TotalCPUs: 8\n  CPUsPerNode: 4\n"
+        "  GPUsPerNode: 4\n  MemoryPerNode: 10G\n  Reservation: res1\n"
+        "  NodeConstraints: mem192\n  QoS: normal\n"
+    )
+    monkeypatch.setenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", "deepacf")
+    with pytest.warns(UserWarning, match="PreRunCommand"):
+        config = load_config(path)
+    desc = job_description(config, "my-run", "abc123")
+    assert desc["Resources"] == {
+        "Queue": "devel",
+        "Runtime": "5400",
+        "Nodes": "2",
+        "TotalCPUs": "8",
+        "CPUsPerNode": "4",
+        "GPUsPerNode": "4",
+        "MemoryPerNode": "10240M",
+        "Reservation": "res1",
+        "NodeConstraints": "mem192",
+        "QoS": "normal",
+    }
+    assert desc["Project"] == "deepacf"
+    assert desc["haveClientStageIn"] == "true" and desc["Umask"] == "077"
+    assert "module load git" in desc["User precommand"]
+    assert desc["User precommand"].index("tar -xzf") < desc["User precommand"].index("module load")
+    assert "echo done" in desc["User postcommand"]
+    assert desc["RunUserPostcommandOnLoginNode"] == "true"
+    assert set(desc["Environment"]) == {"MLFLOW_RUN_ID", "MANTIK_RUN_ID"}
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code", "state", "reason"),
+    [
+        ("READY", "", None, RunState.QUEUED, None),
+        ("STAGINGIN", "", None, RunState.QUEUED, None),
+        ("QUEUED", "", None, RunState.QUEUED, None),
+        ("RUNNING", "", None, RunState.RUNNING, None),
+        ("STAGINGOUT", "", 0, RunState.RUNNING, None),
+        ("SUCCESSFUL", "", None, RunState.FINISHED, None),
+        ("SUCCESSFUL", "", 0, RunState.FINISHED, None),
+        ("SUCCESSFUL", "", 4, RunState.FAILED, "exit code 4"),
+        ("FAILED", "User application exited with non-zero exit code: 3", 3, RunState.FAILED,
+         "exit code 3"),
+        ("FAILED", "Job aborted.", None, RunState.KILLED, "CANCELLED"),
+        ("FAILED", "TIMEOUT: the job exceeded its run time limit", None, RunState.FAILED,
+         "TIMEOUT"),
+        ("FAILED", "Slurm: OUT_OF_MEMORY", 137, RunState.FAILED, "OUT_OF_MEMORY"),
+        ("FAILED", "User pre-command failed with exit code 2\nmore", None, RunState.FAILED,
+         "User pre-command failed with exit code 2"),
+    ],
+)  # fmt: skip
+def test_state_mapping(status, message, code, state, reason):
+    result = decide(status, message, code)
+    assert result.state == state and result.reason == reason
+    if state == RunState.FINISHED:
+        assert result.exit_code == 0

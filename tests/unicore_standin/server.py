@@ -1,0 +1,773 @@
+"""TEST INFRASTRUCTURE: a UNICORE site stand-in on loopback (tests only).
+
+It speaks the part of the UNICORE REST API (``https://<gateway>/<SITE>/rest/core``) that
+pyunicore's ``Client``/``Job``/``Storage`` use, in the shapes UNICORE/X answers with
+(checked against UNICORE-EU/unicorex ``uas-core`` REST resources):
+
+``GET  /SITE/rest/core``                       ``client.role.selected`` (``anonymous`` when the
+                                               credential was not accepted), ``server.version``,
+                                               ``_links`` (jobs, storages, factories, sites)
+``GET  /jobs``                                 ``{"jobs": [url, ...], "_links": {...}}`` (URLs only,
+                                               like UNICORE; ``offset``/``num``/``tags``)
+``POST /jobs``                                 201 + ``Location``; a description UNICORE would not
+                                               accept gets 500 ``{"errorMessage": "Could not submit
+                                               job: ..."}``
+``GET  /jobs/{id}``                            ``status``, ``statusMessage``, ``exitCode`` (a
+                                               string, present once known), ``log``, ``name``,
+                                               ``_links`` (``workingDirectory``, ``action:*``, ...);
+                                               ``?fields=a,b`` narrows the answer
+``POST /jobs/{id}/actions/start|abort|restart`` ``DELETE /jobs/{id}``
+``GET  /storages``, ``/storages/{id}``          job directories are ``{job id}-uspace``
+``GET  /storages/{id}/files/{path}``            JSON (``Accept: application/json``): file
+                                               properties, or a directory's ``content``;
+                                               ``Accept: application/octet-stream``: the bytes,
+                                               honouring ``Range`` (206, 416)
+``PUT`` (write, parents created), ``POST`` (mkdir), ``DELETE`` on ``files/{path}``
+
+Authentication: HTTP basic (``users``) and bearer tokens (``tokens``, each with an expiry).
+A credential that is not accepted makes the request anonymous, as on a UNICORE site: the
+site resource answers with role ``anonymous`` and everything else with 401. Every
+authenticated answer carries ``X-UNICORE-SecuritySession``; a request presenting an
+unknown or expired session id gets 432, after which pyunicore repeats it with its
+credential.
+
+Jobs run for real, as local processes in their working directory: status READY (waiting
+for client stage-in and ``start`` when ``haveClientStageIn`` is "true"), STAGINGIN, the
+user precommand on the "login node" (a local ``bash -c``), QUEUED, RUNNING (``Executable``
+and ``Arguments`` joined into one shell line, as UNICORE's TSI writes them into the batch
+script; ``Stdout``/``Stderr`` files; ``Resources.Runtime`` enforced), STAGINGOUT (user
+postcommand), then SUCCESSFUL (exit code 0) or FAILED (non-zero exit code, failed
+precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default 077)
+applies to uploaded files and to the job's processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+ACTIVE = ("READY", "STAGINGIN", "QUEUED", "RUNNING", "STAGINGOUT")
+_INT_RESOURCES = ("Nodes", "TotalCPUs", "CPUsPerNode", "GPUsPerNode")
+_STRING_RESOURCES = ("Queue", "Reservation", "NodeConstraints", "QoS", "Project")
+_KNOWN_RESOURCES = (*_INT_RESOURCES, *_STRING_RESOURCES, "Runtime", "MemoryPerNode", "Memory")
+_TIME_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_MEM_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _parse_time(value: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", str(value).lower())
+    if not match or match.group(2) not in _TIME_UNITS | {"": 1}:
+        raise ValueError(f"cannot parse time value <{value}>")
+    return int(match.group(1)) * (_TIME_UNITS.get(match.group(2)) or 1)
+
+
+def _parse_capacity(value: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"cannot parse capacity value <{value}>")
+    return int(match.group(1)) * _MEM_UNITS[match.group(2)]
+
+
+@dataclass
+class StandinJob:
+    id: str
+    owner: str
+    description: dict[str, Any]
+    workdir: Path
+    umask: int
+    status: str = "READY"
+    status_message: str = ""
+    exit_code: int | None = None
+    log: list[str] = field(default_factory=list)
+    submitted: str = field(default_factory=_now)
+    proc: subprocess.Popen[bytes] | None = None
+    aborted: bool = False
+    started: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, text: str) -> None:
+        self.log.append(f"{_now()}: {text}")
+
+
+class UnicoreStandin:
+    """One stand-in UNICORE site. ``start()`` it; ``base_url`` is its ``/rest/core`` URL."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        site: str = "STANDIN-SITE",
+        users: dict[str, str] | None = None,
+        queues: tuple[str, ...] = ("batch", "devel"),
+        projects: tuple[str, ...] | None = None,
+        extra_path: list[str] | None = None,
+        queue_delay: float = 0.3,
+        session_lifetime: float = 300.0,
+    ) -> None:
+        self.directory = Path(directory)
+        self.site = site
+        self.users = dict(users or {})
+        self.tokens: dict[str, tuple[str, float]] = {}
+        self.queues = queues
+        self.projects = projects
+        self.extra_path = list(extra_path or [])
+        self.queue_delay = queue_delay
+        self.session_lifetime = session_lifetime
+        self.jobs: dict[str, StandinJob] = {}
+        self.sessions: dict[str, tuple[str, float]] = {}
+        # Requests seen, as (method, path); tests count them.
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.RLock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> UnicoreStandin:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "home").mkdir(exist_ok=True)
+        handler = type("Handler", (_Handler,), {"standin": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop answering (jobs keep their state; ``start()`` again on the same port)."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def close(self) -> None:
+        self.stop()
+        for job in list(self.jobs.values()):
+            self._kill(job)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{self.site}/rest/core"
+
+    def add_token(self, user: str, lifetime: float = 3600.0) -> str:
+        token = secrets.token_urlsafe(24)
+        self.tokens[token] = (user, time.time() + lifetime)
+        return token
+
+    def expire_sessions(self) -> None:
+        with self._lock:
+            self.sessions.clear()
+
+    # ---- authentication --------------------------------------------------------------------
+
+    def authenticate(self, headers: Any) -> tuple[str | None, str | None]:
+        """(user or None, a new session id or None). Raises _Refused(432) for a bad session."""
+        session = headers.get("X-UNICORE-SecuritySession")
+        now = time.time()
+        with self._lock:
+            if session:
+                known = self.sessions.get(session)
+                if known is None or known[1] < now:
+                    self.sessions.pop(session, None)
+                    raise _Refused(432, "Security session expired or unknown")
+                return known[0], session
+        user = None
+        auth = headers.get("Authorization") or ""
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                name, _, password = base64.b64decode(value).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                name, password = "", ""
+            if name in self.users and secrets.compare_digest(self.users[name], password):
+                user = name
+        elif scheme.lower() == "bearer":
+            entry = self.tokens.get(value.strip())
+            if entry and entry[1] > now:
+                user = entry[0]
+        if user is None:
+            return None, None
+        new_session = secrets.token_hex(16)
+        with self._lock:
+            self.sessions[new_session] = (user, now + self.session_lifetime)
+        return user, new_session
+
+    # ---- jobs ------------------------------------------------------------------------------
+
+    def submit(self, owner: str, description: Any) -> StandinJob:
+        if not isinstance(description, dict):
+            raise _Refused(500, "Could not submit job: the job description is not a JSON object")
+        if not description.get("Executable") and not description.get("ApplicationName"):
+            raise _Refused(500, "Could not submit job: no executable or application given")
+        self._check_resources(description.get("Resources") or {}, description.get("Project"))
+        try:
+            umask = int(str(description.get("Umask", "077")), 8)
+        except ValueError:
+            raise _Refused(
+                500, f"Could not submit job: invalid umask <{description.get('Umask')}>"
+            ) from None
+        job_id = str(uuid.uuid4())
+        workdir = self.directory / "jobs" / f"{job_id}-uspace"
+        workdir.mkdir(parents=True, mode=0o700)
+        job = StandinJob(job_id, owner, description, workdir, umask)
+        job.note(f"Created with ID {job_id}")
+        with self._lock:
+            self.jobs[job_id] = job
+        if str(description.get("haveClientStageIn", "false")).lower() != "true":
+            self.start_job(job)
+        else:
+            job.note("Waiting for client stage-in")
+        return job
+
+    def _check_resources(self, resources: Any, project: Any) -> None:
+        if not isinstance(resources, dict):
+            raise _Refused(500, "Could not submit job: 'Resources' must be a JSON object")
+        for name, value in resources.items():
+            if name not in _KNOWN_RESOURCES:
+                raise _Refused(
+                    500, f"Could not submit job: Resource <{name}> is not available at this site"
+                )
+            try:
+                if name in _INT_RESOURCES and int(str(value)) < (0 if "GPU" in name else 1):
+                    raise ValueError(f"value <{value}> out of range")
+                if name == "Runtime":
+                    _parse_time(value)
+                if name in ("MemoryPerNode", "Memory"):
+                    _parse_capacity(value)
+            except ValueError as exc:
+                raise _Refused(
+                    500, f"Could not submit job: Could not parse requested resource <{name}>: {exc}"
+                ) from None
+        queue = resources.get("Queue")
+        if queue is not None and queue not in self.queues:
+            raise _Refused(
+                500,
+                f"Could not submit job: Queue <{queue}> is not available. "
+                f"Available queues: {', '.join(self.queues)}",
+            )
+        project = project or resources.get("Project")
+        if project is not None and self.projects is not None and project not in self.projects:
+            raise _Refused(500, f"Could not submit job: Project <{project}> is not available")
+
+    def start_job(self, job: StandinJob) -> None:
+        with job.lock:
+            if job.started or job.status != "READY":
+                return
+            job.started = True
+        threading.Thread(target=self._process, args=(job,), daemon=True).start()
+
+    def abort(self, job: StandinJob) -> None:
+        with job.lock:
+            if job.status not in ACTIVE:
+                return
+            job.aborted = True
+            proc = job.proc
+        job.note("Abort requested")
+        if proc is not None:
+            self._kill(job)
+        elif not job.started:
+            self._finish(job, "FAILED", "Job aborted.")
+
+    def _kill(self, job: StandinJob) -> None:
+        proc = job.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _finish(self, job: StandinJob, status: str, message: str = "") -> None:
+        with job.lock:
+            job.status = status
+            job.status_message = message
+        job.note(f"Job finished: {status} {message}".strip())
+
+    def _env(self, job: StandinJob) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_", "MANTIK_", "PYTEST_"))
+        }
+        if self.extra_path:
+            env["PATH"] = os.pathsep.join([*self.extra_path, env.get("PATH", "")])
+        env["UC_OUTCOME_DIR"] = str(job.workdir)
+        env["HOME"] = str(self.directory / "home")
+        given = job.description.get("Environment") or {}
+        if isinstance(given, dict):
+            env.update({str(k): str(v) for k, v in given.items()})
+        elif isinstance(given, list):  # UNICORE also takes ["NAME=value", ...]
+            for item in given:
+                name, _, value = str(item).partition("=")
+                env[name] = value
+        return env
+
+    def _run_shell(self, job: StandinJob, command: str, out: Path, err: Path | None) -> int:
+        """Run one shell line in the job directory, in a session of its own."""
+        umask = job.umask
+
+        def append(path: Path):
+            return os.fdopen(
+                os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666 & ~umask), "ab"
+            )
+
+        stdout = append(out)
+        stderr = stdout if err is None or err == out else append(err)
+        try:
+            proc = subprocess.Popen(
+                ["bash", "-c", command],
+                cwd=job.workdir,
+                env=self._env(job),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=lambda: os.umask(umask),  # noqa: PLW1509 - test infrastructure
+            )
+        finally:
+            stdout.close()
+            if stderr is not stdout:
+                stderr.close()
+        with job.lock:
+            job.proc = proc
+            aborted = job.aborted
+        if aborted:
+            self._kill(job)
+        runtime = (job.description.get("Resources") or {}).get("Runtime")
+        limit = _parse_time(runtime) if runtime is not None else None
+        try:
+            return proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            job.note("Run time limit exceeded")
+            job.status_message = "TIMEOUT: the job exceeded its run time limit"
+            self._kill(job)
+            return -999
+        finally:
+            with job.lock:
+                job.proc = None
+
+    def _login_command(self, job: StandinJob, key: str, phase: str) -> int:
+        command = job.description.get(key)
+        if isinstance(command, list):
+            command = "\n".join(map(str, command))
+        if not command:
+            return 0
+        # Only the login node is modelled: compute-node pre/post commands run there as well.
+        out = job.workdir / f".UNICORE_{phase}_0.stdout"
+        err = job.workdir / f".UNICORE_{phase}_0.stderr"
+        job.note(f"Launched {phase.lower()} command <{command}>")
+        return self._run_shell(job, command, out, err)
+
+    def _process(self, job: StandinJob) -> None:
+        try:
+            self._process_inner(job)
+        except Exception as exc:  # noqa: BLE001 - report as a failed job, as UNICORE does
+            self._finish(job, "FAILED", f"Internal error: {exc}")
+
+    def _process_inner(self, job: StandinJob) -> None:
+        desc = job.description
+        job.status = "STAGINGIN"
+        job.note("Staging in")
+        time.sleep(0.1)
+        if job.aborted:
+            return self._finish(job, "FAILED", "Job aborted.")
+        code = self._login_command(job, "User precommand", "PRE")
+        if job.aborted:
+            return self._finish(job, "FAILED", "Job aborted.")
+        ignore = str(desc.get("UserPrecommandIgnoreNonZeroExitCode", "false")).lower() == "true"
+        if code != 0 and not ignore:
+            return self._finish(job, "FAILED", f"User pre-command failed with exit code {code}")
+        job.status = "QUEUED"
+        job.note("Submitted to batch system")
+        time.sleep(self.queue_delay)
+        if job.aborted:
+            return self._finish(job, "FAILED", "Job aborted.")
+        job.status = "RUNNING"
+        job.note("Running")
+        words = [str(desc.get("Executable") or desc.get("ApplicationName"))]
+        words += [str(a) for a in desc.get("Arguments") or []]
+        stdout = job.workdir / str(desc.get("Stdout") or "stdout")
+        stderr = job.workdir / str(desc.get("Stderr") or "stderr")
+        code = self._run_shell(job, " ".join(words), stdout, stderr)
+        if job.aborted:
+            return self._finish(job, "FAILED", "Job aborted.")
+        if code == -999:
+            return self._finish(job, "FAILED", job.status_message)
+        job.exit_code = code
+        job.status = "STAGINGOUT"
+        post = self._login_command(job, "User postcommand", "POST")
+        if post != 0:
+            job.note(f"User post-command failed with exit code {post}")
+        ignore = str(desc.get("IgnoreNonZeroExitCode", "false")).lower() == "true"
+        if code != 0 and not ignore:
+            return self._finish(
+                job, "FAILED", f"User application exited with non-zero exit code: {code}"
+            )
+        return self._finish(job, "SUCCESSFUL")
+
+    def job_properties(self, job: StandinJob) -> dict[str, Any]:
+        base = self.base_url
+        url = f"{base}/jobs/{job.id}"
+        props: dict[str, Any] = {
+            "status": job.status,
+            "statusMessage": job.status_message,
+            "name": job.description.get("Name", "N/A"),
+            "owner": f"UID={job.owner}",
+            "queue": (job.description.get("Resources") or {}).get("Queue", "N/A"),
+            "submissionTime": job.submitted,
+            "terminationTime": "",
+            "currentTime": _now(),
+            "batchSystemID": f"STANDIN_{job.id[:8]}",
+            "log": list(job.log),
+            "tags": list(job.description.get("Tags") or []),
+            "acl": [],
+            "jobType": "BATCH",
+            "_links": {
+                "self": {"href": url},
+                "action:start": {"href": f"{url}/actions/start", "description": "Start"},
+                "action:abort": {"href": f"{url}/actions/abort", "description": "Abort"},
+                "action:restart": {"href": f"{url}/actions/restart", "description": "Restart"},
+                "details": {"href": f"{url}/details"},
+                "submitted": {"href": f"{url}/submitted"},
+                "workingDirectory": {"href": f"{base}/storages/{job.id}-uspace"},
+                "parentTSS": {"href": f"{base}/sites/default"},
+            },
+        }
+        if job.exit_code is not None:
+            props["exitCode"] = str(job.exit_code)
+        return props
+
+    def storage_root(self, storage_id: str, user: str) -> Path:
+        if storage_id == "HOME":
+            return self.directory / "home"
+        if storage_id.endswith("-uspace"):
+            job = self.jobs.get(storage_id[: -len("-uspace")])
+            if job is not None and job.owner == user:
+                return job.workdir
+        raise _Refused(404, f"No such storage <{storage_id}>")
+
+
+def _file_props(path: Path, name: str) -> dict[str, Any]:
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    perms = "".join(
+        ch if mode & bit else "-"
+        for ch, bit in zip("rwxrwxrwx", (256, 128, 64, 32, 16, 8, 4, 2, 1), strict=True)
+    )
+    return {
+        "path": name,
+        "isDirectory": path.is_dir(),
+        "size": 0 if path.is_dir() else st.st_size,
+        "owner": "standin",
+        "group": "standin",
+        "permissions": perms[:3],
+        "unixPermissions": perms,
+        "lastAccessed": dt.datetime.fromtimestamp(st.st_mtime, dt.UTC).isoformat(),
+        "metadata": {},
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    standin: UnicoreStandin
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet in tests
+        return
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def _send(
+        self,
+        status: int,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if isinstance(body, bytes):
+            data = body
+        elif body is None:
+            data = b""
+        else:
+            data = json.dumps(body).encode()
+        self.send_response(status)
+        if data or content_type != "application/json":
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        if self._session:
+            self.send_header("X-UNICORE-SecuritySession", self._session)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"status": status, "errorMessage": message})
+
+    def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            data = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(data)
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self) -> None:
+        self._session: str | None = None
+        parts = urlsplit(self.path)
+        path = unquote(parts.path)
+        self.query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.standin.requests.append((self.command, path))
+        prefix = f"/{self.standin.site}/rest/core"
+        if not (path == prefix or path.startswith(prefix + "/")):
+            return self._error(404, f"Not found: {path}")
+        rest = path[len(prefix) :].strip("/")
+        body = self._body() if self.command in ("POST", "PUT") else b""
+        try:
+            user, self._session = self.standin.authenticate(self.headers)
+            if rest == "" and self.command == "GET":
+                return self._site(user)
+            if user is None:
+                return self._error(401, "Authentication failed: no valid credentials given")
+            self._route(user, rest, body)
+        except _Refused as exc:
+            self._error(exc.status, exc.message)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _dispatch  # noqa: N815
+
+    # ---- resources -------------------------------------------------------------------------
+
+    def _site(self, user: str | None) -> None:
+        base = self.standin.base_url
+        role = "user" if user else "anonymous"
+        self._send(
+            200,
+            {
+                "client": {
+                    "dn": f"UID={user}" if user else "",
+                    "role": {"selected": role, "availableRoles": [role]},
+                    "xlogin": {"UID": user, "availableUIDs": [user]} if user else {},
+                },
+                "server": {"version": "10.1.0-standin", "externalConnections": {}},
+                "_links": {
+                    name: {"href": f"{base}/{name}"}
+                    for name in ("jobs", "storages", "factories", "sites", "transfers")
+                },
+            },
+        )
+
+    def _route(self, user: str, rest: str, body: bytes) -> None:
+        segments = rest.split("/")
+        head = segments[0]
+        if head == "jobs":
+            return self._jobs(user, segments[1:], body)
+        if head == "storages":
+            return self._storages(user, segments[1:], body)
+        if head in ("factories", "sites", "transfers") and len(segments) == 1:
+            return self._send(200, {head: [], "_links": {}})
+        raise _Refused(404, f"No such resource <{rest}>")
+
+    def _job(self, user: str, job_id: str) -> StandinJob:
+        job = self.standin.jobs.get(job_id)
+        if job is None or job.owner != user:
+            raise _Refused(404, f"No such job <{job_id}>")
+        return job
+
+    def _jobs(self, user: str, segments: list[str], body: bytes) -> None:
+        base = self.standin.base_url
+        if not segments or segments == [""]:
+            if self.command == "GET":
+                tags = [t for t in self.query.get("tags", "").split(",") if t]
+                ids = [
+                    j.id
+                    for j in self.standin.jobs.values()
+                    if j.owner == user and all(t in (j.description.get("Tags") or []) for t in tags)
+                ]
+                offset = int(self.query.get("offset", 0))
+                num = int(self.query.get("num", 200))
+                urls = [f"{base}/jobs/{i}" for i in ids[offset : offset + num]]
+                return self._send(200, {"jobs": urls, "_links": {"self": {"href": f"{base}/jobs"}}})
+            if self.command == "POST":
+                try:
+                    description = json.loads(body or b"null")
+                except ValueError as exc:
+                    raise _Refused(500, f"Could not submit job: invalid JSON: {exc}") from None
+                job = self.standin.submit(user, description)
+                return self._send(201, headers={"Location": f"{base}/jobs/{job.id}"})
+            raise _Refused(405, "Method not allowed")
+        job = self._job(user, segments[0])
+        if len(segments) == 1:
+            if self.command == "GET":
+                props = self.standin.job_properties(job)
+                fields = [f for f in self.query.get("fields", "").split(",") if f]
+                if fields:
+                    props = {k: v for k, v in props.items() if k in fields}
+                return self._send(200, props)
+            if self.command == "DELETE":
+                self.standin.abort(job)
+                self.standin.jobs.pop(job.id, None)
+                shutil.rmtree(job.workdir, ignore_errors=True)
+                return self._send(204)
+        if len(segments) == 3 and segments[1] == "actions" and self.command == "POST":
+            action = segments[2]
+            if action == "start":
+                self.standin.start_job(job)
+            elif action == "abort":
+                self.standin.abort(job)
+            elif action == "restart":
+                raise _Refused(500, "Restart is not supported by the stand-in")
+            else:
+                raise _Refused(404, f"No such action <{action}>")
+            return self._send(200, {})
+        if len(segments) == 2 and segments[1] == "submitted" and self.command == "GET":
+            return self._send(200, job.description)
+        if len(segments) == 2 and segments[1] == "details" and self.command == "GET":
+            return self._send(200, {"rawDetailsData": f"JobId={job.id} JobState={job.status}"})
+        raise _Refused(404, f"No such job resource <{'/'.join(segments)}>")
+
+    def _storages(self, user: str, segments: list[str], body: bytes) -> None:
+        base = self.standin.base_url
+        if not segments or segments == [""]:
+            ids = ["HOME"]
+            if self.query.get("filter") == "all":
+                ids += [f"{j.id}-uspace" for j in self.standin.jobs.values() if j.owner == user]
+            return self._send(200, {"storages": [f"{base}/storages/{i}" for i in ids]})
+        storage_id = segments[0]
+        root = self.standin.storage_root(storage_id, user)
+        url = f"{base}/storages/{storage_id}"
+        if len(segments) == 1:
+            return self._send(
+                200,
+                {
+                    "resourceStatus": "READY",
+                    "mountPoint": str(root) + "/",
+                    "protocols": ["BFT"],
+                    "_links": {
+                        "self": {"href": url},
+                        "files": {"href": f"{url}/files"},
+                        "action:rename": {"href": f"{url}/actions/rename"},
+                        "action:copy": {"href": f"{url}/actions/copy"},
+                    },
+                },
+            )
+        if segments[1] != "files":
+            raise _Refused(404, "No such storage resource")
+        rel = "/".join(s for s in segments[2:] if s)
+        target = self._confined(root, rel)
+        if self.command == "GET":
+            return self._get_file(target, rel)
+        if self.command == "PUT":
+            if "json" in (self.headers.get("Content-Type") or ""):
+                return self._send(200, {})  # property changes: accepted, nothing to do here
+            job = self.standin.jobs.get(storage_id[: -len("-uspace")])
+            umask = job.umask if job else 0o077
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 & ~umask)
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            return self._send(204)
+        if self.command == "POST":
+            target.mkdir(parents=True, exist_ok=True)
+            return self._send(201, {})
+        if self.command == "DELETE":
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+            return self._send(204)
+        raise _Refused(405, "Method not allowed")
+
+    @staticmethod
+    def _confined(root: Path, rel: str) -> Path:
+        if any(part == ".." for part in rel.split("/")):
+            raise _Refused(403, f"Access denied: <{rel}> leaves the storage")
+        real_root = root.resolve()
+        target = (root / rel).resolve() if rel else real_root
+        if target != real_root and not target.is_relative_to(real_root):
+            raise _Refused(403, f"Access denied: <{rel}> leaves the storage")
+        return target
+
+    def _get_file(self, target: Path, rel: str) -> None:
+        if not target.exists():
+            raise _Refused(404, f"File <{rel}> not found")
+        accept = self.headers.get("Accept") or "application/json"
+        if "octet-stream" in accept:
+            if target.is_dir():
+                raise _Refused(500, f"<{rel}> is a directory")
+            return self._send_bytes(target)
+        props = _file_props(target, "/" + rel)
+        if target.is_dir():
+            content = {}
+            for child in sorted(target.iterdir()):
+                name = f"/{rel}/{child.name}" if rel else f"/{child.name}"
+                try:
+                    content[name] = _file_props(child, name)
+                except OSError:
+                    continue
+            props["content"] = content
+        return self._send(200, props)
+
+    def _send_bytes(self, target: Path) -> None:
+        size = target.stat().st_size
+        spec = self.headers.get("Range")
+        if not spec:
+            return self._send(200, target.read_bytes(), content_type="application/octet-stream")
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", spec.strip())
+        if not match:
+            raise _Refused(416, f"Invalid range <{spec}>")
+        start = int(match.group(1))
+        end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+        if start >= size:
+            return self._send(
+                416, b"", content_type="application/octet-stream",
+                headers={"Content-Range": f"bytes */{size}"},
+            )  # fmt: skip
+        with target.open("rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        return self._send(
+            206, data, content_type="application/octet-stream",
+            headers={"Content-Range": f"bytes {start}-{end}/{size}"},
+        )  # fmt: skip
