@@ -18,9 +18,7 @@ def tracking_service(tracking_uri: str | None = None) -> TrackingService:
     return resolve_tracking(paths.credentials_file(), paths.embedded_dir(), tracking_uri)
 
 
-def run_service(
-    tracking_uri: str | None = None, job_tracking_uri: str | None = None
-) -> RunService:
+def run_service(tracking_uri: str | None = None, job_tracking_uri: str | None = None) -> RunService:
     """The RunService of the CLI and kernels: same tracking server, credential store and
     work directory as the lab (``<data dir>/runs``), so runs are the same runs everywhere.
 

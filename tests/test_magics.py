@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 
 from mantik_jupyter.tracking.credentials import CredentialStore
@@ -10,7 +11,7 @@ from mantik_jupyter.tracking.credentials import CredentialStore
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # one global shell per process
     shell.run_line_magic("load_ext", "mantik_jupyter")
     return shell
 

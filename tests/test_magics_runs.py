@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # one global shell per process
     shell.run_line_magic("load_ext", "mantik_jupyter")
     return shell
 
@@ -117,49 +118,39 @@ def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys
 
     # Follows the log live until the run ended.
     started = time.monotonic()
-    print("T19", round(time.monotonic(),1), file=sys.__stderr__)
     ip.run_line_magic("mantik_logs", "last --follow")
-    print("T20", round(time.monotonic(),1), file=sys.__stderr__)
     log = capsys.readouterr().out
     assert "epoch 1/3" in log and "epoch 3/3" in log and "exit status 0" in log
     assert time.monotonic() - started < 60
     assert run.state == "FINISHED"
     assert {"loss", "rmse"} <= set(run.metrics())
-    print("T25", round(time.monotonic(),1), file=sys.__stderr__)
 
     ip.run_line_magic("mantik_logs", "last --tail 1")
-    print("T27", round(time.monotonic(),1), file=sys.__stderr__)
     assert capsys.readouterr().out.strip().splitlines() == ["[mantik] exit status 0"]
 
     ip.run_line_magic("mantik_runs", "--experiment magics-slurm --limit 5")
-    print("T30", round(time.monotonic(),1), file=sys.__stderr__)
     table = capsys.readouterr().out
     assert name in table and "FINISHED" in table and run.run_id[:8] in table
 
     status = ip.run_line_magic("mantik_status", run.run_id[:12])
-    print("T34", round(time.monotonic(),1), file=sys.__stderr__)
     assert isinstance(status, Run) and status.info.state == RunState.FINISHED
     assert status.run_id == run.run_id
     assert "FINISHED" in status._repr_html_() and "loss=" in repr(status)
     by_name = ip.run_line_magic("mantik_status", name)
-    print("T38", round(time.monotonic(),1), file=sys.__stderr__)
     assert by_name.run_id == run.run_id
 
     ip.run_line_magic("mantik_download", f"last code/outputs/forecast.csv --to {env}")
-    print("T41", round(time.monotonic(),1), file=sys.__stderr__)
     assert "Downloaded to" in capsys.readouterr().out
     assert (env / "forecast.csv").read_text().startswith("station,")
 
     # Cancel a sleeping run.
     sleeper = ip.run_line_magic("mantik_submit", "-e sleep --experiment magics-slurm")
-    print("T46", round(time.monotonic(),1), file=sys.__stderr__)
     capsys.readouterr()
     deadline = time.monotonic() + 60
     while sleeper.state != "RUNNING":
         assert time.monotonic() < deadline, sleeper.info
         time.sleep(0.5)
     ip.run_line_magic("mantik_cancel", "last")
-    print("T52", round(time.monotonic(),1), file=sys.__stderr__)
     assert "KILLED" in capsys.readouterr().out
     assert sleeper.state == "KILLED"
 

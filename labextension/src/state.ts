@@ -560,7 +560,14 @@ export class RunsModel {
       const ids = new Set(fetched.map(r => r.run_id));
       // A pinned run stays until the search returns it.
       this._pinned = this._pinned.filter(r => !ids.has(r.run_id));
-      const runs = mergeRuns(fetched, this._pinned);
+      // A state never leaves FINISHED/FAILED/KILLED: an answer from a request that started
+      // before a cancel confirmed (or a search that lags) must not bring a run back to life.
+      const known = new Map(this._snapshot.runs.map(r => [r.run_id, r]));
+      const fresh = fetched.map(r => {
+        const before = known.get(r.run_id);
+        return before && !isActive(before) && isActive(r) ? before : r;
+      });
+      const runs = mergeRuns(fresh, this._pinned);
       this._set({ ...this._snapshot, runs, error: null, loaded: true });
       return hasActiveRuns(runs) ? 'active' : 'idle';
     } catch (error) {

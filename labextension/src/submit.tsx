@@ -35,6 +35,7 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
         return;
       }
       done = true;
+      document.removeEventListener('keydown', onKeyDown, true);
       widget.dispose();
       previous?.focus?.();
       resolve(run);
@@ -45,7 +46,8 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
     widget.addClass('jp-Dialog');
     widget.addClass('mantik-SubmitDialog');
     widget.node.dataset.testid = 'mantik-submit-dialog';
-    widget.node.addEventListener('keydown', event => {
+    // On the document: focus may have left the dialog (a button that became disabled).
+    const onKeyDown = (event: KeyboardEvent) => {
       if (event.key === 'Escape') {
         event.preventDefault();
         event.stopPropagation();
@@ -53,7 +55,8 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
       } else if (event.key === 'Tab') {
         trapFocus(widget.node, event);
       }
-    });
+    };
+    document.addEventListener('keydown', onKeyDown, true);
     // Click on the backdrop closes, like JupyterLab's dialogs.
     widget.node.addEventListener('mousedown', event => {
       if (event.target === widget.node) {
@@ -75,7 +78,10 @@ function trapFocus(root: HTMLElement, event: KeyboardEvent): void {
   }
   const first = focusable[0];
   const last = focusable[focusable.length - 1];
-  if (event.shiftKey && document.activeElement === first) {
+  if (!root.contains(document.activeElement)) {
+    first.focus();
+    event.preventDefault();
+  } else if (event.shiftKey && document.activeElement === first) {
     last.focus();
     event.preventDefault();
   } else if (!event.shiftKey && document.activeElement === last) {

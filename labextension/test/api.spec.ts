@@ -205,3 +205,127 @@ describe('auth status validation', () => {
     expect(isAuthStatus({ ...EMBEDDED, logged_in: 'yes' })).toBe(false);
   });
 });
+
+describe('MantikApi runs and projects', () => {
+  const RUN = {
+    run_id: 'abc123',
+    run_name: 'e2e',
+    experiment_id: '7',
+    state: 'RUNNING',
+    is_final: false,
+    mlflow_status: 'RUNNING',
+    backend: 'local',
+    job_id: '42',
+    entry_point: 'main',
+    source: 'lab',
+    start_time: 1,
+    end_time: null,
+    params: { epochs: '2' },
+    metrics: { rmse: 0.5 },
+    tags: {},
+    reason: null,
+    exit_code: null,
+    user: 'ada',
+    warnings: []
+  };
+
+  it('lists runs with query parameters', async () => {
+    const { api, requests } = fakeServer(json({ runs: [RUN], next_page_token: null }));
+    const list = await api.listRuns({ maxResults: 100, refresh: true, state: 'active' });
+    expect(list.runs[0]).toEqual(RUN);
+    expect(list.next_page_token).toBeNull();
+    expect(requests[0].url).toMatch(/\/lab-under-test\/mantik\/api\/runs$/);
+  });
+
+  it('submits a run as JSON and parses the 201 answer', async () => {
+    const { api, requests } = fakeServer(json(RUN, 201, 'Created'));
+    const run = await api.submitRun({
+      project_dir: 'weather-forecast',
+      backend_config: 'compute-backend-config.yaml',
+      entry_point: 'main',
+      params: { epochs: '2' },
+      source: 'lab'
+    });
+    expect(run.run_id).toBe('abc123');
+    expect(requests[0].method).toBe('POST');
+    expect(JSON.parse(requests[0].body)).toMatchObject({
+      project_dir: 'weather-forecast',
+      params: { epochs: '2' }
+    });
+  });
+
+  it('surfaces a config error of a submission with its reason', async () => {
+    const { api } = fakeServer(
+      json({ message: "x.yaml, line 4: unknown key 'Nodez' (did you mean 'Nodes'?)", reason: 'invalid_config' }, 400, 'Bad Request')
+    );
+    const error = (await api
+      .submitRun({ project_dir: 'p' })
+      .catch(e => e)) as MantikApiError;
+    expect(error.reason).toBe('invalid_config');
+    expect(error.message).toContain('Nodez');
+  });
+
+  it('cancels, reads logs from an offset, lists files, builds download URLs', async () => {
+    const { api, requests } = fakeServer(
+      json({ ...RUN, state: 'KILLED', is_final: true }),
+      json({ text: 'epoch 1\n', offset: 8, final: false }),
+      json({ files: [{ path: 'mantik.log', size: 8, is_dir: false }] })
+    );
+    expect((await api.cancelRun('abc123')).state).toBe('KILLED');
+    expect(requests[0].method).toBe('POST');
+    expect(requests[0].url).toMatch(/runs\/abc123\/cancel$/);
+    expect(await api.runLogs('abc123', 8)).toEqual({
+      text: 'epoch 1\n',
+      offset: 8,
+      final: false
+    });
+    expect(requests[1].url).toMatch(/runs\/abc123\/logs$/);
+    expect(await api.runFiles('abc123')).toEqual([
+      { path: 'mantik.log', size: 8, is_dir: false }
+    ]);
+    expect(api.downloadUrl('abc123', 'out/a b.csv')).toBe(
+      'http://127.0.0.1:8888/lab-under-test/mantik/api/runs/abc123/download?path=out%2Fa%20b.csv'
+    );
+    expect(api.mlflowRunUrl(RUN)).toBe(
+      'http://127.0.0.1:8888/lab-under-test/mantik/mlflow/#/experiments/7/runs/abc123'
+    );
+  });
+
+  it('describes a project', async () => {
+    const { api, requests } = fakeServer(
+      json({
+        project_dir: 'work/weather-forecast',
+        name: 'weather-forecast',
+        entry_points: {
+          main: {
+            command: 'python train.py',
+            parameters: [
+              { name: 'epochs', type: 'int', default: '5', required: false },
+              { name: 'data', type: 'path', default: null, required: true }
+            ]
+          }
+        },
+        config_files: ['compute-backend-config.yaml'],
+        config_checks: {
+          'compute-backend-config.yaml': { ok: true, backend: 'local', error: null, warnings: [] }
+        },
+        default_config: 'compute-backend-config.yaml'
+      })
+    );
+    const project = await api.describeProject('work/weather-forecast/x.ipynb');
+    expect(requests[0].url).toMatch(/mantik\/api\/projects$/);
+    expect(project.entry_points.main.parameters[1]).toEqual({
+      name: 'data',
+      type: 'path',
+      default: null,
+      required: true
+    });
+    expect(project.config_checks['compute-backend-config.yaml'].backend).toBe('local');
+  });
+
+  it('rejects malformed run and project bodies', async () => {
+    const { api } = fakeServer(json({ runs: 'nope' }), json({ name: 1 }));
+    await expect(api.listRuns()).rejects.toBeInstanceOf(MantikApiError);
+    await expect(api.describeProject('x')).rejects.toBeInstanceOf(MantikApiError);
+  });
+});

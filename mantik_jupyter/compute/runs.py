@@ -52,6 +52,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ from ..errors import (
 )
 from ..tracking.credentials import Credential
 from ..tracking.rest import TrackingClient
-from ..tracking.run_users import create_run_user, delete_run_user, run_username
+from ..tracking.run_users import create_run_user, delete_run_user, new_run_username
 from ..tracking.runs_api import (
     RunsApi,
     now_ms,
@@ -136,6 +137,8 @@ ACTIVE_STATES = (RunState.SUBMITTING, RunState.QUEUED, RunState.RUNNING, RunStat
 FINAL_STATES = (RunState.FINISHED, RunState.FAILED, RunState.KILLED)
 MAX_TAG_VALUE = 5000
 CANCEL_WAIT = 15.0
+# Seconds a submission trusts an experiment lookup of an earlier one.
+EXPERIMENT_TTL = 60.0
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _MLFLOW_STATUS_STATE = {
@@ -255,6 +258,8 @@ class RunService:
         self._lock = threading.RLock()
         # Runs being finalised (log upload etc.) by this process, to do it only once.
         self._finalising: set[str] = set()
+        # (tracking URI, "id <id>" | "name <name>") -> (experiment id, when learnt).
+        self._experiments: dict[tuple[str, str], tuple[str, float]] = {}
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -440,15 +445,24 @@ class RunService:
         project_path = self._resolve_project(project_dir)
         config = load_config(self._resolve_config(project_path, backend_config))
         spec = self._spec_for(config)
+        backend = self._backend(spec, config)
+        # A first SSH login (key exchange, authentication) overlaps the rest of the
+        # preparation: loading the project (MLflow's project code is slow to import),
+        # packaging, the MLflow calls.
+        threading.Thread(target=backend.warm_up, name="mantik-warm-up", daemon=True).start()
         project = load_project(project_path)
         resolved = resolve_entry_point(project, entry_point, dict(params or {}))
-        backend = self._backend(spec, config)
         job_uri = self.job_tracking_uri or self.tracking.uri
         notes = self._check_tracking_uri(job_uri, spec)
         for note in notes:
             warnings.warn(note, MantikRunWarning, stacklevel=2)
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.work_dir))
+        # What the user waits for is "called" -> "job queued". MLflow calls that do not
+        # depend on each other run in parallel (each in a thread has its own HTTP session,
+        # see ``_session``), and all are waited for before returning.
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mantik-submit")
+        run_id: str | None = None
         try:
             package = build_package(
                 project_path,
@@ -458,110 +472,226 @@ class RunService:
                 size_limit=self.package_size_limit,
                 progress=(lambda d, t: progress("package", d, t)) if progress else None,
             )
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-        try:
             api = self._api()
-            if experiment_id:
-                api.get_experiment(experiment_id)
-                exp_id = str(experiment_id)
-            else:
-                exp_id, _ = api.get_or_create_experiment(
-                    experiment_name or project.name or project_path.name
-                )
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        user = self._username()
-        tags = {
-            TAG_STATE: str(RunState.SUBMITTING),
-            TAG_BACKEND: backend.capabilities.name,
-            TAG_BACKEND_SPEC: json.dumps(spec, sort_keys=True),
-            TAG_ENTRY_POINT: resolved.name,
-            TAG_SOURCE: source,
-            TAG_SHA: package.sha256,
-            TAG_PROJECT: project.name or project_path.name,
-            "mlflow.source.name": str(project_path),
-            "mlflow.source.type": "PROJECT",
-            "mlflow.project.entryPoint": resolved.name,
-            "mlflow.project.backend": backend.capabilities.name,
-            **_git_tags(project_path),
-        }
-        if user:
-            tags[TAG_USER] = user
-            tags["mlflow.user"] = user
-        if notes:
-            tags[TAG_WARNING] = _clip(" ".join(notes))
-        try:
-            run = api.create_run(exp_id, run_name=run_name, tags=tags)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        run_id = run["info"]["run_id"]
-        job_dir = self.work_dir / run_id
-        run_user: str | None = None
-        admin = None
-        try:
-            staging.rename(job_dir)
-            api.update_run(run_id, status="SCHEDULED")
-            api.log_batch(run_id, params=resolved.params)
-            run_name = run["info"].get("run_name") or run_name
-            script = render_job_script(
-                config,
-                command=resolved.command,
-                run_id=run_id,
-                experiment_id=exp_id,
-                tracking_uri=job_uri,
-                job_name=safe_job_name(run_name or project.name or "mantik"),
-                scheduler="slurm" if spec["kind"] == "ssh" else "none",
+            exp_id = self._submit_experiment(
+                api, experiment_id, experiment_name or project.name or project_path.name
             )
-            (job_dir / JOB_SCRIPT).write_text(script, encoding="utf-8")
-            (job_dir / JOB_SCRIPT).chmod(0o700)
-            config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-            if progress:
-                progress("upload", 0, package.size)
-            api.upload_artifact(run, ARTIFACT_CONFIG, config_json.encode())
-            api.upload_artifact(run, ARTIFACT_SCRIPT, script.encode())
-            api.upload_artifact(run, ARTIFACT_CODE, job_dir / PACKAGE_FILE)
-
+            user = self._username()
+            tags = {
+                TAG_STATE: str(RunState.SUBMITTING),
+                TAG_BACKEND: backend.capabilities.name,
+                TAG_BACKEND_SPEC: json.dumps(spec, sort_keys=True),
+                TAG_ENTRY_POINT: resolved.name,
+                TAG_SOURCE: source,
+                TAG_SHA: package.sha256,
+                TAG_PROJECT: project.name or project_path.name,
+                "mlflow.source.name": str(project_path),
+                "mlflow.source.type": "PROJECT",
+                "mlflow.project.entryPoint": resolved.name,
+                "mlflow.project.backend": backend.capabilities.name,
+                **_git_tags(project_path),
+            }
+            if user:
+                tags[TAG_USER] = user
+                tags["mlflow.user"] = user
+            if notes:
+                tags[TAG_WARNING] = _clip(" ".join(notes))
             admin = self._admin()
-            if admin is not None:
-                run_user = run_username(run_id)
-                credential = create_run_user(admin, run_id, exp_id)
-            else:
-                credential = self.tracking.require_credential()
-            write_private(job_dir / CREDENTIALS_FILE, _credential_file(credential))
-            job = PreparedJob(
-                run_id=run_id,
-                local_dir=job_dir,
-                job_name=safe_job_name(run_name or project.name or "mantik"),
-                files=[PACKAGE_FILE, JOB_SCRIPT, CREDENTIALS_FILE],
-            )
-            if spec["kind"] == "unicore":
-                job = UnicoreJob.from_prepared(job, config)
-            try:
-                job_id = backend.submit(
-                    job, progress=(lambda d, t: progress("upload", d, t)) if progress else None
-                )
-            finally:
-                (job_dir / CREDENTIALS_FILE).unlink(missing_ok=True)
-            run_dir = _run_dir_of(backend, job_id)
-            job_tags = {TAG_JOB_ID: job_id, TAG_RUN_DIR: run_dir, TAG_STATE: str(RunState.QUEUED)}
+            run_user = new_run_username() if admin is not None else None
+            user_made: Future[Credential] | None = None
             if run_user:
-                job_tags[TAG_RUN_USER] = run_user
-            api.set_tags(run_id, job_tags)
-        except BaseException as exc:
-            self._submission_failed(api, admin, run_id, run_user, exc)
-            raise
+                # Recorded from the start, so whatever happens the user can be found and
+                # removed. It needs only the experiment: made while the run is created.
+                tags[TAG_RUN_USER] = run_user
+                user_made = pool.submit(create_run_user, admin, run_user, exp_id)
+            try:
+                run = api.create_run(exp_id, run_name=run_name, tags=tags)
+            except BaseException:
+                # The experiment may be gone: look it up afresh next time.
+                self._forget_experiment(exp_id)
+                # Remove the user made meanwhile (a failed creation left none).
+                if user_made is not None and user_made.exception() is None:
+                    _delete_run_user_quietly(admin, user_made.result().username)
+                raise
+            run_id = run["info"]["run_id"]
+            job_dir = self.work_dir / run_id
+            run_name = run["info"].get("run_name") or run_name
+            job_name = safe_job_name(run_name or project.name or "mantik")
+            # Calls on the run; waited for before the job dir goes and before a failure
+            # is recorded (a late SCHEDULED must not overwrite FAILED).
+            pending: list[Future[Any]] = [user_made] if user_made else []
+            try:
+                staging.rename(job_dir)
+                # Before the job starts: the status (the job's own start sets RUNNING,
+                # which a late SCHEDULED would undo) and the params (MLflow may refuse
+                # them, e.g. too long: a user error that must stop the submission).
+                before_start = [
+                    pool.submit(self._session(api).update_run, run_id, status="SCHEDULED"),
+                    pool.submit(self._session(api).log_batch, run_id, params=resolved.params),
+                ]
+                pending += before_start
+                script = render_job_script(
+                    config,
+                    command=resolved.command,
+                    run_id=run_id,
+                    experiment_id=exp_id,
+                    tracking_uri=job_uri,
+                    job_name=job_name,
+                    scheduler="slurm" if spec["kind"] == "ssh" else "none",
+                )
+                (job_dir / JOB_SCRIPT).write_text(script, encoding="utf-8")
+                (job_dir / JOB_SCRIPT).chmod(0o700)
+                config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+                # The job does not need its artifacts: they upload while it is submitted.
+                api.artifact_proxy_path(run, ARTIFACT_DIR)  # an unusable store fails now
+                artifacts = {
+                    name: pool.submit(self._session(api).upload_artifact, run, name, data)
+                    for name, data in (
+                        (ARTIFACT_CONFIG, config_json.encode()),
+                        (ARTIFACT_SCRIPT, script.encode()),
+                        (ARTIFACT_CODE, job_dir / PACKAGE_FILE),
+                    )
+                }
+                pending += artifacts.values()
+                credential = user_made.result() if user_made else self.tracking.require_credential()
+                write_private(job_dir / CREDENTIALS_FILE, _credential_file(credential))
+                for call in before_start:
+                    call.result()
+                job = PreparedJob(
+                    run_id=run_id,
+                    local_dir=job_dir,
+                    job_name=job_name,
+                    files=[PACKAGE_FILE, JOB_SCRIPT, CREDENTIALS_FILE],
+                )
+                if spec["kind"] == "unicore":
+                    job = UnicoreJob.from_prepared(job, config)
+                if progress:
+                    progress("upload", 0, package.size)
+                try:
+                    job_id = backend.submit(
+                        job, progress=(lambda d, t: progress("upload", d, t)) if progress else None
+                    )
+                finally:
+                    (job_dir / CREDENTIALS_FILE).unlink(missing_ok=True)
+            except BaseException as exc:
+                wait(pending)
+                self._submission_failed(api, admin, run_id, run_user, exc)
+                raise
+            # The job is queued: from here on nothing may lose its id.
+            job_tags = {
+                TAG_JOB_ID: job_id,
+                TAG_RUN_DIR: _run_dir_of(backend, job_id),
+                TAG_STATE: str(RunState.QUEUED),
+            }
+            self._record_job(api, run_id, job_tags, artifacts)
+            notes = notes + self._artifact_failures(api, run_id, notes, artifacts)
         finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            pool.shutdown()
             shutil.rmtree(staging, ignore_errors=True)
+            if run_id:
+                shutil.rmtree(self.work_dir / run_id, ignore_errors=True)
         log.info("submitted run %s as %s job %s", run_id, backend.capabilities.name, job_id)
-        info = RunInfo.from_run(api.get_run(run_id))
+        # What the server holds now, without asking it again.
+        info = RunInfo.from_run(
+            {
+                "info": {**run["info"], "status": "SCHEDULED"},
+                "data": {
+                    "tags": _key_values({**tags, **run_tags(run), **job_tags}),
+                    "params": _key_values(resolved.params),
+                },
+            }
+        )
         info.warnings = notes
         return info
+
+    def _submit_experiment(
+        self, api: RunsApi, experiment_id: str | None, experiment_name: str
+    ) -> str:
+        """The id of the experiment a submission goes to (created when the name is new).
+
+        Remembered for ``EXPERIMENT_TTL`` seconds: the lookup is on the way to the queue,
+        and a series of submissions goes to the same experiment. An experiment deleted
+        meanwhile makes the run's creation fail, which forgets it.
+        """
+        key = (
+            api.client.uri,
+            f"id {experiment_id}" if experiment_id else f"name {experiment_name}",
+        )
+        with self._lock:
+            known = self._experiments.get(key)
+        if known is not None and time.monotonic() - known[1] < EXPERIMENT_TTL:
+            return known[0]
+        if experiment_id:
+            api.get_experiment(experiment_id)
+            exp_id = str(experiment_id)
+        else:
+            exp_id, _ = api.get_or_create_experiment(experiment_name)
+        with self._lock:
+            self._experiments[key] = (exp_id, time.monotonic())
+        return exp_id
+
+    def _forget_experiment(self, exp_id: str) -> None:
+        with self._lock:
+            for key in [k for k, (i, _) in self._experiments.items() if i == exp_id]:
+                del self._experiments[key]
+
+    @staticmethod
+    def _session(api: RunsApi) -> RunsApi:
+        """The same server and credential over a new HTTP session, for a call in another
+        thread (``requests.Session`` is not thread-safe)."""
+        return RunsApi(TrackingClient(api.client.uri, api.client.credential))
+
+    @staticmethod
+    def _record_job(
+        api: RunsApi,
+        run_id: str,
+        job_tags: Mapping[str, str],
+        artifacts: Mapping[str, Future[None]],
+    ) -> None:
+        """Tag the submitted job onto its run; one retry, then an error naming the job."""
+        job_id = job_tags[TAG_JOB_ID]
+        for attempt in range(2):
+            try:
+                api.set_tags(run_id, job_tags)
+                return
+            except MantikError as exc:
+                if attempt == 0:
+                    log.warning("run %s: tagging job %s failed, retrying", run_id, job_id)
+                    time.sleep(1.0)
+                    continue
+                wait(artifacts.values())
+                log.error("run %s: job %s runs, but is not recorded", run_id, job_id)
+                raise type(exc)(
+                    f"Job {job_id} was submitted and is queued, but recording it on run "
+                    f"{run_id} failed, so mantik cannot follow it: {exc.message}"
+                ) from None
+
+    @staticmethod
+    def _artifact_failures(
+        api: RunsApi,
+        run_id: str,
+        notes: Sequence[str],
+        artifacts: Mapping[str, Future[None]],
+    ) -> list[str]:
+        """Wait for the artifact uploads; a failure is a warning on the run (the job
+        runs and is tracked), returned to be shown."""
+        failed = {}
+        for name, upload in artifacts.items():
+            exc = upload.exception()
+            if exc is not None:
+                failed[name] = exc.message if isinstance(exc, MantikError) else repr(exc)
+        if not failed:
+            return []
+        note = (
+            f"The job was submitted, but storing {', '.join(failed)} on the run failed: "
+            + "; ".join(failed.values())
+        )
+        log.warning("run %s: %s", run_id, note)
+        try:
+            api.set_tags(run_id, {TAG_WARNING: _clip(" ".join([*notes, note]))})
+        except MantikError as exc:
+            log.warning("run %s: could not tag the warning: %s", run_id, exc.message)
+        return [note]
 
     def _submission_failed(
         self,
@@ -584,14 +714,7 @@ class RunService:
         except MantikError as again:
             log.warning("could not mark run %s as FAILED: %s", run_id, again.message)
         if run_user and admin is not None:
-            try:
-                api.set_tags(run_id, {TAG_RUN_USER: run_user})
-            except MantikError:
-                pass
-            try:
-                delete_run_user(admin, run_user)
-            except MantikError as again:
-                log.warning("could not delete the per-run user %s: %s", run_user, again.message)
+            _delete_run_user_quietly(admin, run_user)
 
     @staticmethod
     def _check_tracking_uri(job_uri: str, spec: Mapping[str, Any]) -> list[str]:
@@ -1038,6 +1161,21 @@ def _utf8_boundary(data: bytes) -> int:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_TAG_VALUE else text[: MAX_TAG_VALUE - 3] + "..."
+
+
+def _delete_run_user_quietly(admin: TrackingClient | None, username: str) -> None:
+    """For cleanup after a failure: the failure is what gets reported, not this."""
+    if admin is None:
+        return
+    try:
+        delete_run_user(admin, username)
+    except MantikError as exc:
+        log.warning("could not delete the per-run user %s: %s", username, exc.message)
+
+
+def _key_values(items: Mapping[str, str]) -> builtins.list[dict[str, str]]:
+    """Tags or params as MLflow's REST API lists them."""
+    return [{"key": k, "value": str(v)} for k, v in items.items()]
 
 
 def _credential_file(credential: Credential) -> str:

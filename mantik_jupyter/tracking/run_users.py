@@ -7,8 +7,9 @@ name (``mantik-run-<32 hex digits>``, recorded in the run's ``mantik.run_user`` 
 does not derive from the run id, so the user can be made while the run is being
 created), a random password and an ``EDIT`` grant on the run's experiment only
 (MLflow's permission model has no narrower useful scope: run-level grants only accept
-``*``). The user is deleted when the run ends, which revokes access at once. With a remote tracking server the job gets the submitting user's own credential
-instead (the lab is not an admin there).
+``*``). The user is deleted when the run ends, which revokes access at once. With a
+remote tracking server the job gets the submitting user's own credential instead (the
+lab is not an admin there).
 
 Permissions API of MLflow 3.x: ``POST /api/3.0/mlflow/users/permissions/grant`` with
 ``username``, ``resource_type`` (``experiment``), ``resource_id``, ``permission``;

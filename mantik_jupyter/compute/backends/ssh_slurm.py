@@ -305,7 +305,7 @@ class SshSlurmBackend(Backend):
     def warm_up(self) -> None:
         try:
             self.remote_base()
-        except Exception as exc:  # noqa: BLE001 - only an optimisation; submit reports it
+        except Exception as exc:  # only an optimisation: submit reports what is wrong
             log.debug("connecting ahead of submit to %s failed: %s", self._where(), exc)
 
     def _sftp_client(self) -> paramiko.SFTPClient:

@@ -1,0 +1,159 @@
+"""MetricComparison with 20 runs x 100,000 steps: time to build the figure and points sent
+to the browser, against a figure that sends every point, measured in the same run.
+
+Two parts:
+1. In memory (no network): LTTB + small-multiples figure (a plotly FigureWidget) from the
+   full histories, against the same FigureWidget with all 2,000,000 points.
+2. End to end against a real ``mlflow server`` whose sqlite store holds the histories
+   (bench/_mlflow_seed.py): ``fetch="sampled"`` (server sampling + LTTB, the default) and,
+   unless --skip-full, ``fetch="full"`` (every value through get-history, paged).
+
+    PYTHONPATH=. python bench/metric_comparison.py [--runs 20] [--steps 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+
+from bench._mlflow_seed import insert_runs, open_store
+from mantik_jupyter.tracking import metrics as m
+from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.runs_api import RunsApi
+from tests.mlflow_fixtures import start_mlflow_server, stop_mlflow_server
+
+
+def curves(runs: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    x = np.arange(steps, dtype=float)
+    out = []
+    for i in range(runs):
+        y = (1 + i / runs) * np.exp(-x / (steps / 5)) + 0.05 * rng.standard_normal(steps)
+        y[rng.integers(0, steps, 5)] += 3  # a few spikes
+        out.append((x, y))
+    return out
+
+
+def in_memory(data, max_points: int) -> None:
+    from mantik_jupyter.widgets.metric_comparison import COLORS, build_figure
+
+    ids = [f"run{i:02d}" for i in range(len(data))]
+    names = {r: r for r in ids}
+    colors = {r: COLORS[i % len(COLORS)] for i, r in enumerate(ids)}
+
+    started = time.perf_counter()
+    series = {
+        (rid, "loss"): m.build_series(rid, "loss", xy, max_points=max_points)
+        for rid, xy in zip(ids, data, strict=True)
+    }
+    fig = go.FigureWidget(build_figure(series, ["loss"], ids, names, colors))
+    ours = time.perf_counter() - started
+    ours_points = sum(len(tr.x) for tr in fig.data)
+    ours_bytes = len(fig.to_json())
+
+    started = time.perf_counter()
+    full = {
+        (rid, "loss"): m.Series(rid, "loss", xy[0].tolist(), xy[1].tolist(), len(xy[0]))
+        for rid, xy in zip(ids, data, strict=True)
+    }
+    base_fig = go.FigureWidget(build_figure(full, ["loss"], ids, names, colors))
+    base = time.perf_counter() - started
+    base_points = sum(len(tr.x) for tr in base_fig.data)
+    base_bytes = len(base_fig.to_json())
+    print(f"in memory, {len(data)} runs x {len(data[0][0]):,} steps:")
+    print(
+        f"  LTTB + FigureWidget: {ours:.2f} s, {ours_points:,} points, "
+        f"{ours_bytes / 2**20:.1f} MiB of figure JSON (target < 2 s)"
+    )
+    print(
+        f"  baseline, every point: {base:.2f} s, {base_points:,} points, "
+        f"{base_bytes / 2**20:.1f} MiB"
+    )
+    print(
+        f"  ratio: {base_points / ours_points:.0f}x fewer points, "
+        f"{base_bytes / ours_bytes:.0f}x fewer bytes, {base / ours:.1f}x faster to build"
+    )
+
+
+def seed(directory: Path, data) -> tuple[str, list[str]]:
+    store = open_store(directory)
+    exp_id = store.create_experiment("bench-comparison")
+    t0 = int(time.time() * 1000)
+    runs = [
+        {
+            "name": f"run{i:02d}",
+            "start_time": t0,
+            "end_time": t0 + len(x) * 100,
+            "params": {"lr": 10 ** -(1 + i % 4), "layers": 2 + i % 5},
+            "history": {
+                "loss": list(
+                    zip(
+                        x.astype(int).tolist(),
+                        (t0 + 100 * x).astype(int).tolist(),
+                        y.tolist(),
+                        strict=True,
+                    )
+                )
+            },
+        }  # fmt: skip
+        for i, (x, y) in enumerate(data)
+    ]
+    ids = insert_runs(store, exp_id, runs)
+    store.engine.dispose()
+    return exp_id, ids
+
+
+def end_to_end(data, max_points: int, skip_full: bool) -> None:
+    from mantik_jupyter.widgets import MetricComparison
+
+    with tempfile.TemporaryDirectory(prefix="bench-comparison-") as tmp:
+        directory = Path(tmp) / "mlflow"
+        started = time.perf_counter()
+        _, ids = seed(directory, data)
+        total = sum(len(x) for x, _ in data)
+        print(
+            f"seeded {total:,} metric values into sqlite in {time.perf_counter() - started:.1f} s"
+        )
+        server = start_mlflow_server(directory)
+        try:
+            api = RunsApi(TrackingClient(server.uri, server.admin))
+            api.search_experiments(max_results=1)
+            modes = ["sampled"] if skip_full else ["sampled", "full"]
+            for mode in modes:
+                started = time.perf_counter()
+                comp = MetricComparison(
+                    ids, metrics=["loss"], fetch=mode, max_points=max_points, api=api
+                )
+                elapsed = time.perf_counter() - started
+                print(
+                    f"  end to end, fetch={mode!r}: {elapsed:.2f} s, {comp.requests} "
+                    f"requests, {comp.points_sent:,} points sent of {total:,} logged"
+                )
+                comp.close()
+        finally:
+            stop_mlflow_server(server.proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--max-points", type=int, default=m.DEFAULT_MAX_POINTS)
+    parser.add_argument("--skip-full", action="store_true", help="skip fetch='full'")
+    parser.add_argument("--skip-server", action="store_true", help="in memory only")
+    args = parser.parse_args()
+    data = curves(args.runs, args.steps)
+    in_memory(data, args.max_points)
+    if not args.skip_server:
+        end_to_end(data, args.max_points, args.skip_full)
+    assert math.isfinite(data[0][1][0])
+
+
+if __name__ == "__main__":
+    main()

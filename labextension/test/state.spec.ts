@@ -1,0 +1,324 @@
+import { describe, expect, it } from 'vitest';
+
+import { IRun, parseRun } from '../src/api';
+import {
+  changedParams,
+  checkParam,
+  filterRuns,
+  formatAge,
+  ITimers,
+  LogBuffer,
+  mergeRuns,
+  nextDelay,
+  pickConfig,
+  PollOutcome,
+  Poller,
+  RunsModel,
+  upsertRun
+} from '../src/state';
+
+/** Manual timers: `advance(ms)` fires what is due, in order. */
+function fakeTimers() {
+  let now = 0;
+  let nextId = 1;
+  const pending = new Map<number, { at: number; fn: () => void }>();
+  const timers: ITimers = {
+    setTimeout: (fn, ms) => {
+      const id = nextId++;
+      pending.set(id, { at: now + ms, fn });
+      return id;
+    },
+    clearTimeout: id => {
+      pending.delete(id as number);
+    }
+  };
+  const flush = async () => {
+    for (let i = 0; i < 10; i++) {
+      await Promise.resolve();
+    }
+  };
+  return {
+    timers,
+    get pending() {
+      return [...pending.values()].map(t => t.at - now);
+    },
+    async advance(ms: number) {
+      const until = now + ms;
+      for (;;) {
+        const due = [...pending.entries()]
+          .filter(([, t]) => t.at <= until)
+          .sort((a, b) => a[1].at - b[1].at)[0];
+        if (!due) {
+          break;
+        }
+        pending.delete(due[0]);
+        now = due[1].at;
+        due[1].fn();
+        await flush();
+      }
+      now = until;
+      await flush();
+    }
+  };
+}
+
+function run(id: string, state: string, start: number | null = 1000): IRun {
+  return parseRun({
+    run_id: id,
+    run_name: `name-${id}`,
+    experiment_id: '1',
+    state,
+    is_final: ['FINISHED', 'FAILED', 'KILLED'].includes(state),
+    backend: id.startsWith('s') ? 'ssh-slurm' : 'local',
+    start_time: start
+  });
+}
+
+const BACKOFF = { interval: 1000, maxInterval: 8000, factor: 2 };
+
+describe('nextDelay', () => {
+  it('goes back to the interval while runs are active', () => {
+    expect(nextDelay(8000, 'active', BACKOFF)).toBe(1000);
+  });
+  it('grows while idle or failing, up to the maximum', () => {
+    expect(nextDelay(1000, 'idle', BACKOFF)).toBe(2000);
+    expect(nextDelay(2000, 'error', BACKOFF)).toBe(4000);
+    expect(nextDelay(8000, 'idle', BACKOFF)).toBe(8000);
+  });
+});
+
+describe('Poller', () => {
+  function poller(outcomes: PollOutcome[], paused = false) {
+    const clock = fakeTimers();
+    let calls = 0;
+    const p = new Poller({
+      ...BACKOFF,
+      paused,
+      timers: clock.timers,
+      task: async () => {
+        calls++;
+        const next = outcomes.shift() ?? 'idle';
+        if (next === 'error') {
+          throw new Error('server down');
+        }
+        return next;
+      }
+    });
+    return { p, clock, calls: () => calls };
+  }
+
+  it('polls at once, then backs off while idle and on errors', async () => {
+    const { p, clock, calls } = poller(['active', 'idle', 'error', 'idle']);
+    p.start();
+    await clock.advance(0);
+    expect(calls()).toBe(1);
+    expect(p.delay).toBe(1000);
+    await clock.advance(1000);
+    expect(calls()).toBe(2);
+    expect(p.delay).toBe(2000);
+    await clock.advance(2000);
+    expect(calls()).toBe(3); // the error
+    expect(p.delay).toBe(4000);
+    await clock.advance(3999);
+    expect(calls()).toBe(3);
+    await clock.advance(1);
+    expect(calls()).toBe(4);
+    expect(p.delay).toBe(8000);
+  });
+
+  it('does not poll while paused and polls at once on resume', async () => {
+    const { p, clock, calls } = poller([], true);
+    p.start();
+    await clock.advance(60_000);
+    expect(calls()).toBe(0);
+    expect(p.isScheduled).toBe(false);
+    p.resume();
+    await clock.advance(0);
+    expect(calls()).toBe(1);
+    p.pause();
+    expect(clock.pending).toEqual([]);
+    await clock.advance(60_000);
+    expect(calls()).toBe(1);
+  });
+
+  it('refresh polls now and resets the backoff', async () => {
+    const { p, clock, calls } = poller(['idle', 'idle', 'idle', 'active']);
+    p.start();
+    await clock.advance(0);
+    await clock.advance(2000);
+    expect(p.delay).toBe(4000);
+    await p.refresh();
+    expect(calls()).toBe(3);
+    expect(p.delay).toBe(2000); // reset to 1000, then one idle poll
+  });
+
+  it('stops scheduling when disposed or when the interval is 0', async () => {
+    const { p, clock, calls } = poller([]);
+    p.start();
+    await clock.advance(0);
+    p.configure({ interval: 0 });
+    await clock.advance(60_000);
+    expect(calls()).toBe(1);
+    p.configure({ interval: 1000 });
+    await clock.advance(1000);
+    expect(calls()).toBe(2);
+    p.dispose();
+    await clock.advance(60_000);
+    expect(calls()).toBe(2);
+  });
+});
+
+describe('RunsModel', () => {
+  it('polls while visible, pauses while hidden, keeps a submitted run on top', async () => {
+    const clock = fakeTimers();
+    const answers: IRun[][] = [[run('a', 'FINISHED', 1)]];
+    const refreshFlags: boolean[] = [];
+    const model = new RunsModel({
+      fetchRuns: async refresh => {
+        refreshFlags.push(refresh);
+        return answers.shift() ?? [run('b', 'RUNNING', 2), run('a', 'FINISHED', 1)];
+      },
+      interval: 1000,
+      maxInterval: 8000,
+      factor: 2,
+      visible: false,
+      timers: clock.timers
+    });
+    let notified = 0;
+    model.subscribe(() => notified++);
+    await clock.advance(10_000);
+    expect(refreshFlags).toEqual([]); // hidden: nothing fetched
+    model.setVisible(true);
+    await clock.advance(0);
+    expect(model.snapshot.runs.map(r => r.run_id)).toEqual(['a']);
+    expect(model.snapshot.loaded).toBe(true);
+    expect(model.poller.delay).toBe(2000); // nothing active: backing off
+
+    // A submission shows at once (before the search returns it) and is selected.
+    model.upsert(run('b', 'QUEUED', null), true);
+    expect(model.snapshot.runs[0].run_id).toBe('b');
+    expect(model.snapshot.select).toEqual({ runId: 'b', seq: 1 });
+    await clock.advance(0);
+    // The next fetch asked for a backend refresh because a run is active.
+    expect(refreshFlags.at(-1)).toBe(true);
+    expect(model.snapshot.runs.map(r => `${r.run_id}:${r.state}`)).toEqual([
+      'b:RUNNING',
+      'a:FINISHED'
+    ]);
+    expect(model.poller.delay).toBe(1000);
+    expect(notified).toBeGreaterThan(1);
+
+    model.setVisible(false);
+    const count = refreshFlags.length;
+    await clock.advance(60_000);
+    expect(refreshFlags.length).toBe(count);
+    model.dispose();
+  });
+
+  it('never brings an ended run back to an active state', async () => {
+    const clock = fakeTimers();
+    const model = new RunsModel({
+      fetchRuns: async () => [run('b', 'RUNNING', 2)],
+      interval: 1000,
+      timers: clock.timers
+    });
+    await clock.advance(0);
+    model.upsert(run('b', 'KILLED', 2));
+    await clock.advance(0);
+    expect(model.snapshot.runs[0].state).toBe('KILLED');
+    model.dispose();
+  });
+
+  it('reports fetch errors and keeps the last runs', async () => {
+    const clock = fakeTimers();
+    let fail = false;
+    const model = new RunsModel({
+      fetchRuns: async () => {
+        if (fail) {
+          throw new Error('Tracking server unavailable');
+        }
+        return [run('a', 'FINISHED')];
+      },
+      interval: 1000,
+      timers: clock.timers,
+      describeError: e => (e as Error).message
+    });
+    await clock.advance(0);
+    fail = true;
+    await model.refresh();
+    expect(model.snapshot.error).toBe('Tracking server unavailable');
+    expect(model.snapshot.runs).toHaveLength(1);
+    model.dispose();
+  });
+});
+
+describe('runs list helpers', () => {
+  const runs = [run('a', 'FINISHED', 3), run('s1', 'RUNNING', 2), run('c', 'KILLED', 1)];
+
+  it('filters by state, backend and text', () => {
+    const ids = (f: Parameters<typeof filterRuns>[1]) =>
+      filterRuns(runs, f).map(r => r.run_id);
+    expect(ids({ text: '', state: 'active', backend: '' })).toEqual(['s1']);
+    expect(ids({ text: '', state: 'KILLED', backend: '' })).toEqual(['c']);
+    expect(ids({ text: '', state: 'all', backend: 'local' })).toEqual(['a', 'c']);
+    expect(ids({ text: 'NAME-S', state: 'all', backend: '' })).toEqual(['s1']);
+  });
+
+  it('merges, upserts and sorts newest first', () => {
+    expect(mergeRuns(runs, [run('new', 'QUEUED', null)])[0].run_id).toBe('new');
+    expect(upsertRun(runs, run('c', 'KILLED', 10)).map(r => r.run_id)).toEqual([
+      'c',
+      'a',
+      's1'
+    ]);
+  });
+
+  it('formats ages', () => {
+    expect(formatAge(null, 0)).toBe('—');
+    expect(formatAge(0, 2_000)).toBe('just now');
+    expect(formatAge(0, 42_000)).toBe('42 s');
+    expect(formatAge(0, 5 * 60_000)).toBe('5 min');
+    expect(formatAge(0, 3 * 3600_000)).toBe('3 h');
+    expect(formatAge(0, 72 * 3600_000)).toBe('3 d');
+  });
+
+  it('accumulates log chunks by offset', () => {
+    const log = new LogBuffer();
+    expect(log.append({ text: 'a\n', offset: 2, final: false })).toBe(true);
+    expect(log.append({ text: '', offset: 2, final: false })).toBe(false);
+    log.append({ text: 'b\n', offset: 4, final: true });
+    expect(log.text).toBe('a\nb\n');
+    expect(log.offset).toBe(4);
+    expect(log.final).toBe(true);
+  });
+});
+
+describe('submit form helpers', () => {
+  it('picks the settings default, else the server default, else the first', () => {
+    expect(pickConfig(['a.yaml', 'b.yaml'], 'b.yaml', 'a.yaml')).toBe('b.yaml');
+    expect(pickConfig(['a.yaml', 'b.yaml'], 'x.yaml', 'a.yaml')).toBe('a.yaml');
+    expect(pickConfig(['c.json'], 'x.yaml', null)).toBe('c.json');
+    expect(pickConfig([], 'x.yaml', null)).toBe('');
+  });
+
+  it('checks parameter values by their MLproject type', () => {
+    expect(checkParam('int', '2', false)).toBeNull();
+    expect(checkParam('int', 'two', false)).toBe('Must be a whole number');
+    expect(checkParam('float', '1e-3', false)).toBeNull();
+    expect(checkParam('float', '1,5', false)).toBe('Must be a number');
+    expect(checkParam('string', '', true)).toBe('Required');
+    expect(checkParam('path', 'data/x.nc', true)).toBeNull();
+  });
+
+  it('sends only values that differ from the defaults', () => {
+    const specs = [
+      { name: 'epochs', default: '5' },
+      { name: 'station', default: 'Juelich' },
+      { name: 'data', default: null }
+    ];
+    expect(changedParams(specs, { epochs: '2', station: 'Juelich', data: ' x ' })).toEqual({
+      epochs: '2',
+      data: 'x'
+    });
+  });
+});
