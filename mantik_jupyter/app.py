@@ -70,6 +70,8 @@ class MantikApp(ExtensionApp):
         os.environ["MANTIK_CREDENTIALS_FILE"] = self.credentials_path
         if self.tracking_uri:
             os.environ["MANTIK_TRACKING_URI"] = self.tracking_uri
+        if self.job_tracking_uri:
+            os.environ["MANTIK_JOB_TRACKING_URI"] = self.job_tracking_uri
         self.embedded: EmbeddedTrackingServer | None = None
         if self.tracking_uri:
             self.tracking = TrackingService(store, tracking_uri=self.tracking_uri)

@@ -80,11 +80,7 @@ class TrackingClient:
         detail = _error_detail(resp)
         who = self.credential.describe()["username"] if self.credential else None
         if resp.status_code == 401:
-            raise AuthenticationFailed(
-                f"The tracking server {self.uri} refused the credential"
-                + (f" of user '{who}'" if who else " (none given)")
-                + ". Log in again with the right user name and password or token."
-            )
+            raise self._refused("" if self.credential else " (none given)")
         if resp.status_code == 403:
             raise PermissionDenied(
                 f"The tracking server {self.uri} denied this to user '{who}': {detail}"
@@ -122,12 +118,25 @@ class TrackingClient:
         except PermissionDenied:
             # Searching is open to every user; a 403 here (e.g. from a proxy in front of
             # MLflow) means the credential itself was refused.
-            who = self.credential.describe()["username"] if self.credential else None
-            raise AuthenticationFailed(
-                f"The tracking server {self.uri} refused the credential"
-                + (f" of user '{who}'" if who else "")
-                + ". Log in again with the right user name and password or token."
-            ) from None
+            raise self._refused() from None
+        except TrackingUnavailable as exc:
+            # MLflow's basic-auth app fails with a 500 on a bearer token it cannot read;
+            # the server itself answered, so the token is what it refused.
+            if self.credential and self.credential.token and "HTTP 500" in exc.message:
+                raise self._refused(
+                    " (it answered HTTP 500 to a token: it may accept only a user name and"
+                    " password)"
+                ) from None
+            raise
+
+    def _refused(self, detail: str = "") -> AuthenticationFailed:
+        who = self.credential.describe()["username"] if self.credential else None
+        return AuthenticationFailed(
+            f"The tracking server {self.uri} refused the credential"
+            + (f" of user '{who}'" if who and who != "token" else "")
+            + detail
+            + ". Log in again with the right user name and password or token."
+        )
 
     # --- artifacts (proxied through the server: mlflow-artifacts:/) ----------
 
