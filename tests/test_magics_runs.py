@@ -204,6 +204,38 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
     assert runs and runs[0]["info"]["status"] == "FINISHED"
 
 
+def test_status_line_stays_live_without_wait(env, mlflow_server):
+    """Without --wait the kernel is free at once, and the line still ends at FINISHED."""
+    from nbclient import NotebookClient
+
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    path = write_notebook(
+        project,
+        "%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5",
+        "run = %mantik_submit -P epochs=2",
+        "import time\n"
+        "for _ in range(400):\n"
+        "    if run.refresh().state.is_final:\n"
+        "        break\n"
+        "    time.sleep(0.5)\n"
+        "time.sleep(3)  # the watcher's last update",
+    )
+    nb = nbformat.read(path, as_version=4)
+    kernel_env = {
+        **os.environ,
+        "JPY_SESSION_NAME": str(path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    NotebookClient(nb, timeout=240, resources={"metadata": {"path": str(project)}}).execute(
+        env=kernel_env
+    )
+    submit = [c for c in nb.cells if c.source.startswith("run = %mantik_submit")][0]
+    status = [o for o in submit.outputs if o.output_type == "display_data"]
+    assert status, submit.outputs
+    assert "FINISHED" in status[-1]["data"]["text/plain"], submit.outputs
+
+
 # ---- --notebook mode ------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import getpass
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from .display import (
     short,
     tail,
     watch,
+    watch_quietly,
 )
 from .notebook import (
     ExecutionLog,
@@ -284,6 +286,15 @@ class MantikMagics(Magics):
         run = self._run(info, lab_base_url(location))
         if args.wait:
             watch(service, run, line_out, poll=self.poll_interval)
+        elif line_out.live:
+            # The line stays live without blocking the kernel: display updates by
+            # display_id reach the frontend from any thread.
+            threading.Thread(
+                target=watch_quietly,
+                args=(service, run, line_out, self.poll_interval),
+                name=f"mantik-watch-{run.run_id[:8]}",
+                daemon=True,
+            ).start()
         else:
             line_out.update(
                 f"Submitted: {run!r}".replace("\n", " · "), run._repr_html_(), force=True

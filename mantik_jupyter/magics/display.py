@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli_format import age, run_duration, runs_table, size
+from ..errors import MantikError
 
 if TYPE_CHECKING:
     from ..compute.runs import RunInfo, RunService
@@ -242,6 +243,14 @@ def watch(
             return info
         time.sleep(poll)
         info = service.get(run.run_id)
+
+
+def watch_quietly(service: RunService, run: Run, line: StatusLine, poll: float) -> None:
+    """``watch`` for a background thread: a lost contact ends the watching, not the kernel."""
+    try:
+        watch(service, run, line, poll=poll)
+    except MantikError as err:
+        line.update(f"mantik: stopped following {short(run.run_id)}: {err.message}")
 
 
 def read_log(service: RunService, run_id: str, offset: int = 0) -> tuple[str, int]:

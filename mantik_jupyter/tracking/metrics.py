@@ -78,8 +78,8 @@ class Series:
 
     run_id: str
     key: str
-    x: list[float]
-    y: list[float]
+    x: np.ndarray  # float (step, ms since the epoch or seconds)
+    y: np.ndarray  # float, NaN where a value was not finite
     total_points: int  # values logged (or fetched) before downsampling
     exact: bool = True  # False when the server sampled the history before us
 
@@ -135,8 +135,8 @@ def build_series(
     return Series(
         run_id=run_id,
         key=key,
-        x=x[keep].tolist(),
-        y=[v if math.isfinite(v) else None for v in y[keep].tolist()],  # type: ignore[misc]
+        x=np.asarray(x[keep], dtype=float),
+        y=np.asarray(y[keep], dtype=float),
         total_points=len(x),
         exact=exact,
     )

@@ -237,11 +237,10 @@ class MetricComparison(w.VBox):
             self.goals,
         )
         self.summary_html.value = summary_html(self.summary, self.colors)
-        params_fig = build_params_figure(self.infos, self.run_ids, keys[0] if keys else None)
         with self.params_figure.batch_update():
-            self.params_figure.data = ()
-            self.params_figure.layout = params_fig.layout
-            self.params_figure.add_traces(params_fig.data)
+            build_params_figure(
+                self.infos, self.run_ids, keys[0] if keys else None, figure=self.params_figure
+            )
 
     def _on_metrics(self, change) -> None:
         if change["new"]:
@@ -263,14 +262,20 @@ def build_figure(
     names: Mapping[str, str],
     colors: Mapping[str, str],
     x_axis: str = "step",
+    figure: go.Figure | None = None,
 ) -> go.Figure:
-    """Small multiples: one subplot per metric, one colour per run (shared legend)."""
+    """Small multiples: one subplot per metric, one colour per run (shared legend).
+
+    Draws into ``figure`` (e.g. a FigureWidget, emptied first) or a new Figure. Values
+    go in as numpy arrays: plotly validates them at once and sends them as binary."""
     n = max(1, len(keys))
     cols = 1 if n == 1 else 2
     rows = math.ceil(n / cols)
-    fig = make_subplots(
+    fig = _empty(figure)
+    make_subplots(
         rows=rows,
         cols=cols,
+        figure=fig,
         subplot_titles=list(keys),
         horizontal_spacing=0.08,
         vertical_spacing=min(0.12, 0.3 / rows),
@@ -284,9 +289,7 @@ def build_figure(
                 continue  # this run never logged the metric
             x: Any = s.x
             if x_axis == "time":
-                import numpy as np
-
-                x = np.asarray(s.x, dtype="datetime64[ms]")
+                x = s.x.astype("int64").astype("datetime64[ms]")
             fig.add_trace(
                 go.Scatter(
                     x=x,
@@ -315,11 +318,14 @@ def build_figure(
 
 
 def build_params_figure(
-    infos: Mapping[str, RunInfo], run_ids: Sequence[str], key: str | None
+    infos: Mapping[str, RunInfo],
+    run_ids: Sequence[str],
+    key: str | None,
+    figure: go.Figure | None = None,
 ) -> go.Figure:
     """Params vs the final value of ``key``: parallel coordinates for two or more params
     that vary, a scatter for one."""
-    fig = go.Figure()
+    fig = _empty(figure)
     fig.update_layout(height=320, margin={"l": 60, "r": 40, "t": 50, "b": 40})
     if key is None:
         return fig
@@ -363,6 +369,14 @@ def build_params_figure(
     )
     fig.update_layout(title=f"params vs final {key}")
     return fig
+
+
+def _empty(figure: go.Figure | None) -> go.Figure:
+    if figure is None:
+        return go.Figure()
+    figure.data = ()
+    figure.layout = {}
+    return figure
 
 
 def summary_html(summary: m.Summary, colors: Mapping[str, str]) -> str:
