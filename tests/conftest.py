@@ -9,7 +9,12 @@ import pytest
 from .cluster_fixtures import *  # noqa: F403
 from .mlflow_fixtures import *  # noqa: F403
 
-pytest_plugins = ["pytest_jupyter.jupyter_server", "tests.secret_audit", "tests.lab_fixtures"]
+pytest_plugins = [
+    "pytest_jupyter.jupyter_server",
+    "tests.secret_audit",
+    "tests.lab_fixtures",
+    "tests.ipython_fixtures",
+]
 
 
 @pytest.fixture(autouse=True)

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from IPython import get_ipython
-from IPython.testing.globalipapp import start_ipython
 
 from mantik_jupyter.tracking.credentials import CredentialStore
-
-
-@pytest.fixture(scope="module")
-def ip():
-    shell = start_ipython() or get_ipython()  # one global shell per process
-    shell.run_line_magic("load_ext", "mantik_jupyter")
-    return shell
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from IPython import get_ipython
-from IPython.testing.globalipapp import start_ipython
 
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.states import RunState
@@ -24,13 +22,6 @@ from .runs_helpers import admin_api, artifact_bytes, artifact_names, copy_exampl
 LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
 EXAMPLE_NOTEBOOK = "weather-forecast.ipynb"
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ip():
-    shell = start_ipython() or get_ipython()  # one global shell per process
-    shell.run_line_magic("load_ext", "mantik_jupyter")
-    return shell
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ from mantik_jupyter.errors import (
     Conflict,
     NotFound,
     ProjectError,
+    TrackingUnavailable,
     UnsafePath,
 )
+from mantik_jupyter.tracking.runs_api import RunsApi
 
 from .runs_helpers import (
     FINAL,
@@ -254,6 +256,24 @@ def test_failed_submission_marks_the_run_and_removes_its_user(
     assert "no room at the inn" in info.reason
     assert not login_works(mlflow_server, spy.created[run_id])
     assert not (service.work_dir / run_id).exists()
+
+
+def test_a_failure_after_submission_keeps_the_job(service, project, monkeypatch):
+    # The artifacts upload while the job is submitted: their failure must not lose it.
+    upload = RunsApi.upload_artifact
+
+    def flaky(self, run, path, data):
+        if path == "mantik/code.tar.gz":
+            raise TrackingUnavailable("disk full")
+        return upload(self, run, path, data)
+
+    monkeypatch.setattr(RunsApi, "upload_artifact", flaky)
+    info = service.submit(project, entry_point="fail", experiment_name="local-late-failure")
+    assert info.job_id and info.state == RunState.QUEUED
+    assert any("mantik/code.tar.gz" in w and "disk full" in w for w in info.warnings)
+    stored = service.get(info.run_id, refresh=False)
+    assert stored.job_id == info.job_id and "disk full" in stored.tags["mantik.warning"]
+    assert wait_for(service, info.run_id, FINAL, timeout=30).exit_code == 3
 
 
 def test_loopback_warning_for_a_remote_cluster(service, project):

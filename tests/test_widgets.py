@@ -284,7 +284,7 @@ def test_comparison_downsamples_full_histories_with_lttb(api, service, curves):
     assert s.total_points == STEPS and s.points == 200 and s.exact
     assert s.x[0] == 0 and s.x[-1] == STEPS - 1  # ends kept
     assert SPIKE in s.x and 50.0 in s.y  # the spike survives downsampling
-    assert s.x == sorted(s.x)
+    assert list(s.x) == sorted(s.x)
     assert comp.points_sent == 400
     traces = comp.figure.data
     assert len(traces) == 2 and {tr.name for tr in traces} == {"small", "big"}
@@ -359,3 +359,28 @@ def test_log_view_follows_a_running_job(service, tmp_path, api):
     assert view.wait(120), view.status
     assert view.status == "The run ended.", view.status
     assert "epoch" in view.text.lower(), view.text[-500:]
+
+
+def test_compare_magic(curves, experiment, mlflow_server, monkeypatch, tmp_path, capsys):
+    from IPython.testing.globalipapp import start_ipython
+
+    monkeypatch.setenv("MANTIK_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MANTIK_CREDENTIALS_FILE", raising=False)
+    for key, value in mlflow_server.env(mlflow_server.admin).items():
+        monkeypatch.setenv(key, value)
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "mantik_jupyter")
+    small, big = curves["runs"]["small"], curves["runs"]["big"]
+
+    comp = shell.run_line_magic("mantik_compare", f"{small} {big} --metric loss --x relative")
+    assert isinstance(comp, MetricComparison) and len(comp.figure.data) == 2
+    assert comp.x_select.value == "relative"
+    comp = shell.run_line_magic(
+        "mantik_compare", f"--experiment {experiment['id']} --metric rmse --top 2"
+    )
+    assert [comp.infos[r].run_name for r in comp.run_ids] == ["beta-2", "gamma-2"]
+
+    assert shell.run_line_magic("mantik_compare", f"--experiment {curves['id']}") is None
+    assert "needs --metric" in capsys.readouterr().out
+    doc = shell.find_line_magic("mantik_compare").__doc__
+    assert "--experiment E --metric M --top K" in doc

@@ -50,7 +50,8 @@ def test_series_by_step_time_and_relative():
     x, y = history_arrays(hist, "step")
     assert list(x) == [0, 1, 2] and y[0] == 1.0 and math.isnan(y[1])
     s = build_series("r", "loss", hist, x_axis="relative")
-    assert s.x == [0.0, 1.0, 2.0] and s.y == [1.0, None, 0.5] and s.total_points == 3
+    assert list(s.x) == [0.0, 1.0, 2.0] and s.total_points == 3
+    assert s.y[0] == 1.0 and math.isnan(s.y[1]) and s.y[2] == 0.5
     assert build_series("r", "loss", hist, x_axis="time").x[0] == 1000
     with pytest.raises(ValueError):
         history_arrays(hist, "epoch")
@@ -101,3 +102,9 @@ def test_mlflow_link_uses_the_hub_prefix(monkeypatch):
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada")
     assert q.mlflow_ui_url("3", "abc") == "/user/ada/mantik/mlflow/#/experiments/3/runs/abc"
     assert q.mlflow_ui_url("3", "abc", "/x") == "/x/mantik/mlflow/#/experiments/3/runs/abc"
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX")
+    # No lab at all (plain IPython): the tracking server's own UI.
+    monkeypatch.setattr(q, "lab_base_url", lambda: None)
+    assert q.mlflow_ui_url("3", "abc", None, "http://mlflow:5000/") == (
+        "http://mlflow:5000/#/experiments/3/runs/abc"
+    )

@@ -542,8 +542,14 @@ class RunService:
                 (job_dir / JOB_SCRIPT).write_text(script, encoding="utf-8")
                 (job_dir / JOB_SCRIPT).chmod(0o700)
                 config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-                # The job does not need its artifacts: they upload while it is submitted.
                 api.artifact_proxy_path(run, ARTIFACT_DIR)  # an unusable store fails now
+                credential = user_made.result() if user_made else self.tracking.require_credential()
+                write_private(job_dir / CREDENTIALS_FILE, _credential_file(credential))
+                for call in before_start:
+                    call.result()
+                # The job does not need its artifacts: they upload while it is shipped and
+                # submitted, not earlier, where they would slow the calls above down (a
+                # tracking server spends its CPU checking credentials).
                 artifacts = {
                     name: pool.submit(self._session(api).upload_artifact, run, name, data)
                     for name, data in (
@@ -553,10 +559,6 @@ class RunService:
                     )
                 }
                 pending += artifacts.values()
-                credential = user_made.result() if user_made else self.tracking.require_credential()
-                write_private(job_dir / CREDENTIALS_FILE, _credential_file(credential))
-                for call in before_start:
-                    call.result()
                 job = PreparedJob(
                     run_id=run_id,
                     local_dir=job_dir,

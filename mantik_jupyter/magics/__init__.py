@@ -28,6 +28,7 @@ from traitlets import Bool, Float, Unicode
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
 from ..errors import MantikError, NotFound, ProjectError
+from .dashboards import DashboardMagics, show_log_view, show_run_table
 from .display import (
     PackagingProgress,
     Run,
@@ -345,9 +346,9 @@ class MantikMagics(Magics):
         if not args.follow:
             return
         try:
-            _stream_log(
-                service.follow_logs(run_id, poll_interval=self.follow_interval, offset=offset)
-            )
+            chunks = service.follow_logs(run_id, poll_interval=self.follow_interval, offset=offset)
+            if not show_log_view(chunks):
+                _stream_log(chunks)
         except KeyboardInterrupt:
             print(f"\nmantik: stopped following run {short(run_id)}; it keeps running.", flush=True)
 
@@ -365,6 +366,8 @@ class MantikMagics(Magics):
         """List runs, newest first, with their state and a link to MLflow."""
         args = parse_argstring(self.mantik_runs, line)
         service = self._runs()
+        if show_run_table(service, args.experiment, args.state, args.limit):
+            return
         runs, _ = service.list(
             experiment_name=args.experiment,
             state=args.state,
@@ -430,3 +433,4 @@ def _print_warnings(caught: list[warnings.WarningMessage], skip: list[str] | Non
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(MantikMagics)
+    ipython.register_magics(DashboardMagics)

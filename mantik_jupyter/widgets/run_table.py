@@ -390,7 +390,7 @@ class RunTable(w.VBox):
         row = rows[0]
         info = row.info
         self.details.value = details_html(rows)
-        url = q.mlflow_ui_url(info.experiment_id, info.run_id, self.base_url)
+        url = q.mlflow_ui_url(info.experiment_id, info.run_id, self.base_url, self.api.client.uri)
         self.mlflow_link.value = (
             f'<a class="mantik-open-in-mlflow" target="_blank" rel="noopener" '
             f'href="{html.escape(url)}">Open in MLflow UI</a>'

@@ -1,0 +1,122 @@
+"""The widget faces of the magics: ``%mantik_compare``, and the RunTable / LogView that
+``%mantik_runs`` and ``%mantik_logs --follow`` show in a Jupyter kernel (text elsewhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ..errors import InvalidRequest, MantikError
+from .display import in_kernel
+
+if TYPE_CHECKING:
+    from ..compute.runs import RunService
+
+# States the RunTable filters by (MLflow statuses); other --state values keep the HTML table.
+TABLE_STATES = {"all", "active", "finished", "failed", "killed"}
+
+
+def widgets_available() -> bool:
+    """Widgets need a kernel with a frontend, ipywidgets and anywidget."""
+    if not in_kernel():
+        return False
+    try:
+        import anywidget  # noqa: F401
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def show_run_table(
+    service: RunService, experiment: str | None, state: str | None, limit: int
+) -> bool:
+    """Display a RunTable for ``%mantik_runs``; False when the text/HTML table should do."""
+    if not widgets_available() or (state and state.lower() not in TABLE_STATES):
+        return False
+    from IPython.display import display
+
+    from ..widgets import RunTable
+
+    word = (state or "all").lower()
+    display(
+        RunTable(
+            experiment,
+            state=word if word in ("all", "active") else word.upper(),
+            page_size=max(1, limit),
+            mantik_only=True,
+            service=service,
+        )
+    )
+    return True
+
+
+def show_log_view(chunks: Iterable[str]) -> bool:
+    """Follow a log in a LogView for ``%mantik_logs --follow``; False for plain text."""
+    if not widgets_available():
+        return False
+    from IPython.display import display
+
+    from ..widgets import LogView
+
+    display(LogView(source=chunks))
+    return True
+
+
+@magics_class
+class DashboardMagics(Magics):
+    def _service(self) -> RunService:
+        mantik = self.shell.magics_manager.registry.get("MantikMagics") if self.shell else None
+        if mantik is not None:
+            return mantik._runs()
+        from ..widgets._core import default_service
+
+        return default_service()
+
+    @magic_arguments()
+    @argument("runs", nargs="*", metavar="RUN", help="Run ids, id prefixes or run names.")
+    @argument("--metric", "-m", action="append", metavar="M", help="Metric to plot (repeat).")
+    @argument("--experiment", "-e", metavar="E", help="Compare the best runs of experiment E.")
+    @argument("--top", type=int, default=5, metavar="K", help="With --experiment: K runs.")
+    @argument("--x", default="step", choices=["step", "time", "relative"], help="x axis.")
+    @argument("--full", action="store_true", help="Read every value (slower) before LTTB.")
+    @line_magic
+    def mantik_compare(self, line: str) -> Any:
+        """Compare runs: metric histories (downsampled), params vs final metric, summary.
+
+        %mantik_compare RUN RUN ... [--metric M]
+        %mantik_compare --experiment E --metric M --top K
+        """
+        args = parse_argstring(self.mantik_compare, line)
+        from ..widgets import MetricComparison
+
+        try:
+            if args.experiment:
+                if not args.metric:
+                    raise InvalidRequest("--experiment needs --metric M to rank the runs by.")
+                if args.runs:
+                    raise InvalidRequest("Give runs or --experiment, not both.")
+                return MetricComparison(
+                    experiment=args.experiment,
+                    metric=args.metric[0],
+                    metrics=args.metric,
+                    top=args.top,
+                    x_axis=args.x,
+                    fetch="full" if args.full else "sampled",
+                    service=self._service(),
+                )
+            if not args.runs:
+                raise InvalidRequest("Give the runs to compare, or --experiment E --metric M.")
+            return MetricComparison(
+                args.runs,
+                metrics=args.metric,
+                x_axis=args.x,
+                fetch="full" if args.full else "sampled",
+                service=self._service(),
+            )
+        except MantikError as err:
+            print(f"mantik: {' '.join(err.message.split())}")
+            return None
