@@ -93,7 +93,7 @@ def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready
     page.locator(".lm-CommandPalette-item").filter(has_text="Run All Cells").first.click()
 
     expect(page.get_by_text("runs ready 2")).to_be_visible(timeout=180_000)
-    rows = page.locator(".mantik-runtable tr.mantik-run-row")
+    rows = page.locator(".mantik-runtable tr.mantik-w-row")
     expect(rows).to_have_count(2, timeout=UI_TIMEOUT_MS)
     expect(rows.first).to_be_visible()
     expect(page.locator(".mantik-runtable")).to_contain_text("baseline")
@@ -108,9 +108,13 @@ def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready
     expect(page.locator(".mantik-comparison .mantik-summary .mantik-best")).to_have_count(1)
 
     # Sort by name (ascending) from the header, then open a run's details by a click.
-    page.locator(".mantik-runtable th", has_text="Name").click()
-    page.locator(".mantik-runtable th", has_text="Name").click()
+    header = page.locator(".mantik-runtable th", has_text="Name")
+    header.click()
+    expect(header).to_have_attribute("aria-sort", "ascending")
     expect(rows.first).to_contain_text("baseline", timeout=UI_TIMEOUT_MS)
+    header.click()
+    expect(header).to_have_attribute("aria-sort", "descending")
+    expect(rows.first).to_contain_text("wider", timeout=UI_TIMEOUT_MS)
     rows.filter(has_text="wider").click()
     expect(rows.filter(has_text="wider")).to_have_attribute("aria-selected", "true")
     link = page.locator("a.mantik-open-in-mlflow")

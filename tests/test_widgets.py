@@ -101,6 +101,10 @@ def test_table_pages_from_mlflow_newest_first(api, service, experiment):
         keys = [c["key"] for c in table.view.columns]
         assert "params.lr" in keys and "params.dataset" not in keys
         assert "metrics.rmse" in keys and {"name", "state", "backend", "start"} <= set(keys)
+        # Where widgets do not render (a converted notebook), the page as HTML and text.
+        bundle = table._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in bundle
+        assert "beta-2" in bundle["text/html"] and "beta-2" in bundle["text/plain"]
     finally:
         table.close()
 
@@ -185,6 +189,7 @@ def test_selection_opens_details_with_actions(api, service, experiment):
         assert isinstance(comparison, MetricComparison)
         assert table.comparison_box.children == (comparison,)
         assert set(comparison.run_ids) == {rid, experiment["runs"]["alpha-2"]}
+        assert comparison.wait(60) and len(comparison.figure.data) == 2
     finally:
         table.close()
 

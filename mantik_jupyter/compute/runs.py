@@ -436,7 +436,16 @@ class RunService:
         source: str = "cli",
         progress: Callable[[str, int, int], None] | None = None,
     ) -> RunInfo:
-        """Package a project, create its MLflow run, and start it on the config's backend."""
+        """Package a project, create its MLflow run, and start it on the config's backend.
+
+        Before the job is submitted: the run (its id goes into the job script) with its
+        tags, status SCHEDULED and params, and the per-run user (made at the same time as
+        the run: its name does not derive from the run id). The artifacts upload while
+        the job is shipped; the job's id is tagged once the backend answered. A failure
+        before submission marks the run FAILED and removes its user; after it, the job
+        keeps running and the failure is a warning (or, if even its id could not be
+        recorded, an error naming the job).
+        """
         if source not in SOURCES:
             raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         if experiment_name and experiment_id:
@@ -510,8 +519,8 @@ class RunService:
                 # The experiment may be gone: look it up afresh next time.
                 self._forget_experiment(exp_id)
                 # Remove the user made meanwhile (a failed creation left none).
-                if user_made is not None and user_made.exception() is None:
-                    _delete_run_user_quietly(admin, user_made.result().username)
+                if run_user and user_made is not None and user_made.exception() is None:
+                    _delete_run_user_quietly(admin, run_user)
                 raise
             run_id = run["info"]["run_id"]
             job_dir = self.work_dir / run_id
@@ -585,7 +594,7 @@ class RunService:
                 TAG_RUN_DIR: _run_dir_of(backend, job_id),
                 TAG_STATE: str(RunState.QUEUED),
             }
-            self._record_job(api, run_id, job_tags, artifacts)
+            self._record_job(api, run_id, job_tags)
             notes = notes + self._artifact_failures(api, run_id, notes, artifacts)
         finally:
             pool.shutdown()
@@ -644,12 +653,7 @@ class RunService:
         return RunsApi(TrackingClient(api.client.uri, api.client.credential))
 
     @staticmethod
-    def _record_job(
-        api: RunsApi,
-        run_id: str,
-        job_tags: Mapping[str, str],
-        artifacts: Mapping[str, Future[None]],
-    ) -> None:
+    def _record_job(api: RunsApi, run_id: str, job_tags: Mapping[str, str]) -> None:
         """Tag the submitted job onto its run; one retry, then an error naming the job."""
         job_id = job_tags[TAG_JOB_ID]
         for attempt in range(2):
@@ -661,7 +665,6 @@ class RunService:
                     log.warning("run %s: tagging job %s failed, retrying", run_id, job_id)
                     time.sleep(1.0)
                     continue
-                wait(artifacts.values())
                 log.error("run %s: job %s runs, but is not recorded", run_id, job_id)
                 raise type(exc)(
                     f"Job {job_id} was submitted and is queued, but recording it on run "

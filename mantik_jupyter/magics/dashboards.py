@@ -77,7 +77,7 @@ class DashboardMagics(Magics):
         return default_service()
 
     @magic_arguments()
-    @argument("runs", nargs="*", metavar="RUN", help="Run ids, id prefixes or run names.")
+    @argument("runs", nargs="*", metavar="RUN", help="Run ids, id prefixes, names or 'last'.")
     @argument("--metric", "-m", action="append", metavar="M", help="Metric to plot (repeat).")
     @argument("--experiment", "-e", metavar="E", help="Compare the best runs of experiment E.")
     @argument("--top", type=int, default=5, metavar="K", help="With --experiment: K runs.")
@@ -107,15 +107,19 @@ class DashboardMagics(Magics):
                     x_axis=args.x,
                     fetch="full" if args.full else "sampled",
                     service=self._service(),
+                    background=in_kernel(),
                 )
             if not args.runs:
                 raise InvalidRequest("Give the runs to compare, or --experiment E --metric M.")
+            mantik = self.shell.magics_manager.registry.get("MantikMagics") if self.shell else None
+            refs = [mantik._ref(r) for r in args.runs] if mantik is not None else args.runs
             return MetricComparison(
-                args.runs,
+                refs,
                 metrics=args.metric,
                 x_axis=args.x,
                 fetch="full" if args.full else "sampled",
                 service=self._service(),
+                background=in_kernel(),
             )
         except MantikError as err:
             print(f"mantik: {' '.join(err.message.split())}")

@@ -1,9 +1,9 @@
 // Log view: a <pre> that follows the end of the log unless the user scrolled up.
 function render({ model, el }) {
   const pre = document.createElement("pre");
-  pre.className = "mantik-log";
+  pre.className = "mantik-w-log";
   const status = document.createElement("div");
-  status.className = "mantik-log-status";
+  status.className = "mantik-w-log-status";
   el.appendChild(pre);
   el.appendChild(status);
   function draw() {

@@ -43,14 +43,14 @@ function render({ model, el }) {
     for (const row of rows) {
       const tr = body.insertRow();
       tr.dataset.runId = row.run_id;
-      tr.className = "mantik-run-row" + (selected.has(row.run_id) ? " mantik-selected" : "");
+      tr.className = "mantik-w-row" + (selected.has(row.run_id) ? " mantik-w-selected" : "");
       tr.setAttribute("aria-selected", selected.has(row.run_id) ? "true" : "false");
       for (const col of columns) {
         const td = tr.insertCell();
         const value = row.cells[col.key];
         td.textContent = value === null || value === undefined ? "" : String(value);
         if (col.key === "state") {
-          td.className = "mantik-state mantik-state-" + String(row.state || "").toLowerCase();
+          td.className = "mantik-w-state mantik-w-state-" + String(row.state || "").toLowerCase();
         }
         if (col.numeric) td.className += " mantik-num";
       }

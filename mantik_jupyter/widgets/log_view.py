@@ -67,7 +67,7 @@ class LogView(anywidget.AnyWidget):
             return
         self._stop.clear()
         self.status = f"Following {self.run or 'log'}\u2026"
-        self._thread = threading.Thread(target=self._follow, name="mantik-log", daemon=True)
+        self._thread = threading.Thread(target=self._follow, name="mantik-w-log", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

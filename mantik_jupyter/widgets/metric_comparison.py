@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +15,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..compute.runs import RunInfo, RunService
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, MantikError
 from ..tracking import metrics as m
 from ..tracking.runs_api import MAX_SAMPLED_PER_RUN, RunsApi
 from . import query as q
@@ -55,6 +56,7 @@ class MetricComparison(w.VBox):
         service: RunService | None = None,
         api: RunsApi | None = None,
         runs: Mapping[str, Mapping[str, Any]] | None = None,
+        background: bool = False,
     ) -> None:
         if fetch not in FETCH_MODES:
             raise InvalidRequest(f"fetch must be one of {', '.join(FETCH_MODES)}, got {fetch!r}")
@@ -116,9 +118,33 @@ class MetricComparison(w.VBox):
             ]
         )
         self.add_class("mantik-comparison")
-        self.update()
+        self._thread: threading.Thread | None = None
+        if background:
+            # Reading long histories can take MLflow many seconds: the kernel stays free.
+            self.note.value = "<small>Loading metric histories\u2026</small>"
+            self._thread = threading.Thread(
+                target=self._update_quietly, name="mantik-comparison", daemon=True
+            )
+            self._thread.start()
+        else:
+            self.update()
         self.metric_select.observe(self._on_metrics, "value")
         self.x_select.observe(lambda _: self.update(), "value")
+
+    def _update_quietly(self) -> None:
+        try:
+            self.update()
+        except MantikError as exc:
+            self.note.value = f"<b>mantik:</b> {html.escape(exc.message)}"
+        except Exception as exc:  # shown in the widget; the thread must not die silently
+            self.note.value = f"<b>Error:</b> {html.escape(f'{type(exc).__name__}: {exc}')}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background load; True when the figure is drawn."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     @property
     def service(self) -> RunService:
@@ -245,6 +271,13 @@ class MetricComparison(w.VBox):
     def _on_metrics(self, change) -> None:
         if change["new"]:
             self.update()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        """The live widget, plus the summary table where widgets do not render."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is not None and self.summary_html.value:
+            bundle["text/html"] = self.summary_html.value
+        return bundle
 
     def names(self) -> dict[str, str]:
         return {rid: self.infos[rid].run_name or rid[:8] for rid in self.run_ids}

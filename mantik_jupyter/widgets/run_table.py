@@ -97,7 +97,7 @@ class RunTable(w.VBox):
         self.prev_button = w.Button(description="\u25c0", tooltip="Previous page")
         self.next_button = w.Button(description="\u25b6", tooltip="Next page")
         self.reload_button = w.Button(description="Refresh", icon="refresh")
-        self.page_label = w.HTML()
+        self.page_label = w.HTML(layout=w.Layout(min_width="90px"))
         toolbar = w.HBox(
             [
                 self.text,
@@ -257,7 +257,10 @@ class RunTable(w.VBox):
         first = self._page * self.page_size + 1
         last = self._page * self.page_size + len(rows)
         self.page_label.value = (
-            f"&nbsp;{first}\u2013{last}{'+' if token else ''}&nbsp;" if rows else "&nbsp;0&nbsp;"
+            f"<span style='white-space:nowrap'>&nbsp;{first}\u2013{last}"
+            f"{'+' if token else ''}&nbsp;</span>"
+            if rows
+            else "&nbsp;0&nbsp;"
         )
         self.prev_button.disabled = self._page == 0
         self.next_button.disabled = not token
@@ -270,6 +273,23 @@ class RunTable(w.VBox):
         keep = [s for s in self.view.selected if any(r.run_id == s for r in self.rows)]
         if keep != list(self.view.selected):
             self.view.selected = keep
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        """The live widget, plus the page as text and HTML for places without widgets
+        (a saved or converted notebook, a terminal)."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        from ..magics.display import RunsTable
+
+        uri = self.api.client.uri
+        static = RunsTable(
+            [r.info for r in self.rows],
+            lambda i: q.mlflow_ui_url(i.experiment_id, i.run_id, self.base_url, uri),
+        )
+        bundle["text/plain"] = repr(static)
+        bundle["text/html"] = static._repr_html_()
+        return bundle
 
     # ---- sorting, filtering ------------------------------------------------------------------
 
@@ -359,9 +379,13 @@ class RunTable(w.VBox):
     def close(self) -> None:
         self.stop_refresh()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for child in (self.view, self.details_box, self.comparison_box):
-            child.close()
-        super().close()
+        for child in (self.view, self.details_box, self.comparison_box, self):
+            try:
+                w.Widget.close(child) if child is self else child.close()
+            except KeyError:
+                # A comm made before ipykernel took over the comm manager (plain IPython
+                # that later imported ipykernel) is unknown to the new manager.
+                pass
 
     # ---- selection and details ---------------------------------------------------------------
 
@@ -441,6 +465,7 @@ class RunTable(w.VBox):
         if not ids:
             return None
         rows = {r.run_id: r.run for r in self.selected_rows}
+        kwargs.setdefault("background", True)
         comparison = MetricComparison(ids, api=self.api, runs=rows, **kwargs)
         for old in self.comparison_box.children:
             old.close()
@@ -451,7 +476,7 @@ class RunTable(w.VBox):
 def details_html(rows: Sequence[q.Row]) -> str:
     if len(rows) > 1:
         names = ", ".join(html.escape(r.info.run_name or r.run_id[:8]) for r in rows)
-        return f"<div class='mantik-details'><b>{len(rows)} runs selected:</b> {names}</div>"
+        return f"<div class='mantik-w-details'><b>{len(rows)} runs selected:</b> {names}</div>"
     info = rows[0].info
 
     def table(title: str, items: dict[str, Any]) -> str:
@@ -464,18 +489,18 @@ def details_html(rows: Sequence[q.Row]) -> str:
         )
         return (
             f"<details open><summary><b>{title}</b> ({len(items)})</summary>"
-            f"<table class='mantik-kv'>{body}</table></details>"
+            f"<table class='mantik-w-kv'>{body}</table></details>"
         )
 
     head = (
         f"<div><b>{html.escape(info.run_name or info.run_id)}</b> "
         f"<code>{html.escape(info.run_id)}</code> \u2014 "
-        f"<span class='mantik-state mantik-state-{str(info.state).lower()}'>{info.state}</span>"
+        f"<span class='mantik-w-state mantik-w-state-{str(info.state).lower()}'>{info.state}</span>"
         + (f" ({html.escape(info.reason)})" if info.reason else "")
         + "</div>"
     )
     return (
-        "<div class='mantik-details'>"
+        "<div class='mantik-w-details'>"
         + head
         + table("Params", info.params)
         + table("Metrics", info.metrics)
@@ -489,5 +514,5 @@ def log_tail_html(text: str | None) -> str:
         return ""
     return (
         "<details open><summary><b>Log (tail)</b></summary>"
-        f"<pre class='mantik-log'>{html.escape(text)}</pre></details>"
+        f"<pre class='mantik-w-log'>{html.escape(text)}</pre></details>"
     )
