@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 from ..compute.runs import RunInfo, RunService
 from ..errors import InvalidRequest, MantikError
 from ..tracking import metrics as m
-from ..tracking.runs_api import MAX_SAMPLED_PER_RUN, RunsApi
+from ..tracking.runs_api import MAX_HISTORY_PAGE, MAX_SAMPLED_PER_RUN, RunsApi
 from . import query as q
 from ._core import default_service, runs_api
 
@@ -209,7 +209,8 @@ class MetricComparison(w.VBox):
                 continue
             with ThreadPoolExecutor(max_workers=4) as pool:
                 results = list(pool.map(lambda rid, k=key: self.api.metric_history(rid, k), todo))
-            self.requests += len(todo)
+            # get-history pages: MAX_HISTORY_PAGE values per request.
+            self.requests += sum(max(1, math.ceil(len(h) / MAX_HISTORY_PAGE)) for h in results)
             for rid, hist in zip(todo, results, strict=True):
                 self._histories[(rid, key)] = (hist, True)
 
