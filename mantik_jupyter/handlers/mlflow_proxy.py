@@ -11,6 +11,8 @@ requires.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +20,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import httputil, web
 from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.netutil import DefaultLoopResolver, Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ..errors import TrackingUnavailable
@@ -53,9 +56,42 @@ MAX_BODY = 1 << 40
 CHUNK_QUEUE = 16
 
 
+class _LiteralFirstResolver(Resolver):
+    """Answers IP literals (the embedded server's 127.0.0.1) at once; tornado's default
+    resolver would hop to a thread for getaddrinfo on every proxied request."""
+
+    def initialize(self) -> None:  # type: ignore[override]
+        self._fallback = DefaultLoopResolver()
+
+    async def resolve(
+        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, Any]]:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return await self._fallback.resolve(host, port, family)
+        if address.version == 6:
+            return [(socket.AF_INET6, (host, port, 0, 0))]
+        return [(socket.AF_INET, (host, port))]
+
+
+_clients: dict[int, SimpleAsyncHTTPClient] = {}
+
+
 def _client() -> SimpleAsyncHTTPClient:
-    # One instance per event loop; the default 100 MB body limit would cut large artifacts.
-    return SimpleAsyncHTTPClient(max_body_size=MAX_BODY, max_buffer_size=64 << 20)
+    # One instance per event loop, configured once; the default 100 MB body limit
+    # would cut large artifacts.
+    loop = id(asyncio.get_running_loop())
+    client = _clients.get(loop)
+    if client is None:
+        client = SimpleAsyncHTTPClient(
+            force_instance=True,
+            max_body_size=MAX_BODY,
+            max_buffer_size=64 << 20,
+            resolver=_LiteralFirstResolver(),
+        )
+        _clients[loop] = client
+    return client
 
 
 @web.stream_request_body
@@ -98,7 +134,8 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             self.redirect(self.request.path + "/" + query, permanent=False)
             return
         tracking = self.mantik.tracking
-        await self.in_thread(tracking.wait_ready)
+        if not tracking.ready:
+            await self.in_thread(tracking.wait_ready)
         credential = tracking.require_credential()
         upstream = tracking.uri
         url = f"{upstream}/{path}" + (f"?{self.request.query}" if self.request.query else "")

@@ -84,10 +84,23 @@ class CredentialStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._cache: tuple[tuple[int, int], dict[str, dict[str, str]]] | None = None
 
     def _load(self) -> dict[str, dict[str, str]]:
+        # Every proxied request looks its credential up: re-read the file only when it
+        # changed (another process, e.g. `mantik login`, may write it).
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._cache
+        if cached is not None and cached[0] == stamp:
+            return dict(cached[1])
         data = read_json(self.path)
-        return data if isinstance(data, dict) else {}
+        data = data if isinstance(data, dict) else {}
+        self._cache = (stamp, data)
+        return dict(data)
 
     def get(self, uri: str) -> Credential | None:
         entry = self._load().get(normalize_uri(uri))

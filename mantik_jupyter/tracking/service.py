@@ -50,6 +50,10 @@ class TrackingService:
         assert self._uri is not None
         return self._uri
 
+    @property
+    def ready(self) -> bool:
+        return self.embedded_server is None or self.embedded_server.ready
+
     def wait_ready(self, timeout: float | None = None) -> None:
         if self.embedded_server is not None:
             self.embedded_server.wait_ready(timeout)
@@ -83,7 +87,7 @@ class TrackingService:
             "username": cred.describe()["username"] if cred else None,
             "logged_in": cred is not None,
             "embedded": self.is_embedded,
-            "ready": self.embedded_server.ready if self.embedded_server else True,
+            "ready": self.ready,
         }
 
     def login(
