@@ -1,4 +1,11 @@
-"""A real ``jupyter lab`` for browser tests, isolated from the user's Jupyter directories."""
+"""A real ``jupyter lab`` for browser tests, isolated from the user's Jupyter directories.
+
+Also the fixtures the browser test modules share (import them into the module; they are not
+a conftest plugin, because ``jp_asyncio_loop`` and ``jp_server_cleanup`` switch off
+pytest-jupyter's in-process server for the whole module): ``lab`` (a lab on the embedded
+tracking server), ``tracking_ready``, ``browser`` (Debian's Chromium through Playwright) and
+``page``.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,6 +43,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+]
+
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
 ]
 
 # Environment variables that would point the lab at the user's files or a real tracking server.
@@ -267,3 +283,106 @@ def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
 def save_log(server: LabServer, name: str = "jupyter-lab.log") -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(server.log_path, ARTIFACTS / name)
+
+
+# The embedded MLflow takes 5-15 s on two cores, more when the machine is busy.
+TRACKING_READY_TIMEOUT = 120.0
+UI_TIMEOUT_MS = 60_000
+
+
+def running_lab(tmp, extra_args=()) -> Iterator[LabServer]:
+    if not (LABEXTENSION_BUILD / "package.json").exists():
+        pytest.fail(
+            f"The labextension is not built ({LABEXTENSION_BUILD}/package.json is missing): run "
+            "`cd labextension && jlpm install && jlpm build:prod` or `pip install -e .`"
+        )
+    server = start_lab(tmp, extra_args)
+    try:
+        server.wait_until(
+            lambda: server.get_json("api/status")[0] == 200, timeout=60, what="jupyter lab"
+        )
+        yield server
+    finally:
+        server.stop()
+        save_log(server, f"{tmp.name}.log")
+        if server.stray_pids:
+            warnings.warn(
+                f"jupyter lab left processes running after it stopped: {server.stray_pids} "
+                "(ended by the test)",
+                stacklevel=1,
+            )
+
+
+@pytest.fixture
+def jp_asyncio_loop():
+    """Override pytest-jupyter's autouse loop fixture (when that plugin is loaded).
+
+    It closes "the current" event loop after each test, which under Playwright's sync API is
+    Playwright's own, still running, loop. These tests need no Jupyter loop in this process.
+    """
+    yield None
+
+
+@pytest.fixture
+def jp_server_cleanup():
+    """Override pytest-jupyter's autouse in-process server cleanup: no in-process server here."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """A lab on the default: the embedded tracking server."""
+    yield from running_lab(tmp_path_factory.mktemp("lab-embedded"))
+
+
+@pytest.fixture(scope="module")
+def tracking_ready(lab: LabServer) -> dict:
+    """Wait until the embedded tracking server is up and the lab is logged in to it."""
+
+    def logged_in():
+        status, body = lab.get_json("mantik/api/auth/status")
+        if status != 200 or not isinstance(body, dict):
+            return None
+        # `ready` is False while the embedded MLflow is still booting.
+        return body if body.get("logged_in") and body.get("ready", True) else None
+
+    started = time.monotonic()
+    status = lab.wait_until(
+        logged_in, timeout=TRACKING_READY_TIMEOUT, what="auth/status to report logged_in"
+    )
+    print(f"embedded tracking ready after {time.monotonic() - started:.1f} s: {status}")
+    return status
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, lab: LabServer, request: pytest.FixtureRequest):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    # Assertions wait as long as actions: the lab loads slowly on a busy machine.
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"[{msg.type}] {msg.text}"))
+    page.on("pageerror", lambda err: console.append(f"[pageerror] {err}"))
+    try:
+        yield page
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / f"{request.node.name}-console.log").write_text("\n".join(console))
+        context.close()

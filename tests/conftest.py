@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.secret_audit",
     "tests.lab_fixtures",
     "tests.ipython_fixtures",
+    "tests.runs_fixtures",
 ]
 
 

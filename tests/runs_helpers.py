@@ -1,12 +1,15 @@
-"""Shared pieces of the RunService lifecycle tests (local and Slurm backends)."""
+"""Shared pieces of the RunService lifecycle tests (local, Slurm and UNICORE backends)."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import shutil
+import sys
 import tarfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import requests
 import yaml
 
 from mantik_jupyter.compute import runs as runs_module
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.runs import RunInfo, RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.tracking.credentials import Credential, CredentialStore
@@ -23,6 +27,14 @@ from mantik_jupyter.tracking.service import TrackingService
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "weather-forecast"
 FINAL = {RunState.FINISHED, RunState.FAILED, RunState.KILLED}
+# What a finished run of the example stores in MLflow (besides its metrics).
+RUN_ARTIFACTS = {
+    "mantik/code.tar.gz",
+    "mantik/backend-config.json",
+    "mantik/mantik-job.sh",
+    "mantik/mantik.log",
+    "forecast.csv",
+}
 
 
 def copy_example(dest: Path) -> Path:
@@ -36,6 +48,58 @@ def write_config(project: Path, config: dict, name: str = "compute-backend-confi
     path = project / name
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def slurm_config(cluster, remote_base: str, *, variables=None, **resources) -> dict:
+    """A compute-backend config for the loopback Slurm cluster, over SSH."""
+    environment: dict = {"Python": str(Path(cluster.python).parent.parent)}
+    if variables is not None:
+        environment["Variables"] = variables
+    return {
+        "SSH": {
+            "Hostname": cluster.host,
+            "Port": cluster.port,
+            "Username": cluster.username,
+            "IdentityFile": str(cluster.key_path),
+            "KnownHostsFile": str(cluster.known_hosts),
+            "RemoteDirectory": remote_base,
+        },
+        "Resources": {"Queue": "debug", **resources},
+        "Environment": environment,
+    }
+
+
+def remote_run_dirs(cluster, prefix: str, *, start_sshd: bool = False) -> Iterator[str]:
+    """A fresh directory below the cluster's remote directory, removed afterwards
+    (``yield from`` it in a fixture). ``start_sshd``: start sshd again before the clean-up,
+    for modules whose tests stop it."""
+    base = f"{cluster.remote_dir}/{prefix}-{uuid.uuid4().hex[:8]}"
+    yield base
+    cleaner = SshSlurmBackend(
+        cluster.host,
+        cluster.port,
+        cluster.username,
+        key_filename=str(cluster.key_path),
+        known_hosts=cluster.known_hosts,
+        remote_dir=base,
+    )
+    try:
+        if start_sshd:
+            cluster.sshd("start")
+        cleaner._run(f"rm -rf {base}", "cleaning up")
+    finally:
+        cleaner.close()
+
+
+def unicore_config(site, **extra) -> dict:
+    """A compute-backend config for the UNICORE stand-in site; ``extra`` replaces sections."""
+    config = {
+        "UnicoreApiUrl": site.base_url,
+        "Resources": {"Queue": "batch", "Runtime": "10m", "Nodes": 1, "MemoryPerNode": "2G"},
+        "Environment": {"Python": sys.prefix},
+    }
+    config.update(extra)
+    return config
 
 
 class RunUserSpy:

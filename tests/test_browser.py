@@ -5,141 +5,41 @@ The server extension starts its embedded MLflow by itself; the test waits until
 inside the lab's iframe. Screenshots and the server log go to ``test-artifacts/``.
 """
 
+# The fixtures imported from browser_helpers are the tests' parameters.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import re
-import time
-import warnings
 from collections.abc import Iterator
 
 import pytest
 
-from .browser_helpers import (
+from .browser_helpers import (  # noqa: F401 - fixtures
     ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    LABEXTENSION_BUILD,
+    BROWSER_MARKS,
+    UI_TIMEOUT_MS,
     LabServer,
+    browser,
     free_port,
-    save_log,
-    start_lab,
+    jp_asyncio_loop,
+    jp_server_cleanup,
+    lab,
+    page,
+    running_lab,
+    tracking_ready,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
-
-# The embedded MLflow takes 5-15 s on two cores, more when the machine is busy.
-TRACKING_READY_TIMEOUT = 120.0
-UI_TIMEOUT_MS = 60_000
-
-
-def _running_lab(tmp, extra_args=()) -> Iterator[LabServer]:
-    if not (LABEXTENSION_BUILD / "package.json").exists():
-        pytest.fail(
-            f"The labextension is not built ({LABEXTENSION_BUILD}/package.json is missing): run "
-            "`cd labextension && jlpm install && jlpm build:prod` or `pip install -e .`"
-        )
-    server = start_lab(tmp, extra_args)
-    try:
-        server.wait_until(
-            lambda: server.get_json("api/status")[0] == 200, timeout=60, what="jupyter lab"
-        )
-        yield server
-    finally:
-        server.stop()
-        save_log(server, f"{tmp.name}.log")
-        if server.stray_pids:
-            warnings.warn(
-                f"jupyter lab left processes running after it stopped: {server.stray_pids} "
-                "(ended by the test)",
-                stacklevel=1,
-            )
-
-
-@pytest.fixture
-def jp_asyncio_loop():
-    """Override pytest-jupyter's autouse loop fixture (when that plugin is loaded).
-
-    It closes "the current" event loop after each test, which under Playwright's sync API is
-    Playwright's own, still running, loop. These tests need no Jupyter loop in this process.
-    """
-    yield None
-
-
-@pytest.fixture
-def jp_server_cleanup():
-    """Override pytest-jupyter's autouse in-process server cleanup: no in-process server here."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    """A lab on the default: the embedded tracking server."""
-    yield from _running_lab(tmp_path_factory.mktemp("lab-embedded"))
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def remote_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """A lab configured for a remote tracking server that does not answer (a closed port)."""
     uri = f"http://127.0.0.1:{free_port()}"
-    yield from _running_lab(
+    yield from running_lab(
         tmp_path_factory.mktemp("lab-remote"), (f"--MantikApp.tracking_uri={uri}",)
     )
-
-
-@pytest.fixture(scope="module")
-def tracking_ready(lab: LabServer) -> dict:
-    """Wait until the embedded tracking server is up and the lab is logged in to it."""
-
-    def logged_in():
-        status, body = lab.get_json("mantik/api/auth/status")
-        if status != 200 or not isinstance(body, dict):
-            return None
-        # `ready` is False while the embedded MLflow is still booting.
-        return body if body.get("logged_in") and body.get("ready", True) else None
-
-    started = time.monotonic()
-    status = lab.wait_until(
-        logged_in, timeout=TRACKING_READY_TIMEOUT, what="auth/status to report logged_in"
-    )
-    print(f"embedded tracking ready after {time.monotonic() - started:.1f} s: {status}")
-    return status
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser, lab: LabServer, request: pytest.FixtureRequest):
-    from playwright.sync_api import expect
-
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    # Assertions wait as long as actions: the lab loads slowly on a busy machine.
-    expect.set_options(timeout=UI_TIMEOUT_MS)
-    console: list[str] = []
-    page.on("console", lambda msg: console.append(f"[{msg.type}] {msg.text}"))
-    page.on("pageerror", lambda err: console.append(f"[pageerror] {err}"))
-    try:
-        yield page
-    finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / f"{request.node.name}-console.log").write_text("\n".join(console))
-        context.close()
 
 
 def open_lab(page, lab: LabServer):

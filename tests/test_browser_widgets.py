@@ -5,14 +5,16 @@ test checks that the table rows and the chart's lines are visible, clicks a row 
 the details pane and a header to sort. Screenshots go to ``test-artifacts/``.
 """
 
+# The fixtures imported from browser_helpers are the tests' parameters.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
 
-import pytest
-
-from .browser_helpers import ARTIFACTS, CHROMIUM
-from .test_browser import (  # noqa: F401 - fixtures
+from .browser_helpers import (  # noqa: F401 - fixtures
+    ARTIFACTS,
+    BROWSER_MARKS,
     UI_TIMEOUT_MS,
     browser,
     jp_asyncio_loop,
@@ -22,10 +24,7 @@ from .test_browser import (  # noqa: F401 - fixtures
     tracking_ready,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = BROWSER_MARKS
 
 SETUP = """\
 import math, time
@@ -65,7 +64,7 @@ def notebook(cells: list[str]) -> dict:
     }  # fmt: skip
 
 
-def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready):  # noqa: F811
+def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready):
     from playwright.sync_api import expect
 
     path = lab.root / "dashboards.ipynb"

@@ -13,20 +13,22 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.magics.display import Run
 
-from .runs_helpers import admin_api, artifact_bytes, artifact_names, copy_example, write_config
+from .runs_helpers import (
+    admin_api,
+    artifact_bytes,
+    artifact_names,
+    copy_example,
+    remote_run_dirs,
+    slurm_config,
+    write_config,
+)
 
 LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
 EXAMPLE_NOTEBOOK = "weather-forecast.ipynb"
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def user(mlflow_server):
-    return mlflow_server.create_user()
 
 
 @pytest.fixture
@@ -43,35 +45,22 @@ def env(monkeypatch, tmp_path, mlflow_server, user):
 
 @pytest.fixture(scope="module")
 def remote_base(slurm_cluster):
-    base = f"{slurm_cluster.remote_dir}/magics-{uuid.uuid4().hex[:8]}"
-    yield base
-    cleaner = SshSlurmBackend(
-        slurm_cluster.host,
-        slurm_cluster.port,
-        slurm_cluster.username,
-        key_filename=str(slurm_cluster.key_path),
-        known_hosts=slurm_cluster.known_hosts,
-        remote_dir=base,
-    )
-    try:
-        cleaner._run(f"rm -rf {base}", "cleaning up")
-    finally:
-        cleaner.close()
+    yield from remote_run_dirs(slurm_cluster, "magics")
 
 
-def slurm_config(cluster, remote_base: str) -> dict:
-    return {
-        "SSH": {
-            "Hostname": cluster.host,
-            "Port": cluster.port,
-            "Username": cluster.username,
-            "IdentityFile": str(cluster.key_path),
-            "KnownHostsFile": str(cluster.known_hosts),
-            "RemoteDirectory": remote_base,
-        },
-        "Resources": {"Queue": "debug"},
-        "Environment": {"Python": str(Path(cluster.python).parent.parent)},
+def execute_in_kernel(nb, path: Path, project: Path, timeout: int) -> None:
+    """Run the notebook ``nb`` (read from ``path``) in a real kernel, in ``project``."""
+    from nbclient import NotebookClient
+
+    kernel_env = {
+        **os.environ,
+        "JPY_SESSION_NAME": str(path),
+        # The kernel imports mantik_jupyter from this checkout.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
+    NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": str(project)}}).execute(
+        env=kernel_env
+    )
 
 
 def magics(ip):
@@ -150,21 +139,11 @@ def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys
 
 
 def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
-    from nbclient import NotebookClient
-
     project = copy_example(env)
     write_config(project, LOCAL_CONFIG)
     path = project / EXAMPLE_NOTEBOOK
     nb = nbformat.read(path, as_version=4)
-    kernel_env = {
-        **os.environ,
-        "JPY_SESSION_NAME": str(path),
-        # The kernel imports mantik_jupyter from this checkout.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    NotebookClient(nb, timeout=180, resources={"metadata": {"path": str(project)}}).execute(
-        env=kernel_env
-    )
+    execute_in_kernel(nb, path, project, timeout=180)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.source for c in code] == [
         "%load_ext mantik_jupyter",
@@ -197,8 +176,6 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
 
 def test_status_line_stays_live_without_wait(env, mlflow_server):
     """Without --wait the kernel is free at once, and the line still ends at FINISHED."""
-    from nbclient import NotebookClient
-
     project = copy_example(env)
     write_config(project, LOCAL_CONFIG)
     path = write_notebook(
@@ -213,14 +190,7 @@ def test_status_line_stays_live_without_wait(env, mlflow_server):
         "time.sleep(3)  # the watcher's last update",
     )
     nb = nbformat.read(path, as_version=4)
-    kernel_env = {
-        **os.environ,
-        "JPY_SESSION_NAME": str(path),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    NotebookClient(nb, timeout=240, resources={"metadata": {"path": str(project)}}).execute(
-        env=kernel_env
-    )
+    execute_in_kernel(nb, path, project, timeout=240)
     submit = [c for c in nb.cells if c.source.startswith("run = %mantik_submit")][0]
     status = [o for o in submit.outputs if o.output_type == "display_data"]
     assert status, submit.outputs

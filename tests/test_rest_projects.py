@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from traitlets.config import Config
 
+from .lab_fixtures import lab_config
 from .mlflow_fixtures import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +27,8 @@ def jp_base_url() -> str:
 
 
 @pytest.fixture
-def jp_server_config(mlflow_server: MlflowServer, tmp_path: Path) -> dict[str, Any]:
-    return {
-        "ServerApp": {
-            "jpserver_extensions": {"mantik_jupyter": True},
-            "allow_unauthenticated_access": False,
-        },
-        "MantikApp": {
-            "tracking_uri": mlflow_server.uri,
-            "data_dir": str(tmp_path / "mantik-data"),
-            "sync_interval": 0,
-        },
-    }
+def jp_server_config(mlflow_server: MlflowServer, tmp_path: Path) -> Config:
+    return lab_config(tmp_path / "mantik-data", mlflow_server.uri, sync_interval=0)
 
 
 @pytest.fixture

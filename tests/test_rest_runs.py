@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import yaml
 from tornado.httpclient import HTTPResponse
+from traitlets.config import Config
 
+from .lab_fixtures import lab_config
 from .mlflow_fixtures import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,18 +41,8 @@ def mantik_data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def jp_server_config(mlflow_server: MlflowServer, mantik_data: Path) -> dict[str, Any]:
-    return {
-        "ServerApp": {
-            "jpserver_extensions": {"mantik_jupyter": True},
-            "allow_unauthenticated_access": False,
-        },
-        "MantikApp": {
-            "tracking_uri": mlflow_server.uri,
-            "data_dir": str(mantik_data),
-            "sync_interval": 1.0,
-        },
-    }
+def jp_server_config(mlflow_server: MlflowServer, mantik_data: Path) -> Config:
+    return lab_config(mantik_data, mlflow_server.uri, sync_interval=1.0)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from mantik_jupyter.tracking.runs_api import RunsApi
 
 from .runs_helpers import (
     FINAL,
+    RUN_ARTIFACTS,
     RunUserSpy,
     admin_api,
     artifact_bytes,
@@ -31,7 +32,6 @@ from .runs_helpers import (
     assert_no_secret,
     copy_example,
     login_works,
-    make_tracking,
     wait_for,
     write_config,
 )
@@ -44,28 +44,11 @@ LOCAL_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def user(mlflow_server):
-    return mlflow_server.create_user()
-
-
-@pytest.fixture(scope="module")
-def tracking(mlflow_server, user, tmp_path_factory):
-    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
-
-
 @pytest.fixture
 def project(tmp_path):
     project = copy_example(tmp_path)
     write_config(project, LOCAL_CONFIG)
     return project
-
-
-@pytest.fixture
-def service(tracking, tmp_path):
-    svc = RunService(tracking, work_dir=tmp_path / "work")
-    yield svc
-    svc.close()
 
 
 def test_lifecycle_finishes_with_everything_in_mlflow(
@@ -110,13 +93,7 @@ def test_lifecycle_finishes_with_everything_in_mlflow(
     assert len(tags["mantik.package_sha256"]) == 64
     assert tags["mantik.run_dir"]
     names = artifact_names(mlflow_server, info.run_id)
-    assert {
-        "mantik/code.tar.gz",
-        "mantik/backend-config.json",
-        "mantik/mantik-job.sh",
-        "mantik/mantik.log",
-        "forecast.csv",
-    } <= names
+    assert RUN_ARTIFACTS <= names
     assert b"epoch 4/4" in artifact_bytes(mlflow_server, info.run_id, "mantik/mantik.log")
     run_dir = Path(tags["mantik.run_dir"])
     assert not list(run_dir.rglob("pwned")) and not (project / "pwned").exists()

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
-
 import pytest
 
-from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import Conflict, UnsafePath
 
 from .runs_helpers import (
     FINAL,
+    RUN_ARTIFACTS,
     RunUserSpy,
     artifact_bytes,
     artifact_names,
     assert_no_secret,
     copy_example,
     login_works,
-    make_tracking,
+    remote_run_dirs,
+    slurm_config,
     wait_for,
     write_config,
 )
@@ -28,51 +26,17 @@ from .runs_helpers import (
 pytestmark = pytest.mark.slurm
 
 
+VARIABLES = {"EVIL": "$(touch pwned)", "GREETING": "hello; touch pwned2"}
+
+
 @pytest.fixture(scope="module")
 def remote_base(slurm_cluster):
-    base = f"{slurm_cluster.remote_dir}/runs-{uuid.uuid4().hex[:8]}"
-    yield base
-    cleaner = SshSlurmBackend(
-        slurm_cluster.host,
-        slurm_cluster.port,
-        slurm_cluster.username,
-        key_filename=str(slurm_cluster.key_path),
-        known_hosts=slurm_cluster.known_hosts,
-        remote_dir=base,
-    )
-    try:
-        slurm_cluster.sshd("start")
-        cleaner._run(f"rm -rf {base}", "cleaning up")
-    finally:
-        cleaner.close()
+    # Tests here stop sshd; it is started again for the clean-up.
+    yield from remote_run_dirs(slurm_cluster, "runs", start_sshd=True)
 
 
 def cluster_config(cluster, remote_base: str, **resources) -> dict:
-    return {
-        "SSH": {
-            "Hostname": cluster.host,
-            "Port": cluster.port,
-            "Username": cluster.username,
-            "IdentityFile": str(cluster.key_path),
-            "KnownHostsFile": str(cluster.known_hosts),
-            "RemoteDirectory": remote_base,
-        },
-        "Resources": {"Queue": "debug", **resources},
-        "Environment": {
-            "Python": str(Path(cluster.python).parent.parent),
-            "Variables": {"EVIL": "$(touch pwned)", "GREETING": "hello; touch pwned2"},
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-def user(mlflow_server):
-    return mlflow_server.create_user()
-
-
-@pytest.fixture(scope="module")
-def tracking(mlflow_server, user, tmp_path_factory):
-    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
+    return slurm_config(cluster, remote_base, variables=VARIABLES, **resources)
 
 
 @pytest.fixture
@@ -80,13 +44,6 @@ def project(tmp_path, slurm_cluster, remote_base):
     project = copy_example(tmp_path)
     write_config(project, cluster_config(slurm_cluster, remote_base))
     return project
-
-
-@pytest.fixture
-def service(tracking, tmp_path):
-    svc = RunService(tracking, work_dir=tmp_path / "work")
-    yield svc
-    svc.close()
 
 
 def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp_path):
@@ -110,13 +67,7 @@ def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp
     assert final.params["learning_rate"] == "0.01"
     assert {"loss", "rmse"} <= set(final.metrics)
     names = artifact_names(mlflow_server, info.run_id)
-    assert {
-        "mantik/code.tar.gz",
-        "mantik/backend-config.json",
-        "mantik/mantik-job.sh",
-        "mantik/mantik.log",
-        "forecast.csv",
-    } <= names
+    assert RUN_ARTIFACTS <= names
     script = artifact_bytes(mlflow_server, info.run_id, "mantik/mantik-job.sh").decode()
     assert "#SBATCH --partition=debug" in script
 

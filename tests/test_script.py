@@ -506,8 +506,9 @@ def test_expand_quoted_rejects_newlines() -> None:
         expand_quoted("a\nb")
 
 
-def test_local_image_outside_project_uses_file_name() -> None:
+def test_local_image_outside_project_is_under_images() -> None:
+    # Where the packaging puts a file from outside the project (compute/packaging.py).
     config = dataclasses.replace(
         local_config(), environment=Environment(apptainer=Apptainer(path="/home/me/x.sif"))
     )
-    assert '"$RUN_DIR/code"/x.sif' in render(config)
+    assert '"$RUN_DIR/code"/images/x.sif' in render(config)

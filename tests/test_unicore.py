@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,11 +37,11 @@ from .runs_helpers import (
     assert_no_secret,
     copy_example,
     login_works,
-    make_tracking,
+    unicore_config,
     wait_for,
     write_config,
 )
-from .unicore_standin.fixtures import PROJECT, USER, new_password, start_site
+from .unicore_standin.fixtures import PROJECT, USER
 from .unicore_standin.server import UnicoreStandin
 
 # An existing Mantik UNICORE config: Apptainer image on the cluster, modules, login-node
@@ -63,56 +62,17 @@ MANTIK_STYLE = {
 }
 
 
-def site_config(site: UnicoreStandin, **extra) -> dict:
-    config = {
-        "UnicoreApiUrl": site.base_url,
-        "Resources": {"Queue": "batch", "Runtime": "10m", "Nodes": 1, "MemoryPerNode": "2G"},
-        "Environment": {"Python": sys.prefix},
-    }
-    config.update(extra)
-    return config
-
-
-@pytest.fixture(scope="module")
-def unicore_password():
-    return new_password()
-
-
-@pytest.fixture(scope="module")
-def unicore_site(tmp_path_factory, unicore_password):
-    site = start_site(tmp_path_factory.mktemp("unicore-site"), unicore_password)
-    yield site
-    site.close()
-
-
-@pytest.fixture(scope="module")
-def user(mlflow_server):
-    return mlflow_server.create_user()
-
-
-@pytest.fixture(scope="module")
-def tracking(mlflow_server, user, tmp_path_factory):
-    return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
-
-
-@pytest.fixture
-def login(monkeypatch, unicore_password):
-    monkeypatch.setenv("MANTIK_UNICORE_USERNAME", USER)
-    monkeypatch.setenv("MANTIK_UNICORE_PASSWORD", unicore_password)
-
-
 @pytest.fixture
 def project(tmp_path, unicore_site):
     project = copy_example(tmp_path)
-    write_config(project, site_config(unicore_site))
+    write_config(project, unicore_config(unicore_site))
     return project
 
 
 @pytest.fixture
-def service(tracking, tmp_path, login):
-    svc = RunService(tracking, work_dir=tmp_path / "work")
-    yield svc
-    svc.close()
+def service(unicore_login, service):
+    """The shared RunService, made with the UNICORE login in the environment."""
+    return service
 
 
 def _job_id_file(site: UnicoreStandin, job_id: str):
@@ -125,7 +85,7 @@ def _job_id_file(site: UnicoreStandin, job_id: str):
 def test_unicore_lifecycle_with_a_mantik_config(
     service, project, unicore_site, mlflow_server, user, monkeypatch, tmp_path, unicore_password
 ):
-    write_config(project, site_config(unicore_site, **MANTIK_STYLE))
+    write_config(project, unicore_config(unicore_site, **MANTIK_STYLE))
     spy = RunUserSpy(monkeypatch)
     info = service.submit(
         project,
@@ -200,7 +160,7 @@ def test_unicore_failing_entry_point(service, project):
     assert "simulated failure" in service.logs(info.run_id).text
 
 
-def test_unicore_cancel_and_a_lab_restart(service, project, tracking, tmp_path, login):
+def test_unicore_cancel_and_a_lab_restart(service, project, tracking, tmp_path, unicore_login):
     info = service.submit(project, entry_point="sleep", experiment_name="unicore-lifecycle")
     wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
     # A fresh service (the lab restarted) finds the job through the run's tags.

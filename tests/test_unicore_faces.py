@@ -7,56 +7,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
-
 from .lab_fixtures import api_json, login_as
-from .unicore_standin.fixtures import USER, new_password, start_site
+from .runs_helpers import copy_example, unicore_config, write_config
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "weather-forecast"
-
-
-@pytest.fixture(scope="module")
-def site_password():
-    return new_password()
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, site_password):
-    site = start_site(tmp_path_factory.mktemp("unicore-faces"), site_password)
-    yield site
-    site.close()
-
-
-@pytest.fixture
-def unicore_env(monkeypatch, site_password):
-    monkeypatch.setenv("MANTIK_UNICORE_USERNAME", USER)
-    monkeypatch.setenv("MANTIK_UNICORE_PASSWORD", site_password)
 
 
 def unicore_project(dest: Path, site) -> Path:
-    project = dest / "weather-forecast"
-    shutil.copytree(EXAMPLE, project)
-    (project / "compute-backend-config.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "UnicoreApiUrl": site.base_url,
-                "Resources": {"Queue": "batch", "Runtime": "10m"},
-                "Environment": {"Python": sys.prefix},
-            }
-        )
-    )
+    project = copy_example(dest)
+    write_config(project, unicore_config(site, Resources={"Queue": "batch", "Runtime": "10m"}))
     return project
 
 
-def test_cli(tmp_path, site, unicore_env, mlflow_server):
-    project = unicore_project(tmp_path, site)
+def test_cli(tmp_path, unicore_site, unicore_login, mlflow_server):
+    project = unicore_project(tmp_path, unicore_site)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(mlflow_server.env(mlflow_server.create_user()))
     env["MANTIK_DATA_DIR"] = str(tmp_path / "data")
@@ -72,8 +40,8 @@ def test_cli(tmp_path, site, unicore_env, mlflow_server):
     assert run["state"] == "FINISHED" and run["backend"] == "unicore", run
 
 
-def test_magic(ip, tmp_path, site, unicore_env, mlflow_server, monkeypatch, capsys):
-    project = unicore_project(tmp_path, site)
+def test_magic(ip, tmp_path, unicore_site, unicore_login, mlflow_server, monkeypatch, capsys):
+    project = unicore_project(tmp_path, unicore_site)
     for key, value in mlflow_server.env(mlflow_server.create_user()).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MANTIK_DATA_DIR", str(tmp_path / "data"))
@@ -88,8 +56,10 @@ def test_magic(ip, tmp_path, site, unicore_env, mlflow_server, monkeypatch, caps
     assert run.info.backend == "unicore"
 
 
-async def test_rest_api_of_the_sidebar(jp_fetch, jp_root_dir, site, unicore_env, mlflow_server):
-    unicore_project(Path(jp_root_dir), site)
+async def test_rest_api_of_the_sidebar(
+    jp_fetch, jp_root_dir, unicore_site, unicore_login, mlflow_server
+):
+    unicore_project(Path(jp_root_dir), unicore_site)
     await login_as(jp_fetch, mlflow_server.create_user())
     code, run = await api_json(
         jp_fetch, "runs", method="POST",

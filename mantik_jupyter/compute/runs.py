@@ -98,20 +98,19 @@ from .config import (
     find_config,
     load_config,
 )
+from .layout import CREDENTIALS_FILE, JOB_SCRIPT, LOG_FILE, PACKAGE_FILE
 from .packaging import build_package
 from .project import find_project_dir, load_project, resolve_entry_point
-from .script import CREDENTIALS_FILE, render_job_script, safe_job_name
+from .script import render_job_script, safe_job_name
 from .states import RunState
 
 log = logging.getLogger(__name__)
 
-PACKAGE_FILE = "package.tar.gz"
-JOB_SCRIPT = "mantik-job.sh"
 ARTIFACT_DIR = "mantik"
 ARTIFACT_CODE = f"{ARTIFACT_DIR}/code.tar.gz"
 ARTIFACT_CONFIG = f"{ARTIFACT_DIR}/backend-config.json"
 ARTIFACT_SCRIPT = f"{ARTIFACT_DIR}/{JOB_SCRIPT}"
-ARTIFACT_LOG = f"{ARTIFACT_DIR}/mantik.log"
+ARTIFACT_LOG = f"{ARTIFACT_DIR}/{LOG_FILE}"
 
 TAG_STATE = "mantik.state"
 TAG_BACKEND = "mantik.backend"

@@ -35,12 +35,10 @@ from .config import (
     check_slurm_value,
     format_slurm_time,
 )
+from .layout import CODE_DIR, CREDENTIALS_FILE, EXIT_CODE_FILE, LOG_FILE
 
 Scheduler = Literal["slurm", "none"]
 
-CREDENTIALS_FILE = ".mantik-credentials"
-EXIT_CODE_FILE = "mantik.exitcode"
-LOG_FILE = "mantik.log"
 CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -202,7 +200,8 @@ def _tracking_exports(run_id: str, experiment_id: str, tracking_uri: str) -> lis
 def _user_environment(config: ComputeConfig) -> list[str]:
     env = config.environment
     lines = [
-        'cd "$RUN_DIR/code" || mantik_fail 1 "entering the code directory $RUN_DIR/code"',
+        f'cd "$RUN_DIR/{CODE_DIR}" || '
+        f'mantik_fail 1 "entering the code directory $RUN_DIR/{CODE_DIR}"',
         # Module systems, venv activation and user commands are rarely safe
         # under `set -u`; the script's own variables are all set by now.
         "set +u",
@@ -294,7 +293,7 @@ def _image(apptainer: Apptainer) -> str:
     if apptainer.type == "remote":
         return expand_quoted(apptainer.path)
     relative = PurePosixPath(apptainer.package_path)
-    return f'"$RUN_DIR/code"/{shlex.quote(relative.as_posix())}'
+    return f'"$RUN_DIR/{CODE_DIR}"/{shlex.quote(relative.as_posix())}'
 
 
 def _post_run(config: ComputeConfig) -> list[str]:

@@ -32,21 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
+from .. import layout
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative, safe_name
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "mantik.log"
-EXITCODE_FILE = "mantik.exitcode"
-PACKAGE_FILE = "package.tar.gz"
-JOB_SCRIPT = "mantik-job.sh"
-CREDENTIALS_FILE = ".mantik-credentials"
 CANCELLED_FILE = "mantik.cancelled"
 JOB_ID_FILE = "mantik.jobid"
-CHUNK = 256 * 1024
-MAX_LOG_READ = 4 * 1024 * 1024
 CANCEL_GRACE = 5.0
 
 _JOB_ID = re.compile(r"^local-(\d+)-(\d+)$")
@@ -128,8 +122,8 @@ class LocalBackend(Backend):
         names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
         for name in names:
             safe_name(name, "file name")
-        if JOB_SCRIPT not in names:
-            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        if layout.JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {layout.JOB_SCRIPT} to submit")
         self.directory.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(mode=0o700, exist_ok=True)
         total = sum((job.local_dir / n).stat().st_size for n in names)
@@ -141,13 +135,13 @@ class LocalBackend(Backend):
                     progress(done, total)
         if progress:
             progress(total, total)
-        if (run_dir / PACKAGE_FILE).is_file():
-            _unpack(run_dir / PACKAGE_FILE, run_dir / "code")
+        if (run_dir / layout.PACKAGE_FILE).is_file():
+            _unpack(run_dir / layout.PACKAGE_FILE, run_dir / layout.CODE_DIR)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED_ENV_PREFIXES)}
-        with (run_dir / LOG_FILE).open("ab") as out:
+        with (run_dir / layout.LOG_FILE).open("ab") as out:
             try:
                 proc = subprocess.Popen(
-                    ["bash", JOB_SCRIPT],
+                    ["bash", layout.JOB_SCRIPT],
                     cwd=run_dir,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -194,7 +188,7 @@ class LocalBackend(Backend):
             return JobStatus(RunState.RUNNING, native_state="RUNNING")
         run_dir = Path(self.run_dir_of(job_id))
         cancelled = (run_dir / CANCELLED_FILE).exists()
-        code = _read_code(run_dir / EXITCODE_FILE)
+        code = _read_code(run_dir / layout.EXIT_CODE_FILE)
         if cancelled:
             return JobStatus(RunState.KILLED, "CANCELLED", code, "CANCELLED")
         if code is None:
@@ -210,11 +204,11 @@ class LocalBackend(Backend):
     # ---- logs, cancel -------------------------------------------------------------------
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
-        path = Path(self.run_dir_of(job_id)) / LOG_FILE
+        path = Path(self.run_dir_of(job_id)) / layout.LOG_FILE
         try:
             with path.open("rb") as f:
                 f.seek(offset)
-                data = f.read(MAX_LOG_READ)
+                data = f.read(layout.MAX_LOG_READ)
         except FileNotFoundError:
             return b"", offset
         return data, offset + len(data)
@@ -280,7 +274,7 @@ class LocalBackend(Backend):
     @staticmethod
     def _stream(target: Path) -> Iterator[bytes]:
         with target.open("rb") as f:
-            while chunk := f.read(CHUNK):
+            while chunk := f.read(layout.CHUNK):
                 yield chunk
 
     def download(
@@ -336,7 +330,7 @@ def _copy_private(src: Path, dst: Path) -> int:
     size = 0
     with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
         os.fchmod(out.fileno(), mode)
-        while chunk := inp.read(CHUNK):
+        while chunk := inp.read(layout.CHUNK):
             out.write(chunk)
             size += len(chunk)
     return size

@@ -50,6 +50,7 @@ from ...errors import (
     PermissionDenied,
     UnsafePath,
 )
+from .. import layout
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative as _clean_relative
@@ -58,14 +59,6 @@ from .paths import safe_name as _safe_name
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LOG_FILE = "mantik.log"
-EXITCODE_FILE = "mantik.exitcode"
-PACKAGE_FILE = "package.tar.gz"
-JOB_SCRIPT = "mantik-job.sh"
-CREDENTIALS_FILE = ".mantik-credentials"
-CHUNK = 256 * 1024
-# read_log answers at most this much per call, so a huge log streams in pieces.
-MAX_LOG_READ = 4 * 1024 * 1024
 COMMAND_TIMEOUT = 120.0
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -396,8 +389,8 @@ class SshSlurmBackend(Backend):
         names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
         for name in names:
             _safe_name(name, "file name")
-        if JOB_SCRIPT not in names:
-            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        if layout.JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {layout.JOB_SCRIPT} to submit")
         return names
 
     def _upload(
@@ -415,7 +408,7 @@ class SshSlurmBackend(Backend):
                     # Mode first, data second: a secret is never readable by others remotely.
                     dst.chmod(mode)
                     dst.set_pipelined(True)
-                    while chunk := src.read(CHUNK):
+                    while chunk := src.read(layout.CHUNK):
                         dst.write(chunk)
                         done += len(chunk)
                         if progress:
@@ -429,10 +422,12 @@ class SshSlurmBackend(Backend):
     def _submit_command(run_dir: str, job_name: str, files: list[str]) -> str:
         q = shlex.quote
         steps = [f"cd {q(run_dir)}"]
-        if PACKAGE_FILE in files:
-            steps.append(f"mkdir -p code && tar -xzf {q(PACKAGE_FILE)} -C code")
+        if layout.PACKAGE_FILE in files:
+            code = layout.CODE_DIR
+            steps.append(f"mkdir -p {code} && tar -xzf {q(layout.PACKAGE_FILE)} -C {code}")
         steps.append(
-            f"sbatch --parsable --chdir={q(run_dir)} --job-name={q(job_name)} {q(JOB_SCRIPT)}"
+            f"sbatch --parsable --chdir={q(run_dir)} --job-name={q(job_name)} "
+            f"{q(layout.JOB_SCRIPT)}"
         )
         return " && ".join(steps)
 
@@ -478,7 +473,7 @@ class SshSlurmBackend(Backend):
         known = [(j, self._run_dirs[j]) for j in job_ids if j in self._run_dirs]
         if known:
             pairs = " ".join(
-                f"{shlex.quote(j)} {shlex.quote(posixpath.join(d, EXITCODE_FILE))}"
+                f"{shlex.quote(j)} {shlex.quote(posixpath.join(d, layout.EXIT_CODE_FILE))}"
                 for j, d in known
             )
             parts.append(
@@ -491,14 +486,14 @@ class SshSlurmBackend(Backend):
     # ---- logs, cancel ---------------------------------------------------------------------
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
-        path = posixpath.join(self.run_dir_of(job_id), LOG_FILE)
+        path = posixpath.join(self.run_dir_of(job_id), layout.LOG_FILE)
 
         def read() -> tuple[bytes, int]:
             with self._lock:
                 try:
                     with self._sftp_client().open(path, "rb") as f:
                         f.seek(offset)
-                        data = f.read(MAX_LOG_READ)
+                        data = f.read(layout.MAX_LOG_READ)
                 except FileNotFoundError:
                     return b"", offset  # not started yet: no log so far
             return data, offset + len(data)
@@ -564,7 +559,7 @@ class SshSlurmBackend(Backend):
         try:
             with sftp.open(target, "rb") as f:
                 f.prefetch()
-                while chunk := f.read(CHUNK):
+                while chunk := f.read(layout.CHUNK):
                     yield chunk
         except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
             raise BackendUnavailable(
@@ -700,14 +695,14 @@ def _drain(channel: paramiko.Channel) -> tuple[bytes, bytes]:
     """stdout to its end, then stderr. Both share one SSH window, so this would stall
     only if a command wrote megabytes to stderr; none of ours does."""
     out = bytearray()
-    while chunk := channel.recv(CHUNK):
+    while chunk := channel.recv(layout.CHUNK):
         out += chunk
     return bytes(out), _rest_of_stderr(channel)
 
 
 def _rest_of_stderr(channel: paramiko.Channel) -> bytes:
     rest = bytearray()
-    while chunk := channel.recv_stderr(CHUNK):
+    while chunk := channel.recv_stderr(layout.CHUNK):
         rest += chunk
     return bytes(rest)
 
@@ -829,7 +824,7 @@ def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | No
     size_line = _read_line(channel).strip()
     # tar adds headers and padding to the payload; progress is an estimate and is capped.
     total = int(size_line) + 10240 if size_line.isdigit() else 0
-    reader = io.BufferedReader(_CountingReader(channel, total, progress), CHUNK)
+    reader = io.BufferedReader(_CountingReader(channel, total, progress), layout.CHUNK)
     try:
         with tarfile.open(fileobj=reader, mode="r|") as archive:
             archive.extractall(dest, filter=_skip_unsafe_members)  # noqa: S202 - filtered

@@ -86,6 +86,7 @@ from ...errors import (
     NotFound,
     PermissionDenied,
 )
+from .. import layout
 from ..config import ComputeConfig
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
@@ -98,14 +99,7 @@ ENV_UNICORE_USERNAME = "MANTIK_UNICORE_USERNAME"
 ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
 ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
-LOG_FILE = "mantik.log"
 LOGIN_LOG_FILE = "mantik-login.log"
-EXITCODE_FILE = "mantik.exitcode"
-PACKAGE_FILE = "package.tar.gz"
-JOB_SCRIPT = "mantik-job.sh"
-CREDENTIALS_FILE = ".mantik-credentials"
-CHUNK = 256 * 1024
-MAX_LOG_READ = 4 * 1024 * 1024
 STATE_WORKERS = 8
 _STATE_FIELDS = "status,statusMessage,exitCode"
 
@@ -182,9 +176,9 @@ def job_description(config: ComputeConfig | None, job_name: str, run_id: str) ->
         "Name": job_name,
         "Job type": "BATCH",
         "Executable": "bash",
-        "Arguments": [JOB_SCRIPT],
-        "Stdout": LOG_FILE,
-        "Stderr": LOG_FILE,
+        "Arguments": [layout.JOB_SCRIPT],
+        "Stdout": layout.LOG_FILE,
+        "Stderr": layout.LOG_FILE,
         "haveClientStageIn": "true",
         "Umask": "077",
         # Run ids are hex; they tell a login-node command which run it serves.
@@ -238,8 +232,8 @@ def _login_commands(commands: tuple[str, ...], key: str, *, unpack: bool) -> str
     if unpack:
         q = shlex.quote
         lines.append(
-            f"if [ -f {q(PACKAGE_FILE)} ]; then mkdir -p code && "
-            f"tar -xzf {q(PACKAGE_FILE)} -C code || "
+            f"if [ -f {q(layout.PACKAGE_FILE)} ]; then mkdir -p {layout.CODE_DIR} && "
+            f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
             '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi'
         )
     for index, command in enumerate(commands):
@@ -426,8 +420,8 @@ class UnicoreBackend(Backend):
         names = job.files or sorted(p.name for p in job.local_dir.iterdir() if p.is_file())
         for name in names:
             safe_name(name, "file name")
-        if JOB_SCRIPT not in names:
-            raise InvalidRequest(f"{job.local_dir} holds no {JOB_SCRIPT} to submit")
+        if layout.JOB_SCRIPT not in names:
+            raise InvalidRequest(f"{job.local_dir} holds no {layout.JOB_SCRIPT} to submit")
         config = job.config if isinstance(job, UnicoreJob) else None
         description = job_description(config, job.job_name, safe_name(job.run_id, "run id"))
         site = self.client()
@@ -471,7 +465,7 @@ class UnicoreBackend(Backend):
         def counting(path: Path) -> Iterator[bytes]:
             nonlocal done
             with path.open("rb") as src:
-                while chunk := src.read(CHUNK):
+                while chunk := src.read(layout.CHUNK):
                     done += len(chunk)
                     if progress:
                         progress(done, total)
@@ -538,7 +532,7 @@ class UnicoreBackend(Backend):
 
     def _exit_code_file(self, job_id: str) -> int | None:
         try:
-            data, _ = self._read(job_id, EXITCODE_FILE, 0, 64)
+            data, _ = self._read(job_id, layout.EXIT_CODE_FILE, 0, 64)
         except MantikError:
             return None
         return _exit_code(data.decode(errors="replace").strip().splitlines()[0] if data else None)
@@ -546,7 +540,7 @@ class UnicoreBackend(Backend):
     # ---- logs, cancel ----------------------------------------------------------------------
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
-        data, _ = self._read(job_id, LOG_FILE, offset, MAX_LOG_READ)
+        data, _ = self._read(job_id, layout.LOG_FILE, offset, layout.MAX_LOG_READ)
         return data, offset + len(data)
 
     def _read(self, job_id: str, name: str, offset: int, size: int) -> tuple[bytes, bool]:
@@ -622,7 +616,7 @@ class UnicoreBackend(Backend):
                 if resp.status_code >= 400:
                     resp.read()
                     self._call(lambda: storage.transport.check_error(resp), f"reading {rel}")
-                yield from resp.iter_raw(CHUNK)
+                yield from resp.iter_raw(layout.CHUNK)
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
                 f"Lost the UNICORE site {self.api_url} while reading {rel}: {_describe(exc)}"
