@@ -124,11 +124,15 @@ def test_commands_in_palette_and_dark_theme(page, lab, tracking_ready):
     expect(items.filter(has_text="Open Mantik Panel")).to_have_count(1)
     expect(items.filter(has_text="Open MLflow")).to_have_count(1)
     page.keyboard.press("Escape")
+    expect(palette_input).to_be_hidden()
 
     # Dark theme: the panel only uses theme variables, so it follows.
     page.keyboard.press("Control+Shift+C")
+    expect(palette_input).to_be_focused()
     palette_input.fill("JupyterLab Dark")
-    items.filter(has_text="JupyterLab Dark").first.click()
+    # Enter runs the active (first) match; clicking an item races the palette's re-render.
+    expect(items.first).to_contain_text("JupyterLab Dark")
+    palette_input.press("Enter")
     expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false")
     page.wait_for_timeout(500)
     expect(sidebar).to_be_visible()

@@ -366,15 +366,12 @@ def test_log_view_follows_a_running_job(service, tmp_path, api):
     assert "epoch" in view.text.lower(), view.text[-500:]
 
 
-def test_compare_magic(curves, experiment, mlflow_server, monkeypatch, tmp_path, capsys):
-    from IPython.testing.globalipapp import start_ipython
-
+def test_compare_magic(ip, curves, experiment, mlflow_server, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MANTIK_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("MANTIK_CREDENTIALS_FILE", raising=False)
     for key, value in mlflow_server.env(mlflow_server.admin).items():
         monkeypatch.setenv(key, value)
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "mantik_jupyter")
+    shell = ip
     small, big = curves["runs"]["small"], curves["runs"]["big"]
 
     comp = shell.run_line_magic("mantik_compare", f"{small} {big} --metric loss --x relative")
