@@ -149,7 +149,9 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
         "%load_ext mantik_jupyter",
         "%mantik_submit --wait",
         "%mantik_logs last",
+        "%mantik_submit --wait -P learning_rate=0.05",
         "%mantik_runs",
+        "%mantik_compare --experiment weather-forecast --metric loss --top 2",
     ]
     for cell in code:
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
@@ -163,8 +165,13 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
     assert result and "open in MLflow" in result[0]["data"]["text/html"]
     log = "".join(o.get("text", "") for o in code[2].outputs)
     assert "epoch 5/5" in log and "exit status 0" in log
-    table = json.dumps(code[3].outputs)
+    second = [o for o in code[3].outputs if o.output_type == "display_data"]
+    assert second and "FINISHED" in second[0]["data"]["text/plain"], code[3].outputs
+    table = json.dumps(code[4].outputs)
     assert "mantik-runs" in table and "FINISHED" in table
+    # The comparison of the two runs' losses is a live widget.
+    compare = json.dumps(code[5].outputs)
+    assert "application/vnd.jupyter.widget-view+json" in compare, compare
 
     runs = admin_api(mlflow_server).search_runs(
         [admin_api(mlflow_server).get_experiment_by_name("weather-forecast")["experiment_id"]],
