@@ -109,26 +109,36 @@ def test_sidebar_shows_embedded_tracking_and_opens_mlflow(page, lab, tracking_re
     expect(page.locator("#mantik-mlflow")).to_have_count(1)
 
 
+def open_palette(page) -> None:
+    """Through the View menu: a keyboard shortcut is lost while focus sits in an iframe."""
+    from playwright.sync_api import expect
+
+    page.locator(".lm-MenuBar-itemLabel", has_text="View").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Activate Command Palette").first.click()
+    expect(page.locator(".lm-CommandPalette-input")).to_be_visible()
+
+
 def test_commands_in_palette_and_dark_theme(page, lab, tracking_ready):
     from playwright.sync_api import expect
 
     sidebar = open_lab(page, lab)
     expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text("Logged in")
 
-    # Both commands are in the command palette, under the "Mantik" category.
-    page.keyboard.press("Control+Shift+C")
+    # Both commands are in the command palette, under the "Mantik" category. Keyboard
+    # shortcuts go to the lab only when focus is not inside the (restored) MLflow iframe.
     palette_input = page.locator(".lm-CommandPalette-input")
-    expect(palette_input).to_be_focused()
-    palette_input.fill("Mantik")
+    open_palette(page)
     items = page.locator(".lm-CommandPalette-item")
-    expect(items.filter(has_text="Open Mantik Panel")).to_have_count(1)
-    expect(items.filter(has_text="Open MLflow")).to_have_count(1)
+    # One query per command: the palette's fuzzy ranking of a shared query varies.
+    for label in ("Open Mantik Panel", "Open MLflow"):
+        palette_input.fill(label)
+        expect(items.filter(has_text=label)).to_have_count(1)
+        expect(page.locator(".lm-CommandPalette-header").filter(has_text="Mantik")).to_have_count(1)
     page.keyboard.press("Escape")
     expect(palette_input).to_be_hidden()
 
     # Dark theme: the panel only uses theme variables, so it follows.
-    page.keyboard.press("Control+Shift+C")
-    expect(palette_input).to_be_focused()
+    open_palette(page)
     palette_input.fill("JupyterLab Dark")
     # Enter runs the active (first) match; clicking an item races the palette's re-render.
     expect(items.first).to_contain_text("JupyterLab Dark")
