@@ -226,7 +226,8 @@ open_python_for_user() {
   for target in "$VENV" "$(readlink -f "$python")"; do
     dir=$(dirname "$target")
     while [[ $dir != / ]]; do
-      if [[ $(stat -c %A "$dir") != *x ]]; then
+      # Others may enter when their execute bit is set: "x", or "t" with the sticky bit (/tmp).
+      if [[ $(stat -c %A "$dir") != *[xt] ]]; then
         log "chmod o+x $dir (so $TEST_USER can run $python)"
         chmod o+x "$dir"
         echo "$dir" >>"$RUN_DIR/chmod-ox"
