@@ -35,7 +35,7 @@ from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, Unsaf
 from .. import layout
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
-from .paths import clean_relative, safe_name
+from .paths import clean_relative, safe_name, save_stream
 
 log = logging.getLogger(__name__)
 
@@ -309,17 +309,7 @@ class LocalBackend(Backend):
             if progress:
                 progress(total, total)
             return final
-        size = target.stat().st_size
-        tmp = final.with_name(f".{final.name}.part")
-        done = 0
-        with tmp.open("wb") as out:
-            for chunk in self._stream(target):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, max(size, done))
-        tmp.replace(final)
-        return final
+        return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
 
 def _copy_private(src: Path, dst: Path) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
 from ...errors import UnsafePath
 
 
@@ -21,3 +24,28 @@ def clean_relative(path: str) -> str:
     if ".." in parts:
         raise UnsafePath(f"{path!r} leads outside the run directory ('..' is not allowed)")
     return "/".join(parts)
+
+
+def save_stream(
+    chunks: Iterable[bytes],
+    final: Path,
+    size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write a downloaded file through a ``.part`` file, so ``final`` is whole or absent."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.part")
+    done = 0
+    try:
+        with tmp.open("wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, max(size, done))
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if progress:
+        progress(done, max(size, done))
+    return final

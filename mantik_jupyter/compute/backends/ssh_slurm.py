@@ -55,6 +55,7 @@ from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative as _clean_relative
 from .paths import safe_name as _safe_name
+from .paths import save_stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -591,24 +592,7 @@ class SshSlurmBackend(Backend):
         final = dest / name if dest.is_dir() else dest
         if is_dir:
             return self._download_folder(target, final, progress)
-        return self._download_file(job_id, rel, final, size, progress)
-
-    def _download_file(
-        self, job_id: str, rel: str, final: Path, size: int, progress: Progress | None
-    ) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.part")
-        done = 0
-        with tmp.open("wb") as out:
-            for chunk in self.open_file(job_id, rel):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, max(size, done))
-        tmp.replace(final)
-        if progress:
-            progress(done, max(size, done))
-        return final
+        return save_stream(self.open_file(job_id, rel), final, size, progress)
 
     def _download_folder(self, target: str, final: Path, progress: Progress | None) -> Path:
         parent, name = posixpath.split(target)

@@ -90,7 +90,7 @@ from .. import layout
 from ..config import ComputeConfig
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
-from .paths import clean_relative, safe_name
+from .paths import clean_relative, safe_name, save_stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -634,7 +634,8 @@ class UnicoreBackend(Backend):
         name = rel.rsplit("/", 1)[-1] if rel else job_id
         final = dest / name if dest.is_dir() else dest
         if not props.get("isDirectory"):
-            return self._download_file(job_id, rel, final, int(props.get("size") or 0), progress)
+            size = int(props.get("size") or 0)
+            return save_stream(self._stream(job_id, rel), final, size, progress)
         if final.exists():
             raise Conflict(f"{final} exists already: remove it or download elsewhere")
         files = self._walk(job_id, rel)
@@ -678,26 +679,6 @@ class UnicoreBackend(Backend):
                 else:
                     files.append((entry.path, entry.size))
         return files
-
-    def _download_file(
-        self, job_id: str, rel: str, final: Path, size: int, progress: Progress | None
-    ) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.part")
-        done = 0
-        try:
-            with tmp.open("wb") as out:
-                for chunk in self._stream(job_id, rel):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, max(size, done))
-            tmp.replace(final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        if progress:
-            progress(done, max(size, done))
-        return final
 
 
 # ---- pure helpers -------------------------------------------------------------------------
