@@ -178,7 +178,8 @@ class TestHeaderHygiene:
                 seen.append(
                     {"method": self.request.method, "path": self.request.path,
                      "query": self.request.query, "headers": dict(self.request.headers),
-                     "body": self.request.body.decode()}
+                     "body": self.request.body.decode(),
+                     "port": self.request.connection.context.address[1]}
                 )  # fmt: skip
                 if path == "redirect":
                     self.redirect(f"http://127.0.0.1:{port}/next?x=1")
@@ -231,3 +232,9 @@ class TestHeaderHygiene:
         )
         assert resp.code == 302
         assert resp.headers["Location"] == f"{jp_base_url}mantik/mlflow/next?x=1"
+
+    async def test_calls_share_a_kept_alive_connection_to_the_upstream(self, jp_fetch, upstream):
+        for _ in range(4):
+            await jp_fetch("mantik", "mlflow", "api", "x", raise_error=False)
+        await jp_fetch("mantik", "mlflow", "api", "y", method="POST", body=b"{}", raise_error=False)
+        assert len({seen["port"] for seen in upstream[-5:]}) == 1

@@ -11,20 +11,18 @@ requires.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
+import functools
 from typing import Any
 from urllib.parse import urlsplit
 
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import httputil, web
-from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.netutil import DefaultLoopResolver, Resolver
-from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.iostream import StreamClosedError
 
 from ..errors import TrackingUnavailable
 from .base import MantikMixin
+from .upstream import MAX_BODY, Origin, UpstreamRequest, upstream_pool
 
 HOP_BY_HOP = {
     "connection",
@@ -37,7 +35,8 @@ HOP_BY_HOP = {
     "transfer-encoding",
     "upgrade",
 }
-# Browser credentials of the lab must not reach MLflow.
+# Browser credentials of the lab must not reach MLflow. ``Expect: 100-continue`` was
+# answered by the lab already.
 DROP_REQUEST = HOP_BY_HOP | {
     "host",
     "cookie",
@@ -45,6 +44,7 @@ DROP_REQUEST = HOP_BY_HOP | {
     "x-xsrftoken",
     "x-csrftoken",
     "referer",
+    "expect",
 }
 # A 401 challenge would make the browser pop a password dialog; cookies of the
 # upstream must not land on the lab's origin.
@@ -52,46 +52,37 @@ DROP_REQUEST = HOP_BY_HOP | {
 DROP_RESPONSE = HOP_BY_HOP | {"set-cookie", "www-authenticate", "server", "date"}
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-MAX_BODY = 1 << 40
+# Bodies up to this size (MLflow API calls) are collected before they are sent, so a
+# request can be repeated when a kept-alive connection turns out closed; larger or
+# chunked ones (artifact uploads) stream.
+BUFFER_LIMIT = 1 << 20
 CHUNK_QUEUE = 16
 
 
-class _LiteralFirstResolver(Resolver):
-    """Answers IP literals (the embedded server's 127.0.0.1) at once; tornado's default
-    resolver would hop to a thread for getaddrinfo on every proxied request."""
-
-    def initialize(self) -> None:  # type: ignore[override]
-        self._fallback = DefaultLoopResolver()
-
-    async def resolve(
-        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
-    ) -> list[tuple[int, Any]]:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return await self._fallback.resolve(host, port, family)
-        if address.version == 6:
-            return [(socket.AF_INET6, (host, port, 0, 0))]
-        return [(socket.AF_INET, (host, port))]
+@functools.lru_cache(maxsize=8)
+def _split_upstream(uri: str) -> tuple[Origin, str]:
+    """Where the tracking server listens, and the path it is mounted under."""
+    return Origin.of(uri), urlsplit(uri).path.rstrip("/")
 
 
-_clients: dict[int, SimpleAsyncHTTPClient] = {}
+class _Relay(httputil.HTTPMessageDelegate):
+    """Hands the upstream's response to the browser as it arrives."""
 
+    def __init__(self, handler: MlflowProxyHandler) -> None:
+        self.handler = handler
 
-def _client() -> SimpleAsyncHTTPClient:
-    # One instance per event loop, configured once; the default 100 MB body limit
-    # would cut large artifacts.
-    loop = id(asyncio.get_running_loop())
-    client = _clients.get(loop)
-    if client is None:
-        client = SimpleAsyncHTTPClient(
-            force_instance=True,
-            max_body_size=MAX_BODY,
-            max_buffer_size=64 << 20,
-            resolver=_LiteralFirstResolver(),
-        )
-        _clients[loop] = client
-    return client
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, httputil.ResponseStartLine)
+        if start_line.code >= 200:  # 1xx are interim answers
+            self.handler.start_response(start_line.code, start_line.reason, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        self.handler.write(chunk)
+        return self.handler.flush()
 
 
 @web.stream_request_body
@@ -117,8 +108,9 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
 
     async def prepare(self) -> None:  # type: ignore[override]
         await super().prepare()
-        self._fetch: asyncio.Future[Any] | None = None
+        self._fetch: asyncio.Future[None] | None = None
         self._body: asyncio.Queue[bytes | None] | None = None
+        self._buffered: list[bytes] | None = None
         self._started = False
         await self.check_authorized()
         # The raw path keeps its percent-encoding (artifact names with spaces or slashes).
@@ -137,49 +129,45 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if not tracking.ready:
             await self.in_thread(tracking.wait_ready)
         credential = tracking.require_credential()
-        upstream = tracking.uri
-        url = f"{upstream}/{path}" + (f"?{self.request.query}" if self.request.query else "")
+        self._upstream = tracking.uri
+        self._origin, base_path = _split_upstream(self._upstream)
+        target = f"{base_path}/{path}"
+        if self.request.query:
+            target += f"?{self.request.query}"
         headers = httputil.HTTPHeaders()
         for name, value in self.request.headers.get_all():
-            if name.lower() not in DROP_REQUEST and name.lower() != "origin":
+            if name.lower() not in DROP_REQUEST:
                 headers.add(name, value)
-        if "Origin" in self.request.headers:
-            headers["Origin"] = upstream
+        headers["Host"] = self._origin.netloc
+        if "Origin" in headers:
+            headers["Origin"] = f"{self._origin.scheme}://{self._origin.netloc}"
         headers["Authorization"] = credential.auth_header()
         headers["X-Forwarded-Prefix"] = self._prefix.rstrip("/")
         method = self.request.method or "GET"
-        producer = None
-        if method in BODY_METHODS and self._has_body():
+        self._request = UpstreamRequest(method, target, headers)
+        length = self.request.headers.get("Content-Length", "").strip()
+        chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+        if method in BODY_METHODS and (chunked or length not in ("", "0")):
             self.request.connection.set_max_body_size(MAX_BODY)  # type: ignore[union-attr]
-            self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)
-            producer = self._produce
-        self._upstream = upstream
-        request = HTTPRequest(
-            url,
-            method=method,
-            headers=headers,
-            body_producer=producer,
-            body=b"" if method in BODY_METHODS and producer is None else None,
-            allow_nonstandard_methods=True,
-            follow_redirects=False,
-            decompress_response=False,
-            connect_timeout=10,
-            request_timeout=24 * 3600,
-            header_callback=self._on_header,
-            streaming_callback=self._on_chunk,
-        )
-        self._up_status: int | None = None
-        self._up_headers = httputil.HTTPHeaders()
-        self._fetch = asyncio.ensure_future(_client().fetch(request, raise_error=False))
+            if length.isdigit() and int(length) <= BUFFER_LIMIT:
+                self._buffered = []
+            else:
+                self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)
+                self._request.body_producer = self._produce
+                # Streaming starts now, while the body is still arriving.
+                self._start()
+        elif method in BODY_METHODS:
+            headers["Content-Length"] = "0"
 
-    def _has_body(self) -> bool:
-        length = self.request.headers.get("Content-Length")
-        if length is not None:
-            return length.strip() != "0"
-        return "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
+    def _start(self) -> None:
+        self._fetch = asyncio.ensure_future(
+            upstream_pool().exchange(self._origin, self._request, _Relay(self))
+        )
 
     async def data_received(self, chunk: bytes) -> None:
-        if self._body is not None:
+        if self._buffered is not None:
+            self._buffered.append(chunk)
+        elif self._body is not None:
             await self._body.put(chunk)
 
     async def _produce(self, write: Any) -> None:
@@ -187,26 +175,12 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         while (chunk := await self._body.get()) is not None:
             await write(chunk)
 
-    def _on_header(self, line: str) -> None:
-        if line.startswith("HTTP/"):
-            status = httputil.parse_response_start_line(line.strip())
-            if status.code == 100:
-                return
-            self._up_status, self._up_reason = status.code, status.reason
-            self._up_headers = httputil.HTTPHeaders()
-        elif line in ("\r\n", "\n"):
-            if self._up_status is not None and self._up_status != 100:
-                self._start_response()
-        else:
-            self._up_headers.parse_line(line)
-
-    def _start_response(self) -> None:
-        assert self._up_status is not None
+    def start_response(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
         self._started = True
-        self.set_status(self._up_status, self._up_reason or None)
+        self.set_status(status, reason or None)
         self.clear_header("Content-Type")
         seen: set[str] = set()
-        for name, value in self._up_headers.get_all():
+        for name, value in headers.get_all():
             lname = name.lower()
             if lname in DROP_RESPONSE or lname.startswith("access-control-"):
                 continue
@@ -225,26 +199,27 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             return self._prefix.rstrip("/") + value[len(self._upstream) :]
         return value
 
-    def _on_chunk(self, chunk: bytes) -> Any:
-        self.write(chunk)
-        return self.flush()
-
     @web.authenticated
     async def _proxy(self, *args: Any) -> None:
-        if self._fetch is None:
-            return
+        if not hasattr(self, "_request"):
+            return  # redirected in prepare
+        if self._buffered is not None:
+            self._request.body = b"".join(self._buffered)
         if self._body is not None:
             await self._body.put(None)
+        if self._fetch is None:
+            self._start()
+        assert self._fetch is not None
+        error: BaseException | None = None
         try:
-            response = await self._fetch
-            error = response.error
-        except (OSError, HTTPClientError) as exc:
+            await self._fetch
+        except (OSError, StreamClosedError, TimeoutError) as exc:
             error = exc
         if self._started:
             self.finish()
             return
-        if isinstance(error, HTTPClientError) and error.code != 599:
-            raise error
+        if isinstance(error, StreamClosedError) and error.real_error is not None:
+            error = error.real_error
         raise TrackingUnavailable(
             f"The tracking server {self._upstream} cannot be reached "
             f"({type(error).__name__ if error else 'no response'}). Check that it runs."

@@ -1,0 +1,214 @@
+"""The proxy's keep-alive connections to the tracking server, against a real HTTP server.
+
+The upstream here is a tornado HTTP server on loopback: it can be told to close idle
+connections at once, which is the race a connection pool has to survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import tornado.web
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+
+from mantik_jupyter.handlers import upstream as upstream_module
+from mantik_jupyter.handlers.upstream import Origin, UpstreamPool, UpstreamRequest
+from mantik_jupyter.tracking.embedded import free_port
+
+
+class Collect(httputil.HTTPMessageDelegate):
+    def __init__(self) -> None:
+        self.code = 0
+        self.headers = httputil.HTTPHeaders()
+        self.body = b""
+        self.closed = False
+
+    def headers_received(self, start_line, headers):  # type: ignore[no-untyped-def]
+        self.code, self.headers = start_line.code, headers
+
+    def data_received(self, chunk):  # type: ignore[no-untyped-def]
+        self.body += chunk
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+
+
+class Upstream:
+    """What each request saw: the client's port tells connections apart."""
+
+    def __init__(self, idle_timeout: float | None = None) -> None:
+        self.seen: list[tuple[str, int, bytes]] = []
+        seen = self.seen
+
+        class Echo(tornado.web.RequestHandler):
+            async def _reply(self, path: str) -> None:
+                seen.append((path, self.request.connection.context.address[1], self.request.body))
+                if path == "close":
+                    self.set_header("Connection", "close")
+                if path == "slow":
+                    self.write(b"x" * 1000)
+                    await self.flush()
+                    await asyncio.sleep(30)
+                self.finish({"path": path, "body": self.request.body.decode()})
+
+            get = post = put = _reply
+
+        self.port = free_port()
+        self.server = HTTPServer(
+            tornado.web.Application([(r"/base/(.*)", Echo)]), idle_connection_timeout=idle_timeout
+        )
+        self.server.listen(self.port, "127.0.0.1")
+        self.origin = Origin("http", "127.0.0.1", self.port)
+
+    def connections(self) -> int:
+        return len({port for _, port, _ in self.seen})
+
+
+def request(path: str, method: str = "GET", body: bytes | None = None) -> UpstreamRequest:
+    headers = httputil.HTTPHeaders({"Host": "upstream"})
+    if body is not None:
+        headers["Content-Length"] = str(len(body))
+    return UpstreamRequest(method, f"/base/{path}", headers, body=body)
+
+
+async def test_sequential_requests_share_one_connection() -> None:
+    up, pool = Upstream(), UpstreamPool()
+    for i in range(5):
+        got = Collect()
+        await pool.exchange(up.origin, request(f"r{i}", "POST", b'{"i": %d}' % i), got)
+        assert got.code == 200 and got.body == b'{"path": "r%d", "body": "{\\"i\\": %d}"}' % (i, i)
+    assert up.connections() == 1 and pool.opened == 1
+    pool.close()
+    up.server.stop()
+
+
+async def test_concurrent_requests_get_their_own_connections() -> None:
+    up, pool = Upstream(), UpstreamPool()
+    results = [Collect() for _ in range(4)]
+    await asyncio.gather(*(pool.exchange(up.origin, request("c"), r) for r in results))
+    assert [r.code for r in results] == [200] * 4
+    assert pool.opened == 4
+    # ... and are then kept for the next burst.
+    await asyncio.gather(*(pool.exchange(up.origin, request("d"), Collect()) for _ in range(4)))
+    assert pool.opened == 4
+    pool.close()
+    up.server.stop()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
+    await pool.exchange(up.origin, request("first"), Collect())
+    await asyncio.sleep(0.3)  # the server has closed it by now
+    got = Collect()
+    await pool.exchange(up.origin, request("second"), got)
+    assert got.code == 200 and pool.opened == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_a_request_lost_on_a_stale_connection_is_sent_again(monkeypatch) -> None:
+    # The race the poll cannot see: the server's close is still on its way when the
+    # request goes out on the idle connection.
+    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
+    await pool.exchange(up.origin, request("first"), Collect())
+    await asyncio.sleep(0.3)
+    monkeypatch.setattr(upstream_module, "_dropped", lambda stream: False)
+    got = Collect()
+    await pool.exchange(up.origin, request("again", "POST", b"payload"), got)
+    assert got.code == 200 and b"payload" in got.body
+    assert [p for p, _, _ in up.seen] == ["first", "again"]  # sent once, answered once
+    assert pool.opened == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_streamed_bodies_get_a_new_connection() -> None:
+    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
+    await pool.exchange(up.origin, request("warm"), Collect())
+
+    async def produce(write):  # type: ignore[no-untyped-def]
+        for part in (b"a" * 10, b"b" * 10):
+            await write(part)
+
+    streamed = request("upload", "PUT")
+    streamed.headers["Content-Length"] = "20"
+    streamed.body_producer = produce
+    got = Collect()
+    await pool.exchange(up.origin, streamed, got)
+    assert got.code == 200 and up.seen[-1][2] == b"a" * 10 + b"b" * 10
+    assert pool.opened == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_connection_close_from_the_server_is_honoured() -> None:
+    up, pool = Upstream(), UpstreamPool()
+    await pool.exchange(up.origin, request("close"), Collect())
+    await pool.exchange(up.origin, request("after"), Collect())
+    assert pool.opened == 2 and up.connections() == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_idle_connections_expire() -> None:
+    up, pool = Upstream(), UpstreamPool(idle_seconds=0.05)
+    await pool.exchange(up.origin, request("one"), Collect())
+    await asyncio.sleep(0.2)
+    await pool.exchange(up.origin, request("two"), Collect())
+    assert pool.opened == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_an_abandoned_exchange_closes_its_connection() -> None:
+    # The browser went away mid-response: the half-read connection must not be reused.
+    up, pool = Upstream(), UpstreamPool()
+    got = Collect()
+    task = asyncio.ensure_future(pool.exchange(up.origin, request("slow"), got))
+    while not got.body:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await pool.exchange(up.origin, request("next"), Collect())
+    assert pool.opened == 2
+    pool.close()
+    up.server.stop()
+
+
+async def test_an_unreachable_upstream_raises() -> None:
+    pool = UpstreamPool()
+    with pytest.raises((StreamClosedError, OSError)):
+        await pool.exchange(Origin("http", "127.0.0.1", free_port()), request("x"), Collect())
+    assert pool.opened == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "netloc"),
+    [
+        ("http://127.0.0.1:5000/", "127.0.0.1:5000"),
+        ("https://mlflow.example.org/team", "mlflow.example.org"),
+        ("http://[::1]:8080", "[::1]:8080"),
+        ("https://user@host:443", "host"),
+    ],
+)
+def test_origin_of_a_tracking_uri(url: str, netloc: str) -> None:
+    assert Origin.of(url).netloc == netloc
+
+
+def test_origin_refuses_what_is_not_http() -> None:
+    with pytest.raises(ValueError, match="file:///tmp"):
+        Origin.of("file:///tmp")
+
+
+async def test_expired_idle_connections_are_closed_without_a_next_request() -> None:
+    up, pool = Upstream(), UpstreamPool(idle_seconds=0.05)
+    await pool.exchange(up.origin, request("one"), Collect())
+    [(stream, _)] = pool._idle[up.origin]
+    await asyncio.sleep(0.3)
+    assert stream.closed() and pool._idle[up.origin] == []
+    pool.close()
+    up.server.stop()
