@@ -15,8 +15,10 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from mantik_jupyter.tracking.embedded import free_port
+from mantik_jupyter.tracking.tls import ENV_CERT_PATH
 
 from .lab_fixtures import lab_config, login_as
+from .tls_helpers import make_test_ca
 
 
 def lab_url(jp_serverapp, jp_base_url: str) -> str:
@@ -238,3 +240,57 @@ class TestHeaderHygiene:
             await jp_fetch("mantik", "mlflow", "api", "x", raise_error=False)
         await jp_fetch("mantik", "mlflow", "api", "y", method="POST", body=b"{}", raise_error=False)
         assert len({seen["port"] for seen in upstream[-5:]}) == 1
+
+
+class TestHttpsUpstream:
+    """A team's tracking server behind HTTPS with a certificate of the site's own CA."""
+
+    @pytest.fixture
+    def ca(self, tmp_path):
+        return make_test_ca(tmp_path / "ca")
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, ca, monkeypatch):
+        class Teapot(tornado.web.RequestHandler):
+            def get(self, path: str) -> None:
+                self.set_status(418)
+                self.finish({"path": path})
+
+            post = get
+
+        port = free_port()
+        server = HTTPServer(
+            tornado.web.Application([(r"/(.*)", Teapot)]), ssl_options=ca.server_context()
+        )
+        server.listen(port, "127.0.0.1")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "tlsuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tls-password-123")
+        monkeypatch.delenv(ENV_CERT_PATH, raising=False)
+        self.uri = f"https://127.0.0.1:{port}"
+        yield lab_config(tmp_path / "mantik", self.uri)
+        server.stop()
+
+    async def test_an_untrusted_certificate_names_the_setting_that_fixes_it(
+        self, jp_fetch, ca, monkeypatch
+    ):
+        resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
+        assert resp.code == 502
+        body = json.loads(resp.body)
+        assert self.uri in body["message"] and ENV_CERT_PATH in body["message"]
+        # The lab's REST client (login) says the same.
+        resp = await jp_fetch(
+            "mantik", "api", "auth", "login", method="POST",
+            body=json.dumps({"username": "u", "password": "wrong-but-irrelevant"}),
+            raise_error=False,
+        )  # fmt: skip
+        assert resp.code == 502 and ENV_CERT_PATH in json.loads(resp.body)["message"]
+
+        monkeypatch.setenv(ENV_CERT_PATH, str(ca.ca_pem))
+        resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
+        assert resp.code == 418 and json.loads(resp.body) == {"path": "api"}
+
+    async def test_a_missing_ca_bundle_is_named(self, jp_fetch, tmp_path, monkeypatch):
+        monkeypatch.setenv(ENV_CERT_PATH, str(tmp_path / "no-such-ca.pem"))
+        resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
+        assert resp.code == 400
+        assert "no-such-ca.pem is not a file" in json.loads(resp.body)["message"]

@@ -7,6 +7,7 @@ connections at once, which is the race a connection pool has to survive.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 import tornado.web
@@ -17,6 +18,9 @@ from tornado.iostream import StreamClosedError
 from mantik_jupyter.handlers import upstream as upstream_module
 from mantik_jupyter.handlers.upstream import Origin, UpstreamPool, UpstreamRequest
 from mantik_jupyter.tracking.embedded import free_port
+from mantik_jupyter.tracking.tls import ENV_CERT_PATH, ENV_INSECURE
+
+from .tls_helpers import make_test_ca
 
 
 class Collect(httputil.HTTPMessageDelegate):
@@ -39,7 +43,7 @@ class Collect(httputil.HTTPMessageDelegate):
 class Upstream:
     """What each request saw: the client's port tells connections apart."""
 
-    def __init__(self, idle_timeout: float | None = None) -> None:
+    def __init__(self, idle_timeout: float | None = None, ssl_options=None) -> None:  # type: ignore[no-untyped-def]
         self.seen: list[tuple[str, int, bytes]] = []
         seen = self.seen
 
@@ -58,10 +62,12 @@ class Upstream:
 
         self.port = free_port()
         self.server = HTTPServer(
-            tornado.web.Application([(r"/base/(.*)", Echo)]), idle_connection_timeout=idle_timeout
+            tornado.web.Application([(r"/base/(.*)", Echo)]),
+            idle_connection_timeout=idle_timeout,
+            ssl_options=ssl_options,
         )
         self.server.listen(self.port, "127.0.0.1")
-        self.origin = Origin("http", "127.0.0.1", self.port)
+        self.origin = Origin("https" if ssl_options else "http", "127.0.0.1", self.port)
 
     def connections(self) -> int:
         return len({port for _, port, _ in self.seen})
@@ -210,5 +216,24 @@ async def test_expired_idle_connections_are_closed_without_a_next_request() -> N
     [(stream, _)] = pool._idle[up.origin]
     await asyncio.sleep(0.3)
     assert stream.closed() and pool._idle[up.origin] == []
+    pool.close()
+    up.server.stop()
+
+
+async def test_https_upstreams_are_verified_against_the_configured_ca(
+    tmp_path, monkeypatch
+) -> None:
+    ca = make_test_ca(tmp_path)
+    up, pool = Upstream(ssl_options=ca.server_context()), UpstreamPool()
+    monkeypatch.delenv(ENV_CERT_PATH, raising=False)
+    monkeypatch.delenv(ENV_INSECURE, raising=False)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await pool.exchange(up.origin, request("untrusted"), Collect())
+    monkeypatch.setenv(ENV_CERT_PATH, str(ca.ca_pem))
+    for _ in range(3):
+        got = Collect()
+        await pool.exchange(up.origin, request("trusted"), got)
+        assert got.code == 200
+    assert pool.opened == 1  # TLS sessions are kept alive too
     pool.close()
     up.server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from tornado import httputil, web
 from tornado.iostream import StreamClosedError
 
 from ..errors import TrackingUnavailable
+from ..tracking.tls import certificate_hint
 from .base import MantikMixin
 from .upstream import MAX_BODY, Origin, UpstreamRequest, upstream_pool
 
@@ -220,6 +222,8 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             return
         if isinstance(error, StreamClosedError) and error.real_error is not None:
             error = error.real_error
+        if isinstance(error, ssl.SSLCertVerificationError):
+            raise TrackingUnavailable(certificate_hint(self._upstream))
         raise TrackingUnavailable(
             f"The tracking server {self._upstream} cannot be reached "
             f"({type(error).__name__ if error else 'no response'}). Check that it runs."

@@ -24,7 +24,6 @@ import asyncio
 import ipaddress
 import select
 import socket
-import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -32,12 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import certifi
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import DefaultLoopResolver, Resolver
 from tornado.tcpclient import TCPClient
+
+from ..tracking import tls
 
 MAX_BODY = 1 << 40
 IDLE_SECONDS = 1.0
@@ -161,7 +161,6 @@ class UpstreamPool:
         self.opened = 0  # connections opened so far: what tests and benchmarks look at
         self._idle: dict[Origin, list[tuple[IOStream, float]]] = {}
         self._tcp = TCPClient(resolver=_LiteralFirstResolver())
-        self._ssl: ssl.SSLContext | None = None
         self._prune_timer: asyncio.TimerHandle | None = None
         self._params = HTTP1ConnectionParameters(
             max_body_size=MAX_BODY, max_header_size=1 << 20, decompress=False
@@ -208,7 +207,7 @@ class UpstreamPool:
                 stream.close()
 
     async def _connect(self, origin: Origin) -> IOStream:
-        ssl_options = self._ssl_context() if origin.scheme == "https" else None
+        ssl_options = tls.ssl_context() if origin.scheme == "https" else None
         stream = await self._tcp.connect(
             origin.host,
             origin.port,
@@ -218,13 +217,6 @@ class UpstreamPool:
         )
         self.opened += 1
         return stream
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        # The CA bundle of requests, which the lab's REST client uses: one trust store
-        # for both paths to the same server.
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context(cafile=certifi.where())
-        return self._ssl
 
     def _take(self, origin: Origin) -> IOStream | None:
         idle = self._idle.get(origin)

@@ -23,6 +23,7 @@ from ..errors import (
     TrackingUnavailable,
 )
 from .credentials import Credential, normalize_uri
+from .tls import certificate_hint, requests_verify
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 60
@@ -61,7 +62,10 @@ class TrackingClient:
                 headers=self._headers(),
                 stream=stream,
                 timeout=(CONNECT_TIMEOUT, timeout),
+                verify=requests_verify(),
             )
+        except requests.exceptions.SSLError:
+            raise TrackingUnavailable(certificate_hint(self.uri)) from None
         except requests.ConnectionError as exc:
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} cannot be reached ({type(exc).__name__}). "

@@ -1,0 +1,67 @@
+"""How the lab checks a remote tracking server's TLS certificate.
+
+The lab reaches the tracking server two ways (its REST client and the MLflow proxy);
+both trust the same certificates, chosen by MLflow's own client settings so that one
+environment works for the lab, kernels and jobs alike:
+
+- ``MLFLOW_TRACKING_SERVER_CERT_PATH``: a CA bundle (a site's own CA);
+- ``MLFLOW_TRACKING_INSECURE_TLS=true``: no verification (a test server only);
+- otherwise the ``certifi`` bundle, as requests uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import ssl
+from pathlib import Path
+
+import certifi
+
+from ..errors import ConfigError
+
+ENV_CERT_PATH = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+ENV_INSECURE = "MLFLOW_TRACKING_INSECURE_TLS"
+
+
+def insecure() -> bool:
+    return os.environ.get(ENV_INSECURE, "").strip().lower() in ("1", "true", "yes")
+
+
+def ca_bundle() -> str:
+    path = os.environ.get(ENV_CERT_PATH, "").strip()
+    if not path:
+        return certifi.where()
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"{ENV_CERT_PATH}={path} is not a file. Point it at the PEM bundle of the CA "
+            "that signed the tracking server's certificate, or unset it."
+        )
+    return path
+
+
+def requests_verify() -> bool | str:
+    """The ``verify`` argument for requests."""
+    return False if insecure() else ca_bundle()
+
+
+def ssl_context() -> ssl.SSLContext:
+    return _context(insecure(), None if insecure() else ca_bundle())
+
+
+@functools.lru_cache(maxsize=4)
+def _context(no_verify: bool, cafile: str | None) -> ssl.SSLContext:
+    if no_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=cafile)
+
+
+def certificate_hint(uri: str) -> str:
+    return (
+        f"The certificate of the tracking server {uri} could not be verified. If it is signed "
+        f"by your site's own CA, set {ENV_CERT_PATH} to that CA's PEM bundle (in the "
+        "environment of `jupyter lab`)."
+    )
