@@ -152,7 +152,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if method in BODY_METHODS and (chunked or length not in ("", "0")):
             self.request.connection.set_max_body_size(MAX_BODY)  # type: ignore[union-attr]
             if length.isdigit() and int(length) <= BUFFER_LIMIT:
-                self._buffered = []
+                self._buffered, self._expected = [], int(length)
             else:
                 self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)
                 self._request.body_producer = self._produce
@@ -169,6 +169,12 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
     async def data_received(self, chunk: bytes) -> None:
         if self._buffered is not None:
             self._buffered.append(chunk)
+            self._expected -= len(chunk)
+            if self._expected == 0:
+                # The whole body is here: send it now rather than a loop turn later.
+                self._request.body = b"".join(self._buffered)
+                self._buffered = None
+                self._start()
         elif self._body is not None:
             await self._body.put(chunk)
 
@@ -205,7 +211,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
     async def _proxy(self, *args: Any) -> None:
         if not hasattr(self, "_request"):
             return  # redirected in prepare
-        if self._buffered is not None:
+        if self._buffered is not None:  # tornado delivered less than Content-Length: not expected
             self._request.body = b"".join(self._buffered)
         if self._body is not None:
             await self._body.put(None)
