@@ -4,7 +4,9 @@ Starts a real ``jupyter server`` with the mantik extension on the embedded
 default, logs a run with 10,000 metric points, then times ``runs/search`` and
 ``metrics/get-history`` straight to MLflow and through ``<lab>/mantik/mlflow``,
 interleaved so that machine noise hits both alike. Prints p50/p95 and the
-ratio proxy/direct (target: p50 ratio <= 1.15).
+ratio proxy/direct (target: p50 ratio <= 1.15), plus MLflow's ``/health`` (no
+work, so the row shows the proxy's fixed cost) and, for scale, the latency of
+Jupyter's cheapest authenticated endpoint.
 
     python bench/proxy.py [--requests 200]
 """
@@ -106,6 +108,7 @@ def main() -> None:
             search = {"experiment_ids": [exp["experiment_id"]], "max_results": 50}
             history = {"run_id": run_id, "metric_key": "loss", "max_results": 25000}
             calls = {
+                "health (no work: the fixed cost)": ("GET", "health", {}),
                 "runs/search": ("POST", api + "runs/search", {"json": search}),
                 "metrics/get-history (10k points)": (
                     "GET", api + "metrics/get-history", {"params": history},
@@ -113,6 +116,7 @@ def main() -> None:
             }  # fmt: skip
             head = ("call", "direct p50", "proxy p50", "ratio", "direct p95", "proxy p95")
             print("{:36} {:>11} {:>10} {:>6} {:>11} {:>10}".format(*head))
+            overhead: list[float] = []
             for name, (method, path, kw) in calls.items():
                 times: dict[str, list[float]] = {"direct": [], "proxy": []}
                 for i in range(args.requests + 10):
@@ -127,6 +131,21 @@ def main() -> None:
                 d95, p95 = percentile(times["direct"], 95), percentile(times["proxy"], 95)
                 row = f"{name:36} {d50:9.2f}ms {p50:8.2f}ms {p50 / d50:6.2f}"
                 print(f"{row} {d95:9.2f}ms {p95:8.2f}ms")
+                overhead.append(p50 - d50)
+
+            # What any request into Jupyter costs, for scale: the proxy cannot add less
+            # than one authenticated Jupyter request.
+            jupyter = []
+            for i in range(args.requests + 10):
+                t0 = time.perf_counter()
+                proxied.get(lab + "api/status", timeout=60).raise_for_status()
+                if i >= 10:
+                    jupyter.append((time.perf_counter() - t0) * 1000)
+            print(
+                f"added by the proxy at p50: {', '.join(f'{o:.2f} ms' for o in overhead)}; "
+                f"one authenticated Jupyter request (api/status) takes "
+                f"{statistics.median(jupyter):.2f} ms"
+            )
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
