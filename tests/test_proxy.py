@@ -242,6 +242,19 @@ class TestHeaderHygiene:
         assert len({seen["port"] for seen in upstream[-5:]}) == 1
 
 
+    async def test_a_ca_setting_does_not_affect_plain_http(self, jp_fetch, tmp_path, monkeypatch):
+        # The bundle is needed (and checked) only for HTTPS servers.
+        monkeypatch.setenv(ENV_CERT_PATH, str(tmp_path / "no-such-ca.pem"))
+        resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
+        assert resp.code == 418
+        # The lab's REST client reaches it as well (this upstream refuses logins with 418).
+        resp = await jp_fetch(
+            "mantik", "api", "auth", "login", method="POST",
+            body=json.dumps({"username": "u", "password": "p-123456"}), raise_error=False,
+        )  # fmt: skip
+        message = json.loads(resp.body)["message"]
+        assert "rejected the request" in message and ENV_CERT_PATH not in message
+
 class TestHttpsUpstream:
     """A team's tracking server behind HTTPS with a certificate of the site's own CA."""
 
@@ -294,3 +307,4 @@ class TestHttpsUpstream:
         resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
         assert resp.code == 400
         assert "no-such-ca.pem is not a file" in json.loads(resp.body)["message"]
+

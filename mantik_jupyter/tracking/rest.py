@@ -62,7 +62,8 @@ class TrackingClient:
                 headers=self._headers(),
                 stream=stream,
                 timeout=(CONNECT_TIMEOUT, timeout),
-                verify=requests_verify(),
+                # A CA setting matters (and is checked) only for HTTPS servers.
+                verify=requests_verify() if url.lower().startswith("https:") else True,
             )
         except requests.exceptions.SSLError:
             raise TrackingUnavailable(certificate_hint(self.uri)) from None
@@ -167,9 +168,13 @@ def _error_detail(resp: requests.Response) -> str:
         body = resp.json()
     except ValueError:
         text = resp.text.strip().splitlines()
-        return text[0][:300] if text else resp.reason or ""
-    if isinstance(body, dict):
-        code = body.get("error_code", "")
-        msg = body.get("message", "")
-        return f"{code}: {msg}" if code else str(msg)
-    return str(body)[:300]
+        detail = text[0][:300] if text else ""
+    else:
+        if isinstance(body, dict) and ("error_code" in body or "message" in body):
+            code = body.get("error_code", "")
+            msg = body.get("message", "")
+            detail = f"{code}: {msg}" if code else str(msg)
+        else:
+            detail = str(body)[:300]
+    # A server that is not MLflow (or a proxy in front of it) may say nothing useful.
+    return detail or f"HTTP {resp.status_code} {resp.reason or ''}".strip()
