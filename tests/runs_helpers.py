@@ -157,6 +157,17 @@ def wait_for(
         time.sleep(0.5)
 
 
+def run_failing_entry_point(
+    service: RunService, project: Path, experiment: str, timeout: float
+) -> RunInfo:
+    """Submit the example's ``fail`` entry point (exits 3) and check how it ended."""
+    info = service.submit(project, entry_point="fail", experiment_name=experiment)
+    final = wait_for(service, info.run_id, FINAL, timeout=timeout)
+    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
+    assert final.exit_code == 3 and final.reason == "exit code 3"
+    return final
+
+
 def artifact_bytes(server, run_id: str, path: str) -> bytes:
     api = admin_api(server)
     return b"".join(api.download_artifact(api.get_run(run_id), path))

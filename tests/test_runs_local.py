@@ -32,6 +32,7 @@ from .runs_helpers import (
     assert_no_secret,
     copy_example,
     login_works,
+    run_failing_entry_point,
     wait_for,
     write_config,
 )
@@ -131,10 +132,7 @@ def test_lifecycle_finishes_with_everything_in_mlflow(
 
 
 def test_failing_entry_point(service, project):
-    info = service.submit(project, entry_point="fail", experiment_name="local-lifecycle")
-    final = wait_for(service, info.run_id, FINAL, timeout=30)
-    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
-    assert final.exit_code == 3 and final.reason == "exit code 3"
+    info = run_failing_entry_point(service, project, "local-lifecycle", timeout=30)
     text = "".join(service.follow_logs(info.run_id))
     assert "simulated failure" in text
 

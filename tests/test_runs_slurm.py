@@ -18,6 +18,7 @@ from .runs_helpers import (
     copy_example,
     login_works,
     remote_run_dirs,
+    run_failing_entry_point,
     slurm_config,
     wait_for,
     write_config,
@@ -93,10 +94,7 @@ def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp
 
 
 def test_slurm_failing_entry_point(service, project):
-    info = service.submit(project, entry_point="fail", experiment_name="slurm-lifecycle")
-    final = wait_for(service, info.run_id, FINAL, timeout=60)
-    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
-    assert final.exit_code == 3 and final.reason == "exit code 3"
+    info = run_failing_entry_point(service, project, "slurm-lifecycle", timeout=60)
     assert "simulated failure" in service.logs(info.run_id).text
 
 

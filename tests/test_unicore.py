@@ -37,6 +37,7 @@ from .runs_helpers import (
     assert_no_secret,
     copy_example,
     login_works,
+    run_failing_entry_point,
     unicore_config,
     wait_for,
     write_config,
@@ -153,10 +154,7 @@ def test_unicore_lifecycle_with_a_mantik_config(
 
 
 def test_unicore_failing_entry_point(service, project):
-    info = service.submit(project, entry_point="fail", experiment_name="unicore-lifecycle")
-    final = wait_for(service, info.run_id, FINAL, timeout=60)
-    assert final.state == RunState.FAILED and final.mlflow_status == "FAILED"
-    assert final.exit_code == 3 and final.reason == "exit code 3"
+    info = run_failing_entry_point(service, project, "unicore-lifecycle", timeout=60)
     assert "simulated failure" in service.logs(info.run_id).text
 
 

@@ -211,8 +211,6 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
     async def _proxy(self, *args: Any) -> None:
         if not hasattr(self, "_request"):
             return  # redirected in prepare
-        if self._buffered is not None:  # tornado delivered less than Content-Length: not expected
-            self._request.body = b"".join(self._buffered)
         if self._body is not None:
             await self._body.put(None)
         if self._fetch is None:
@@ -221,7 +219,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         error: BaseException | None = None
         try:
             await self._fetch
-        except (OSError, StreamClosedError, TimeoutError) as exc:
+        except OSError as exc:  # StreamClosedError and TimeoutError among them
             error = exc
         if self._started:
             self.finish()

@@ -171,8 +171,8 @@ class UpstreamPool:
     ) -> None:
         """Send ``request`` and hand the response to ``delegate``.
 
-        Raises ``StreamClosedError`` (or ``OSError``, ``TimeoutError``) when the
-        upstream cannot be reached or drops the connection.
+        Raises ``OSError`` (``StreamClosedError``, ``TimeoutError``, an ``ssl`` error)
+        when the upstream cannot be reached or drops the connection.
         """
         stream = None if request.body_producer else self._take(origin)
         if stream is not None:
@@ -244,9 +244,11 @@ class UpstreamPool:
         self._prune_timer = None
         now = time.monotonic()
         for origin, idle in self._idle.items():
-            fresh = [(s, t) for s, t in idle if now - t < self.idle_seconds]
+            fresh = []
             for stream, since in idle:
-                if now - since >= self.idle_seconds:
+                if now - since < self.idle_seconds:
+                    fresh.append((stream, since))
+                else:
                     stream.close()
             self._idle[origin] = fresh
         if any(self._idle.values()):

@@ -46,7 +46,8 @@ def requests_verify() -> bool | str:
 
 
 def ssl_context() -> ssl.SSLContext:
-    return _context(insecure(), None if insecure() else ca_bundle())
+    no_verify = insecure()
+    return _context(no_verify, None if no_verify else ca_bundle())
 
 
 @functools.lru_cache(maxsize=4)
