@@ -34,6 +34,7 @@ def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     port, token = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MANTIK_DATA_DIR=str(tmp / "mantik"), JUPYTER_CONFIG_DIR=str(tmp / "cfg"))
+    env["JUPYTER_TOKEN"] = token  # not on the command line, where `ps` would show it
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -43,7 +44,6 @@ def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
             "--no-browser",
             f"--port={port}",
             "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={token}",
             "--ServerApp.jpserver_extensions={'mantik_jupyter': True}",
             f"--ServerApp.root_dir={tmp}",
         ],  # fmt: skip

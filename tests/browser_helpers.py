@@ -250,6 +250,7 @@ def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
 
     port = free_port()
     token = secrets.token_hex(24)
+    env["JUPYTER_TOKEN"] = token  # not on the command line, where `ps` would show it
     log_path = tmp / "jupyter-lab.log"
     command = [
         sys.executable,
@@ -257,7 +258,6 @@ def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
         "jupyterlab",
         "--allow-root",
         "--no-browser",
-        f"--ServerApp.token={token}",
         f"--ServerApp.base_url={BASE_URL}",
         "--ServerApp.ip=127.0.0.1",
         f"--port={port}",
