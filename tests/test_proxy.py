@@ -235,6 +235,25 @@ class TestHeaderHygiene:
         assert resp.code == 302
         assert resp.headers["Location"] == f"{jp_base_url}mantik/mlflow/next?x=1"
 
+    async def test_only_a_token_in_the_url_earns_a_login_cookie(
+        self, jp_fetch, jp_serverapp, http_server_client, jp_base_url
+    ):
+        def login_cookies(resp) -> list[str]:
+            return [c for c in resp.headers.get_list("Set-Cookie") if c.startswith("username-")]
+
+        # The MLflow client sends its token on every call: no cookie to carry and check.
+        resp = await jp_fetch("mantik", "mlflow", "api", "x", raise_error=False)
+        assert resp.code == 418 and login_cookies(resp) == []
+        # A browser opening the UI with ?token= needs the cookie for the UI's own calls.
+        token = jp_serverapp.identity_provider.token
+        resp = await http_server_client.fetch(
+            f"{jp_base_url}mantik/mlflow/api/x?token={token}", raise_error=False
+        )
+        assert resp.code == 418 and len(login_cookies(resp)) == 1
+        # Jupyter's own endpoints behave as before.
+        resp = await jp_fetch("api", "status")
+        assert len(login_cookies(resp)) == 1
+
     async def test_calls_share_a_kept_alive_connection_to_the_upstream(self, jp_fetch, upstream):
         for _ in range(4):
             await jp_fetch("mantik", "mlflow", "api", "x", raise_error=False)

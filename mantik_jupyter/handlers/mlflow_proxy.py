@@ -102,6 +102,19 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             if not self._same_origin():
                 raise
 
+    def set_cookie(self, name: str, value: str | bytes, *args: Any, **kwargs: Any) -> None:
+        # A client that sends its token in the Authorization header on every call (the
+        # MLflow client with MLFLOW_TRACKING_TOKEN) gets no Jupyter login cookie: it would
+        # never need it, yet carry it on every later call, making its HTTP library match
+        # and the lab verify it each time. A browser that opened ``?token=`` still gets it.
+        if (
+            "Authorization" in self.request.headers
+            and "token" not in self.request.query_arguments
+            and name == self.identity_provider.get_cookie_name(self)
+        ):
+            return
+        super().set_cookie(name, value, *args, **kwargs)
+
     def _same_origin(self) -> bool:
         origin = self.request.headers.get("Origin")
         if origin:
