@@ -7,7 +7,9 @@ connections at once, which is the race a connection pool has to survive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import Iterator
 
 import pytest
 import tornado.web
@@ -72,6 +74,16 @@ class Upstream:
         return len({port for _, port, _ in self.seen})
 
 
+@contextlib.contextmanager
+def serving(up: Upstream, pool: UpstreamPool) -> Iterator[tuple[Upstream, UpstreamPool]]:
+    """The upstream and the pool under test, both closed however the test ends."""
+    try:
+        yield up, pool
+    finally:
+        pool.close()
+        up.server.stop()
+
+
 def request(path: str, method: str = "GET", body: bytes | None = None) -> UpstreamRequest:
     headers = httputil.HTTPHeaders({"Host": "upstream"})
     if body is not None:
@@ -80,108 +92,93 @@ def request(path: str, method: str = "GET", body: bytes | None = None) -> Upstre
 
 
 async def test_sequential_requests_share_one_connection() -> None:
-    up, pool = Upstream(), UpstreamPool()
-    for i in range(5):
-        got = Collect()
-        await pool.exchange(up.origin, request(f"r{i}", "POST", b'{"i": %d}' % i), got)
-        assert got.code == 200 and got.body == b'{"path": "r%d", "body": "{\\"i\\": %d}"}' % (i, i)
-    assert up.connections() == 1 and pool.opened == 1
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+        for i in range(5):
+            got = Collect()
+            await pool.exchange(up.origin, request(f"r{i}", "POST", b'{"i": %d}' % i), got)
+            expected = b'{"path": "r%d", "body": "{\\"i\\": %d}"}' % (i, i)
+            assert got.code == 200 and got.body == expected
+        assert up.connections() == 1 and pool.opened == 1
 
 
 async def test_concurrent_requests_get_their_own_connections() -> None:
-    up, pool = Upstream(), UpstreamPool()
-    results = [Collect() for _ in range(4)]
-    await asyncio.gather(*(pool.exchange(up.origin, request("c"), r) for r in results))
-    assert [r.code for r in results] == [200] * 4
-    assert pool.opened == 4
-    # ... and are then kept for the next burst.
-    await asyncio.gather(*(pool.exchange(up.origin, request("d"), Collect()) for _ in range(4)))
-    assert pool.opened == 4
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+        results = [Collect() for _ in range(4)]
+        await asyncio.gather(*(pool.exchange(up.origin, request("c"), r) for r in results))
+        assert [r.code for r in results] == [200] * 4
+        assert pool.opened == 4
+        # ... and are then kept for the next burst.
+        await asyncio.gather(*(pool.exchange(up.origin, request("d"), Collect()) for _ in range(4)))
+        assert pool.opened == 4
 
 
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
-    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
-    await pool.exchange(up.origin, request("first"), Collect())
-    await asyncio.sleep(0.3)  # the server has closed it by now
-    got = Collect()
-    await pool.exchange(up.origin, request("second"), got)
-    assert got.code == 200 and pool.opened == 2
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(idle_timeout=0.05), UpstreamPool()) as (up, pool):
+        await pool.exchange(up.origin, request("first"), Collect())
+        await asyncio.sleep(0.3)  # the server has closed it by now
+        got = Collect()
+        await pool.exchange(up.origin, request("second"), got)
+        assert got.code == 200 and pool.opened == 2
 
 
 async def test_a_request_lost_on_a_stale_connection_is_sent_again(monkeypatch) -> None:
     # The race the poll cannot see: the server's close is still on its way when the
     # request goes out on the idle connection.
-    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
-    await pool.exchange(up.origin, request("first"), Collect())
-    await asyncio.sleep(0.3)
-    monkeypatch.setattr(upstream_module, "_dropped", lambda stream: False)
-    got = Collect()
-    await pool.exchange(up.origin, request("again", "POST", b"payload"), got)
-    assert got.code == 200 and b"payload" in got.body
-    assert [p for p, _, _ in up.seen] == ["first", "again"]  # sent once, answered once
-    assert pool.opened == 2
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(idle_timeout=0.05), UpstreamPool()) as (up, pool):
+        await pool.exchange(up.origin, request("first"), Collect())
+        await asyncio.sleep(0.3)
+        monkeypatch.setattr(upstream_module, "_dropped", lambda stream: False)
+        got = Collect()
+        await pool.exchange(up.origin, request("again", "POST", b"payload"), got)
+        assert got.code == 200 and b"payload" in got.body
+        assert [p for p, _, _ in up.seen] == ["first", "again"]  # sent once, answered once
+        assert pool.opened == 2
 
 
 async def test_streamed_bodies_get_a_new_connection() -> None:
-    up, pool = Upstream(idle_timeout=0.05), UpstreamPool()
-    await pool.exchange(up.origin, request("warm"), Collect())
+    with serving(Upstream(idle_timeout=0.05), UpstreamPool()) as (up, pool):
+        await pool.exchange(up.origin, request("warm"), Collect())
 
-    async def produce(write):  # type: ignore[no-untyped-def]
-        for part in (b"a" * 10, b"b" * 10):
-            await write(part)
+        async def produce(write):  # type: ignore[no-untyped-def]
+            for part in (b"a" * 10, b"b" * 10):
+                await write(part)
 
-    streamed = request("upload", "PUT")
-    streamed.headers["Content-Length"] = "20"
-    streamed.body_producer = produce
-    got = Collect()
-    await pool.exchange(up.origin, streamed, got)
-    assert got.code == 200 and up.seen[-1][2] == b"a" * 10 + b"b" * 10
-    assert pool.opened == 2
-    pool.close()
-    up.server.stop()
+        streamed = request("upload", "PUT")
+        streamed.headers["Content-Length"] = "20"
+        streamed.body_producer = produce
+        got = Collect()
+        await pool.exchange(up.origin, streamed, got)
+        assert got.code == 200 and up.seen[-1][2] == b"a" * 10 + b"b" * 10
+        assert pool.opened == 2
 
 
 async def test_connection_close_from_the_server_is_honoured() -> None:
-    up, pool = Upstream(), UpstreamPool()
-    await pool.exchange(up.origin, request("close"), Collect())
-    await pool.exchange(up.origin, request("after"), Collect())
-    assert pool.opened == 2 and up.connections() == 2
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+        await pool.exchange(up.origin, request("close"), Collect())
+        await pool.exchange(up.origin, request("after"), Collect())
+        assert pool.opened == 2 and up.connections() == 2
 
 
 async def test_idle_connections_expire() -> None:
-    up, pool = Upstream(), UpstreamPool(idle_seconds=0.05)
-    await pool.exchange(up.origin, request("one"), Collect())
-    await asyncio.sleep(0.2)
-    await pool.exchange(up.origin, request("two"), Collect())
-    assert pool.opened == 2
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool(idle_seconds=0.05)) as (up, pool):
+        await pool.exchange(up.origin, request("one"), Collect())
+        await asyncio.sleep(0.2)
+        await pool.exchange(up.origin, request("two"), Collect())
+        assert pool.opened == 2
 
 
 async def test_an_abandoned_exchange_closes_its_connection() -> None:
     # The browser went away mid-response: the half-read connection must not be reused.
-    up, pool = Upstream(), UpstreamPool()
-    got = Collect()
-    task = asyncio.ensure_future(pool.exchange(up.origin, request("slow"), got))
-    while not got.body:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await pool.exchange(up.origin, request("next"), Collect())
-    assert pool.opened == 2
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+        got = Collect()
+        task = asyncio.ensure_future(pool.exchange(up.origin, request("slow"), got))
+        while not got.body:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool.exchange(up.origin, request("next"), Collect())
+        assert pool.opened == 2
 
 
 async def test_an_unreachable_upstream_raises() -> None:
@@ -210,29 +207,25 @@ def test_origin_refuses_what_is_not_http() -> None:
 
 
 async def test_expired_idle_connections_are_closed_without_a_next_request() -> None:
-    up, pool = Upstream(), UpstreamPool(idle_seconds=0.05)
-    await pool.exchange(up.origin, request("one"), Collect())
-    [(stream, _)] = pool._idle[up.origin]
-    await asyncio.sleep(0.3)
-    assert stream.closed() and pool._idle[up.origin] == []
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(), UpstreamPool(idle_seconds=0.05)) as (up, pool):
+        await pool.exchange(up.origin, request("one"), Collect())
+        [(stream, _)] = pool._idle[up.origin]
+        await asyncio.sleep(0.3)
+        assert stream.closed() and pool._idle[up.origin] == []
 
 
 async def test_https_upstreams_are_verified_against_the_configured_ca(
     tmp_path, monkeypatch
 ) -> None:
     ca = make_test_ca(tmp_path)
-    up, pool = Upstream(ssl_options=ca.server_context()), UpstreamPool()
-    monkeypatch.delenv(ENV_CERT_PATH, raising=False)
-    monkeypatch.delenv(ENV_INSECURE, raising=False)
-    with pytest.raises(ssl.SSLCertVerificationError):
-        await pool.exchange(up.origin, request("untrusted"), Collect())
-    monkeypatch.setenv(ENV_CERT_PATH, str(ca.ca_pem))
-    for _ in range(3):
-        got = Collect()
-        await pool.exchange(up.origin, request("trusted"), got)
-        assert got.code == 200
-    assert pool.opened == 1  # TLS sessions are kept alive too
-    pool.close()
-    up.server.stop()
+    with serving(Upstream(ssl_options=ca.server_context()), UpstreamPool()) as (up, pool):
+        monkeypatch.delenv(ENV_CERT_PATH, raising=False)
+        monkeypatch.delenv(ENV_INSECURE, raising=False)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await pool.exchange(up.origin, request("untrusted"), Collect())
+        monkeypatch.setenv(ENV_CERT_PATH, str(ca.ca_pem))
+        for _ in range(3):
+            got = Collect()
+            await pool.exchange(up.origin, request("trusted"), got)
+            assert got.code == 200
+        assert pool.opened == 1  # TLS sessions are kept alive too
