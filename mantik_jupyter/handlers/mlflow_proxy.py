@@ -89,6 +89,13 @@ class _Relay(httputil.HTTPMessageDelegate):
 
 @web.stream_request_body
 class MlflowProxyHandler(MantikMixin, JupyterHandler):
+    # Per-request state, defined before ``prepare`` runs: the browser may go away
+    # while Jupyter is still authenticating (``on_connection_close``).
+    _fetch: asyncio.Future[None] | None = None
+    _body: asyncio.Queue[bytes | None] | None = None
+    _buffered: list[bytes] | None = None
+    _started = False
+
     def get_login_url(self) -> str:
         # A proxy has no login page of its own: answer 403 like the API does.
         raise web.HTTPError(403, "Authentication is required.")
@@ -123,10 +130,6 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
 
     async def prepare(self) -> None:  # type: ignore[override]
         await super().prepare()
-        self._fetch: asyncio.Future[None] | None = None
-        self._body: asyncio.Queue[bytes | None] | None = None
-        self._buffered: list[bytes] | None = None
-        self._started = False
         await self.check_authorized()
         # The raw path keeps its percent-encoding (artifact names with spaces or slashes).
         self._prefix = url_path_join(self.base_url, "mantik/mlflow/")
