@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
 
 from mantik_jupyter.tracking.embedded import free_port
 from mantik_jupyter.tracking.tls import ENV_CERT_PATH
@@ -168,7 +173,29 @@ async def test_a_200_mb_artifact_streams_through_without_growing_the_server(
     assert peak - before < 80, f"server memory grew by {peak - before:.0f} MB"
 
 
-class TestHeaderHygiene:
+class WithStandInUpstream:
+    """Test classes whose lab talks to a tornado stand-in for the tracking server."""
+
+    port: int
+
+    @contextlib.contextmanager
+    def serving(self, handler: type[tornado.web.RequestHandler]) -> Iterator[None]:
+        self.port = free_port()
+        server = HTTPServer(tornado.web.Application([(r"/(.*)", handler)]))
+        server.listen(self.port, "127.0.0.1")
+        try:
+            yield
+        finally:
+            server.stop()
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, upstream, monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
+        return lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+
+
+class TestHeaderHygiene(WithStandInUpstream):
     """A capturing upstream shows exactly what the proxy forwards."""
 
     @pytest.fixture
@@ -184,7 +211,7 @@ class TestHeaderHygiene:
                      "port": self.request.connection.context.address[1]}
                 )  # fmt: skip
                 if path == "redirect":
-                    self.redirect(f"http://127.0.0.1:{port}/next?x=1")
+                    self.redirect(f"http://{self.request.host}/next?x=1")
                     return
                 self.set_status(418)
                 self.set_header("Set-Cookie", "upstream=1")
@@ -194,18 +221,8 @@ class TestHeaderHygiene:
 
             get = post = put = delete = _reply
 
-        port = free_port()
-        server = HTTPServer(tornado.web.Application([(r"/(.*)", Capture)]))
-        server.listen(port, "127.0.0.1")
-        self.port = port
-        yield seen
-        server.stop()
-
-    @pytest.fixture
-    def jp_server_config(self, tmp_path, upstream, monkeypatch):
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
-        return lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+        with self.serving(Capture):
+            yield seen
 
     async def test_forwarded_request_and_response(self, jp_fetch, upstream, jp_base_url):
         resp = await jp_fetch(
@@ -273,6 +290,60 @@ class TestHeaderHygiene:
         )  # fmt: skip
         message = json.loads(resp.body)["message"]
         assert "rejected the request" in message and ENV_CERT_PATH not in message
+
+class TestAbandonedCall(WithStandInUpstream):
+    """A browser that leaves mid-answer takes the proxy's upstream connection with it."""
+
+    @pytest.fixture
+    def upstream(self):
+        state: dict[str, float | int] = {}
+
+        class Slow(tornado.web.RequestHandler):
+            async def get(self, path: str) -> None:
+                state.setdefault("port", self.request.connection.context.address[1])
+                if path != "slow":
+                    self.finish({"port": self.request.connection.context.address[1]})
+                    return
+                # Two chunks, then a long pause: only the proxy can end the exchange early.
+                try:
+                    for _ in range(2):
+                        self.write(b"x" * 65536)
+                        await self.flush()
+                    for _ in range(300):
+                        await asyncio.sleep(0.1)
+                        if "closed_at" in state:
+                            return
+                    self.finish()
+                except StreamClosedError:
+                    self.on_connection_close()
+
+            def on_connection_close(self) -> None:
+                state.setdefault("closed_at", time.monotonic())
+
+        with self.serving(Slow):
+            yield state
+
+    async def test_leaving_mid_download_closes_the_upstream_connection(
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, caplog
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", jp_serverapp.port)
+        token = jp_serverapp.identity_provider.token
+        writer.write(
+            f"GET {jp_base_url}mantik/mlflow/slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: token {token}\r\n\r\n".encode()
+        )
+        await reader.readexactly(100_000)  # headers and the first chunks
+        left = time.monotonic()
+        writer.close()
+        deadline = left + 10
+        while "closed_at" not in upstream and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert upstream.get("closed_at", deadline) - left < 5, "the upstream connection stayed open"
+        # The lab goes on: the next call gets a new upstream connection and its answer.
+        resp = await jp_fetch("mantik", "mlflow", "fast")
+        assert json.loads(resp.body)["port"] != upstream["port"]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
 
 class TestHttpsUpstream:
     """A team's tracking server behind HTTPS with a certificate of the site's own CA."""

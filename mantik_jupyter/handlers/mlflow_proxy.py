@@ -91,6 +91,7 @@ class _Relay(httputil.HTTPMessageDelegate):
 class MlflowProxyHandler(MantikMixin, JupyterHandler):
     # Per-request state, defined before ``prepare`` runs: the browser may go away
     # while Jupyter is still authenticating (``on_connection_close``).
+    _request: UpstreamRequest | None = None
     _fetch: asyncio.Future[None] | None = None
     _body: asyncio.Queue[bytes | None] | None = None
     _buffered: list[bytes] | None = None
@@ -109,18 +110,22 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             if not self._same_origin():
                 raise
 
-    def set_cookie(self, name: str, value: str | bytes, *args: Any, **kwargs: Any) -> None:
+    def set_signed_cookie(self, name: str, value: str | bytes, *args: Any, **kwargs: Any) -> None:
         # A client that sends its token in the Authorization header on every call (the
         # MLflow client with MLFLOW_TRACKING_TOKEN) gets no Jupyter login cookie: it would
         # never need it, yet carry it on every later call, making its HTTP library match
-        # and the lab verify it each time. A browser that opened ``?token=`` still gets it.
+        # and the lab verify it each time. Not signing it also saves the lab an HMAC per
+        # call. A browser that opened ``?token=`` still gets it.
         if (
             "Authorization" in self.request.headers
             and "token" not in self.request.query_arguments
             and name == self.identity_provider.get_cookie_name(self)
         ):
             return
-        super().set_cookie(name, value, *args, **kwargs)
+        super().set_signed_cookie(name, value, *args, **kwargs)
+
+    # Jupyter sets its login cookie under tornado's older name for the same method.
+    set_secure_cookie = set_signed_cookie  # type: ignore[assignment]
 
     def _same_origin(self) -> bool:
         origin = self.request.headers.get("Origin")
@@ -168,29 +173,20 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if method in BODY_METHODS and (chunked or length not in ("", "0")):
             self.request.connection.set_max_body_size(MAX_BODY)  # type: ignore[union-attr]
             if length.isdigit() and int(length) <= BUFFER_LIMIT:
-                self._buffered, self._expected = [], int(length)
+                self._buffered = []
             else:
                 self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)
                 self._request.body_producer = self._produce
                 # Streaming starts now, while the body is still arriving.
-                self._start()
+                self._fetch = asyncio.ensure_future(
+                    upstream_pool().exchange(self._origin, self._request, _Relay(self))
+                )
         elif method in BODY_METHODS:
             headers["Content-Length"] = "0"
-
-    def _start(self) -> None:
-        self._fetch = asyncio.ensure_future(
-            upstream_pool().exchange(self._origin, self._request, _Relay(self))
-        )
 
     async def data_received(self, chunk: bytes) -> None:
         if self._buffered is not None:
             self._buffered.append(chunk)
-            self._expected -= len(chunk)
-            if self._expected == 0:
-                # The whole body is here: send it now rather than a loop turn later.
-                self._request.body = b"".join(self._buffered)
-                self._buffered = None
-                self._start()
         elif self._body is not None:
             await self._body.put(chunk)
 
@@ -225,18 +221,26 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
 
     @web.authenticated
     async def _proxy(self, *args: Any) -> None:
-        if not hasattr(self, "_request"):
+        if self._request is None:
             return  # redirected in prepare
-        if self._body is not None:
-            await self._body.put(None)
-        if self._fetch is None:
-            self._start()
-        assert self._fetch is not None
         error: BaseException | None = None
         try:
-            await self._fetch
+            if self._fetch is None:
+                if self._buffered is not None:
+                    self._request.body = b"".join(self._buffered)
+                # Awaited here, not in a task of its own: the request goes upstream in
+                # this loop turn, and once it is out the lab has nothing left to do
+                # until the answer comes (work after sending would compete with the
+                # tracking server for the CPU). A call's latency is what the proxy adds.
+                await upstream_pool().exchange(self._origin, self._request, _Relay(self))
+            else:
+                assert self._body is not None
+                await self._body.put(None)
+                await self._fetch
         except OSError as exc:  # StreamClosedError and TimeoutError among them
             error = exc
+        if self._request.aborted:
+            return  # the browser went away: nobody to answer
         if self._started:
             self.finish()
             return
@@ -250,10 +254,14 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         )
 
     def on_connection_close(self) -> None:
+        # The upstream connection is closed with the browser's, also mid-answer.
+        if self._request is not None:
+            self._request.abort()
         if self._fetch is not None and not self._fetch.done():
             self._fetch.cancel()
         if self._body is not None and not self._body.full():
             self._body.put_nowait(None)
+        super().on_connection_close()
 
     get = post = put = patch = delete = head = options = _proxy
 

@@ -27,7 +27,7 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -95,6 +95,15 @@ class UpstreamRequest:
     headers: httputil.HTTPHeaders
     body: bytes | None = None  # in memory: may be sent again on a fresh connection
     body_producer: BodyProducer | None = None  # streamed: sent once, on a new connection
+    aborted: bool = False
+    _stream: IOStream | None = field(default=None, repr=False)
+
+    def abort(self) -> None:
+        """Give the exchange up (the client went away): its connection is closed at once,
+        whatever the upstream is doing, and the request is not sent again."""
+        self.aborted = True
+        if self._stream is not None:
+            self._stream.close()
 
 
 class _Watch(httputil.HTTPMessageDelegate):
@@ -174,6 +183,8 @@ class UpstreamPool:
         Raises ``OSError`` (``StreamClosedError``, ``TimeoutError``, an ``ssl`` error)
         when the upstream cannot be reached or drops the connection.
         """
+        if request.aborted:
+            raise StreamClosedError()
         stream = None if request.body_producer else self._take(origin)
         if stream is not None:
             watch = _Watch(delegate)
@@ -181,11 +192,14 @@ class UpstreamPool:
                 await self._send(origin, stream, request, watch)
                 return
             except StreamClosedError:
-                if watch.started:
+                if watch.started or request.aborted:
                     raise
                 # The server closed the idle connection as the request went out:
                 # nothing of it was answered, so it is sent again on a new one.
         stream = await self._connect(origin)
+        if request.aborted:
+            stream.close()
+            raise StreamClosedError()
         await self._send(origin, stream, request, _Watch(delegate))
 
     async def _send(
@@ -193,6 +207,7 @@ class UpstreamPool:
     ) -> None:
         conn = HTTP1Connection(stream, True, self._params)
         done = False
+        request._stream = stream
         try:
             start = httputil.RequestStartLine(request.method, request.target, "HTTP/1.1")
             conn.write_headers(start, request.headers, request.body or None)
@@ -201,7 +216,8 @@ class UpstreamPool:
             conn.finish()
             done = await conn.read_response(watch)
         finally:
-            if done and watch.reusable and not stream.closed():
+            request._stream = None
+            if done and watch.reusable and not stream.closed() and not request.aborted:
                 self._give(origin, stream)
             else:
                 stream.close()
