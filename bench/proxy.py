@@ -8,6 +8,11 @@ ratio proxy/direct (target: p50 ratio <= 1.15), plus MLflow's ``/health`` (no
 work, so the row shows the proxy's fixed cost) and, for scale, the latency of
 Jupyter's cheapest authenticated endpoint.
 
+The same rounds also time the calls (but get-history) through the cheapest relay
+the lab can hold (``bench/floor_relay.py``: a token comparison and the proxy's
+upstream pool, none of Jupyter's handler machinery): the floor that the machine,
+tornado and the extra hop set for any proxy in the lab.
+
     python bench/proxy.py [--requests 200]
 """
 
@@ -35,6 +40,8 @@ def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MANTIK_DATA_DIR=str(tmp / "mantik"), JUPYTER_CONFIG_DIR=str(tmp / "cfg"))
     env["JUPYTER_TOKEN"] = token  # not on the command line, where `ps` would show it
+    bench = str(Path(__file__).resolve().parent)  # floor_relay, loaded into this lab only
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [bench, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -44,7 +51,7 @@ def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
             "--no-browser",
             f"--port={port}",
             "--ServerApp.port_retries=0",
-            "--ServerApp.jpserver_extensions={'mantik_jupyter': True}",
+            "--ServerApp.jpserver_extensions={'mantik_jupyter': True, 'floor_relay': True}",
             f"--ServerApp.root_dir={tmp}",
         ],  # fmt: skip
         env=env,
@@ -71,6 +78,25 @@ def wait_ready(lab: str, token: str) -> dict:
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
+
+
+def time_calls(
+    method: str, path: str, kw: dict, sides: list[tuple[str, requests.Session, str]], count: int
+) -> dict[str, list[float]]:
+    """Latencies (ms) of one call on each side. Every relayed call follows a direct one, and
+    the order turns each round, so machine noise and idle gaps hit all sides alike."""
+    (_, direct, up), relays = sides[0], sides[1:]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in sides}
+    for i in range(count + 10):
+        for label, session, base in relays[:: -1 if i % 2 else 1]:
+            for side, sess, url in (("direct", direct, up), (label, session, base)):
+                t0 = time.perf_counter()
+                resp = sess.request(method, url + path, timeout=60, **kw)
+                elapsed = time.perf_counter() - t0
+                resp.raise_for_status()
+                if i >= 10:  # warm-up
+                    times[side].append(elapsed * 1000)
+    return times
 
 
 def main() -> None:
@@ -114,24 +140,31 @@ def main() -> None:
                     "GET", api + "metrics/get-history", {"params": history},
                 ),
             }  # fmt: skip
-            head = ("call", "direct p50", "proxy p50", "ratio", "direct p95", "proxy p95")
-            print("{:36} {:>11} {:>10} {:>6} {:>11} {:>10}".format(*head))
-            overhead: list[float] = []
+            sides = [("direct", direct, up), ("proxy", proxied, via)]
+            floor = ("floor", proxied, lab + "bench-floor/")
+            columns = "{:34} {:>9} {:>9} {:>6} {:>9} {:>6} {:>9} {:>9}"
+            print(
+                columns.format(
+                    "call", "direct", "proxy", "ratio", "floor", "ratio", "direct", "proxy"
+                )
+            )
+            print(columns.format("", "p50", "p50", "p50", "p50", "p50", "p95", "p95"))
+            added: dict[str, list[float]] = {"proxy": [], "floor": []}
             for name, (method, path, kw) in calls.items():
-                times: dict[str, list[float]] = {"direct": [], "proxy": []}
-                for i in range(args.requests + 10):
-                    for label, session, base in (("direct", direct, up), ("proxy", proxied, via)):
-                        t0 = time.perf_counter()
-                        resp = session.request(method, base + path, timeout=60, **kw)
-                        elapsed = time.perf_counter() - t0
-                        resp.raise_for_status()
-                        if i >= 10:  # warm-up
-                            times[label].append(elapsed * 1000)
-                d50, p50 = statistics.median(times["direct"]), statistics.median(times["proxy"])
-                d95, p95 = percentile(times["direct"], 95), percentile(times["proxy"], 95)
-                row = f"{name:36} {d50:9.2f}ms {p50:8.2f}ms {p50 / d50:6.2f}"
-                print(f"{row} {d95:9.2f}ms {p95:8.2f}ms")
-                overhead.append(p50 - d50)
+                # get-history's 450 ms calls would double the run for a floor row.
+                with_floor = sides + ([floor] if "get-history" not in name else [])
+                times = time_calls(method, path, kw, with_floor, args.requests)
+                p50 = {side: statistics.median(t) for side, t in times.items()}
+                row = f"{name:34} {p50['direct']:7.2f}ms {p50['proxy']:7.2f}ms"
+                row += f" {p50['proxy'] / p50['direct']:6.2f}"
+                if "floor" in p50:
+                    row += f" {p50['floor']:7.2f}ms {p50['floor'] / p50['direct']:6.2f}"
+                    added["floor"].append(p50["floor"] - p50["direct"])
+                else:
+                    row += f" {'':>9} {'':>6}"
+                d95, r95 = percentile(times["direct"], 95), percentile(times["proxy"], 95)
+                print(f"{row} {d95:7.2f}ms {r95:7.2f}ms")
+                added["proxy"].append(p50["proxy"] - p50["direct"])
 
             # What any request into Jupyter costs, for scale: the proxy cannot add less
             # than one authenticated Jupyter request.
@@ -141,10 +174,11 @@ def main() -> None:
                 proxied.get(lab + "api/status", timeout=60).raise_for_status()
                 if i >= 10:
                     jupyter.append((time.perf_counter() - t0) * 1000)
+            ms = {side: ", ".join(f"{o:.2f} ms" for o in v) for side, v in added.items()}
             print(
-                f"added by the proxy at p50: {', '.join(f'{o:.2f} ms' for o in overhead)}; "
-                f"one authenticated Jupyter request (api/status) takes "
-                f"{statistics.median(jupyter):.2f} ms"
+                f"added at p50 by the proxy: {ms['proxy']}; by the floor: {ms['floor']}. "
+                f"One authenticated Jupyter request (api/status) takes "
+                f"{statistics.median(jupyter):.2f} ms."
             )
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
