@@ -277,7 +277,6 @@ class TestHeaderHygiene(WithStandInUpstream):
         await jp_fetch("mantik", "mlflow", "api", "y", method="POST", body=b"{}", raise_error=False)
         assert len({seen["port"] for seen in upstream[-5:]}) == 1
 
-
     async def test_a_ca_setting_does_not_affect_plain_http(self, jp_fetch, tmp_path, monkeypatch):
         # The bundle is needed (and checked) only for HTTPS servers.
         monkeypatch.setenv(ENV_CERT_PATH, str(tmp_path / "no-such-ca.pem"))
@@ -290,6 +289,7 @@ class TestHeaderHygiene(WithStandInUpstream):
         )  # fmt: skip
         message = json.loads(resp.body)["message"]
         assert "rejected the request" in message and ENV_CERT_PATH not in message
+
 
 class TestAbandonedCall(WithStandInUpstream):
     """A browser that leaves mid-answer takes the proxy's upstream connection with it."""
@@ -397,4 +397,3 @@ class TestHttpsUpstream:
         resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
         assert resp.code == 400
         assert "no-such-ca.pem is not a file" in json.loads(resp.body)["message"]
-

@@ -257,6 +257,8 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         # The upstream connection is closed with the browser's, also mid-answer.
         if self._request is not None:
             self._request.abort()
+        # A streamed upload's task is cancelled as well: once tornado gives up on the
+        # body nobody awaits it, and a failed task would be reported when collected.
         if self._fetch is not None and not self._fetch.done():
             self._fetch.cancel()
         if self._body is not None and not self._body.full():

@@ -197,9 +197,6 @@ class UpstreamPool:
                 # The server closed the idle connection as the request went out:
                 # nothing of it was answered, so it is sent again on a new one.
         stream = await self._connect(origin)
-        if request.aborted:
-            stream.close()
-            raise StreamClosedError()
         await self._send(origin, stream, request, _Watch(delegate))
 
     async def _send(
@@ -209,6 +206,8 @@ class UpstreamPool:
         done = False
         request._stream = stream
         try:
+            if request.aborted:  # while the connection was being opened
+                raise StreamClosedError()
             start = httputil.RequestStartLine(request.method, request.target, "HTTP/1.1")
             conn.write_headers(start, request.headers, request.body or None)
             if request.body_producer is not None:
