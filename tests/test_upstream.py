@@ -53,6 +53,11 @@ class Upstream:
                 seen.append((path, self.request.connection.context.address[1], self.request.body))
                 if path == "close":
                     self.set_header("Connection", "close")
+                if path == "parts":  # no length known: the answer goes out chunked
+                    self.write(b"one,")
+                    await self.flush()
+                    self.finish(b"two")
+                    return
                 if path == "slow":
                     self.write(b"x" * 1000)
                     await self.flush()
@@ -127,7 +132,8 @@ async def test_a_request_lost_on_a_stale_connection_is_sent_again(monkeypatch) -
     with serving(Upstream(idle_timeout=0.05), UpstreamPool()) as (up, pool):
         await pool.exchange(up.origin, request("first"), Collect())
         await asyncio.sleep(0.3)
-        monkeypatch.setattr(upstream_module, "_dropped", lambda stream: False)
+        # The pool has been told the connection is gone; here it behaves as if not yet.
+        monkeypatch.setattr(upstream_module._Connection, "closed", lambda self: False)
         got = Collect()
         await pool.exchange(up.origin, request("again", "POST", b"payload"), got)
         assert got.code == 200 and b"payload" in got.body
@@ -183,7 +189,7 @@ async def test_an_abandoned_exchange_closes_its_connection() -> None:
 
 async def test_an_unreachable_upstream_raises() -> None:
     pool = UpstreamPool()
-    with pytest.raises(OSError):  # StreamClosedError is one
+    with pytest.raises(OSError):  # ConnectionRefusedError
         await pool.exchange(Origin("http", "127.0.0.1", free_port()), request("x"), Collect())
     assert pool.opened == 0
 
@@ -209,9 +215,9 @@ def test_origin_refuses_what_is_not_http() -> None:
 async def test_expired_idle_connections_are_closed_without_a_next_request() -> None:
     with serving(Upstream(), UpstreamPool(idle_seconds=0.05)) as (up, pool):
         await pool.exchange(up.origin, request("one"), Collect())
-        [(stream, _)] = pool._idle[up.origin]
+        [conn] = pool._idle[up.origin]
         await asyncio.sleep(0.3)
-        assert stream.closed() and pool._idle[up.origin] == []
+        assert conn.closed() and pool._idle[up.origin] == []
 
 
 async def test_https_upstreams_are_verified_against_the_configured_ca(
@@ -229,3 +235,121 @@ async def test_https_upstreams_are_verified_against_the_configured_ca(
             await pool.exchange(up.origin, request("trusted"), got)
             assert got.code == 200
         assert pool.opened == 1  # TLS sessions are kept alive too
+
+
+class Canned:
+    """A raw loopback server that answers each request with the next canned bytes, for
+    what a tornado server will not send: interim answers, bodies ended by closing,
+    broken answers. ``None`` in the script closes the connection after answering."""
+
+    def __init__(self, *answers: bytes | None) -> None:
+        self.script = list(answers)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.port = free_port()
+        self.origin = Origin("http", "127.0.0.1", self.port)
+
+    async def __aenter__(self) -> Canned:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while self.script:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = [
+                    line
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                body = await reader.readexactly(int(length[0].split(b":")[1])) if length else b""
+                self.requests.append(head + body)
+                writer.write(self.script.pop(0) or b"")
+                await writer.drain()
+                if self.script and self.script[0] is None:
+                    self.script.pop(0)
+                    break
+        writer.close()
+
+
+async def test_an_interim_answer_is_passed_over() -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    async with Canned(answer) as up:
+        got = Collect()
+        await UpstreamPool().exchange(up.origin, request("x", "POST", b"{}"), got)
+        assert (got.code, got.body) == (201, b"ok")
+
+
+async def test_a_head_answer_has_no_body_and_keeps_the_connection() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    async with Canned(head, head + b"hello") as up:
+        pool = UpstreamPool()
+        first, second = Collect(), Collect()
+        await pool.exchange(up.origin, request("x", "HEAD"), first)
+        await pool.exchange(up.origin, request("y"), second)
+        assert (first.code, first.body, second.body) == (200, b"", b"hello")
+        assert pool.opened == 1 and up.connections == 1
+        pool.close()
+
+
+async def test_a_body_ended_by_closing_is_whole_and_the_connection_not_kept() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with Canned(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", None, ok) as up:
+        pool = UpstreamPool()
+        got = Collect()
+        await pool.exchange(up.origin, request("x"), got)
+        assert got.body == b"until the end" and not got.closed
+        await pool.exchange(up.origin, request("y"), Collect())
+        assert pool.opened == 2
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"SPDY/9 what\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 << 20) + b"\r\n\r\n"],
+    ids=["malformed", "headers-too-long"],
+)
+async def test_an_unreadable_answer_raises_and_closes(answer: bytes) -> None:
+    async with Canned(answer) as up:
+        pool = UpstreamPool()
+        got = Collect()
+        with pytest.raises(upstream_module.UpstreamProtocolError, match="tracking server"):
+            await pool.exchange(up.origin, request("x"), got)
+        assert got.closed and pool._idle.get(up.origin, []) == []
+
+
+async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
+    async with Canned(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as up:
+        smuggling = request("x")
+        smuggling.headers["X-Note"] = "a\r\nX-Admin: yes"
+        with pytest.raises(ValueError, match="line break"):
+            await UpstreamPool().exchange(up.origin, smuggling, Collect())
+        await asyncio.sleep(0.05)
+        assert up.requests == []
+
+
+async def test_a_body_of_unknown_length_is_sent_chunked() -> None:
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+
+        async def produce(write):  # type: ignore[no-untyped-def]
+            for part in (b"first,", b"", b"second"):
+                await write(part)
+
+        streamed = request("chunked", "POST")
+        streamed.body_producer = produce
+        got = Collect()
+        await pool.exchange(up.origin, streamed, got)
+        assert got.code == 200 and up.seen[-1][2] == b"first,second"
+
+
+async def test_a_chunked_answer_is_whole_and_keeps_the_connection() -> None:
+    with serving(Upstream(), UpstreamPool()) as (up, pool):
+        for _ in range(2):
+            got = Collect()
+            await pool.exchange(up.origin, request("parts"), got)
+            assert got.body == b"one,two" and got.headers["Transfer-Encoding"] == "chunked"
+        assert pool.opened == 1

@@ -237,7 +237,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 assert self._body is not None
                 await self._body.put(None)
                 await self._fetch
-        except OSError as exc:  # StreamClosedError and TimeoutError among them
+        except OSError as exc:  # ConnectionError and TimeoutError among them
             error = exc
         if self._request.aborted:
             return  # the browser went away: nobody to answer
