@@ -2,7 +2,9 @@
 
 Starts a real ``jupyter server`` with the mantik extension on the embedded
 default, logs a run with 10,000 metric points, then times ``runs/search`` and
-``metrics/get-history`` straight to MLflow and through ``<lab>/mantik/mlflow``,
+``metrics/get-history`` straight to MLflow and through ``<lab>/mantik/mlflow``
+(``runs/search`` twice: on the experiment of that one run, and on one of 50 runs with
+parameters, metrics and tags, as a runs table asks for it),
 interleaved so that machine noise hits both alike. Prints p50/p95 and the
 ratio proxy/direct (target: p50 ratio <= 1.15), plus MLflow's ``/health`` (no
 work, so the row shows the proxy's fixed cost) and, for scale, the latency of
@@ -131,11 +133,32 @@ def main() -> None:
                     up + api + "runs/log-batch", json={"run_id": run_id, "metrics": metrics}
                 ).raise_for_status()
 
+            # An experiment as a runs table shows it: 50 runs with parameters, metrics, tags.
+            table = direct.post(up + api + "experiments/create", json={"name": "table"}).json()
+            for r in range(50):
+                created = direct.post(
+                    up + api + "runs/create", json={"experiment_id": table["experiment_id"]}
+                ).json()["run"]["info"]["run_id"]
+                direct.post(
+                    up + api + "runs/log-batch",
+                    json={
+                        "run_id": created,
+                        "params": [{"key": f"p{k}", "value": str(r * k)} for k in range(10)],
+                        "metrics": [
+                            {"key": f"m{k}", "value": r / (k + 1), "timestamp": now, "step": 0}
+                            for k in range(5)
+                        ],
+                        "tags": [{"key": f"t{k}", "value": f"tag {r}"} for k in range(3)],
+                    },
+                ).raise_for_status()
+
             search = {"experiment_ids": [exp["experiment_id"]], "max_results": 50}
+            search_table = {"experiment_ids": [table["experiment_id"]], "max_results": 50}
             history = {"run_id": run_id, "metric_key": "loss", "max_results": 25000}
             calls = {
                 "health (no work: the fixed cost)": ("GET", "health", {}),
                 "runs/search": ("POST", api + "runs/search", {"json": search}),
+                "runs/search (50 runs)": ("POST", api + "runs/search", {"json": search_table}),
                 "metrics/get-history (10k points)": (
                     "GET", api + "metrics/get-history", {"params": history},
                 ),
