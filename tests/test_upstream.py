@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -237,12 +239,16 @@ async def test_https_upstreams_are_verified_against_the_configured_ca(
         assert pool.opened == 1  # TLS sessions are kept alive too
 
 
+RESET = object()
+
+
 class Canned:
     """A raw loopback server that answers each request with the next canned bytes, for
     what a tornado server will not send: interim answers, bodies ended by closing,
-    broken answers. ``None`` in the script closes the connection after answering."""
+    broken answers. ``None`` in the script closes the connection after answering,
+    ``RESET`` resets it."""
 
-    def __init__(self, *answers: bytes | None) -> None:
+    def __init__(self, *answers: object) -> None:
         self.script = list(answers)
         self.requests: list[bytes] = []
         self.connections = 0
@@ -268,8 +274,13 @@ class Canned:
                 ]
                 body = await reader.readexactly(int(length[0].split(b":")[1])) if length else b""
                 self.requests.append(head + body)
-                writer.write(self.script.pop(0) or b"")
+                writer.write(self.script.pop(0) or b"")  # type: ignore[arg-type]
                 await writer.drain()
+                if self.script and self.script[0] is RESET:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
                 if self.script and self.script[0] is None:
                     self.script.pop(0)
                     break
@@ -310,8 +321,12 @@ async def test_a_body_ended_by_closing_is_whole_and_the_connection_not_kept() ->
 
 @pytest.mark.parametrize(
     "answer",
-    [b"SPDY/9 what\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 << 20) + b"\r\n\r\n"],
-    ids=["malformed", "headers-too-long"],
+    [
+        b"SPDY/9 what\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 << 20) + b"\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    ],
+    ids=["malformed", "headers-too-long", "upgrade"],
 )
 async def test_an_unreadable_answer_raises_and_closes(answer: bytes) -> None:
     async with Canned(answer) as up:
@@ -353,3 +368,68 @@ async def test_a_chunked_answer_is_whole_and_keeps_the_connection() -> None:
             await pool.exchange(up.origin, request("parts"), got)
             assert got.body == b"one,two" and got.headers["Transfer-Encoding"] == "chunked"
         assert pool.opened == 1
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_the_pool_frames_requests_itself() -> None:
+    async with Canned(OK, OK, OK) as up:
+        pool = UpstreamPool()
+        stray = request("get")  # a client's length for a GET whose body the proxy dropped
+        stray.headers["Content-Length"] = "10"
+        await pool.exchange(up.origin, stray, Collect())
+        await pool.exchange(up.origin, request("empty", "POST"), Collect())
+        wrong = request("post", "POST", b"12345")
+        wrong.headers["Content-Length"] = "99"
+        await pool.exchange(up.origin, wrong, Collect())
+        heads = [r.lower() for r in up.requests]
+        assert b"content-length" not in heads[0]
+        assert b"content-length: 0\r\n" in heads[1]
+        assert heads[2].count(b"content-length") == 1 and heads[2].endswith(b"\r\n\r\n12345")
+        assert up.connections == 1
+        pool.close()
+
+
+async def test_a_request_is_not_sent_again_once_anything_came_back() -> None:
+    # A broken answer on a reused connection: the server has seen the request.
+    async with Canned(OK, b"HTTP/1.1 2oops\r\n\r\n") as up:
+        pool = UpstreamPool()
+        await pool.exchange(up.origin, request("first"), Collect())
+        with pytest.raises(upstream_module.UpstreamProtocolError):
+            await pool.exchange(up.origin, request("create", "POST", b"{}"), Collect())
+        assert len(up.requests) == 2 and pool.opened == 1
+        pool.close()
+
+
+async def test_trailers_do_not_reach_the_next_answer() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+    async with Canned(chunked, OK) as up:
+        pool = UpstreamPool()
+        first, second = Collect(), Collect()
+        await pool.exchange(up.origin, request("a"), first)
+        await pool.exchange(up.origin, request("b"), second)
+        assert first.body == second.body == b"ok" and up.connections == 1
+        assert "X-Checksum" not in first.headers and "X-Checksum" not in second.headers
+        pool.close()
+
+
+async def test_a_connection_that_said_more_than_asked_is_not_reused() -> None:
+    async with Canned(OK + b"HTTP/1.1 500 Stale\r\nContent-Length: 0\r\n\r\n", OK) as up:
+        pool = UpstreamPool()
+        got = Collect()
+        await pool.exchange(up.origin, request("a"), got)
+        await pool.exchange(up.origin, request("b"), Collect())
+        assert got.body == b"ok" and pool.opened == 2
+        pool.close()
+
+
+async def test_a_reset_is_not_the_end_of_a_body_that_ends_with_the_connection() -> None:
+    async with Canned(b"HTTP/1.1 200 OK\r\n\r\npart of it", RESET) as up:
+        got = Collect()
+        with pytest.raises(ConnectionResetError):
+            await UpstreamPool().exchange(up.origin, request("a"), got)
+        assert got.closed and got.body.startswith(b"part")

@@ -181,8 +181,6 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 self._fetch = asyncio.ensure_future(
                     upstream_pool().exchange(self._origin, self._request, _Relay(self))
                 )
-        elif method in BODY_METHODS:
-            headers["Content-Length"] = "0"
 
     async def data_received(self, chunk: bytes) -> None:
         if self._buffered is not None:

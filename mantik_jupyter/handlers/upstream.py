@@ -45,6 +45,9 @@ MAX_HEADER = 1 << 20
 # download must not pile up in the lab's memory).
 PAUSE_READING_AT = 1 << 20
 
+# Methods whose requests carry a length even when empty (servers wait for one).
+LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+
 BodyProducer = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
@@ -97,7 +100,6 @@ class _Watch(httputil.HTTPMessageDelegate):
 
     def __init__(self, delegate: httputil.HTTPMessageDelegate) -> None:
         self.delegate = delegate
-        self.started = False
         self.delimited = True  # False: the body ends when the server closes the connection
         self.reusable = False
 
@@ -108,7 +110,6 @@ class _Watch(httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.ResponseStartLine)
         if start_line.code >= 200:
-            self.started = True
             self.delimited = (
                 "Content-Length" in headers
                 or "chunked" in headers.get("Transfer-Encoding", "").lower()
@@ -133,16 +134,19 @@ class _Watch(httputil.HTTPMessageDelegate):
 
 
 def _request_head(request: UpstreamRequest, chunked: bool) -> bytes:
+    """The request line and headers. The framing is this pool's: a length the caller
+    names is kept only for a streamed body, which is sent as it comes."""
+    streamed = request.body_producer is not None
     lines = [f"{request.method} {request.target} HTTP/1.1"]
     for name, value in request.headers.get_all():
         lname = name.lower()
-        if lname == "transfer-encoding" or (lname == "content-length" and request.body is not None):
-            continue  # framing is this pool's to set
+        if lname == "transfer-encoding" or (lname == "content-length" and not streamed):
+            continue
         lines.append(f"{name}: {value}")
-    if request.body is not None:
-        lines.append(f"Content-Length: {len(request.body)}")
-    elif chunked:
+    if chunked:
         lines.append("Transfer-Encoding: chunked")
+    elif not streamed and (request.body or request.method in LENGTH_EXPECTED):
+        lines.append(f"Content-Length: {len(request.body or b'')}")
     head = "\r\n".join(lines)
     if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
         # A header value with a line break would smuggle a header (or a request) in.
@@ -160,6 +164,10 @@ class _Connection(asyncio.Protocol):
         self._lost = False
         self._error: BaseException | None = None
         self._parser: httptools.HttpResponseParser | None = None  # None: nothing asked
+        self.answered = False  # some byte of the answer came: the request was seen
+        self._final = False  # the answer's head is the final (>= 200) one
+        self._complete = False  # the final answer has ended
+        self.spoiled = False  # more came than was asked for: never reuse
         self._events: list[tuple[str, Any]] = []
         self._queued = 0
         self._head_bytes = 0
@@ -203,9 +211,13 @@ class _Connection(asyncio.Protocol):
     def expect_response(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._events, self._queued, self._head_bytes = [], 0, 0
+        self._headers, self._reason = httputil.HTTPHeaders(), b""
+        self.answered = self._final = self._complete = False
 
     def done_with_response(self) -> None:
         self._parser = None
+        if self._events:
+            self.spoiled = True
 
     async def events(self) -> list[tuple[str, Any]]:
         """What arrived since the last call; raises once the connection is gone."""
@@ -229,9 +241,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:  # unasked: the connection cannot be trusted
+        if self._parser is None or self._complete:  # unasked: the connection cannot be trusted
+            self.spoiled = True
             self.close()
             return
+        self.answered = True
+        # Counted as read, not as body: a body of tiny chunks weighs more than its bytes.
+        self._queued += len(data)
         if self._head_bytes >= 0:  # still in the headers
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER:
@@ -239,7 +255,7 @@ class _Connection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(UpstreamProtocolError(f"malformed answer from the tracking server: {exc}"))
             return
         if self._queued > PAUSE_READING_AT and not self._paused:
@@ -263,6 +279,10 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def closed_cleanly(self) -> bool:
+        """The server ended the connection in order (not reset, not a broken answer)."""
+        return self._lost and self._error is None
+
     def _closed_error(self) -> BaseException:
         return self._error or ConnectionResetError("the tracking server closed the connection")
 
@@ -271,7 +291,13 @@ class _Connection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second answer to one request
+            self.spoiled = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._final:
+            return  # a chunked body's trailer: nothing a relay passes on
         self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
@@ -281,13 +307,14 @@ class _Connection(asyncio.Protocol):
         start = httputil.ResponseStartLine(version, code, self._reason.decode("latin-1"))
         self._events.append(("head", (start, self._headers)))
         self._headers, self._reason = httputil.HTTPHeaders(), b""
-        self._head_bytes = -1 if code >= 200 else 0
+        self._final = code >= 200
+        self._head_bytes = -1 if self._final else 0
 
     def on_body(self, body: bytes) -> None:
         self._events.append(("body", body))
-        self._queued += len(body)
 
     def on_message_complete(self) -> None:
+        self._complete = self._complete or self._final
         self._events.append(("done", None))
 
 
@@ -299,20 +326,23 @@ async def _read_response(conn: _Connection, method: str, watch: _Watch) -> bool:
             try:
                 events = await conn.events()
             except ConnectionError:
-                if start is not None and start.code >= 200 and not watch.delimited:
+                final = start is not None and start.code >= 200
+                if final and not watch.delimited and conn.closed_cleanly():
                     watch.finish()  # a body that ends with the connection
                     return False
                 raise
-            for kind, value in events:
+            for i, (kind, value) in enumerate(events, 1):
                 if kind == "head":
                     start = value[0]
                     await _awaited(watch.headers_received(*value))
                     if start.code >= 200 and method == "HEAD":
-                        watch.finish()  # the length it announces is not sent
+                        conn.spoiled |= i < len(events)  # the length it announces is not sent
+                        watch.finish()
                         return True
                 elif kind == "body":
                     await _awaited(watch.data_received(value))
                 elif start is not None and start.code >= 200:
+                    conn.spoiled |= i < len(events)
                     watch.finish()
                     return True
                 # else an interim 1xx answer is complete: the real one follows
@@ -361,7 +391,7 @@ class UpstreamPool:
                 await self._send(origin, conn, request, watch)
                 return
             except ConnectionError:
-                if watch.started or request.aborted:
+                if conn.answered or request.aborted:
                     raise
                 # The server closed the idle connection as the request went out:
                 # nothing of it was answered, so it is sent again on a new one.
@@ -392,7 +422,8 @@ class UpstreamPool:
             done = await _read_response(conn, request.method, watch)
         finally:
             request._conn = None
-            if done and watch.reusable and not conn.closed() and not request.aborted:
+            reuse = done and watch.reusable and not request.aborted
+            if reuse and not conn.closed() and not conn.spoiled:
                 self._give(origin, conn)
             else:
                 conn.close()
@@ -401,7 +432,9 @@ class UpstreamPool:
         context = tls.ssl_context() if origin.scheme == "https" else None
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(
-            loop.create_connection(_Connection, origin.host, origin.port, ssl=context),
+            loop.create_connection(
+                _Connection, origin.host, origin.port, ssl=context, happy_eyeballs_delay=0.3
+            ),
             self.connect_timeout,
         )
         self.opened += 1
