@@ -173,6 +173,43 @@ async def test_a_200_mb_artifact_streams_through_without_growing_the_server(
     assert peak - before < 80, f"server memory grew by {peak - before:.0f} MB"
 
 
+
+REFUSED_UPLOAD = """
+    import json, os, requests
+    resp = requests.put(
+        os.environ["URL"], data=b"x" * (8 << 20), timeout=120,
+        headers={"Authorization": "token " + os.environ["TOKEN"]},
+    )
+    print(json.dumps({"status": resp.status_code, "body": resp.text[:500]}))
+"""
+
+
+async def test_an_upload_the_tracking_server_refuses_gets_its_refusal(
+    jp_fetch, jp_serverapp, jp_base_url, mlflow_server
+):
+    # MLflow refuses an artifact upload into a colleague's experiment as soon as it has
+    # the headers; the browser must see that 403, not "cannot be reached". (MLflow reads
+    # the rest of the body; servers that close at once instead, as nginx does past its
+    # body limit, are covered in test_upstream.py.)
+    await login_as_new_user(jp_fetch, mlflow_server)
+    admin = requests.Session()
+    admin.auth = (mlflow_server.admin.username, mlflow_server.admin.password)
+    api = f"{mlflow_server.uri}/api/2.0/mlflow"
+    name = f"theirs-{time.time()}"
+    exp = admin.post(f"{api}/experiments/create", json={"name": name}, timeout=30).json()
+    run = admin.post(f"{api}/runs/create", json=exp, timeout=30).json()
+    exp, run_id = exp["experiment_id"], run["run"]["info"]["run_id"]
+    url = lab_url(jp_serverapp, jp_base_url) + (
+        f"mantik/mlflow/api/2.0/mlflow-artifacts/artifacts/{exp}/{run_id}/artifacts/big.bin"
+    )
+    out = await run_python(
+        REFUSED_UPLOAD, {"URL": url, "TOKEN": jp_serverapp.identity_provider.token}
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == 403, result
+    assert "permission" in result["body"].lower(), result
+
+
 class WithStandInUpstream:
     """Test classes whose lab talks to a tornado stand-in for the tracking server."""
 
@@ -397,3 +434,42 @@ class TestHttpsUpstream:
         resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
         assert resp.code == 400
         assert "no-such-ca.pem is not a file" in json.loads(resp.body)["message"]
+
+
+class TestEarlyRefusal(WithStandInUpstream):
+    """An upstream that refuses an upload from its headers, answers in full and reads
+    no more of the body: the client gets the refusal, and the lab is not left waiting
+    on an upload nobody takes."""
+
+    @pytest.fixture
+    def upstream(self):
+        @tornado.web.stream_request_body
+        class Refuse(tornado.web.RequestHandler):
+            async def prepare(self) -> None:
+                self.gone = asyncio.Event()
+                self.set_status(413)
+                self.set_header("Content-Length", "23")
+                self.write("too big for this server")
+                await self.flush()
+
+            async def data_received(self, chunk: bytes) -> None:
+                await self.gone.wait()  # reads nothing more while the client is there
+
+            def on_connection_close(self) -> None:
+                self.gone.set()
+
+        with self.serving(Refuse):
+            yield
+
+    async def test_an_upload_refused_mid_body_gets_the_refusal(
+        self, jp_serverapp, jp_base_url, jp_fetch
+    ):
+        url = lab_url(jp_serverapp, jp_base_url) + "mantik/mlflow/api/2.0/upload"
+        out = await run_python(
+            REFUSED_UPLOAD, {"URL": url, "TOKEN": jp_serverapp.identity_provider.token}, 60
+        )
+        assert json.loads(out.strip().splitlines()[-1]) == {
+            "status": 413, "body": "too big for this server"
+        }  # fmt: skip
+        resp = await jp_fetch("mantik", "api", "auth", "status")
+        assert resp.code == 200

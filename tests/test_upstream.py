@@ -248,8 +248,9 @@ class Canned:
     broken answers. ``None`` in the script closes the connection after answering,
     ``RESET`` resets it."""
 
-    def __init__(self, *answers: object) -> None:
+    def __init__(self, *answers: object, read_bodies: bool = True) -> None:
         self.script = list(answers)
+        self.read_bodies = read_bodies
         self.requests: list[bytes] = []
         self.connections = 0
         self.port = free_port()
@@ -272,7 +273,8 @@ class Canned:
                     for line in head.split(b"\r\n")
                     if line.lower().startswith(b"content-length:")
                 ]
-                body = await reader.readexactly(int(length[0].split(b":")[1])) if length else b""
+                size = int(length[0].split(b":")[1]) if length and self.read_bodies else 0
+                body = await reader.readexactly(size)
                 self.requests.append(head + body)
                 writer.write(self.script.pop(0) or b"")  # type: ignore[arg-type]
                 await writer.drain()
@@ -433,3 +435,29 @@ async def test_a_reset_is_not_the_end_of_a_body_that_ends_with_the_connection() 
         with pytest.raises(ConnectionResetError):
             await UpstreamPool().exchange(up.origin, request("a"), got)
         assert got.closed and got.body.startswith(b"part")
+
+
+def upload(size: int) -> UpstreamRequest:
+    async def produce(write):  # type: ignore[no-untyped-def]
+        for _ in range(size >> 18):
+            await write(b"y" * (1 << 18))
+
+    streamed = request("upload", "PUT")
+    streamed.headers["Content-Length"] = str(size)
+    streamed.body_producer = produce
+    return streamed
+
+
+@pytest.mark.parametrize("then", [None, "stalls"], ids=["closes", "stops-reading"])
+async def test_an_answer_before_the_whole_upload_is_the_answer(then: str | None) -> None:
+    # A server refusing an upload answers at once and closes, or stops reading: the
+    # client must get that answer, not a broken pipe or a hang.
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\ndenied!"
+    script = [refusal, None] if then is None else [refusal, OK]
+    async with Canned(*script, read_bodies=False) as up:
+        pool = UpstreamPool()
+        got = Collect()
+        await asyncio.wait_for(pool.exchange(up.origin, upload(64 << 20), got), 20)
+        assert (got.code, got.body) == (403, b"denied!")
+        assert pool._idle.get(up.origin, []) == []  # the rest of the body is on that one
+        pool.close()

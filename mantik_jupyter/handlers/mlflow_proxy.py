@@ -181,12 +181,20 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 self._fetch = asyncio.ensure_future(
                     upstream_pool().exchange(self._origin, self._request, _Relay(self))
                 )
+                self._fetch.add_done_callback(self._discard_body)
 
     async def data_received(self, chunk: bytes) -> None:
         if self._buffered is not None:
             self._buffered.append(chunk)
-        elif self._body is not None:
+        elif self._body is not None and self._fetch is not None and not self._fetch.done():
             await self._body.put(chunk)
+
+    def _discard_body(self, fetch: asyncio.Future[None]) -> None:
+        # The exchange ended before the upload did (the tracking server refused it
+        # early): the rest of the body has nowhere to go, and must not wait for room.
+        assert self._body is not None
+        while not self._body.empty():
+            self._body.get_nowait()
 
     async def _produce(self, write: Any) -> None:
         assert self._body is not None

@@ -187,16 +187,20 @@ class _Connection(asyncio.Protocol):
     # -- sending
 
     def write(self, data: bytes) -> None:
-        if self.closed():
-            raise self._closed_error()
+        self._check_sending()
         assert self.transport is not None
         self.transport.write(data)
 
     async def drain(self) -> None:
         if self._drained is not None:
             await self._drained
+        self._check_sending()
+
+    def _check_sending(self) -> None:
         if self.closed():
             raise self._closed_error()
+        if self._complete:  # a server that answered mid-body may not read the rest
+            raise ConnectionAbortedError("the tracking server answered before the whole body")
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -314,7 +318,10 @@ class _Connection(asyncio.Protocol):
         self._events.append(("body", body))
 
     def on_message_complete(self) -> None:
-        self._complete = self._complete or self._final
+        if self._final:
+            self._complete = True
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)  # the body being sent is no longer wanted
         self._events.append(("done", None))
 
 
@@ -416,9 +423,16 @@ class UpstreamPool:
                         conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                         await conn.drain()
 
-                await request.body_producer(write)
-                if chunked:
-                    conn.write(b"0\r\n\r\n")
+                try:
+                    await request.body_producer(write)
+                    if chunked:
+                        conn.write(b"0\r\n\r\n")
+                except ConnectionError:
+                    if not conn.answered:
+                        raise
+                    # The server answered before it took the whole body (it refused it,
+                    # often closing at once): that answer is the client's, not the error.
+                    conn.spoiled = True
             done = await _read_response(conn, request.method, watch)
         finally:
             request._conn = None
