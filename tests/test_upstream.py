@@ -18,7 +18,7 @@ import tornado.web
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 
-from mantik_jupyter.handlers import upstream as upstream_module
+from mantik_jupyter.handlers import upstream_http
 from mantik_jupyter.handlers.upstream import Origin, UpstreamPool, UpstreamRequest
 from mantik_jupyter.tracking.embedded import free_port
 from mantik_jupyter.tracking.tls import ENV_CERT_PATH, ENV_INSECURE
@@ -135,7 +135,7 @@ async def test_a_request_lost_on_a_stale_connection_is_sent_again(monkeypatch) -
         await pool.exchange(up.origin, request("first"), Collect())
         await asyncio.sleep(0.3)
         # The pool has been told the connection is gone; here it behaves as if not yet.
-        monkeypatch.setattr(upstream_module._Connection, "closed", lambda self: False)
+        monkeypatch.setattr(upstream_http.Connection, "closed", lambda self: False)
         got = Collect()
         await pool.exchange(up.origin, request("again", "POST", b"payload"), got)
         assert got.code == 200 and b"payload" in got.body
@@ -334,7 +334,7 @@ async def test_an_unreadable_answer_raises_and_closes(answer: bytes) -> None:
     async with Canned(answer) as up:
         pool = UpstreamPool()
         got = Collect()
-        with pytest.raises(upstream_module.UpstreamProtocolError, match="tracking server"):
+        with pytest.raises(upstream_http.UpstreamProtocolError, match="tracking server"):
             await pool.exchange(up.origin, request("x"), got)
         assert got.closed and pool._idle.get(up.origin, []) == []
 
@@ -398,7 +398,7 @@ async def test_a_request_is_not_sent_again_once_anything_came_back() -> None:
     async with Canned(OK, b"HTTP/1.1 2oops\r\n\r\n") as up:
         pool = UpstreamPool()
         await pool.exchange(up.origin, request("first"), Collect())
-        with pytest.raises(upstream_module.UpstreamProtocolError):
+        with pytest.raises(upstream_http.UpstreamProtocolError):
             await pool.exchange(up.origin, request("create", "POST", b"{}"), Collect())
         assert len(up.requests) == 2 and pool.opened == 1
         pool.close()
