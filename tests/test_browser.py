@@ -51,8 +51,15 @@ def open_lab(page, lab: LabServer):
     tab = page.locator('.jp-SideBar.jp-mod-left [data-id="mantik-sidebar"]')
     expect(tab).to_be_visible()
     sidebar = page.locator('[data-testid="mantik-sidebar"]')
-    if not sidebar.is_visible():
-        tab.click()
+    # The tab toggles the panel, and the lab may still be restoring its layout (which
+    # opens the panel too): click only while the tab is not the current one, and look
+    # again, so that a restore landing just before a click cannot leave it closed.
+    for _ in range(120):
+        if sidebar.is_visible():
+            break
+        if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+            tab.click()
+        page.wait_for_timeout(500)
     expect(sidebar).to_be_visible()
     return sidebar
 
