@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import httputil, web
-from tornado.iostream import StreamClosedError
 
 from ..errors import TrackingUnavailable
 from ..tracking.tls import certificate_hint
@@ -250,8 +249,6 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if self._started:
             self.finish()
             return
-        if isinstance(error, StreamClosedError) and error.real_error is not None:
-            error = error.real_error
         if isinstance(error, ssl.SSLCertVerificationError):
             raise TrackingUnavailable(certificate_hint(self._upstream))
         raise TrackingUnavailable(

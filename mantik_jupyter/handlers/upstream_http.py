@@ -125,7 +125,7 @@ class Connection(asyncio.Protocol):
         self.answered = False  # some byte of the answer came: the request was seen
         self._final = False  # the answer's head is the final (>= 200) one
         self._complete = False  # the final answer has ended
-        self.spoiled = False  # more came than was asked for: never reuse
+        self.spoiled = False  # never reuse: more came than asked, or a body was cut short
         self._events: list[tuple[str, Any]] = []
         self._queued = 0
         self._head_bytes = 0
