@@ -112,6 +112,19 @@ async def test_proxy_keeps_upstream_status_and_serves_the_ui(jp_fetch, mlflow_se
     assert "frame-ancestors 'self'" in resp.headers.get("Content-Security-Policy", "")
 
 
+async def test_proxied_calls_count_as_activity_of_the_lab(jp_fetch, jp_serverapp, mlflow_server):
+    # A JupyterHub idle culler reads this; using MLflow through the lab is using the lab.
+    await login_as_new_user(jp_fetch, mlflow_server)
+    settings = jp_serverapp.web_app.settings
+    path = ("mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search")
+    settings["api_last_activity"] = before = settings["started"]
+    await jp_fetch(*path, params={"max_results": "1"})
+    assert settings["api_last_activity"] > before
+    settings["api_last_activity"] = before
+    await jp_fetch(*path, params={"max_results": "1", "no_track_activity": "1"})
+    assert settings["api_last_activity"] == before
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.local import LocalBackend
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
@@ -145,6 +146,21 @@ def test_cancel_kills_the_process_group(service, project):
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
     assert killed.reason == "CANCELLED"
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
+    # As for a job killed before its script reached the credential file.
+    local = tmp_path / "prepared"
+    local.mkdir()
+    (local / "mantik-job.sh").write_text("sleep 300\n")
+    (local / ".mantik-credentials").write_text("MLFLOW_TRACKING_TOKEN=t0ken\n")
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(PreparedJob(run_id="r1", local_dir=local, job_name="t"))
+    creds = Path(backend.run_dir_of(job_id)) / ".mantik-credentials"
+    assert creds.is_file()
+    backend.cancel(job_id)
+    assert backend.states([job_id])[job_id].state == RunState.KILLED
+    assert not creds.exists()
 
 
 def test_restarted_lab_still_tracks_the_run(tracking, project, tmp_path, mlflow_server):

@@ -236,6 +236,29 @@ def test_token_login_expired_token_and_states_of_many_jobs(unicore_site, tmp_pat
         jwt_like.states(ids)
 
 
+def test_aborting_a_queued_job_deletes_its_credential_file(
+    unicore_site, unicore_password, tmp_path, monkeypatch
+):
+    # Long enough in the queue to be aborted there: the job script never runs.
+    monkeypatch.setattr(unicore_site, "queue_delay", 5.0)
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job = _prepared(tmp_path, "echo never\n")
+    (job.local_dir / ".mantik-credentials").write_text("MLFLOW_TRACKING_TOKEN=t0ken\n")
+    job.files.append(".mantik-credentials")
+    job_id = backend.submit(job)
+    deadline = time.monotonic() + 10
+    while unicore_site.jobs[job_id].status != "QUEUED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    creds = unicore_site.jobs[job_id].workdir / ".mantik-credentials"
+    assert creds.is_file()
+    backend.cancel(job_id)
+    assert not creds.exists()
+    final = _wait_final(backend, job_id)
+    assert final.state == RunState.KILLED
+    assert not (unicore_site.jobs[job_id].workdir / "mantik.log").exists()
+    backend.cancel(job_id)  # ended: nothing to stop or delete
+
+
 def test_rejected_description_shows_unicores_message(
     unicore_site,
     unicore_password,

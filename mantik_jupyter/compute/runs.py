@@ -33,7 +33,8 @@ State mapping (see ``docs/states.md``): backends report ``JobStatus`` with a ``R
 its active runs ``UNKNOWN`` (MLflow status unchanged) — never ``FAILED``.
 
 Secrets: the job's tracking credential only exists in the 0600 file next to the job
-script (deleted locally right after submission, and by the job when it starts). With the
+script (deleted locally right after submission, by the job when it starts, and by the
+backend's ``cancel`` for a job cancelled before it started). With the
 embedded server (``TrackingService.is_embedded``) each run gets its own MLflow user with
 ``EDIT`` on its experiment, deleted when the run ends; with a remote server the job gets
 the user's own credential.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -255,6 +256,17 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             f"The tracking server {self._upstream} cannot be reached "
             f"({type(error).__name__ if error else 'no response'}). Check that it runs."
         )
+
+    def on_finish(self) -> None:
+        # Working in the MLflow UI or with the MLflow client through the lab is use of
+        # the lab, as Jupyter's own API calls are (same rule as ``APIHandler``): a
+        # JupyterHub idle culler must not stop a lab that is in use only through here.
+        if (
+            getattr(self, "_jupyter_current_user", None)
+            and "no_track_activity" not in self.request.query_arguments
+        ):
+            self.settings["api_last_activity"] = datetime.now(UTC)
+        super().on_finish()
 
     def on_connection_close(self) -> None:
         # The upstream connection is closed with the browser's, also mid-answer.

@@ -171,6 +171,19 @@ def test_cancel_kills_and_cancelling_again_is_fine(backend, tmp_path):
     backend.cancel(job_id)
 
 
+def test_cancelling_a_pending_job_deletes_its_credential_file(backend, tmp_path):
+    # A held job never starts, so its script never gets to delete the credential.
+    job_id = backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n"))
+    creds = f"{backend.run_dir_of(job_id)}/.mantik-credentials"
+    with backend._lock:
+        assert backend._sftp_client().stat(creds)
+    backend.cancel(job_id)
+    assert wait_for(backend, job_id, FINAL, timeout=30).state == RunState.KILLED
+    with backend._lock, pytest.raises(FileNotFoundError):
+        backend._sftp_client().stat(creds)
+    backend.cancel(job_id)  # again: nothing left to delete, still fine
+
+
 def test_log_is_read_while_running_from_offsets(backend, tmp_path):
     job_id = backend.submit(make_job(tmp_path, "echo part one; sleep 4; echo part two; sleep 60"))
     try:

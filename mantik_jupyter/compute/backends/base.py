@@ -84,7 +84,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:
-        """Stop a job. Cancelling a job that already ended is not an error."""
+        """Stop a job and delete its credential file if the job never got to it.
+        Cancelling a job that already ended is not an error."""
 
     @abc.abstractmethod
     def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:

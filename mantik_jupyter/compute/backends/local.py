@@ -216,6 +216,13 @@ class LocalBackend(Backend):
     def cancel(self, job_id: str) -> None:
         job_id = self._check_job_id(job_id)
         run_dir = Path(self.run_dir_of(job_id))
+        try:
+            self._stop(job_id, run_dir)
+        finally:
+            # Killed before its script got to the credential file, the job leaves it behind.
+            (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
+
+    def _stop(self, job_id: str, run_dir: Path) -> None:
         if not self._alive(job_id):
             return
         (run_dir / CANCELLED_FILE).write_text("cancelled\n")

@@ -507,6 +507,24 @@ class SshSlurmBackend(Backend):
         err = result.err_text
         if result.status != 0 and "already completed" not in err and "Invalid job id" not in err:
             raise BackendRejected(f"scancel on {self.hostname} failed for job {job_id}: {err}")
+        self._remove_credentials(job_id)
+
+    def _remove_credentials(self, job_id: str) -> None:
+        # A job cancelled while pending never runs the script that deletes its tracking
+        # credential; without this it would stay in the run directory for good.
+        try:
+            path = posixpath.join(self.run_dir_of(job_id), layout.CREDENTIALS_FILE)
+        except NotFound:
+            return  # Slurm forgot the job and nobody told us where it lived
+
+        def remove() -> None:
+            with self._lock:
+                try:
+                    self._sftp_client().remove(path)
+                except FileNotFoundError:
+                    pass  # the job started and deleted it itself
+
+        self._with_connection(remove, "deleting the cancelled job's credential file")
 
     # ---- files ----------------------------------------------------------------------------
 

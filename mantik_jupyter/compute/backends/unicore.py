@@ -32,9 +32,10 @@ the job description (UNICORE stores descriptions and shows them at
 ``/jobs/{id}/submitted``), nor in the ``Environment``, the job's name, tags or log; it
 is uploaded as the 0600 file ``.mantik-credentials`` (the job runs with
 ``Umask: 077``, which UNICORE applies to staged-in files) before the job is started; the
-job script reads it as data and deletes it first thing, as on Slurm; with the embedded
-tracking server it is a per-run user that can only write to the run's experiment and
-is deleted when the run ends.
+job script reads it as data and deletes it first thing, as on Slurm (``cancel`` deletes
+it for a job aborted before it started); with the embedded tracking server it is a
+per-run user that can only write to the run's experiment and is deleted when the run
+ends.
 
 Job ids are UNICORE's job ids (the last part of the job URL). The run directory
 (``run_dir_of``) is the URL of the job's working-directory storage; after a restart of
@@ -569,6 +570,15 @@ class UnicoreBackend(Backend):
             self._call(job.abort, f"aborting job {job_id}")
         except NotFound:
             return  # gone already: nothing to stop
+        # A job aborted before it ran never deletes its tracking credential itself.
+        storage = self._storage(job_id)
+        try:
+            self._call(
+                lambda: storage.rm(layout.CREDENTIALS_FILE),
+                f"deleting the credential file of aborted job {job_id}",
+            )
+        except NotFound:
+            pass  # the job started and deleted it
 
     # ---- files -----------------------------------------------------------------------------
 
