@@ -120,6 +120,11 @@ class RunUserSpy:
         monkeypatch.setattr(runs_module, "create_run_user", spy)
 
     @property
+    def made(self) -> list[Credential]:
+        """Every per-run credential made, also for a run whose creation then failed."""
+        return [cred for _, _, cred in self._made]
+
+    @property
     def created(self) -> dict[str, Credential]:
         out: dict[str, Credential] = {}
         for admin, experiment_id, cred in self._made:

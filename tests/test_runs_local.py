@@ -17,10 +17,12 @@ from mantik_jupyter.errors import (
     ConfigError,
     Conflict,
     NotFound,
+    PermissionDenied,
     ProjectError,
     TrackingUnavailable,
     UnsafePath,
 )
+from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
 from .runs_helpers import (
@@ -228,6 +230,34 @@ def test_errors_come_before_anything_is_created(service, project, mlflow_server,
         confined.submit(project, experiment_name=name)
     with pytest.raises(UnsafePath):
         confined.submit("../weather-forecast", experiment_name=name)
+
+
+def test_a_colleagues_experiment_is_refused_with_what_to_do(
+    service, project, mlflow_server, monkeypatch, user
+):
+    colleague = mlflow_server.create_user()
+    theirs = RunsApi(TrackingClient(mlflow_server.uri, colleague))
+    exp_id = theirs.create_experiment("colleagues-forecasts")
+    spy = RunUserSpy(monkeypatch)
+    advice = "add runs to the experiment {}: .*Ask its owner for EDIT permission"
+    # Not even readable (the server's default is no permission).
+    with pytest.raises(PermissionDenied, match=advice.format("'colleagues-forecasts'")) as err:
+        service.submit(project, experiment_name="colleagues-forecasts")
+    assert user.username in err.value.message and mlflow_server.uri in err.value.message
+    with pytest.raises(PermissionDenied, match=advice.format(f"id {exp_id}")):
+        service.submit(project, experiment_id=exp_id)
+    # Readable, but not to add runs to.
+    theirs.client.request(
+        "POST", "api/3.0/mlflow/users/permissions/grant",
+        json={"username": user.username, "resource_type": "experiment",
+              "resource_id": exp_id, "permission": "READ"},
+    )  # fmt: skip
+    with pytest.raises(PermissionDenied, match=advice.format("'colleagues-forecasts'")):
+        service.submit(project, experiment_name="colleagues-forecasts")
+    assert _run_count(mlflow_server, "colleagues-forecasts") == 0
+    # The per-run user made beside the refused run creation is gone again.
+    assert len(spy.made) == 1 and not login_works(mlflow_server, spy.made[0])
+    assert not list(service.work_dir.glob("*"))
 
 
 def test_failed_submission_marks_the_run_and_removes_its_user(

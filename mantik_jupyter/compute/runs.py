@@ -482,10 +482,18 @@ class RunService:
                 progress=(lambda d, t: progress("package", d, t)) if progress else None,
             )
             api = self._api()
-            exp_id = self._submit_experiment(
-                api, experiment_id, experiment_name or project.name or project_path.name
-            )
             user = self._username()
+            experiment = (
+                f"id {experiment_id}"
+                if experiment_id
+                else repr(experiment_name or project.name or project_path.name)
+            )
+            try:
+                exp_id = self._submit_experiment(
+                    api, experiment_id, experiment_name or project.name or project_path.name
+                )
+            except PermissionDenied:
+                raise _experiment_refused(api, user, experiment) from None
             tags = {
                 TAG_STATE: str(RunState.SUBMITTING),
                 TAG_BACKEND: backend.capabilities.name,
@@ -515,12 +523,14 @@ class RunService:
                 user_made = pool.submit(create_run_user, admin, run_user, exp_id)
             try:
                 run = api.create_run(exp_id, run_name=run_name, tags=tags)
-            except BaseException:
+            except BaseException as exc:
                 # The experiment may be gone: look it up afresh next time.
                 self._forget_experiment(exp_id)
                 # Remove the user made meanwhile (a failed creation left none).
                 if run_user and user_made is not None and user_made.exception() is None:
                     _delete_run_user_quietly(admin, run_user)
+                if isinstance(exc, PermissionDenied):  # may read it, but not add to it
+                    raise _experiment_refused(api, user, experiment) from None
                 raise
             run_id = run["info"]["run_id"]
             job_dir = self.work_dir / run_id
@@ -1181,6 +1191,15 @@ def _delete_run_user_quietly(admin: TrackingClient | None, username: str) -> Non
 def _key_values(items: Mapping[str, str]) -> builtins.list[dict[str, str]]:
     """Tags or params as MLflow's REST API lists them."""
     return [{"key": k, "value": str(v)} for k, v in items.items()]
+
+
+def _experiment_refused(api: RunsApi, user: str | None, experiment: str) -> PermissionDenied:
+    who = f"user {user!r}" if user else "your token"
+    return PermissionDenied(
+        f"The tracking server {api.client.uri} does not let {who} add runs to the experiment "
+        f"{experiment}: it belongs to someone else. Ask its owner for EDIT permission on it, "
+        "or submit to an experiment of your own (another experiment name)."
+    )
 
 
 def _credential_file(credential: Credential) -> str:
