@@ -461,3 +461,35 @@ async def test_an_answer_before_the_whole_upload_is_the_answer(then: str | None)
         assert (got.code, got.body) == (403, b"denied!")
         assert pool._idle.get(up.origin, []) == []  # the rest of the body is on that one
         pool.close()
+
+
+def test_the_pool_works_in_a_lab_running_on_uvloop() -> None:
+    # uvloop's transports are not asyncio.Transport subclasses and its loop has no happy
+    # eyeballs: both once broke every proxied call of a lab started on uvloop.
+    import uvloop
+
+    async def exchanges() -> None:
+        with serving(Upstream(), UpstreamPool()) as (up, pool):
+            for path in ("one", "parts", "two"):
+                got = Collect()
+                await pool.exchange(up.origin, request(path, "POST", b"{}"), got)
+                assert got.code == 200, path
+            assert got.body == b'{"path": "two", "body": "{}"}'
+            assert pool.opened == 1
+
+            big = b"x" * (8 << 20)  # far beyond the socket buffers: writing must wait
+
+            async def produce(write):  # type: ignore[no-untyped-def]
+                for start in range(0, len(big), 1 << 16):
+                    await write(big[start : start + (1 << 16)])
+
+            streamed = request("upload", "PUT")
+            streamed.headers["Content-Length"] = str(len(big))
+            streamed.body_producer = produce
+            got = Collect()
+            await pool.exchange(up.origin, streamed, got)
+            assert got.code == 200 and up.seen[-1][2] == big
+            assert len(got.body) > len(big)  # the echo came back whole
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(exchanges())

@@ -152,12 +152,13 @@ class UpstreamPool:
     async def _connect(self, origin: Origin) -> Connection:
         context = tls.ssl_context() if origin.scheme == "https" else None
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(
+        try:
+            connecting = loop.create_connection(
                 Connection, origin.host, origin.port, ssl=context, happy_eyeballs_delay=0.3
-            ),
-            self.connect_timeout,
-        )
+            )
+        except TypeError:  # a lab on uvloop, whose loop has no happy eyeballs
+            connecting = loop.create_connection(Connection, origin.host, origin.port, ssl=context)
+        _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
         self.opened += 1
         return conn
 
