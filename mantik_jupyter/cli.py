@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, json_out
 from .cli_format import ProgressBar, run_details, runs_table
 from .errors import InvalidRequest, MantikError, exit_code_table
 
@@ -56,7 +56,7 @@ class Context:
     def emit(self, data: Any, human: str | Callable[[], str]) -> None:
         """JSON for scripts (``--json``), text for people; both on stdout."""
         if self.json:
-            print(json.dumps(data, indent=2, default=str))
+            print(json_out.dumps(data, indent=2))
         else:
             print(human() if callable(human) else human)
 

@@ -22,6 +22,7 @@ import pytest
 from mantik_jupyter.errors import exit_code_table
 
 from .mlflow_fixtures import MlflowServer
+from .runs_helpers import admin_api
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "weather-forecast"
@@ -93,7 +94,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 
 
 def as_json(result: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(ok(result).stdout)
+    return json.loads(ok(result).stdout, parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} in --json output: not JSON (jq refuses it)")
 
 
 def wait_state(mantik: Mantik, run_id: str, states: set[str], timeout: float = 60) -> dict:
@@ -213,7 +218,9 @@ def test_unreachable_server(tmp_path: Path) -> None:
 # ---- runs ------------------------------------------------------------------------------
 
 
-def test_runs_lifecycle(mantik: Mantik, project: Path, tmp_path: Path) -> None:
+def test_runs_lifecycle(
+    mantik: Mantik, project: Path, tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
     experiment = f"cli-{uuid.uuid4().hex[:8]}"
     run_name = f"cli-run-{uuid.uuid4().hex[:6]}"
     result = ok(
@@ -260,6 +267,11 @@ def test_runs_lifecycle(mantik: Mantik, project: Path, tmp_path: Path) -> None:
 
     info = as_json(mantik("runs", "info", run_id, "--json"))
     assert info["metrics"] and info["params"]["epochs"] == "2"
+    # A diverged metric keeps the output JSON (no bare NaN), as MLflow spells it.
+    admin_api(mlflow_server).client.api(
+        "POST", "runs/log-metric", run_id=run_id, key="loss", value="NaN", timestamp=1, step=9
+    )
+    assert as_json(mantik("runs", "info", run_id, "--json"))["metrics"]["loss"] == "NaN"
     human = ok(mantik("runs", "info", run_id)).stdout
     assert "Params:" in human and "epochs = 2" in human and "Metrics:" in human
 

@@ -23,6 +23,7 @@ from traitlets.config import Config
 
 from .lab_fixtures import lab_config
 from .mlflow_fixtures import MlflowServer
+from .runs_helpers import admin_api
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "weather-forecast"
@@ -62,8 +63,12 @@ async def call(
     resp: HTTPResponse = await jp_fetch(
         "mantik", "api", *parts, params={k: v for k, v in params.items() if v is not None}, **kwargs
     )
-    data = json.loads(resp.body) if resp.body else None
+    data = json.loads(resp.body, parse_constant=_not_json) if resp.body else None
     return resp.code, data
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} in an answer: not JSON (JSON.parse and jq refuse it)")
 
 
 @pytest.fixture
@@ -185,7 +190,9 @@ def test_openapi_describes_every_route(jp_serverapp: Any, jp_base_url: str) -> N
 # ---- the lifecycle ---------------------------------------------------------------------
 
 
-async def test_submit_follow_download(jp_fetch: Any, project: str, logged_in: str) -> None:
+async def test_submit_follow_download(
+    jp_fetch: Any, project: str, logged_in: str, mlflow_server: MlflowServer
+) -> None:
     name = experiment()
     run = await submit(
         jp_fetch,
@@ -206,6 +213,12 @@ async def test_submit_follow_download(jp_fetch: Any, project: str, logged_in: st
     assert run["mlflow_status"] == "FINISHED"
     assert run["params"]["epochs"] == "2"
     assert run["params"]["station"] == "Jülich 1; touch pwned"
+    # A diverged metric is still JSON, spelled as MLflow spells it.
+    admin_api(mlflow_server).client.api(
+        "POST", "runs/log-metric", run_id=run_id, key="loss", value="NaN", timestamp=1, step=99
+    )
+    code, run = await call(jp_fetch, "runs", run_id)
+    assert run["metrics"]["loss"] == "NaN", run
 
     # A unique prefix names the run as well as the full id.
     code, by_prefix = await call(jp_fetch, "runs", run_id[:10])

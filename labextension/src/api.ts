@@ -499,12 +499,21 @@ function stringRecord(value: unknown): Record<string, string> {
   return out;
 }
 
+// Values that are not finite come as MLflow writes them in JSON.
+const NON_FINITE = new Map<string, number>([
+  ['NaN', NaN],
+  ['Infinity', Infinity],
+  ['-Infinity', -Infinity]
+]);
+
 function numberRecord(value: unknown): Record<string, number> {
   const out: Record<string, number> = {};
   if (isRecord(value)) {
     for (const [key, v] of Object.entries(value)) {
       if (typeof v === 'number') {
         out[key] = v;
+      } else if (typeof v === 'string' && NON_FINITE.has(v)) {
+        out[key] = NON_FINITE.get(v) as number;
       }
     }
   }

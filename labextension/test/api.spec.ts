@@ -6,7 +6,8 @@ import {
   MantikApi,
   MantikApiError,
   NETWORK_ERROR_REASON,
-  parseAuthStatus
+  parseAuthStatus,
+  parseRun
 } from '../src/api';
 
 interface IRecorded {
@@ -228,6 +229,17 @@ describe('MantikApi runs and projects', () => {
     user: 'ada',
     warnings: []
   };
+
+  it('reads metrics that are not finite as the server spells them', () => {
+    const metrics = { loss: 'NaN', grad: 'Infinity', low: '-Infinity', rmse: 0.5, bad: 'x' };
+    expect(parseRun({ ...RUN, metrics }).metrics).toEqual({
+      loss: NaN,
+      grad: Infinity,
+      low: -Infinity,
+      rmse: 0.5
+    });
+    expect(parseRun({ ...RUN, metrics: { loss: 'toString' } }).metrics).toEqual({});
+  });
 
   it('lists runs with query parameters', async () => {
     const { api, requests } = fakeServer(json({ runs: [RUN], next_page_token: null }));

@@ -18,6 +18,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import ensure_async
 from tornado import web
 
+from .. import json_out
 from ..errors import InvalidRequest, MantikError
 
 if TYPE_CHECKING:
@@ -109,4 +110,4 @@ class MantikAPIHandler(MantikMixin, APIHandler):
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data, default=str))
+        self.finish(json_out.dumps(data))
