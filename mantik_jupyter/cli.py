@@ -223,7 +223,7 @@ def cmd_logs(ctx: Context) -> int:
         else:
             _follow(ctx, args.run, args.offset)
         return EXIT_OK
-    chunk = ctx.runs.logs(args.run, offset=args.offset)
+    chunk = ctx.runs.all_logs(args.run, offset=args.offset)
     if ctx.json:
         ctx.emit({"text": chunk.text, "offset": chunk.offset, "final": chunk.final}, "")
     else:

@@ -44,6 +44,29 @@ def copy_example(dest: Path) -> Path:
     return project
 
 
+BIG_LOG_WRITER = """\
+import os, sys
+sys.stdout.flush()
+# Up to one byte short of 4 MiB (one log read), then 4-byte characters: the read size
+# falls inside the first one.
+ascii_part = 4 * 1024 * 1024 - 1 - os.fstat(1).st_size
+sys.stdout.buffer.write(b"a" * ascii_part + "\U0001f3c3".encode() * 1000 + b"\\nend\\n")
+sys.stdout.flush()
+"""
+
+
+def big_log_project(dest: Path, config: dict) -> Path:
+    """A project whose run logs more than one read (4 MiB), a character cut by the read."""
+    project = dest / "big-log"
+    project.mkdir()
+    (project / "MLproject").write_text(
+        "name: big-log\nentry_points:\n  main:\n    command: python write.py\n"
+    )
+    (project / "write.py").write_text(BIG_LOG_WRITER)
+    write_config(project, config)
+    return project
+
+
 def write_config(project: Path, config: dict, name: str = "compute-backend-config.yaml") -> Path:
     path = project / name
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -22,7 +22,7 @@ import pytest
 from mantik_jupyter.errors import exit_code_table
 
 from .mlflow_fixtures import MlflowServer
-from .runs_helpers import admin_api
+from .runs_helpers import admin_api, big_log_project
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "weather-forecast"
@@ -294,6 +294,16 @@ def test_runs_lifecycle(
 
     result = mantik("runs", "cancel", run_id)
     assert result.returncode == 4 and "already ended" in result.stderr, result
+
+
+def test_logs_prints_a_log_longer_than_one_read(mantik: Mantik, tmp_path: Path) -> None:
+    project = big_log_project(tmp_path, {"Local": {}, "Resources": {"Queue": "local"}})
+    run = as_json(mantik("runs", "submit", str(project), "--wait", "--json"))
+    text = ok(mantik("runs", "logs", run["run_id"])).stdout
+    assert len(text.encode()) > 4 * 1024 * 1024 and text.rstrip().endswith("exit status 0")
+    assert "\U0001f3c3" * 1000 + "\nend\n" in text
+    whole = as_json(mantik("runs", "logs", run["run_id"], "--json"))
+    assert whole["text"] == text and whole["final"] is True
 
 
 def test_submit_wait_failing_run(mantik: Mantik, project: Path) -> None:

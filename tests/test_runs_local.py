@@ -33,6 +33,7 @@ from .runs_helpers import (
     artifact_bytes,
     artifact_names,
     assert_no_secret,
+    big_log_project,
     copy_example,
     login_works,
     run_failing_entry_point,
@@ -163,6 +164,22 @@ def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
     backend.cancel(job_id)
     assert backend.states([job_id])[job_id].state == RunState.KILLED
     assert not creds.exists()
+
+
+def test_a_log_longer_than_one_read_comes_whole_in_chunks(tracking, tmp_path):
+    service = RunService(tracking, work_dir=tmp_path / "work")
+    info = service.submit(big_log_project(tmp_path, LOCAL_CONFIG), experiment_name="local-logs")
+    assert wait_for(service, info.run_id, FINAL, timeout=60).state == RunState.FINISHED
+    texts, offset = [], 0
+    while not (chunk := service.logs(info.run_id, offset)).final:
+        texts.append(chunk.text)
+        offset = chunk.offset
+    # The first read ends one byte into a 4-byte character: the chunk stops before it.
+    assert len(texts[0].encode()) == 4 * 1024 * 1024 - 1 and len(texts) >= 2
+    text = "".join(texts)
+    assert "\ufffd" not in text and "\U0001f3c3" * 1000 + "\nend\n" in text
+    assert "".join(service.follow_logs(info.run_id)) == text
+    service.close()
 
 
 def test_restarted_lab_still_tracks_the_run(tracking, project, tmp_path, mlflow_server):

@@ -1021,7 +1021,9 @@ class RunService:
             return LogChunk("", offset, info.state.is_final)
         data = self._read_log(api, run, offset, info.state.is_final)
         if data:
-            return _chunk(data, offset, final_state=info.state.is_final, final=False)
+            chunk = _chunk(data, offset, final_state=info.state.is_final, final=False)
+            if chunk.offset > offset:
+                return chunk
         if not info.state.is_final:
             info = self._sync_runs(api, [run])[0]
             if not info.state.is_final:
@@ -1030,6 +1032,17 @@ class RunService:
             if data:
                 return _chunk(data, offset, final_state=True, final=False)
         return LogChunk("", offset, True)
+
+    def all_logs(self, ref: str, offset: int = 0) -> LogChunk:
+        """All log text there is now from ``offset`` (``logs`` gives one read of it)."""
+        run_id = self.resolve(ref)
+        parts = []
+        while True:
+            chunk = self.logs(run_id, offset)
+            if not chunk.text:
+                return LogChunk("".join(parts), chunk.offset, chunk.final)
+            parts.append(chunk.text)
+            offset = chunk.offset
 
     def _read_log(self, api: RunsApi, run: Mapping[str, Any], offset: int, final: bool) -> bytes:
         try:
@@ -1070,8 +1083,8 @@ class RunService:
                 final = RunInfo.from_run(run).state.is_final
                 continue
             data = self._read_log(api, run, offset, final)
-            if data:
-                chunk = _chunk(data, offset, final_state=final, final=False)
+            chunk = _chunk(data, offset, final_state=final, final=False)
+            if chunk.offset > offset:
                 offset = chunk.offset
                 yield chunk.text
                 continue
@@ -1155,9 +1168,12 @@ def _state_filter(state: str) -> builtins.list[str]:
 
 
 def _chunk(data: bytes, offset: int, *, final_state: bool, final: bool) -> LogChunk:
-    """Decode without splitting a UTF-8 character across chunks (unless the run ended)."""
-    cut = len(data) if final_state else _utf8_boundary(data)
-    if cut == 0:
+    """Decode without splitting a UTF-8 character across chunks: a character cut by the
+    read size or by a job still writing it waits for the next read. Only an ended run's
+    log may end in a partial character (the job died writing it); that comes alone.
+    Nothing to decode yet gives no text and the same offset."""
+    cut = _utf8_boundary(data)
+    if cut == 0 and final_state:
         cut = len(data)
     return LogChunk(data[:cut].decode("utf-8", errors="replace"), offset + cut, final)
 

@@ -35,7 +35,6 @@ from .display import (
     StatusLine,
     _show_runs,
     _stream_log,
-    read_log,
     short,
     tail,
     watch,
@@ -341,12 +340,14 @@ class MantikMagics(Magics):
         args = parse_argstring(self.mantik_logs, line)
         service = self._runs()
         run_id = service.resolve(self._ref(args.run))
-        text, offset = read_log(service, run_id)
-        print(tail(text, args.tail), end="", flush=True)
+        so_far = service.all_logs(run_id)
+        print(tail(so_far.text, args.tail), end="", flush=True)
         if not args.follow:
             return
         try:
-            chunks = service.follow_logs(run_id, poll_interval=self.follow_interval, offset=offset)
+            chunks = service.follow_logs(
+                run_id, poll_interval=self.follow_interval, offset=so_far.offset
+            )
             if not show_log_view(chunks):
                 _stream_log(chunks)
         except KeyboardInterrupt:

@@ -199,7 +199,7 @@ class Run:
 
     def logs(self) -> str:
         """The log so far (all of it once the run ended)."""
-        return read_log(self._service, self.run_id)[0]
+        return self._service.all_logs(self.run_id).text
 
     def wait(self, timeout: float | None = None, poll: float = 2.0) -> Run:
         """Block until the run ended (or ``timeout`` seconds passed); shows its status line."""
@@ -251,17 +251,6 @@ def watch_quietly(service: RunService, run: Run, line: StatusLine, poll: float) 
         watch(service, run, line, poll=poll)
     except MantikError as err:
         line.update(f"mantik: stopped following {short(run.run_id)}: {err.message}")
-
-
-def read_log(service: RunService, run_id: str, offset: int = 0) -> tuple[str, int]:
-    """All log text available now, and the offset after it."""
-    parts = []
-    while True:
-        chunk = service.logs(run_id, offset=offset)
-        if not chunk.text:
-            return "".join(parts), chunk.offset
-        parts.append(chunk.text)
-        offset = chunk.offset
 
 
 def tail(text: str, lines: int | None) -> str:
