@@ -75,7 +75,7 @@ class MantikApp(ExtensionApp):
         self.embedded: EmbeddedTrackingServer | None = None
         if self.tracking_uri:
             self.tracking = TrackingService(store, tracking_uri=self.tracking_uri)
-            self.log.info("mantik: using the tracking server %s", self.tracking_uri)
+            self.log.info("mantik: using the tracking server %s", self.tracking.uri)
         else:
             self.embedded = EmbeddedTrackingServer(
                 Path(self.data_dir) / "tracking", startup_timeout=self.embedded_startup_timeout

@@ -224,3 +224,31 @@ class TestTokenLogin:
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
         assert "Default" in [e["name"] for e in json.loads(resp.body)["experiments"]]
+
+
+class TestCredentialInTheTrackingUri:
+    """``http://user:password@host`` as the tracking URI: a credential, never shown."""
+
+    @pytest.fixture
+    def user(self, mlflow_server):
+        return mlflow_server.create_user()
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, mlflow_server, user):
+        scheme, rest = mlflow_server.uri.split("://", 1)
+        password = user.password.replace("-", "%2D")  # percent-escapes are undone
+        return lab_config(tmp_path / "mantik", f"{scheme}://{user.username}:{password}@{rest}/")
+
+    async def test_it_logs_in_and_the_uri_shown_has_no_password(
+        self, jp_fetch, mlflow_server, user
+    ):
+        code, body = await api_json(jp_fetch, "auth", "status")
+        assert code == 200, body
+        assert body["tracking_uri"] == mlflow_server.uri
+        assert body["logged_in"] is True and body["username"] == user.username
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+            method="POST", body=json.dumps({"max_results": 1}),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert resp.code == 200

@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import InvalidRequest
 from .secrets import read_json, write_private_json
@@ -76,6 +77,21 @@ def credential_from_env() -> Credential | None:
 
 def normalize_uri(uri: str) -> str:
     return uri.rstrip("/")
+
+
+def split_credential(uri: str) -> tuple[str, Credential | None]:
+    """The URI without a ``user:password@`` written into it, and that credential.
+
+    The URI is shown (status, messages, logs) and keys the credential store; the
+    password must be neither.
+    """
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if parts.username and parts.password:
+        return bare, Credential(username=unquote(parts.username), password=unquote(parts.password))
+    return bare, None
 
 
 class CredentialStore:

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotLoggedIn, TrackingUnavailable
-from .credentials import Credential, CredentialStore, credential_from_env, normalize_uri
+from .credentials import (
+    Credential,
+    CredentialStore,
+    credential_from_env,
+    normalize_uri,
+    split_credential,
+)
 from .embedded import EmbeddedTrackingServer, discover
 from .rest import TrackingClient
 
@@ -16,7 +22,8 @@ class TrackingService:
     """The tracking server of this lab (embedded or remote) and the user's credential for it.
 
     Credentials are looked up in this order: a login stored for the URI, the
-    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN`` environment, and, for the
+    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN`` environment, a
+    ``user:password@`` written into the URI (removed from the URI itself), and, for the
     embedded server, its generated admin credential (the automatic login).
     """
 
@@ -30,6 +37,9 @@ class TrackingService:
         if tracking_uri is None and embedded is None:
             raise ValueError("give a tracking URI or an embedded server")
         self.store = store
+        self._uri_credential: Credential | None = None
+        if tracking_uri:
+            tracking_uri, self._uri_credential = split_credential(tracking_uri)
         self._uri = normalize_uri(tracking_uri) if tracking_uri else None
         self.embedded_server = embedded
         self._embedded_credential = embedded_credential or (embedded and embedded.credential())
@@ -65,7 +75,7 @@ class TrackingService:
         env = credential_from_env()
         if env and not self.is_embedded:
             return env
-        return self._embedded_credential
+        return self._uri_credential or self._embedded_credential
 
     def require_credential(self) -> Credential:
         cred = self.credential()
