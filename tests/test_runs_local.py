@@ -218,6 +218,16 @@ def test_list_resolve_and_get(service, project):
     assert kinds["local"]["supported"] and kinds["unicore"]["supported"]
 
 
+def test_cancel_leaves_a_run_mantik_did_not_submit_alone(service, mlflow_server, user):
+    # E.g. a colleague's notebook run, logging live: nothing of mantik's to stop.
+    mine = RunsApi(TrackingClient(mlflow_server.uri, user))
+    experiment_id, _ = mine.get_or_create_experiment("plain-runs")
+    run_id = mine.create_run(experiment_id)["info"]["run_id"]
+    with pytest.raises(Conflict, match="not submitted by mantik"):
+        service.cancel(run_id)
+    assert mine.get_run(run_id)["info"]["status"] == "RUNNING"
+
+
 def _run_count(mlflow_server, name):
     api = admin_api(mlflow_server)
     found = api.get_experiment_by_name(name)

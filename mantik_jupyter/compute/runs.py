@@ -1107,6 +1107,11 @@ class RunService:
         run = self._resolve_run(api, ref)
         run_id = run["info"]["run_id"]
         info = RunInfo.from_run(run)
+        if not info.backend:
+            raise Conflict(
+                f"Run {run_id} was not submitted by mantik (it has no {TAG_BACKEND} tag): "
+                "there is no job to cancel. Stop it where it runs."
+            )
         if info.state.is_final:
             raise Conflict(f"Run {run_id} already ended ({info.state}); nothing to cancel.")
         if not info.job_id:
