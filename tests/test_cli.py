@@ -295,6 +295,13 @@ def test_runs_lifecycle(
     result = mantik("runs", "cancel", run_id)
     assert result.returncode == 4 and "already ended" in result.stderr, result
 
+    # A destination that cannot be a folder: a message naming it, no traceback.
+    (tmp_path / "afile").write_text("")
+    result = mantik("runs", "download", run_id, "--remote-path", "mantik.log",
+                    "--local-path", str(tmp_path / "afile" / "sub"))  # fmt: skip
+    assert result.returncode == 2 and "Cannot write the download to" in result.stderr, result
+    assert "Traceback" not in result.stderr
+
 
 def test_logs_prints_a_log_longer_than_one_read(mantik: Mantik, tmp_path: Path) -> None:
     project = big_log_project(tmp_path, {"Local": {}, "Resources": {"Queue": "local"}})

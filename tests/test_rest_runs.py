@@ -263,6 +263,10 @@ async def test_submit_follow_download(
     else:
         assert resp.headers["Content-Disposition"].endswith('.tar"')
 
+    for what in ("files", "download"):
+        code, err = await call(jp_fetch, "runs", run_id, what, path="ü" * 200)
+        assert code == 400 and "longer than 255 bytes" in err["message"], err
+
     code, err = await call(jp_fetch, "runs", run_id, "download", path="../../etc/passwd")
     assert code in (400, 404) and err["reason"] in ("unsafe_path", "not_found"), err
 
@@ -333,6 +337,17 @@ async def test_request_errors(
     ):
         code, err = await post(body)
         assert code == 400 and err["reason"] == "unsafe_path", (body, err)
+
+    # A name no file system holds: a 400 that says so, not ENAMETOOLONG as a 500.
+    long = "ü" * 200  # 400 bytes
+    for body in (
+        {"project_dir": long},
+        {"project_dir": project, "backend_config": f"{long}.yaml"},
+    ):
+        code, err = await post(body)
+        assert code == 400 and "longer than 255 bytes" in err["message"], (body, err)
+    code, err = await call(jp_fetch, "projects", path=f"{project}/{long}")
+    assert code == 400 and "longer than 255 bytes" in err["message"], err
 
     # Config errors reach the user with the core's message.
     code, err = await post(

@@ -87,7 +87,7 @@ from ..tracking.secrets import write_private
 from ..tracking.service import TrackingService
 from .backends.base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob
 from .backends.local import LocalBackend
-from .backends.paths import clean_relative
+from .backends.paths import clean_relative, usable_path
 from .backends.ssh_slurm import SshSlurmBackend
 from .backends.unicore import UnicoreBackend, UnicoreJob
 from .config import (
@@ -392,6 +392,7 @@ class RunService:
     # ---- submit -----------------------------------------------------------------------
 
     def _resolve_project(self, project_dir: str | Path) -> Path:
+        usable_path(project_dir, "project directory")
         path = Path(project_dir).expanduser()
         if self.root_dir is not None:
             if not path.is_absolute():
@@ -412,6 +413,7 @@ class RunService:
                     "(--backend-config FILE)."
                 )
             return found
+        usable_path(backend_config, "compute backend config")
         path = Path(backend_config).expanduser()
         if not path.is_absolute():
             in_project = project / path
@@ -1152,8 +1154,23 @@ class RunService:
         """Copy a file or folder (default: the whole run directory) to ``dest``
         (default: the current directory); returns the local path."""
         rel = clean_relative(path)
+        target = Path(dest) if dest else Path.cwd()
+        usable_path(target, "download destination")
         backend, job_id = self._backend_of_run(self._resolve_run(self._api(), ref))
-        return backend.download(job_id, rel, Path(dest) if dest else Path.cwd(), progress)
+        try:
+            return backend.download(job_id, rel, target, progress)
+        except (ConnectionError, TimeoutError):
+            raise
+        except PermissionError as exc:
+            raise PermissionDenied(
+                f"Cannot write the download to {target}: {exc.strerror} ({exc.filename}). "
+                "Choose a destination you can write to."
+            ) from None
+        except OSError as exc:  # the backends map their remote side's errors themselves
+            raise InvalidRequest(
+                f"Cannot write the download to {target}: {exc.strerror or exc} "
+                f"({exc.filename}). Choose another destination."
+            ) from None
 
 
 # ---- helpers ------------------------------------------------------------------------------

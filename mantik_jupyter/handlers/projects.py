@@ -18,6 +18,7 @@ import yaml
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
+from ..compute.backends.paths import usable_path
 from ..compute.config import find_config, load_config
 from ..compute.project import find_project_dir, load_project
 from ..errors import InvalidRequest, MantikError, NotFound, UnsafePath
@@ -56,6 +57,7 @@ def _check_config(path: Path) -> dict[str, Any]:
 def describe_project(root: Path, path: str) -> dict[str, Any]:
     """Describe the MLproject that ``path`` (relative to ``root``) belongs to."""
     root = root.expanduser().resolve()
+    usable_path(path, "project path")
     relative = Path(path or ".")
     if relative.is_absolute():
         raise UnsafePath(f"{path} must be relative to the Jupyter root, not absolute.")

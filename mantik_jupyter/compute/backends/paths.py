@@ -1,11 +1,30 @@
-"""Path checks shared by the backends: user paths stay inside the run directory."""
+"""Path checks for paths users give: they stay inside the directory they belong to, and
+are paths a file system can hold at all."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from ...errors import UnsafePath
+from ...errors import InvalidRequest, UnsafePath
+
+# Linux's NAME_MAX and PATH_MAX, in bytes: a longer path fails in the file system
+# (ENAMETOOLONG), deep in whatever touches it first.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def usable_path(path: str | PurePath, what: str) -> None:
+    """Refuse a path no file system can hold, naming it (shortened)."""
+    text = str(path)
+    shown = text if len(text) <= 80 else text[:60] + "..." + text[-12:]
+    if len(text.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        raise InvalidRequest(f"The {what} {shown!r} is longer than {PATH_MAX} bytes.")
+    for part in text.replace("\\", "/").split("/"):
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise InvalidRequest(
+                f"The {what} {shown!r} has a name longer than {NAME_MAX} bytes; shorten it."
+            )
 
 
 def safe_name(name: str, what: str) -> str:
@@ -18,6 +37,7 @@ def safe_name(name: str, what: str) -> str:
 def clean_relative(path: str) -> str:
     """``path`` as a normalised relative path; refuses absolute paths and ``..``."""
     path = (path or "").replace("\\", "/")
+    usable_path(path, "path")
     if path.startswith("/") or path.startswith("~") or "\0" in path:
         raise UnsafePath(f"{path!r} must be relative to the run directory")
     parts = [p for p in path.split("/") if p not in ("", ".")]
