@@ -273,13 +273,19 @@ def test_notebook_mode_failing_cell_fails_the_run(ip, env, capsys):
     write_config(folder, LOCAL_CONFIG)
     os.environ["JPY_SESSION_NAME"] = str(notebook)
 
-    run = ip.run_line_magic("mantik_submit", "--notebook --wait --experiment nb-mode")
+    # Quotes group words as in a shell, and are not part of the values.
+    run = ip.run_line_magic(
+        "mantik_submit",
+        "--notebook --wait --experiment \"nb mode\" --run-name 'a failing run' "
+        '-P "station=Bad Homburg"',
+    )
     capsys.readouterr()
     assert run.info.state == RunState.FAILED, run.logs()
     assert run.info.exit_code == 1
+    assert run.info.run_name == "a failing run" and run.info.params["station"] == "Bad Homburg"
     log = run.logs()
-    assert "ValueError: bad weather in Juelich" in log
-    assert "training Juelich for 2 epochs (int)" in log
+    assert "ValueError: bad weather in Bad Homburg" in log
+    assert "training Bad Homburg for 2 epochs (int)" in log
 
 
 # ---- mistakes are one line -----------------------------------------------------------------
@@ -312,6 +318,8 @@ def test_unknown_parameters_list_the_valid_ones(ip, env, capsys):
 
 
 def test_errors_are_one_line_unless_tracebacks_are_asked_for(ip, env, capsys):
+    ip.run_line_magic("mantik_logs", '"abc')
+    assert "Close the quote" in one_line(capsys.readouterr().out)
     magics(ip).last_run_id = None
     ip.run_line_magic("mantik_logs", "last")
     assert "No run was submitted from this kernel" in one_line(capsys.readouterr().out)

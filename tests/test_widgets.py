@@ -10,6 +10,7 @@ import math
 import time
 
 import pytest
+from IPython.core.error import UsageError
 
 from mantik_jupyter.compute.runs import TAG_BACKEND, TAG_JOB_ID, TAG_STATE, RunService
 from mantik_jupyter.tracking.credentials import CredentialStore
@@ -132,6 +133,19 @@ def test_table_sorts_on_the_server_and_filters(api, service, experiment):
         assert names(table) == ["beta-1"] and table.view.rows[0]["state"] == "FAILED"
         table.set_filter(text="nothing-like-this", state="all")
         assert names(table) == [] and table.view.message == "No runs match."
+    finally:
+        table.close()
+
+
+def test_table_search_finds_names_with_underscores_and_percent(api, service):
+    exp_id = api.create_experiment(f"widgets-like-{time.time_ns()}")
+    for name in ("base_line_lr01", "100%_done", "other"):
+        make_run(api, exp_id, name)
+    table = RunTable(exp_id, refresh_interval=0, api=api, service=service)
+    try:
+        for text, found in (("base_line", ["base_line_lr01"]), ("100%", ["100%_done"])):
+            table.set_filter(text=text)
+            assert names(table) == found, text
     finally:
         table.close()
 
@@ -366,7 +380,9 @@ def test_log_view_follows_a_running_job(service, tmp_path, api):
     assert "epoch" in view.text.lower(), view.text[-500:]
 
 
-def test_compare_magic(ip, curves, experiment, mlflow_server, monkeypatch, tmp_path, capsys):
+def test_compare_magic(
+    ip, api, curves, experiment, mlflow_server, monkeypatch, tmp_path, capsys
+):
     monkeypatch.setenv("MANTIK_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("MANTIK_CREDENTIALS_FILE", raising=False)
     for key, value in mlflow_server.env(mlflow_server.admin).items():
@@ -384,5 +400,12 @@ def test_compare_magic(ip, curves, experiment, mlflow_server, monkeypatch, tmp_p
 
     assert shell.run_line_magic("mantik_compare", f"--experiment {curves['id']}") is None
     assert "needs --metric" in capsys.readouterr().out
+    # A run that logged nothing yet (queued, or failed at once): a message, no traceback.
+    elsewhere = api.create_experiment(f"widgets-empty-{time.time_ns()}")
+    empty = make_run(api, elsewhere, "nothing-yet", status="FAILED")
+    assert shell.run_line_magic("mantik_compare", f"{empty} --metric loss") is None
+    assert "logged no metric yet" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="not 1 or more"):
+        shell.run_line_magic("mantik_compare", f"--experiment {curves['id']} --metric loss --top 0")
     doc = shell.find_line_magic("mantik_compare").__doc__
     assert "--experiment E --metric M --top K" in doc

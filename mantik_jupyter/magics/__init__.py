@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Unicode
 
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
 from ..errors import MantikError, NotFound, ProjectError
+from .args import parse_line, positive_int
 from .dashboards import DashboardMagics, show_log_view, show_run_table
 from .display import (
     PackagingProgress,
@@ -156,8 +157,8 @@ class MantikMagics(Magics):
     @line_magic
     def mantik_login(self, line: str) -> dict[str, Any] | None:
         """Log in to the tracking server. The password or token is asked for, never echoed."""
-        args = parse_argstring(self.mantik_login, line)
         try:
+            args = parse_line(self.mantik_login, line)
             service = tracking_service(args.tracking_uri or self.tracking_uri)
             if args.token:
                 status = service.login(token=getpass.getpass("Token: "))
@@ -215,7 +216,7 @@ class MantikMagics(Magics):
         """
         from ..compute.project import find_project_dir, parse_param_args
 
-        args = parse_argstring(self.mantik_submit, line)
+        args = parse_line(self.mantik_submit, line)
         params = parse_param_args(args.param or [])
         location = find_notebook(args.path)
         start = start_dir(location, args.path)
@@ -337,7 +338,7 @@ class MantikMagics(Magics):
     def mantik_logs(self, line: str) -> None:
         """Print a run's log; with --follow, new lines as they are written until the run
         ended (interrupt the kernel to stop following; the run keeps running)."""
-        args = parse_argstring(self.mantik_logs, line)
+        args = parse_line(self.mantik_logs, line)
         service = self._runs()
         run_id = service.resolve(self._ref(args.run))
         so_far = service.all_logs(run_id)
@@ -360,19 +361,21 @@ class MantikMagics(Magics):
         metavar="S",
         help="SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED, UNKNOWN, active or final.",
     )
-    @argument("--limit", type=int, default=20, metavar="N", help="At most N runs (default 20).")
+    @argument(
+        "--limit", type=positive_int, default=20, metavar="N", help="At most N runs (default 20)."
+    )
     @line_magic
     @_guarded
     def mantik_runs(self, line: str) -> None:
         """List runs, newest first, with their state and a link to MLflow."""
-        args = parse_argstring(self.mantik_runs, line)
+        args = parse_line(self.mantik_runs, line)
         service = self._runs()
         if show_run_table(service, args.experiment, args.state, args.limit):
             return
         runs, _ = service.list(
             experiment_name=args.experiment,
             state=args.state,
-            max_results=max(1, args.limit),
+            max_results=args.limit,
             refresh=True,
         )
         base_url = lab_base_url()
@@ -384,7 +387,7 @@ class MantikMagics(Magics):
     @_guarded
     def mantik_status(self, line: str) -> Run | None:
         """The current state of a run (asks its backend), as a ``Run``."""
-        args = parse_argstring(self.mantik_status, line)
+        args = parse_line(self.mantik_status, line)
         return self._run(self._runs().get(self._ref(args.run)), lab_base_url())
 
     @magic_arguments()
@@ -393,7 +396,7 @@ class MantikMagics(Magics):
     @_guarded
     def mantik_cancel(self, line: str) -> None:
         """Cancel a run on its backend."""
-        args = parse_argstring(self.mantik_cancel, line)
+        args = parse_line(self.mantik_cancel, line)
         info = self._runs().cancel(self._ref(args.run))
         print(f"Cancelled run {info.run_id} ({info.run_name}): {info.state}")
 
@@ -405,7 +408,7 @@ class MantikMagics(Magics):
     @_guarded
     def mantik_download(self, line: str) -> Path | None:
         """Download a file or folder of a run's directory (default: all of it)."""
-        args = parse_argstring(self.mantik_download, line)
+        args = parse_line(self.mantik_download, line)
         target = self._runs().download(
             self._ref(args.run), args.path, Path(args.to).expanduser() if args.to else None
         )

@@ -7,9 +7,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..errors import InvalidRequest, MantikError
+from .args import parse_line, positive_int
 from .display import in_kernel
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def show_run_table(
         RunTable(
             experiment,
             state=word if word in ("all", "active") else word.upper(),
-            page_size=max(1, limit),
+            page_size=limit,
             mantik_only=True,
             service=service,
         )
@@ -80,7 +81,9 @@ class DashboardMagics(Magics):
     @argument("runs", nargs="*", metavar="RUN", help="Run ids, id prefixes, names or 'last'.")
     @argument("--metric", "-m", action="append", metavar="M", help="Metric to plot (repeat).")
     @argument("--experiment", "-e", metavar="E", help="Compare the best runs of experiment E.")
-    @argument("--top", type=int, default=5, metavar="K", help="With --experiment: K runs.")
+    @argument(
+        "--top", type=positive_int, default=5, metavar="K", help="With --experiment: K runs."
+    )
     @argument("--x", default="step", choices=["step", "time", "relative"], help="x axis.")
     @argument("--full", action="store_true", help="Read every value (slower) before LTTB.")
     @line_magic
@@ -90,10 +93,10 @@ class DashboardMagics(Magics):
         %mantik_compare RUN RUN ... [--metric M]
         %mantik_compare --experiment E --metric M --top K
         """
-        args = parse_argstring(self.mantik_compare, line)
         from ..widgets import MetricComparison
 
         try:
+            args = parse_line(self.mantik_compare, line)
             if args.experiment:
                 if not args.metric:
                     raise InvalidRequest("--experiment needs --metric M to rank the runs by.")

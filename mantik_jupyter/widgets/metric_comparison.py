@@ -72,6 +72,8 @@ class MetricComparison(w.VBox):
             if not (metric or metrics):
                 raise InvalidRequest("Give the metric to rank the runs of the experiment by.")
             key = metric or (metrics or [""])[0]
+            if top is not None and top < 1:
+                raise InvalidRequest(f"top must be 1 or more, got {top}")
             self.runs = self._top_runs(experiment, key, top or 5)
         else:
             if not run_ids:
@@ -87,11 +89,13 @@ class MetricComparison(w.VBox):
             chosen = sorted(shared or available, key=lambda k: (not m.lower_is_better(k), k))
             metrics = chosen[:4]
         missing = [k for k in metrics if k not in available]
-        if missing and available:
-            raise InvalidRequest(
-                f"No run logged {', '.join(map(repr, missing))}; the runs have "
-                f"{', '.join(available[:20])}."
+        if missing:
+            have = (
+                f"the runs have {', '.join(available[:20])}"
+                if available
+                else "the runs have logged no metric yet (queued, or failed early?)"
             )
+            raise InvalidRequest(f"No run logged {', '.join(map(repr, missing))}; {have}.")
         self.metrics = list(metrics)
         self.colors = {rid: COLORS[i % len(COLORS)] for i, rid in enumerate(self.run_ids)}
         self._histories: dict[tuple[str, str], tuple[list[dict[str, Any]], bool]] = {}

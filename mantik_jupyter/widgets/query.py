@@ -70,7 +70,10 @@ def filter_for(text: str = "", state: str = "all", mantik_only: bool = False) ->
         if _RAW_FILTER.match(text):
             conditions.append(text)
         else:
-            like = text.replace("%", "").replace("_", "")
+            # MLflow's LIKE has no escape character: ``_`` and ``%`` in the text stand for
+            # themselves only as the one-character wildcard ``_``, which matches them too
+            # (and, rarely, another character there).
+            like = text.replace("%", "_")
             conditions.append(f"attributes.run_name ILIKE {quote_filter_value('%' + like + '%')}")
     word = (state or "all").strip()
     if word.lower() == "active":

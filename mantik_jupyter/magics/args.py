@@ -1,0 +1,37 @@
+"""A magic's line split into arguments as a shell splits it.
+
+IPython's ``parse_argstring`` splits without removing quotes, so
+``--run-name "my run"`` named the run ``"my run"`` with its quotes and
+``-P "station=Bad Homburg"`` could not be given at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidRequest
+
+
+def parse_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"Cannot split the arguments {line.strip()!r}: {exc}. Close the quote, or escape "
+            "a lone one with a backslash."
+        ) from None
+    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
