@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mantik_jupyter.compute.config import (
     Apptainer,
@@ -81,6 +82,11 @@ def write(tmp_path: Path, text: str, name: str = "compute-backend-config.yaml") 
 
 def errors_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
     return excinfo.value.message.splitlines()[1:]
+
+
+def yaml_backend(backend: dict[str, object]) -> str:
+    """The backend section of a config as YAML lines."""
+    return yaml.safe_dump(backend, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- Mantik configs
@@ -169,6 +175,113 @@ def test_sexagesimal_runtime_is_read_as_written(tmp_path: Path) -> None:
     # YAML 1.1 reads 1:30:00 as the integer 5400; it means 1 h 30 min.
     path = write(tmp_path, "Local: {}\nResources:\n  Runtime: 1:30:00\n")
     assert load_config(path).resources.runtime == 5400
+
+
+@pytest.mark.parametrize("runtime", ["0", 0, "0m", "00:00:00"])
+@pytest.mark.parametrize("memory", ["0", 0, "0G"])
+def test_zero_runtime_and_memory_mean_no_limit_and_all_memory(
+    runtime: object, memory: object
+) -> None:
+    # Mantik accepted both; Slurm reads --time=0 as no limit and --mem=0 as the whole node.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = parse_config(
+            {
+                "SSH": {"Hostname": "h"},
+                "Resources": {"Queue": "q", "Runtime": runtime, "MemoryPerNode": memory},
+            }
+        )
+    assert (config.resources.runtime, config.resources.memory_per_node) == (0, 0)
+    assert parse_config(config.to_dict()).resources == config.resources
+
+
+def test_zero_runtime_and_memory_are_left_out_for_unicore() -> None:
+    # UNICORE has no request for "no limit"; sending 0 would be refused or misread.
+    with pytest.warns(MantikConfigWarning) as record:
+        config = parse_config(
+            {
+                "UnicoreApiUrl": UNICORE_URL,
+                "Resources": {"Queue": "q", "Runtime": "0", "MemoryPerNode": 0},
+            },
+            "c.yaml",
+        )
+    assert config.resources.runtime is None
+    assert config.resources.memory_per_node is None
+    assert [str(w.message) for w in record] == list(config.warnings)
+    assert config.warnings[0].startswith("c.yaml: Resources.Runtime: 0 (no time limit) cannot")
+    assert config.warnings[1].startswith("c.yaml: Resources.MemoryPerNode: 0 (all of the node")
+
+
+@pytest.mark.parametrize(
+    ("backend", "written", "seconds", "unit", "suggestion"),
+    [
+        ({"UnicoreApiUrl": UNICORE_URL}, "3600", 3600, "seconds", "'1h'"),
+        ({"UnicoreApiUrl": UNICORE_URL}, "Runtime: 90", 90, "seconds", "'90s'"),
+        ({"SSH": {"Hostname": "h"}}, "3600", 216000, "minutes", "'60h'"),
+        ({"SSH": {"Hostname": "h"}}, "Runtime: 90", 5400, "minutes", "'90m'"),
+    ],
+)
+def test_plain_number_runtime_follows_the_scheduler_and_warns(
+    tmp_path: Path,
+    backend: dict[str, object],
+    written: str,
+    seconds: int,
+    unit: str,
+    suggestion: str,
+) -> None:
+    # UNICORE reads a plain Runtime as seconds, Slurm as minutes; Mantik handed it to
+    # UNICORE unchanged, so an existing UNICORE config must keep meaning seconds.
+    runtime = written.removeprefix("Runtime: ")
+    line = f"Runtime: {runtime}" if written.startswith("Runtime") else f'Runtime: "{runtime}"'
+    head = yaml_backend(backend)
+    path = write(tmp_path, f"{head}Resources:\n  Queue: q\n  {line}\n")
+    with pytest.warns(MantikConfigWarning) as record:
+        config = load_config(path)
+    assert config.resources.runtime == seconds
+    (message,) = config.warnings
+    assert message.startswith(f"{path}:{head.count(chr(10)) + 3}: Resources.Runtime: ")
+    assert f"is read as {unit}" in message and f"e.g. {suggestion}" in message
+    assert [str(w.message) for w in record] == [message]
+
+
+def test_runtime_with_unit_means_the_same_everywhere_without_warning() -> None:
+    for backend in ({"UnicoreApiUrl": UNICORE_URL}, {"SSH": {"Hostname": "h"}}):
+        for runtime in ("1h", "60m", "01:00:00", "0-01:00:00"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                config = parse_config({**backend, "Resources": {"Queue": "q", "Runtime": runtime}})
+            assert config.resources.runtime == 3600
+
+
+def test_unicore_plain_runtime_round_trips_through_to_dict() -> None:
+    with pytest.warns(MantikConfigWarning):
+        config = parse_config(
+            {"UnicoreApiUrl": UNICORE_URL, "Resources": {"Queue": "q", "Runtime": 5400}}
+        )
+    assert config.to_dict()["Resources"]["Runtime"] == "0-01:30:00"
+    assert parse_config(config.to_dict()).resources.runtime == 5400
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("SSH", "Port", "²²"),
+        ("SSH", "Port", "２２"),
+        ("Resources", "Nodes", "¹"),
+        ("Resources", "TotalCPUs", "٤"),
+    ],
+)
+def test_non_ascii_digits_are_a_config_error_naming_key_and_value(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    data: dict[str, dict[str, object]] = {"SSH": {"Hostname": "h"}, "Resources": {"Queue": "q"}}
+    data[section][key] = value
+    path = write(tmp_path, json.dumps(data, ensure_ascii=False), "compute-backend-config.json")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    (error,) = errors_of(excinfo)
+    assert error.startswith(f"{path}:")
+    assert f": {section}.{key}: expected an integer, got a string {value!r}" in error
 
 
 # --------------------------------------------------------------------------- errors
@@ -317,14 +430,16 @@ def test_no_backend_lists_the_choices() -> None:
     [
         ("MemoryPerNode", "lots", "memory 'lots' is not understood"),
         ("MemoryPerNode", "32X", "memory '32X' is not understood"),
-        ("MemoryPerNode", "0G", "memory '0G' must be more than zero"),
+        ("MemoryPerNode", -1, "memory -1 cannot be negative"),
         ("Runtime", "soon", "runtime 'soon' is not understood"),
         ("Runtime", "1h30x", "runtime '1h30x' is not understood"),
         ("Runtime", "10:75", "runtime '10:75' is not understood"),
-        ("Runtime", "0m", "runtime '0m' must be more than zero"),
+        ("Runtime", -5, "runtime -5 cannot be negative"),
+        ("Runtime", "３６００", "runtime '３６００' is not understood"),
+        ("MemoryPerNode", "３２G", "memory '３２G' is not understood"),
     ],
 )
-def test_bad_memory_and_runtime_name_the_key(key: str, value: str, message: str) -> None:
+def test_bad_memory_and_runtime_name_the_key(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
         parse_config({"Local": {}, "Resources": {key: value}}, "c.yaml")
     (error,) = errors_of(excinfo)
@@ -353,7 +468,8 @@ def test_all_errors_are_collected_one_per_line(tmp_path: Path) -> None:
         f"{path}:4: Resources.Queue: missing; name the Slurm partition to run in, e.g. batch",
         f"{path}:5: Resources.Nodes: expected an integer, got a string 'two'",
         f"{path}:6: Resources.MemoryPerNode: memory 'much' is not understood; write a number "
-        "with a unit such as 32G, 32GB, 12GiB, 500M or 1T (a plain number counts megabytes)",
+        "with a unit such as 32G, 32GB, 12GiB, 500M or 1T (a plain number counts megabytes; "
+        "0 means all of the node's memory)",
         f"{path}:7: Enviroment: unknown key; did you mean 'Environment'?",
     ]
 
@@ -545,7 +661,8 @@ def test_compute_budget_account_from_file_or_env(monkeypatch: pytest.MonkeyPatch
 
 
 def test_to_dict_is_canonical_and_round_trips(tmp_path: Path) -> None:
-    with pytest.warns(MantikDeprecationWarning):
+    # Old keys and the plain-number Runtime both warn.
+    with pytest.warns(MantikConfigWarning):
         config = parse_config(
             {
                 "SSH": {"Hostname": "h", "Port": 2222, "RemoteDirectory": "/scratch/me"},
@@ -596,19 +713,34 @@ def test_find_config_order(tmp_path: Path) -> None:
     assert find_config(tmp_path) == tmp_path / "compute-backend-config.yaml"
 
 
-@pytest.mark.parametrize(
-    ("path", "package_path"),
-    [
-        ("image.sif", "image.sif"),
-        ("images/x.sif", "images/x.sif"),
-        ("./images/x.sif", "images/x.sif"),
+def test_local_image_place_in_package_follows_the_resolved_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    project = home / "project"
+    (project / "containers").mkdir(parents=True)
+    (project / "containers" / "x.sif").write_text("SIF")
+    (home / "shared").mkdir()
+    (home / "shared" / "y.sif").write_text("SIF")
+    (project / "link.sif").symlink_to(project / "containers" / "x.sif")
+    (project / "out.sif").symlink_to(home / "shared" / "y.sif")
+    monkeypatch.setenv("HOME", str(home))
+    places = {
+        "image.sif": "image.sif",
+        "images/x.sif": "images/x.sif",
+        "./containers/x.sif": "containers/x.sif",
+        # inside the project however it is written: keeps its place
+        str(project / "containers" / "x.sif"): "containers/x.sif",
+        "~/project/containers/x.sif": "containers/x.sif",
+        "link.sif": "containers/x.sif",
         # outside the project: where packaging puts extra files
-        ("/home/me/x.sif", "images/x.sif"),
-        ("../shared/x.sif", "images/x.sif"),
-    ],
-)
-def test_local_image_place_in_package(path: str, package_path: str) -> None:
-    assert Apptainer(path=path).package_path == package_path
+        str(home / "shared" / "y.sif"): "images/y.sif",
+        "../shared/y.sif": "images/y.sif",
+        "~/shared/y.sif": "images/y.sif",
+        "out.sif": "images/y.sif",
+    }
+    for path, place in places.items():
+        assert Apptainer(path=path).package_path(project) == place, path
 
 
 # --------------------------------------------------------------------------- units
@@ -631,13 +763,19 @@ def test_local_image_place_in_package(path: str, package_path: str) -> None:
         (" 8 G ", 8192),
         (4096, 4096),
         (100.5, 101),
+        # --mem=0: all of the node's memory
+        ("0", 0),
+        ("0G", 0),
+        (0, 0),
     ],
 )
 def test_parse_memory(value: str | int | float, megabytes: int) -> None:
     assert parse_memory(value) == megabytes
 
 
-@pytest.mark.parametrize("value", ["", "G", "32X", "32 GBs", "-1G", "0", True, None, [1]])
+@pytest.mark.parametrize(
+    "value", ["", "G", "32X", "32 GBs", "-1G", -1, -0.5, float("nan"), True, None, [1]]
+)
 def test_parse_memory_rejects(value: object) -> None:
     with pytest.raises(ConfigError):
         parse_memory(value)  # type: ignore[arg-type]
@@ -671,7 +809,17 @@ def test_parse_runtime(value: str | int, seconds: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "soon", "1x", "1:60", "1:00:60", "1-24", "1-2:3:4:5", "-5", "0", 0, True, 1.5]
+    ("value", "minutes", "seconds"),
+    [("90", 5400, 90), (90, 5400, 90), (" 7 ", 420, 7), ("0", 0, 0), (0, 0, 0), ("2h", 7200, 7200)],
+)
+def test_parse_runtime_plain_number_unit(value: str | int, minutes: int, seconds: int) -> None:
+    assert parse_runtime(value) == parse_runtime(value, plain="minutes") == minutes
+    assert parse_runtime(value, plain="seconds") == seconds
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "soon", "1x", "1:60", "1:00:60", "1-24", "1-2:3:4:5", "-5", -5, True, 1.5, "²", "٣٠m"],
 )
 def test_parse_runtime_rejects(value: object) -> None:
     with pytest.raises(ConfigError):
@@ -684,5 +832,4 @@ def test_parse_runtime_rejects(value: object) -> None:
 )
 def test_format_slurm_time(seconds: int, text: str) -> None:
     assert format_slurm_time(seconds) == text
-    if seconds:
-        assert parse_runtime(text) == seconds
+    assert parse_runtime(text) == seconds

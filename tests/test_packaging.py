@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mantik_jupyter.compute.packaging import FIXED_MTIME, build_package, plan_package
+from mantik_jupyter.compute.packaging import (
+    FIXED_MTIME,
+    build_package,
+    package_place,
+    plan_package,
+)
 from mantik_jupyter.errors import PackageTooLarge, ProjectError, UnsafePath
 
 
@@ -228,6 +233,43 @@ def test_extra_files(project: Path, tmp_path: Path) -> None:
     assert "containers/local.sif" in info.files
     with tarfile.open(info.path) as tar:
         assert tar.extractfile("images/torch.sif").read() == b"SIF" * 10  # type: ignore[union-attr]
+
+
+def test_package_place_is_where_the_extra_file_is_stored(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job script finds a local image through package_place: it must name the entry
+    # the package has, however the path is written.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    inside = write(project / "containers" / "a.sif", b"A")
+    outside = write(tmp_path / "shared" / "b.sif", b"B")
+    os.symlink(outside, project / "link.sif")
+    alias = tmp_path / "alias"
+    os.symlink(project, alias)
+    spellings = [
+        "containers/a.sif",
+        str(inside),
+        "~/project/containers/a.sif",
+        str(alias / "containers" / "a.sif"),
+        "../shared/b.sif",
+        str(outside),
+        "~/shared/b.sif",
+        "link.sif",
+    ]
+    monkeypatch.chdir(tmp_path / "shared")  # relative means relative to the project
+    for spelling in spellings:
+        for root in (project, alias):
+            place = package_place(root, spelling)
+            info = build_package(
+                root, tmp_path / "code.tar.gz", exclude=["*.sif"], extra_files=[Path(spelling)]
+            )
+            assert place in info.files, (spelling, root)
+            expected = b"A" if "a.sif" in spelling else b"B"
+            with tarfile.open(info.path) as tar:
+                assert tar.extractfile(place).read() == expected  # type: ignore[union-attr]
+    assert package_place(project, "containers/a.sif") == "containers/a.sif"
+    assert package_place(project, str(inside)) == "containers/a.sif"
+    assert package_place(project, "link.sif") == "images/b.sif"
 
 
 def test_missing_extra_file(project: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from mantik_jupyter.compute.config import (
     Resources,
     parse_config,
 )
+from mantik_jupyter.compute.packaging import build_package
+from mantik_jupyter.compute.runs import _extra_files
 from mantik_jupyter.compute.script import (
     expand_quoted,
     render_job_script,
@@ -54,7 +57,12 @@ def local_config(**environment: Any) -> ComputeConfig:
     return parse_config({"Local": {}, "Environment": environment or None}, "c.yaml")
 
 
-def render(config: ComputeConfig, command: str = "true", scheduler: str = "none") -> str:
+def render(
+    config: ComputeConfig,
+    command: str = "true",
+    scheduler: str = "none",
+    project_dir: Path | None = Path("/nonexistent/project"),
+) -> str:
     return render_job_script(
         config,
         command=command,
@@ -63,6 +71,7 @@ def render(config: ComputeConfig, command: str = "true", scheduler: str = "none"
         tracking_uri="http://127.0.0.1:5000",
         job_name="mantik-test",
         scheduler=scheduler,  # type: ignore[arg-type]
+        project_dir=project_dir,
     )
 
 
@@ -103,11 +112,18 @@ class Run:
 
 
 def run_script(
-    tmp_path: Path, script: str, credentials: str | None = None, code: str = SHOW_ARGS
+    tmp_path: Path,
+    script: str,
+    credentials: str | None = None,
+    code: str = SHOW_ARGS,
+    package: Path | None = None,
 ) -> Run:
     run_dir = tmp_path / "run"
     (run_dir / "code").mkdir(parents=True)
     (run_dir / "code" / "show.py").write_text(code)
+    if package is not None:
+        with tarfile.open(package) as tar:
+            tar.extractall(run_dir / "code", filter="data")
     (run_dir / "mantik-job.sh").write_text(script)
     if credentials is not None:
         creds = run_dir / ".mantik-credentials"
@@ -182,6 +198,24 @@ def test_sbatch_lines_from_resources() -> None:
     assert lines[0] == "#!/bin/bash"
     # sbatch stops reading options at the first command.
     assert lines[1 : len(header) + 1] == header
+
+
+@pytest.mark.parametrize(
+    ("runtime", "memory"), [("0", "0"), (0, 0), ("00:00:00", "0G")]
+)
+def test_zero_runtime_and_memory_are_slurm_no_limit_and_whole_node(
+    runtime: object, memory: object
+) -> None:
+    # As Mantik wrote them: --time=0 is no limit (up to the partition's), --mem=0 all memory.
+    config = parse_config(
+        {
+            "SSH": {"Hostname": "h"},
+            "Resources": {"Queue": "q", "Runtime": runtime, "MemoryPerNode": memory},
+        }
+    )
+    header = [line for line in render(config, scheduler="slurm").splitlines() if "#SBATCH" in line]
+    assert "#SBATCH --time=0" in header
+    assert "#SBATCH --mem=0" in header
 
 
 def test_no_sbatch_lines_without_scheduler() -> None:
@@ -512,3 +546,76 @@ def test_local_image_outside_project_is_under_images() -> None:
         local_config(), environment=Environment(apptainer=Apptainer(path="/home/me/x.sif"))
     )
     assert '"$RUN_DIR/code"/images/x.sif' in render(config)
+
+
+def test_local_image_needs_the_project_dir() -> None:
+    # Without it the script would have to guess where the package holds the image.
+    config = local_config(Apptainer={"Path": "x.sif"})
+    with pytest.raises(ValueError, match="project_dir"):
+        render(config, project_dir=None)
+    remote = local_config(Apptainer={"Path": "/p/x.sif", "Type": "remote"})
+    assert "apptainer run /p/x.sif" in render(remote, project_dir=None)
+
+
+def local_image_cases(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A project, an alias of it, and image paths as users write them -> the image's content."""
+    home = tmp_path / "home"
+    project = home / "project"
+    (project / "containers").mkdir(parents=True)
+    (project / "MLproject").write_text("name: p\nentry_points:\n  main:\n    command: x\n")
+    (project / "containers" / "x.sif").write_text("inside")
+    (project / "top.sif").write_text("top")
+    (home / "shared").mkdir()
+    (home / "shared" / "y.sif").write_text("outside")
+    (project / "link.sif").symlink_to(home / "shared" / "y.sif")
+    alias = tmp_path / "alias"
+    alias.symlink_to(project)
+    return (
+        project,
+        alias,
+        {
+            "containers/x.sif": "inside",
+            "top.sif": "top",
+            str(project / "containers" / "x.sif"): "inside",
+            "~/project/containers/x.sif": "inside",
+            str(alias / "top.sif"): "top",
+            str(home / "shared" / "y.sif"): "outside",
+            "~/shared/y.sif": "outside",
+            "../shared/y.sif": "outside",
+            "link.sif": "outside",
+        },
+    )
+
+
+@pytest.mark.parametrize("through_alias", [False, True])
+def test_local_image_is_where_the_package_put_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, through_alias: bool
+) -> None:
+    # However the image path is written (relative, absolute, ~, through a symlink), the
+    # package built for the run and the job script must agree on its place.
+    project, alias, cases = local_image_cases(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    project_dir = alias if through_alias else project
+    wrong = []
+    for index, (path, content) in enumerate(cases.items()):
+        work = tmp_path / f"case{index}"
+        work.mkdir()
+        make_tool(
+            work / "bin",
+            "apptainer",
+            '[ -f "$2" ] || { echo "no image at $2" >&2; exit 9; }\ncat "$2" > "$TOOL_LOG"\n',
+        )
+        config = parse_config(
+            {"Local": {}, "Environment": {"Apptainer": {"Path": path, "Type": "local"}}}
+        )
+        package = build_package(
+            project_dir,
+            work / "package.tar.gz",
+            exclude=["*.sif"],  # the image reaches the package only as an extra file
+            extra_files=_extra_files(config, project_dir),
+        )
+        script = render(config, project_dir=project_dir)
+        run = run_script(work, script, package=package.path)
+        if run.returncode != 0 or (work / "tool.log").read_text() != content:
+            wrong.append((path, run.stderr.strip(), package.files))
+    assert wrong == []

@@ -24,13 +24,14 @@ import shlex
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
 
 from ..errors import ConfigError
+from .packaging import package_place
 
 CONFIG_FILENAMES = (
     "compute-backend-config.yaml",
@@ -39,6 +40,8 @@ CONFIG_FILENAMES = (
 )
 
 Backend = Literal["ssh", "unicore", "firecrest", "local"]
+# What a plain-number Runtime counts: each scheduler's own reading of one.
+PlainRuntimeUnit = Literal["minutes", "seconds"]
 KeyPath = tuple[str | int, ...]
 
 ENV_SSH_USERNAME = "MANTIK_SSH_USERNAME"
@@ -179,18 +182,15 @@ class Apptainer:
     # As written by the user: each entry may hold several words ("-B /a:/b").
     options: tuple[str, ...] = ()
 
-    @property
-    def package_path(self) -> str:
+    def package_path(self, project_dir: str | os.PathLike[str]) -> str:
         """Where a local image lives inside the shipped ``code/`` directory.
 
-        A path inside the project keeps its relative place; an image outside
-        the project (absolute, or reached through ``..``) is shipped under
-        ``images/`` with its file name, where the packaging puts extra files.
+        Asked of the packaging, which resolves the path (relative to the
+        project, ``~``, symlinks) the way it does when it ships the image: an
+        image inside the project keeps its relative place however it is
+        written, any other goes to ``images/<name>``.
         """
-        pure = PurePosixPath(self.path.replace("\\", "/"))
-        if pure.is_absolute() or ".." in pure.parts:
-            return f"images/{pure.name}"
-        return pure.as_posix()
+        return package_place(project_dir, self.path)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"Path": self.path, "Type": self.type}
@@ -314,7 +314,8 @@ def parse_memory(value: int | float | str) -> int:
     """Memory per node in megabytes (Slurm's ``--mem`` unit; G means 1024 M, as in Slurm).
 
     Accepts ``32G``, ``32GB``, ``12GiB``, ``500M``, ``1T``, ``512K``, ``1.5G``
-    and plain numbers, which count megabytes.
+    and plain numbers, which count megabytes. 0 asks for all of a node's
+    memory (Slurm's ``--mem=0``), as Mantik allowed.
     """
     if isinstance(value, bool):
         raise ConfigError(_memory_help(value))
@@ -328,22 +329,30 @@ def parse_memory(value: int | float | str) -> int:
         megabytes = float(number) * _MEMORY_UNITS[(unit or "M").upper()]
     else:
         raise ConfigError(_memory_help(value))
-    if not math.isfinite(megabytes) or megabytes <= 0:
-        raise ConfigError(f"memory {value!r} must be more than zero")
+    if not math.isfinite(megabytes):
+        raise ConfigError(_memory_help(value))
+    if megabytes < 0:
+        raise ConfigError(
+            f"memory {value!r} cannot be negative; write a size such as 32G, "
+            "or 0 for all of the node's memory"
+        )
     return math.ceil(megabytes)
 
 
-def parse_runtime(value: int | str) -> int:
-    """A run time limit in seconds.
+def parse_runtime(value: int | str, *, plain: PlainRuntimeUnit = "minutes") -> int:
+    """A run time limit in seconds; 0 means no limit (Slurm's ``--time=0``).
 
     Accepts unit forms (``30m``, ``1h30m``, ``2d``, ``90s``, ``1.5h``), Slurm's
-    forms (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
-    ``D-HH:MM:SS``) and plain numbers, which count minutes as in Slurm.
+    forms (``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) and
+    plain numbers, which count ``plain`` units: minutes as Slurm reads them,
+    seconds as UNICORE reads them.
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(_runtime_help(value))
-    if isinstance(value, int):
-        seconds = value * 60
+    if is_plain_number(value):
+        seconds = int(value) * _PLAIN_RUNTIME_FACTORS[plain]
+    elif isinstance(value, int):
+        seconds = value  # negative: refused below
     else:
         text = value.strip().lower()
         seconds = _runtime_units(text) if _RUNTIME_UNITS.fullmatch(text) else None
@@ -351,9 +360,24 @@ def parse_runtime(value: int | str) -> int:
             seconds = _runtime_slurm(text)
         if seconds is None:
             raise ConfigError(_runtime_help(value))
-    if seconds <= 0:
-        raise ConfigError(f"runtime {value!r} must be more than zero")
+    if seconds < 0:
+        raise ConfigError(
+            f"runtime {value!r} cannot be negative; write a duration such as 2h, or 0 for "
+            "no time limit"
+        )
     return seconds
+
+
+def is_plain_number(value: object) -> bool:
+    """Whether ``value`` is a whole number without a unit (``90``, ``"90"``).
+
+    Only ASCII digits: ``str.isdigit`` is also true for ``"²"``, which ``int`` refuses.
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, str) and _ASCII_DIGITS.fullmatch(value.strip()) is not None
 
 
 def format_slurm_time(seconds: int) -> str:
@@ -376,32 +400,46 @@ def check_slurm_value(key: str, value: str) -> str | None:
 
 # --------------------------------------------------------------------------- units
 
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
+# [0-9], not \d: \d also matches other scripts' digits ("３２G"), which no scheduler reads.
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
 _MEMORY_UNITS = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
 
-_RUNTIME_UNITS = re.compile(r"(?:\d+(?:\.\d+)?\s*[a-z]+\s*)+")
-_RUNTIME_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
+_RUNTIME_UNITS = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?\s*[a-z]+\s*)+")
+_RUNTIME_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)")
 _RUNTIME_FACTORS = {
     **dict.fromkeys(("d", "day", "days"), 86400),
     **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
     **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
 }
-_RUNTIME_SLURM = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_RUNTIME_SLURM = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
+_PLAIN_RUNTIME_FACTORS: dict[PlainRuntimeUnit, int] = {"minutes": 60, "seconds": 1}
 
 
 def _memory_help(value: object) -> str:
     return (
         f"memory {value!r} is not understood; write a number with a unit such as "
-        "32G, 32GB, 12GiB, 500M or 1T (a plain number counts megabytes)"
+        "32G, 32GB, 12GiB, 500M or 1T (a plain number counts megabytes; 0 means all "
+        "of the node's memory)"
     )
 
 
 def _runtime_help(value: object) -> str:
     return (
         f"runtime {value!r} is not understood; write e.g. 30m, 1h30m, 2d, 90s, "
-        "HH:MM:SS, D-HH:MM:SS, D-HH or a plain number of minutes"
+        "HH:MM:SS, D-HH:MM:SS or D-HH, which mean the same everywhere (a plain number "
+        "counts minutes for Slurm and seconds for UNICORE, as each scheduler reads it; "
+        "0 means no time limit)"
     )
+
+
+def _with_unit(seconds: int) -> str:
+    """A duration in the largest whole unit, for suggesting a spelling."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _runtime_units(text: str) -> int | None:
@@ -433,7 +471,7 @@ def _runtime_slurm(text: str) -> int | None:
         if int(second) >= 60:
             return None
         return int(first) * 60 + int(second)
-    return int(first) * 60  # MM
+    return None  # a plain number (MM in Slurm) depends on the scheduler: parse_runtime
 
 
 # --------------------------------------------------------------------------- reading
@@ -660,7 +698,7 @@ def _integer(
     if value is None:
         return None
     # Mantik wrote some numbers as strings (``Port: "22"``): accept digit strings.
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and is_plain_number(value):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         ck.wrong_type((*path, key), "an integer", value)
@@ -784,7 +822,7 @@ def _build(document: _Document, source: Path) -> ComputeConfig:
         "local": _local(ck, data["Local"]) if "Local" in data else None,
     }
     needs_queue = any(key in data for key in ("UnicoreApiUrl", "SSH", "Firecrest"))
-    resources = _resources(ck, data, needs_queue)
+    resources = _resources(ck, data, needs_queue, backend)
     environment = _environment(ck, data.get("Environment"), ("Environment",))
     if "Firecrest" in data and (
         environment.pre_run_command_on_login_node or environment.post_run_command_on_login_node
@@ -908,7 +946,9 @@ def _local(ck: _Checker, value: Any) -> LocalSection | None:
     return LocalSection(directory=_string(ck, section, "Directory", path))
 
 
-def _resources(ck: _Checker, data: Mapping[str, Any], needs_queue: bool) -> Resources:
+def _resources(
+    ck: _Checker, data: Mapping[str, Any], needs_queue: bool, backend: Backend | None
+) -> Resources:
     path: KeyPath = ("Resources",)
     if "Resources" not in data:
         if needs_queue:
@@ -926,18 +966,68 @@ def _resources(ck: _Checker, data: Mapping[str, Any], needs_queue: bool) -> Reso
         key: _slurm_string(ck, section, key, path)
         for key in ("Queue", "Reservation", "NodeConstraints", "QoS")
     }
+    runtime = _runtime(ck, section, path, backend)
+    memory = _unit_value(ck, section, memory_key, path, parse_memory)
+    if backend == "unicore":
+        runtime, memory = _unicore_zeros(ck, path, runtime, memory, memory_key)
     return Resources(
         queue=names["Queue"],
-        runtime=_unit_value(ck, section, "Runtime", path, parse_runtime),
+        runtime=runtime,
         nodes=_integer(ck, section, "Nodes", path),
         total_cpus=_integer(ck, section, cpus_key, path),
         cpus_per_node=_integer(ck, section, "CPUsPerNode", path),
         gpus_per_node=_integer(ck, section, "GPUsPerNode", path, minimum=0),
-        memory_per_node=_unit_value(ck, section, memory_key, path, parse_memory),
+        memory_per_node=memory,
         reservation=names["Reservation"],
         node_constraints=names["NodeConstraints"],
         qos=names["QoS"],
     )
+
+
+def _runtime(
+    ck: _Checker, section: Mapping[str, Any], path: KeyPath, backend: Backend | None
+) -> int | None:
+    # Mantik handed Runtime to UNICORE unchanged, and UNICORE counts a plain number in
+    # seconds; Slurm counts it in minutes. Reading it the target's way keeps existing
+    # configs asking for what they asked for before.
+    plain: PlainRuntimeUnit = "seconds" if backend == "unicore" else "minutes"
+    scheduler = "UNICORE" if backend == "unicore" else "Slurm"
+    seconds = _unit_value(
+        ck, section, "Runtime", path, lambda value: parse_runtime(value, plain=plain)
+    )
+    value = ck.raw((*path, "Runtime")) or section.get("Runtime")
+    if seconds and is_plain_number(value):
+        ck.warn(
+            (*path, "Runtime"),
+            f"the plain number {value!r} is read as {plain}, as {scheduler} reads it "
+            "(Slurm counts minutes, UNICORE seconds); write a unit to make it unambiguous, "
+            f"e.g. {_with_unit(seconds)!r}",
+            MantikConfigWarning,
+        )
+    return seconds
+
+
+def _unicore_zeros(
+    ck: _Checker, path: KeyPath, runtime: int | None, memory: int | None, memory_key: str
+) -> tuple[int | None, int | None]:
+    """UNICORE has no request for "no time limit" or "all memory": leave such a 0 out."""
+    if runtime == 0:
+        ck.warn(
+            (*path, "Runtime"),
+            "0 (no time limit) cannot be requested from UNICORE; it is left out, so the "
+            "queue's default limit applies. Give a limit such as 24h to choose one.",
+            MantikConfigWarning,
+        )
+        runtime = None
+    if memory == 0:
+        ck.warn(
+            (*path, memory_key),
+            "0 (all of the node's memory) cannot be requested from UNICORE; it is left out, "
+            "so the site's default applies. Give a size such as 64G to choose one.",
+            MantikConfigWarning,
+        )
+        memory = None
+    return runtime, memory
 
 
 def _slurm_string(ck: _Checker, section: Mapping[str, Any], key: str, path: KeyPath) -> str | None:

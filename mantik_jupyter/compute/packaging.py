@@ -13,7 +13,8 @@ As in git, a file inside an excluded directory cannot be re-included.
 
 ``extra_files`` are added even when excluded (e.g. a local Apptainer image that ``*.sif`` keeps
 out of the walk): a file inside the project keeps its relative path, a file outside goes to
-``images/<file name>``.
+``images/<file name>``. ``package_place`` says where a file goes, by the same rule, for
+whoever must find it in the unpacked package (the job script).
 
 Symlinks whose target stays inside the project are archived as symlinks (an absolute target is
 rewritten relative, so it still works once unpacked elsewhere); a symlink that leaves the
@@ -216,18 +217,39 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def package_place(project_dir: str | os.PathLike[str], file: str | os.PathLike[str]) -> str:
+    """Where ``file``, given as an extra file, is stored in the package of ``project_dir``.
+
+    ``file`` may be relative (to the project), absolute or start with ``~``; symlinks are
+    followed. A file inside the project keeps its relative path, any other file goes to
+    ``images/<name>``. The package is built by this same rule, so a path from here is the
+    one that exists once the package is unpacked.
+    """
+    root = Path(project_dir).expanduser().resolve()
+    return _place(root, _resolve_extra(root, file))
+
+
+def _resolve_extra(root: Path, file: str | os.PathLike[str]) -> Path:
+    # Relative to the project, not to the working directory of whoever builds the package:
+    # that is how the config's paths are meant, and it must not change with the caller.
+    return (root / Path(file).expanduser()).resolve()
+
+
+def _place(root: Path, source: Path) -> str:
+    if source.is_relative_to(root) and source != root:
+        return source.relative_to(root).as_posix()
+    return f"{IMAGES_DIR}/{source.name}"
+
+
 def _add_extra_files(
     root: Path, entries: list[_Entry], extra_files: Sequence[Path]
 ) -> list[_Entry]:
     by_rel = {e.rel: e for e in entries}
     for extra in extra_files:
-        source = Path(extra).expanduser().resolve()
+        source = _resolve_extra(root, extra)
         if not source.is_file():
             raise ProjectError(f"Extra file {extra} does not exist or is not a regular file.")
-        if source.is_relative_to(root):
-            rel = source.relative_to(root).as_posix()
-        else:
-            rel = f"{IMAGES_DIR}/{source.name}"
+        rel = _place(root, source)
         existing = by_rel.get(rel)
         if existing is not None:
             if existing.source == str(source):

@@ -559,6 +559,7 @@ class RunService:
                     tracking_uri=job_uri,
                     job_name=job_name,
                     scheduler="slurm" if spec["kind"] == "ssh" else "none",
+                    project_dir=project_path,
                 )
                 (job_dir / JOB_SCRIPT).write_text(script, encoding="utf-8")
                 (job_dir / JOB_SCRIPT).chmod(0o700)

@@ -20,9 +20,9 @@ globbing, no word splitting.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-from pathlib import PurePosixPath
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -62,8 +62,13 @@ def render_job_script(
     tracking_uri: str,
     job_name: str,
     scheduler: Scheduler,
+    project_dir: str | os.PathLike[str] | None = None,
 ) -> str:
-    """The job script for one run. Raises ``ConfigError`` for values that cannot be used."""
+    """The job script for one run. Raises ``ConfigError`` for values that cannot be used.
+
+    ``project_dir`` is the directory the code package was built from; it is needed for a
+    local Apptainer image, whose place in the package depends on where the image is.
+    """
     _check_ids(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
     if scheduler not in ("slurm", "none"):
         raise ValueError(f"unknown scheduler {scheduler!r}; expected 'slurm' or 'none'")
@@ -74,7 +79,7 @@ def render_job_script(
     lines += _credentials()
     lines += _tracking_exports(run_id, experiment_id, tracking_uri)
     lines += _user_environment(config)
-    lines += _entry_point(config, command, scheduler)
+    lines += _entry_point(config, command, scheduler, project_dir)
     lines += _post_run(config)
     lines += ['exit "$mantik_status"', ""]
     return "\n".join(lines)
@@ -92,20 +97,12 @@ def sbatch_lines(config: ComputeConfig, job_name: str) -> list[str]:
         ("job-name", job_name),
         ("partition", _checked("Queue", res.queue)),
         ("account", _checked("ComputeBudgetAccount", config.compute_budget_account)),
-        (
-            "time",
-            None if res.runtime is None else format_slurm_time(_positive("Runtime", res.runtime)),
-        ),
+        ("time", _slurm_time(res.runtime)),
         ("nodes", _positive("Nodes", res.nodes)),
         ("ntasks", _positive("TotalCPUs", res.total_cpus)),
         ("ntasks-per-node", _positive("CPUsPerNode", res.cpus_per_node)),
         ("gpus-per-node", _positive("GPUsPerNode", res.gpus_per_node, minimum=0)),
-        (
-            "mem",
-            None
-            if res.memory_per_node is None
-            else f"{_positive('MemoryPerNode', res.memory_per_node)}M",
-        ),
+        ("mem", _slurm_memory(res.memory_per_node)),
         ("reservation", _checked("Reservation", res.reservation)),
         ("constraint", _checked("NodeConstraints", res.node_constraints)),
         ("qos", _checked("QoS", res.qos)),
@@ -125,6 +122,22 @@ def _checked(key: str, value: str | None) -> str | None:
         where = key if key == "ComputeBudgetAccount" else f"Resources.{key}"
         raise ConfigError(f"{where}: {problem}")
     return value
+
+
+def _slurm_time(seconds: int | None) -> str | None:
+    seconds = _positive("Runtime", seconds, minimum=0)
+    if seconds is None:
+        return None
+    # Slurm's own spelling of "no time limit" (up to the partition's limit), as Mantik wrote it.
+    return "0" if seconds == 0 else format_slurm_time(seconds)
+
+
+def _slurm_memory(megabytes: int | None) -> str | None:
+    megabytes = _positive("MemoryPerNode", megabytes, minimum=0)
+    if megabytes is None:
+        return None
+    # --mem=0: all of the node's memory, the usual HPC spelling of it.
+    return "0" if megabytes == 0 else f"{megabytes}M"
 
 
 def _positive(key: str, value: int | None, minimum: int = 1) -> int | None:
@@ -260,11 +273,17 @@ def _user_commands(commands: tuple[str, ...], key: str, stop_on_failure: bool) -
     return lines
 
 
-def _entry_point(config: ComputeConfig, command: str, scheduler: Scheduler) -> list[str]:
+def _entry_point(
+    config: ComputeConfig,
+    command: str,
+    scheduler: Scheduler,
+    project_dir: str | os.PathLike[str] | None,
+) -> list[str]:
     run = f"bash -c {shlex.quote(command)}"
     apptainer = config.environment.apptainer
     if apptainer is not None:
-        words = ["apptainer", "run", *_apptainer_options(apptainer), _image(apptainer), run]
+        image = _image(apptainer, project_dir)
+        words = ["apptainer", "run", *_apptainer_options(apptainer), image, run]
         if scheduler == "slurm":
             words.insert(0, "srun")
         run = " ".join(words)
@@ -289,11 +308,18 @@ def _apptainer_options(apptainer: Apptainer) -> list[str]:
     return words
 
 
-def _image(apptainer: Apptainer) -> str:
+def _image(apptainer: Apptainer, project_dir: str | os.PathLike[str] | None) -> str:
     if apptainer.type == "remote":
         return expand_quoted(apptainer.path)
-    relative = PurePosixPath(apptainer.package_path)
-    return f'"$RUN_DIR/{CODE_DIR}"/{shlex.quote(relative.as_posix())}'
+    if project_dir is None:
+        # Guessing would give a path the package may not have; the job would fail
+        # on the cluster, after waiting in the queue, with "image not found".
+        raise ValueError(
+            "render_job_script needs project_dir for a local Apptainer image "
+            f"({apptainer.path!r}): its place in the package depends on the project"
+        )
+    relative = apptainer.package_path(project_dir)
+    return f'"$RUN_DIR/{CODE_DIR}"/{shlex.quote(relative)}'
 
 
 def _post_run(config: ComputeConfig) -> list[str]:
