@@ -377,6 +377,8 @@ async def test_request_errors(
     )
     assert code == 400 and err["reason"] == "invalid_project", err
 
+    code, err = await call(jp_fetch, "runs", experiment_id="1", experiment_name="x")
+    assert code == 400 and "not both" in err["message"], err
     code, err = await call(jp_fetch, "runs", max_results="many")
     assert code == 400 and "max_results" in err["message"], err
     code, err = await call(jp_fetch, "runs", max_results="0")

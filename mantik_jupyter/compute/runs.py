@@ -756,6 +756,8 @@ class RunService:
     def _experiment_ids(
         self, api: RunsApi, experiment_ids: Sequence[str] | None, experiment_name: str | None
     ) -> list[str]:
+        if experiment_ids and experiment_name:
+            raise InvalidRequest("Give experiment ids or an experiment name, not both.")
         if experiment_ids:
             return [str(i) for i in experiment_ids]
         if experiment_name:
