@@ -235,6 +235,9 @@ def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
         {
             "HOME": str(home),
             "JUPYTER_DATA_DIR": str(data),
+            # In a venv, jupyter_core looks in the venv's share/ first, where an installed
+            # (possibly older) build of the extension would win over this work tree's.
+            "JUPYTER_PREFER_ENV_PATH": "0",
             "JUPYTER_CONFIG_DIR": str(config),
             "JUPYTER_RUNTIME_DIR": str(runtime),
             "JUPYTERLAB_SETTINGS_DIR": str(tmp / "lab-settings"),

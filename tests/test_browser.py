@@ -211,6 +211,57 @@ def test_remote_tracking_login_form_shows_server_errors(page, remote_lab):
     expect(form.get_by_label("Username", exact=True)).to_have_count(0)
 
 
+@pytest.fixture(scope="module")
+def tracked_lab(tmp_path_factory, mlflow_server) -> Iterator[LabServer]:
+    """A lab using the session's MLflow server (basic auth): users log in and out."""
+    yield from running_lab(
+        tmp_path_factory.mktemp("lab-tracked"), (f"--MantikApp.tracking_uri={mlflow_server.uri}",)
+    )
+
+
+def test_after_logout_and_login_the_runs_are_the_new_users(page, tracked_lab, mlflow_server):
+    from playwright.sync_api import expect
+
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    ada, bob = mlflow_server.create_user(), mlflow_server.create_user()
+    api = RunsApi(TrackingClient(mlflow_server.uri, ada))
+    experiment, _ = api.get_or_create_experiment("browser-logout")
+    tags = {"mantik.backend": "local", "mantik.state": "FINISHED"}
+    run = api.create_run(experiment, run_name="ada-private-run", tags=tags)
+    api.update_run(run["info"]["run_id"], status="FINISHED")
+
+    sidebar = open_lab(page, tracked_lab)
+    state = sidebar.locator('[data-testid="mantik-login-state"]')
+
+    def log_in(user) -> None:
+        form = sidebar.locator(".mantik-login-form")
+        form.get_by_label("Username", exact=True).fill(user.username)
+        form.get_by_label("Password", exact=True).fill(user.password)
+        form.get_by_label("Password", exact=True).press("Enter")
+        expect(state).to_have_text("Logged in", timeout=60_000)
+
+    log_in(ada)
+    row = sidebar.locator(".mantik-run-row").filter(has_text="ada-private-run")
+    expect(row).to_be_visible(timeout=60_000)
+    row.click()
+    expect(sidebar.locator('[data-testid="mantik-run-details"]')).to_be_visible()
+
+    # Logged out: none of ada's runs or details stay on screen.
+    sidebar.locator('[data-testid="mantik-logout"]').click()
+    expect(state).to_have_text("Not logged in")
+    expect(sidebar.locator(".mantik-run-row")).to_have_count(0)
+    expect(sidebar.locator('[data-testid="mantik-run-details"]')).to_have_count(0)
+
+    # bob sees his (no) runs at once, without the logged-out error lingering.
+    log_in(bob)
+    expect(sidebar.locator(".mantik-runs-error")).to_have_count(0, timeout=10_000)
+    expect(sidebar.locator(".mantik-run-row")).to_have_count(0)
+    page.wait_for_timeout(2_000)  # a status answer from before the login must not undo it
+    expect(state).to_have_text("Logged in")
+
+
 # ---- runs: submit from the dialog, follow, cancel, open in MLflow ------------------------
 
 # Runs on the local backend take 10-20 s on a loaded machine; MLflow answers in ~1 s.
@@ -232,7 +283,9 @@ def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str
     """Right-click the project folder, "Submit to HPC…", fill the form, submit."""
     from playwright.sync_api import expect
 
-    page.locator('.jp-SideBar.jp-mod-left [data-id="filebrowser"]').click()
+    tab = page.locator('.jp-SideBar.jp-mod-left [data-id="filebrowser"]')
+    if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+        tab.click()  # the tab toggles: a click on the current one would close it
     item = page.locator(".jp-DirListing-item").filter(
         has=page.locator(".jp-DirListing-itemText", has_text=re.compile(f"^{folder}$"))
     )
@@ -368,5 +421,30 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         page.screenshot(path=str(ARTIFACTS / "submit-dialog-error.png"))
         page.keyboard.press("Escape")
         expect(dialog).to_have_count(0)
+
+        # Once a submission is on its way it cannot be taken back: Cancel and Escape wait
+        # for the answer, and the run it made is shown (the server's answer is held here).
+        held = []
+
+        def hold_submission(route):
+            if route.request.method == "POST":
+                held.append(route)
+            else:
+                route.continue_()
+
+        page.route(re.compile(r".*/mantik/api/runs(\?.*)?$"), hold_submission)
+        dialog = _submit_from_file_browser(page, folder, "main", "e2e-held", epochs=1)
+        dialog.get_by_role("button", name="Submit").click()
+        expect(dialog.locator('[data-testid="mantik-submit-button"]')).to_have_text("Submitting…")
+        page.wait_for_function("() => true")  # lets the held request reach the handler
+        expect(dialog.get_by_role("button", name="Cancel")).to_be_disabled()
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+        expect(dialog.get_by_role("dialog")).to_be_visible()
+        assert len(held) == 1, held
+        held[0].continue_()
+        expect(dialog).to_have_count(0, timeout=120_000)
+        details = page.locator('[data-testid="mantik-run-details"]')
+        expect(details.locator(".mantik-details-title")).to_have_text("e2e-held")
     finally:
         broken.unlink()

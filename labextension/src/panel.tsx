@@ -130,6 +130,7 @@ export class MantikPanel extends ReactWidget {
         onOpenMlflow={this._onOpenMlflow}
         pollInterval={this.isVisible ? Math.max(this._pollInterval, 10) : 0}
         refreshToken={this._refreshToken}
+        onIdentityChange={this._onIdentityChange}
       >
         <RunsSection
           api={this._api}
@@ -149,6 +150,9 @@ export class MantikPanel extends ReactWidget {
   private _confirmCancel: (run: IRun) => Promise<boolean>;
   private _pollInterval: number;
   private _refreshToken = 0;
+  private _onIdentityChange = (): void => {
+    void this.runs.reset();
+  };
 }
 
 interface IPanelProps {
@@ -160,11 +164,13 @@ interface IPanelProps {
   pollInterval: number;
   /** Changing this number reloads the status. */
   refreshToken: number;
+  /** Called after a login or logout went through. */
+  onIdentityChange?: () => void;
 }
 
 /** The panel's content. */
 export function MantikPanelComponent(props: IPanelProps): JSX.Element {
-  const { api, onOpenMlflow, pollInterval, refreshToken, children } = props;
+  const { api, onOpenMlflow, onIdentityChange, pollInterval, refreshToken, children } = props;
   const [status, setStatus] = useState<IAuthStatus | null>(null);
   const [statusError, setStatusError] = useState<string | null>(null);
   const [loading, setLoading] = useState(true);
@@ -172,6 +178,8 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
   const [actionError, setActionError] = useState<string | null>(null);
   const mounted = useRef(true);
   const inFlight = useRef(false);
+  // Grows with each login/logout: a status asked for before one is out of date.
+  const epoch = useRef(0);
 
   useEffect(() => {
     mounted.current = true;
@@ -185,14 +193,15 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
       return;
     }
     inFlight.current = true;
+    const asked = epoch.current;
     try {
       const next = await api.authStatus();
-      if (mounted.current) {
+      if (mounted.current && asked === epoch.current) {
         setStatus(next);
         setStatusError(null);
       }
     } catch (error) {
-      if (mounted.current) {
+      if (mounted.current && asked === epoch.current) {
         setStatusError(errorMessage(error));
       }
     } finally {
@@ -228,11 +237,14 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
     async (action: () => Promise<IAuthStatus>): Promise<boolean> => {
       setBusy(true);
       setActionError(null);
+      epoch.current++;
       try {
         const next = await action();
+        epoch.current++;
         if (mounted.current) {
           setStatus(next);
           setStatusError(null);
+          onIdentityChange?.();
         }
         return true;
       } catch (error) {
@@ -246,7 +258,7 @@ export function MantikPanelComponent(props: IPanelProps): JSX.Element {
         }
       }
     },
-    []
+    [onIdentityChange]
   );
 
   const onLogin = useCallback(

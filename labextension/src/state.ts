@@ -126,6 +126,12 @@ export class Poller {
       return;
     }
     this._paused = false;
+    if (this._running) {
+      // A poll from before the pause is still out: look again when it is back, not
+      // beside it (two log reads from one offset would add the same text twice).
+      this._again = true;
+      return;
+    }
     // Whatever happened while hidden: look now.
     this._schedule(0);
   }
@@ -549,14 +555,29 @@ export class RunsModel {
     return this._poller.refresh();
   }
 
+  /**
+   * Forget every run shown and look again: someone else (or nobody) is logged in now,
+   * so the list, the selection and an error of the old login are not theirs.
+   */
+  reset(): Promise<void> {
+    this._epoch++;
+    this._pinned = [];
+    this._set({ runs: [], error: null, loaded: false, select: null });
+    return this._poller.refresh();
+  }
+
   dispose(): void {
     this._poller.dispose();
     this._listeners.clear();
   }
 
   private async _poll(): Promise<PollOutcome> {
+    const epoch = this._epoch;
     try {
       const fetched = await this._fetch(hasActiveRuns(this._snapshot.runs));
+      if (epoch !== this._epoch) {
+        return 'active'; // asked before a reset: the poll that follows it answers
+      }
       const ids = new Set(fetched.map(r => r.run_id));
       // A pinned run stays until the search returns it.
       this._pinned = this._pinned.filter(r => !ids.has(r.run_id));
@@ -571,6 +592,9 @@ export class RunsModel {
       this._set({ ...this._snapshot, runs, error: null, loaded: true });
       return hasActiveRuns(runs) ? 'active' : 'idle';
     } catch (error) {
+      if (epoch !== this._epoch) {
+        return 'active';
+      }
       this._set({ ...this._snapshot, error: this._describe(error), loaded: true });
       return 'error';
     }
@@ -587,6 +611,7 @@ export class RunsModel {
   private _describe: (error: unknown) => string;
   private _poller: Poller;
   private _pinned: IRun[] = [];
+  private _epoch = 0;
   private _listeners = new Set<() => void>();
   private _snapshot: IRunsSnapshot = {
     runs: [],

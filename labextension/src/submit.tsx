@@ -30,8 +30,11 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
   return new Promise(resolve => {
     const previous = document.activeElement as HTMLElement | null;
     let done = false;
+    // While the submission is on its way it cannot be taken back (the run may exist
+    // already): Cancel, Escape and the backdrop wait for the answer.
+    let submitting = false;
     const close = (run: IRun | null) => {
-      if (done) {
+      if (done || (run === null && submitting)) {
         return;
       }
       done = true;
@@ -41,7 +44,13 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
       resolve(run);
     };
     const widget = ReactWidget.create(
-      <SubmitForm {...options} onDone={close} />
+      <SubmitForm
+        {...options}
+        onDone={close}
+        onSubmitting={busy => {
+          submitting = busy;
+        }}
+      />
     );
     widget.addClass('jp-Dialog');
     widget.addClass('mantik-SubmitDialog');
@@ -92,10 +101,11 @@ function trapFocus(root: HTMLElement, event: KeyboardEvent): void {
 
 interface ISubmitFormProps extends ISubmitOptions {
   onDone: (run: IRun | null) => void;
+  onSubmitting: (submitting: boolean) => void;
 }
 
 function SubmitForm(props: ISubmitFormProps): JSX.Element {
-  const { api, path, defaultConfigFile, onDone } = props;
+  const { api, path, defaultConfigFile, onDone, onSubmitting } = props;
   const id = useId();
   const [project, setProject] = useState<IProject | null>(null);
   const [loadError, setLoadError] = useState<string | null>(null);
@@ -160,6 +170,7 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
       return;
     }
     setSubmitting(true);
+    onSubmitting(true);
     setSubmitError(null);
     try {
       const run = await api.submitRun({
@@ -177,6 +188,7 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
         e instanceof Error && 'reason' in e ? String((e as { reason: unknown }).reason) : '';
       setSubmitError({ message: errorText(e), reason });
       setSubmitting(false);
+      onSubmitting(false);
     }
   };
 
@@ -344,6 +356,7 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
             type="button"
             ref={closeButton}
             className="jp-Dialog-button jp-mod-reject jp-mod-styled mantik-submit-cancel"
+            disabled={submitting}
             onClick={() => onDone(null)}
           >
             <span className="jp-Dialog-buttonLabel">Cancel</span>

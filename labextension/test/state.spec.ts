@@ -152,6 +152,42 @@ describe('Poller', () => {
     expect(p.delay).toBe(2000); // reset to 1000, then one idle poll
   });
 
+  it('does not start a second poll beside one still out when resumed', async () => {
+    const clock = fakeTimers();
+    const buffer = new LogBuffer();
+    const answers: Array<() => void> = [];
+    let out = 0;
+    let most = 0;
+    const p = new Poller({
+      ...BACKOFF,
+      timers: clock.timers,
+      task: async () => {
+        most = Math.max(most, ++out);
+        const from = buffer.offset;
+        // The log is "line1\n" (6 bytes); its answer comes when the test says so.
+        await new Promise<void>(resolve => answers.push(resolve));
+        out--;
+        const chunk = from === 0 ? { text: 'line1\n', offset: 6 } : { text: '', offset: from };
+        return buffer.append({ ...chunk, final: false }) ? 'active' : 'idle';
+      }
+    });
+    p.start();
+    await clock.advance(0); // a log read is out
+    p.pause(); // the panel is collapsed ...
+    p.resume(); // ... and opened again before the answer came
+    await clock.advance(0);
+    expect(answers).toHaveLength(1);
+    answers.shift()!();
+    await clock.advance(0);
+    await clock.advance(0); // the read that the resume asked for follows
+    expect(answers).toHaveLength(1);
+    answers.shift()!();
+    await clock.advance(0);
+    expect(most).toBe(1);
+    expect(buffer.text).toBe('line1\n');
+    p.dispose();
+  });
+
   it('stops scheduling when disposed or when the interval is 0', async () => {
     const { p, clock, calls } = poller([]);
     p.start();
@@ -248,6 +284,52 @@ describe('RunsModel', () => {
     await model.refresh();
     expect(model.snapshot.error).toBe('Tracking server unavailable');
     expect(model.snapshot.runs).toHaveLength(1);
+    model.dispose();
+  });
+});
+
+describe('RunsModel after a login or logout', () => {
+  it('forgets the old runs and drops an answer asked for before the reset', async () => {
+    const clock = fakeTimers();
+    let user = 'alice';
+    const pending: Array<() => void> = [];
+    const model = new RunsModel({
+      fetchRuns: async () => {
+        const asker = user;
+        await new Promise<void>(resolve => pending.push(resolve));
+        if (asker === 'nobody') {
+          throw new Error('Not logged in');
+        }
+        return [run(`${asker}-run`, 'FINISHED')];
+      },
+      interval: 1000,
+      timers: clock.timers,
+      describeError: e => (e as Error).message
+    });
+    await clock.advance(0);
+    pending.shift()!();
+    await clock.advance(0);
+    model.upsert(run('alice-new', 'QUEUED'), true);
+    expect(model.snapshot.runs.map(r => r.run_id)).toEqual(['alice-new', 'alice-run']);
+    // alice's search is out when she logs out: its answer must not come back.
+    user = 'nobody';
+    void model.reset();
+    expect(model.snapshot).toEqual({ runs: [], error: null, loaded: false, select: null });
+    pending.shift()!();
+    await clock.advance(0);
+    expect(model.snapshot.runs).toEqual([]);
+    await clock.advance(0);
+    pending.shift()!(); // the poll after the reset, as nobody
+    await clock.advance(0);
+    expect(model.snapshot.runs).toEqual([]);
+    expect(model.snapshot.error).toBe('Not logged in');
+    user = 'bob';
+    void model.reset();
+    expect(model.snapshot.error).toBeNull();
+    await clock.advance(0);
+    pending.shift()!();
+    await clock.advance(0);
+    expect(model.snapshot.runs.map(r => r.run_id)).toEqual(['bob-run']);
     model.dispose();
   });
 });
