@@ -93,6 +93,19 @@ def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp
         service.cancel(info.run_id)
 
 
+def test_slurm_login_node_command_runs_before_the_job(service, project, slurm_cluster, remote_base):
+    config = cluster_config(slurm_cluster, remote_base)
+    config["Environment"]["PreRunCommandOnLoginNode"] = 'echo "staged for $MANTIK_RUN_ID" > staged'
+    write_config(project, config)
+    info = service.submit(project, params={"epochs": "1"}, experiment_name="slurm-lifecycle")
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FINISHED, final.tags
+    files = {e.path for e in service.files(info.run_id)}
+    assert {"staged", "mantik-login.log"} <= files
+    staged = b"".join(service.open_file(info.run_id, "staged")).decode()
+    assert staged == f"staged for {info.run_id}\n"
+
+
 def test_slurm_failing_entry_point(service, project):
     info = run_failing_entry_point(service, project, "slurm-lifecycle", timeout=60)
     assert "simulated failure" in service.logs(info.run_id).text

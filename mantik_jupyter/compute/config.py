@@ -832,6 +832,13 @@ def _build(document: _Document, source: Path) -> ComputeConfig:
             "Pre-/PostRunCommandOnLoginNode cannot run through firecREST; "
             "use Pre-/PostRunCommandOnComputeNode instead",
         )
+    if "SSH" in data and environment.post_run_command_on_login_node:
+        ck.error(
+            ("Environment", "PostRunCommandOnLoginNode"),
+            "is supported on UNICORE only: over SSH nothing on the login node notices when "
+            "the Slurm job ends; use Environment.PostRunCommandOnComputeNode (it runs at the "
+            "end of the job script) or remove the key",
+        )
     exclude = _string_list(ck, data.get("Exclude"), ("Exclude",), allow_single=False)
     account = _account(ck, data)
     if ck.errors or backend is None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 PACKAGE_FILE = "package.tar.gz"
 JOB_SCRIPT = "mantik-job.sh"
 CREDENTIALS_FILE = ".mantik-credentials"
+# Output of the config's commands on the login node (UNICORE, SSH and local backends).
+LOGIN_LOG_FILE = "mantik-login.log"
 CODE_DIR = "code"
 LOG_FILE = "mantik.log"
 EXIT_CODE_FILE = "mantik.exitcode"

@@ -86,9 +86,9 @@ from ..tracking.runs_api import (
 from ..tracking.secrets import write_private
 from ..tracking.service import TrackingService
 from .backends.base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob
-from .backends.local import LocalBackend
+from .backends.local import LocalBackend, LocalJob
 from .backends.paths import clean_relative, usable_path
-from .backends.ssh_slurm import SshSlurmBackend
+from .backends.ssh_slurm import SlurmJob, SshSlurmBackend
 from .backends.unicore import UnicoreBackend, UnicoreJob
 from .config import (
     CONFIG_FILENAMES,
@@ -589,6 +589,10 @@ class RunService:
                 )
                 if spec["kind"] == "unicore":
                     job = UnicoreJob.from_prepared(job, config)
+                elif spec["kind"] == "ssh":
+                    job = SlurmJob.from_prepared(job, config)
+                elif spec["kind"] == "local":
+                    job = LocalJob.from_prepared(job, config)
                 if progress:
                     progress("upload", 0, package.size)
                 try:

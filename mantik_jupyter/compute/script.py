@@ -350,3 +350,20 @@ def expand_quoted(value: str) -> str:
     if position < len(rest) or not parts:
         parts.append(shlex.quote(rest[position:]))
     return "".join(parts)
+
+
+def login_commands_script(commands: tuple[str, ...], key: str) -> str:
+    """bash text running the config's login-node commands (``key`` names them in the log)
+    in order; the first failing one ends it with its status. The same text on every
+    backend that runs them."""
+    lines: list[str] = []
+    for index, command in enumerate(commands):
+        label = f"{key}[{index}]"
+        lines.append(f"echo {shlex.quote(f'[mantik] {label}')}")
+        # User shell code, as written; the blank line ends a trailing continuation.
+        lines += [command, ""]
+        lines.append(
+            f'mantik_rc=$?; [ "$mantik_rc" -eq 0 ] || {{ echo "[mantik] {label} failed '
+            f'with exit status $mantik_rc"; exit "$mantik_rc"; }}'
+        )
+    return "\n".join(lines) + "\n"

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import pwd
+import re
+import signal
+import subprocess
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paramiko
@@ -18,6 +25,7 @@ from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
     AuthenticationFailed,
     BackendUnavailable,
+    ConfigError,
     HostKeyUnknown,
     NotFound,
     UnsafePath,
@@ -134,8 +142,8 @@ def test_job_finishes_and_its_files_come_back(backend, slurm_cluster, tmp_path):
     assert [e.path for e in backend.list_files(job_id, "code")] == ["code/main.py"]
 
     run_dir = backend.run_dir_of(job_id)
-    with backend._lock:
-        mode = backend._sftp_client().stat(f"{run_dir}/.mantik-credentials").st_mode
+    with backend._shared_sftp() as sftp:
+        mode = sftp.stat(f"{run_dir}/.mantik-credentials").st_mode
     assert mode & 0o777 == 0o600
 
     assert b"".join(backend.open_file(job_id, "outputs/result.txt")) == b"42\n"
@@ -175,12 +183,12 @@ def test_cancelling_a_pending_job_deletes_its_credential_file(backend, tmp_path)
     # A held job never starts, so its script never gets to delete the credential.
     job_id = backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n"))
     creds = f"{backend.run_dir_of(job_id)}/.mantik-credentials"
-    with backend._lock:
-        assert backend._sftp_client().stat(creds)
+    with backend._shared_sftp() as sftp:
+        assert sftp.stat(creds)
     backend.cancel(job_id)
     assert wait_for(backend, job_id, FINAL, timeout=30).state == RunState.KILLED
-    with backend._lock, pytest.raises(FileNotFoundError):
-        backend._sftp_client().stat(creds)
+    with backend._shared_sftp() as sftp, pytest.raises(FileNotFoundError):
+        sftp.stat(creds)
     backend.cancel(job_id)  # again: nothing left to delete, still fine
 
 
@@ -344,3 +352,164 @@ def test_sshd_restart_is_unavailable_then_recovers(slurm_cluster, base, finished
 def test_secret_never_in_repr(slurm_cluster, base):
     b = _backend(slurm_cluster, base, password="hunter2-password")
     assert "hunter2" not in repr(b)
+
+
+# ---- a login node that stops answering ----------------------------------------------------
+
+
+def _session_pids(backend: SshSlurmBackend) -> list[int]:
+    """The sshd processes serving the backend's current connection."""
+    port = backend._connection().get_transport().sock.getsockname()[1]
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = sorted({int(pid) for pid in re.findall(r"pid=(\d+)", out)})
+    assert pids, f"no sshd process found for local port {port}: {out!r}"
+    return pids
+
+
+@contextmanager
+def _frozen(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP: the TCP link stays up but nothing answers, as with a hung login node."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def _in_thread(results: dict, name: str, call) -> threading.Thread:
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            results[name] = call()
+        except Exception as exc:  # noqa: BLE001 - the test inspects what came out
+            results[name] = exc
+        results[name + "_seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stuck_sftp_call_gives_up_and_recovers(slurm_cluster, base, finished_job):
+    # connect_timeout well above io_timeout: only the SFTP read's own timeout can end
+    # the wait in time (opening the poll's channel would give up after 10 s).
+    b = _backend(slurm_cluster, base, connect_timeout=10, io_timeout=2)
+    try:
+        log_text = b.read_log(finished_job)  # the shared SFTP session is open now
+        results: dict = {}
+        with _frozen(_session_pids(b)):
+            reader = _in_thread(results, "log", lambda: b.read_log(finished_job))
+            time.sleep(0.5)  # the poll arrives while the log read is stuck
+            poller = _in_thread(results, "states", lambda: b.states([finished_job]))
+            reader.join(20)
+            poller.join(20)
+            assert "log" in results and "states" in results, f"still waiting: {results}"
+        # The frozen connection was given up; a fresh one answered both.
+        assert results["log"] == log_text, results
+        assert results["states"][finished_job].state == RunState.FINISHED, results
+        assert results["log_seconds"] < 8 and results["states_seconds"] < 8, results
+    finally:
+        b.close()
+
+
+def test_login_node_that_stops_answering_is_unavailable(slurm_cluster, base, finished_job):
+    b = _backend(slurm_cluster, base, connect_timeout=2, io_timeout=2)
+    try:
+        b.read_log(finished_job)
+        listener = int((slurm_cluster.state_dir / "sshd.pid").read_text().split()[0])
+        results: dict = {}
+        # The listener too: a new connection gets no banner either.
+        with _frozen([listener, *_session_pids(b)]):
+            reader = _in_thread(results, "log", lambda: b.read_log(finished_job))
+            files = _in_thread(results, "files", lambda: b.list_files(finished_job))
+            time.sleep(0.5)
+            poller = _in_thread(results, "states", lambda: b.states([finished_job]))
+            for thread in (reader, files, poller):
+                thread.join(30)
+            assert {"log", "files", "states"} <= results.keys(), f"still waiting: {results}"
+        for name in ("log", "files", "states"):
+            assert isinstance(results[name], BackendUnavailable), results
+            assert slurm_cluster.host in results[name].message
+        # Answering again: the next call connects anew.
+        assert b.states([finished_job])[finished_job].state == RunState.FINISHED
+        assert "inside" in [entry.path for entry in b.list_files(finished_job)]
+    finally:
+        b.close()
+
+
+# ---- SSH.RemoteDirectory ------------------------------------------------------------------
+
+
+def _home(cluster) -> str:
+    return pwd.getpwnam(cluster.username).pw_dir
+
+
+@pytest.mark.parametrize(
+    ("setting", "relative"),
+    [
+        ("$HOME/mantik-rd-test", "mantik-rd-test"),
+        ("${HOME}/mantik-rd-test/x", "mantik-rd-test/x"),
+        ("~", ""),
+        ("~/mantik-rd-test", "mantik-rd-test"),
+        ("mantik-rd-test", "mantik-rd-test"),
+    ],
+)
+def test_remote_directory_expands_variables_and_tilde(slurm_cluster, setting, relative):
+    b = _backend(slurm_cluster, setting)
+    try:
+        expected = os.path.normpath(os.path.join(_home(slurm_cluster), relative))
+        assert b.remote_base() == expected
+    finally:
+        b.close()
+
+
+def test_runs_land_in_the_expanded_remote_directory(slurm_cluster, tmp_path):
+    sub = f"mantik-rd-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, f"$HOME/{sub}")
+    try:
+        job_id = b.submit(make_job(tmp_path, "echo expanded"))
+        assert b.run_dir_of(job_id).startswith(f"{_home(slurm_cluster)}/{sub}/")
+        assert wait_for(b, job_id, FINAL).state == RunState.FINISHED
+        assert not Path(_home(slurm_cluster), "$HOME").exists()
+    finally:
+        b._run(f"rm -rf ~/{sub}", "cleaning up")
+        b.close()
+
+
+def test_remote_directory_runs_no_commands(slurm_cluster):
+    marker = f"/tmp/mantik-pwned-{uuid.uuid4().hex}"
+    setting = f"$HOME/x-$(touch {marker})-`touch {marker}`-;touch {marker}"
+    b = _backend(slurm_cluster, setting)
+    try:
+        base = b.remote_base()
+        assert base == f"{_home(slurm_cluster)}/{setting.removeprefix('$HOME/')}"
+        assert not Path(marker).exists()
+    finally:
+        b.close()
+
+
+def test_unset_variable_in_remote_directory_is_a_config_error(slurm_cluster):
+    b = _backend(slurm_cluster, "$MANTIK_SURELY_UNSET_VARIABLE/mantik")
+    try:
+        with pytest.raises(ConfigError) as caught:
+            b.remote_base()
+        message = caught.value.message
+        assert "SSH.RemoteDirectory" in message and "$MANTIK_SURELY_UNSET_VARIABLE" in message
+    finally:
+        b.close()
+    other_user = _backend(slurm_cluster, "~root/mantik")
+    try:
+        with pytest.raises(ConfigError, match="~user"):
+            other_user.remote_base()
+    finally:
+        other_user.close()

@@ -14,6 +14,11 @@ marks a cancel through this backend).
 
 The job's environment is the lab's, minus every ``MLFLOW_*`` and ``MANTIK_SSH_*``
 variable: the job script sets the tracking variables from its credential file.
+
+Here the login node is this machine: ``Environment.PreRunCommandOnLoginNode`` runs in
+the run directory before the job starts (a failing one stops the submission), and
+``PostRunCommandOnLoginNode`` after the job script ends, in the job's process group (a
+cancel stops it too). Their output goes to ``mantik-login.log``, as on UNICORE.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -29,10 +35,13 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
 from .. import layout
+from ..config import ComputeConfig
+from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative, safe_name, save_stream
@@ -42,6 +51,8 @@ log = logging.getLogger(__name__)
 CANCELLED_FILE = "mantik.cancelled"
 JOB_ID_FILE = "mantik.jobid"
 CANCEL_GRACE = 5.0
+# How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
+LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^local-(\d+)-(\d+)$")
 _STRIPPED_ENV_PREFIXES = ("MLFLOW_", "MANTIK_SSH_")
@@ -71,6 +82,26 @@ def _proc_start_time(pid: int) -> str | None:
     if fields[0] in ("Z", "X"):
         return None
     return fields[19]
+
+
+@dataclass
+class LocalJob(PreparedJob):
+    """A ``PreparedJob`` with the config's commands for the login node (this machine)."""
+
+    pre_login_commands: tuple[str, ...] = ()
+    post_login_commands: tuple[str, ...] = ()
+
+    @classmethod
+    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> LocalJob:
+        env = config.environment
+        return cls(
+            run_id=job.run_id,
+            local_dir=job.local_dir,
+            job_name=job.job_name,
+            files=list(job.files),
+            pre_login_commands=tuple(env.pre_run_command_on_login_node),
+            post_login_commands=tuple(env.post_run_command_on_login_node),
+        )
 
 
 class LocalBackend(Backend):
@@ -138,10 +169,20 @@ class LocalBackend(Backend):
         if (run_dir / layout.PACKAGE_FILE).is_file():
             _unpack(run_dir / layout.PACKAGE_FILE, run_dir / layout.CODE_DIR)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED_ENV_PREFIXES)}
+        pre = job.pre_login_commands if isinstance(job, LocalJob) else ()
+        post = job.post_login_commands if isinstance(job, LocalJob) else ()
+        # As on UNICORE: the run id tells a login-node command which run it serves.
+        login_env = {**env, "MLFLOW_RUN_ID": job.run_id, "MANTIK_RUN_ID": job.run_id}
+        if pre:
+            _run_pre_commands(run_dir, pre, login_env)
+        argv = ["bash", layout.JOB_SCRIPT]
+        if post:
+            argv = ["bash", "-c", _with_post_commands(post), "mantik-job"]
+            env = login_env
         with (run_dir / layout.LOG_FILE).open("ab") as out:
             try:
                 proc = subprocess.Popen(
-                    ["bash", layout.JOB_SCRIPT],
+                    argv,
                     cwd=run_dir,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -340,6 +381,46 @@ def _unpack(package: Path, dest: Path) -> None:
             archive.extractall(dest, filter="data")
     except (tarfile.TarError, OSError) as exc:
         raise BackendRejected(f"Cannot unpack the code package {package}: {exc}") from None
+
+
+def _run_pre_commands(run_dir: Path, commands: tuple[str, ...], env: dict[str, str]) -> None:
+    script = login_commands_script(commands, "PreRunCommandOnLoginNode")
+    with (run_dir / layout.LOGIN_LOG_FILE).open("ab") as out:
+        try:
+            done = subprocess.run(
+                ["bash", "-c", script],
+                cwd=run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                check=False,
+            )
+        except OSError as exc:
+            raise BackendRejected(f"Cannot run PreRunCommandOnLoginNode: {exc}") from None
+    if done.returncode == 0:
+        return
+    # No job will read and delete the credential file.
+    (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
+    with (run_dir / layout.LOGIN_LOG_FILE).open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - LOGIN_LOG_TAIL))
+        tail = f.read().decode(errors="replace").strip()
+    raise BackendRejected(
+        f"Environment.PreRunCommandOnLoginNode failed with exit status {done.returncode}, "
+        f"so the job of run {run_dir.name} was not started. The end of "
+        f"{run_dir / layout.LOGIN_LOG_FILE}:\n{tail}"
+    )
+
+
+def _with_post_commands(commands: tuple[str, ...]) -> str:
+    """bash text: the job script, then PostRunCommandOnLoginNode; the job's status stays."""
+    post = login_commands_script(commands, "PostRunCommandOnLoginNode")
+    return (
+        f"bash {shlex.quote(layout.JOB_SCRIPT)}\n"
+        "mantik_status=$?\n"
+        f"bash -c {shlex.quote(post)} </dev/null >>{layout.LOGIN_LOG_FILE} 2>&1\n"
+        'exit "$mantik_status"\n'
+    )
 
 
 def _read_code(path: Path) -> int | None:

@@ -13,6 +13,18 @@ there. The backend remembers the run directory of every job it submitted
 ``run_dirs={job_id: run_dir}`` to the constructor. Without either, the backend
 asks Slurm for the job's working directory (one extra command, then cached).
 
+``remote_dir`` (``SSH.RemoteDirectory``) may use ``$NAME``/``${NAME}`` and a leading
+``~``, expanded once by the remote shell (``$SCRATCH/mantik``); nothing else in it is
+interpreted. ``Environment.PreRunCommandOnLoginNode`` runs in the run directory right
+before ``sbatch``, in the same remote command, with its output in ``mantik-login.log``
+(as on UNICORE); a failing one stops the submission. ``PostRunCommandOnLoginNode`` is
+refused: nothing on the login node notices when a Slurm job ends.
+
+A login node that stops answering (frozen sshd, silently dead link) must not hang a
+caller: every channel gets ``io_timeout`` for its reads and writes, and the channel
+requests paramiko awaits without a timeout (exec, the sftp subsystem) are bounded by
+a watchdog that closes the channel. A timeout drops the connection like a broken link.
+
 Security: host keys are checked against known_hosts and never added on the
 fly; every value that reaches the remote shell goes through ``shlex.quote``;
 file access is confined to the run directory (no ``..``, no absolute paths, no
@@ -33,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +56,7 @@ from ...errors import (
     AuthenticationFailed,
     BackendRejected,
     BackendUnavailable,
+    ConfigError,
     Conflict,
     HostKeyUnknown,
     InvalidRequest,
@@ -51,6 +65,8 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
+from ..config import ComputeConfig
+from ..script import expand_quoted, login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative as _clean_relative
@@ -61,8 +77,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COMMAND_TIMEOUT = 120.0
+# The submit command waits silently for PreRunCommandOnLoginNode (a venv to build, data
+# to stage), so its channel may stay quiet far longer than any other command's.
+LOGIN_COMMAND_TIMEOUT = 3600.0
+# How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
+_LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 # Separates the sections of the one combined status command's output.
 _MARK = "@@mantik@@"
 
@@ -135,6 +157,23 @@ def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
     )
 
 
+@dataclass
+class SlurmJob(PreparedJob):
+    """A ``PreparedJob`` with the config's commands for the login node."""
+
+    pre_login_commands: tuple[str, ...] = ()
+
+    @classmethod
+    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> SlurmJob:
+        return cls(
+            run_id=job.run_id,
+            local_dir=job.local_dir,
+            job_name=job.job_name,
+            files=list(job.files),
+            pre_login_commands=tuple(config.environment.pre_run_command_on_login_node),
+        )
+
+
 class SshSlurmBackend(Backend):
     """Runs jobs with ``sbatch`` on a Slurm login node over SSH (paramiko).
 
@@ -142,6 +181,8 @@ class SshSlurmBackend(Backend):
     ``key_filename`` (a private key file), ``private_key`` (the key's text, e.g.
     from ``MANTIK_SSH_PRIVATE_KEY``) or ``password`` (also the key passphrase);
     with none of them, the SSH agent and ``~/.ssh/id_*`` are tried, like ``ssh``.
+    ``io_timeout`` is how long a remote command or file operation may wait for the
+    login node to answer before the connection is given up (``BackendUnavailable``).
     """
 
     capabilities = Capabilities(
@@ -161,6 +202,7 @@ class SshSlurmBackend(Backend):
         remote_dir: str = "mantik-runs",
         run_dirs: dict[str, str] | None = None,
         connect_timeout: float = 15.0,
+        io_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self.hostname = hostname
         self.port = int(port)
@@ -173,9 +215,14 @@ class SshSlurmBackend(Backend):
         self._remote_base: str | None = None
         self._run_dirs: dict[str, str] = dict(run_dirs or {})
         self._connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        # _lock guards the connection; _sftp_lock the shared SFTP session, which one
+        # thread at a time may use. Two locks, so that a status poll never waits behind
+        # a slow file operation. Order: _sftp_lock before _lock, never the reverse.
         self._lock = threading.RLock()
+        self._sftp_lock = threading.Lock()
         # Remote shell commands run so far; a benchmark asserts one per status poll.
         self.commands_issued = 0
 
@@ -196,11 +243,13 @@ class SshSlurmBackend(Backend):
         return self._run_dirs[job_id]
 
     def remote_base(self) -> str:
-        """The absolute directory that holds all run directories."""
-        with self._lock:
-            self._connection()
-            assert self._remote_base is not None
-            return self._remote_base
+        """The absolute directory that holds all run directories (asked once)."""
+        if self._remote_base is None:
+            # Two threads may both ask; they get the same answer.
+            self._remote_base = self._with_connection(
+                self._resolve_remote_base, "finding SSH.RemoteDirectory"
+            )
+        return self._remote_base
 
     # ---- connection -------------------------------------------------------------------
 
@@ -213,7 +262,6 @@ class SshSlurmBackend(Backend):
             if transport is None or not transport.is_active():
                 self._drop()
                 self._client = self._connect()
-                self._remote_base = self._resolve_remote_base()
             assert self._client is not None
             return self._client
 
@@ -274,16 +322,50 @@ class SshSlurmBackend(Backend):
         )
 
     def _resolve_remote_base(self) -> str:
+        """``remote_dir`` with its variables and leading ``~`` expanded by the remote
+        shell, relative to the login directory unless absolute."""
         setting = self._remote_dir_setting
-        if setting.startswith("~/"):
-            setting = setting[2:]
-        if posixpath.isabs(setting):
-            return posixpath.normpath(setting)
-        home = self._sftp_client().normalize(".")
-        return posixpath.normpath(posixpath.join(home, setting))
+        where = f"SSH.RemoteDirectory {setting!r}"
+        if setting.startswith("~") and not (setting == "~" or setting.startswith("~/")):
+            raise ConfigError(
+                f"{where}: only a leading ~ or ~/ (your home) is understood, not ~user; "
+                "write the directory out"
+            )
+        try:
+            word = expand_quoted(setting)  # only $NAME/${NAME} expand, never $(...) or `...`
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None
+        names = [m.group(1) or m.group(2) for m in _VARIABLE.finditer(setting)]
+        if setting == "~" or setting.startswith("~/"):
+            names.insert(0, "HOME")
+        names = list(dict.fromkeys(names))
+        values = " ".join(f'"${{{name}-}}"' for name in names)
+        # The marker skips whatever a chatty shell startup file printed first.
+        script = f"printf '%s\\0' {_MARK} \"$(pwd -P)\" {word} {values}"
+        result = self._exec("sh -c " + shlex.quote(script))
+        text = result.stdout.decode(errors="replace")
+        start = text.find(_MARK + "\0")
+        fields = text[start + len(_MARK) + 1 :].split("\0") if start >= 0 else []
+        if result.status != 0 or len(fields) < 2 + len(names):
+            raise BackendRejected(
+                f"Expanding {where} on {self.hostname} failed: {result.err_text}"
+            )
+        login_dir, expanded = fields[0], fields[1]
+        for name, value in zip(names, fields[2:], strict=False):
+            if not value:
+                raise ConfigError(
+                    f"{where}: ${name} is not set (or empty) in a non-interactive shell on "
+                    f"{self.hostname}; set it there (e.g. in ~/.bashrc) or write the "
+                    "directory out"
+                )
+        return posixpath.normpath(posixpath.join(login_dir, expanded))
 
-    def _drop(self) -> None:
+    def _drop(self, client: paramiko.SSHClient | None = None) -> None:
+        """Close the connection; with ``client``, only if that is still the current one
+        (a thread that timed out on an old link must not close a fresh one)."""
         with self._lock:
+            if client is not None and client is not self._client:
+                return
             for thing in (self._sftp, self._client):
                 if thing is not None:
                     try:
@@ -298,25 +380,85 @@ class SshSlurmBackend(Backend):
 
     def warm_up(self) -> None:
         try:
+            # The base is asked once; a link that dropped since still needs a new login.
+            self._connection()
             self.remote_base()
         except Exception as exc:  # only an optimisation: submit reports what is wrong
             log.debug("connecting ahead of submit to %s failed: %s", self._where(), exc)
 
+    @contextmanager
+    def _shared_sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """The shared SFTP session for small operations, one thread at a time."""
+        with self._sftp_lock:
+            yield self._sftp_client()
+
     def _sftp_client(self) -> paramiko.SFTPClient:
-        """The shared SFTP session for small operations (hold ``_lock`` while using it)."""
+        """The shared SFTP session (use it through ``_shared_sftp``)."""
         with self._lock:
-            if self._sftp is None or self._sftp.get_channel().closed:
-                client = self._client
-                assert client is not None
-                self._sftp = client.open_sftp()
-            return self._sftp
+            client = self._connection()
+            sftp = self._sftp
+            if sftp is not None and not sftp.get_channel().closed:
+                return sftp
+        # Opened outside _lock: a login node slow to start sftp must not stall polls.
+        sftp = self._open_sftp(client)
+        with self._lock:
+            if self._client is client:
+                self._sftp = sftp
+        return sftp
+
+    def _open_sftp(self, client: paramiko.SSHClient) -> paramiko.SFTPClient:
+        """A new SFTP session whose every read and write gives up after ``io_timeout``."""
+        channel = self._open_channel(client)
+        try:
+            self._request(channel, lambda: channel.invoke_subsystem("sftp"))
+            return paramiko.SFTPClient(channel)
+        except BaseException:
+            channel.close()
+            raise
+
+    def _open_channel(self, client: paramiko.SSHClient) -> paramiko.Channel:
+        transport = client.get_transport()
+        if transport is None:
+            raise paramiko.SSHException("the SSH connection is closed")
+        channel = transport.open_session(timeout=self._connect_timeout)
+        channel.settimeout(self.io_timeout)
+        return channel
+
+    def _request(self, channel: paramiko.Channel, request: Callable[[], None]) -> None:
+        """A channel request (exec, subsystem): paramiko waits for its answer without a
+        timeout, so a watchdog closes the channel, which wakes the wait, after
+        ``io_timeout``."""
+        fired = threading.Event()
+
+        def give_up() -> None:
+            fired.set()
+            channel.close()
+
+        watchdog = threading.Timer(self.io_timeout, give_up)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            request()
+        except paramiko.SSHException:
+            if fired.is_set():
+                raise TimeoutError() from None
+            raise
+        finally:
+            watchdog.cancel()
+
+    @staticmethod
+    def _exit_status(channel: paramiko.Channel) -> int:
+        # recv_exit_status() alone would wait forever for a node that stopped answering.
+        if not channel.status_event.wait(channel.gettimeout()):
+            raise TimeoutError()
+        return channel.recv_exit_status()
 
     def _with_connection(self, action: Callable[[], T], what: str, retry: bool = True) -> T:
-        """Run ``action()`` needing the connection; reconnect once if the link was stale."""
+        """Run ``action()`` needing the connection; reconnect once if the link was stale
+        or stopped answering."""
         attempts = 2 if retry else 1
         for attempt in range(attempts):
-            with self._lock:
-                self._connection()
+            client = self._connection()
             try:
                 return action()
             except FileNotFoundError as exc:
@@ -326,13 +468,22 @@ class SshSlurmBackend(Backend):
                     f"{self.hostname} denied access while {what}: {exc}"
                 ) from None
             except _CONNECTION_ERRORS as exc:
-                self._drop()
+                self._drop(client)
                 if attempt + 1 == attempts:
-                    raise BackendUnavailable(
-                        f"Lost the SSH connection to {self.hostname}:{self.port} while "
-                        f"{what}: {_describe(exc)}"
-                    ) from None
+                    raise self._lost(exc, what) from None
         raise AssertionError("unreachable")
+
+    def _lost(self, exc: BaseException, what: str) -> BackendUnavailable:
+        if isinstance(exc, TimeoutError):
+            return BackendUnavailable(
+                f"The SSH server {self.hostname}:{self.port} did not answer within "
+                f"{self.io_timeout:g} s while {what}; the connection was closed. Try again "
+                "later; if it keeps happening, the login node may be overloaded or down."
+            )
+        return BackendUnavailable(
+            f"Lost the SSH connection to {self.hostname}:{self.port} while {what}: "
+            f"{_describe(exc)}"
+        )
 
     # ---- remote commands ----------------------------------------------------------------
 
@@ -340,28 +491,26 @@ class SshSlurmBackend(Backend):
         """Run one shell command; ``retry`` only for commands safe to run twice."""
         return self._with_connection(lambda: self._exec(command), what, retry)
 
-    def _exec(self, command: str, timeout: float = COMMAND_TIMEOUT) -> _Result:
-        client = self._connection()
-        transport = client.get_transport()
-        assert transport is not None
-        channel = transport.open_session(timeout=self._connect_timeout)
-        self.commands_issued += 1
+    def _exec(self, command: str, timeout: float | None = None) -> _Result:
+        """Run a command to its end; ``timeout`` (default ``io_timeout``) bounds each
+        wait for output, not the whole command."""
+        channel = self._open_stream(command)
         try:
-            channel.settimeout(timeout)
-            channel.exec_command(command)
+            if timeout is not None:
+                channel.settimeout(timeout)
             out, err = _drain(channel)
-            return _Result(channel.recv_exit_status(), out, err)
+            return _Result(self._exit_status(channel), out, err)
         finally:
             channel.close()
 
     def _open_stream(self, command: str) -> paramiko.Channel:
-        client = self._connection()
-        transport = client.get_transport()
-        assert transport is not None
-        channel = transport.open_session(timeout=self._connect_timeout)
+        channel = self._open_channel(self._connection())
         self.commands_issued += 1
-        channel.settimeout(COMMAND_TIMEOUT)
-        channel.exec_command(command)
+        try:
+            self._request(channel, lambda: channel.exec_command(command))
+        except BaseException:
+            channel.close()
+            raise
         return channel
 
     # ---- submit ---------------------------------------------------------------------------
@@ -372,9 +521,17 @@ class SshSlurmBackend(Backend):
         self._with_connection(
             lambda: self._upload(run_dir, job.local_dir, files, progress), "uploading the run"
         )
+        pre = job.pre_login_commands if isinstance(job, SlurmJob) else ()
+        command = self._submit_command(
+            run_dir, job.job_name, files, pre_login_commands=pre, run_id=job.run_id
+        )
+        timeout = max(self.io_timeout, LOGIN_COMMAND_TIMEOUT) if pre else None
         # Not retried: a dropped link after sbatch ran would otherwise submit twice.
-        result = self._run(self._submit_command(run_dir, job.job_name, files), "submitting", False)
+        result = self._with_connection(
+            lambda: self._exec(command, timeout), "submitting", retry=False
+        )
         if result.status != 0:
+            self._raise_login_failure(result, job.run_id, run_dir)
             raise BackendRejected(
                 f"sbatch on {self.hostname} refused the job of run {job.run_id}: "
                 f"{result.err_text or result.stdout.decode(errors='replace').strip()}"
@@ -399,7 +556,7 @@ class SshSlurmBackend(Backend):
     ) -> None:
         total = sum((local_dir / n).stat().st_size for n in names)
         done = 0
-        sftp = self._connection().open_sftp()
+        sftp = self._open_sftp(self._connection())
         try:
             _sftp_makedirs(sftp, run_dir)
             for name in names:
@@ -420,17 +577,63 @@ class SshSlurmBackend(Backend):
             progress(total, total)
 
     @staticmethod
-    def _submit_command(run_dir: str, job_name: str, files: list[str]) -> str:
+    def _submit_command(
+        run_dir: str,
+        job_name: str,
+        files: list[str],
+        *,
+        pre_login_commands: tuple[str, ...] = (),
+        run_id: str = "",
+    ) -> str:
+        """One remote command: unpack the code, run PreRunCommandOnLoginNode, sbatch.
+        Whatever stops it before the job is queued deletes the credential file, which
+        only the job script would delete otherwise."""
         q = shlex.quote
-        steps = [f"cd {q(run_dir)}"]
+        creds = q(layout.CREDENTIALS_FILE)
+        lines = [f"cd {q(run_dir)} || exit"]
         if layout.PACKAGE_FILE in files:
             code = layout.CODE_DIR
-            steps.append(f"mkdir -p {code} && tar -xzf {q(layout.PACKAGE_FILE)} -C {code}")
-        steps.append(
+            lines.append(
+                f"mkdir -p {code} && tar -xzf {q(layout.PACKAGE_FILE)} -C {code} "
+                f'|| {{ mantik_rc=$?; rm -f -- {creds}; exit "$mantik_rc"; }}'
+            )
+        if pre_login_commands:
+            script = login_commands_script(pre_login_commands, "PreRunCommandOnLoginNode")
+            # As on UNICORE: the run id tells a login-node command which run it serves.
+            ids = f"MLFLOW_RUN_ID={q(run_id)} MANTIK_RUN_ID={q(run_id)}"
+            lines += [
+                f"{ids} bash -c {q(script)} </dev/null >>{layout.LOGIN_LOG_FILE} 2>&1",
+                "mantik_rc=$?",
+                'if [ "$mantik_rc" -ne 0 ]; then',
+                f"  rm -f -- {creds}",
+                f'  echo "{_MARK}login $mantik_rc" >&2',
+                f"  tail -c {_LOGIN_LOG_TAIL} {layout.LOGIN_LOG_FILE} >&2",
+                '  exit "$mantik_rc"',
+                "fi",
+                # Best effort: if the client gave up waiting and closed the channel, this
+                # write kills the shell (SIGPIPE) and no job it will never hear of starts.
+                f"echo {_MARK}login-done",
+            ]
+        lines.append(
             f"sbatch --parsable --chdir={q(run_dir)} --job-name={q(job_name)} "
-            f"{q(layout.JOB_SCRIPT)}"
+            f"{q(layout.JOB_SCRIPT)} "
+            f'|| {{ mantik_rc=$?; rm -f -- {creds}; exit "$mantik_rc"; }}'
         )
-        return " && ".join(steps)
+        # sh -c: the script is POSIX sh, whatever the account's login shell (csh exists).
+        return "sh -c " + q("\n".join(lines))
+
+    def _raise_login_failure(self, result: _Result, run_id: str, run_dir: str) -> None:
+        """The error of a failed PreRunCommandOnLoginNode, if that is what failed."""
+        marker = f"{_MARK}login "
+        err = result.stderr.decode(errors="replace")
+        if marker not in err:
+            return
+        status, _, tail = err.split(marker, 1)[1].partition("\n")
+        raise BackendRejected(
+            f"Environment.PreRunCommandOnLoginNode failed on {self.hostname} with exit "
+            f"status {status.strip()}, so no job was submitted for run {run_id}. The end of "
+            f"{posixpath.join(run_dir, layout.LOGIN_LOG_FILE)}:\n{tail.strip()}"
+        )
 
     # ---- states ---------------------------------------------------------------------------
 
@@ -490,9 +693,9 @@ class SshSlurmBackend(Backend):
         path = posixpath.join(self.run_dir_of(job_id), layout.LOG_FILE)
 
         def read() -> tuple[bytes, int]:
-            with self._lock:
+            with self._shared_sftp() as sftp:
                 try:
-                    with self._sftp_client().open(path, "rb") as f:
+                    with sftp.open(path, "rb") as f:
                         f.seek(offset)
                         data = f.read(layout.MAX_LOG_READ)
                 except FileNotFoundError:
@@ -518,9 +721,9 @@ class SshSlurmBackend(Backend):
             return  # Slurm forgot the job and nobody told us where it lived
 
         def remove() -> None:
-            with self._lock:
+            with self._shared_sftp() as sftp:
                 try:
-                    self._sftp_client().remove(path)
+                    sftp.remove(path)
                 except FileNotFoundError:
                     pass  # the job started and deleted it itself
 
@@ -534,8 +737,7 @@ class SshSlurmBackend(Backend):
         rel = _clean_relative(path)
 
         def listing() -> list[FileEntry]:
-            with self._lock:
-                sftp = self._sftp_client()
+            with self._shared_sftp() as sftp:
                 target = self._confined(sftp, run_dir, rel)
                 if not stat.S_ISDIR(sftp.stat(target).st_mode or 0):
                     raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
@@ -564,7 +766,7 @@ class SshSlurmBackend(Backend):
         self, run_dir: str, rel: str, path: str
     ) -> tuple[paramiko.SFTPClient, str]:
         # A session of its own: a long stream must not hold the shared one.
-        sftp = self._connection().open_sftp()
+        sftp = self._open_sftp(self._connection())
         try:
             target = self._confined(sftp, run_dir, rel)
             if not stat.S_ISREG(sftp.stat(target).st_mode or 0):
@@ -599,8 +801,7 @@ class SshSlurmBackend(Backend):
         dest = Path(dest)
 
         def inspect() -> tuple[str, bool, int]:
-            with self._lock:
-                sftp = self._sftp_client()
+            with self._shared_sftp() as sftp:
                 target = self._confined(sftp, run_dir, rel)
                 st = sftp.stat(target)
             return target, stat.S_ISDIR(st.st_mode or 0), st.st_size or 0
@@ -626,7 +827,7 @@ class SshSlurmBackend(Backend):
             channel = self._with_connection(lambda: self._open_stream(command), "downloading")
             try:
                 _untar_stream(channel, staging, progress)
-                status = channel.recv_exit_status()
+                status = self._exit_status(channel)
                 err = _rest_of_stderr(channel).decode(errors="replace").strip()
             except _CONNECTION_ERRORS as exc:
                 self._drop()

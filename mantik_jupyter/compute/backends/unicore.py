@@ -89,6 +89,7 @@ from ...errors import (
 )
 from .. import layout
 from ..config import ComputeConfig
+from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative, safe_name, save_stream
@@ -100,7 +101,6 @@ ENV_UNICORE_USERNAME = "MANTIK_UNICORE_USERNAME"
 ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
 ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
-LOGIN_LOG_FILE = "mantik-login.log"
 STATE_WORKERS = 8
 _STATE_FIELDS = "status,statusMessage,exitCode"
 
@@ -229,7 +229,7 @@ def unicore_resources(config: ComputeConfig) -> dict[str, str]:
 def _login_commands(commands: tuple[str, ...], key: str, *, unpack: bool) -> str:
     """One shell text for a UNICORE user pre/post command: output to mantik-login.log,
     the first failing step ends it with its status (UNICORE then fails the job)."""
-    lines = [f"exec >> {LOGIN_LOG_FILE} 2>&1"]
+    lines = [f"exec >> {layout.LOGIN_LOG_FILE} 2>&1"]
     if unpack:
         q = shlex.quote
         lines.append(
@@ -237,16 +237,7 @@ def _login_commands(commands: tuple[str, ...], key: str, *, unpack: bool) -> str
             f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
             '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi'
         )
-    for index, command in enumerate(commands):
-        label = f"{key}[{index}]"
-        lines.append(f"echo {shlex.quote(f'[mantik] {label}')}")
-        # User shell code, as written; the blank line ends a trailing continuation.
-        lines += [command, ""]
-        lines.append(
-            f'mantik_rc=$?; [ "$mantik_rc" -eq 0 ] || {{ echo "[mantik] {label} failed '
-            f'with exit status $mantik_rc"; exit "$mantik_rc"; }}'
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + login_commands_script(commands, key)
 
 
 # ---- the backend -------------------------------------------------------------------------

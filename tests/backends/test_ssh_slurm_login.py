@@ -1,0 +1,149 @@
+"""Environment.Pre/PostRunCommandOnLoginNode with Slurm over SSH, on the loopback cluster,
+and on the Local backend."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mantik_jupyter.compute.backends.local import LocalBackend, LocalJob
+from mantik_jupyter.compute.backends.ssh_slurm import SlurmJob, SshSlurmBackend
+from mantik_jupyter.compute.config import ComputeConfig, parse_config
+from mantik_jupyter.compute.layout import LOGIN_LOG_FILE
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import BackendRejected, ConfigError
+
+from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def backend(slurm_cluster) -> Iterator[SshSlurmBackend]:
+    path = f"{slurm_cluster.remote_dir}/test-login-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, path)
+    yield b
+    b._run(f"rm -rf {path}", "cleaning up")
+    b.close()
+
+
+def _config(**environment) -> ComputeConfig:
+    return parse_config(
+        {"SSH": {"Hostname": "login"}, "Resources": {"Queue": "batch"}, "Environment": environment}
+    )
+
+
+def _local_config(**environment) -> ComputeConfig:
+    return parse_config({"Local": {}, "Resources": {"Queue": "local"}, "Environment": environment})
+
+
+def _read(backend: SshSlurmBackend, job_id: str, path: str) -> str:
+    return b"".join(backend.open_file(job_id, path)).decode()
+
+
+def test_pre_command_runs_on_the_login_node_before_sbatch(backend, tmp_path):
+    marker = f"/tmp/mantik-pwned-{uuid.uuid4().hex}"
+    config = _config(
+        PreRunCommandOnLoginNode=[
+            # In the run directory, after unpacking, knowing its run; quotes survive.
+            'echo "pre in $(basename "$PWD") for $MANTIK_RUN_ID" > pre.txt',
+            f"test -f code/main.py && echo 'it'\"'\"'s $(touch {marker})' >> pre.txt",
+            "echo second command ran",
+        ]
+    )
+    job = SlurmJob.from_prepared(make_job(tmp_path, "cat pre.txt"), config)
+    job_id = backend.submit(job)
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+    log = backend.read_log(job_id)[0].decode()
+    # The job saw what the pre command left: it ran first, on the login node.
+    assert f"pre in {job.run_id} for {job.run_id}" in log
+    assert f"it's $(touch {marker})" in log
+    assert not Path(marker).exists()
+    # As on UNICORE, its output is in mantik-login.log of the run directory.
+    assert LOGIN_LOG_FILE in [entry.path for entry in backend.list_files(job_id)]
+    login_log = _read(backend, job_id, LOGIN_LOG_FILE)
+    assert "[mantik] PreRunCommandOnLoginNode[0]" in login_log
+    assert "second command ran" in login_log
+
+
+def test_failing_pre_command_stops_the_submission(backend, tmp_path):
+    name = f"mantik-pre-fails-{uuid.uuid4().hex[:8]}"
+    config = _config(
+        PreRunCommandOnLoginNode=["echo preparing; echo went wrong >&2; exit 7", "echo never"]
+    )
+    job = SlurmJob.from_prepared(make_job(tmp_path, "true", name=name), config)
+    with pytest.raises(BackendRejected) as caught:
+        backend.submit(job)
+    message = caught.value.message
+    assert "PreRunCommandOnLoginNode" in message and "exit status 7" in message
+    assert "went wrong" in message and LOGIN_LOG_FILE in message
+    assert "never" not in message.split(LOGIN_LOG_FILE, 1)[1]
+    # No job, and the credential the job script would have deleted is gone.
+    queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
+    assert queued.stdout.decode().strip() == ""
+    run_dir = f"{backend.remote_base()}/{job.run_id}"
+    with backend._shared_sftp() as sftp:
+        names = sftp.listdir(run_dir)
+    assert ".mantik-credentials" not in names and LOGIN_LOG_FILE in names
+
+
+def test_post_command_on_login_node_is_refused_for_ssh():
+    with pytest.raises(ConfigError) as caught:
+        _config(PostRunCommandOnLoginNode="echo done")
+    message = caught.value.message
+    assert "PostRunCommandOnLoginNode" in message and "UNICORE" in message
+    assert "PostRunCommandOnComputeNode" in message
+
+
+def test_no_login_commands_make_no_login_log(backend, tmp_path):
+    job = SlurmJob.from_prepared(make_job(tmp_path, "echo plain"), _config())
+    job_id = backend.submit(job)
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+    assert LOGIN_LOG_FILE not in [entry.path for entry in backend.list_files(job_id)]
+
+
+# ---- the same keys on the Local backend, whose login node is this machine ----------------
+
+
+def _wait_local(backend: LocalBackend, job_id: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = backend.states([job_id])[job_id]
+        if status.state.is_final or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_local_runs_pre_and_post_login_commands(tmp_path):
+    backend = LocalBackend(tmp_path / "runs")
+    config = _local_config(
+        PreRunCommandOnLoginNode='echo "pre for $MANTIK_RUN_ID" > pre.txt',
+        PostRunCommandOnLoginNode='echo "post after exit $(cat mantik.exitcode)" > post.txt',
+    )
+    job = LocalJob.from_prepared(make_job(tmp_path, "cat pre.txt; exit 3"), config)
+    job_id = backend.submit(job)
+    status = _wait_local(backend, job_id)
+    # The post command's success does not hide the job's own failure.
+    assert status.state == RunState.FAILED and status.exit_code == 3, status
+    run_dir = Path(backend.run_dir_of(job_id))
+    assert f"pre for {job.run_id}" in backend.read_log(job_id)[0].decode()
+    assert (run_dir / "post.txt").read_text() == "post after exit 3\n"
+    login_log = (run_dir / LOGIN_LOG_FILE).read_text()
+    assert "[mantik] PreRunCommandOnLoginNode[0]" in login_log
+    assert "[mantik] PostRunCommandOnLoginNode[0]" in login_log
+
+
+def test_local_failing_pre_command_starts_no_job(tmp_path):
+    backend = LocalBackend(tmp_path / "runs")
+    config = _local_config(PreRunCommandOnLoginNode="echo went wrong; exit 5")
+    job = LocalJob.from_prepared(make_job(tmp_path, "touch started"), config)
+    with pytest.raises(BackendRejected) as caught:
+        backend.submit(job)
+    assert "exit status 5" in caught.value.message and "went wrong" in caught.value.message
+    run_dir = tmp_path / "runs" / job.run_id
+    assert not (run_dir / "mantik.jobid").exists() and not (run_dir / "started").exists()
+    assert not (run_dir / ".mantik-credentials").exists()
