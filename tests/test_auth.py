@@ -234,10 +234,16 @@ class TestCredentialInTheTrackingUri:
         return mlflow_server.create_user()
 
     @pytest.fixture
-    def jp_server_config(self, tmp_path, mlflow_server, user):
+    def jp_server_config(self, tmp_path, mlflow_server, user, monkeypatch):
         scheme, rest = mlflow_server.uri.split("://", 1)
         password = user.password.replace("-", "%2D")  # percent-escapes are undone
-        return lab_config(tmp_path / "mantik", f"{scheme}://{user.username}:{password}@{rest}/")
+        # From the environment, as MLflow's client takes it: Jupyter logs its own config
+        # (c.MantikApp.tracking_uri too) at debug level, which no extension can prevent.
+        uri = f"{scheme}://{user.username}:{password}@{rest}/"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        config = lab_config(tmp_path / "mantik", None)
+        del config.MantikApp["tracking_uri"]  # unset: taken from the environment
+        return config
 
     async def test_it_logs_in_and_the_uri_shown_has_no_password(
         self, jp_fetch, mlflow_server, user

@@ -5,6 +5,7 @@ real MLflow server; plus the backend's errors, states and mapping without MLflow
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -266,11 +267,9 @@ def test_rejected_description_shows_unicores_message(
 ):
     backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
     job = _prepared(tmp_path, "exit 0\n")
-    from mantik_jupyter.compute.backends.unicore import UnicoreJob
-
     config = parse_config({"UnicoreApiUrl": unicore_site.base_url, "Resources": {"Queue": "gpu"}})
     with pytest.raises(BackendRejected, match="Queue <gpu> is not available"):
-        backend.submit(UnicoreJob.from_prepared(job, config))
+        backend.submit(dataclasses.replace(job, config=config))
 
 
 def test_unreachable_site_is_backend_unavailable(unicore_password):

@@ -86,10 +86,10 @@ from ..tracking.runs_api import (
 from ..tracking.secrets import write_private
 from ..tracking.service import TrackingService
 from .backends.base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob
-from .backends.local import LocalBackend, LocalJob
+from .backends.local import LocalBackend
 from .backends.paths import clean_relative, usable_path
-from .backends.ssh_slurm import SlurmJob, SshSlurmBackend
-from .backends.unicore import UnicoreBackend, UnicoreJob
+from .backends.ssh_slurm import SshSlurmBackend
+from .backends.unicore import UnicoreBackend
 from .config import (
     CONFIG_FILENAMES,
     ENV_SSH_PASSWORD,
@@ -586,13 +586,8 @@ class RunService:
                     local_dir=job_dir,
                     job_name=job_name,
                     files=[PACKAGE_FILE, JOB_SCRIPT, CREDENTIALS_FILE],
+                    config=config,
                 )
-                if spec["kind"] == "unicore":
-                    job = UnicoreJob.from_prepared(job, config)
-                elif spec["kind"] == "ssh":
-                    job = SlurmJob.from_prepared(job, config)
-                elif spec["kind"] == "local":
-                    job = LocalJob.from_prepared(job, config)
                 if progress:
                     progress("upload", 0, package.size)
                 try:

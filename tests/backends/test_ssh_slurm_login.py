@@ -3,6 +3,7 @@ and on the Local backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mantik_jupyter.compute.backends.local import LocalBackend, LocalJob
-from mantik_jupyter.compute.backends.ssh_slurm import SlurmJob, SshSlurmBackend
+from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.local import LocalBackend
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.config import ComputeConfig, parse_config
 from mantik_jupyter.compute.layout import LOGIN_LOG_FILE
 from mantik_jupyter.compute.states import RunState
@@ -37,6 +39,10 @@ def _config(**environment) -> ComputeConfig:
     )
 
 
+def with_config(job: PreparedJob, config: ComputeConfig) -> PreparedJob:
+    return dataclasses.replace(job, config=config)
+
+
 def _local_config(**environment) -> ComputeConfig:
     return parse_config({"Local": {}, "Resources": {"Queue": "local"}, "Environment": environment})
 
@@ -55,7 +61,7 @@ def test_pre_command_runs_on_the_login_node_before_sbatch(backend, tmp_path):
             "echo second command ran",
         ]
     )
-    job = SlurmJob.from_prepared(make_job(tmp_path, "cat pre.txt"), config)
+    job = with_config(make_job(tmp_path, "cat pre.txt"), config)
     job_id = backend.submit(job)
     assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
     log = backend.read_log(job_id)[0].decode()
@@ -75,7 +81,7 @@ def test_failing_pre_command_stops_the_submission(backend, tmp_path):
     config = _config(
         PreRunCommandOnLoginNode=["echo preparing; echo went wrong >&2; exit 7", "echo never"]
     )
-    job = SlurmJob.from_prepared(make_job(tmp_path, "true", name=name), config)
+    job = with_config(make_job(tmp_path, "true", name=name), config)
     with pytest.raises(BackendRejected) as caught:
         backend.submit(job)
     message = caught.value.message
@@ -100,7 +106,7 @@ def test_post_command_on_login_node_is_refused_for_ssh():
 
 
 def test_no_login_commands_make_no_login_log(backend, tmp_path):
-    job = SlurmJob.from_prepared(make_job(tmp_path, "echo plain"), _config())
+    job = with_config(make_job(tmp_path, "echo plain"), _config())
     job_id = backend.submit(job)
     assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
     assert LOGIN_LOG_FILE not in [entry.path for entry in backend.list_files(job_id)]
@@ -124,7 +130,7 @@ def test_local_runs_pre_and_post_login_commands(tmp_path):
         PreRunCommandOnLoginNode='echo "pre for $MANTIK_RUN_ID" > pre.txt',
         PostRunCommandOnLoginNode='echo "post after exit $(cat mantik.exitcode)" > post.txt',
     )
-    job = LocalJob.from_prepared(make_job(tmp_path, "cat pre.txt; exit 3"), config)
+    job = with_config(make_job(tmp_path, "cat pre.txt; exit 3"), config)
     job_id = backend.submit(job)
     status = _wait_local(backend, job_id)
     # The post command's success does not hide the job's own failure.
@@ -140,7 +146,7 @@ def test_local_runs_pre_and_post_login_commands(tmp_path):
 def test_local_failing_pre_command_starts_no_job(tmp_path):
     backend = LocalBackend(tmp_path / "runs")
     config = _local_config(PreRunCommandOnLoginNode="echo went wrong; exit 5")
-    job = LocalJob.from_prepared(make_job(tmp_path, "touch started"), config)
+    job = with_config(make_job(tmp_path, "touch started"), config)
     with pytest.raises(BackendRejected) as caught:
         backend.submit(job)
     assert "exit status 5" in caught.value.message and "went wrong" in caught.value.message

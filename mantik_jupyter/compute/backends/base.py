@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ComputeConfig
 from ..states import RunState
 
 Progress = Callable[[int, int], None]
@@ -61,6 +62,19 @@ class PreparedJob:
     local_dir: Path
     job_name: str
     files: list[str] = field(default_factory=list)
+    # The run's compute backend config, for what a backend does beyond shipping the
+    # files: login-node commands, UNICORE's job description. None: nothing beyond.
+    config: ComputeConfig | None = None
+
+    @property
+    def pre_login_commands(self) -> tuple[str, ...]:
+        env = self.config.environment if self.config else None
+        return tuple(env.pre_run_command_on_login_node) if env else ()
+
+    @property
+    def post_login_commands(self) -> tuple[str, ...]:
+        env = self.config.environment if self.config else None
+        return tuple(env.post_run_command_on_login_node) if env else ()
 
 
 class Backend(abc.ABC):

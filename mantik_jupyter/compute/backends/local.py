@@ -35,12 +35,10 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
 from .. import layout
-from ..config import ComputeConfig
 from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
@@ -82,26 +80,6 @@ def _proc_start_time(pid: int) -> str | None:
     if fields[0] in ("Z", "X"):
         return None
     return fields[19]
-
-
-@dataclass
-class LocalJob(PreparedJob):
-    """A ``PreparedJob`` with the config's commands for the login node (this machine)."""
-
-    pre_login_commands: tuple[str, ...] = ()
-    post_login_commands: tuple[str, ...] = ()
-
-    @classmethod
-    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> LocalJob:
-        env = config.environment
-        return cls(
-            run_id=job.run_id,
-            local_dir=job.local_dir,
-            job_name=job.job_name,
-            files=list(job.files),
-            pre_login_commands=tuple(env.pre_run_command_on_login_node),
-            post_login_commands=tuple(env.post_run_command_on_login_node),
-        )
 
 
 class LocalBackend(Backend):
@@ -169,8 +147,7 @@ class LocalBackend(Backend):
         if (run_dir / layout.PACKAGE_FILE).is_file():
             _unpack(run_dir / layout.PACKAGE_FILE, run_dir / layout.CODE_DIR)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED_ENV_PREFIXES)}
-        pre = job.pre_login_commands if isinstance(job, LocalJob) else ()
-        post = job.post_login_commands if isinstance(job, LocalJob) else ()
+        pre, post = job.pre_login_commands, job.post_login_commands
         # As on UNICORE: the run id tells a login-node command which run it serves.
         login_env = {**env, "MLFLOW_RUN_ID": job.run_id, "MANTIK_RUN_ID": job.run_id}
         if pre:

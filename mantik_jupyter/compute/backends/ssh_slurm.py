@@ -65,7 +65,6 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
-from ..config import ComputeConfig
 from ..script import expand_quoted, login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
@@ -155,23 +154,6 @@ def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
         "The SSH private key could not be read: it is not an OpenSSH/PEM private key of "
         "type ed25519, ecdsa or rsa, or its passphrase is wrong."
     )
-
-
-@dataclass
-class SlurmJob(PreparedJob):
-    """A ``PreparedJob`` with the config's commands for the login node."""
-
-    pre_login_commands: tuple[str, ...] = ()
-
-    @classmethod
-    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> SlurmJob:
-        return cls(
-            run_id=job.run_id,
-            local_dir=job.local_dir,
-            job_name=job.job_name,
-            files=list(job.files),
-            pre_login_commands=tuple(config.environment.pre_run_command_on_login_node),
-        )
 
 
 class SshSlurmBackend(Backend):
@@ -521,7 +503,7 @@ class SshSlurmBackend(Backend):
         self._with_connection(
             lambda: self._upload(run_dir, job.local_dir, files, progress), "uploading the run"
         )
-        pre = job.pre_login_commands if isinstance(job, SlurmJob) else ()
+        pre = job.pre_login_commands
         command = self._submit_command(
             run_dir, job.job_name, files, pre_login_commands=pre, run_id=job.run_id
         )

@@ -68,7 +68,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -152,23 +151,6 @@ class _Transport(uc.Transport):
 
 
 # ---- the job description ----------------------------------------------------------------
-
-
-@dataclass
-class UnicoreJob(PreparedJob):
-    """A ``PreparedJob`` with the config its UNICORE job description is made from."""
-
-    config: ComputeConfig | None = None
-
-    @classmethod
-    def from_prepared(cls, job: PreparedJob, config: ComputeConfig) -> UnicoreJob:
-        return cls(
-            run_id=job.run_id,
-            local_dir=job.local_dir,
-            job_name=job.job_name,
-            files=list(job.files),
-            config=config,
-        )
 
 
 def job_description(config: ComputeConfig | None, job_name: str, run_id: str) -> dict[str, Any]:
@@ -414,7 +396,7 @@ class UnicoreBackend(Backend):
             safe_name(name, "file name")
         if layout.JOB_SCRIPT not in names:
             raise InvalidRequest(f"{job.local_dir} holds no {layout.JOB_SCRIPT} to submit")
-        config = job.config if isinstance(job, UnicoreJob) else None
+        config = job.config
         description = job_description(config, job.job_name, safe_name(job.run_id, "run id"))
         site = self.client()
 
