@@ -261,6 +261,25 @@ def test_after_logout_and_login_the_runs_are_the_new_users(page, tracked_lab, ml
     page.wait_for_timeout(2_000)  # a status answer from before the login must not undo it
     expect(state).to_have_text("Logged in")
 
+    # Logged out elsewhere (a notebook, `mantik logout`) while the panel was hidden: shown
+    # at once when it opens again, not at the next 10 s status poll.
+    tab = page.locator('.jp-SideBar.jp-mod-left [data-id="mantik-sidebar"]')
+    tab.click()
+    expect(sidebar).to_be_hidden()
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 (the test lab's URL)
+        tracked_lab.base + "mantik/api/auth/logout",
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"token {tracked_lab.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+        assert answer.status == 200
+    tab.click()
+    expect(sidebar).to_be_visible()
+    expect(state).to_have_text("Not logged in", timeout=5_000)
+
 
 # ---- runs: submit from the dialog, follow, cancel, open in MLflow ------------------------
 

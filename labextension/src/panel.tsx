@@ -114,6 +114,9 @@ export class MantikPanel extends ReactWidget {
   protected onAfterShow(msg: Message): void {
     super.onAfterShow(msg);
     this.runs.setVisible(true);
+    // The login may have changed while hidden (a notebook's %mantik_login, `mantik
+    // logout`): look now, as the runs list does, not at the next status poll.
+    this._refreshToken++;
     this.update();
   }
 
@@ -128,7 +131,9 @@ export class MantikPanel extends ReactWidget {
       <MantikPanelComponent
         api={this._api}
         onOpenMlflow={this._onOpenMlflow}
-        pollInterval={this.isVisible ? Math.max(this._pollInterval, 10) : 0}
+        pollInterval={
+          this.isVisible && this._pollInterval > 0 ? Math.max(this._pollInterval, 10) : 0
+        }
         refreshToken={this._refreshToken}
         onIdentityChange={this._onIdentityChange}
       >
