@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state", help="SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED or UNKNOWN"
     )
-    p.add_argument("--limit", type=_positive_int, default=50, help="at most N runs (default 50)")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most N runs (default 50)")
     p.add_argument("--page-token", help="continue a listing (printed when there are more)")
 
     for name, func, text in (
@@ -376,10 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of runs). The magics
+    use it too."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 

@@ -1019,7 +1019,23 @@ class RunService:
         if offset < 0:
             raise InvalidRequest(f"offset must be 0 or more, got {offset}")
         api = self._api()
-        run = self._resolve_run(api, ref)
+        return self._log_chunk(api, self._resolve_run(api, ref), offset)
+
+    def all_logs(self, ref: str, offset: int = 0) -> LogChunk:
+        """All log text there is now from ``offset`` (``logs`` gives one read of it)."""
+        if offset < 0:
+            raise InvalidRequest(f"offset must be 0 or more, got {offset}")
+        api = self._api()
+        run = self._resolve_run(api, ref)  # once, not for every read
+        parts = []
+        while True:
+            chunk = self._log_chunk(api, run, offset)
+            if not chunk.text:
+                return LogChunk("".join(parts), chunk.offset, chunk.final)
+            parts.append(chunk.text)
+            offset = chunk.offset
+
+    def _log_chunk(self, api: RunsApi, run: Mapping[str, Any], offset: int) -> LogChunk:
         info = RunInfo.from_run(run)
         if not info.job_id:
             return LogChunk("", offset, info.state.is_final)
@@ -1036,17 +1052,6 @@ class RunService:
             if data:
                 return _chunk(data, offset, final_state=True, final=False)
         return LogChunk("", offset, True)
-
-    def all_logs(self, ref: str, offset: int = 0) -> LogChunk:
-        """All log text there is now from ``offset`` (``logs`` gives one read of it)."""
-        run_id = self.resolve(ref)
-        parts = []
-        while True:
-            chunk = self.logs(run_id, offset)
-            if not chunk.text:
-                return LogChunk("".join(parts), chunk.offset, chunk.final)
-            parts.append(chunk.text)
-            offset = chunk.offset
 
     def _read_log(self, api: RunsApi, run: Mapping[str, Any], offset: int, final: bool) -> bytes:
         try:

@@ -27,8 +27,9 @@ from traitlets import Bool, Float, Unicode
 
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
+from ..cli import positive_int
 from ..errors import MantikError, NotFound, ProjectError
-from .args import parse_line, positive_int
+from .args import parse_line
 from .dashboards import DashboardMagics, show_log_view, show_run_table
 from .display import (
     PackagingProgress,

@@ -25,13 +25,3 @@ def parse_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
         ) from None
     return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
 
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a count of runs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
-    return value

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from ..cli import positive_int
 from ..errors import InvalidRequest, MantikError
-from .args import parse_line, positive_int
+from .args import parse_line
 from .display import in_kernel
 
 if TYPE_CHECKING:

@@ -4,7 +4,6 @@ and on the Local backend."""
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,15 +114,6 @@ def test_no_login_commands_make_no_login_log(backend, tmp_path):
 # ---- the same keys on the Local backend, whose login node is this machine ----------------
 
 
-def _wait_local(backend: LocalBackend, job_id: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while True:
-        status = backend.states([job_id])[job_id]
-        if status.state.is_final or time.monotonic() > deadline:
-            return status
-        time.sleep(0.1)
-
-
 def test_local_runs_pre_and_post_login_commands(tmp_path):
     backend = LocalBackend(tmp_path / "runs")
     config = _local_config(
@@ -132,7 +122,7 @@ def test_local_runs_pre_and_post_login_commands(tmp_path):
     )
     job = with_config(make_job(tmp_path, "cat pre.txt; exit 3"), config)
     job_id = backend.submit(job)
-    status = _wait_local(backend, job_id)
+    status = wait_for(backend, job_id, FINAL, timeout=30)
     # The post command's success does not hide the job's own failure.
     assert status.state == RunState.FAILED and status.exit_code == 3, status
     run_dir = Path(backend.run_dir_of(job_id))
