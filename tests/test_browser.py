@@ -384,6 +384,34 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     # Files of the run, with download links.
     details.locator(".mantik-files summary").click()
     expect(details.locator(".mantik-FileList a").first).to_be_visible(timeout=60_000)
+    # The folder asked for last is the one shown, whatever order the answers come in:
+    # the listing of code/outputs is held back until the run directory's has been shown.
+    files = details.locator(".mantik-files")
+    files.get_by_role("button", name="Open folder code").click()
+    expect(files.get_by_label("Files in code", exact=True)).to_be_visible(timeout=60_000)
+    held = []
+
+    def hold_outputs(route):
+        if "path=code%2Foutputs" in route.request.url:
+            held.append(route)
+        else:
+            route.continue_()
+
+    files_api = re.compile(r".*/mantik/api/runs/[^/]+/files\?.*")
+    page.route(files_api, hold_outputs)
+    files.get_by_role("button", name="Open folder outputs").click()
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert len(held) == 1, held
+    files.get_by_role("button", name="../").click()
+    expect(files.get_by_label("Files in the run directory")).to_be_visible(timeout=60_000)
+    held[0].continue_()
+    page.wait_for_timeout(1000)
+    expect(files.get_by_label("Files in the run directory")).to_be_visible()
+    expect(files.locator(".mantik-muted", has_text="Loading")).to_have_count(0)
+    page.unroute(files_api)
 
     # 3. A long run (the `sleep` entry point) is cancelled after confirming.
     dialog = _submit_from_file_browser(page, folder, "sleep", "e2e-sleep", seconds=600)

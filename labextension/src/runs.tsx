@@ -503,18 +503,29 @@ function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
   const [entries, setEntries] = useState<IFileEntry[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [loading, setLoading] = useState(false);
+  // Only the folder asked for last is shown: two quick clicks (or a click and the
+  // reload when the run ends) can be answered in either order.
+  const latest = useRef(0);
 
   const load = useCallback(
     async (folder: string) => {
+      const ticket = ++latest.current;
       setLoading(true);
       setError(null);
       try {
-        setEntries(await api.runFiles(run.run_id, folder));
-        setPath(folder);
+        const found = await api.runFiles(run.run_id, folder);
+        if (ticket === latest.current) {
+          setEntries(found);
+          setPath(folder);
+        }
       } catch (e) {
-        setError(errorText(e));
+        if (ticket === latest.current) {
+          setError(errorText(e));
+        }
       } finally {
-        setLoading(false);
+        if (ticket === latest.current) {
+          setLoading(false);
+        }
       }
     },
     [api, run.run_id]
