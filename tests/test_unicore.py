@@ -345,3 +345,21 @@ def test_state_mapping(status, message, code, state, reason):
     assert result.state == state and result.reason == reason
     if state == RunState.FINISHED:
         assert result.exit_code == 0
+
+
+def test_a_renewed_token_is_used_without_restarting(service, project, unicore_site, monkeypatch):
+    # OIDC access tokens live an hour or so; the error says to renew and set the token
+    # again, and the kernel's or lab's RunService (and its backend) lives on.
+    monkeypatch.delenv("MANTIK_UNICORE_USERNAME")
+    monkeypatch.delenv("MANTIK_UNICORE_PASSWORD")
+    old = unicore_site.add_token(USER)
+    monkeypatch.setenv("MANTIK_UNICORE_TOKEN", old)
+    info = service.submit(project, experiment_name="unicore-renew")
+    unicore_site.tokens[old] = (USER, time.time() - 1)
+    unicore_site.expire_sessions()
+    with pytest.raises(AuthenticationFailed, match="refused the access token.*Renew"):
+        service.logs(info.run_id)
+    monkeypatch.setenv("MANTIK_UNICORE_TOKEN", unicore_site.add_token(USER))
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.FINISHED, final.tags
+    assert "epoch" in service.all_logs(info.run_id).text

@@ -50,7 +50,8 @@ read instead, and ``mantik.exitcode`` in the working directory is the fallback. 
 mapping is in ``docs/states.md``.
 
 Credentials: ``token`` (OIDC/bearer, e.g. ``MANTIK_UNICORE_TOKEN``) or
-``username``/``password`` (``MANTIK_UNICORE_USERNAME``/``MANTIK_UNICORE_PASSWORD``).
+``username``/``password`` (``MANTIK_UNICORE_USERNAME``/``MANTIK_UNICORE_PASSWORD``),
+read from the environment again whenever the site refused the last login.
 They never appear in messages, logs or reprs.
 """
 
@@ -247,14 +248,15 @@ class UnicoreBackend(Backend):
         run_dirs: dict[str, str] | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        if token is None and not (username and password):
-            token = os.environ.get(ENV_UNICORE_TOKEN) or None
-            if token is None:
-                username = username or os.environ.get(ENV_UNICORE_USERNAME) or None
-                password = password or os.environ.get(ENV_UNICORE_PASSWORD) or None
-        self.username = None if token else username
-        self._password = password
-        self._token = token
+        # A credential given here is kept. Otherwise the environment is read again at
+        # every login (the first, and the next one after the site refused the old
+        # credential): a renewed MANTIK_UNICORE_TOKEN then works in the running lab or
+        # kernel, whose RunService keeps this backend.
+        self._given = (username, password, token) if token or (username and password) else None
+        self.username: str | None = None
+        self._password: str | None = None
+        self._token: str | None = None
+        self._pick_credential()
         self._verify = verify
         self._timeout = timeout
         self._run_dirs: dict[str, str] = dict(run_dirs or {})
@@ -270,7 +272,18 @@ class UnicoreBackend(Backend):
         parts = urlsplit(self.api_url)
         return f"{parts.hostname or self.api_url}" + (f":{parts.port}" if parts.port else "")
 
+    def _pick_credential(self) -> None:
+        username, password, token = self._given or (
+            os.environ.get(ENV_UNICORE_USERNAME) or None,
+            os.environ.get(ENV_UNICORE_PASSWORD) or None,
+            os.environ.get(ENV_UNICORE_TOKEN) or None,
+        )
+        self.username = None if token else username
+        self._password = None if token else password
+        self._token = token
+
     def _credential(self) -> UsernamePassword | OIDCToken:
+        self._pick_credential()
         if self._token:
             _check_token_expiry(self._token, self.api_url)
             return OIDCToken(self._token)
