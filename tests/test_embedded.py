@@ -93,3 +93,35 @@ def test_a_server_that_cannot_start_gives_a_clear_error(server_dir, monkeypatch)
         assert "server.log" in err.value.message
     finally:
         server.stop()
+
+
+def test_data_dir_named_with_url_characters_keeps_everything_inside(tmp_path):
+    # ?, # and % mean something in a URL: the databases went to a file named after the
+    # part before the ? (outside the data dir), and a %20 was read as a space.
+    parent = tmp_path / "d ü%20#?x"
+    server_dir = parent / "tracking"
+    server = EmbeddedTrackingServer(server_dir)
+    server.start()
+    try:
+        server.wait_ready(120)
+        admin = TrackingClient(server.uri, server.credential())
+        run = admin.api("POST", "runs/create", experiment_id="0")["run"]["info"]
+        path = f"0/{run['run_id']}/artifacts/a.txt"
+        admin.upload_artifact(path, b"kept")
+        assert discover(server_dir) is not None
+    finally:
+        server.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [parent.name]
+    assert {"mlflow.db", "auth.db"} <= {p.name for p in server_dir.iterdir()}
+    assert (server_dir / "artifacts" / path).read_bytes() == b"kept"
+
+    again = EmbeddedTrackingServer(server_dir)
+    again.start()
+    try:
+        again.wait_ready(120)
+        admin = TrackingClient(again.uri, again.credential())
+        assert b"".join(admin.download_artifact(path)) == b"kept"
+        got = admin.api("GET", "runs/get", run_id=run["run_id"])
+        assert got["run"]["info"]["run_id"] == run["run_id"]
+    finally:
+        again.stop()

@@ -106,10 +106,12 @@ def _pid_alive(pid: int) -> bool:
 def _is_our_server(pid: int, directory: Path) -> bool:
     """True when ``pid`` is an ``mlflow server`` of this data directory (not a reused pid)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        # The server runs in the data dir; its arguments name no path (see ``start``).
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return "mlflow" in cmdline and str(directory) in cmdline
+    return b"mlflow" in cmdline and cwd == str(directory)
 
 
 def _terminate_group(pid: int, timeout: float = 15) -> None:
@@ -182,7 +184,9 @@ class EmbeddedTrackingServer:
             ini,
             "[mlflow]\n"
             "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{self.directory / 'auth.db'}\n"
+            # Relative to the server's working directory, the data dir: an absolute path
+            # in a URL broke on a data dir named with ?, # or % (SQLAlchemy parses it).
+            "database_uri = sqlite:///auth.db\n"
             f"admin_username = {self.secrets.admin_username}\n"
             f"admin_password = {self.secrets.admin_password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -204,8 +208,8 @@ class EmbeddedTrackingServer:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
-            "--artifacts-destination", str(self.directory / "artifacts"),
+            "--backend-store-uri", "sqlite:///mlflow.db",
+            "--artifacts-destination", (self.directory / "artifacts").as_uri(),
             "--app-name", "basic-auth",
         ]  # fmt: skip
         logfile = open(self.directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
