@@ -513,3 +513,26 @@ def test_unset_variable_in_remote_directory_is_a_config_error(slurm_cluster):
             other_user.remote_base()
     finally:
         other_user.close()
+
+
+def test_requeued_held_job_stays_queued(backend, tmp_path):
+    # `scontrol requeuehold State=SpecialExit` (or RequeueExitHold) holds a job that may be
+    # released and run again: squeue says SPECIAL_EXIT, which is not an end.
+    job_id = backend.submit(make_job(tmp_path, "sleep 300"))
+    try:
+        wait_for(backend, job_id, {RunState.RUNNING}, timeout=30)
+        for how in (["State=SpecialExit"], []):
+            subprocess.run(["scontrol", "requeuehold", *how, job_id], check=True, timeout=30)
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline:
+                status = backend.states([job_id])[job_id]
+                assert status.state in (RunState.RUNNING, RunState.QUEUED), status
+                time.sleep(0.5)
+            assert status.state == RunState.QUEUED, status
+            subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30
+            )
+            assert wait_for(backend, job_id, {RunState.RUNNING}, 60).state == RunState.RUNNING
+    finally:
+        backend.cancel(job_id)

@@ -17,6 +17,8 @@ from mantik_jupyter.errors import UnsafePath
         (["REQUEUED"], None, None, RunState.QUEUED, None),
         (["RUNNING"], ["RUNNING", "0:0"], None, RunState.RUNNING, None),
         (["COMPLETING"], None, None, RunState.RUNNING, None),
+        # Requeued and held, to be released: sacct's record of the first attempt is old.
+        (["SPECIAL_EXIT"], ["REQUEUED", "0:0"], ["0"], RunState.QUEUED, None),
         (None, ["COMPLETED", "0:0"], ["0"], RunState.FINISHED, None),
         # The job script's own record wins: the command failed, the script exited 0.
         (None, ["COMPLETED", "0:0"], ["2"], RunState.FAILED, "exit code 2"),

@@ -94,6 +94,9 @@ _ACTIVE = {
     "REQUEUED": RunState.QUEUED,
     "REQUEUE_FED": RunState.QUEUED,
     "REQUEUE_HOLD": RunState.QUEUED,
+    # Requeued and held (RequeueExitHold, `scontrol requeuehold State=SpecialExit`):
+    # a release lets it run again.
+    "SPECIAL_EXIT": RunState.QUEUED,
     "RESIZING": RunState.QUEUED,
     "SUSPENDED": RunState.QUEUED,
     "RUNNING": RunState.RUNNING,
@@ -103,7 +106,7 @@ _ACTIVE = {
     "STOPPED": RunState.RUNNING,
 }
 _FAILED = {"FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE"}
-_FINAL = _FAILED | {"COMPLETED", "CANCELLED", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+_FINAL = _FAILED | {"COMPLETED", "CANCELLED", "PREEMPTED", "REVOKED"}
 
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
