@@ -26,6 +26,7 @@ from mantik_jupyter.errors import (
     BackendRejected,
     BackendUnavailable,
     Conflict,
+    NotFound,
     UnsafePath,
 )
 from mantik_jupyter.tracking.embedded import free_port
@@ -363,3 +364,19 @@ def test_a_renewed_token_is_used_without_restarting(service, project, unicore_si
     final = wait_for(service, info.run_id, FINAL, timeout=60)
     assert final.state == RunState.FINISHED, final.tags
     assert "epoch" in service.all_logs(info.run_id).text
+
+
+def test_a_missing_path_is_named(unicore_site, unicore_password, tmp_path):
+    # UNICORE answers a missing file or folder with a bare 404: the message must name it.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job_id = backend.submit(_prepared(tmp_path, "mkdir -p outputs; echo done\n"))
+    assert _wait_final(backend, job_id).state == RunState.FINISHED
+    assert {e.path for e in backend.list_files(job_id)} >= {"outputs", "mantik.log"}
+    assert [e.is_dir for e in backend.list_files(job_id) if e.path == "outputs"] == [True]
+    for call in (
+        lambda: backend.list_files(job_id, "outputs/no-such"),
+        lambda: backend.open_file(job_id, "outputs/no-such"),
+        lambda: backend.download(job_id, "outputs/no-such", tmp_path / "x"),
+    ):
+        with pytest.raises(NotFound, match=r"'outputs/no-such'.*run directory of UNICORE job"):
+            call()

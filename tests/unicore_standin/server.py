@@ -21,7 +21,9 @@ pyunicore's ``Client``/``Job``/``Storage`` use, in the shapes UNICORE/X answers 
 ``GET  /storages/{id}/files/{path}``            JSON (``Accept: application/json``): file
                                                properties, or a directory's ``content``;
                                                ``Accept: application/octet-stream``: the bytes,
-                                               honouring ``Range`` (206, 416)
+                                               honouring ``Range`` (206, also at the end of the
+                                               file), 406 for a directory
+``404`` anywhere                               a bare status, no ``errorMessage`` (as UNICORE)
 ``PUT`` (write, parents created), ``POST`` (mkdir), ``DELETE`` on ``files/{path}``
 
 Authentication: HTTP basic (``users``) and bearer tokens (``tokens``, each with an expiry).
@@ -538,6 +540,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, status: int, message: str) -> None:
+        if status == 404:
+            # UNICORE answers an unknown job, storage or file with a bare 404: no
+            # errorMessage names what was not found (USERestInvoker, Files).
+            return self._send(404)
         self._send(status, {"status": status, "errorMessage": message})
 
     def _body(self) -> bytes:
@@ -735,13 +741,15 @@ class _Handler(BaseHTTPRequestHandler):
         accept = self.headers.get("Accept") or "application/json"
         if "octet-stream" in accept:
             if target.is_dir():
-                raise _Refused(500, f"<{rel}> is a directory")
+                return self._send(406)  # Files.download: "not acceptable", no message
             return self._send_bytes(target)
         props = _file_props(target, "/" + rel)
         if target.is_dir():
             content = {}
             for child in sorted(target.iterdir()):
+                # Paths from the storage root; directories end with "/" (Files.getProperties).
                 name = f"/{rel}/{child.name}" if rel else f"/{child.name}"
+                name += "/" if child.is_dir() else ""
                 try:
                     content[name] = _file_props(child, name)
                 except OSError:
@@ -759,15 +767,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(416, f"Invalid range <{spec}>")
         start = int(match.group(1))
         end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
-        if start >= size:
-            return self._send(
-                416, b"", content_type="application/octet-stream",
-                headers={"Content-Range": f"bytes */{size}"},
-            )  # fmt: skip
+        if start > size:
+            # Real UNICORE never answers this one (Files.makeRangedStream skips forever
+            # past the end of a TSI stream); a client must not ask for it.
+            raise _Refused(416, f"Range header '{spec}' cannot be parsed")
         with target.open("rb") as f:
             f.seek(start)
-            data = f.read(end - start + 1)
-        return self._send(
-            206, data, content_type="application/octet-stream",
-            headers={"Content-Range": f"bytes {start}-{end}/{size}"},
-        )  # fmt: skip
+            data = f.read(max(0, end - start + 1))
+        # 206 without Content-Range, an empty body at the end of the file (Files.download).
+        return self._send(206, data, content_type="application/octet-stream")

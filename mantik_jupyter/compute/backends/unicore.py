@@ -572,7 +572,10 @@ class UnicoreBackend(Backend):
         """The entries of one directory of the run (not recursive), directories first."""
         rel = clean_relative(path)
         storage = self._storage(job_id)
-        listing = self._call(lambda: storage.contents(rel or "/"), "listing files")
+        try:
+            listing = self._call(lambda: storage.contents(rel or "/"), f"listing {rel or '/'}")
+        except NotFound:
+            raise self._missing(job_id, rel) from None
         if not listing.get("isDirectory", "content" in listing):
             raise InvalidRequest(f"{path!r} of the run directory is not a folder")
         entries = []
@@ -589,11 +592,26 @@ class UnicoreBackend(Backend):
 
     def _stat(self, job_id: str, rel: str) -> dict[str, Any]:
         storage = self._storage(job_id)
-        return self._call(
-            lambda: storage.transport.get(
-                url=storage._to_file_url(rel or "/"), headers={"Accept": "application/json"}
-            ),
-            f"looking at {rel or 'the run directory'}",
+        try:
+            return self._call(
+                lambda: storage.transport.get(
+                    url=storage._to_file_url(rel or "/"), headers={"Accept": "application/json"}
+                ),
+                f"looking at {rel or 'the run directory'}",
+            )
+        except NotFound:
+            raise self._missing(job_id, rel) from None
+
+    def _missing(self, job_id: str, rel: str) -> NotFound:
+        # UNICORE's 404 is bare: it does not say what it did not find.
+        if rel:
+            return NotFound(
+                f"There is no {rel!r} in the run directory of UNICORE job {job_id} at "
+                f"{self.api_url}; list the run directory to see what is there."
+            )
+        return NotFound(
+            f"The UNICORE site {self.api_url} no longer has the run directory of job "
+            f"{job_id}: sites delete a job and its directory some time after it ended."
         )
 
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
