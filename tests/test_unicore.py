@@ -380,3 +380,29 @@ def test_a_missing_path_is_named(unicore_site, unicore_password, tmp_path):
     ):
         with pytest.raises(NotFound, match=r"'outputs/no-such'.*run directory of UNICORE job"):
             call()
+
+
+def test_a_log_offset_past_the_end_is_never_sent_to_the_site(
+    unicore_site, unicore_password, tmp_path
+):
+    # UNICORE never answers a Range that starts past the end of a file (its server
+    # thread spins); `mantik runs logs --offset N` and the REST API take any offset.
+    backend = UnicoreBackend(
+        unicore_site.base_url, username=USER, password=unicore_password, timeout=5
+    )
+    job_id = backend.submit(_prepared(tmp_path, "echo thirteen bytes\n"))
+    assert _wait_final(backend, job_id).state == RunState.FINISHED
+    before = len(unicore_site.requests)
+    data, end = backend.read_log(job_id)
+    assert data == b"thirteen bytes\n" and end == 15
+    assert backend.read_log(job_id, end) == (b"", end)
+    # Following a log costs one request a read, no size check.
+    assert len([r for r in unicore_site.requests[before:] if r[1].endswith("/mantik.log")]) == 2
+    fresh = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    fresh.attach(job_id, backend.run_dir_of(job_id))
+    started = time.monotonic()
+    for b in (backend, fresh):
+        assert b.read_log(job_id, 100) == (b"", 100)
+        assert b.read_log(job_id, 9) == (b"bytes\n", 15)
+    assert time.monotonic() - started < 5
+    assert unicore_site.never_answered == []

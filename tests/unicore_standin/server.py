@@ -51,8 +51,10 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -146,6 +148,9 @@ class UnicoreStandin:
         self.sessions: dict[str, tuple[str, float]] = {}
         # Requests seen, as (method, path); tests count them.
         self.requests: list[tuple[str, str]] = []
+        # Requests real UNICORE never answers (a Range starting past the end of a file);
+        # the stand-in holds them unanswered too, until the client gives up.
+        self.never_answered: list[str] = []
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -757,6 +762,15 @@ class _Handler(BaseHTTPRequestHandler):
             props["content"] = content
         return self._send(200, props)
 
+    def _hold(self, limit: float = 120.0) -> None:
+        """Answer nothing until the client closes the connection (or ``limit`` passed)."""
+        deadline = time.monotonic() + limit
+        self.close_connection = True
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.2)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                return
+
     def _send_bytes(self, target: Path) -> None:
         size = target.stat().st_size
         spec = self.headers.get("Range")
@@ -768,9 +782,10 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(match.group(1))
         end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
         if start > size:
-            # Real UNICORE never answers this one (Files.makeRangedStream skips forever
-            # past the end of a TSI stream); a client must not ask for it.
-            raise _Refused(416, f"Range header '{spec}' cannot be parsed")
+            # Real UNICORE never answers this one: Files.makeRangedStream loops on
+            # skip(), which returns 0 at the end of a TSI stream (BackedInputStream).
+            self.standin.never_answered.append(f"{self.path} {spec}")
+            return self._hold()
         with target.open("rb") as f:
             f.seek(start)
             data = f.read(max(0, end - start + 1))

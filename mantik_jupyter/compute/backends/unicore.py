@@ -260,6 +260,8 @@ class UnicoreBackend(Backend):
         self._verify = verify
         self._timeout = timeout
         self._run_dirs: dict[str, str] = dict(run_dirs or {})
+        # (job id, file name) -> how much of it was read: files read are logs that only grow.
+        self._known_sizes: dict[tuple[str, str], int] = {}
         self._client: uc.Client | None = None
         self._lock = threading.RLock()
 
@@ -535,6 +537,16 @@ class UnicoreBackend(Backend):
         storage = self._storage(job_id)
         url = storage._to_file_url(name)
         path = uc.PathFile(storage, url, name)
+        # UNICORE never answers a Range that starts past the end of the file (its server
+        # loops on skip()), so an offset beyond what this backend has read of it is
+        # checked against the file's size first. Following a log never needs that.
+        if offset > self._known_sizes.get((job_id, name), 0):
+            try:
+                props = self._stat(job_id, name)
+            except NotFound:
+                return b"", False
+            if offset > int(props.get("size") or 0):
+                return b"", True
 
         def read() -> tuple[bytes, bool]:
             with path.raw(offset=offset, size=size) as resp:
@@ -548,7 +560,10 @@ class UnicoreBackend(Backend):
                 data = data[offset:]  # a server that ignored the Range
             return data[:size], True
 
-        return self._call(read, f"reading {name} of job {job_id}")
+        data, present = self._call(read, f"reading {name} of job {job_id}")
+        if data:
+            self._known_sizes[(job_id, name)] = offset + len(data)
+        return data, present
 
     def cancel(self, job_id: str) -> None:
         job = self._job(job_id)
