@@ -144,6 +144,16 @@ class BackendRejected(MantikError):
     reason = "backend_rejected"
 
 
+class LocalStateInvalid(MantikError):
+    """A file mantik keeps on the lab's machine (the credential store, the embedded
+    server's secrets) that cannot be read, belongs to another user, or was edited into
+    something mantik cannot use."""
+
+    status = 500
+    exit_code = 2
+    reason = "invalid_local_state"
+
+
 class TrackingTimeout(MantikError):
     """The embedded tracking server did not become healthy in time."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -258,3 +259,70 @@ class TestCredentialInTheTrackingUri:
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
         assert resp.code == 200
+
+
+async def test_a_hand_edited_credential_store_is_named_not_a_500_traceback(
+    jp_fetch, mlflow_server, tmp_path
+):
+    store = tmp_path / "mantik" / "credentials.json"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text("{not json")
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 500 and body["reason"] == "invalid_local_state", body
+    assert str(store) in body["message"] and "line 1" in body["message"]
+
+    # A broken entry of another server does not matter here; one of this server is named.
+    store.write_text(json.dumps({"https://other.example": "junk"}))
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 200 and body["logged_in"] is False
+    store.write_text(json.dumps({mlflow_server.uri: {"username": "only-a-name"}}))
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 500 and mlflow_server.uri in body["message"], body
+    # Logging in replaces the broken entry and keeps the other server's.
+    user = mlflow_server.create_user()
+    await login_as(jp_fetch, user)
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 200 and body["username"] == user.username
+
+
+def test_a_credential_store_open_to_others_is_made_0600(tmp_path, caplog):
+    from mantik_jupyter.tracking.credentials import Credential, CredentialStore
+
+    path = tmp_path / "credentials.json"
+    CredentialStore(path).set("http://x", Credential(username="alice", password="p" * 12))
+    path.chmod(0o644)
+    assert CredentialStore(path).get("http://x").username == "alice"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert str(path) in caplog.text and "0600" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_credential_store_of_another_user_is_refused(tmp_path):
+    from mantik_jupyter.errors import LocalStateInvalid
+    from mantik_jupyter.tracking.credentials import Credential, CredentialStore
+
+    path = tmp_path / "credentials.json"
+    CredentialStore(path).set("http://x", Credential(username="mallory", password="p" * 12))
+    os.chown(path, 65534, 65534)
+    with pytest.raises(LocalStateInvalid) as err:
+        CredentialStore(path).get("http://x")
+    assert str(path) in err.value.message and "65534" in err.value.message
+
+
+class TestBrokenEmbeddedSecrets:
+    """The extension loads and says what is wrong instead of failing to load."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, monkeypatch):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking = tmp_path / "mantik" / "tracking"
+        tracking.mkdir(parents=True)
+        (tracking / "auth.db").write_bytes(b"")  # an admin was made with the lost password
+        (tracking / "secrets.json").write_text("{truncated")
+        return lab_config(tmp_path / "mantik", None)
+
+    async def test_status_names_the_secrets_file(self, jp_fetch, tmp_path):
+        for route in (("auth", "status"), ("runs",)):
+            code, body = await api_json(jp_fetch, *route)
+            assert code == 500 and body["reason"] == "invalid_local_state", (route, body)
+            assert str(tmp_path / "mantik" / "tracking" / "secrets.json") in body["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 import requests
 
-from mantik_jupyter.errors import TrackingTimeout
+from mantik_jupyter.errors import LocalStateInvalid, TrackingTimeout
 from mantik_jupyter.tracking.embedded import STATE_FILE, EmbeddedTrackingServer, discover
 from mantik_jupyter.tracking.rest import TrackingClient
 
@@ -85,6 +86,7 @@ def test_stale_server_from_a_crash_is_cleaned_up(server_dir):
 def test_a_server_that_cannot_start_gives_a_clear_error(server_dir, monkeypatch):
     # A broken backend store makes mlflow exit during start-up.
     server = EmbeddedTrackingServer(server_dir, startup_timeout=60)
+    server_dir.mkdir(parents=True)
     (server_dir / "mlflow.db").write_text("this is not an sqlite database" * 100)
     server.start()
     try:
@@ -125,3 +127,42 @@ def test_data_dir_named_with_url_characters_keeps_everything_inside(tmp_path):
         assert got["run"]["info"]["run_id"] == run["run_id"]
     finally:
         again.stop()
+
+
+def test_a_broken_secrets_file_is_an_error_never_a_new_admin_password(server_dir):
+    server = EmbeddedTrackingServer(server_dir)
+    server.start()
+    try:
+        server.wait_ready(120)
+    finally:
+        server.stop()
+    secrets_file = server_dir / "secrets.json"
+    saved = json.loads(secrets_file.read_text())
+
+    # A lost Flask secret only signs cookies: a new one is made, the admin still works.
+    secrets_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "flask_secret"}))
+    again = EmbeddedTrackingServer(server_dir)
+    again.start()
+    try:
+        again.wait_ready(120)
+        TrackingClient(again.uri, again.credential()).verify()
+    finally:
+        again.stop()
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    assert json.loads(secrets_file.read_text())["admin_password"] == saved["admin_password"]
+
+    # A new admin password would be refused by MLflow (auth.db keeps the first one).
+    for broken in ("{not json", json.dumps({"admin_username": saved["admin_username"]})):
+        secrets_file.write_text(broken)
+        lost = EmbeddedTrackingServer(server_dir)
+        lost.start()
+        try:
+            with pytest.raises(LocalStateInvalid) as err:
+                lost.wait_ready(10)
+            assert str(secrets_file) in err.value.message and "auth.db" in err.value.message
+            with pytest.raises(LocalStateInvalid):
+                lost.credential()
+            assert lost._proc is None, "no server may start without its admin password"
+        finally:
+            lost.stop()
+        assert secrets_file.read_text() == broken, "the file must be left for the user"

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ..errors import InvalidRequest
-from .secrets import read_json, write_private_json
+from ..errors import InvalidRequest, LocalStateInvalid
+from .secrets import read_private_json, write_private_json
+
+STORE_NAME = "The credential store"
 
 
 @dataclass(frozen=True)
@@ -113,14 +115,44 @@ class CredentialStore:
         cached = self._cache
         if cached is not None and cached[0] == stamp:
             return dict(cached[1])
-        data = read_json(self.path)
-        data = data if isinstance(data, dict) else {}
+        data = self._validated(read_private_json(self.path, STORE_NAME, self._fix("")), self.path)
         self._cache = (stamp, data)
         return dict(data)
 
+    @staticmethod
+    def _fix(uri: str) -> str:
+        if uri:
+            return "Log in again (that replaces the entry) or log out (that removes it)."
+        return "Correct it, or move it away and log in again."
+
+    def _validated(self, data: object, path: Path) -> dict[str, dict[str, str]]:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise LocalStateInvalid(
+                f"{STORE_NAME} {path} holds a JSON {type(data).__name__}, not an object "
+                f"keyed by tracking URI. {self._fix('')}"
+            )
+        return data
+
     def get(self, uri: str) -> Credential | None:
-        entry = self._load().get(normalize_uri(uri))
-        return Credential.from_json(entry) if entry else None
+        uri = normalize_uri(uri)
+        entry = self._load().get(uri)
+        if entry is None:
+            return None
+        # Checked per entry: a hand-edited entry of another server must not stop this one.
+        fields = ("username", "password", "token")
+        if (
+            not isinstance(entry, dict)
+            or set(entry) - set(fields)
+            or not all(isinstance(value, str) for value in entry.values())
+            or not (entry.get("token") or (entry.get("username") and entry.get("password")))
+        ):
+            raise LocalStateInvalid(
+                f"{STORE_NAME} {self.path}: the entry for {uri} is not an object with a "
+                f"username and a password, or a token (strings). {self._fix(uri)}"
+            )
+        return Credential.from_json(entry)
 
     def set(self, uri: str, credential: Credential) -> None:
         with self._lock:

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TrackingTimeout, TrackingUnavailable
+from ..errors import LocalStateInvalid, MantikError, TrackingTimeout, TrackingUnavailable
 from .credentials import Credential
 from .rest import TrackingClient
-from .secrets import read_json, write_private, write_private_json
+from .secrets import read_json, read_private_json, write_private, write_private_json
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,42 @@ def _admin_name() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "admin"
 
 
+SECRETS_NAME = "The embedded tracking server's secrets file"
+_SECRET_KEYS = ("admin_username", "admin_password", "flask_secret")
+
+
 def load_or_create_secrets(directory: Path) -> EmbeddedSecrets:
+    """The embedded server's admin credential and Flask secret, made on first use.
+
+    The admin password only works as long as it matches the one MLflow stored in
+    ``auth.db`` when it made the admin: once that exists, a lost or broken secrets file
+    is an error that says how to recover, never a new password (which MLflow would
+    refuse on every call, with a misleading "log in again").
+    """
     path = directory / SECRETS_FILE
-    data = read_json(path)
-    if not isinstance(data, dict) or not {
-        "admin_username",
-        "admin_password",
-        "flask_secret",
-    } <= set(data):
-        data = {
-            "admin_username": _admin_name(),
-            "admin_password": secrets.token_urlsafe(24),
-            "flask_secret": secrets.token_urlsafe(32),
-        }
-        write_private_json(path, data)
-    return EmbeddedSecrets(
-        **{k: data[k] for k in ("admin_username", "admin_password", "flask_secret")}
+    has_admin = (directory / "auth.db").exists()
+    recover = (
+        f"Restore it from a backup, or, to make a new admin, move {directory / 'auth.db'} "
+        "away as well (users and permissions of the embedded server are lost; experiments "
+        "and runs are kept)."
     )
+    data = read_private_json(path, SECRETS_NAME, recover if has_admin else "Delete it.")
+    if data is None and has_admin:
+        raise LocalStateInvalid(f"{SECRETS_NAME} {path} is missing. {recover}")
+    kept = dict(data) if isinstance(data, dict) else {}
+    if not all(isinstance(kept.get(k), str) and kept[k] for k in _SECRET_KEYS[:2]):
+        if has_admin:
+            raise LocalStateInvalid(
+                f"{SECRETS_NAME} {path} has no admin_username and admin_password. {recover}"
+            )
+        kept = {"admin_username": _admin_name(), "admin_password": secrets.token_urlsafe(24)}
+    if not (isinstance(kept.get("flask_secret"), str) and kept["flask_secret"]):
+        # It only signs MLflow's session cookies: a new one costs nothing.
+        kept["flask_secret"] = secrets.token_urlsafe(32)
+    kept = {k: kept[k] for k in _SECRET_KEYS}
+    if kept != data:
+        write_private_json(path, kept)
+    return EmbeddedSecrets(**kept)
 
 
 def _die_with_parent() -> None:
@@ -160,14 +179,30 @@ class EmbeddedTrackingServer:
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
-        self._failure: str | None = None
-        self.secrets = load_or_create_secrets(self.directory)
+        self._failure: MantikError | None = None
+        self._secrets: EmbeddedSecrets | None = None
+
+    @property
+    def secrets(self) -> EmbeddedSecrets:
+        # Read on first use, not in the constructor: a broken secrets file must reach
+        # the user as a message on every call, not stop the lab's extension from loading.
+        if self._secrets is None:
+            self._secrets = load_or_create_secrets(self.directory)
+        return self._secrets
 
     @property
     def uri(self) -> str:
         if self.port is None:
+            self._raise_failure()
             raise TrackingUnavailable("The embedded tracking server has not been started.")
         return f"http://127.0.0.1:{self.port}"
+
+    def _raise_failure(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            # A fresh exception each time: raising one instance from many requests
+            # would chain their tracebacks onto it.
+            raise type(failure)(failure.message)
 
     def credential(self) -> Credential:
         return self.secrets.credential()
@@ -179,6 +214,12 @@ class EmbeddedTrackingServer:
         self.cleanup_stale()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.directory / "artifacts").mkdir(exist_ok=True)
+        try:
+            self.secrets  # noqa: B018 - loaded (or made) here, before anything starts
+        except LocalStateInvalid as exc:
+            self._failure = exc
+            log.error("%s", exc.message)
+            return
         ini = self.directory / AUTH_INI
         write_private(
             ini,
@@ -240,33 +281,33 @@ class EmbeddedTrackingServer:
             if proc is None:
                 return
             if proc.poll() is not None:
-                self._failure = (
+                self._failure = TrackingTimeout(
                     f"The embedded MLflow server exited with code {proc.returncode} while "
                     f"starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
                 )
-                log.error("%s", self._failure)
+                log.error("%s", self._failure.message)
                 return
             if client.health(timeout=2):
                 self._ready.set()
                 return
             time.sleep(0.25)
-        self._failure = (
+        self._failure = TrackingTimeout(
             f"The embedded MLflow server did not become healthy within "
             f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
         )
-        log.error("%s", self._failure)
+        log.error("%s", self._failure.message)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server answers /health; raise TrackingTimeout if it never does."""
         if self._ready.is_set():
             return
+        self._raise_failure()
         if self._proc is None:
             raise TrackingUnavailable("The embedded tracking server has not been started.")
         limit = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while not self._ready.wait(0.1):
-            if self._failure:
-                raise TrackingTimeout(self._failure)
+            self._raise_failure()
             if time.monotonic() > deadline:
                 raise TrackingTimeout(
                     f"The embedded MLflow server is not ready after {limit:.0f} s. "

@@ -42,15 +42,18 @@ class TrackingService:
             tracking_uri, self._uri_credential = split_credential(tracking_uri)
         self._uri = normalize_uri(tracking_uri) if tracking_uri else None
         self.embedded_server = embedded
-        self._embedded_credential = embedded_credential or (embedded and embedded.credential())
+        self._embedded_credential = embedded_credential
 
     @property
     def is_embedded(self) -> bool:
-        return self._embedded_credential is not None
+        return self._embedded_credential is not None or self.embedded_server is not None
 
     @property
     def embedded_credential(self) -> Credential | None:
         """The embedded server's admin credential (makes per-run users); None when remote."""
+        if self._embedded_credential is None and self.embedded_server is not None:
+            # Asked for each time: a broken secrets file is reported on every call.
+            return self.embedded_server.credential()
         return self._embedded_credential
 
     @property
@@ -75,7 +78,7 @@ class TrackingService:
         env = credential_from_env()
         if env and not self.is_embedded:
             return env
-        return self._uri_credential or self._embedded_credential
+        return self._uri_credential or self.embedded_credential
 
     def require_credential(self) -> Credential:
         cred = self.credential()
