@@ -326,3 +326,29 @@ class TestBrokenEmbeddedSecrets:
             code, body = await api_json(jp_fetch, *route)
             assert code == 500 and body["reason"] == "invalid_local_state", (route, body)
             assert str(tmp_path / "mantik" / "tracking" / "secrets.json") in body["message"]
+
+
+class TestEnvironmentPasswordAndToken:
+    """Both set, as MLflow's client takes them: the user name and password win."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, mlflow_server, monkeypatch):
+        self.user = mlflow_server.create_user()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", self.user.username)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", self.user.password)
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "a-token-this-server-does-not-take")
+        return lab_config(tmp_path / "mantik", mlflow_server.uri)
+
+    async def test_the_lab_uses_the_credential_mlflows_client_uses(self, jp_fetch, mlflow_server):
+        from mlflow.tracking import MlflowClient
+
+        # MLflow's own client in a kernel or job with this environment:
+        MlflowClient(mlflow_server.uri).search_experiments(max_results=1)
+        code, body = await api_json(jp_fetch, "auth", "status")
+        assert body["logged_in"] is True and body["username"] == self.user.username
+        resp = await jp_fetch(
+            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+            method="POST", body=json.dumps({"max_results": 1}),
+            headers={"Content-Type": "application/json"}, raise_error=False,
+        )  # fmt: skip
+        assert resp.code == 200, resp.body

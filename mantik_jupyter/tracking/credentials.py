@@ -66,14 +66,18 @@ class Credential:
 
 
 def credential_from_env() -> Credential | None:
-    """``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, if set."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return Credential(token=token)
+    """``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, if set.
+
+    With both set, the user name and password win, as in MLflow's own client: the lab
+    and the kernels and jobs it starts must present the same identity.
+    """
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
         return Credential(username=user, password=password)
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return Credential(token=token)
     return None
 
 
