@@ -406,3 +406,17 @@ def test_a_log_offset_past_the_end_is_never_sent_to_the_site(
         assert b.read_log(job_id, 9) == (b"bytes\n", 15)
     assert time.monotonic() - started < 5
     assert unicore_site.never_answered == []
+
+
+def test_submitting_waits_for_the_job_directory_only_as_long_as_the_site_takes(
+    unicore_site, unicore_password, tmp_path
+):
+    # UNICORE makes a new job's directory asynchronously (its storage is INITIALIZING
+    # for a moment, 0.2 s here); pyunicore's own wait looked again only after 5 s.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    backend.client()
+    for n in range(2):
+        started = time.monotonic()
+        job_id = backend.submit(_prepared(tmp_path, "exit 0\n", f"quick{n}"))
+        assert time.monotonic() - started < 2.5
+        assert _wait_final(backend, job_id).state == RunState.FINISHED

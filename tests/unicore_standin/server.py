@@ -39,8 +39,10 @@ user precommand on the "login node" (a local ``bash -c``), QUEUED, RUNNING (``Ex
 and ``Arguments`` joined into one shell line, as UNICORE's TSI writes them into the batch
 script; ``Stdout``/``Stderr`` files; ``Resources.Runtime`` enforced), STAGINGOUT (user
 postcommand), then SUCCESSFUL (exit code 0) or FAILED (non-zero exit code, failed
-precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default 077)
-applies to uploaded files and to the job's processes.
+precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default 027) applies to the
+job directory and the job's processes; uploaded files get the storage's umask (0640).
+A new job's directory storage is INITIALIZING for ``uspace_delay`` seconds, as UNICORE
+makes the directory asynchronously.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class StandinJob:
     proc: subprocess.Popen[bytes] | None = None
     aborted: bool = False
     started: bool = False
+    uspace_ready_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, text: str) -> None:
@@ -133,6 +136,7 @@ class UnicoreStandin:
         projects: tuple[str, ...] | None = None,
         extra_path: list[str] | None = None,
         queue_delay: float = 0.3,
+        uspace_delay: float = 0.2,
         session_lifetime: float = 300.0,
     ) -> None:
         self.directory = Path(directory)
@@ -143,6 +147,9 @@ class UnicoreStandin:
         self.projects = projects
         self.extra_path = list(extra_path or [])
         self.queue_delay = queue_delay
+        # A new job's working directory is made asynchronously (UspaceStorageImpl): its
+        # storage is INITIALIZING, and has no files, for this long after the submission.
+        self.uspace_delay = uspace_delay
         self.session_lifetime = session_lifetime
         self.jobs: dict[str, StandinJob] = {}
         self.sessions: dict[str, tuple[str, float]] = {}
@@ -237,15 +244,17 @@ class UnicoreStandin:
             raise _Refused(500, "Could not submit job: no executable or application given")
         self._check_resources(description.get("Resources") or {}, description.get("Project"))
         try:
-            umask = int(str(description.get("Umask", "077")), 8)
+            umask = int(str(description.get("Umask", "027")), 8)  # XNJS defaultUmask
         except ValueError:
             raise _Refused(
                 500, f"Could not submit job: invalid umask <{description.get('Umask')}>"
             ) from None
         job_id = str(uuid.uuid4())
         workdir = self.directory / "jobs" / f"{job_id}-uspace"
-        workdir.mkdir(parents=True, mode=0o700)
+        workdir.mkdir(parents=True)
+        workdir.chmod(0o777 & ~umask)  # made with the job's umask (LocalECManager)
         job = StandinJob(job_id, owner, description, workdir, umask)
+        job.uspace_ready_at = time.monotonic() + self.uspace_delay
         job.note(f"Created with ID {job_id}")
         with self._lock:
             self.jobs[job_id] = job
@@ -688,11 +697,13 @@ class _Handler(BaseHTTPRequestHandler):
         storage_id = segments[0]
         root = self.standin.storage_root(storage_id, user)
         url = f"{base}/storages/{storage_id}"
+        job = self.standin.jobs.get(storage_id.removesuffix("-uspace"))
+        ready = job is None or time.monotonic() >= job.uspace_ready_at
         if len(segments) == 1:
             return self._send(
                 200,
                 {
-                    "resourceStatus": "READY",
+                    "resourceStatus": "READY" if ready else "INITIALIZING",
                     "mountPoint": str(root) + "/",
                     "protocols": ["BFT"],
                     "_links": {
@@ -705,6 +716,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if segments[1] != "files":
             raise _Refused(404, "No such storage resource")
+        if not ready:
+            # No storage root yet: every file operation fails (getStorageRoot() is null).
+            raise _Refused(500, "Error accessing storage: the storage is not ready")
         rel = "/".join(s for s in segments[2:] if s)
         target = self._confined(root, rel)
         if self.command == "GET":
@@ -712,10 +726,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "PUT":
             if "json" in (self.headers.get("Content-Type") or ""):
                 return self._send(200, {})  # property changes: accepted, nothing to do here
-            job = self.standin.jobs.get(storage_id[: -len("-uspace")])
-            umask = job.umask if job else 0o077
+            # Uploads get the storage's umask (SMSProperties defaultUmask 027), not the
+            # job's: the job directory itself is made with the job's Umask.
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 & ~umask)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             with os.fdopen(fd, "wb") as out:
                 out.write(body)
             return self._send(204)
