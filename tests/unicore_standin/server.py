@@ -39,8 +39,9 @@ user precommand on the "login node" (a local ``bash -c``), QUEUED, RUNNING (``Ex
 and ``Arguments`` joined into one shell line, as UNICORE's TSI writes them into the batch
 script; ``Stdout``/``Stderr`` files; ``Resources.Runtime`` enforced), STAGINGOUT (user
 postcommand), then SUCCESSFUL (exit code 0) or FAILED (non-zero exit code, failed
-precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default 027) applies to the
-job directory and the job's processes; uploaded files get the storage's umask (0640).
+precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default
+027) applies to the job directory and the job's processes; uploaded files get the
+storage's umask (0640).
 A new job's directory storage is INITIALIZING for ``uspace_delay`` seconds, as UNICORE
 makes the directory asynchronously.
 """
