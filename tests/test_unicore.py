@@ -25,6 +25,7 @@ from mantik_jupyter.errors import (
     AuthenticationFailed,
     BackendRejected,
     BackendUnavailable,
+    ConfigError,
     Conflict,
     NotFound,
     UnsafePath,
@@ -420,3 +421,18 @@ def test_submitting_waits_for_the_job_directory_only_as_long_as_the_site_takes(
         job_id = backend.submit(_prepared(tmp_path, "exit 0\n", f"quick{n}"))
         assert time.monotonic() - started < 2.5
         assert _wait_final(backend, job_id).state == RunState.FINISHED
+
+
+def test_a_password_in_unicore_api_url_is_refused_without_showing_it(tmp_path):
+    # The URL goes into the run's tags, its config artifact and every error message.
+    path = tmp_path / "compute-backend-config.yaml"
+    path.write_text(
+        "UnicoreApiUrl: https://alice:S3cret-pw@unicore.example.org/JUWELS/rest/core\n"
+        "Resources: {Queue: batch}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "S3cret-pw" not in text
+    assert f"{path}:1" in text and "UnicoreApiUrl" in text
+    assert "MANTIK_UNICORE_USERNAME" in text and "MANTIK_UNICORE_TOKEN" in text

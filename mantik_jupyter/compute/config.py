@@ -883,7 +883,17 @@ def _backend(ck: _Checker, data: Mapping[str, Any]) -> Backend | None:
 
 
 def _unicore(ck: _Checker, data: Mapping[str, Any]) -> UnicoreSection | None:
-    url = _url(ck, data["UnicoreApiUrl"], ("UnicoreApiUrl",))
+    value = data["UnicoreApiUrl"]
+    if isinstance(value, str) and "@" in urlparse(value.strip()).netloc:
+        # The URL goes into run tags, the config artifact and messages: never show it.
+        ck.error(
+            ("UnicoreApiUrl",),
+            "the URL carries a user name or password (user:password@host); remove them and "
+            "set MANTIK_UNICORE_USERNAME and MANTIK_UNICORE_PASSWORD, or MANTIK_UNICORE_TOKEN, "
+            "in the environment",
+        )
+        return None
+    url = _url(ck, value, ("UnicoreApiUrl",))
     return UnicoreSection(api_url=url) if url else None
 
 
