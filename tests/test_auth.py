@@ -16,6 +16,17 @@ from mantik_jupyter.tracking.embedded import free_port
 from .lab_fixtures import api_json, lab_config, login_as
 
 
+async def search_through_proxy(jp_fetch, max_results: int = 5, **kw) -> list[str]:
+    """Experiment names, searched with MLflow's REST API through the lab's proxy."""
+    resp = await jp_fetch(
+        "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+        method="POST", body=json.dumps({"max_results": max_results}),
+        headers={"Content-Type": "application/json"}, raise_error=False, **kw,
+    )  # fmt: skip
+    assert resp.code == 200, resp.body
+    return [e["name"] for e in json.loads(resp.body).get("experiments", [])]
+
+
 async def test_status_before_login(jp_fetch, mlflow_server):
     code, body = await api_json(jp_fetch, "auth", "status")
     assert code == 200
@@ -110,12 +121,7 @@ class TestEnvironmentCredential:
     async def test_environment_credential_is_honoured(self, jp_fetch):
         code, body = await api_json(jp_fetch, "auth", "status")
         assert body["logged_in"] is True and body["username"] == self.user.username
-        resp = await jp_fetch(
-            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
-            method="POST", body=json.dumps({"max_results": 1}),
-            headers={"Content-Type": "application/json"}, raise_error=False,
-        )  # fmt: skip
-        assert resp.code == 200, resp.body
+        await search_through_proxy(jp_fetch, 1)
 
 
 async def test_every_route_requires_authentication(jp_fetch, jp_serverapp, jp_base_url):
@@ -169,13 +175,7 @@ class TestEmbeddedDefault:
         assert body["embedded"] is True and body["logged_in"] is True
         assert body["tracking_uri"].startswith("http://127.0.0.1:")
         # The proxy waits for MLflow to boot instead of failing.
-        resp = await jp_fetch(
-            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
-            method="POST", body=json.dumps({"max_results": 5}),
-            headers={"Content-Type": "application/json"}, request_timeout=120,
-        )  # fmt: skip
-        names = [e["name"] for e in json.loads(resp.body)["experiments"]]
-        assert "Default" in names
+        assert "Default" in await search_through_proxy(jp_fetch, request_timeout=120)
         anonymous = await tornado.httpclient.AsyncHTTPClient().fetch(
             body["tracking_uri"] + "/api/2.0/mlflow/experiments/search",
             method="POST", body=b"{}", raise_error=False,
@@ -219,12 +219,7 @@ class TestTokenLogin:
         )
         assert code == 200, body
         assert body["logged_in"] is True and other_lab.token not in json.dumps(body)
-        resp = await jp_fetch(
-            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
-            method="POST", body=json.dumps({"max_results": 5}),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        assert "Default" in [e["name"] for e in json.loads(resp.body)["experiments"]]
+        assert "Default" in await search_through_proxy(jp_fetch)
 
 
 class TestCredentialInTheTrackingUri:
@@ -253,12 +248,7 @@ class TestCredentialInTheTrackingUri:
         assert code == 200, body
         assert body["tracking_uri"] == mlflow_server.uri
         assert body["logged_in"] is True and body["username"] == user.username
-        resp = await jp_fetch(
-            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
-            method="POST", body=json.dumps({"max_results": 1}),
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        assert resp.code == 200
+        await search_through_proxy(jp_fetch, 1)
 
 
 async def test_a_hand_edited_credential_store_is_named_not_a_500_traceback(
@@ -346,9 +336,4 @@ class TestEnvironmentPasswordAndToken:
         MlflowClient(mlflow_server.uri).search_experiments(max_results=1)
         code, body = await api_json(jp_fetch, "auth", "status")
         assert body["logged_in"] is True and body["username"] == self.user.username
-        resp = await jp_fetch(
-            "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
-            method="POST", body=json.dumps({"max_results": 1}),
-            headers={"Content-Type": "application/json"}, raise_error=False,
-        )  # fmt: skip
-        assert resp.code == 200, resp.body
+        await search_through_proxy(jp_fetch, 1)
