@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 
 from mantik_jupyter.compute.runs import RunService
@@ -117,6 +120,48 @@ def test_slurm_cancel(service, project):
     killed = service.cancel(info.run_id)
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
     assert killed.reason == "CANCELLED"
+
+
+def _scontrol(*args: str) -> None:
+    # As root on the test machine: what an admin, a node failure or preemption does.
+    subprocess.run(["scontrol", *args], check=True, capture_output=True, timeout=30)
+
+
+def _wait_for_log(service, run_id: str, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in service.all_logs(run_id).text:
+        assert time.monotonic() < deadline, service.all_logs(run_id).text
+        time.sleep(0.3)
+
+
+def test_requeued_run_goes_on_and_finishes(service, project):
+    info = service.submit(project, params={"epochs": "20"}, experiment_name="slurm-requeue")
+    _wait_for_log(service, info.run_id, "epoch 2/20")
+    first = service.all_logs(info.run_id)
+    _scontrol("requeue", info.job_id)
+    assert wait_for(service, info.run_id, {RunState.QUEUED} | FINAL, 30).state == RunState.QUEUED
+    _scontrol("update", f"JobId={info.job_id}", "StartTime=now")  # not 2 minutes from now
+    final = wait_for(service, info.run_id, FINAL, timeout=120)
+    # The second attempt found the tracking credential and logged into the same run.
+    assert final.state == RunState.FINISHED, final.tags
+    assert final.exit_code == 0 and {"loss", "rmse"} <= set(final.metrics)
+    # Both attempts are in the log, and a reader's offset from the first still fits.
+    text = service.all_logs(info.run_id).text
+    assert text.startswith(first.text)
+    rest = service.all_logs(info.run_id, first.offset).text
+    assert "attempt 2 of the run starts" in rest and "epoch 20/20" in rest
+    assert {e.path for e in service.files(info.run_id)}.isdisjoint({".mantik-credentials"})
+
+
+def test_job_ended_by_slurm_leaves_no_credential(service, project):
+    # Slurm's SIGTERM (here a cancel outside mantik; a time limit alike) leaves the
+    # credential file to a possible requeue; the run's end removes it.
+    info = service.submit(project, entry_point="sleep", experiment_name="slurm-requeue")
+    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
+    subprocess.run(["scancel", info.job_id], check=True, timeout=30)
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    assert final.state == RunState.KILLED and final.reason == "CANCELLED"
+    assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}
 
 
 def test_sshd_down_is_unknown_then_recovers_after_a_lab_restart(

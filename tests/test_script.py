@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,7 @@ def test_sbatch_lines_from_resources() -> None:
         "#SBATCH --qos=normal",
         "#SBATCH --output=mantik.log",
         "#SBATCH --error=mantik.log",
+        "#SBATCH --open-mode=append",
     ]
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -348,6 +350,35 @@ def test_credentials_file_is_deleted_even_when_the_run_fails_early(tmp_path: Pat
     run = run_script(tmp_path, render(config), credentials=f"MLFLOW_TRACKING_TOKEN={SECRET}\n")
     assert run.returncode == 9
     assert not (run.run_dir / ".mantik-credentials").exists()
+
+
+def test_slurm_script_keeps_the_credential_for_a_requeue(tmp_path: Path) -> None:
+    # Slurm ends an attempt with SIGTERM to all of the job's processes and may start the
+    # script again: the credential must still be there, the old exit status must not.
+    run_dir = tmp_path / "run"
+    (run_dir / "code").mkdir(parents=True)
+    (run_dir / "mantik-job.sh").write_text(render(local_config(), "sleep 30", "slurm"))
+    creds = run_dir / ".mantik-credentials"
+    creds.write_text(f"MLFLOW_TRACKING_TOKEN={SECRET}\n")
+    creds.chmod(0o600)
+    exit_code = run_dir / "mantik.exitcode"
+    exit_code.write_text("0\n")  # an earlier attempt's
+    proc = subprocess.Popen(
+        ["bash", "mantik-job.sh"], cwd=run_dir, start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert b"starting entry point" in proc.stdout.readline()
+    time.sleep(0.5)  # the entry point's process exists: Slurm signals every process
+    os.killpg(proc.pid, 15)
+    assert proc.wait(timeout=10) != 0
+    proc.stdout.close()
+    assert creds.exists() and not exit_code.exists()
+    # An attempt that ends by itself removes the file.
+    again = render(local_config(), "python show.py MLFLOW_TRACKING_TOKEN", "slurm")
+    done = run_script(tmp_path / "again", again, creds.read_text())
+    assert done.returncode == 0, done.stderr
+    assert printed(done, "ENV=") == {"MLFLOW_TRACKING_TOKEN": SECRET}
+    assert not (done.run_dir / ".mantik-credentials").exists()
 
 
 def test_script_without_credentials_file_runs(tmp_path: Path) -> None:

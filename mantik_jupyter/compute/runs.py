@@ -33,8 +33,9 @@ State mapping (see ``docs/states.md``): backends report ``JobStatus`` with a ``R
 its active runs ``UNKNOWN`` (MLflow status unchanged) — never ``FAILED``.
 
 Secrets: the job's tracking credential only exists in the 0600 file next to the job
-script (deleted locally right after submission, by the job when it starts, and by the
-backend's ``cancel`` for a job cancelled before it started). With the
+script (deleted locally right after submission, by the job when it starts (a Slurm job
+when it ends: a requeue starts it again), by the backend's ``cancel``, and by
+``Backend.job_ended`` for a job its scheduler killed). With the
 embedded server (``TrackingService.is_embedded``) each run gets its own MLflow user with
 ``EDIT`` on its experiment, deleted when the run ends; with a remote server the job gets
 the user's own credential.
@@ -957,6 +958,10 @@ class RunService:
             if tags.get(TAG_STATE) in FINAL_STATES:
                 return False
             self._upload_log(api, backend, run, tags[TAG_JOB_ID])
+            try:
+                backend.job_ended(tags[TAG_JOB_ID])
+            except MantikError as exc:
+                log.warning("run %s: cleaning up after the job: %s", run_id, exc.message)
             state, reason = status.state, status.reason
             current = run["info"].get("status")
             end_time = _int_or_none(run["info"].get("end_time"))

@@ -3,9 +3,10 @@
 The script is started with the run directory as working directory. That
 directory holds ``code/`` (the unpacked project) and, for a moment,
 ``.mantik-credentials`` (mode 0600, ``KEY=VALUE`` lines) with the tracking
-credential. The script reads that file without evaluating it, deletes it, and
-exports only the three MLflow credential variables, so the secret is never part
-of the script text, a command line or the log.
+credential. The script reads that file without evaluating it, deletes it (under
+Slurm when it ends, as a requeued job starts it again), and exports only the three
+MLflow credential variables, so the secret is never part of the script text, a
+command line or the log.
 
 Every value from the config or the run that reaches the shell is quoted, except
 the Pre-/PostRunCommand entries, which are shell code by intent and run as the
@@ -75,8 +76,8 @@ def render_job_script(
     lines = ["#!/bin/bash"]
     if scheduler == "slurm":
         lines += sbatch_lines(config, job_name)
-    lines += _preamble(run_id)
-    lines += _credentials()
+    lines += _preamble(run_id, scheduler)
+    lines += _credentials(scheduler)
     lines += _tracking_exports(run_id, experiment_id, tracking_uri)
     lines += _user_environment(config)
     lines += _entry_point(config, command, scheduler, project_dir)
@@ -109,6 +110,9 @@ def sbatch_lines(config: ComputeConfig, job_name: str) -> list[str]:
         # Relative to the job's working directory: the run directory.
         ("output", LOG_FILE),
         ("error", LOG_FILE),
+        # A requeued job (node failure, preemption, scontrol requeue) starts the script
+        # again; appending keeps the first attempt's log and the offsets of log readers.
+        ("open-mode", "append"),
     ]
     return [f"#SBATCH --{name}={value}" for name, value in options if value is not None]
 
@@ -164,12 +168,21 @@ def _check_ids(*, run_id: str, experiment_id: str, tracking_uri: str) -> None:
         raise ValueError("the tracking URI must be one line")
 
 
-def _preamble(run_id: str) -> list[str]:
-    return [
+def _preamble(run_id: str, scheduler: Scheduler) -> list[str]:
+    lines = [
         f"# mantik-jupyter job script for MLflow run {run_id}.",
         "# Started with the run directory as working directory.",
         "set -uo pipefail",
         'RUN_DIR="$PWD"',
+        # An earlier attempt's exit status (a requeued job) is not this attempt's.
+        f'rm -f -- "$RUN_DIR/{EXIT_CODE_FILE}"',
+    ]
+    if scheduler == "slurm":
+        lines.append(
+            'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then echo "[mantik] Slurm requeued '
+            'the job: attempt $((SLURM_RESTART_COUNT + 1)) of the run starts"; fi'
+        )
+    return lines + [
         "mantik_status=0",
         "mantik_fail() {",
         '    echo "[mantik] $2 failed with exit status $1" >&2',
@@ -180,13 +193,26 @@ def _preamble(run_id: str) -> list[str]:
     ]
 
 
-def _credentials() -> list[str]:
+def _credentials(scheduler: Scheduler) -> list[str]:
     keys = "|".join(CREDENTIAL_KEYS)
+    traps = ["trap 'rm -f -- \"$MANTIK_CREDENTIALS\"' EXIT"]
+    if scheduler == "slurm":
+        # Slurm may requeue the job (node failure, preemption, scontrol requeue) and start
+        # this script again, which then needs the credential too. So the file goes when
+        # the script ends by itself, not when it starts; on SIGTERM (requeue, cancel,
+        # time limit: Slurm cannot tell the script which) it stays, and the backend
+        # deletes it once the run is over. The job's environment holds it meanwhile anyway.
+        remove_now: list[str] = []
+        traps.append("trap 'trap - EXIT; exit 143' TERM")
+        when = "the file is removed when the script ends."
+    else:
+        remove_now = ['    rm -f -- "$MANTIK_CREDENTIALS"']
+        when = "the file is removed at once."
     return [
         "# The tracking credential arrives in a 0600 file; it is read as data (no",
-        "# source/eval), only known keys are taken, and the file is removed at once.",
+        f"# source/eval), only known keys are taken, and {when}",
         f'MANTIK_CREDENTIALS="$RUN_DIR/{CREDENTIALS_FILE}"',
-        "trap 'rm -f -- \"$MANTIK_CREDENTIALS\"' EXIT",
+        *traps,
         'if [ -f "$MANTIK_CREDENTIALS" ]; then',
         # Split at the first '=' by hand: `IFS='=' read k v` would drop a trailing
         # '=' of the value, which base64 tokens end with.
@@ -196,7 +222,7 @@ def _credentials() -> list[str]:
         f'            {keys}) export "$mantik_key=${{mantik_line#*=}}" ;;',
         "        esac",
         '    done < "$MANTIK_CREDENTIALS"',
-        '    rm -f -- "$MANTIK_CREDENTIALS"',
+        *remove_now,
         "fi",
         "unset mantik_line mantik_key",
     ]

@@ -115,6 +115,11 @@ class Backend(abc.ABC):
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         """Stream one file of the run directory in chunks."""
 
+    def job_ended(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """Called once when the RunService records the job's end: delete what a job
+        killed from outside leaves behind (a Slurm job keeps its credential file while
+        it may be requeued). May raise ``MantikError``; the caller only logs it."""
+
     def warm_up(self) -> None:  # noqa: B027 - optional hook
         """Open connections ahead of ``submit``; called while the MLflow run is being
         created, so a slow login overlaps with it. Never raises: ``submit`` reports

@@ -697,6 +697,11 @@ class SshSlurmBackend(Backend):
             raise BackendRejected(f"scancel on {self.hostname} failed for job {job_id}: {err}")
         self._remove_credentials(job_id)
 
+    def job_ended(self, job_id: str) -> None:
+        # The job script keeps its credential file while Slurm may start it again; a job
+        # that Slurm ended with SIGTERM (time limit, cancel outside mantik) leaves it.
+        self._remove_credentials(self._check_job_id(job_id))
+
     def _remove_credentials(self, job_id: str) -> None:
         # A job cancelled while pending never runs the script that deletes its tracking
         # credential; without this it would stay in the run directory for good.
