@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -436,3 +437,28 @@ def test_a_password_in_unicore_api_url_is_refused_without_showing_it(tmp_path):
     assert "S3cret-pw" not in text
     assert f"{path}:1" in text and "UnicoreApiUrl" in text
     assert "MANTIK_UNICORE_USERNAME" in text and "MANTIK_UNICORE_TOKEN" in text
+
+
+def test_a_site_certificate_that_is_not_trusted_says_how_to_trust_it(
+    tmp_path, unicore_password, monkeypatch
+):
+    cert, key = tmp_path / "site.pem", tmp_path / "site.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    site = UnicoreStandin(tmp_path / "site", users={USER: unicore_password}, tls=(cert, key))
+    site.start()
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        backend = UnicoreBackend(site.base_url, username=USER, password=unicore_password)
+        with pytest.raises(BackendUnavailable) as err:
+            backend.states(["a-job"])
+        assert site.base_url in err.value.message
+        assert "certificate" in err.value.message and "SSL_CERT_FILE" in err.value.message
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert backend.states(["a-job"])["a-job"].native_state == "NOT_FOUND"
+    finally:
+        site.close()

@@ -58,6 +58,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -139,6 +140,7 @@ class UnicoreStandin:
         queue_delay: float = 0.3,
         uspace_delay: float = 0.2,
         session_lifetime: float = 300.0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.site = site
@@ -152,6 +154,8 @@ class UnicoreStandin:
         # storage is INITIALIZING, and has no files, for this long after the submission.
         self.uspace_delay = uspace_delay
         self.session_lifetime = session_lifetime
+        # (certificate, key) PEM files: serve HTTPS, as every real site does.
+        self.tls = tls
         self.jobs: dict[str, StandinJob] = {}
         self.sessions: dict[str, tuple[str, float]] = {}
         # Requests seen, as (method, path); tests count them.
@@ -172,6 +176,10 @@ class UnicoreStandin:
         handler = type("Handler", (_Handler,), {"standin": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -191,7 +199,8 @@ class UnicoreStandin:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{self.site}/rest/core"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{self.site}/rest/core"
 
     def add_token(self, user: str, lifetime: float = 3600.0) -> str:
         token = secrets.token_urlsafe(24)

@@ -64,6 +64,7 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -334,6 +335,13 @@ class UnicoreBackend(Backend):
         except UnicoreHTTPError as exc:
             raise self._http_error(exc, what) from None
         except (httpx.TransportError, OSError) as exc:
+            if _untrusted_certificate(exc):
+                raise BackendUnavailable(
+                    f"The TLS certificate of the UNICORE site {self.api_url} could not be "
+                    f"verified ({_describe(exc)}). If the site's certificate is signed by its "
+                    "own CA, set SSL_CERT_FILE to that CA's PEM bundle in the environment of "
+                    "`jupyter lab`, the kernel or `mantik`."
+                ) from None
             raise BackendUnavailable(
                 f"Cannot reach the UNICORE site {self.api_url} while {what}: {_describe(exc)}"
             ) from None
@@ -783,6 +791,15 @@ def _check_token_expiry(token: str, api_url: str) -> None:
             f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
             f"token and set it again ({ENV_UNICORE_TOKEN})."
         )
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(exc: BaseException) -> str:
