@@ -9,7 +9,7 @@ import pytest
 
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import Conflict, UnsafePath
+from mantik_jupyter.errors import ConfigError, Conflict, UnsafePath
 
 from .runs_helpers import (
     FINAL,
@@ -120,6 +120,29 @@ def test_slurm_cancel(service, project):
     killed = service.cancel(info.run_id)
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
     assert killed.reason == "CANCELLED"
+
+
+@pytest.mark.parametrize(
+    ("resources", "named"),
+    [
+        ({"Queue": "no-such-queue"}, "Resources.Queue 'no-such-queue'"),
+        ({"MemoryPerNode": "100G"}, "Resources.MemoryPerNode (102400 MB)"),
+        ({"GPUsPerNode": 2}, "Resources.GPUsPerNode 2"),
+        ({"Reservation": "no-such-resv"}, "Resources.Reservation 'no-such-resv'"),
+        ({"NodeConstraints": "no-such-feature"}, "Resources.NodeConstraints 'no-such-feature'"),
+    ],
+)
+def test_refused_submission_names_the_config_key(
+    service, project, slurm_cluster, remote_base, resources, named
+):
+    path = write_config(project, cluster_config(slurm_cluster, remote_base, **resources))
+    with pytest.raises(ConfigError) as caught:
+        service.submit(project, params={"epochs": "1"}, experiment_name="slurm-refused")
+    message = caught.value.message
+    assert named in message and str(path) in message, message
+    assert "sbatch: error:" in message  # Slurm's own words stay
+    newest = service.list(experiment_name="slurm-refused")[0][0]
+    assert newest.state == RunState.FAILED and newest.reason and named in newest.reason
 
 
 def _scontrol(*args: str) -> None:

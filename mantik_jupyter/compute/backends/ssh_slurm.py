@@ -65,6 +65,7 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
+from ..config import ComputeConfig
 from ..script import expand_quoted, login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
@@ -517,10 +518,16 @@ class SshSlurmBackend(Backend):
         )
         if result.status != 0:
             self._raise_login_failure(result, job.run_id, run_dir)
-            raise BackendRejected(
-                f"sbatch on {self.hostname} refused the job of run {job.run_id}: "
-                f"{result.err_text or result.stdout.decode(errors='replace').strip()}"
-            )
+            said = result.err_text or result.stdout.decode(errors="replace").strip()
+            refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
+            culprit = _sbatch_culprit(said, job.config)
+            if culprit is not None:
+                assert job.config is not None
+                key, hint = culprit
+                raise ConfigError(
+                    f"{refused} because of {key} in {job.config.source}: {said}\n{hint}"
+                )
+            raise BackendRejected(f"{refused}: {said}")
         job_id = result.stdout.decode().strip().splitlines()[-1].split(";")[0]
         self._check_job_id(job_id)
         self._run_dirs[job_id] = run_dir
@@ -877,6 +884,56 @@ class SshSlurmBackend(Backend):
 
 
 # ---- pure helpers (no connection) -------------------------------------------------------
+
+
+# sbatch's words for a request the cluster refuses, the config key (and Resources
+# field) that made it, and what to do.
+_SBATCH_REFUSALS = (
+    (
+        "invalid partition",
+        "Queue",
+        "queue",
+        "use a partition of the cluster (`sinfo -s` lists them)",
+    ),
+    (
+        "memory specification can not be satisfied",
+        "MemoryPerNode",
+        "memory_per_node",
+        "ask for at most the memory of one node (`sinfo -o '%P %m'` lists it in MB), "
+        "or 0 for the whole node",
+    ),
+    (
+        "invalid generic resource",
+        "GPUsPerNode",
+        "gpus_per_node",
+        "use a partition with GPUs, or at most as many as one node has (`sinfo -o '%P %G'`)",
+    ),
+    (
+        "reservation is invalid",
+        "Reservation",
+        "reservation",
+        "use a reservation you may use (`scontrol show reservation`)",
+    ),
+    (
+        "invalid feature specification",
+        "NodeConstraints",
+        "node_constraints",
+        "use features the nodes have (`sinfo -o '%P %f'` lists them)",
+    ),
+)
+
+
+def _sbatch_culprit(said: str, config: ComputeConfig | None) -> tuple[str, str] | None:
+    """The config key (with its value) that sbatch's error points at, and what to do."""
+    if config is None:
+        return None
+    lowered = said.lower()
+    for words, key, field, hint in _SBATCH_REFUSALS:
+        if words in lowered:
+            value = getattr(config.resources, field)
+            shown = f"({value} MB)" if key == "MemoryPerNode" else repr(value)
+            return f"Resources.{key} {shown}", hint
+    return None
 
 
 def _describe(exc: BaseException) -> str:
