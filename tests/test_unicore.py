@@ -462,3 +462,36 @@ def test_a_site_certificate_that_is_not_trusted_says_how_to_trust_it(
         assert backend.states(["a-job"])["a-job"].native_state == "NOT_FOUND"
     finally:
         site.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "post", "state", "reason"),
+    [
+        ("echo trained; exit 3\n", "echo cleaned > post.txt", RunState.FAILED, "exit code 3"),
+        ("echo trained\n", "echo cleaned > post.txt; false", RunState.FINISHED, None),
+    ],
+)
+def test_post_run_command_on_login_node_runs_after_the_job_and_keeps_its_state(
+    unicore_site, unicore_password, tmp_path, script, post, state, reason
+):
+    # As on the local backend: PostRunCommandOnLoginNode runs however the job ended, and
+    # the run's state is the job's. UNICORE itself skips the user postcommand after a
+    # non-zero exit code, and fails a job whose postcommand fails.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {
+            "UnicoreApiUrl": unicore_site.base_url,
+            "Resources": {"Queue": "batch"},
+            "Environment": {"PostRunCommandOnLoginNode": post},
+        }
+    )
+    job = dataclasses.replace(_prepared(tmp_path, script), config=config)
+    job_id = backend.submit(job)
+    final = _wait_final(backend, job_id)
+    assert (final.state, final.reason) == (state, reason), final
+    assert backend.read_log(job_id)[0] == b"trained\n"
+    data, _ = backend._read(job_id, "post.txt", 0, 100)
+    assert data == b"cleaned\n"
+    login_log, _ = backend._read(job_id, "mantik-login.log", 0, 10_000)
+    if "false" in post:
+        assert b"PostRunCommandOnLoginNode[0] failed with exit status 1" in login_log

@@ -38,8 +38,9 @@ for client stage-in and ``start`` when ``haveClientStageIn`` is "true"), STAGING
 user precommand on the "login node" (a local ``bash -c``), QUEUED, RUNNING (``Executable``
 and ``Arguments`` joined into one shell line, as UNICORE's TSI writes them into the batch
 script; ``Stdout``/``Stderr`` files; ``Resources.Runtime`` enforced), STAGINGOUT (user
-postcommand), then SUCCESSFUL (exit code 0) or FAILED (non-zero exit code, failed
-precommand, time limit, ``abort``: status message "Job aborted."). ``Umask`` (default
+postcommand, only after exit code 0 unless ``IgnoreNonZeroExitCode``), then SUCCESSFUL or
+FAILED (non-zero exit code, failed pre- or postcommand, time limit, ``abort``: status
+message "Job aborted."), with UNICORE's status messages. ``Umask`` (default
 027) applies to the job directory and the job's processes; uploaded files get the
 storage's umask (0640).
 A new job's directory storage is INITIALIZING for ``uspace_delay`` seconds, as UNICORE
@@ -437,7 +438,7 @@ class UnicoreStandin:
             return self._finish(job, "FAILED", "Job aborted.")
         ignore = str(desc.get("UserPrecommandIgnoreNonZeroExitCode", "false")).lower() == "true"
         if code != 0 and not ignore:
-            return self._finish(job, "FAILED", f"User pre-command failed with exit code {code}")
+            return self._finish(job, "FAILED", f"Pre-command(s) failed: [{_non_zero(job, code)}]")
         job.status = "QUEUED"
         job.note("Submitted to batch system")
         time.sleep(self.queue_delay)
@@ -456,14 +457,21 @@ class UnicoreStandin:
             return self._finish(job, "FAILED", job.status_message)
         job.exit_code = code
         job.status = "STAGINGOUT"
-        post = self._login_command(job, "User postcommand", "POST")
-        if post != 0:
-            job.note(f"User post-command failed with exit code {post}")
+        # As JobProcessor.handlePostProcessing: a non-zero exit code ends the job here,
+        # so the user postcommand runs only after a successful application (or with
+        # IgnoreNonZeroExitCode), and a failing postcommand fails the job.
         ignore = str(desc.get("IgnoreNonZeroExitCode", "false")).lower() == "true"
         if code != 0 and not ignore:
             return self._finish(
-                job, "FAILED", f"User application exited with non-zero exit code: {code}"
+                job,
+                "FAILED",
+                f"User application exited with non-zero exit code: <{code}>. More "
+                "information might be available in the job's working directory "
+                f"'{job.workdir}/'",
             )
+        post = self._login_command(job, "User postcommand", "POST")
+        if post != 0:
+            return self._finish(job, "FAILED", f"Post-command(s) failed: [{_non_zero(job, post)}]")
         return self._finish(job, "SUCCESSFUL")
 
     def job_properties(self, job: StandinJob) -> dict[str, Any]:
@@ -506,6 +514,14 @@ class UnicoreStandin:
             if job is not None and job.owner == user:
                 return job.workdir
         raise _Refused(404, f"No such storage <{storage_id}>")
+
+
+def _non_zero(job: StandinJob, code: int) -> str:
+    """UNICORE's message for a login-node command that failed (AsyncCommandProcessor)."""
+    return (
+        f"Command exited with non-zero exit code: <{code}>. More information might be "
+        f"available in the job's working directory '{job.workdir}/'"
+    )
 
 
 def _file_props(path: Path, name: str) -> dict[str, Any]:

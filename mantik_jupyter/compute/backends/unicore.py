@@ -169,21 +169,22 @@ def job_description(config: ComputeConfig | None, job_name: str, run_id: str) ->
         # Run ids are hex; they tell a login-node command which run it serves.
         "Environment": {"MLFLOW_RUN_ID": run_id, "MANTIK_RUN_ID": run_id},
         "Tags": ["mantik", f"mantik-run-{run_id}"],
-        "User precommand": _login_commands((), "PreRunCommandOnLoginNode", unpack=True),
+        "User precommand": _pre_commands(()),
         "RunUserPrecommandOnLoginNode": "true",
     }
     if config is None:
         return description
     env = config.environment
     if env.pre_run_command_on_login_node:
-        description["User precommand"] = _login_commands(
-            env.pre_run_command_on_login_node, "PreRunCommandOnLoginNode", unpack=True
-        )
+        description["User precommand"] = _pre_commands(env.pre_run_command_on_login_node)
     if env.post_run_command_on_login_node:
-        description["User postcommand"] = _login_commands(
-            env.post_run_command_on_login_node, "PostRunCommandOnLoginNode", unpack=False
-        )
+        description["User postcommand"] = _post_commands(env.post_run_command_on_login_node)
         description["RunUserPostcommandOnLoginNode"] = "true"
+        # UNICORE runs the user postcommand only after exit code 0 and fails the job when
+        # it fails. As on the other backends it runs however the job ended, and the run's
+        # state stays the job's: the job ends SUCCESSFUL with its exit code, which
+        # decide() reads.
+        description["IgnoreNonZeroExitCode"] = "true"
     resources = unicore_resources(config)
     if resources:
         description["Resources"] = resources
@@ -210,18 +211,29 @@ def unicore_resources(config: ComputeConfig) -> dict[str, str]:
     return {key: str(value) for key, value in values.items() if value is not None}
 
 
-def _login_commands(commands: tuple[str, ...], key: str, *, unpack: bool) -> str:
-    """One shell text for a UNICORE user pre/post command: output to mantik-login.log,
-    the first failing step ends it with its status (UNICORE then fails the job)."""
-    lines = [f"exec >> {layout.LOGIN_LOG_FILE} 2>&1"]
-    if unpack:
-        q = shlex.quote
-        lines.append(
-            f"if [ -f {q(layout.PACKAGE_FILE)} ]; then mkdir -p {layout.CODE_DIR} && "
-            f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
-            '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi'
-        )
-    return "\n".join(lines) + "\n" + login_commands_script(commands, key)
+def _pre_commands(commands: tuple[str, ...]) -> str:
+    """The user precommand: unpack the code, then PreRunCommandOnLoginNode; output to
+    mantik-login.log, the first failing step ends it with its status (UNICORE then
+    fails the job)."""
+    q = shlex.quote
+    return (
+        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1\n"
+        f"if [ -f {q(layout.PACKAGE_FILE)} ]; then mkdir -p {layout.CODE_DIR} && "
+        f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
+        '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi\n'
+        + login_commands_script(commands, "PreRunCommandOnLoginNode")
+    )
+
+
+def _post_commands(commands: tuple[str, ...]) -> str:
+    """The user postcommand: PostRunCommandOnLoginNode, its failure only logged."""
+    script = login_commands_script(commands, "PostRunCommandOnLoginNode")
+    lines = [
+        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1",
+        f"bash -c {shlex.quote(script)} </dev/null",
+        "exit 0",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---- the backend -------------------------------------------------------------------------
