@@ -339,8 +339,12 @@ def test_an_existing_mantik_unicore_config_maps_onto_a_job_description(tmp_path,
         ("FAILED", "TIMEOUT: the job exceeded its run time limit", None, RunState.FAILED,
          "TIMEOUT"),
         ("FAILED", "Slurm: OUT_OF_MEMORY", 137, RunState.FAILED, "OUT_OF_MEMORY"),
-        ("FAILED", "User pre-command failed with exit code 2\nmore", None, RunState.FAILED,
-         "User pre-command failed with exit code 2"),
+        ("FAILED", "Pre-command(s) failed: [Could not setup pre-command: no TSI]\nmore", None,
+         RunState.FAILED, "Pre-command(s) failed: [Could not setup pre-command: no TSI]"),
+        ("FAILED", "Pre-command(s) failed: [Command exited with non-zero exit code: <2>. More "
+         "information might be available in the job's working directory '/p/x/']", None,
+         RunState.FAILED, "unpacking the code or PreRunCommandOnLoginNode failed on the login "
+         "node (exit code 2); its output is in mantik-login.log"),
     ],
 )  # fmt: skip
 def test_state_mapping(status, message, code, state, reason):
@@ -495,3 +499,23 @@ def test_post_run_command_on_login_node_runs_after_the_job_and_keeps_its_state(
     login_log, _ = backend._read(job_id, "mantik-login.log", 0, 10_000)
     if "false" in post:
         assert b"PostRunCommandOnLoginNode[0] failed with exit status 1" in login_log
+
+
+def test_a_failing_pre_run_command_on_login_node_points_at_its_output(
+    unicore_site, unicore_password, tmp_path
+):
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {
+            "UnicoreApiUrl": unicore_site.base_url,
+            "Resources": {"Queue": "batch"},
+            "Environment": {"PreRunCommandOnLoginNode": "echo no data here; false"},
+        }
+    )
+    job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "echo x\n"), config=config))
+    final = _wait_final(backend, job_id)
+    assert final.state == RunState.FAILED
+    assert "PreRunCommandOnLoginNode" in final.reason and "mantik-login.log" in final.reason
+    assert "exit code 1" in final.reason
+    login_log, _ = backend._read(job_id, "mantik-login.log", 0, 10_000)
+    assert b"no data here" in login_log

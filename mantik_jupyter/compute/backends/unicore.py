@@ -105,6 +105,9 @@ ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 STATE_WORKERS = 8
 _STATE_FIELDS = "status,statusMessage,exitCode"
 
+# JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
+# non-zero exit code: <2>. More information ...]".
+_PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+)>", re.S)
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ACTIVE = {
     "UNDEFINED": RunState.QUEUED,
@@ -772,6 +775,16 @@ def decide(status: str, message: str, exit_code: int | None) -> JobStatus:
             return JobStatus(RunState.FAILED, status, exit_code, "OUT_OF_MEMORY")
         if exit_code:
             return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        pre = _PRE_COMMAND_FAILED.match(message.strip())
+        if pre:
+            # UNICORE's message points at the job directory; say which file to read.
+            return JobStatus(
+                RunState.FAILED,
+                status,
+                None,
+                "unpacking the code or PreRunCommandOnLoginNode failed on the login node "
+                f"(exit code {pre.group(1)}); its output is in {layout.LOGIN_LOG_FILE}",
+            )
         first = message.strip().splitlines()[0] if message.strip() else "FAILED"
         return JobStatus(RunState.FAILED, status, exit_code, first)
     return JobStatus(RunState.UNKNOWN, native_state=status)
