@@ -519,3 +519,36 @@ def test_a_failing_pre_run_command_on_login_node_points_at_its_output(
     assert "exit code 1" in final.reason
     login_log, _ = backend._read(job_id, "mantik-login.log", 0, 10_000)
     assert b"no data here" in login_log
+
+
+def test_a_job_over_its_time_limit_ends_as_timeout(unicore_site, unicore_password, tmp_path):
+    # UNICORE says only "Job did not complete normally on BSS"; the batch system's own
+    # state is in the job's log.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {
+            "UnicoreApiUrl": unicore_site.base_url,
+            "Resources": {"Queue": "batch", "Runtime": "00:00:02"},
+        }
+    )
+    job = dataclasses.replace(_prepared(tmp_path, "echo start; sleep 30\n"), config=config)
+    job_id = backend.submit(job)
+    final = _wait_final(backend, job_id, timeout=30)
+    assert (final.state, final.reason) == (RunState.FAILED, "TIMEOUT"), final
+
+
+@pytest.mark.parametrize(
+    ("bss_state", "state", "reason"),
+    [
+        ("TIMEOUT", RunState.FAILED, "TIMEOUT"),
+        ("NODE_FAIL", RunState.FAILED, "NODE_FAIL"),
+        ("OUT_OF_MEMORY", RunState.FAILED, "OUT_OF_MEMORY"),
+        ("CANCELLED", RunState.KILLED, "CANCELLED"),
+        ("COMPLETED", RunState.FAILED, "Job did not complete normally on BSS, please check"),
+        (None, RunState.FAILED, "Job did not complete normally on BSS, please check"),
+    ],
+)
+def test_state_of_a_job_the_batch_system_ended(bss_state, state, reason):
+    message = "Job did not complete normally on BSS, please check\nmore"
+    result = decide("FAILED", message, None, bss_state)
+    assert (result.state, result.reason) == (state, reason)

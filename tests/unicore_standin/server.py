@@ -400,8 +400,6 @@ class UnicoreStandin:
         try:
             return proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            job.note("Run time limit exceeded")
-            job.status_message = "TIMEOUT: the job exceeded its run time limit"
             self._kill(job)
             return -999
         finally:
@@ -454,7 +452,19 @@ class UnicoreStandin:
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         if code == -999:
-            return self._finish(job, "FAILED", job.status_message)
+            # The batch system killed the job script, so it wrote no exit code file:
+            # Execution.handleCompleted logs the BSS details and fails the job.
+            job.note(
+                "Detailed job information from batch system: "
+                f"JobId=STANDIN_{job.id[:8]} JobName={desc.get('Name', 'N/A')} "
+                "JobState=TIMEOUT Reason=TimeLimit Dependency=(null)"
+            )
+            return self._finish(
+                job,
+                "FAILED",
+                "Job did not complete normally on BSS, please check standard error file "
+                "and job log for more information.",
+            )
         job.exit_code = code
         job.status = "STAGINGOUT"
         # As JobProcessor.handlePostProcessing: a non-zero exit code ends the job here,

@@ -108,6 +108,14 @@ _STATE_FIELDS = "status,statusMessage,exitCode"
 # JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
 # non-zero exit code: <2>. More information ...]".
 _PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+)>", re.S)
+# Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
+# system) fails with this message, and the batch system's details go into the job's log.
+_NOT_NORMALLY = "Job did not complete normally on BSS"
+_BSS_DETAILS_STATE = re.compile(r"Detailed job information from batch system:.*?JobState=(\w+)")
+# Slurm's words, as the Slurm backend reports them (docs/states.md).
+_BSS_FAILURES = {
+    "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
+}  # fmt: skip
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ACTIVE = {
     "UNDEFINED": RunState.QUEUED,
@@ -556,12 +564,34 @@ class UnicoreBackend(Backend):
                 f"asking for the state of job {job_id}",
             )
             status = str(props.get("status") or "UNDEFINED")
+            message = str(props.get("statusMessage") or "")
             code = _exit_code(props.get("exitCode"))
             if status in ("SUCCESSFUL", "FAILED") and code is None:
                 code = self._exit_code_file(job_id)
-            return decide(status, str(props.get("statusMessage") or ""), code)
+            bss_state = None
+            if status == "FAILED" and _NOT_NORMALLY in message:
+                bss_state = self._bss_state(job_id)
+            return decide(status, message, code, bss_state)
         except MantikError as exc:
             return exc
+
+    def _bss_state(self, job_id: str) -> str | None:
+        """The batch system's final state of a job that ended without an exit code (time
+        limit, node failure, ...): UNICORE puts it only into the job's log."""
+        transport = self.client().transport
+        try:
+            props = self._call(
+                lambda: transport.get(url=self.job_url(job_id), params={"fields": "log"}),
+                f"reading the log of job {job_id}",
+            )
+        except MantikError:
+            return None
+        lines = props.get("log") if isinstance(props.get("log"), list) else []
+        for line in reversed(lines):
+            found = _BSS_DETAILS_STATE.search(str(line))
+            if found:
+                return found.group(1)
+        return None
 
     def _exit_code_file(self, job_id: str) -> int | None:
         try:
@@ -757,8 +787,11 @@ class UnicoreBackend(Backend):
 # ---- pure helpers -------------------------------------------------------------------------
 
 
-def decide(status: str, message: str, exit_code: int | None) -> JobStatus:
-    """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code."""
+def decide(
+    status: str, message: str, exit_code: int | None, bss_state: str | None = None
+) -> JobStatus:
+    """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
+    the batch system's state where UNICORE logged it (a job without an exit code)."""
     if status in _ACTIVE:
         return JobStatus(_ACTIVE[status], native_state=status)
     lowered = message.lower()
@@ -767,8 +800,10 @@ def decide(status: str, message: str, exit_code: int | None) -> JobStatus:
             return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
         return JobStatus(RunState.FINISHED, status, 0)
     if status == "FAILED":
-        if "abort" in lowered or "cancel" in lowered:
+        if "abort" in lowered or "cancel" in lowered or bss_state == "CANCELLED":
             return JobStatus(RunState.KILLED, status, exit_code, "CANCELLED")
+        if bss_state in _BSS_FAILURES:
+            return JobStatus(RunState.FAILED, status, exit_code, bss_state)
         if "timeout" in lowered or "time limit" in lowered:
             return JobStatus(RunState.FAILED, status, exit_code, "TIMEOUT")
         if "out_of_memory" in lowered or "out of memory" in lowered or "oom" in lowered.split():
