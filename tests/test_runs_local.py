@@ -25,6 +25,8 @@ from mantik_jupyter.errors import (
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
+from .backends.test_ssh_slurm import check_odd_files, make_job, odd_files_body
+from .backends.test_ssh_slurm import wait_for as wait_for_job
 from .runs_helpers import (
     FINAL,
     RUN_ARTIFACTS,
@@ -164,6 +166,13 @@ def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
     backend.cancel(job_id)
     assert backend.states([job_id])[job_id].state == RunState.KILLED
     assert not creds.exists()
+
+
+def test_odd_file_names_list_and_download(tmp_path):
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(make_job(tmp_path, odd_files_body()))
+    assert wait_for_job(backend, job_id, FINAL).state == RunState.FINISHED
+    check_odd_files(backend, job_id, tmp_path)
 
 
 def test_a_log_longer_than_one_read_comes_whole_in_chunks(tracking, tmp_path):

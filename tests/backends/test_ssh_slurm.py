@@ -536,3 +536,38 @@ def test_requeued_held_job_stays_queued(backend, tmp_path):
             assert wait_for(backend, job_id, {RunState.RUNNING}, 60).state == RunState.RUNNING
     finally:
         backend.cancel(job_id)
+
+
+# Names a job may well write: a leading dash, spaces and quotes, a newline, a backslash,
+# non-ASCII; each folder holds one file whose text is its name.
+ODD_FILES = ["-rf/-x", "a b/it's $(x)", "nl\nname/f\nf", "back\\slash/c\\d", "ü ñ/ß.txt"]
+
+
+def odd_files_body() -> str:
+    lines = []
+    for path in ODD_FILES:
+        folder, name = path.split("/")
+        q_folder, q_path = (
+            "$'" + p.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+            for p in (folder, path)
+        )
+        lines.append(f"mkdir -p -- {q_folder} && printf %s {q_path} > {q_path}")
+    return "\n".join(lines)
+
+
+def check_odd_files(backend, job_id: str, dest: Path) -> None:
+    listed = {e.path for e in backend.list_files(job_id)}
+    for index, path in enumerate(ODD_FILES):
+        folder = path.split("/")[0]
+        assert folder in listed
+        assert [e.path for e in backend.list_files(job_id, folder)] == [path]
+        one = backend.download(job_id, path, dest / f"file-{index}")
+        assert one.read_text() == path
+        tree = backend.download(job_id, folder, dest / f"folder-{index}")
+        assert (tree / path.split("/")[1]).read_text() == path
+
+
+def test_odd_file_names_list_and_download(backend, tmp_path):
+    job_id = backend.submit(make_job(tmp_path, odd_files_body()))
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+    check_odd_files(backend, job_id, tmp_path)

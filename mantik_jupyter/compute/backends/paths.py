@@ -35,15 +35,18 @@ def safe_name(name: str, what: str) -> str:
 
 
 def clean_relative(path: str) -> str:
-    """``path`` as a normalised relative path; refuses absolute paths and ``..``."""
-    path = (path or "").replace("\\", "/")
+    """``path`` as a normalised relative path; refuses absolute paths and ``..``.
+
+    A backslash is part of a name, as on the POSIX systems run directories live on
+    (listings show such names, and they must open); to be safe it still counts as a
+    separator when looking for an absolute path or a ``..``."""
+    path = path or ""
     usable_path(path, "path")
-    if path.startswith("/") or path.startswith("~") or "\0" in path:
+    if path.startswith(("/", "\\", "~")) or "\0" in path:
         raise UnsafePath(f"{path!r} must be relative to the run directory")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    if ".." in path.replace("\\", "/").split("/"):
         raise UnsafePath(f"{path!r} leads outside the run directory ('..' is not allowed)")
-    return "/".join(parts)
+    return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
 def save_stream(

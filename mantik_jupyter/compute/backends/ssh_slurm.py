@@ -813,8 +813,12 @@ class SshSlurmBackend(Backend):
     def _download_folder(self, target: str, final: Path, progress: Progress | None) -> Path:
         parent, name = posixpath.split(target)
         q = shlex.quote
-        # Size first (for progress), then the archive, on one channel.
-        command = f"cd {q(parent)} && du -sb -- {q(name)} | cut -f1 && tar -cf - -- {q(name)}"
+        # Size first (for progress), then the archive, on one channel. du's first line
+        # only: it prints the name after the size, and a name may hold a newline.
+        command = (
+            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 "
+            f"&& tar -cf - -- {q(name)}"
+        )
         if final.exists():
             # Never delete or merge into a local folder the user may care about.
             raise Conflict(f"{final} exists already: remove it or download elsewhere")
