@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -151,6 +154,42 @@ def test_cancel_kills_the_process_group(service, project):
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
     assert killed.reason == "CANCELLED"
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def test_cancel_kills_every_child_of_the_job(tmp_path):
+    # Children the job forked: one that ignores SIGTERM, one in a process group of its own.
+    local = tmp_path / "prepared"
+    local.mkdir()
+    (local / "mantik-job.sh").write_text(
+        "(trap '' TERM; exec sleep 300) & echo $! >> children\n"
+        "python3 -c 'import os; os.setpgid(0, 0); os.execvp(\"sleep\", [\"sleep\", \"300\"])' &\n"
+        "echo $! >> children\n"
+        "sleep 300\n"
+    )
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(PreparedJob(run_id="r1", local_dir=local, job_name="t"))
+    children = Path(backend.run_dir_of(job_id)) / "children"
+    deadline = time.monotonic() + 10
+    while len(children.read_text().split() if children.exists() else []) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pids = [int(p) for p in children.read_text().split()]
+    try:
+        backend.cancel(job_id)
+        assert backend.states([job_id])[job_id].state == RunState.KILLED
+        assert not [pid for pid in pids if _running(pid)]
+    finally:
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):

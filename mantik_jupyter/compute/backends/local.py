@@ -245,19 +245,31 @@ class LocalBackend(Backend):
             return
         (run_dir / CANCELLED_FILE).write_text("cancelled\n")
         pid = int(job_id.split("-")[1])
-        self._signal_group(pid, signal.SIGTERM)
+        self._signal_session(pid, signal.SIGTERM)
+        # The whole session, not only the job script: a child that ignores SIGTERM (or
+        # takes its time) outlives the script and must get the SIGKILL too.
         deadline = time.monotonic() + CANCEL_GRACE
-        while self._alive(job_id) and time.monotonic() < deadline:
+        while self._session_alive(job_id, pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self._alive(job_id):
-            self._signal_group(pid, signal.SIGKILL)
+        if self._session_alive(job_id, pid):
+            self._signal_session(pid, signal.SIGKILL)
+
+    def _session_alive(self, job_id: str, pid: int) -> bool:
+        return self._alive(job_id) or bool(_session_members(pid))
 
     @staticmethod
-    def _signal_group(pid: int, sig: signal.Signals) -> None:
+    def _signal_session(pid: int, sig: signal.Signals) -> None:
+        """Signal the job's process group (the script started a session of its own) and
+        any process of its session that moved to a group of its own."""
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             pass
+        for member in _session_members(pid):
+            try:
+                os.kill(member, sig)
+            except ProcessLookupError:
+                pass
 
     # ---- files --------------------------------------------------------------------------
 
@@ -335,6 +347,20 @@ class LocalBackend(Backend):
                 progress(total, total)
             return final
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
+
+
+def _session_members(session: int) -> list[int]:
+    """Live (non-zombie) processes of a session, from /proc; none where /proc is absent."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] not in ("Z", "X") and fields[3] == str(session):
+            members.append(int(stat_file.parent.name))
+    return members
 
 
 def _copy_private(src: Path, dst: Path) -> int:
