@@ -552,3 +552,16 @@ def test_state_of_a_job_the_batch_system_ended(bss_state, state, reason):
     message = "Job did not complete normally on BSS, please check\nmore"
     result = decide("FAILED", message, None, bss_state)
     assert (result.state, result.reason) == (state, reason)
+
+
+def test_calls_to_the_site_reuse_connections(unicore_site, unicore_password, tmp_path):
+    # Each new connection costs a TLS handshake and, in httpx, a new SSL context with the
+    # whole CA bundle (about 25 ms of CPU): the sidebar polls states and logs all along.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job_id = backend.submit(_prepared(tmp_path, "echo hi\n"))
+    _wait_final(backend, job_id)
+    before = unicore_site.connections
+    for _ in range(10):
+        backend.states([job_id])
+        backend.read_log(job_id)
+    assert unicore_site.connections - before <= 2

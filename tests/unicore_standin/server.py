@@ -164,6 +164,8 @@ class UnicoreStandin:
         # Requests real UNICORE never answers (a Range starting past the end of a file);
         # the stand-in holds them unanswered too, until the client gives up.
         self.never_answered: list[str] = []
+        # Connections accepted (HTTP/1.1 keep-alive serves many requests on one).
+        self.connections = 0
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -560,6 +562,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet in tests
         return
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes: without this, Nagle's algorithm and
+        # the client's delayed ACK hold the body back 40 ms on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.standin._lock:
+            self.standin.connections += 1
 
     # ---- plumbing ------------------------------------------------------------------------
 

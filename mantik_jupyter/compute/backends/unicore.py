@@ -1,10 +1,11 @@
 """UNICORE: the backend for sites reached through a UNICORE REST API (JUWELS, JURECA, ...).
 
 Everything goes through pyunicore's client (``Client``, ``Job``, ``Storage``,
-``PathFile``); no HTTP is written by hand. Two small additions to pyunicore's
+``PathFile``); no HTTP is written by hand. Three small additions to pyunicore's
 ``Transport``: it keeps the HTTP status and UNICORE's own ``errorMessage`` of a failed
-call (pyunicore folds them into the text of an ``httpx.HTTPError``), and it verifies TLS
-certificates by default (pyunicore does not).
+call (pyunicore folds them into the text of an ``httpx.HTTPError``), it verifies TLS
+certificates by default (pyunicore does not), and all calls share one ``httpx.Client``
+(kept-alive connections) instead of a new connection per call.
 
 A run is one UNICORE job (``Job type`` BATCH). Its working directory (the job's
 "uspace") is the run directory, with the same layout as on the other backends:
@@ -70,6 +71,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -140,16 +143,45 @@ class UnicoreHTTPError(httpx.HTTPError):
 
 
 class _Transport(uc.Transport):
-    """pyunicore's Transport, keeping the status code and UNICORE's own error message."""
+    """pyunicore's Transport, keeping the status code and UNICORE's own error message, and
+    sending every call through one ``httpx.Client``: pyunicore's ``httpx.get`` & co. open
+    a connection, and build an SSL context from the whole CA bundle (some 25 ms of CPU),
+    for every call, and the states and logs of runs are asked for all along."""
+
+    def __init__(
+        self, credential: Any, http: httpx.Client, *, use_security_sessions: bool = True
+    ) -> None:
+        super().__init__(credential, use_security_sessions=use_security_sessions)
+        self.http = http
 
     def _clone(self) -> _Transport:
         clone = _Transport(
-            self.credential, verify=self.verify, use_security_sessions=self.use_security_sessions
+            self.credential, self.http, use_security_sessions=self.use_security_sessions
         )
         clone._preferences = self._preferences
         clone.last_session_id = self.last_session_id
         clone.timeout = self.timeout
         return clone
+
+    def run_method(self, method: Callable[..., httpx.Response], **args: Any) -> httpx.Response:
+        # pyunicore's run_method, with the client's get/put/post/delete for httpx's.
+        headers = self._headers(args)
+        send = getattr(self.http, method.__name__)
+        res = send(headers=headers, timeout=self.timeout, **args)
+        if self.repeat_required(res, headers):
+            res = send(headers=headers, timeout=self.timeout, **args)
+        self.check_error(res)
+        if self.use_security_sessions:
+            self.last_session_id = res.headers.get("X-UNICORE-SecuritySession", None)
+        self.settings_changed = False
+        return res
+
+    @contextmanager
+    def get_stream(self, **kwargs: Any) -> Iterator[httpx.Response]:
+        headers = self._headers(kwargs)
+        headers.pop("X-UNICORE-SecuritySession", None)
+        with self.http.stream("GET", headers=headers, timeout=self.timeout, **kwargs) as res:
+            yield res
 
     def check_error(self, res: httpx.Response) -> None:
         if 400 <= res.status_code < 600:
@@ -287,6 +319,7 @@ class UnicoreBackend(Backend):
         # (job id, file name) -> how much of it was read: files read are logs that only grow.
         self._known_sizes: dict[tuple[str, str], int] = {}
         self._client: uc.Client | None = None
+        self._http: httpx.Client | None = None
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:  # no credentials in reprs that end up in logs
@@ -339,8 +372,12 @@ class UnicoreBackend(Backend):
             if self._client is None:
                 credential = self._credential()
 
+                if self._http is None:
+                    self._http = _http_client(self._verify)
+                http = self._http
+
                 def connect() -> uc.Client:
-                    transport = _Transport(credential, verify=self._verify)
+                    transport = _Transport(credential, http)
                     transport.timeout = self._timeout
                     return uc.Client(transport, self.api_url)
 
@@ -359,6 +396,9 @@ class UnicoreBackend(Backend):
             raise self._http_error(exc, what) from None
         except (httpx.TransportError, OSError) as exc:
             if _untrusted_certificate(exc):
+                with self._lock:  # SSL_CERT_FILE is read when the next client is made
+                    self._client = None
+                    self._http = None
                 raise BackendUnavailable(
                     f"The TLS certificate of the UNICORE site {self.api_url} could not be "
                     f"verified ({_describe(exc)}). If the site's certificate is signed by its "
@@ -402,6 +442,9 @@ class UnicoreBackend(Backend):
     def close(self) -> None:
         with self._lock:
             self._client = None
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -851,6 +894,16 @@ def _check_token_expiry(token: str, api_url: str) -> None:
             f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
             f"token and set it again ({ENV_UNICORE_TOKEN})."
         )
+
+
+def _http_client(verify: bool | str) -> httpx.Client:
+    # Connections live 15 s between calls, below the 30 s idle timeout of UNICORE's
+    # Jetty. No cookie jar: pyunicore keeps none, and UNICORE's sessions are a header.
+    return httpx.Client(
+        verify=verify,
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        limits=httpx.Limits(max_keepalive_connections=STATE_WORKERS, keepalive_expiry=15.0),
+    )
 
 
 def _untrusted_certificate(exc: BaseException) -> bool:
