@@ -571,3 +571,20 @@ def test_odd_file_names_list_and_download(backend, tmp_path):
     job_id = backend.submit(make_job(tmp_path, odd_files_body()))
     assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
     check_odd_files(backend, job_id, tmp_path)
+
+
+def test_thousands_of_jobs_in_one_poll(backend, tmp_path):
+    # A sweep of thousands of runs: one status command for all was too long for sshd,
+    # which dropped the connection, and every poll of every run failed.
+    real = [backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n")) for _ in range(2)]
+    gone = [str(8_000_000 + i) for i in range(3000)]
+    for job_id in gone:
+        backend.attach(job_id, f"{backend.remote_base()}/{uuid.uuid4().hex}")
+    try:
+        before = backend.commands_issued
+        answer = backend.states([*gone, *real])
+        assert backend.commands_issued - before == 7  # 3002 jobs, 500 a command
+        assert [answer[j].state for j in real] == [RunState.QUEUED, RunState.QUEUED]
+        assert {answer[j].state for j in gone} == {RunState.UNKNOWN}
+    finally:
+        backend._run("scancel " + " ".join(real), "cleanup")

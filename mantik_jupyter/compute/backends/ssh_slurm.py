@@ -80,6 +80,8 @@ COMMAND_TIMEOUT = 120.0
 # The submit command waits silently for PreRunCommandOnLoginNode (a venv to build, data
 # to stage), so its channel may stay quiet far longer than any other command's.
 LOGIN_COMMAND_TIMEOUT = 3600.0
+# Jobs asked about in one status command (about 120 bytes each with their run directory).
+STATES_BATCH = 500
 # How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
 _LOGIN_LOG_TAIL = 2000
 
@@ -632,15 +634,19 @@ class SshSlurmBackend(Backend):
     def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
         valid = [j for j in dict.fromkeys(str(j) for j in job_ids) if _JOB_ID.match(j)]
         answer = {str(j): JobStatus(RunState.UNKNOWN) for j in job_ids}
-        if not valid:
-            return answer
-        result = self._run(self._status_command(valid), "asking Slurm for job states")
-        sections = _split_sections(result.stdout.decode(errors="replace"))
-        squeue = _parse_table(sections.get("squeue", ""), 2)
-        sacct = _parse_table(sections.get("sacct", ""), 3)
-        codes = _parse_table(sections.get("exitcodes", ""), 2)
-        for job_id in valid:
-            answer[job_id] = _decide(squeue.get(job_id), sacct.get(job_id), codes.get(job_id))
+        # One command per batch: sshd drops the connection for a command over 256 KiB,
+        # which thousands of runs (a parameter sweep) would need.
+        for start in range(0, len(valid), STATES_BATCH):
+            batch = valid[start : start + STATES_BATCH]
+            result = self._run(self._status_command(batch), "asking Slurm for job states")
+            sections = _split_sections(result.stdout.decode(errors="replace"))
+            squeue = _parse_table(sections.get("squeue", ""), 2)
+            sacct = _parse_table(sections.get("sacct", ""), 3)
+            codes = _parse_table(sections.get("exitcodes", ""), 2)
+            for job_id in batch:
+                answer[job_id] = _decide(
+                    squeue.get(job_id), sacct.get(job_id), codes.get(job_id)
+                )
         return answer
 
     def _status_command(self, job_ids: list[str]) -> str:
