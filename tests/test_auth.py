@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +187,26 @@ class TestEmbeddedDefault:
         secrets_file = tmp_path / "mantik" / "tracking" / "secrets.json"
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
 
+    async def test_a_crashed_embedded_server_is_started_again(self, jp_fetch, tmp_path):
+        state_file = tmp_path / "mantik" / "tracking" / "server.json"
+        await search_through_proxy(jp_fetch, request_timeout=120)
+        code, before = await api_json(jp_fetch, "auth", "status")
+        crashed = json.loads(state_file.read_text())["pid"]
+        os.killpg(crashed, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            code, body = await api_json(jp_fetch, "runs")
+            if code == 200:
+                break
+            # Until it is back: a 502 that names the server, or the wait for it.
+            assert code in (502, 504) and before["tracking_uri"] in body["message"], body
+            await asyncio.sleep(0.5)
+        assert code == 200, body
+        assert json.loads(state_file.read_text())["pid"] != crashed
+        code, after = await api_json(jp_fetch, "auth", "status")
+        assert after == before, "the restarted server keeps its address and login"
+        assert "Default" in await search_through_proxy(jp_fetch)
+
 
 class TestTokenLogin:
     """A team's tracking server that takes tokens: here another lab's MLflow proxy.
@@ -337,3 +360,25 @@ class TestEnvironmentPasswordAndToken:
         code, body = await api_json(jp_fetch, "auth", "status")
         assert body["logged_in"] is True and body["username"] == self.user.username
         await search_through_proxy(jp_fetch, 1)
+
+
+class TestUnwritableCredentialStore:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, mlflow_server):
+        self.blocker = tmp_path / "a-file"
+        self.blocker.write_text("not a folder")
+        return lab_config(
+            tmp_path / "mantik",
+            mlflow_server.uri,
+            credentials_path=str(self.blocker / "credentials.json"),
+        )
+
+    async def test_login_names_the_file_it_cannot_write(self, jp_fetch, mlflow_server):
+        user = mlflow_server.create_user()
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST",
+            body={"username": user.username, "password": user.password},
+        )  # fmt: skip
+        assert code == 500 and body["reason"] == "invalid_local_state", body
+        assert str(self.blocker / "credentials.json") in body["message"]
+        assert user.password not in body["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import time
 
@@ -66,21 +67,92 @@ def test_lifecycle_auth_restart_and_no_leftovers(server_dir):
         again.stop()
 
 
+def _vanish(server: EmbeddedTrackingServer) -> int:
+    """The owner process dies and its server outlives it: what the kernel leaves behind
+    (the lock released) when a lab is killed and its MLflow ignores the parent's death."""
+    server._stopping.set()
+    server._supervisor.join(10)
+    server._release_lock()
+    pid = server._proc.pid
+    server._proc = None
+    return pid
+
+
 def test_stale_server_from_a_crash_is_cleaned_up(server_dir):
     crashed = EmbeddedTrackingServer(server_dir)
     crashed.start()
     crashed.wait_ready(120)
-    stale_pid = crashed._proc.pid
+    stale_pid = _vanish(crashed)
     # The lab died without stopping it: a new lab with the same data dir starts.
     fresh = EmbeddedTrackingServer(server_dir)
     fresh.start()
     try:
+        assert fresh.owner
         assert _group_gone(stale_pid), "the stale server was not stopped"
         fresh.wait_ready(120)
         assert TrackingClient(fresh.uri, fresh.credential()).health()
     finally:
         fresh.stop()
-        crashed._proc = None
+
+
+def test_two_labs_with_one_data_dir_share_its_server(server_dir):
+    # The second lab used to stop the first lab's server as "stale": the first then
+    # answered 502 to everything while saying it was ready.
+    first = EmbeddedTrackingServer(server_dir, check_interval=0.5)
+    second = EmbeddedTrackingServer(server_dir, check_interval=0.5)
+    first.start()
+    try:
+        first.wait_ready(120)
+        first_pid = first._proc.pid
+        admin = TrackingClient(first.uri, first.credential())
+        exp = admin.api("POST", "experiments/create", name="shared")["experiment_id"]
+        second.start()
+        second.wait_ready(30)
+        assert not second.owner and second.uri == first.uri
+        assert first._proc.pid == first_pid and first._proc.poll() is None
+        # The first lab goes away: the second runs the server now, on the same port.
+        uri = first.uri
+        first.stop()
+        assert _group_gone(first_pid)
+        deadline = time.monotonic() + 120
+        while not (second.owner and second.ready) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert second.owner and second.ready
+        assert second.uri == uri
+        got = TrackingClient(second.uri, second.credential()).api(
+            "GET", "experiments/get", experiment_id=exp
+        )
+        assert got["experiment"]["name"] == "shared"
+        taken_over = second._proc.pid
+    finally:
+        first.stop()
+        second.stop()
+    assert _group_gone(taken_over)
+    assert discover(server_dir) is None
+
+
+def test_a_server_that_dies_while_the_lab_runs_is_started_again(server_dir):
+    server = EmbeddedTrackingServer(server_dir, check_interval=0.5)
+    server.start()
+    try:
+        server.wait_ready(120)
+        admin = TrackingClient(server.uri, server.credential())
+        exp = admin.api("POST", "experiments/create", name="survives-a-crash")["experiment_id"]
+        uri, pid = server.uri, server._proc.pid
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while server.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not server.ready, "the lab did not notice that its server died"
+        server.wait_ready(120)
+        assert server._proc.pid != pid and server.uri == uri
+        got = TrackingClient(server.uri, server.credential()).api(
+            "GET", "experiments/get", experiment_id=exp
+        )
+        assert got["experiment"]["name"] == "survives-a-crash"
+        assert discover(server_dir) == (uri, server.credential())
+    finally:
+        server.stop()
 
 
 def test_a_server_that_cannot_start_gives_a_clear_error(server_dir, monkeypatch):
@@ -166,3 +238,19 @@ def test_a_broken_secrets_file_is_an_error_never_a_new_admin_password(server_dir
         finally:
             lost.stop()
         assert secrets_file.read_text() == broken, "the file must be left for the user"
+
+
+def test_a_data_dir_that_cannot_be_made_is_an_error_on_use_not_at_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    server = EmbeddedTrackingServer(blocker / "tracking")
+    server.start()  # the lab's extension must still load
+    try:
+        with pytest.raises(LocalStateInvalid) as err:
+            server.wait_ready(10)
+        assert str(blocker / "tracking") in err.value.message
+        assert "MANTIK_DATA_DIR" in err.value.message
+        with pytest.raises(LocalStateInvalid):
+            server.uri  # noqa: B018
+    finally:
+        server.stop()

@@ -113,8 +113,13 @@ class CredentialStore:
         # changed (another process, e.g. `mantik login`, may write it).
         try:
             st = self.path.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return {}
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise LocalStateInvalid(
+                f"{STORE_NAME} {self.path} cannot be read ({why}). {self._fix('')}"
+            ) from None
         stamp = (st.st_mtime_ns, st.st_size)
         cached = self._cache
         if cached is not None and cached[0] == stamp:
@@ -162,12 +167,22 @@ class CredentialStore:
         with self._lock:
             data = self._load()
             data[normalize_uri(uri)] = credential.to_json()
-            write_private_json(self.path, data)
+            self._write(data)
 
     def delete(self, uri: str) -> bool:
         with self._lock:
             data = self._load()
             removed = data.pop(normalize_uri(uri), None) is not None
             if removed:
-                write_private_json(self.path, data)
+                self._write(data)
             return removed
+
+    def _write(self, data: dict[str, dict[str, str]]) -> None:
+        try:
+            write_private_json(self.path, data)
+        except OSError as exc:
+            raise LocalStateInvalid(
+                f"{STORE_NAME} {self.path} cannot be written ({exc.strerror or exc}). Make "
+                "its folder writable or free space there, or choose another file with "
+                "MANTIK_CREDENTIALS_FILE or c.MantikApp.credentials_path."
+            ) from None

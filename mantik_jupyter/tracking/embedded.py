@@ -12,6 +12,7 @@ a crash is found and stopped.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import getpass
 import logging
 import os
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "server.json"
 SECRETS_FILE = "secrets.json"
+LOCK_FILE = "server.lock"
 AUTH_INI = "basic_auth.ini"
 # Seconds MLflow keeps a verified credential (see ``start``).
 AUTH_CACHE_TTL = 300
@@ -170,17 +172,47 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-class EmbeddedTrackingServer:
-    """One ``mlflow server`` process owned by the lab."""
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the server binds: a port whose old connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
-    def __init__(self, directory: Path, startup_timeout: float = 90) -> None:
+
+class EmbeddedTrackingServer:
+    """The ``mlflow server`` of one data directory, kept running while the lab runs.
+
+    One process at a time owns a data directory: it holds an exclusive lock on
+    ``server.lock`` (released by the kernel when that process dies, however it dies)
+    and runs the server as its child. A second lab (or a restart racing the old lab's
+    exit) finds the lock taken and uses the running server instead of stopping it.
+    A supervisor thread restarts a server that exits while the lab runs, on the same
+    port when it can (running jobs were given that address), and takes over the
+    directory when its owner goes away.
+    """
+
+    def __init__(
+        self, directory: Path, startup_timeout: float = 90, check_interval: float = 2.0
+    ) -> None:
         self.directory = directory.resolve()
         self.startup_timeout = startup_timeout
+        self.check_interval = check_interval
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
         self._ready = threading.Event()
+        self._stopping = threading.Event()
+        # Spawning and stopping exclude each other (the supervisor restarts from its thread).
+        self._mutex = threading.Lock()
+        self._supervisor: threading.Thread | None = None
         self._failure: MantikError | None = None
         self._secrets: EmbeddedSecrets | None = None
+        self._spawned_at = 0.0
+        self._waiting_since: float | None = None
 
     @property
     def secrets(self) -> EmbeddedSecrets:
@@ -194,8 +226,17 @@ class EmbeddedTrackingServer:
     def uri(self) -> str:
         if self.port is None:
             self._raise_failure()
-            raise TrackingUnavailable("The embedded tracking server has not been started.")
+            raise TrackingUnavailable(
+                "The embedded tracking server has not been started"
+                + (" (another lab with the same data dir is starting it)." if self._supervisor
+                   else ".")
+            )  # fmt: skip
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def owner(self) -> bool:
+        """True when this process runs the server (False: another lab's is used)."""
+        return self._lock_fd is not None
 
     def _raise_failure(self) -> None:
         failure = self._failure
@@ -210,16 +251,87 @@ class EmbeddedTrackingServer:
     # --- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the server and return at once; ``wait_ready`` waits for its health."""
-        self.cleanup_stale()
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.directory / "artifacts").mkdir(exist_ok=True)
+        """Start (or find) the server and return at once; ``wait_ready`` waits for it."""
+        self._stopping.clear()
+        self._failure = None
         try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.directory / "artifacts").mkdir(exist_ok=True)
             self.secrets  # noqa: B018 - loaded (or made) here, before anything starts
+            if self._take_lock():
+                self.cleanup_stale()
+                # From this thread, which lives as long as the lab: the child's
+                # PR_SET_PDEATHSIG fires when the thread that spawned it ends.
+                self._spawn()
+            else:
+                self._attach(wait=10.0)
         except LocalStateInvalid as exc:
-            self._failure = exc
-            log.error("%s", exc.message)
+            self._fail(exc)
             return
+        except OSError as exc:
+            # Reported on every call instead of keeping the lab's extension from loading.
+            self._fail(
+                LocalStateInvalid(
+                    f"The embedded tracking server's data dir {self.directory} cannot be "
+                    f"used: {exc.strerror or exc} ({exc.filename or self.directory}). Make it "
+                    "writable or free space there, or choose another one with "
+                    "MANTIK_DATA_DIR or c.MantikApp.data_dir."
+                )
+            )
+            self._release_lock()
+            return
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="mantik-mlflow-supervisor", daemon=True
+        )
+        self._supervisor.start()
+
+    def _fail(self, failure: MantikError) -> None:
+        self._failure = failure
+        log.error("%s", failure.message)
+
+    def _take_lock(self) -> bool:
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _attach(self, wait: float = 0.0) -> bool:
+        """Use the server another process runs for this directory, if it is up."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = _running_server(self.directory)
+            if found is not None:
+                pid, port = found
+                if port != self.port:
+                    log.info(
+                        "Using the embedded MLflow server (pid %s, port %s) that another "
+                        "process runs for %s",
+                        pid, port, self.directory,
+                    )  # fmt: skip
+                self.port = port
+                return True
+            if time.monotonic() >= deadline or self._stopping.is_set():
+                return False
+            time.sleep(0.2)
+
+    def _spawn(self) -> None:
+        with self._mutex:
+            if self._stopping.is_set():
+                return
+            self._spawn_locked()
+
+    def _spawn_locked(self) -> None:
         ini = self.directory / AUTH_INI
         write_private(
             ini,
@@ -237,7 +349,9 @@ class EmbeddedTrackingServer:
             # password drops its entries at once.
             f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL}\n",
         )
-        self.port = free_port()
+        # The same port as before when it is free: jobs and stored logins know it.
+        if self.port is None or not _port_free(self.port):
+            self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.update(
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
@@ -267,42 +381,80 @@ class EmbeddedTrackingServer:
             )
         finally:
             logfile.close()
-        write_private_json(self.directory / STATE_FILE, {"pid": self._proc.pid, "port": self.port})
+        self._spawned_at = time.monotonic()
+        write_private_json(
+            self.directory / STATE_FILE,
+            {"pid": self._proc.pid, "port": self.port, "owner": os.getpid()},
+        )
         log.info("Started the embedded MLflow server (pid %s) on %s", self._proc.pid, self.uri)
-        threading.Thread(
-            target=self._watch_health, name="mantik-mlflow-health", daemon=True
-        ).start()
 
-    def _watch_health(self) -> None:
-        client = TrackingClient(self.uri, None)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            proc = self._proc
-            if proc is None:
-                return
+    def _supervise(self) -> None:
+        client_port: int | None = None
+        client: TrackingClient | None = None
+        while not self._stopping.is_set():
+            try:
+                if client_port != self.port and self.port is not None:
+                    client_port, client = self.port, TrackingClient(self.uri, None)
+                if self._check(client):
+                    return
+            except Exception:  # noqa: BLE001 - the supervisor must outlive one bad check
+                log.exception("Checking the embedded MLflow server failed")
+            self._stopping.wait(self.check_interval if self._ready.is_set() else 0.25)
+
+    def _check(self, client: TrackingClient | None) -> bool:
+        """One look at the server; True when there is nothing more to supervise."""
+        proc = self._proc
+        if self.owner and proc is not None:
             if proc.poll() is not None:
+                if not self._ready.is_set():
+                    self._failure = TrackingTimeout(
+                        f"The embedded MLflow server exited with code {proc.returncode} while "
+                        f"starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
+                    )
+                    log.error("%s", self._failure.message)
+                    return True
+                self._ready.clear()
+                log.error(
+                    "The embedded MLflow server (pid %s) exited with code %s; starting it "
+                    "again. See %s:\n%s",
+                    proc.pid, proc.returncode, self.directory / LOG_FILE, self.log_tail(),
+                )  # fmt: skip
+                self._spawn()
+                return False
+            if client is not None and client.health(timeout=2):
+                self._ready.set()
+            elif not self._ready.is_set() and (
+                time.monotonic() - self._spawned_at > self.startup_timeout
+            ):
                 self._failure = TrackingTimeout(
-                    f"The embedded MLflow server exited with code {proc.returncode} while "
-                    f"starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
+                    f"The embedded MLflow server did not become healthy within "
+                    f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
                 )
                 log.error("%s", self._failure.message)
-                return
-            if client.health(timeout=2):
-                self._ready.set()
-                return
-            time.sleep(0.25)
-        self._failure = TrackingTimeout(
-            f"The embedded MLflow server did not become healthy within "
-            f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
-        )
-        log.error("%s", self._failure.message)
+                return True
+            return False
+        # Another process runs the server: follow it, and take over when it goes away.
+        if self._attach() and client is not None and client.health(timeout=2):
+            self._ready.set()
+            self._waiting_since = None
+            return False
+        self._ready.clear()
+        if self._take_lock():
+            log.warning(
+                "The embedded MLflow server of %s stopped with the process that ran it; "
+                "this lab runs it now.",
+                self.directory,
+            )
+            self.cleanup_stale()
+            self._spawn()
+        return False
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server answers /health; raise TrackingTimeout if it never does."""
         if self._ready.is_set():
             return
         self._raise_failure()
-        if self._proc is None:
+        if self._supervisor is None:
             raise TrackingUnavailable("The embedded tracking server has not been started.")
         limit = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -319,7 +471,13 @@ class EmbeddedTrackingServer:
         return self._ready.is_set()
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
+        """Stop the server if this process runs it; another lab's is left running."""
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(timeout=10)
+        with self._mutex:
+            proc, self._proc = self._proc, None
         self._ready.clear()
         if proc is not None:
             _terminate_group(proc.pid)
@@ -331,13 +489,18 @@ class EmbeddedTrackingServer:
         state = read_json(self.directory / STATE_FILE)
         if isinstance(state, dict) and proc is not None and state.get("pid") == proc.pid:
             (self.directory / STATE_FILE).unlink(missing_ok=True)
+        # Last: until the server is gone, no other lab may start one on the same data.
+        self._release_lock()
 
     def cleanup_stale(self) -> None:
-        """Stop a server of this directory left running by an earlier, crashed lab."""
+        """Stop a server of this directory whose owner died without stopping it.
+
+        Only called with the lock held: a recorded server is then nobody's.
+        """
         state = read_json(self.directory / STATE_FILE)
         if not isinstance(state, dict):
             return
-        pid = int(state.get("pid", 0))
+        pid = int(state.get("pid", 0) or 0)
         if pid and _pid_alive(pid) and _is_our_server(pid, self.directory):
             log.warning("Stopping a stale embedded MLflow server (pid %s)", pid)
             _terminate_group(pid)
@@ -351,13 +514,24 @@ class EmbeddedTrackingServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def discover(directory: Path) -> tuple[str, Credential] | None:
-    """The URI and admin credential of a running embedded server of ``directory``, if any."""
-    directory = directory.resolve()
+def _running_server(directory: Path) -> tuple[int, int] | None:
+    """The pid and port that ``server.json`` records, if that server is running."""
     state = read_json(directory / STATE_FILE)
     if not isinstance(state, dict):
         return None
-    pid, port = int(state.get("pid", 0)), state.get("port")
+    try:
+        pid, port = int(state.get("pid") or 0), int(state.get("port") or 0)
+    except (TypeError, ValueError):
+        return None
     if not (pid and port and _pid_alive(pid) and _is_our_server(pid, directory)):
         return None
-    return f"http://127.0.0.1:{port}", load_or_create_secrets(directory).credential()
+    return pid, port
+
+
+def discover(directory: Path) -> tuple[str, Credential] | None:
+    """The URI and admin credential of a running embedded server of ``directory``, if any."""
+    directory = directory.resolve()
+    found = _running_server(directory)
+    if found is None:
+        return None
+    return f"http://127.0.0.1:{found[1]}", load_or_create_secrets(directory).credential()

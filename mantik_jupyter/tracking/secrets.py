@@ -70,7 +70,7 @@ def read_private_json(path: Path, what: str, fix: str) -> Any:
                 what, path, stat.S_IMODE(st.st_mode),
             )  # fmt: skip
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise LocalStateInvalid(
