@@ -29,6 +29,7 @@ from mantik_jupyter.errors import (
     ConfigError,
     Conflict,
     NotFound,
+    PermissionDenied,
     UnsafePath,
 )
 from mantik_jupyter.tracking.embedded import free_port
@@ -565,3 +566,13 @@ def test_calls_to_the_site_reuse_connections(unicore_site, unicore_password, tmp
         backend.states([job_id])
         backend.read_log(job_id)
     assert unicore_site.connections - before <= 2
+
+
+def test_a_denied_access_is_not_a_refused_login(unicore_site, unicore_password, tmp_path):
+    # Both are a 403 at UNICORE; only a credential the site cannot verify is a login error.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job_id = backend.submit(_prepared(tmp_path, "ln -s /etc/hostname outside\n"))
+    assert _wait_final(backend, job_id).state == RunState.FINISHED
+    with pytest.raises(PermissionDenied, match="denied access while looking at outside"):
+        backend.open_file(job_id, "outside")
+    assert backend.states([job_id])[job_id].state == RunState.FINISHED

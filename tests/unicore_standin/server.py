@@ -27,8 +27,10 @@ pyunicore's ``Client``/``Job``/``Storage`` use, in the shapes UNICORE/X answers 
 ``PUT`` (write, parents created), ``POST`` (mkdir), ``DELETE`` on ``files/{path}``
 
 Authentication: HTTP basic (``users``) and bearer tokens (``tokens``, each with an expiry).
-A credential that is not accepted makes the request anonymous, as on a UNICORE site: the
-site resource answers with role ``anonymous`` and everything else with 401. Every
+A request without credentials is anonymous: the site resource answers with role
+``anonymous`` and everything else with 401. A credential that is given but not accepted
+(wrong password, unknown or expired token) gets a bare 403 everywhere, as from UNICORE's
+AuthNHandler. Every
 authenticated answer carries ``X-UNICORE-SecuritySession``; a request presenting an
 unknown or expired session id gets 432, after which pyunicore repeats it with its
 credential.
@@ -241,6 +243,10 @@ class UnicoreStandin:
             entry = self.tokens.get(value.strip())
             if entry and entry[1] > now:
                 user = entry[0]
+        if user is None and auth:
+            # AuthNHandler: "credentials could not be verified" is a SecurityException,
+            # answered 403 with no message, on every resource, the site's own included.
+            raise _Refused(403, "")
         if user is None:
             return None, None
         new_session = secrets.token_hex(16)
@@ -600,10 +606,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, status: int, message: str) -> None:
-        if status == 404:
+        if status == 404 or not message:
             # UNICORE answers an unknown job, storage or file with a bare 404: no
             # errorMessage names what was not found (USERestInvoker, Files).
-            return self._send(404)
+            return self._send(status)
         self._send(status, {"status": status, "errorMessage": message})
 
     def _body(self) -> bytes:

@@ -107,6 +107,7 @@ ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
 STATE_WORKERS = 8
 _STATE_FIELDS = "status,statusMessage,exitCode"
+_LOGIN = "logging in"
 
 # JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
 # non-zero exit code: <2>. More information ...]".
@@ -381,7 +382,7 @@ class UnicoreBackend(Backend):
                     transport.timeout = self._timeout
                     return uc.Client(transport, self.api_url)
 
-                self._client = self._call(connect, "logging in")
+                self._client = self._call(connect, _LOGIN)
             return self._client
 
     def _call(self, action: Callable[[], T], what: str) -> T:
@@ -420,13 +421,27 @@ class UnicoreBackend(Backend):
             ) from None
 
     def _http_error(self, exc: UnicoreHTTPError, what: str) -> MantikError:
-        if exc.status == 401:
+        # UNICORE answers a credential it cannot verify (wrong password, expired token)
+        # with a bare 403, not 401 (AuthNHandler), on the login and on any later call that
+        # sends the credential (file reads, a renewed security session). A 403 is told
+        # from a denied access by logging in again, with the credential as it is now.
+        if exc.status == 401 or (exc.status == 403 and what == _LOGIN):
             with self._lock:
                 self._client = None
             return self._refused()
         if exc.status == 403:
+            with self._lock:
+                self._client = None
+            try:
+                self.client()
+            except AuthenticationFailed as refused:
+                return refused
+            except MantikError:
+                pass
             return PermissionDenied(
-                f"The UNICORE site {self.api_url} denied access while {what}: {exc.message}"
+                f"The UNICORE site {self.api_url} denied access while {what} "
+                f"({exc.message}); your login there is valid but has no right to this. "
+                "Check your project membership and roles with the site's support."
             )
         if exc.status == 404:
             return NotFound(f"Not found at the UNICORE site {self.api_url} while {what}: "
