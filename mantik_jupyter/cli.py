@@ -91,8 +91,10 @@ def cmd_login(ctx: Context) -> int:
 
 
 def cmd_logout(ctx: Context) -> int:
+    from .tracking.service import logout_message
+
     status = ctx.tracking.logout()
-    ctx.emit(status, f"Logged out of {status['tracking_uri']}.")
+    ctx.emit(status, logout_message(status))
     return EXIT_OK
 
 
@@ -100,7 +102,11 @@ def cmd_status(ctx: Context) -> int:
     status = ctx.tracking.status()
 
     def human() -> str:
+        from .tracking.service import SOURCES
+
         who = f"logged in as {status['username']}" if status["logged_in"] else "not logged in"
+        if status.get("credential_source") not in (None, "login"):
+            who += f" ({SOURCES[status['credential_source']]})"
         kind = "embedded" if status["embedded"] else "remote"
         return f"Tracking server: {status['tracking_uri']} ({kind})\nUser: {who}"
 

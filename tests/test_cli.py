@@ -187,6 +187,24 @@ def test_login_status_logout(anon: Mantik, mlflow_server: MlflowServer, tmp_path
     assert as_json(anon("status", "--json"))["logged_in"] is False
 
 
+def test_logout_says_when_a_credential_from_the_environment_stays(
+    mantik: Mantik, mlflow_server: MlflowServer
+) -> None:
+    env_user = mantik.env["MLFLOW_TRACKING_USERNAME"]
+    other = mlflow_server.create_user()
+    ok(mantik("login", "--username", other.username, "--password-stdin", input=other.password))
+    assert as_json(mantik("status", "--json"))["credential_source"] == "login"
+    # It said "Logged out" while every later call went on as the environment's user.
+    first = ok(mantik("logout")).stdout
+    assert "Logged out" in first and f"Still logged in as {env_user}" in first
+    assert "MLFLOW_TRACKING_USERNAME" in first
+    status = as_json(mantik("status", "--json"))
+    assert status["username"] == env_user and status["credential_source"] == "environment"
+    assert "(MLFLOW_TRACKING_USERNAME" in ok(mantik("status")).stdout
+    again = ok(mantik("logout")).stdout
+    assert again.startswith("No stored login") and f"Still logged in as {env_user}" in again
+
+
 def test_login_wrong_password(anon: Mantik, mlflow_server: MlflowServer) -> None:
     user = mlflow_server.create_user()
     result = anon(

@@ -17,6 +17,29 @@ from .credentials import (
 from .embedded import EmbeddedTrackingServer, discover
 from .rest import TrackingClient
 
+# Where the credential in use comes from, as ``status()["credential_source"]`` says.
+SOURCES = {
+    "login": "a stored login",
+    "environment": "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "uri": "the user:password@ in the tracking URI",
+    "embedded": "the embedded server's automatic login",
+}
+
+
+def logout_message(status: dict[str, Any]) -> str:
+    """What a logout did, for people: a logout can leave another credential in use."""
+    uri = status["tracking_uri"]
+    done = f"Logged out of {uri}." if status.get("removed") else f"No stored login for {uri}."
+    if not status["logged_in"]:
+        return done
+    source = status.get("credential_source")
+    how = SOURCES.get(source or "", "another credential")
+    hint = {
+        "environment": " (unset them to log out)",
+        "uri": " (take it out of the URI to log out)",
+    }.get(source or "", "")
+    return f"{done} Still logged in as {status['username']} through {how}{hint}."
+
 
 class TrackingService:
     """The tracking server of this lab (embedded or remote) and the user's credential for it.
@@ -72,13 +95,20 @@ class TrackingService:
             self.embedded_server.wait_ready(timeout)
 
     def credential(self) -> Credential | None:
+        return self._credential_and_source()[0]
+
+    def _credential_and_source(self) -> tuple[Credential | None, str | None]:
+        """The credential in use and where it comes from (see ``SOURCES``)."""
         stored = self.store.get(self.uri)
         if stored:
-            return stored
+            return stored, "login"
         env = credential_from_env()
         if env and not self.is_embedded:
-            return env
-        return self._uri_credential or self.embedded_credential
+            return env, "environment"
+        if self._uri_credential:
+            return self._uri_credential, "uri"
+        embedded = self.embedded_credential
+        return embedded, "embedded" if embedded else None
 
     def require_credential(self) -> Credential:
         cred = self.credential()
@@ -94,11 +124,12 @@ class TrackingService:
         return TrackingClient(self.uri, self.require_credential())
 
     def status(self) -> dict[str, Any]:
-        cred = self.credential()
+        cred, source = self._credential_and_source()
         return {
             "tracking_uri": self.uri,
             "username": cred.describe()["username"] if cred else None,
             "logged_in": cred is not None,
+            "credential_source": source,
             "embedded": self.is_embedded,
             "ready": self.ready,
         }
@@ -117,8 +148,10 @@ class TrackingService:
         return self.status()
 
     def logout(self) -> dict[str, Any]:
-        self.store.delete(self.uri)
-        return self.status()
+        """Forget the stored login. A credential from elsewhere (see ``SOURCES``) stays in
+        use: the status says which, and ``logout_message`` tells the user."""
+        removed = self.store.delete(self.uri)
+        return {**self.status(), "removed": removed}
 
 
 def resolve_tracking(
