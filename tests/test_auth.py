@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import tornado.httpclient
+import tornado.web
 
 from mantik_jupyter.tracking.embedded import free_port
 
@@ -382,3 +383,55 @@ class TestUnwritableCredentialStore:
         assert code == 500 and body["reason"] == "invalid_local_state", body
         assert str(self.blocker / "credentials.json") in body["message"]
         assert user.password not in body["message"]
+
+
+class TestCABundleThatIsNoCA:
+    """MLFLOW_TRACKING_SERVER_CERT_PATH set to a file that holds no certificate."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, monkeypatch):
+        from tornado.httpserver import HTTPServer
+
+        from .tls_helpers import make_test_ca
+
+        ca = make_test_ca(tmp_path / "ca")
+        port = free_port()
+        server = HTTPServer(
+            tornado.web.Application([(r"/(.*)", _Teapot)]), ssl_options=ca.server_context()
+        )
+        server.listen(port, "127.0.0.1")
+        self.bundle = tmp_path / "site-ca.pem"
+        self.bundle.write_text("this is the key, not the CA\n")
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(self.bundle))
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "tlsuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tls-password-123")
+        yield lab_config(tmp_path / "mantik", f"https://127.0.0.1:{port}")
+        server.stop()
+
+    async def test_login_and_proxy_name_the_file(self, jp_fetch):
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST", body={"username": "u", "password": "p" * 12}
+        )
+        assert code == 400 and body["reason"] == "invalid_config", body
+        assert str(self.bundle) in body["message"]
+        resp = await jp_fetch("mantik", "mlflow", "api", raise_error=False)
+        body = json.loads(resp.body)
+        assert resp.code == 400 and str(self.bundle) in body["message"], body
+
+    async def test_a_ca_that_did_not_sign_it_is_named(self, jp_fetch, tmp_path):
+        from .tls_helpers import make_test_ca
+
+        self.bundle.write_bytes(make_test_ca(tmp_path / "other-ca").ca_pem.read_bytes())
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST", body={"username": "u", "password": "p" * 12}
+        )
+        assert code == 502 and str(self.bundle) in body["message"], body
+        assert "could not be verified" in body["message"]
+
+
+class _Teapot(tornado.web.RequestHandler):
+    def get(self, path: str) -> None:
+        self.set_status(418)
+        self.finish({"path": path})
+
+    post = get

@@ -37,7 +37,24 @@ def ca_bundle() -> str:
             f"{ENV_CERT_PATH}={path} is not a file. Point it at the PEM bundle of the CA "
             "that signed the tracking server's certificate, or unset it."
         )
+    st = os.stat(path)
+    _check_bundle(path, st.st_mtime_ns, st.st_size)
     return path
+
+
+@functools.lru_cache(maxsize=4)
+def _check_bundle(path: str, mtime_ns: int, size: int) -> None:
+    """Refuse a file that holds no CA certificate (keyed by mtime: checked once a version)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        # Otherwise every HTTPS call failed with "could not be verified: set
+        # {ENV_CERT_PATH}", which is set, to the wrong file.
+        raise ConfigError(
+            f"{ENV_CERT_PATH}={path} holds no CA certificate that can be read "
+            f"({getattr(exc, 'reason', None) or exc}). Point it at the PEM bundle of the CA "
+            "that signed the tracking server's certificate."
+        ) from None
 
 
 def requests_verify() -> bool | str:
@@ -61,6 +78,13 @@ def _context(no_verify: bool, cafile: str | None) -> ssl.SSLContext:
 
 
 def certificate_hint(uri: str) -> str:
+    given = os.environ.get(ENV_CERT_PATH, "").strip()
+    if given:
+        return (
+            f"The certificate of the tracking server {uri} could not be verified with the CA "
+            f"bundle {ENV_CERT_PATH}={given}. Add the CA that signed it to that bundle, or "
+            "check that the URI names the right server."
+        )
     return (
         f"The certificate of the tracking server {uri} could not be verified. If it is signed "
         f"by your site's own CA, set {ENV_CERT_PATH} to that CA's PEM bundle (in the "
