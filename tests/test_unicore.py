@@ -576,3 +576,14 @@ def test_a_denied_access_is_not_a_refused_login(unicore_site, unicore_password, 
     with pytest.raises(PermissionDenied, match="denied access while looking at outside"):
         backend.open_file(job_id, "outside")
     assert backend.states([job_id])[job_id].state == RunState.FINISHED
+
+
+def test_a_wrong_unicore_api_url_says_what_it_should_be(unicore_site, unicore_password):
+    for url in (
+        unicore_site.base_url.replace("/rest/core", ""),
+        unicore_site.base_url.replace("STANDIN-SITE", "NO-SUCH-SITE"),
+    ):
+        backend = UnicoreBackend(url, username=USER, password=unicore_password)
+        with pytest.raises(ConfigError, match=r"UnicoreApiUrl .*\.\.\./rest/core") as err:
+            backend.states(["a-job"])
+        assert url in err.value.message

@@ -85,6 +85,7 @@ from ...errors import (
     AuthenticationFailed,
     BackendRejected,
     BackendUnavailable,
+    ConfigError,
     Conflict,
     InvalidRequest,
     MantikError,
@@ -442,6 +443,12 @@ class UnicoreBackend(Backend):
                 f"The UNICORE site {self.api_url} denied access while {what} "
                 f"({exc.message}); your login there is valid but has no right to this. "
                 "Check your project membership and roles with the site's support."
+            )
+        if exc.status == 404 and what == _LOGIN:
+            return ConfigError(
+                f"UnicoreApiUrl {self.api_url} is not the REST API of a UNICORE site (it "
+                "answered 404). Set it to the site's .../rest/core URL, "
+                "https://<gateway>/<SITE>/rest/core, as the site documents it."
             )
         if exc.status == 404:
             return NotFound(f"Not found at the UNICORE site {self.api_url} while {what}: "
