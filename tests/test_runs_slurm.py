@@ -145,6 +145,26 @@ def test_refused_submission_names_the_config_key(
     assert newest.state == RunState.FAILED and newest.reason and named in newest.reason
 
 
+@pytest.mark.parametrize(
+    ("resources", "named"), [({"Nodes": 5}, "Nodes"), ({"TotalCPUs": 100}, "TotalCPUs")]
+)
+def test_request_the_partition_never_meets_says_so_while_queued(
+    service, project, slurm_cluster, remote_base, resources, named
+):
+    # The loopback cluster, like Slurm's default (EnforcePartLimits=NO), accepts such a
+    # job and leaves it pending for good; the run showed only QUEUED.
+    write_config(project, cluster_config(slurm_cluster, remote_base, **resources))
+    info = service.submit(project, params={"epochs": "1"}, experiment_name="slurm-blocked")
+    deadline = time.monotonic() + 30
+    while not (info := service.get(info.run_id)).reason:
+        assert time.monotonic() < deadline, info.tags
+        time.sleep(0.5)
+    assert info.state == RunState.QUEUED
+    assert "Slurm: Partition" in info.reason and named in info.reason
+    killed = service.cancel(info.run_id)
+    assert killed.state == RunState.KILLED and killed.reason == "CANCELLED"
+
+
 def _scontrol(*args: str) -> None:
     # As root on the test machine: what an admin, a node failure or preemption does.
     subprocess.run(["scontrol", *args], check=True, capture_output=True, timeout=30)
@@ -222,3 +242,5 @@ def test_slurm_runtime_exceeded_is_timeout(service, project, slurm_cluster, remo
     final = wait_for(service, info.run_id, FINAL, timeout=240)
     assert final.state == RunState.FAILED and final.reason == "TIMEOUT"
     assert final.mlflow_status == "FAILED"
+    # Slurm's SIGTERM left the credential file to a requeue; the run's end removed it.
+    assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}

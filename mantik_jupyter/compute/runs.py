@@ -936,6 +936,13 @@ class RunService:
             new_tags[TAG_STATE] = str(status.state)
         if status.native_state and tags.get(TAG_NATIVE_STATE) != status.native_state:
             new_tags[TAG_NATIVE_STATE] = status.native_state
+        # An active job's reason says why it cannot go on (a request its partition can
+        # never meet); it goes when that changes.
+        reason_gone = not status.reason and bool(tags.get(TAG_REASON))
+        if status.reason and tags.get(TAG_REASON) != _clip(status.reason):
+            new_tags[TAG_REASON] = _clip(status.reason)
+        elif reason_gone:
+            api.delete_tag(run_id, TAG_REASON)
         if tags.get(TAG_STATE_MESSAGE):
             api.delete_tag(run_id, TAG_STATE_MESSAGE)
         if new_tags:
@@ -943,7 +950,7 @@ class RunService:
         mlflow_status = run["info"].get("status")
         if status.state == RunState.RUNNING and mlflow_status == "SCHEDULED":
             api.update_run(run_id, status="RUNNING")
-        return bool(new_tags)
+        return bool(new_tags) or reason_gone
 
     def _finalise(
         self, api: RunsApi, backend: Backend, run: Mapping[str, Any], status: JobStatus
@@ -972,6 +979,8 @@ class RunService:
             new_tags = {TAG_NATIVE_STATE: status.native_state} if status.native_state else {}
             if reason:
                 new_tags[TAG_REASON] = _clip(reason)
+            elif tags.get(TAG_REASON):
+                api.delete_tag(run_id, TAG_REASON)  # why it waited, while it did
             if status.exit_code is not None:
                 new_tags[TAG_EXIT_CODE] = str(status.exit_code)
             if tags.get(TAG_STATE_MESSAGE):

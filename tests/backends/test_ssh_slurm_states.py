@@ -52,3 +52,13 @@ def test_escaping_paths_are_refused(path):
 )
 def test_harmless_paths_are_normalised(path, clean):
     assert _clean_relative(path) == clean
+
+
+@pytest.mark.parametrize(
+    ("reason", "blocked"),
+    [("PartitionNodeLimit", True), ("PartitionConfig", True), ("Priority", False), ("", False)],
+)
+def test_pending_for_good_says_why(reason, blocked):
+    status = _decide(["PENDING", reason], None, None)
+    assert status.state == RunState.QUEUED
+    assert (status.reason is not None and reason in status.reason) == blocked

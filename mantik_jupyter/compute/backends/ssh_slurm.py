@@ -640,7 +640,7 @@ class SshSlurmBackend(Backend):
             batch = valid[start : start + STATES_BATCH]
             result = self._run(self._status_command(batch), "asking Slurm for job states")
             sections = _split_sections(result.stdout.decode(errors="replace"))
-            squeue = _parse_table(sections.get("squeue", ""), 2)
+            squeue = _parse_table(sections.get("squeue", ""), 3)
             sacct = _parse_table(sections.get("sacct", ""), 3)
             codes = _parse_table(sections.get("exitcodes", ""), 2)
             for job_id in batch:
@@ -663,7 +663,7 @@ class SshSlurmBackend(Backend):
             f'END {{ s = ""; for (k in want) s = s (s == "" ? "" : ",") k; print s }}\''
         )
         parts = [
-            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T' 2>/dev/null)",
+            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r' 2>/dev/null)",
             f"echo {_MARK}squeue",
             'printf "%s\\n" "$sq"',
             f'rest=$(printf "%s\\n" "$sq" | {not_active})',
@@ -1012,6 +1012,10 @@ def _decide(
         return _final(sa_state, _exit_code(sacct[1]), file_code)
     if sq_state in _FINAL:
         return _final(sq_state, None, file_code)
+    if sq_state in _ACTIVE and squeue is not None and squeue[1:]:
+        blocked = _BLOCKED.get(squeue[1].strip())
+        if blocked:
+            return JobStatus(_ACTIVE[sq_state], sq_state, None, _blocked_reason(squeue[1], blocked))
     for word in (sq_state, sa_state):
         if word in _ACTIVE:
             return JobStatus(_ACTIVE[word], native_state=word)
@@ -1019,6 +1023,22 @@ def _decide(
         # Slurm forgot the job (no accounting, MinJobAge passed); the file remains.
         return _final("COMPLETED", None, file_code)
     return JobStatus(RunState.UNKNOWN, native_state=sq_state or sa_state or "")
+
+
+# squeue's reasons for a pending job that asks for more than its partition can ever give:
+# sites without EnforcePartLimits accept such a job, and it waits for good.
+_BLOCKED = {
+    "PartitionNodeLimit": "Resources.Nodes is more than the partition allows",
+    "PartitionConfig": "Resources (TotalCPUs, CPUsPerNode, Nodes) ask for more CPUs than "
+    "the partition's nodes have",
+}
+
+
+def _blocked_reason(word: str, what: str) -> str:
+    return (
+        f"waiting for good (Slurm: {word.strip()}): {what}. Cancel the run and submit "
+        "it again with a request the partition can meet (`sinfo -o '%P %D %c'`)."
+    )
 
 
 def _final(word: str, slurm_code: int | None, file_code: int | None) -> JobStatus:
