@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -587,3 +588,19 @@ def test_a_wrong_unicore_api_url_says_what_it_should_be(unicore_site, unicore_pa
         with pytest.raises(ConfigError, match=r"UnicoreApiUrl .*\.\.\./rest/core") as err:
             backend.states(["a-job"])
         assert url in err.value.message
+
+
+def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(service, project, unicore_site):
+    # UNICORE sites delete a job and its directory some time after it ended.
+    info = service.submit(project, params={"epochs": "2"}, experiment_name="unicore-gone")
+    assert wait_for(service, info.run_id, FINAL, timeout=60).state == RunState.FINISHED
+    text = service.all_logs(info.run_id).text
+    assert "epoch 2/2" in text
+    job = unicore_site.jobs.pop(info.job_id)
+    shutil.rmtree(job.workdir)
+    fresh = RunService(service.tracking, work_dir=service.work_dir)
+    try:
+        for svc in (service, fresh):
+            assert svc.all_logs(info.run_id).text == text
+    finally:
+        fresh.close()

@@ -668,8 +668,23 @@ class UnicoreBackend(Backend):
     # ---- logs, cancel ----------------------------------------------------------------------
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[bytes, int]:
-        data, _ = self._read(job_id, layout.LOG_FILE, offset, layout.MAX_LOG_READ)
+        data, present = self._read(job_id, layout.LOG_FILE, offset, layout.MAX_LOG_READ)
+        if not present and not self._job_dir_exists(job_id):
+            # Sites delete a job and its directory some time after it ended; saying so
+            # lets the RunService read the log stored with the run instead.
+            raise self._missing(job_id, "")
         return data, offset + len(data)
+
+    def _job_dir_exists(self, job_id: str) -> bool:
+        storage = self._storage(job_id)
+        try:
+            self._call(
+                lambda: storage.transport.get(url=storage.resource_url),
+                f"looking up the run directory of job {job_id}",
+            )
+        except NotFound:
+            return False
+        return True
 
     def _read(self, job_id: str, name: str, offset: int, size: int) -> tuple[bytes, bool]:
         """Up to ``size`` bytes of a file from ``offset``; (b"", False) when it is absent."""
