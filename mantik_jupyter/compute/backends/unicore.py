@@ -31,8 +31,9 @@ the site's UNICORE services and sits in the job directory on the cluster file sy
 from stage-in until the job script starts. What is done to limit that: it is never in
 the job description (UNICORE stores descriptions and shows them at
 ``/jobs/{id}/submitted``), nor in the ``Environment``, the job's name, tags or log; it
-is uploaded as the 0600 file ``.mantik-credentials`` (the job runs with
-``Umask: 077``, which UNICORE applies to staged-in files) before the job is started; the
+is uploaded as the file ``.mantik-credentials`` into the job directory, which UNICORE
+makes with the job's ``Umask: 077`` (mode 0700: the file inside gets the storage's umask,
+027 by default, but nobody else can reach it), before the job is started; the
 job script reads it as data and deletes it first thing, as on Slurm (``cancel`` deletes
 it for a job aborted before it started); with the embedded tracking server it is a
 per-run user that can only write to the run's experiment and is deleted when the run
