@@ -155,13 +155,15 @@ def test_request_the_partition_never_meets_says_so_while_queued(
     # job and leaves it pending for good; the run showed only QUEUED.
     write_config(project, cluster_config(slurm_cluster, remote_base, **resources))
     info = service.submit(project, params={"epochs": "1"}, experiment_name="slurm-blocked")
-    deadline = time.monotonic() + 30
-    while not (info := service.get(info.run_id)).reason:
-        assert time.monotonic() < deadline, info.tags
-        time.sleep(0.5)
-    assert info.state == RunState.QUEUED
-    assert "Slurm: Partition" in info.reason and named in info.reason
-    killed = service.cancel(info.run_id)
+    try:
+        deadline = time.monotonic() + 30
+        while not (info := service.get(info.run_id)).reason:
+            assert time.monotonic() < deadline, info.tags
+            time.sleep(0.5)
+        assert info.state == RunState.QUEUED
+        assert "Slurm: Partition" in info.reason and named in info.reason
+    finally:
+        killed = service.cancel(info.run_id)  # it would wait for good
     assert killed.state == RunState.KILLED and killed.reason == "CANCELLED"
 
 
