@@ -76,7 +76,6 @@ from contextlib import contextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from pyunicore import client as uc
@@ -329,10 +328,6 @@ class UnicoreBackend(Backend):
         return f"UnicoreBackend({self.api_url})"
 
     # ---- connection and errors -------------------------------------------------------------
-
-    def _site(self) -> str:
-        parts = urlsplit(self.api_url)
-        return f"{parts.hostname or self.api_url}" + (f":{parts.port}" if parts.port else "")
 
     def _pick_credential(self) -> None:
         username, password, token = self._given or (
