@@ -604,3 +604,15 @@ def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(service, proj
             assert svc.all_logs(info.run_id).text == text
     finally:
         fresh.close()
+
+
+def test_warm_up_logs_in_ahead_and_never_raises(unicore_site, unicore_password):
+    refused = UnicoreBackend(unicore_site.base_url, username=USER, password="wrong-password")
+    refused.warm_up()
+    with pytest.raises(AuthenticationFailed):
+        refused.client()
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    backend.warm_up()
+    before = len(unicore_site.requests)
+    backend.client()
+    assert len(unicore_site.requests) == before

@@ -457,6 +457,14 @@ class UnicoreBackend(Backend):
             f"The UNICORE site {self.api_url} refused {what} ({exc.status}): {exc.message}"
         )
 
+    def warm_up(self) -> None:
+        # The login (a round trip to the gateway, with a check of the credential)
+        # overlaps the packaging and the MLflow calls of a submission.
+        try:
+            self.client()
+        except MantikError as exc:  # only an optimisation: submit reports what is wrong
+            log.debug("logging in ahead of submit at %s failed: %s", self.api_url, exc.message)
+
     def close(self) -> None:
         with self._lock:
             self._client = None
