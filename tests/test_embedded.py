@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import stat
 import time
@@ -12,8 +13,12 @@ import pytest
 import requests
 
 from mantik_jupyter.errors import LocalStateInvalid, TrackingTimeout
+from mantik_jupyter.tracking.credentials import CredentialStore
 from mantik_jupyter.tracking.embedded import STATE_FILE, EmbeddedTrackingServer, discover
 from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.service import TrackingService, resolve_tracking
+
+from .secret_audit import SECRETS
 
 
 def _group_gone(pid: int, timeout: float = 20) -> bool:
@@ -254,3 +259,35 @@ def test_a_data_dir_that_cannot_be_made_is_an_error_on_use_not_at_start(tmp_path
             server.uri  # noqa: B018
     finally:
         server.stop()
+
+
+def test_a_login_to_the_embedded_server_survives_a_restart_of_the_lab(server_dir, tmp_path):
+    # It was stored under http://127.0.0.1:<port>, and the port changes with every start.
+    store_path = tmp_path / "credentials.json"
+    store = CredentialStore(store_path)
+    first = EmbeddedTrackingServer(server_dir)
+    first.start()
+    try:
+        first.wait_ready(120)
+        password = secrets.token_urlsafe(16)
+        SECRETS.add(password)
+        TrackingClient(first.uri, first.credential()).api(
+            "POST", "users/create", username="alice", password=password
+        )
+        TrackingService(store, embedded=first).login(username="alice", password=password)
+    finally:
+        first.stop()
+    again = EmbeddedTrackingServer(server_dir)
+    again.start()
+    try:
+        again.wait_ready(120)
+        lab = TrackingService(store, embedded=again)
+        assert lab.status()["username"] == "alice"
+        # The `mantik` command and kernels find the same login, and log out of it.
+        cli = resolve_tracking(store_path, server_dir)
+        assert cli.status()["username"] == "alice"
+        assert cli.logout()["removed"] is True
+        assert lab.status()["credential_source"] == "embedded"
+        assert str(again.port) not in store_path.read_text()
+    finally:
+        again.stop()

@@ -56,7 +56,10 @@ class TrackingService:
         tracking_uri: str | None = None,
         embedded: EmbeddedTrackingServer | None = None,
         embedded_credential: Credential | None = None,
+        embedded_dir: Path | None = None,
     ) -> None:
+        """``embedded_dir``: the data dir of the embedded server at ``tracking_uri`` (the
+        CLI and kernels find it there); logins to it are stored under that dir."""
         if tracking_uri is None and embedded is None:
             raise ValueError("give a tracking URI or an embedded server")
         self.store = store
@@ -66,6 +69,7 @@ class TrackingService:
         self._uri = normalize_uri(tracking_uri) if tracking_uri else None
         self.embedded_server = embedded
         self._embedded_credential = embedded_credential
+        self._embedded_dir = embedded.directory if embedded is not None else embedded_dir
 
     @property
     def is_embedded(self) -> bool:
@@ -87,6 +91,15 @@ class TrackingService:
         return self._uri
 
     @property
+    def store_key(self) -> str:
+        """The credential store's key for this server: its URI, except for an embedded
+        server, whose port changes with every start of the lab (a login to it would be
+        lost at the next start and left under a port some later server may get)."""
+        if self._embedded_dir is not None:
+            return embedded_store_key(self._embedded_dir)
+        return self.uri
+
+    @property
     def ready(self) -> bool:
         return self.embedded_server is None or self.embedded_server.ready
 
@@ -99,7 +112,7 @@ class TrackingService:
 
     def _credential_and_source(self) -> tuple[Credential | None, str | None]:
         """The credential in use and where it comes from (see ``SOURCES``)."""
-        stored = self.store.get(self.uri)
+        stored = self.store.get(self.store_key)
         if stored:
             return stored, "login"
         env = credential_from_env()
@@ -144,13 +157,13 @@ class TrackingService:
         cred = Credential(username=username, password=password, token=token)
         self.wait_ready()
         TrackingClient(self.uri, cred).verify()
-        self.store.set(self.uri, cred)
+        self.store.set(self.store_key, cred)
         return self.status()
 
     def logout(self) -> dict[str, Any]:
         """Forget the stored login. A credential from elsewhere (see ``SOURCES``) stays in
         use: the status says which, and ``logout_message`` tells the user."""
-        removed = self.store.delete(self.uri)
+        removed = self.store.delete(self.store_key)
         return {**self.status(), "removed": removed}
 
 
@@ -180,4 +193,10 @@ def resolve_tracking(
             "JupyterLab (it starts the embedded server) or set MLFLOW_TRACKING_URI."
         )
     uri, admin = found
-    return TrackingService(store, tracking_uri=uri, embedded_credential=admin)
+    return TrackingService(
+        store, tracking_uri=uri, embedded_credential=admin, embedded_dir=embedded_dir.resolve()
+    )
+
+
+def embedded_store_key(directory: Path) -> str:
+    return f"embedded:{directory}"
