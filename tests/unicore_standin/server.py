@@ -464,8 +464,11 @@ class UnicoreStandin:
             # Execution.handleCompleted logs the BSS details and fails the job.
             job.note(
                 "Detailed job information from batch system: "
-                f"JobId=STANDIN_{job.id[:8]} JobName={desc.get('Name', 'N/A')} "
-                "JobState=TIMEOUT Reason=TimeLimit Dependency=(null)"
+                f"JobId=4711 JobName={desc.get('Name', 'N/A')}\n"  # `scontrol show job`
+                f"   UserId={job.owner}(1000) GroupId={job.owner}(1000) MCS_label=N/A\n"
+                "   Priority=1 Nice=0 Account=standin QOS=normal\n"
+                "   JobState=TIMEOUT Reason=TimeLimit Dependency=(null)\n"
+                "   Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15"
             )
             return self._finish(
                 job,

@@ -116,7 +116,9 @@ _PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+
 # Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
 # system) fails with this message, and the batch system's details go into the job's log.
 _NOT_NORMALLY = "Job did not complete normally on BSS"
-_BSS_DETAILS_STATE = re.compile(r"Detailed job information from batch system:.*?JobState=(\w+)")
+_BSS_DETAILS_STATE = re.compile(
+    r"Detailed job information from batch system:.*?\bJobState=(\w+)", re.S
+)  # the details are Slurm's `scontrol show job`, several lines
 # Slurm's words, as the Slurm backend reports them (docs/states.md).
 _BSS_FAILURES = {
     "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
