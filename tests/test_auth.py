@@ -435,3 +435,26 @@ class _Teapot(tornado.web.RequestHandler):
         self.finish({"path": path})
 
     post = get
+
+
+def test_logins_from_several_processes_at_once_are_all_kept(tmp_path):
+    """The lab, `mantik login` and kernels write one store: none may undo another."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "credentials.json"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mantik_jupyter.tracking.credentials import Credential, CredentialStore\n"
+        "store = CredentialStore(Path(sys.argv[1]))\n"
+        "for i in range(100):\n"
+        "    store.set(f'http://{sys.argv[2]}-{i}', Credential(username='u', password='p' * 12))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), who], env=env)
+        for who in ("lab", "cli", "kernel")
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert len(json.loads(path.read_text())) == 300

@@ -8,8 +8,11 @@ ever returns a secret to a caller that would send it to a browser: faces get
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -108,6 +111,28 @@ class CredentialStore:
         self._lock = threading.Lock()
         self._cache: tuple[tuple[int, int], dict[str, dict[str, str]]] | None = None
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Held while reading, changing and writing the file back: the lab, `mantik login`
+        and kernels write it too, and a change made between our read and our write was
+        lost (three processes logging in at once kept 255 of 600 entries)."""
+        with self._lock:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(
+                    self.path.with_name(f".{self.path.name}.lock"),
+                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError as exc:
+                raise self._unwritable(exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._cache = None  # read what the others wrote, whatever its time stamp
+                yield
+            finally:
+                os.close(fd)
+
     def _load(self) -> dict[str, dict[str, str]]:
         # Every proxied request looks its credential up: re-read the file only when it
         # changed (another process, e.g. `mantik login`, may write it).
@@ -164,13 +189,13 @@ class CredentialStore:
         return Credential.from_json(entry)
 
     def set(self, uri: str, credential: Credential) -> None:
-        with self._lock:
+        with self._writing():
             data = self._load()
             data[normalize_uri(uri)] = credential.to_json()
             self._write(data)
 
     def delete(self, uri: str) -> bool:
-        with self._lock:
+        with self._writing():
             data = self._load()
             removed = data.pop(normalize_uri(uri), None) is not None
             if removed:
@@ -181,8 +206,11 @@ class CredentialStore:
         try:
             write_private_json(self.path, data)
         except OSError as exc:
-            raise LocalStateInvalid(
-                f"{STORE_NAME} {self.path} cannot be written ({exc.strerror or exc}). Make "
-                "its folder writable or free space there, or choose another file with "
-                "MANTIK_CREDENTIALS_FILE or c.MantikApp.credentials_path."
-            ) from None
+            raise self._unwritable(exc) from None
+
+    def _unwritable(self, exc: OSError) -> LocalStateInvalid:
+        return LocalStateInvalid(
+            f"{STORE_NAME} {self.path} cannot be written ({exc.strerror or exc}). Make "
+            "its folder writable or free space there, or choose another file with "
+            "MANTIK_CREDENTIALS_FILE or c.MantikApp.credentials_path."
+        )
