@@ -8,6 +8,7 @@ import secrets
 import signal
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -291,3 +292,38 @@ def test_a_login_to_the_embedded_server_survives_a_restart_of_the_lab(server_dir
         assert str(again.port) not in store_path.read_text()
     finally:
         again.stop()
+
+
+def test_labs_starting_at_the_same_moment_make_one_admin_password(tmp_path):
+    # Each made its own and the last write won: the server ran with one password while
+    # secrets.json held another, refused on every later call.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from mantik_jupyter.tracking.embedded import load_or_create_secrets\n"
+        "while time.time() < float(sys.argv[2]):\n"
+        "    pass\n"
+        "print(load_or_create_secrets(Path(sys.argv[1])).admin_password)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for attempt in range(4):
+        directory = tmp_path / f"tracking-{attempt}"
+        directory.mkdir()
+        at = str(time.time() + 3)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(directory), at],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for _ in range(3)
+        ]
+        passwords = {p.communicate(timeout=60)[0].strip() for p in procs}
+        assert len(passwords) == 1, f"attempt {attempt}: {len(passwords)} admin passwords"
+        on_disk = json.loads((directory / "secrets.json").read_text())["admin_password"]
+        assert passwords == {on_disk}
+        assert [p.name for p in directory.iterdir()] == ["secrets.json"]

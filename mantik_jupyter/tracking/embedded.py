@@ -30,7 +30,13 @@ from pathlib import Path
 from ..errors import LocalStateInvalid, MantikError, TrackingTimeout, TrackingUnavailable
 from .credentials import Credential
 from .rest import TrackingClient
-from .secrets import read_json, read_private_json, write_private, write_private_json
+from .secrets import (
+    create_private_json,
+    read_json,
+    read_private_json,
+    write_private,
+    write_private_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,11 @@ def load_or_create_secrets(directory: Path) -> EmbeddedSecrets:
         # It only signs MLflow's session cookies: a new one costs nothing.
         kept["flask_secret"] = secrets.token_urlsafe(32)
     kept = {k: kept[k] for k in _SECRET_KEYS}
-    if kept != data:
+    if data is None:
+        if not create_private_json(path, kept):
+            # Another lab started on this data dir at the same moment and made them first.
+            return load_or_create_secrets(directory)
+    elif kept != data:
         write_private_json(path, kept)
     return EmbeddedSecrets(**kept)
 
