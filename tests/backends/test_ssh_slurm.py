@@ -588,3 +588,29 @@ def test_thousands_of_jobs_in_one_poll(backend, tmp_path):
         assert {answer[j].state for j in gone} == {RunState.UNKNOWN}
     finally:
         backend._run("scancel " + " ".join(real), "cleanup")
+
+
+def test_log_reads_keep_up_with_a_chatty_job(backend, tmp_path):
+    # read_log asked for one 32 KiB block per round trip: following a job that writes
+    # fast fell behind (about 4 MB/s here, far less over a WAN). Compared with the file
+    # stream of the same bytes in the same run, so a loaded machine slows both alike.
+    job_id = backend.submit(make_job(tmp_path, "head -c 12000000 /dev/zero | tr '\\0' x"))
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+
+    def timed(read) -> float:
+        start = time.perf_counter()
+        assert read() == 12_000_000
+        return time.perf_counter() - start
+
+    def by_log() -> int:
+        offset = 0
+        while data := backend.read_log(job_id, offset)[0]:
+            offset += len(data)
+        return offset
+
+    def by_stream() -> int:
+        return sum(len(chunk) for chunk in backend.open_file(job_id, "mantik.log"))
+
+    log_time = min(timed(by_log) for _ in range(2))
+    stream_time = min(timed(by_stream) for _ in range(2))
+    assert log_time < 3 * stream_time + 0.2, (log_time, stream_time)

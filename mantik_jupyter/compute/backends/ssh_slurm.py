@@ -694,8 +694,14 @@ class SshSlurmBackend(Backend):
             with self._shared_sftp() as sftp:
                 try:
                     with sftp.open(path, "rb") as f:
+                        end = min(f.stat().st_size or 0, offset + layout.MAX_LOG_READ)
+                        if end <= offset:
+                            return b"", offset
                         f.seek(offset)
-                        data = f.read(layout.MAX_LOG_READ)
+                        # Pipelined requests: one 32 KiB request at a time took a round
+                        # trip each, so a follower fell behind a chatty job.
+                        f.prefetch(end)
+                        data = f.read(end - offset)
                 except FileNotFoundError:
                     return b"", offset  # not started yet: no log so far
             return data, offset + len(data)
