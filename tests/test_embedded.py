@@ -171,6 +171,9 @@ def test_a_server_that_cannot_start_gives_a_clear_error(server_dir, monkeypatch)
         with pytest.raises(TrackingTimeout) as err:
             server.wait_ready(60)
         assert "server.log" in err.value.message
+        # The cause, not the end of a traceback (for a full disk that hid the cause).
+        assert "file is not a database" in err.value.message
+        assert 'File "' not in err.value.message
     finally:
         server.stop()
 

@@ -47,6 +47,8 @@ AUTH_INI = "basic_auth.ini"
 # Seconds MLflow keeps a verified credential (see ``start``).
 AUTH_CACHE_TTL = 300
 LOG_FILE = "server.log"
+# MLflow's own error records, and the last line of a Python traceback.
+_ERROR_LINE = re.compile(r"\bERROR\b|^[\w.]+(Error|Exception): ")
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class EmbeddedTrackingServer:
         self._failure: MantikError | None = None
         self._secrets: EmbeddedSecrets | None = None
         self._spawned_at = 0.0
+        self._log_offset = 0
         self._waiting_since: float | None = None
 
     @property
@@ -378,6 +381,7 @@ class EmbeddedTrackingServer:
             "--app-name", "basic-auth",
         ]  # fmt: skip
         logfile = open(self.directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
+        self._log_offset = logfile.tell()
         try:
             self._proc = subprocess.Popen(
                 cmd,
@@ -517,11 +521,18 @@ class EmbeddedTrackingServer:
         (self.directory / STATE_FILE).unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 15) -> str:
+        """What the server said since it was last started: its error lines when it wrote
+        any (the cause, e.g. "database or disk is full", sat above a long traceback),
+        else its last lines."""
         try:
-            text = (self.directory / LOG_FILE).read_text(errors="replace")
+            with open(self.directory / LOG_FILE, "rb") as fh:
+                fh.seek(self._log_offset)
+                text = fh.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        all_lines = text.splitlines()
+        errors = list(dict.fromkeys(line for line in all_lines if _ERROR_LINE.search(line)))
+        return "\n".join(errors[:5] if errors else all_lines[-lines:])
 
 
 def _running_server(directory: Path) -> tuple[int, int] | None:
