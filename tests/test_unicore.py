@@ -616,3 +616,12 @@ def test_warm_up_logs_in_ahead_and_never_raises(unicore_site, unicore_password):
     before = len(unicore_site.requests)
     backend.client()
     assert len(unicore_site.requests) == before
+
+
+def test_a_missing_unicore_credential_creates_no_run(service, project, monkeypatch):
+    for name in ("MANTIK_UNICORE_USERNAME", "MANTIK_UNICORE_PASSWORD", "MANTIK_UNICORE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(AuthenticationFailed, match="MANTIK_UNICORE_USERNAME"):
+        service.submit(project, experiment_name="unicore-no-credential")
+    with pytest.raises(NotFound, match="No experiment named"):  # nothing was created
+        service.list(experiment_name="unicore-no-credential")

@@ -459,6 +459,14 @@ class UnicoreBackend(Backend):
             f"The UNICORE site {self.api_url} refused {what} ({exc.status}): {exc.message}"
         )
 
+    def check_credentials(self) -> None:
+        """Raise AuthenticationFailed for a credential that is missing or has expired
+        (a JWT's ``exp``), without a call to the site: the RunService asks before it
+        creates the run, so such a mistake leaves no FAILED run behind."""
+        with self._lock:
+            if self._client is None:
+                self._credential()
+
     def warm_up(self) -> None:
         # The login (a round trip to the gateway, with a check of the credential)
         # overlaps the packaging and the MLflow calls of a submission.
