@@ -458,3 +458,15 @@ def test_logins_from_several_processes_at_once_are_all_kept(tmp_path):
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert len(json.loads(path.read_text())) == 300
+
+
+async def test_a_password_and_a_token_together_are_refused(jp_fetch, mlflow_server, tmp_path):
+    # The token won silently: right password, junk token, "refused the credential".
+    user = mlflow_server.create_user()
+    code, body = await api_json(
+        jp_fetch, "auth", "login", method="POST",
+        body={"username": user.username, "password": user.password, "token": "junk-token"},
+    )  # fmt: skip
+    assert code == 400 and body["reason"] == "invalid_request", body
+    assert "token" in body["message"] and user.password not in body["message"]
+    assert not (tmp_path / "mantik" / "credentials.json").exists()

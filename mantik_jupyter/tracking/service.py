@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import NotLoggedIn, TrackingUnavailable
+from ..errors import InvalidRequest, NotLoggedIn, TrackingUnavailable
 from .credentials import (
     Credential,
     CredentialStore,
@@ -154,6 +154,10 @@ class TrackingService:
         token: str | None = None,
     ) -> dict[str, Any]:
         """Verify a credential against the tracking server, then store it (0600)."""
+        if token and (username or password):
+            # Which would win differs between clients (MLflow's takes the password,
+            # a bearer header the token): one login is one of the two.
+            raise InvalidRequest("Give a username and password, or a token, not both.")
         cred = Credential(username=username, password=password, token=token)
         self.wait_ready()
         TrackingClient(self.uri, cred).verify()
