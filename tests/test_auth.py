@@ -470,3 +470,38 @@ async def test_a_password_and_a_token_together_are_refused(jp_fetch, mlflow_serv
     assert code == 400 and body["reason"] == "invalid_request", body
     assert "token" in body["message"] and user.password not in body["message"]
     assert not (tmp_path / "mantik" / "credentials.json").exists()
+
+
+class TestTwoLabsOneDataDir:
+    """Another lab already runs the embedded server of this data dir."""
+
+    @pytest.fixture
+    def other_lab_server(self, tmp_path):
+        from mantik_jupyter.tracking.embedded import EmbeddedTrackingServer
+
+        server = EmbeddedTrackingServer(tmp_path / "mantik" / "tracking", check_interval=0.5)
+        server.start()
+        server.wait_ready(120)
+        yield server
+        server.stop()
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, monkeypatch, other_lab_server):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return lab_config(tmp_path / "mantik", None)
+
+    async def test_the_lab_uses_it_and_takes_over_when_it_stops(self, jp_fetch, other_lab_server):
+        other_pid = other_lab_server._proc.pid
+        code, body = await api_json(jp_fetch, "auth", "status")
+        assert body["tracking_uri"] == other_lab_server.uri
+        assert "Default" in await search_through_proxy(jp_fetch, request_timeout=60)
+        assert other_lab_server._proc.pid == other_pid, "the other lab's server was stopped"
+        other_lab_server.stop()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            code, body = await api_json(jp_fetch, "runs")
+            if code == 200:
+                break
+            await asyncio.sleep(0.5)
+        assert code == 200, body
+        assert "Default" in await search_through_proxy(jp_fetch)
