@@ -625,3 +625,23 @@ def test_a_missing_unicore_credential_creates_no_run(service, project, monkeypat
         service.submit(project, experiment_name="unicore-no-credential")
     with pytest.raises(NotFound, match="No experiment named"):  # nothing was created
         service.list(experiment_name="unicore-no-credential")
+
+
+def test_following_a_log_keeps_one_security_session(unicore_site, unicore_password, tmp_path):
+    # A call with the credential makes a new session at the site, which keeps 5 a user:
+    # log reads that each logged in anew pushed out the session of the other calls.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job_id = backend.submit(_prepared(tmp_path, "echo hi\n"))
+    _wait_final(backend, job_id)
+    before = unicore_site.credential_logins
+    for _ in range(10):
+        backend.states([job_id])
+        backend.read_log(job_id)
+        backend.list_files(job_id)
+    assert unicore_site.credential_logins - before <= 1
+    # A session the site dropped: the read is sent again with the credential.
+    unicore_site.expire_sessions()
+    before = unicore_site.credential_logins
+    for _ in range(3):
+        assert backend.read_log(job_id)[0] == b"hi\n"
+    assert unicore_site.credential_logins - before == 1

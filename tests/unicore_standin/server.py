@@ -161,6 +161,12 @@ class UnicoreStandin:
         self.tls = tls
         self.jobs: dict[str, StandinJob] = {}
         self.sessions: dict[str, tuple[str, float]] = {}
+        # Last use of each session: a user has at most 5, and a new one pushes out the
+        # least recently used (SecuritySessionStore, DEF_MAX_SESSIONS_PER_USER).
+        self.session_used: dict[str, float] = {}
+        self.max_sessions_per_user = 5
+        # Requests authenticated with the credential itself (each makes a new session).
+        self.credential_logins = 0
         # Requests seen, as (method, path); tests count them.
         self.requests: list[tuple[str, str]] = []
         # Requests real UNICORE never answers (a Range starting past the end of a file);
@@ -228,6 +234,7 @@ class UnicoreStandin:
                 if known is None or known[1] < now:
                     self.sessions.pop(session, None)
                     raise _Refused(432, "Security session expired or unknown")
+                self.session_used[session] = now
                 return known[0], session
         user = None
         auth = headers.get("Authorization") or ""
@@ -251,7 +258,14 @@ class UnicoreStandin:
             return None, None
         new_session = secrets.token_hex(16)
         with self._lock:
+            self.credential_logins += 1
             self.sessions[new_session] = (user, now + self.session_lifetime)
+            self.session_used[new_session] = now
+            mine = [k for k, v in self.sessions.items() if v[0] == user]
+            if len(mine) > self.max_sessions_per_user:
+                oldest = min(mine, key=lambda k: self.session_used.get(k, 0.0))
+                self.sessions.pop(oldest, None)
+                self.session_used.pop(oldest, None)
         return user, new_session
 
     # ---- jobs ------------------------------------------------------------------------------

@@ -150,20 +150,45 @@ class _Transport(uc.Transport):
     """pyunicore's Transport, keeping the status code and UNICORE's own error message, and
     sending every call through one ``httpx.Client``: pyunicore's ``httpx.get`` & co. open
     a connection, and build an SSL context from the whole CA bundle (some 25 ms of CPU),
-    for every call, and the states and logs of runs are asked for all along."""
+    for every call, and the states and logs of runs are asked for all along.
+
+    One security session for all calls of a login, file reads included: every call that
+    sends the credential makes a new session at the site, which keeps five a user and
+    drops the least recently used (SecuritySessionStore). pyunicore's clones (one per
+    Job, Storage, file) each kept their own session id, and file reads sent none, so
+    following a log logged in anew at every read and pushed the other calls' session
+    out. The clones of a login share one session id here."""
 
     def __init__(
-        self, credential: Any, http: httpx.Client, *, use_security_sessions: bool = True
+        self,
+        credential: Any,
+        http: httpx.Client,
+        *,
+        use_security_sessions: bool = True,
+        session: dict[str, str | None] | None = None,
     ) -> None:
+        self._session: dict[str, str | None] = {"id": None}
         super().__init__(credential, use_security_sessions=use_security_sessions)
+        if session is not None:
+            self._session = session  # after pyunicore's __init__, which clears the id
         self.http = http
+
+    @property  # type: ignore[override]
+    def last_session_id(self) -> str | None:
+        return self._session["id"]
+
+    @last_session_id.setter
+    def last_session_id(self, value: str | None) -> None:
+        self._session["id"] = value
 
     def _clone(self) -> _Transport:
         clone = _Transport(
-            self.credential, self.http, use_security_sessions=self.use_security_sessions
+            self.credential,
+            self.http,
+            use_security_sessions=self.use_security_sessions,
+            session=self._session,
         )
         clone._preferences = self._preferences
-        clone.last_session_id = self.last_session_id
         clone.timeout = self.timeout
         return clone
 
@@ -182,10 +207,26 @@ class _Transport(uc.Transport):
 
     @contextmanager
     def get_stream(self, **kwargs: Any) -> Iterator[httpx.Response]:
+        # With the session (pyunicore sends none here); a GET not yet read can be sent
+        # again when the site answers 432 (session gone), as run_method does.
         headers = self._headers(kwargs)
-        headers.pop("X-UNICORE-SecuritySession", None)
-        with self.http.stream("GET", headers=headers, timeout=self.timeout, **kwargs) as res:
+
+        def send() -> httpx.Response:
+            request = self.http.build_request(
+                "GET", headers=headers, timeout=self.timeout, **kwargs
+            )
+            return self.http.send(request, stream=True)
+
+        res = send()
+        try:
+            if self.repeat_required(res, headers):
+                res.close()
+                res = send()
+            if self.use_security_sessions and res.status_code < 400:
+                self.last_session_id = res.headers.get("X-UNICORE-SecuritySession")
             yield res
+        finally:
+            res.close()
 
     def check_error(self, res: httpx.Response) -> None:
         if 400 <= res.status_code < 600:
