@@ -145,6 +145,10 @@ def test_a_server_that_dies_while_the_lab_runs_is_started_again(server_dir):
         admin = TrackingClient(server.uri, server.credential())
         exp = admin.api("POST", "experiments/create", name="survives-a-crash")["experiment_id"]
         uri, pid = server.uri, server._proc.pid
+        # Watching it costs no request (each was a line in server.log, day and night).
+        health_lines = (server_dir / "server.log").read_text().count("/health")
+        time.sleep(5 * server.check_interval)
+        assert (server_dir / "server.log").read_text().count("/health") == health_lines
         os.killpg(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while server.ready and time.monotonic() < deadline:

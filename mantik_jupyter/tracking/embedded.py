@@ -225,7 +225,7 @@ class EmbeddedTrackingServer:
         self._secrets: EmbeddedSecrets | None = None
         self._spawned_at = 0.0
         self._log_offset = 0
-        self._waiting_since: float | None = None
+        self._attached_pid: int | None = None
 
     @property
     def secrets(self) -> EmbeddedSecrets:
@@ -326,6 +326,10 @@ class EmbeddedTrackingServer:
             found = _running_server(self.directory)
             if found is not None:
                 pid, port = found
+                if pid != self._attached_pid:
+                    # Another server than the one that answered: wait for its health.
+                    self._ready.clear()
+                    self._attached_pid = pid
                 if port != self.port:
                     log.info(
                         "Using the embedded MLflow server (pid %s, port %s) that another "
@@ -435,11 +439,13 @@ class EmbeddedTrackingServer:
                 )  # fmt: skip
                 self._spawn()
                 return False
+            if self._ready.is_set():
+                # Only the process is watched once it answered: a /health call every
+                # few seconds would be a line in server.log each.
+                return False
             if client is not None and client.health(timeout=2):
                 self._ready.set()
-            elif not self._ready.is_set() and (
-                time.monotonic() - self._spawned_at > self.startup_timeout
-            ):
+            elif time.monotonic() - self._spawned_at > self.startup_timeout:
                 self._failure = TrackingTimeout(
                     f"The embedded MLflow server did not become healthy within "
                     f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
@@ -448,9 +454,9 @@ class EmbeddedTrackingServer:
                 return True
             return False
         # Another process runs the server: follow it, and take over when it goes away.
-        if self._attach() and client is not None and client.health(timeout=2):
-            self._ready.set()
-            self._waiting_since = None
+        if self._attach():
+            if not self._ready.is_set() and client is not None and client.health(timeout=2):
+                self._ready.set()
             return False
         self._ready.clear()
         if self._take_lock():
