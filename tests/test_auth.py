@@ -505,3 +505,35 @@ class TestTwoLabsOneDataDir:
             await asyncio.sleep(0.5)
         assert code == 200, body
         assert "Default" in await search_through_proxy(jp_fetch)
+
+
+class _LoginPage(tornado.web.RequestHandler):
+    """What a site's single sign-on in front of MLflow answers: a redirect to a page."""
+
+    def get(self, path: str) -> None:
+        if path != "sso/login":
+            self.redirect("/sso/login")
+            return
+        self.finish("<html><body>Sign in with your institution</body></html>")
+
+    post = get
+
+
+class TestNotAnMlflowServer:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path):
+        from tornado.httpserver import HTTPServer
+
+        port = free_port()
+        server = HTTPServer(tornado.web.Application([(r"/(.*)", _LoginPage)]))
+        server.listen(port, "127.0.0.1")
+        self.uri = f"http://127.0.0.1:{port}"
+        yield lab_config(tmp_path / "mantik", self.uri)
+        server.stop()
+
+    async def test_login_says_the_answer_is_not_mlflows(self, jp_fetch):
+        code, body = await api_json(
+            jp_fetch, "auth", "login", method="POST", body={"username": "u", "password": "p" * 12}
+        )
+        assert code == 502 and body["reason"] == "tracking_unavailable", body
+        assert self.uri in body["message"] and "MLflow" in body["message"]

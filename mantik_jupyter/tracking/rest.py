@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -105,7 +105,28 @@ class TrackingClient:
             resp = self.request("GET", path, params=body or None)
         else:
             resp = self.request(method, path, json=body)
-        return resp.json() if resp.content else {}
+        if not resp.content:
+            return {}
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise TrackingUnavailable(self._not_mlflow(resp))
+        return data
+
+    def _not_mlflow(self, resp: requests.Response) -> str:
+        # E.g. a single sign-on in front of MLflow: a redirect to its login page, HTTP 200.
+        where = ""
+        if resp.history:
+            final = urlsplit(resp.url)
+            where = f" after a redirect to {final.scheme}://{final.netloc}{final.path}"
+        kind = resp.headers.get("Content-Type", "no content type").split(";")[0]
+        return (
+            f"The tracking server {self.uri} answered with {kind}{where}, not MLflow's JSON. "
+            "Check that the URI points at the MLflow server itself (with its path prefix), "
+            "not at a login page or a web site in front of it."
+        )
 
     # --- checks -------------------------------------------------------------
 
