@@ -381,6 +381,29 @@ def test_slurm_script_keeps_the_credential_for_a_requeue(tmp_path: Path) -> None
     assert not (done.run_dir / ".mantik-credentials").exists()
 
 
+def test_slurm_script_keeps_the_credential_when_only_its_entry_point_was_signalled(
+    tmp_path: Path,
+) -> None:
+    # Slurm signals the job's processes one by one: the entry point may die of SIGTERM
+    # while the script goes on for a moment and ends before its own signal arrives.
+    run_dir = tmp_path / "run"
+    (run_dir / "code").mkdir(parents=True)
+    command = "sleep 30 & echo $! > ../entry.pid; wait $!"
+    (run_dir / "mantik-job.sh").write_text(render(local_config(), command, "slurm"))
+    creds = run_dir / ".mantik-credentials"
+    creds.write_text(f"MLFLOW_TRACKING_TOKEN={SECRET}\n")
+    creds.chmod(0o600)
+    proc = subprocess.Popen(["bash", "mantik-job.sh"], cwd=run_dir, start_new_session=True)
+    entry = run_dir / "entry.pid"
+    deadline = time.monotonic() + 10
+    while not entry.exists() or not entry.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(int(entry.read_text()), 15)
+    assert proc.wait(timeout=10) == 143
+    assert creds.exists()
+
+
 def test_script_without_credentials_file_runs(tmp_path: Path) -> None:
     run = run_script(tmp_path, render(local_config(), command="python show.py x"))
     assert run.returncode == 0, run.stderr

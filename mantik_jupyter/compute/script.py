@@ -199,11 +199,15 @@ def _credentials(scheduler: Scheduler) -> list[str]:
     if scheduler == "slurm":
         # Slurm may requeue the job (node failure, preemption, scontrol requeue) and start
         # this script again, which then needs the credential too. So the file goes when
-        # the script ends by itself, not when it starts; on SIGTERM (requeue, cancel,
-        # time limit: Slurm cannot tell the script which) it stays, and the backend
+        # the script ends by itself, not when it starts; when a signal ended the script
+        # or its entry point (requeue, cancel, time limit: Slurm cannot tell the script
+        # which, and signals the job's processes one by one) it stays, and the backend
         # deletes it once the run is over. The job's environment holds it meanwhile anyway.
         remove_now: list[str] = []
-        traps.append("trap 'trap - EXIT; exit 143' TERM")
+        traps = [
+            "trap '[ \"${mantik_status:-0}\" -ge 128 ] || rm -f -- \"$MANTIK_CREDENTIALS\"' EXIT",
+            "trap 'trap - EXIT; exit 143' TERM",
+        ]
         when = "the file is removed when the script ends."
     else:
         remove_now = ['    rm -f -- "$MANTIK_CREDENTIALS"']
