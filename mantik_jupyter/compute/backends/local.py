@@ -253,6 +253,10 @@ class LocalBackend(Backend):
             time.sleep(0.1)
         if self._session_alive(job_id, pid):
             self._signal_session(pid, signal.SIGKILL)
+            # A killed process takes a moment to go (more on a loaded machine).
+            deadline = time.monotonic() + CANCEL_GRACE
+            while self._session_alive(job_id, pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def _session_alive(self, job_id: str, pid: int) -> bool:
         return self._alive(job_id) or bool(_session_members(pid))
