@@ -425,11 +425,12 @@ class EmbeddedTrackingServer:
         if self.owner and proc is not None:
             if proc.poll() is not None:
                 if not self._ready.is_set():
-                    self._failure = TrackingTimeout(
-                        f"The embedded MLflow server exited with code {proc.returncode} while "
-                        f"starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
+                    self._fail(
+                        TrackingTimeout(
+                            f"The embedded MLflow server exited with code {proc.returncode} "
+                            f"while starting. See {self.directory / LOG_FILE}:\n{self.log_tail()}"
+                        )
                     )
-                    log.error("%s", self._failure.message)
                     return True
                 self._ready.clear()
                 log.error(
@@ -446,11 +447,12 @@ class EmbeddedTrackingServer:
             if client is not None and client.health(timeout=2):
                 self._ready.set()
             elif time.monotonic() - self._spawned_at > self.startup_timeout:
-                self._failure = TrackingTimeout(
-                    f"The embedded MLflow server did not become healthy within "
-                    f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
+                self._fail(
+                    TrackingTimeout(
+                        f"The embedded MLflow server did not become healthy within "
+                        f"{self.startup_timeout:.0f} s. See {self.directory / LOG_FILE}."
+                    )
                 )
-                log.error("%s", self._failure.message)
                 return True
             return False
         # Another process runs the server: follow it, and take over when it goes away.
