@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mantik_jupyter.errors import LocalStateInvalid, TrackingTimeout
+from mantik_jupyter.errors import LocalStateInvalid, TrackingTimeout, TrackingUnavailable
 from mantik_jupyter.tracking.credentials import CredentialStore
 from mantik_jupyter.tracking.embedded import STATE_FILE, EmbeddedTrackingServer, discover
 from mantik_jupyter.tracking.rest import TrackingClient
@@ -334,3 +334,21 @@ def test_labs_starting_at_the_same_moment_make_one_admin_password(tmp_path):
         on_disk = json.loads((directory / "secrets.json").read_text())["admin_password"]
         assert passwords == {on_disk}
         assert [p.name for p in directory.iterdir()] == ["secrets.json"]
+
+
+def test_a_stopped_embedded_server_is_not_blamed_on_the_uri(server_dir, tmp_path):
+    # "Check that it runs and that the URI is right": nobody typed that URI.
+    server = EmbeddedTrackingServer(server_dir, check_interval=60)
+    server.start()
+    try:
+        server.wait_ready(120)
+        service = TrackingService(CredentialStore(tmp_path / "credentials.json"), embedded=server)
+        client = service.client()
+        os.killpg(server._proc.pid, signal.SIGKILL)
+        _group_gone(server._proc.pid)
+        with pytest.raises(TrackingUnavailable) as err:
+            client.api("POST", "experiments/search", max_results=1)
+        assert "URI is right" not in err.value.message
+        assert "starts it again" in err.value.message and str(server_dir) in err.value.message
+    finally:
+        server.stop()

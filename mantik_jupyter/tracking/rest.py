@@ -30,9 +30,15 @@ READ_TIMEOUT = 60
 
 
 class TrackingClient:
-    def __init__(self, uri: str, credential: Credential | None) -> None:
+    def __init__(
+        self, uri: str, credential: Credential | None, unreachable_hint: str | None = None
+    ) -> None:
+        """``unreachable_hint``: what to do when the server cannot be reached."""
         self.uri = normalize_uri(uri)
         self.credential = credential
+        self.unreachable_hint = unreachable_hint or (
+            "Check that it runs and that the URI is right."
+        )
         self.session = requests.Session()
         # The credential travels in our own header; never read a ~/.netrc.
         self.session.trust_env = False
@@ -70,7 +76,7 @@ class TrackingClient:
         except requests.ConnectionError as exc:
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} cannot be reached ({type(exc).__name__}). "
-                "Check that it runs and that the URI is right."
+                + self.unreachable_hint
             ) from None
         except requests.Timeout:
             raise TrackingUnavailable(

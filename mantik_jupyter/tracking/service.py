@@ -14,7 +14,7 @@ from .credentials import (
     normalize_uri,
     split_credential,
 )
-from .embedded import EmbeddedTrackingServer, discover
+from .embedded import LOG_FILE, EmbeddedTrackingServer, discover
 from .rest import TrackingClient
 
 # Where the credential in use comes from, as ``status()["credential_source"]`` says.
@@ -134,7 +134,19 @@ class TrackingService:
 
     def client(self) -> TrackingClient:
         self.wait_ready()
-        return TrackingClient(self.uri, self.require_credential())
+        return TrackingClient(self.uri, self.require_credential(), self._unreachable_hint())
+
+    def _unreachable_hint(self) -> str | None:
+        if self._embedded_dir is None:
+            return None
+        # Not "check the URI": nobody typed it. The lab notices a stopped server within
+        # seconds and starts it again.
+        return (
+            "It is the embedded server of a lab (data dir "
+            f"{self._embedded_dir.parent}); the lab starts it again when it stops: try "
+            "again in a few seconds, and start JupyterLab if it is not running. See "
+            f"{self._embedded_dir / LOG_FILE}."
+        )
 
     def status(self) -> dict[str, Any]:
         cred, source = self._credential_and_source()
