@@ -549,6 +549,45 @@ def test_apptainer_remote_image_with_srun_under_slurm() -> None:
     assert "srun" not in unscheduled
 
 
+def test_apptainer_under_unicore_uses_srun_only_in_a_slurm_job(tmp_path: Path) -> None:
+    """As in Mantik, a UNICORE job of N tasks runs the container with srun (N copies) when
+    the site's batch system is Slurm; elsewhere the container runs once. ``srun`` and
+    ``apptainer`` are stand-ins that print how they were called (Apptainer cannot run here)."""
+    config = parse_config(
+        {
+            "UnicoreApiUrl": "https://unicore.example.org/SITE/rest/core",
+            "Resources": {"Queue": "q", "TotalCPUs": 4},
+            "Environment": {"Apptainer": {"Path": "/p/img.sif", "Type": "remote"}},
+        }
+    )
+    script = render(config, command="python train.py", scheduler="unicore")
+    (line,) = [ln for ln in script.splitlines() if "apptainer run" in ln]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("srun", "apptainer"):
+        stub = stubs / name
+        stub.write_text(f'#!/bin/bash\necho {name} "$@"\n')
+        stub.chmod(0o755)
+    # Only the stubs on PATH: this machine has a real srun (the test cluster's).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = str(stubs)
+
+    def called(**extra: str) -> str:
+        done = subprocess.run(
+            ["/bin/bash", "-c", line],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    assert called(SLURM_JOB_ID="42") == "srun apptainer run /p/img.sif bash -c python train.py"
+    assert called() == "apptainer run /p/img.sif bash -c python train.py"
+    (stubs / "srun").unlink()  # a Slurm job without srun on its PATH
+    assert called(SLURM_JOB_ID="42") == "apptainer run /p/img.sif bash -c python train.py"
+
+
 def test_script_text_holds_no_credential_values() -> None:
     script = render(local_config(Variables={"A": "1"}), scheduler="slurm")
     assert "MLFLOW_TRACKING_PASSWORD=" not in script.replace('"$mantik_key=', "")

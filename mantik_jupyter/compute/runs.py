@@ -103,10 +103,13 @@ from .config import (
 from .layout import CREDENTIALS_FILE, JOB_SCRIPT, LOG_FILE, PACKAGE_FILE
 from .packaging import build_package
 from .project import find_project_dir, load_project, resolve_entry_point
-from .script import render_job_script, safe_job_name
+from .script import Scheduler, render_job_script, safe_job_name
 from .states import RunState
 
 log = logging.getLogger(__name__)
+
+# How each backend kind starts the job script (see script.Scheduler).
+_SCHEDULERS: dict[str, Scheduler] = {"ssh": "slurm", "unicore": "unicore"}
 
 ARTIFACT_DIR = "mantik"
 ARTIFACT_CODE = f"{ARTIFACT_DIR}/code.tar.gz"
@@ -563,7 +566,7 @@ class RunService:
                     experiment_id=exp_id,
                     tracking_uri=job_uri,
                     job_name=job_name,
-                    scheduler="slurm" if spec["kind"] == "ssh" else "none",
+                    scheduler=_SCHEDULERS.get(spec["kind"], "none"),
                     project_dir=project_path,
                 )
                 (job_dir / JOB_SCRIPT).write_text(script, encoding="utf-8")

@@ -38,7 +38,9 @@ from .config import (
 )
 from .layout import CODE_DIR, CREDENTIALS_FILE, EXIT_CODE_FILE, LOG_FILE
 
-Scheduler = Literal["slurm", "none"]
+# "slurm": the script is a batch script we submit with sbatch. "unicore": UNICORE submits
+# it to the site's batch system, which we do not control. "none": a plain process.
+Scheduler = Literal["slurm", "unicore", "none"]
 
 CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
@@ -71,8 +73,8 @@ def render_job_script(
     local Apptainer image, whose place in the package depends on where the image is.
     """
     _check_ids(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
-    if scheduler not in ("slurm", "none"):
-        raise ValueError(f"unknown scheduler {scheduler!r}; expected 'slurm' or 'none'")
+    if scheduler not in ("slurm", "unicore", "none"):
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected slurm, unicore or none")
     lines = ["#!/bin/bash"]
     if scheduler == "slurm":
         lines += sbatch_lines(config, job_name)
@@ -316,7 +318,18 @@ def _entry_point(
         words = ["apptainer", "run", *_apptainer_options(apptainer), image, run]
         if scheduler == "slurm":
             words.insert(0, "srun")
-        run = " ".join(words)
+            run = " ".join(words)
+        elif scheduler == "unicore":
+            # Mantik runs the container with srun, so a job of N tasks runs N copies
+            # (distributed training). A UNICORE site's batch system is known only on it:
+            # srun where the job is a Slurm job, the container alone elsewhere.
+            container = " ".join(words)
+            run = (
+                'if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null 2>&1; '
+                f"then srun {container}; else {container}; fi"
+            )
+        else:
+            run = " ".join(words)
     return [
         f"echo {shlex.quote('[mantik] starting entry point: ' + command)}",
         run,

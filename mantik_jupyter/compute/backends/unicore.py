@@ -18,7 +18,7 @@ A run is one UNICORE job (``Job type`` BATCH). Its working directory (the job's
   ``PostRunCommandOnLoginNode`` becomes the ``User postcommand`` on the login node.
   Their output goes to ``mantik-login.log`` in the run directory;
 * ``Executable: bash``, ``Arguments: [mantik-job.sh]`` runs the generated job script
-  (rendered with ``scheduler="none"``) on the compute node, ``Stdout``/``Stderr``
+  (rendered with ``scheduler="unicore"``) on the compute node, ``Stdout``/``Stderr``
   ``mantik.log``; ``Resources`` become UNICORE resource requests (``Runtime`` in
   seconds, ``MemoryPerNode`` in megabytes), the compute budget account becomes
   ``Project``; ``Environment.Variables``, modules, the venv/Apptainer image and the
