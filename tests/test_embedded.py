@@ -352,3 +352,20 @@ def test_a_stopped_embedded_server_is_not_blamed_on_the_uri(server_dir, tmp_path
         assert "starts it again" in err.value.message and str(server_dir) in err.value.message
     finally:
         server.stop()
+
+
+def test_a_data_dir_open_to_others_is_made_private(server_dir, caplog):
+    # MLflow makes auth.db (password hashes) and mlflow.db with the umask: only the
+    # directory keeps other users out of them.
+    server_dir.mkdir(mode=0o755)
+    os.chmod(server_dir, 0o755)  # noqa: S103 - the mistake under test
+    server = EmbeddedTrackingServer(server_dir)
+    with caplog.at_level("WARNING", logger="mantik_jupyter.tracking.embedded"):
+        server.start()
+    try:
+        assert stat.S_IMODE(server_dir.stat().st_mode) == 0o700
+        assert any("open to other users (mode 755)" in r.getMessage() for r in caplog.records)
+        server.wait_ready(120)
+        assert (server_dir / "auth.db").exists()
+    finally:
+        server.stop()

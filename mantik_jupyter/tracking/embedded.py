@@ -20,6 +20,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -261,6 +262,29 @@ class EmbeddedTrackingServer:
     def credential(self) -> Credential:
         return self.secrets.credential()
 
+    def _make_private(self) -> None:
+        """A data dir made before (by hand, or by an older version) may be open to others;
+        MLflow makes its databases and artifacts with the umask, so the directory is what
+        keeps other users from the password hashes in auth.db and from the runs."""
+        st = self.directory.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            return
+        if st.st_uid != os.getuid():
+            log.warning(
+                "The embedded tracking server's data dir %s belongs to user id %d and is "
+                "open to other users (mode %o): they can read its databases. Choose a data "
+                "dir of your own with MANTIK_DATA_DIR or c.MantikApp.data_dir.",
+                self.directory, st.st_uid, mode,
+            )  # fmt: skip
+            return
+        os.chmod(self.directory, 0o700)
+        log.warning(
+            "The embedded tracking server's data dir %s was open to other users (mode %o); "
+            "it is now 0700.",
+            self.directory, mode,
+        )  # fmt: skip
+
     # --- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
@@ -269,6 +293,7 @@ class EmbeddedTrackingServer:
         self._failure = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._make_private()
             (self.directory / "artifacts").mkdir(exist_ok=True)
             self.secrets  # noqa: B018 - loaded (or made) here, before anything starts
             if self._take_lock():
