@@ -11,6 +11,7 @@ inside the lab's iframe. Screenshots and the server log go to ``test-artifacts/`
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,6 @@ from .browser_helpers import (  # noqa: F401 - fixtures
     UI_TIMEOUT_MS,
     LabServer,
     browser,
-    free_port,
     jp_asyncio_loop,
     jp_server_cleanup,
     lab,
@@ -36,10 +36,14 @@ pytestmark = BROWSER_MARKS
 @pytest.fixture(scope="module")
 def remote_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """A lab configured for a remote tracking server that does not answer (a closed port)."""
-    uri = f"http://127.0.0.1:{free_port()}"
-    yield from running_lab(
-        tmp_path_factory.mktemp("lab-remote"), (f"--MantikApp.tracking_uri={uri}",)
-    )
+    # The port stays bound, never listening, for the module: connecting is refused at once,
+    # and no server started later in the session (an embedded MLflow, a lab) can take it.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        yield from running_lab(
+            tmp_path_factory.mktemp("lab-remote"), (f"--MantikApp.tracking_uri={uri}",)
+        )
 
 
 def open_lab(page, lab: LabServer):
