@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
-from mantik_jupyter.compute.backends.unicore import (
-    UnicoreBackend,
-    decide,
-    job_description,
-)
+from mantik_jupyter.compute.backends.unicore import UnicoreBackend
+from mantik_jupyter.compute.backends.unicore_job import decide, job_description
 from mantik_jupyter.compute.config import load_config, parse_config
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState

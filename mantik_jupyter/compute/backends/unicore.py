@@ -1,11 +1,10 @@
 """UNICORE: the backend for sites reached through a UNICORE REST API (JUWELS, JURECA, ...).
 
 Everything goes through pyunicore's client (``Client``, ``Job``, ``Storage``,
-``PathFile``); no HTTP is written by hand. Three small additions to pyunicore's
-``Transport``: it keeps the HTTP status and UNICORE's own ``errorMessage`` of a failed
-call (pyunicore folds them into the text of an ``httpx.HTTPError``), it verifies TLS
-certificates by default (pyunicore does not), and all calls share one ``httpx.Client``
-(kept-alive connections) instead of a new connection per call.
+``PathFile``); no HTTP is written by hand. ``unicore_transport.py`` adds to pyunicore's
+``Transport`` what the backend needs (UNICORE's own error messages, TLS verified by
+default, kept-alive connections, one security session a login); ``unicore_job.py`` holds
+the job description and how UNICORE's answers become a run's state.
 
 A run is one UNICORE job (``Job type`` BATCH). Its working directory (the job's
 "uspace") is the run directory, with the same layout as on the other backends:
@@ -64,16 +63,12 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
-import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,11 +88,16 @@ from ...errors import (
     PermissionDenied,
 )
 from .. import layout
-from ..config import ComputeConfig
-from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative, safe_name, save_stream
+from .unicore_job import BSS_DETAILS_STATE, NOT_NORMALLY, decide, exit_code, job_description
+from .unicore_transport import (
+    SessionTransport,
+    UnicoreHTTPError,
+    http_client,
+    untrusted_certificate,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,218 +110,7 @@ STATE_WORKERS = 8
 _STATE_FIELDS = "status,statusMessage,exitCode"
 _LOGIN = "logging in"
 
-# JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
-# non-zero exit code: <2>. More information ...]".
-_PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+)>", re.S)
-# Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
-# system) fails with this message, and the batch system's details go into the job's log.
-_NOT_NORMALLY = "Job did not complete normally on BSS"
-_BSS_DETAILS_STATE = re.compile(
-    r"Detailed job information from batch system:.*?\bJobState=(\w+)", re.S
-)  # the details are Slurm's `scontrol show job`, several lines
-# Slurm's words, as the Slurm backend reports them (docs/states.md).
-_BSS_FAILURES = {
-    "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
-}  # fmt: skip
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ACTIVE = {
-    "UNDEFINED": RunState.QUEUED,
-    "READY": RunState.QUEUED,
-    "STAGINGIN": RunState.QUEUED,
-    "QUEUED": RunState.QUEUED,
-    "RUNNING": RunState.RUNNING,
-    "STAGINGOUT": RunState.RUNNING,
-}
-
-
-# ---- pyunicore transport with usable errors ---------------------------------------------
-
-
-class UnicoreHTTPError(httpx.HTTPError):
-    """A UNICORE answer with an error status; ``message`` is UNICORE's ``errorMessage``."""
-
-    def __init__(self, status: int, message: str, url: str) -> None:
-        super().__init__(f"{status} {message} for url: {url}")
-        self.status = status
-        self.message = message
-
-
-class _Transport(uc.Transport):
-    """pyunicore's Transport, keeping the status code and UNICORE's own error message, and
-    sending every call through one ``httpx.Client``: pyunicore's ``httpx.get`` & co. open
-    a connection, and build an SSL context from the whole CA bundle (some 25 ms of CPU),
-    for every call, and the states and logs of runs are asked for all along.
-
-    One security session for all calls of a login, file reads included: every call that
-    sends the credential makes a new session at the site, which keeps five a user and
-    drops the least recently used (SecuritySessionStore). pyunicore's clones (one per
-    Job, Storage, file) each kept their own session id, and file reads sent none, so
-    following a log logged in anew at every read and pushed the other calls' session
-    out. The clones of a login share one session id here."""
-
-    def __init__(
-        self,
-        credential: Any,
-        http: httpx.Client,
-        *,
-        use_security_sessions: bool = True,
-        session: dict[str, str | None] | None = None,
-    ) -> None:
-        self._session: dict[str, str | None] = {"id": None}
-        super().__init__(credential, use_security_sessions=use_security_sessions)
-        if session is not None:
-            self._session = session  # after pyunicore's __init__, which clears the id
-        self.http = http
-
-    @property  # type: ignore[override]
-    def last_session_id(self) -> str | None:
-        return self._session["id"]
-
-    @last_session_id.setter
-    def last_session_id(self, value: str | None) -> None:
-        self._session["id"] = value
-
-    def _clone(self) -> _Transport:
-        clone = _Transport(
-            self.credential,
-            self.http,
-            use_security_sessions=self.use_security_sessions,
-            session=self._session,
-        )
-        clone._preferences = self._preferences
-        clone.timeout = self.timeout
-        return clone
-
-    def run_method(self, method: Callable[..., httpx.Response], **args: Any) -> httpx.Response:
-        # pyunicore's run_method, with the client's get/put/post/delete for httpx's.
-        headers = self._headers(args)
-        send = getattr(self.http, method.__name__)
-        res = send(headers=headers, timeout=self.timeout, **args)
-        if self.repeat_required(res, headers):
-            res = send(headers=headers, timeout=self.timeout, **args)
-        self.check_error(res)
-        if self.use_security_sessions:
-            self.last_session_id = res.headers.get("X-UNICORE-SecuritySession", None)
-        self.settings_changed = False
-        return res
-
-    @contextmanager
-    def get_stream(self, **kwargs: Any) -> Iterator[httpx.Response]:
-        # With the session (pyunicore sends none here); a GET not yet read can be sent
-        # again when the site answers 432 (session gone), as run_method does.
-        headers = self._headers(kwargs)
-
-        def send() -> httpx.Response:
-            request = self.http.build_request(
-                "GET", headers=headers, timeout=self.timeout, **kwargs
-            )
-            return self.http.send(request, stream=True)
-
-        res = send()
-        try:
-            if self.repeat_required(res, headers):
-                res.close()
-                res = send()
-            if self.use_security_sessions and res.status_code < 400:
-                self.last_session_id = res.headers.get("X-UNICORE-SecuritySession")
-            yield res
-        finally:
-            res.close()
-
-    def check_error(self, res: httpx.Response) -> None:
-        if 400 <= res.status_code < 600:
-            res.read()
-            message = res.reason_phrase
-            try:
-                message = res.json().get("errorMessage") or message
-            except ValueError:
-                pass
-            raise UnicoreHTTPError(res.status_code, str(message), str(res.url))
-        res.raise_for_status()
-
-
-# ---- the job description ----------------------------------------------------------------
-
-
-def job_description(config: ComputeConfig | None, job_name: str, run_id: str) -> dict[str, Any]:
-    """The UNICORE job description of one run (no secret ever goes in here)."""
-    description: dict[str, Any] = {
-        "Name": job_name,
-        "Job type": "BATCH",
-        "Executable": "bash",
-        "Arguments": [layout.JOB_SCRIPT],
-        "Stdout": layout.LOG_FILE,
-        "Stderr": layout.LOG_FILE,
-        "haveClientStageIn": "true",
-        "Umask": "077",
-        # Run ids are hex; they tell a login-node command which run it serves.
-        "Environment": {"MLFLOW_RUN_ID": run_id, "MANTIK_RUN_ID": run_id},
-        "Tags": ["mantik", f"mantik-run-{run_id}"],
-        "User precommand": _pre_commands(()),
-        "RunUserPrecommandOnLoginNode": "true",
-    }
-    if config is None:
-        return description
-    env = config.environment
-    if env.pre_run_command_on_login_node:
-        description["User precommand"] = _pre_commands(env.pre_run_command_on_login_node)
-    if env.post_run_command_on_login_node:
-        description["User postcommand"] = _post_commands(env.post_run_command_on_login_node)
-        description["RunUserPostcommandOnLoginNode"] = "true"
-        # UNICORE runs the user postcommand only after exit code 0 and fails the job when
-        # it fails. As on the other backends it runs however the job ended, and the run's
-        # state stays the job's: the job ends SUCCESSFUL with its exit code, which
-        # decide() reads.
-        description["IgnoreNonZeroExitCode"] = "true"
-    resources = unicore_resources(config)
-    if resources:
-        description["Resources"] = resources
-    if config.compute_budget_account:
-        description["Project"] = config.compute_budget_account
-    return description
-
-
-def unicore_resources(config: ComputeConfig) -> dict[str, str]:
-    """``Resources`` of the config as UNICORE resource requests (values as strings)."""
-    res = config.resources
-    values: dict[str, Any] = {
-        "Queue": res.queue,
-        "Runtime": res.runtime,  # seconds, UNICORE's unit for a plain number
-        "Nodes": res.nodes,
-        "TotalCPUs": res.total_cpus,
-        "CPUsPerNode": res.cpus_per_node,
-        "GPUsPerNode": res.gpus_per_node,
-        "MemoryPerNode": None if res.memory_per_node is None else f"{res.memory_per_node}M",
-        "Reservation": res.reservation,
-        "NodeConstraints": res.node_constraints,
-        "QoS": res.qos,
-    }
-    return {key: str(value) for key, value in values.items() if value is not None}
-
-
-def _pre_commands(commands: tuple[str, ...]) -> str:
-    """The user precommand: unpack the code, then PreRunCommandOnLoginNode; output to
-    mantik-login.log, the first failing step ends it with its status (UNICORE then
-    fails the job)."""
-    q = shlex.quote
-    return (
-        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1\n"
-        f"if [ -f {q(layout.PACKAGE_FILE)} ]; then mkdir -p {layout.CODE_DIR} && "
-        f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
-        '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi\n'
-        + login_commands_script(commands, "PreRunCommandOnLoginNode")
-    )
-
-
-def _post_commands(commands: tuple[str, ...]) -> str:
-    """The user postcommand: PostRunCommandOnLoginNode, its failure only logged."""
-    script = login_commands_script(commands, "PostRunCommandOnLoginNode")
-    lines = [
-        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1",
-        f"bash -c {shlex.quote(script)} </dev/null",
-        "exit 0",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 # ---- the backend -------------------------------------------------------------------------
@@ -414,11 +203,11 @@ class UnicoreBackend(Backend):
                 credential = self._credential()
 
                 if self._http is None:
-                    self._http = _http_client(self._verify)
+                    self._http = http_client(self._verify, STATE_WORKERS)
                 http = self._http
 
                 def connect() -> uc.Client:
-                    transport = _Transport(credential, http)
+                    transport = SessionTransport(credential, http)
                     transport.timeout = self._timeout
                     return uc.Client(transport, self.api_url)
 
@@ -436,7 +225,7 @@ class UnicoreBackend(Backend):
         except UnicoreHTTPError as exc:
             raise self._http_error(exc, what) from None
         except (httpx.TransportError, OSError) as exc:
-            if _untrusted_certificate(exc):
+            if untrusted_certificate(exc):
                 with self._lock:  # SSL_CERT_FILE is read when the next client is made
                     self._client = None
                     self._http = None
@@ -685,11 +474,11 @@ class UnicoreBackend(Backend):
             )
             status = str(props.get("status") or "UNDEFINED")
             message = str(props.get("statusMessage") or "")
-            code = _exit_code(props.get("exitCode"))
+            code = exit_code(props.get("exitCode"))
             if status in ("SUCCESSFUL", "FAILED") and code is None:
                 code = self._exit_code_file(job_id)
             bss_state = None
-            if status == "FAILED" and _NOT_NORMALLY in message:
+            if status == "FAILED" and NOT_NORMALLY in message:
                 bss_state = self._bss_state(job_id)
             return decide(status, message, code, bss_state)
         except MantikError as exc:
@@ -708,7 +497,7 @@ class UnicoreBackend(Backend):
             return None
         lines = props.get("log") if isinstance(props.get("log"), list) else []
         for line in reversed(lines):
-            found = _BSS_DETAILS_STATE.search(str(line))
+            found = BSS_DETAILS_STATE.search(str(line))
             if found:
                 return found.group(1)
         return None
@@ -718,7 +507,7 @@ class UnicoreBackend(Backend):
             data, _ = self._read(job_id, layout.EXIT_CODE_FILE, 0, 64)
         except MantikError:
             return None
-        return _exit_code(data.decode(errors="replace").strip().splitlines()[0] if data else None)
+        return exit_code(data.decode(errors="replace").strip().splitlines()[0] if data else None)
 
     # ---- logs, cancel ----------------------------------------------------------------------
 
@@ -919,54 +708,7 @@ class UnicoreBackend(Backend):
         return files
 
 
-# ---- pure helpers -------------------------------------------------------------------------
-
-
-def decide(
-    status: str, message: str, exit_code: int | None, bss_state: str | None = None
-) -> JobStatus:
-    """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
-    the batch system's state where UNICORE logged it (a job without an exit code)."""
-    if status in _ACTIVE:
-        return JobStatus(_ACTIVE[status], native_state=status)
-    lowered = message.lower()
-    if status == "SUCCESSFUL":
-        if exit_code:
-            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
-        return JobStatus(RunState.FINISHED, status, 0)
-    if status == "FAILED":
-        if "abort" in lowered or "cancel" in lowered or bss_state == "CANCELLED":
-            return JobStatus(RunState.KILLED, status, exit_code, "CANCELLED")
-        if bss_state in _BSS_FAILURES:
-            return JobStatus(RunState.FAILED, status, exit_code, bss_state)
-        if "timeout" in lowered or "time limit" in lowered:
-            return JobStatus(RunState.FAILED, status, exit_code, "TIMEOUT")
-        if "out_of_memory" in lowered or "out of memory" in lowered or "oom" in lowered.split():
-            return JobStatus(RunState.FAILED, status, exit_code, "OUT_OF_MEMORY")
-        if exit_code:
-            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
-        pre = _PRE_COMMAND_FAILED.match(message.strip())
-        if pre:
-            # UNICORE's message points at the job directory; say which file to read.
-            return JobStatus(
-                RunState.FAILED,
-                status,
-                None,
-                "unpacking the code or PreRunCommandOnLoginNode failed on the login node "
-                f"(exit code {pre.group(1)}); its output is in {layout.LOGIN_LOG_FILE}",
-            )
-        first = message.strip().splitlines()[0] if message.strip() else "FAILED"
-        return JobStatus(RunState.FAILED, status, exit_code, first)
-    return JobStatus(RunState.UNKNOWN, native_state=status)
-
-
-def _exit_code(value: Any) -> int | None:
-    """UNICORE's ``exitCode`` ("0", 0, "3", absent). Not pyunicore's ``Job.exit_code``,
-    which turns 0 into None."""
-    if value is None or isinstance(value, bool):
-        return None
-    text = str(value).strip()
-    return int(text) if text.lstrip("-").isdigit() else None
+# ---- helpers ---------------------------------------------------------------------------
 
 
 def _check_token_expiry(token: str, api_url: str) -> None:
@@ -986,25 +728,6 @@ def _check_token_expiry(token: str, api_url: str) -> None:
             f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
             f"token and set it again ({ENV_UNICORE_TOKEN})."
         )
-
-
-def _http_client(verify: bool | str) -> httpx.Client:
-    # Connections live 15 s between calls, below the 30 s idle timeout of UNICORE's
-    # Jetty. No cookie jar: pyunicore keeps none, and UNICORE's sessions are a header.
-    return httpx.Client(
-        verify=verify,
-        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
-        limits=httpx.Limits(max_keepalive_connections=STATE_WORKERS, keepalive_expiry=15.0),
-    )
-
-
-def _untrusted_certificate(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _describe(exc: BaseException) -> str:

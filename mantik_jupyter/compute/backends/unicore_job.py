@@ -1,0 +1,167 @@
+"""What UNICORE is told about a run (the job description) and how its answers become a
+run's state. No I/O here: the backend (``unicore.py``) does the talking."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from .. import layout
+from ..config import ComputeConfig
+from ..script import login_commands_script
+from ..states import RunState
+from .base import JobStatus
+
+# JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
+# non-zero exit code: <2>. More information ...]".
+_PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+)>", re.S)
+# Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
+# system) fails with this message, and the batch system's details go into the job's log.
+NOT_NORMALLY = "Job did not complete normally on BSS"
+BSS_DETAILS_STATE = re.compile(
+    r"Detailed job information from batch system:.*?\bJobState=(\w+)", re.S
+)  # the details are Slurm's `scontrol show job`, several lines
+# Slurm's words, as the Slurm backend reports them (docs/states.md).
+_BSS_FAILURES = {
+    "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
+}  # fmt: skip
+_ACTIVE = {
+    "UNDEFINED": RunState.QUEUED,
+    "READY": RunState.QUEUED,
+    "STAGINGIN": RunState.QUEUED,
+    "QUEUED": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    "STAGINGOUT": RunState.RUNNING,
+}
+
+
+def job_description(config: ComputeConfig | None, job_name: str, run_id: str) -> dict[str, Any]:
+    """The UNICORE job description of one run (no secret ever goes in here)."""
+    description: dict[str, Any] = {
+        "Name": job_name,
+        "Job type": "BATCH",
+        "Executable": "bash",
+        "Arguments": [layout.JOB_SCRIPT],
+        "Stdout": layout.LOG_FILE,
+        "Stderr": layout.LOG_FILE,
+        "haveClientStageIn": "true",
+        "Umask": "077",
+        # Run ids are hex; they tell a login-node command which run it serves.
+        "Environment": {"MLFLOW_RUN_ID": run_id, "MANTIK_RUN_ID": run_id},
+        "Tags": ["mantik", f"mantik-run-{run_id}"],
+        "User precommand": _pre_commands(()),
+        "RunUserPrecommandOnLoginNode": "true",
+    }
+    if config is None:
+        return description
+    env = config.environment
+    if env.pre_run_command_on_login_node:
+        description["User precommand"] = _pre_commands(env.pre_run_command_on_login_node)
+    if env.post_run_command_on_login_node:
+        description["User postcommand"] = _post_commands(env.post_run_command_on_login_node)
+        description["RunUserPostcommandOnLoginNode"] = "true"
+        # UNICORE runs the user postcommand only after exit code 0 and fails the job when
+        # it fails. As on the other backends it runs however the job ended, and the run's
+        # state stays the job's: the job ends SUCCESSFUL with its exit code, which
+        # decide() reads.
+        description["IgnoreNonZeroExitCode"] = "true"
+    resources = unicore_resources(config)
+    if resources:
+        description["Resources"] = resources
+    if config.compute_budget_account:
+        description["Project"] = config.compute_budget_account
+    return description
+
+
+def unicore_resources(config: ComputeConfig) -> dict[str, str]:
+    """``Resources`` of the config as UNICORE resource requests (values as strings)."""
+    res = config.resources
+    values: dict[str, Any] = {
+        "Queue": res.queue,
+        "Runtime": res.runtime,  # seconds, UNICORE's unit for a plain number
+        "Nodes": res.nodes,
+        "TotalCPUs": res.total_cpus,
+        "CPUsPerNode": res.cpus_per_node,
+        "GPUsPerNode": res.gpus_per_node,
+        "MemoryPerNode": None if res.memory_per_node is None else f"{res.memory_per_node}M",
+        "Reservation": res.reservation,
+        "NodeConstraints": res.node_constraints,
+        "QoS": res.qos,
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _pre_commands(commands: tuple[str, ...]) -> str:
+    """The user precommand: unpack the code, then PreRunCommandOnLoginNode; output to
+    mantik-login.log, the first failing step ends it with its status (UNICORE then
+    fails the job)."""
+    q = shlex.quote
+    return (
+        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1\n"
+        f"if [ -f {q(layout.PACKAGE_FILE)} ]; then mkdir -p {layout.CODE_DIR} && "
+        f"tar -xzf {q(layout.PACKAGE_FILE)} -C {layout.CODE_DIR} || "
+        '{ mantik_rc=$?; echo "[mantik] unpacking the code failed"; exit $mantik_rc; }; fi\n'
+        + login_commands_script(commands, "PreRunCommandOnLoginNode")
+    )
+
+
+def _post_commands(commands: tuple[str, ...]) -> str:
+    """The user postcommand: PostRunCommandOnLoginNode, its failure only logged."""
+    script = login_commands_script(commands, "PostRunCommandOnLoginNode")
+    lines = [
+        f"exec >> {layout.LOGIN_LOG_FILE} 2>&1",
+        f"bash -c {shlex.quote(script)} </dev/null",
+        "exit 0",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- states ----------------------------------------------------------------------------
+
+
+def decide(
+    status: str, message: str, exit_code: int | None, bss_state: str | None = None
+) -> JobStatus:
+    """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
+    the batch system's state where UNICORE logged it (a job without an exit code)."""
+    if status in _ACTIVE:
+        return JobStatus(_ACTIVE[status], native_state=status)
+    lowered = message.lower()
+    if status == "SUCCESSFUL":
+        if exit_code:
+            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        return JobStatus(RunState.FINISHED, status, 0)
+    if status == "FAILED":
+        if "abort" in lowered or "cancel" in lowered or bss_state == "CANCELLED":
+            return JobStatus(RunState.KILLED, status, exit_code, "CANCELLED")
+        if bss_state in _BSS_FAILURES:
+            return JobStatus(RunState.FAILED, status, exit_code, bss_state)
+        if "timeout" in lowered or "time limit" in lowered:
+            return JobStatus(RunState.FAILED, status, exit_code, "TIMEOUT")
+        if "out_of_memory" in lowered or "out of memory" in lowered or "oom" in lowered.split():
+            return JobStatus(RunState.FAILED, status, exit_code, "OUT_OF_MEMORY")
+        if exit_code:
+            return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        pre = _PRE_COMMAND_FAILED.match(message.strip())
+        if pre:
+            # UNICORE's message points at the job directory; say which file to read.
+            return JobStatus(
+                RunState.FAILED,
+                status,
+                None,
+                "unpacking the code or PreRunCommandOnLoginNode failed on the login node "
+                f"(exit code {pre.group(1)}); its output is in {layout.LOGIN_LOG_FILE}",
+            )
+        first = message.strip().splitlines()[0] if message.strip() else "FAILED"
+        return JobStatus(RunState.FAILED, status, exit_code, first)
+    return JobStatus(RunState.UNKNOWN, native_state=status)
+
+
+def exit_code(value: Any) -> int | None:
+    """UNICORE's ``exitCode`` ("0", 0, "3", absent). Not pyunicore's ``Job.exit_code``,
+    which turns 0 into None."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else None
