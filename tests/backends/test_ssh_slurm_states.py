@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mantik_jupyter.compute.backends.ssh_slurm import _clean_relative, _decide
+from mantik_jupyter.compute.backends.paths import clean_relative
+from mantik_jupyter.compute.backends.slurm_words import decide
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import UnsafePath
 
@@ -36,7 +37,7 @@ from mantik_jupyter.errors import UnsafePath
     ],
 )
 def test_slurm_words_map_to_run_states(squeue, sacct, exitcode, state, reason):
-    status = _decide(squeue, sacct, exitcode)
+    status = decide(squeue, sacct, exitcode)
     assert status.state == state
     assert status.reason == reason
 
@@ -44,14 +45,14 @@ def test_slurm_words_map_to_run_states(squeue, sacct, exitcode, state, reason):
 @pytest.mark.parametrize("path", ["..", "a/../../b", "/etc", "~root", "a/..\\..\\b"])
 def test_escaping_paths_are_refused(path):
     with pytest.raises(UnsafePath):
-        _clean_relative(path)
+        clean_relative(path)
 
 
 @pytest.mark.parametrize(
     ("path", "clean"), [("", ""), (".", ""), ("a//b/./c", "a/b/c"), ("out/", "out")]
 )
 def test_harmless_paths_are_normalised(path, clean):
-    assert _clean_relative(path) == clean
+    assert clean_relative(path) == clean
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,6 @@ def test_harmless_paths_are_normalised(path, clean):
     [("PartitionNodeLimit", True), ("PartitionConfig", True), ("Priority", False), ("", False)],
 )
 def test_pending_for_good_says_why(reason, blocked):
-    status = _decide(["PENDING", reason], None, None)
+    status = decide(["PENDING", reason], None, None)
     assert status.state == RunState.QUEUED
     assert (status.reason is not None and reason in status.reason) == blocked

@@ -65,13 +65,19 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
-from ..config import ComputeConfig
 from ..script import expand_quoted, login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
-from .paths import clean_relative as _clean_relative
+from .paths import clean_relative, save_stream
 from .paths import safe_name as _safe_name
-from .paths import save_stream
+from .slurm_words import (
+    ACTIVE,
+    MARK,
+    decide,
+    parse_table,
+    sbatch_culprit,
+    split_sections,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,29 +93,6 @@ _LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-# Separates the sections of the one combined status command's output.
-_MARK = "@@mantik@@"
-
-# Slurm state words (first word: sacct says "CANCELLED by 1001").
-_ACTIVE = {
-    "PENDING": RunState.QUEUED,
-    "CONFIGURING": RunState.QUEUED,
-    "REQUEUED": RunState.QUEUED,
-    "REQUEUE_FED": RunState.QUEUED,
-    "REQUEUE_HOLD": RunState.QUEUED,
-    # Requeued and held (RequeueExitHold, `scontrol requeuehold State=SpecialExit`):
-    # a release lets it run again.
-    "SPECIAL_EXIT": RunState.QUEUED,
-    "RESIZING": RunState.QUEUED,
-    "SUSPENDED": RunState.QUEUED,
-    "RUNNING": RunState.RUNNING,
-    "COMPLETING": RunState.RUNNING,
-    "STAGE_OUT": RunState.RUNNING,
-    "SIGNALING": RunState.RUNNING,
-    "STOPPED": RunState.RUNNING,
-}
-_FAILED = {"FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "TIMEOUT", "BOOT_FAIL", "DEADLINE"}
-_FINAL = _FAILED | {"COMPLETED", "CANCELLED", "PREEMPTED", "REVOKED"}
 
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
@@ -329,15 +312,13 @@ class SshSlurmBackend(Backend):
         names = list(dict.fromkeys(names))
         values = " ".join(f'"${{{name}-}}"' for name in names)
         # The marker skips whatever a chatty shell startup file printed first.
-        script = f"printf '%s\\0' {_MARK} \"$(pwd -P)\" {word} {values}"
+        script = f"printf '%s\\0' {MARK} \"$(pwd -P)\" {word} {values}"
         result = self._exec("sh -c " + shlex.quote(script))
         text = result.stdout.decode(errors="replace")
-        start = text.find(_MARK + "\0")
-        fields = text[start + len(_MARK) + 1 :].split("\0") if start >= 0 else []
+        start = text.find(MARK + "\0")
+        fields = text[start + len(MARK) + 1 :].split("\0") if start >= 0 else []
         if result.status != 0 or len(fields) < 2 + len(names):
-            raise BackendRejected(
-                f"Expanding {where} on {self.hostname} failed: {result.err_text}"
-            )
+            raise BackendRejected(f"Expanding {where} on {self.hostname} failed: {result.err_text}")
         login_dir, expanded = fields[0], fields[1]
         for name, value in zip(names, fields[2:], strict=False):
             if not value:
@@ -469,8 +450,7 @@ class SshSlurmBackend(Backend):
                 "later; if it keeps happening, the login node may be overloaded or down."
             )
         return BackendUnavailable(
-            f"Lost the SSH connection to {self.hostname}:{self.port} while {what}: "
-            f"{_describe(exc)}"
+            f"Lost the SSH connection to {self.hostname}:{self.port} while {what}: {_describe(exc)}"
         )
 
     # ---- remote commands ----------------------------------------------------------------
@@ -522,7 +502,7 @@ class SshSlurmBackend(Backend):
             self._raise_login_failure(result, job.run_id, run_dir)
             said = result.err_text or result.stdout.decode(errors="replace").strip()
             refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
-            culprit = _sbatch_culprit(said, job.config)
+            culprit = sbatch_culprit(said, job.config)
             if culprit is not None:
                 assert job.config is not None
                 key, hint = culprit
@@ -600,13 +580,13 @@ class SshSlurmBackend(Backend):
                 "mantik_rc=$?",
                 'if [ "$mantik_rc" -ne 0 ]; then',
                 f"  rm -f -- {creds}",
-                f'  echo "{_MARK}login $mantik_rc" >&2',
+                f'  echo "{MARK}login $mantik_rc" >&2',
                 f"  tail -c {_LOGIN_LOG_TAIL} {layout.LOGIN_LOG_FILE} >&2",
                 '  exit "$mantik_rc"',
                 "fi",
                 # Best effort: if the client gave up waiting and closed the channel, this
                 # write kills the shell (SIGPIPE) and no job it will never hear of starts.
-                f"echo {_MARK}login-done",
+                f"echo {MARK}login-done",
             ]
         lines.append(
             f"sbatch --parsable --chdir={q(run_dir)} --job-name={q(job_name)} "
@@ -618,7 +598,7 @@ class SshSlurmBackend(Backend):
 
     def _raise_login_failure(self, result: _Result, run_id: str, run_dir: str) -> None:
         """The error of a failed PreRunCommandOnLoginNode, if that is what failed."""
-        marker = f"{_MARK}login "
+        marker = f"{MARK}login "
         err = result.stderr.decode(errors="replace")
         if marker not in err:
             return
@@ -639,14 +619,12 @@ class SshSlurmBackend(Backend):
         for start in range(0, len(valid), STATES_BATCH):
             batch = valid[start : start + STATES_BATCH]
             result = self._run(self._status_command(batch), "asking Slurm for job states")
-            sections = _split_sections(result.stdout.decode(errors="replace"))
-            squeue = _parse_table(sections.get("squeue", ""), 3)
-            sacct = _parse_table(sections.get("sacct", ""), 3)
-            codes = _parse_table(sections.get("exitcodes", ""), 2)
+            sections = split_sections(result.stdout.decode(errors="replace"))
+            squeue = parse_table(sections.get("squeue", ""), 3)
+            sacct = parse_table(sections.get("sacct", ""), 3)
+            codes = parse_table(sections.get("exitcodes", ""), 2)
             for job_id in batch:
-                answer[job_id] = _decide(
-                    squeue.get(job_id), sacct.get(job_id), codes.get(job_id)
-                )
+                answer[job_id] = decide(squeue.get(job_id), sacct.get(job_id), codes.get(job_id))
         return answer
 
     def _status_command(self, job_ids: list[str]) -> str:
@@ -654,7 +632,7 @@ class SshSlurmBackend(Backend):
         the jobs squeue does not show as active (sacct is the slower of the two), then
         the ``mantik.exitcode`` files (for sites without accounting)."""
         ids = shlex.quote(",".join(job_ids))
-        active = "|".join(sorted(_ACTIVE))
+        active = "|".join(sorted(ACTIVE))
         # awk prints the ids squeue did not report as active, comma-separated.
         not_active = (
             f"awk -F'|' -v ids={ids} 'BEGIN {{ n = split(ids, a, \",\"); "
@@ -664,13 +642,13 @@ class SshSlurmBackend(Backend):
         )
         parts = [
             f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r' 2>/dev/null)",
-            f"echo {_MARK}squeue",
+            f"echo {MARK}squeue",
             'printf "%s\\n" "$sq"',
             f'rest=$(printf "%s\\n" "$sq" | {not_active})',
-            f"echo {_MARK}sacct",
+            f"echo {MARK}sacct",
             'if [ -n "$rest" ]; then '
             'sacct -X -n -P -j "$rest" -o JobIDRaw,State,ExitCode 2>/dev/null; fi',
-            f"echo {_MARK}exitcodes",
+            f"echo {MARK}exitcodes",
         ]
         known = [(j, self._run_dirs[j]) for j in job_ids if j in self._run_dirs]
         if known:
@@ -743,7 +721,7 @@ class SshSlurmBackend(Backend):
     def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
         """The entries of one directory of the run (not recursive), directories first."""
         run_dir = self.run_dir_of(job_id)
-        rel = _clean_relative(path)
+        rel = clean_relative(path)
 
         def listing() -> list[FileEntry]:
             with self._shared_sftp() as sftp:
@@ -765,7 +743,7 @@ class SshSlurmBackend(Backend):
 
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         run_dir = self.run_dir_of(job_id)
-        rel = _clean_relative(path)
+        rel = clean_relative(path)
         sftp, target = self._with_connection(
             lambda: self._open_confined_file(run_dir, rel, path), "opening a file"
         )
@@ -806,7 +784,7 @@ class SshSlurmBackend(Backend):
         an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
         (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
         run_dir = self.run_dir_of(job_id)
-        rel = _clean_relative(path)
+        rel = clean_relative(path)
         dest = Path(dest)
 
         def inspect() -> tuple[str, bool, int]:
@@ -828,8 +806,7 @@ class SshSlurmBackend(Backend):
         # Size first (for progress), then the archive, on one channel. du's first line
         # only: it prints the name after the size, and a name may hold a newline.
         command = (
-            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 "
-            f"&& tar -cf - -- {q(name)}"
+            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 && tar -cf - -- {q(name)}"
         )
         if final.exists():
             # Never delete or merge into a local folder the user may care about.
@@ -902,56 +879,6 @@ class SshSlurmBackend(Backend):
 # ---- pure helpers (no connection) -------------------------------------------------------
 
 
-# sbatch's words for a request the cluster refuses, the config key (and Resources
-# field) that made it, and what to do.
-_SBATCH_REFUSALS = (
-    (
-        "invalid partition",
-        "Queue",
-        "queue",
-        "use a partition of the cluster (`sinfo -s` lists them)",
-    ),
-    (
-        "memory specification can not be satisfied",
-        "MemoryPerNode",
-        "memory_per_node",
-        "ask for at most the memory of one node (`sinfo -o '%P %m'` lists it in MB), "
-        "or 0 for the whole node",
-    ),
-    (
-        "invalid generic resource",
-        "GPUsPerNode",
-        "gpus_per_node",
-        "use a partition with GPUs, or at most as many as one node has (`sinfo -o '%P %G'`)",
-    ),
-    (
-        "reservation is invalid",
-        "Reservation",
-        "reservation",
-        "use a reservation you may use (`scontrol show reservation`)",
-    ),
-    (
-        "invalid feature specification",
-        "NodeConstraints",
-        "node_constraints",
-        "use features the nodes have (`sinfo -o '%P %f'` lists them)",
-    ),
-)
-
-
-def _sbatch_culprit(said: str, config: ComputeConfig | None) -> tuple[str, str] | None:
-    """The config key (with its value) that sbatch's error points at, and what to do."""
-    if config is None:
-        return None
-    lowered = said.lower()
-    for words, key, field, hint in _SBATCH_REFUSALS:
-        if words in lowered:
-            value = getattr(config.resources, field)
-            shown = f"({value} MB)" if key == "MemoryPerNode" else repr(value)
-            return f"Resources.{key} {shown}", hint
-    return None
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -971,94 +898,6 @@ def _rest_of_stderr(channel: paramiko.Channel) -> bytes:
     while chunk := channel.recv_stderr(layout.CHUNK):
         rest += chunk
     return bytes(rest)
-
-
-def _split_sections(text: str) -> dict[str, str]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith(_MARK):
-            current = sections.setdefault(line[len(_MARK) :].strip(), [])
-        elif current is not None:
-            current.append(line)
-    return {name: "\n".join(lines) for name, lines in sections.items()}
-
-
-def _parse_table(text: str, columns: int) -> dict[str, list[str]]:
-    rows: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        cells = line.strip().split("|")
-        if len(cells) >= columns and cells[0]:
-            rows[cells[0]] = cells[1:columns]
-    return rows
-
-
-def _exit_code(text: str | None) -> int | None:
-    """Slurm's ``3:0`` (code:signal) or the exit-code file's ``3``."""
-    if not text:
-        return None
-    head = text.strip().split(":")[0]
-    return int(head) if head.lstrip("-").isdigit() else None
-
-
-def _decide(
-    squeue: list[str] | None, sacct: list[str] | None, exitcode: list[str] | None
-) -> JobStatus:
-    """One job's status from what squeue, sacct and the exit-code file said.
-
-    A final state wins over an active one (sacct lags a moment behind slurmctld,
-    and squeue forgets a job ``MinJobAge`` after it ended); sacct is preferred
-    among final states because it carries the exit code.
-    """
-    file_code = _exit_code(exitcode[0]) if exitcode else None
-    sq_state = squeue[0].split()[0] if squeue and squeue[0].strip() else None
-    sa_state = sacct[0].split()[0] if sacct and sacct[0].strip() else None
-    if sa_state in _FINAL:
-        assert sacct is not None
-        return _final(sa_state, _exit_code(sacct[1]), file_code)
-    if sq_state in _FINAL:
-        return _final(sq_state, None, file_code)
-    if sq_state in _ACTIVE and squeue is not None and squeue[1:]:
-        blocked = _BLOCKED.get(squeue[1].strip())
-        if blocked:
-            return JobStatus(_ACTIVE[sq_state], sq_state, None, _blocked_reason(squeue[1], blocked))
-    for word in (sq_state, sa_state):
-        if word in _ACTIVE:
-            return JobStatus(_ACTIVE[word], native_state=word)
-    if file_code is not None:
-        # Slurm forgot the job (no accounting, MinJobAge passed); the file remains.
-        return _final("COMPLETED", None, file_code)
-    return JobStatus(RunState.UNKNOWN, native_state=sq_state or sa_state or "")
-
-
-# squeue's reasons for a pending job that asks for more than its partition can ever give:
-# sites without EnforcePartLimits accept such a job, and it waits for good.
-_BLOCKED = {
-    "PartitionNodeLimit": "Resources.Nodes is more than the partition allows",
-    "PartitionConfig": "Resources (TotalCPUs, CPUsPerNode, Nodes) ask for more CPUs than "
-    "the partition's nodes have",
-}
-
-
-def _blocked_reason(word: str, what: str) -> str:
-    return (
-        f"waiting for good (Slurm: {word.strip()}): {what}. Cancel the run and submit "
-        "it again with a request the partition can meet (`sinfo -o '%P %D %c'`)."
-    )
-
-
-def _final(word: str, slurm_code: int | None, file_code: int | None) -> JobStatus:
-    # The job script's own record beats Slurm's: a script may exit 0 after a failed command.
-    code = file_code if file_code is not None else slurm_code
-    if word == "COMPLETED":
-        if code:
-            return JobStatus(RunState.FAILED, word, code, f"exit code {code}")
-        return JobStatus(RunState.FINISHED, word, code or 0)
-    if word == "CANCELLED":
-        return JobStatus(RunState.KILLED, word, code, "CANCELLED")
-    if word == "FAILED":
-        return JobStatus(RunState.FAILED, word, code, f"exit code {code}" if code else "FAILED")
-    return JobStatus(RunState.FAILED, word, code, word)
 
 
 class _CountingReader(io.RawIOBase):
