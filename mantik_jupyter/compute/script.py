@@ -395,6 +395,14 @@ def expand_quoted(value: str) -> str:
     return "".join(parts)
 
 
+def expanded_names(value: str) -> list[str]:
+    """The variables ``expand_quoted(value)`` expands, each once, in order (``HOME`` for
+    a leading ``~``)."""
+    names = ["HOME"] if value == "~" or value.startswith("~/") else []
+    names += [m.group(1) or m.group(2) for m in _VARIABLE_REFERENCE.finditer(value)]
+    return list(dict.fromkeys(names))
+
+
 def login_commands_script(commands: tuple[str, ...], key: str) -> str:
     """bash text running the config's login-node commands (``key`` names them in the log)
     in order; the first failing one ends it with its status. The same text on every

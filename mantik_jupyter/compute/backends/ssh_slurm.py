@@ -65,7 +65,7 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
-from ..script import expand_quoted, login_commands_script
+from ..script import expand_quoted, expanded_names, login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
 from .paths import clean_relative, save_stream
@@ -92,7 +92,6 @@ STATES_BATCH = 500
 _LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
-_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
@@ -306,10 +305,7 @@ class SshSlurmBackend(Backend):
             word = expand_quoted(setting)  # only $NAME/${NAME} expand, never $(...) or `...`
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}") from None
-        names = [m.group(1) or m.group(2) for m in _VARIABLE.finditer(setting)]
-        if setting == "~" or setting.startswith("~/"):
-            names.insert(0, "HOME")
-        names = list(dict.fromkeys(names))
+        names = expanded_names(setting)
         values = " ".join(f'"${{{name}-}}"' for name in names)
         # The marker skips whatever a chatty shell startup file printed first.
         script = f"printf '%s\\0' {MARK} \"$(pwd -P)\" {word} {values}"
