@@ -462,9 +462,7 @@ class RunService:
         spec = self._spec_for(config)
         backend = self._backend(spec, config)
         # A credential the backend can tell is missing or expired without asking the site.
-        check_credentials = getattr(backend, "check_credentials", None)
-        if check_credentials is not None:
-            check_credentials()
+        backend.check_credentials()
         # A first SSH login (key exchange, authentication) overlaps the rest of the
         # preparation: loading the project (MLflow's project code is slow to import),
         # packaging, the MLflow calls.

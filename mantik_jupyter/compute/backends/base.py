@@ -120,6 +120,10 @@ class Backend(abc.ABC):
         killed from outside leaves behind (a Slurm job keeps its credential file while
         it may be requeued). May raise ``MantikError``; the caller only logs it."""
 
+    def check_credentials(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``AuthenticationFailed`` for a credential the backend can tell is missing
+        or expired without asking the site; called before the MLflow run is created."""
+
     def warm_up(self) -> None:  # noqa: B027 - optional hook
         """Open connections ahead of ``submit``; called while the MLflow run is being
         created, so a slow login overlaps with it. Never raises: ``submit`` reports
