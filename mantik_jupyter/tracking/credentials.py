@@ -21,6 +21,8 @@ from ..errors import InvalidRequest, LocalStateInvalid
 from .secrets import read_private_json, write_private_json
 
 STORE_NAME = "The credential store"
+FIX_STORE = "Correct it, or move it away and log in again."
+FIX_ENTRY = "Log in again (that replaces the entry) or log out (that removes it)."
 
 
 @dataclass(frozen=True)
@@ -143,31 +145,22 @@ class CredentialStore:
         except OSError as exc:
             why = exc.strerror or str(exc)
             raise LocalStateInvalid(
-                f"{STORE_NAME} {self.path} cannot be read ({why}). {self._fix('')}"
+                f"{STORE_NAME} {self.path} cannot be read ({why}). {FIX_STORE}"
             ) from None
         stamp = (st.st_mtime_ns, st.st_size)
         cached = self._cache
         if cached is not None and cached[0] == stamp:
             return dict(cached[1])
-        data = self._validated(read_private_json(self.path, STORE_NAME, self._fix("")), self.path)
+        data = read_private_json(self.path, STORE_NAME, FIX_STORE)
+        if data is None:
+            data = {}
+        elif not isinstance(data, dict):
+            raise LocalStateInvalid(
+                f"{STORE_NAME} {self.path} holds a JSON {type(data).__name__}, not an object "
+                f"keyed by tracking URI. {FIX_STORE}"
+            )
         self._cache = (stamp, data)
         return dict(data)
-
-    @staticmethod
-    def _fix(uri: str) -> str:
-        if uri:
-            return "Log in again (that replaces the entry) or log out (that removes it)."
-        return "Correct it, or move it away and log in again."
-
-    def _validated(self, data: object, path: Path) -> dict[str, dict[str, str]]:
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise LocalStateInvalid(
-                f"{STORE_NAME} {path} holds a JSON {type(data).__name__}, not an object "
-                f"keyed by tracking URI. {self._fix('')}"
-            )
-        return data
 
     def get(self, uri: str) -> Credential | None:
         uri = normalize_uri(uri)
@@ -184,7 +177,7 @@ class CredentialStore:
         ):
             raise LocalStateInvalid(
                 f"{STORE_NAME} {self.path}: the entry for {uri} is not an object with a "
-                f"username and a password, or a token (strings). {self._fix(uri)}"
+                f"username and a password, or a token (strings). {FIX_ENTRY}"
             )
         return Credential.from_json(entry)
 
