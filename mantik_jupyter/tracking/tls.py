@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
-from pathlib import Path
+import stat
 
 import certifi
 
@@ -32,12 +32,15 @@ def ca_bundle() -> str:
     path = os.environ.get(ENV_CERT_PATH, "").strip()
     if not path:
         return certifi.where()
-    if not Path(path).is_file():
+    try:
+        st = os.stat(path)  # one stat per call: the proxy asks on every HTTPS request
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise ConfigError(
             f"{ENV_CERT_PATH}={path} is not a file. Point it at the PEM bundle of the CA "
             "that signed the tracking server's certificate, or unset it."
         )
-    st = os.stat(path)
     _check_bundle(path, st.st_mtime_ns, st.st_size)
     return path
 
