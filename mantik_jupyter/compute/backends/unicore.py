@@ -254,13 +254,11 @@ class UnicoreBackend(Backend):
         # with a bare 403, not 401 (AuthNHandler), on the login and on any later call that
         # sends the credential (file reads, a renewed security session). A 403 is told
         # from a denied access by logging in again, with the credential as it is now.
-        if exc.status == 401 or (exc.status == 403 and what == _LOGIN):
+        if exc.status in (401, 403):
             with self._lock:
                 self._client = None
-            return self._refused()
-        if exc.status == 403:
-            with self._lock:
-                self._client = None
+            if exc.status == 401 or what == _LOGIN:
+                return self._refused()
             try:
                 self.client()
             except AuthenticationFailed as refused:
@@ -551,8 +549,7 @@ class UnicoreBackend(Backend):
                 if resp.status_code in (404, 416):
                     return b"", resp.status_code == 416
                 if resp.status_code >= 400:
-                    resp.read()
-                    storage.transport.check_error(resp)
+                    storage.transport.check_error(resp)  # reads the error's body
                 data = resp.read()
             if resp.status_code == 200 and offset:
                 data = data[offset:]  # a server that ignored the Range
