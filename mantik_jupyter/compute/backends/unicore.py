@@ -505,7 +505,9 @@ class UnicoreBackend(Backend):
             data, _ = self._read(job_id, layout.EXIT_CODE_FILE, 0, 64)
         except MantikError:
             return None
-        return exit_code(data.decode(errors="replace").strip().splitlines()[0] if data else None)
+        # The first word: a file that holds only whitespace (a job killed while writing it)
+        # has none, and says nothing.
+        return exit_code(next(iter(data.decode(errors="replace").split()), None))
 
     # ---- logs, cancel ----------------------------------------------------------------------
 
