@@ -87,7 +87,7 @@ class MantikApp(ExtensionApp):
             self.tracking,
             work_dir=Path(self.data_dir) / "runs",
             job_tracking_uri=self.job_tracking_uri or None,
-            root_dir=Path(self.serverapp.root_dir),
+            root_dir=Path(self.serverapp.root_dir),  # type: ignore[union-attr]  # set before
         )
         self._sync_task: asyncio.Task[None] | None = None
 

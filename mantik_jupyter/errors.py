@@ -170,7 +170,7 @@ def exit_code_table() -> list[tuple[int, str]]:
     return sorted((code, ", ".join(sorted(set(names)))) for code, names in seen.items())
 
 
-def _all_subclasses(cls: type) -> list[type]:
+def _all_subclasses(cls: type[MantikError]) -> list[type[MantikError]]:
     out = [cls]
     for sub in cls.__subclasses__():
         out.extend(_all_subclasses(sub))

@@ -126,7 +126,7 @@ def _client_class() -> type:
     class EchoingClient(NotebookClient):  # type: ignore[misc]
         """Echoes cell output to this process's streams as the kernel sends it."""
 
-        def output(self, outs: list, msg: dict, display_id: str, cell_index: int) -> Any:
+        def output(self, outs: list, msg: dict, display_id: str | None, cell_index: int) -> Any:
             content = msg.get("content", {})
             kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
             if kind == "stream":

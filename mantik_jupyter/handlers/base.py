@@ -74,9 +74,8 @@ class MantikMixin(ExtensionHandlerMixin):
         user = self.current_user  # type: ignore[attr-defined]
         if not user:
             raise web.HTTPError(403, "Authentication is required.")
-        action = {"GET": "read", "HEAD": "read", "OPTIONS": "read"}.get(
-            self.request.method or "GET", "write"
-        )
+        method = self.request.method or "GET"  # type: ignore[attr-defined]
+        action = {"GET": "read", "HEAD": "read", "OPTIONS": "read"}.get(method, "write")
         allowed = await ensure_async(
             self.authorizer.is_authorized(self, user, action, self.auth_resource)  # type: ignore[attr-defined]
         )

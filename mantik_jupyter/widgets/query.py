@@ -29,7 +29,7 @@ _SORT_FIXED = {
     "backend": f"tags.`{TAG_BACKEND}`",
     "start": "attributes.start_time",
 }
-FIXED_COLUMNS = [
+FIXED_COLUMNS: list[dict[str, Any]] = [
     {"key": "name", "label": "Name"},
     {"key": "state", "label": "State"},
     {"key": "backend", "label": "Backend"},
@@ -167,7 +167,9 @@ def to_rows(runs: Iterable[Mapping[str, Any]]) -> list[Row]:
     return [Row(r["info"]["run_id"], RunInfo.from_run(r), dict(r)) for r in runs]
 
 
-def default_columns(rows: Sequence[Row], max_params: int = 5, max_metrics: int = 5):
+def default_columns(
+    rows: Sequence[Row], max_params: int = 5, max_metrics: int = 5
+) -> tuple[list[str], list[str]]:
     """Sensible columns: the params that vary between the runs, and the latest metrics."""
     params = varying_params([r.info.params for r in rows], limit=max_params)
     if not params and rows:
