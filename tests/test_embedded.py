@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from mantik_jupyter.errors import LocalStateInvalid, TrackingTimeout, TrackingUnavailable
+from mantik_jupyter.tracking import embedded
 from mantik_jupyter.tracking.credentials import CredentialStore
 from mantik_jupyter.tracking.embedded import STATE_FILE, EmbeddedTrackingServer, discover
 from mantik_jupyter.tracking.rest import TrackingClient
@@ -138,15 +139,17 @@ def test_two_labs_with_one_data_dir_share_its_server(server_dir):
 
 
 def test_a_server_that_dies_while_the_lab_runs_is_started_again(server_dir):
-    server = EmbeddedTrackingServer(server_dir, check_interval=0.5)
+    # With MLflow's access log on, the log shows every request the supervisor makes.
+    server = EmbeddedTrackingServer(server_dir, check_interval=0.5, access_log=True)
     server.start()
     try:
         server.wait_ready(120)
         admin = TrackingClient(server.uri, server.credential())
         exp = admin.api("POST", "experiments/create", name="survives-a-crash")["experiment_id"]
         uri, pid = server.uri, server._proc.pid
-        # Watching it costs no request (each was a line in server.log, day and night).
+        # Watching it costs no request (each was work for the server, day and night).
         health_lines = (server_dir / "server.log").read_text().count("/health")
+        assert health_lines, "the access log is off: this check would see no request"
         time.sleep(5 * server.check_interval)
         assert (server_dir / "server.log").read_text().count("/health") == health_lines
         os.killpg(pid, signal.SIGKILL)
@@ -161,6 +164,66 @@ def test_a_server_that_dies_while_the_lab_runs_is_started_again(server_dir):
         )
         assert got["experiment"]["name"] == "survives-a-crash"
         assert discover(server_dir) == (uri, server.credential())
+    finally:
+        server.stop()
+
+
+def test_requests_are_not_logged(server_dir):
+    # uvicorn (MLflow 3.3 on) logged every request the lab proxies: server.log grew
+    # without bound.
+    server = EmbeddedTrackingServer(server_dir)
+    server.start()
+    try:
+        server.wait_ready(120)
+        admin = TrackingClient(server.uri, server.credential())
+        for _ in range(20):
+            admin.api("POST", "experiments/search", max_results=1)
+        assert admin.health()
+        server.stop()
+        text = (server_dir / "server.log").read_text()
+        assert "experiments/search" not in text and "GET /health" not in text, text[-2000:]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("version", "quiet"),
+    [("3.0.0", False), ("3.2.1", False), ("3.3.0rc0", True), ("3.3.0", True), ("3.17.2", True)],
+)
+def test_the_access_log_is_turned_off_only_where_mlflow_runs_uvicorn(monkeypatch, version, quiet):
+    # MLflow 3.0-3.2 ran gunicorn (no access log) and refuses --uvicorn-opts there.
+    monkeypatch.setattr(embedded.metadata, "version", lambda name: version)
+    assert bool(embedded._quiet_access_log()) is quiet
+
+
+def test_server_log_is_cut_down_when_it_grows_too_big(server_dir):
+    limit = 50_000
+    server_dir.mkdir(parents=True)
+    old_log = b"a line of an old server\n" * (limit // 20)
+    (server_dir / "server.log").write_bytes(old_log)
+    # The access log on: requests write lines, as a chatty server would.
+    server = EmbeddedTrackingServer(
+        server_dir, check_interval=0.2, max_log_bytes=limit, access_log=True
+    )
+    server.start()
+    try:
+        # Above the limit at start: kept once, and the new server starts a new log.
+        assert (server_dir / "server.log.1").read_bytes() == old_log
+        server.wait_ready(120)
+        assert (server_dir / "server.log").stat().st_size < limit
+        # While it runs: what it writes is cut down as well, and it keeps writing.
+        client = TrackingClient(server.uri, None)
+        deadline = time.monotonic() + 120
+        while (server_dir / "server.log.1").read_bytes() == old_log:
+            assert time.monotonic() < deadline, "server.log was not cut while it ran"
+            for _ in range(50):
+                assert client.health()
+        assert (server_dir / "server.log.1").stat().st_size > limit
+        assert client.health()
+        time.sleep(0.5)
+        text = (server_dir / "server.log").read_bytes()
+        assert 0 < len(text) < limit and b"\0" not in text
+        assert b"GET /health" in text
     finally:
         server.stop()
 

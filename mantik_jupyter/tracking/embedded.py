@@ -26,7 +26,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 from ..errors import LocalStateInvalid, MantikError, TrackingTimeout, TrackingUnavailable
 from .credentials import Credential
@@ -48,6 +51,8 @@ AUTH_INI = "basic_auth.ini"
 # Seconds MLflow keeps a verified credential (see ``start``).
 AUTH_CACHE_TTL = 300
 LOG_FILE = "server.log"
+# server.log is cut to nothing (its content kept as server.log.1) above this size.
+MAX_LOG_BYTES = 10 << 20
 # MLflow's own error records, and the last line of a Python traceback.
 _ERROR_LINE = re.compile(r"\bERROR\b|^[\w.]+(Error|Exception): ")
 
@@ -185,6 +190,45 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _quiet_access_log() -> list[str]:
+    """``mlflow server`` options that turn off the per-request access log.
+
+    From MLflow 3.3 on the server runs uvicorn, which logs a line per request (the lab
+    proxies every call of the UI and of clients: server.log would grow by tens of
+    thousands of lines a day). MLflow 3.0-3.2 ran gunicorn, which logs no requests and
+    knows no ``--uvicorn-opts``.
+    """
+    try:
+        version = Version(metadata.version("mlflow"))
+    except (metadata.PackageNotFoundError, InvalidVersion):
+        return []
+    # Its release candidates (3.3.0rc0) ran uvicorn already.
+    return ["--uvicorn-opts", "--no-access-log"] if version.release[:2] >= (3, 3) else []
+
+
+def _cap_log(path: Path, limit: int) -> bool:
+    """Keep ``path`` below ``limit`` bytes: above it, its content becomes ``path.1`` (the
+    one before is dropped) and ``path`` starts empty. True when it was cut.
+
+    Copied and truncated, not renamed: the server keeps writing to the file it was given,
+    and as it writes with O_APPEND its next line lands at the start of the emptied file.
+    A line written between the copy and the truncation is lost; growing without bound
+    (a server that logs per request, a warning repeated for weeks) is worse.
+    """
+    try:
+        if path.stat().st_size <= limit:
+            return False
+        old = path.with_name(path.name + ".1")
+        with open(path, "rb") as src, open(old, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.truncate(path, 0)
+    except OSError as exc:
+        log.warning("Could not cut %s down to size: %s", path, exc)
+        return False
+    return True
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the server binds: a port whose old connections linger in TIME_WAIT is free.
@@ -209,11 +253,20 @@ class EmbeddedTrackingServer:
     """
 
     def __init__(
-        self, directory: Path, startup_timeout: float = 90, check_interval: float = 2.0
+        self,
+        directory: Path,
+        startup_timeout: float = 90,
+        check_interval: float = 2.0,
+        max_log_bytes: int = MAX_LOG_BYTES,
+        access_log: bool = False,
     ) -> None:
+        """``access_log``: let MLflow log every request in server.log (for diagnosis and
+        tests: it is off because the lab's traffic would fill the log)."""
         self.directory = directory.resolve()
         self.startup_timeout = startup_timeout
         self.check_interval = check_interval
+        self.max_log_bytes = max_log_bytes
+        self.access_log = access_log
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
@@ -408,7 +461,9 @@ class EmbeddedTrackingServer:
             "--backend-store-uri", "sqlite:///mlflow.db",
             "--artifacts-destination", (self.directory / "artifacts").as_uri(),
             "--app-name", "basic-auth",
+            *([] if self.access_log else _quiet_access_log()),
         ]  # fmt: skip
+        _cap_log(self.directory / LOG_FILE, self.max_log_bytes)
         logfile = open(self.directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
         self._log_offset = logfile.tell()
         try:
@@ -465,9 +520,12 @@ class EmbeddedTrackingServer:
                 )  # fmt: skip
                 self._spawn()
                 return False
+            if _cap_log(self.directory / LOG_FILE, self.max_log_bytes):
+                # What this server said so far is in server.log.1 now.
+                self._log_offset = 0
             if self._ready.is_set():
                 # Only the process is watched once it answered: a /health call every
-                # few seconds would be a line in server.log each.
+                # few seconds would keep the server busy day and night for nothing.
                 return False
             if client is not None and client.health(timeout=2):
                 self._ready.set()
