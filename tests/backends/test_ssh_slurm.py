@@ -447,6 +447,49 @@ def test_login_node_that_stops_answering_is_unavailable(slurm_cluster, base, fin
         b.close()
 
 
+def test_folder_download_that_times_out_leaves_a_fresh_connection_open(
+    slurm_cluster, base, tmp_path
+):
+    # A folder streams on the connection of its time (C1). The node stops answering, and
+    # meanwhile another thread (simulated here, the race is too narrow to hit reliably)
+    # has connected anew (C2). The stream's timeout must give up C1 only, not C2.
+    b = _backend(slurm_cluster, base, io_timeout=2)
+    # More than SSH's window and the socket buffers hold: the stream is mid-way when frozen.
+    job = make_job(tmp_path, "mkdir big && head -c 16000000 /dev/urandom > big/blob")
+    job_id = b.submit(job)
+    frozen: list[int] = []
+    fresh: list[paramiko.SSHClient] = []
+    old = b._connection()
+    try:
+        assert wait_for(b, job_id, FINAL).state == RunState.FINISHED
+
+        def progress(done: int, total: int) -> None:
+            if not frozen:
+                frozen.extend(_session_pids(b))
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                with b._lock:  # what another thread's reconnect leaves behind
+                    b._client = b._connect()
+                    b._sftp = None
+                    fresh.append(b._client)
+
+        with pytest.raises(BackendUnavailable, match="while downloading"):
+            b.download(job_id, "big", tmp_path / "out", progress=progress)
+        assert fresh and b._client is fresh[0], "the fresh connection was dropped"
+        assert fresh[0].get_transport().is_active()
+        assert b.states([job_id])[job_id].state == RunState.FINISHED
+        assert b._client is fresh[0]  # answered on it, without connecting again
+        assert not (tmp_path / "out").exists()
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        old.close()
+        b.close()
+
+
 # ---- SSH.RemoteDirectory ------------------------------------------------------------------
 
 

@@ -467,8 +467,10 @@ class SshSlurmBackend(Backend):
         finally:
             channel.close()
 
-    def _open_stream(self, command: str) -> paramiko.Channel:
-        channel = self._open_channel(self._connection())
+    def _open_stream(
+        self, command: str, client: paramiko.SSHClient | None = None
+    ) -> paramiko.Channel:
+        channel = self._open_channel(client or self._connection())
         self.commands_issued += 1
         try:
             self._request(channel, lambda: channel.exec_command(command))
@@ -809,14 +811,21 @@ class SshSlurmBackend(Backend):
             raise Conflict(f"{final} exists already: remove it or download elsewhere")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
+
+        def open_stream() -> tuple[paramiko.SSHClient, paramiko.Channel]:
+            client = self._connection()
+            return client, self._open_stream(command, client)
+
         try:
-            channel = self._with_connection(lambda: self._open_stream(command), "downloading")
+            client, channel = self._with_connection(open_stream, "downloading")
             try:
                 _untar_stream(channel, staging, progress)
                 status = self._exit_status(channel)
                 err = _rest_of_stderr(channel).decode(errors="replace").strip()
             except _CONNECTION_ERRORS as exc:
-                self._drop()
+                # Only the link this stream used: another thread may have replaced it
+                # with a fresh one meanwhile, which must stay open.
+                self._drop(client)
                 raise BackendUnavailable(
                     f"Lost the SSH connection to {self.hostname}:{self.port} while "
                     f"downloading {target}: {_describe(exc)}"
