@@ -16,9 +16,10 @@ import pytest
 import requests
 import yaml
 
-from mantik_jupyter.compute import runs as runs_module
+from mantik_jupyter.compute import run_submit
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
-from mantik_jupyter.compute.runs import RunInfo, RunService
+from mantik_jupyter.compute.run_record import RunInfo
+from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.tracking.credentials import Credential, CredentialStore
 from mantik_jupyter.tracking.rest import TrackingClient
@@ -133,14 +134,14 @@ class RunUserSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self._made: list[tuple[TrackingClient, str, Credential]] = []
-        original = runs_module.create_run_user
+        original = run_submit.create_run_user
 
         def spy(admin, username, experiment_id):
             cred = original(admin, username, experiment_id)
             self._made.append((admin, str(experiment_id), cred))
             return cred
 
-        monkeypatch.setattr(runs_module, "create_run_user", spy)
+        monkeypatch.setattr(run_submit, "create_run_user", spy)
 
     @property
     def made(self) -> list[Credential]:

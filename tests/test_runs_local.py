@@ -13,6 +13,7 @@ import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.local import LocalBackend
+from mantik_jupyter.compute.run_inputs import check_tracking_uri
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
@@ -372,14 +373,12 @@ def test_a_failure_after_submission_keeps_the_job(service, project, monkeypatch)
     assert wait_for(service, info.run_id, FINAL, timeout=30).exit_code == 3
 
 
-def test_loopback_warning_for_a_remote_cluster(service, project):
-    notes = service._check_tracking_uri(
+def test_loopback_warning_for_a_remote_cluster():
+    notes = check_tracking_uri(
         "http://127.0.0.1:5000", {"kind": "ssh", "Hostname": "juwels.fz-juelich.de"}
     )
     assert notes and "loopback" in notes[0]
-    assert not service._check_tracking_uri(
-        "http://127.0.0.1:5000", {"kind": "ssh", "Hostname": "localhost"}
-    )
+    assert not check_tracking_uri("http://127.0.0.1:5000", {"kind": "ssh", "Hostname": "localhost"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not service._check_tracking_uri("http://127.0.0.1:5000", {"kind": "local"})
+        assert not check_tracking_uri("http://127.0.0.1:5000", {"kind": "local"})

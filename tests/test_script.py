@@ -30,7 +30,7 @@ from mantik_jupyter.compute.config import (
     parse_config,
 )
 from mantik_jupyter.compute.packaging import build_package
-from mantik_jupyter.compute.runs import _extra_files
+from mantik_jupyter.compute.run_inputs import extra_files
 from mantik_jupyter.compute.script import (
     expand_quoted,
     render_job_script,
@@ -705,7 +705,7 @@ def test_local_image_is_where_the_package_put_it(
             project_dir,
             work / "package.tar.gz",
             exclude=["*.sif"],  # the image reaches the package only as an extra file
-            extra_files=_extra_files(config, project_dir),
+            extra_files=extra_files(config, project_dir),
         )
         script = render(config, project_dir=project_dir)
         run = run_script(work, script, package=package.path)

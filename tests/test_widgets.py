@@ -12,7 +12,8 @@ import time
 import pytest
 from IPython.core.error import UsageError
 
-from mantik_jupyter.compute.runs import TAG_BACKEND, TAG_JOB_ID, TAG_STATE, RunService
+from mantik_jupyter.compute.run_record import TAG_BACKEND, TAG_JOB_ID, TAG_STATE
+from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.tracking.credentials import CredentialStore
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi

@@ -52,7 +52,8 @@ from .notebook import (
 )
 
 if TYPE_CHECKING:
-    from ..compute.runs import RunInfo, RunService
+    from ..compute.run_record import RunInfo
+    from ..compute.runs import RunService
 
 
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -275,11 +276,11 @@ class MantikMagics(Magics):
             for note in info.warnings:
                 print(f"mantik warning: {note}", flush=True)
             if prepared is not None:
-                from ..compute.runs import _git_tags
+                from ..compute.run_inputs import git_tags
                 from ..tracking.runs_api import RunsApi
 
                 RunsApi(service.tracking.client()).set_tags(
-                    info.run_id, {**prepared.tags(), **_git_tags(notebook.parent)}
+                    info.run_id, {**prepared.tags(), **git_tags(notebook.parent)}
                 )
         finally:
             if prepared is not None:

@@ -18,7 +18,8 @@ from ..cli_format import age, run_duration, runs_table, size
 from ..errors import MantikError
 
 if TYPE_CHECKING:
-    from ..compute.runs import RunInfo, RunService
+    from ..compute.run_record import RunInfo
+    from ..compute.runs import RunService
 
 SHORT_ID = 8
 _STATE_COLOURS = {

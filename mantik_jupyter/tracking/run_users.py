@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import secrets
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, MantikError, NotFound
 from .credentials import Credential
 from .rest import TrackingClient
+from .service import TrackingService
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ USER_PREFIX = "mantik-run-"
 # MLflow requires at least 12 characters; 32 random bytes are far beyond that.
 PASSWORD_BYTES = 32
 NAME_BYTES = 16
+
+
+def admin_client(tracking: TrackingService) -> TrackingClient | None:
+    """A client with the embedded server's admin credential, or None for a remote server."""
+    credential = tracking.embedded_credential
+    if credential is None:
+        return None
+    tracking.wait_ready()
+    return TrackingClient(tracking.uri, credential)
 
 
 def new_run_username() -> str:
@@ -77,3 +87,13 @@ def delete_run_user(admin: TrackingClient, username: str) -> bool:
         raise
     log.info("deleted the per-run tracking user %s", username)
     return True
+
+
+def delete_run_user_quietly(admin: TrackingClient | None, username: str) -> None:
+    """For cleanup after a failure: the failure is what gets reported, not this."""
+    if admin is None:
+        return
+    try:
+        delete_run_user(admin, username)
+    except MantikError as exc:
+        log.warning("could not delete the per-run user %s: %s", username, exc.message)

@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ..compute.runs import RunInfo, RunService
+from ..compute.run_record import RunInfo
+from ..compute.runs import RunService
 from ..errors import InvalidRequest, MantikError
 from ..tracking import metrics as m
 from ..tracking.runs_api import MAX_HISTORY_PAGE, MAX_SAMPLED_PER_RUN, RunsApi

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..compute.runs import TAG_BACKEND, RunInfo
+from ..compute.run_record import TAG_BACKEND, RunInfo
 from ..tracking.metrics import varying_params
 from ..tracking.runs_api import RunsApi, quote_filter_value
 

@@ -15,7 +15,8 @@ import anywidget
 import ipywidgets as w
 import traitlets as t
 
-from ..compute.runs import ACTIVE_STATES, RunService
+from ..compute.run_record import ACTIVE_STATES
+from ..compute.runs import RunService
 from ..errors import MantikError
 from ..tracking.runs_api import RunsApi
 from . import query as q

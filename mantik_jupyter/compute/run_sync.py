@@ -1,0 +1,211 @@
+"""Bringing runs up to date with their backends, and finalising the runs that ended.
+
+State mapping (see ``docs/states.md``): backends report ``JobStatus`` with a ``RunState``;
+``RunState.mlflow_status`` gives the MLflow status. A backend that cannot be reached makes
+its active runs ``UNKNOWN`` (MLflow status unchanged) — never ``FAILED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import MantikError
+from ..tracking.run_users import admin_client, delete_run_user
+from ..tracking.runs_api import RunsApi, now_ms, run_tags
+from ..tracking.service import TrackingService
+from .backends.base import Backend, JobStatus
+from .run_record import (
+    ACTIVE_STATES,
+    ARTIFACT_LOG,
+    FINAL_STATES,
+    MLFLOW_STATUS_STATE,
+    TAG_BACKEND_SPEC,
+    TAG_EXIT_CODE,
+    TAG_JOB_ID,
+    TAG_NATIVE_STATE,
+    TAG_REASON,
+    TAG_RUN_USER,
+    TAG_STATE,
+    TAG_STATE_MESSAGE,
+    RunInfo,
+    clip,
+    int_or_none,
+)
+from .states import RunState
+
+log = logging.getLogger(__name__)
+
+
+class RunSync:
+    """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
+    run's backend (attached to its run directory) and job id."""
+
+    def __init__(
+        self,
+        tracking: TrackingService,
+        backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
+    ) -> None:
+        self.tracking = tracking
+        self._backend_of_run = backend_of_run
+        self._lock = threading.Lock()
+        # Runs being finalised (log upload etc.) by this process, to do it only once.
+        self._finalising: set[str] = set()
+
+    def sync_runs(self, api: RunsApi, runs: list[dict[str, Any]]) -> list[RunInfo]:
+        """Ask each backend once for the states of its active runs and record them."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            tags = run_tags(run)
+            state = tags.get(TAG_STATE)
+            if state in ACTIVE_STATES and tags.get(TAG_JOB_ID) and tags.get(TAG_BACKEND_SPEC):
+                groups.setdefault(tags[TAG_BACKEND_SPEC], []).append(run)
+        changed: set[str] = set()
+        for group in groups.values():
+            try:
+                backend, _ = self._backend_of_run(group[0])
+                for run in group[1:]:
+                    self._backend_of_run(run)
+                job_ids = [run_tags(r)[TAG_JOB_ID] for r in group]
+                statuses = backend.states(job_ids)
+            except MantikError as exc:
+                # Unreachable cluster, refused login, changed host key: the job's fate is
+                # unknown, not failed. The message says what is wrong.
+                for run in group:
+                    if self._mark_unknown(api, run, exc):
+                        changed.add(run["info"]["run_id"])
+                continue
+            for run in group:
+                status = statuses.get(run_tags(run)[TAG_JOB_ID], JobStatus(RunState.UNKNOWN))
+                if self._apply(api, backend, run, status):
+                    changed.add(run["info"]["run_id"])
+        return [
+            RunInfo.from_run(
+                api.get_run(r["info"]["run_id"]) if r["info"]["run_id"] in changed else r
+            )
+            for r in runs
+        ]
+
+    def _mark_unknown(self, api: RunsApi, run: Mapping[str, Any], exc: MantikError) -> bool:
+        run_id = run["info"]["run_id"]
+        log.warning("run %s: state unknown: %s", run_id, exc.message)
+        tags = run_tags(run)
+        message = clip(exc.message)
+        if tags.get(TAG_STATE) == RunState.UNKNOWN and tags.get(TAG_STATE_MESSAGE) == message:
+            return False
+        api.set_tags(run_id, {TAG_STATE: str(RunState.UNKNOWN), TAG_STATE_MESSAGE: message})
+        return True
+
+    def _apply(
+        self, api: RunsApi, backend: Backend, run: Mapping[str, Any], status: JobStatus
+    ) -> bool:
+        """Record a backend status on the run; True if something changed."""
+        run_id = run["info"]["run_id"]
+        tags = run_tags(run)
+        old = tags.get(TAG_STATE)
+        if status.state.is_final:
+            return self._finalise(api, backend, run, status)
+        if status.state == RunState.UNKNOWN:
+            message = f"the backend does not know job {tags.get(TAG_JOB_ID)} (any more)"
+            if old == RunState.UNKNOWN:
+                return False
+            api.set_tags(run_id, {TAG_STATE: str(RunState.UNKNOWN), TAG_STATE_MESSAGE: message})
+            return True
+        new_tags: dict[str, str] = {}
+        if old != status.state:
+            new_tags[TAG_STATE] = str(status.state)
+        if status.native_state and tags.get(TAG_NATIVE_STATE) != status.native_state:
+            new_tags[TAG_NATIVE_STATE] = status.native_state
+        # An active job's reason says why it cannot go on (a request its partition can
+        # never meet); it goes when that changes.
+        reason_gone = not status.reason and bool(tags.get(TAG_REASON))
+        if status.reason and tags.get(TAG_REASON) != clip(status.reason):
+            new_tags[TAG_REASON] = clip(status.reason)
+        elif reason_gone:
+            api.delete_tag(run_id, TAG_REASON)
+        if tags.get(TAG_STATE_MESSAGE):
+            api.delete_tag(run_id, TAG_STATE_MESSAGE)
+        if new_tags:
+            api.set_tags(run_id, new_tags)
+        mlflow_status = run["info"].get("status")
+        if status.state == RunState.RUNNING and mlflow_status == "SCHEDULED":
+            api.update_run(run_id, status="RUNNING")
+        return bool(new_tags) or reason_gone
+
+    def _finalise(
+        self, api: RunsApi, backend: Backend, run: Mapping[str, Any], status: JobStatus
+    ) -> bool:
+        run_id = run["info"]["run_id"]
+        with self._lock:
+            if run_id in self._finalising:
+                return False
+            self._finalising.add(run_id)
+        try:
+            tags = run_tags(run)
+            if tags.get(TAG_STATE) in FINAL_STATES:
+                return False
+            self._upload_log(api, backend, run, tags[TAG_JOB_ID])
+            try:
+                backend.job_ended(tags[TAG_JOB_ID])
+            except MantikError as exc:
+                log.warning("run %s: cleaning up after the job: %s", run_id, exc.message)
+            state, reason = status.state, status.reason
+            current = run["info"].get("status")
+            end_time = int_or_none(run["info"].get("end_time"))
+            if state == RunState.FINISHED and current in ("FAILED", "KILLED"):
+                # The entry point exited 0 but reported its run as failed: believe the run.
+                state = MLFLOW_STATUS_STATE[current]
+                reason = f"the run reported status {current}"
+            new_tags = {TAG_NATIVE_STATE: status.native_state} if status.native_state else {}
+            if reason:
+                new_tags[TAG_REASON] = clip(reason)
+            elif tags.get(TAG_REASON):
+                api.delete_tag(run_id, TAG_REASON)  # why it waited, while it did
+            if status.exit_code is not None:
+                new_tags[TAG_EXIT_CODE] = str(status.exit_code)
+            if tags.get(TAG_STATE_MESSAGE):
+                api.delete_tag(run_id, TAG_STATE_MESSAGE)
+            target = state.mlflow_status
+            if current != target or not end_time:
+                keep_end = current == target and end_time
+                api.update_run(run_id, status=target, end_time=end_time if keep_end else now_ms())
+            self.delete_run_user(tags)
+            # Last: a crash before this point leaves the run active, and the next sync
+            # finishes the job.
+            api.set_tags(run_id, {**new_tags, TAG_STATE: str(state)})
+            log.info("run %s ended: %s %s", run_id, state, reason or "")
+            return True
+        finally:
+            with self._lock:
+                self._finalising.discard(run_id)
+
+    def _upload_log(
+        self, api: RunsApi, backend: Backend, run: Mapping[str, Any], job_id: str
+    ) -> None:
+        try:
+            with tempfile.TemporaryFile() as tmp:
+                offset = 0
+                while True:
+                    data, offset = backend.read_log(job_id, offset)
+                    if not data:
+                        break
+                    tmp.write(data)
+                tmp.seek(0)
+                api.upload_artifact(run, ARTIFACT_LOG, tmp)
+        except MantikError as exc:
+            # The state matters more than the log; the log stays readable on the backend.
+            log.warning("run %s: could not store its log: %s", run["info"]["run_id"], exc.message)
+
+    def delete_run_user(self, tags: Mapping[str, str]) -> None:
+        """Delete the run's own tracking user, if it has one."""
+        username = tags.get(TAG_RUN_USER)
+        if not username:
+            return
+        admin = admin_client(self.tracking)
+        if admin is None:
+            log.warning("cannot delete the per-run user %s: no admin credential", username)
+            return
+        delete_run_user(admin, username)
