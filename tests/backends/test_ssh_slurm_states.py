@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mantik_jupyter.compute.backends import ssh_slurm, unicore
+from mantik_jupyter.compute.backends.base import describe_error
 from mantik_jupyter.compute.backends.paths import clean_relative
 from mantik_jupyter.compute.backends.slurm_words import decide
 from mantik_jupyter.compute.states import RunState
@@ -63,3 +65,17 @@ def test_pending_for_good_says_why(reason, blocked):
     status = decide(["PENDING", reason], None, None)
     assert status.state == RunState.QUEUED
     assert (status.reason is not None and reason in status.reason) == blocked
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        (TimeoutError(), "TimeoutError"),
+        (OSError("Connection refused"), "OSError: Connection refused"),
+        (EOFError("  \n"), "EOFError"),
+    ],
+)
+def test_backends_describe_an_error_alike(exc, said):
+    # One wording for the SSH and the UNICORE backend's connection errors.
+    assert ssh_slurm.describe_error is unicore.describe_error is describe_error
+    assert describe_error(exc) == said

@@ -131,3 +131,10 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for a user message: its type and text (``TimeoutError`` alone when it
+    has no text, as socket timeouts do). The SSH and UNICORE backends say it alike."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

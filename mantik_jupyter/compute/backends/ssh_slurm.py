@@ -67,7 +67,15 @@ from ...errors import (
 from .. import layout
 from ..script import expand_quoted, expanded_names, login_commands_script
 from ..states import RunState
-from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .base import (
+    Backend,
+    Capabilities,
+    FileEntry,
+    JobStatus,
+    PreparedJob,
+    Progress,
+    describe_error,
+)
 from .paths import clean_relative, save_stream
 from .paths import safe_name as _safe_name
 from .slurm_words import (
@@ -272,7 +280,7 @@ class SshSlurmBackend(Backend):
         except (*_CONNECTION_ERRORS, ValueError) as exc:
             client.close()
             raise BackendUnavailable(
-                f"Cannot reach the SSH server {self.hostname}:{self.port}: {_describe(exc)}"
+                f"Cannot reach the SSH server {self.hostname}:{self.port}: {describe_error(exc)}"
             ) from None
         transport = client.get_transport()
         assert transport is not None
@@ -446,7 +454,8 @@ class SshSlurmBackend(Backend):
                 "later; if it keeps happening, the login node may be overloaded or down."
             )
         return BackendUnavailable(
-            f"Lost the SSH connection to {self.hostname}:{self.port} while {what}: {_describe(exc)}"
+            f"Lost the SSH connection to {self.hostname}:{self.port} while {what}: "
+            f"{describe_error(exc)}"
         )
 
     # ---- remote commands ----------------------------------------------------------------
@@ -770,7 +779,7 @@ class SshSlurmBackend(Backend):
         except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
             raise BackendUnavailable(
                 f"Lost the SSH connection to {self.hostname}:{self.port} while reading "
-                f"{target}: {_describe(exc)}"
+                f"{target}: {describe_error(exc)}"
             ) from None
         finally:
             sftp.close()
@@ -828,7 +837,7 @@ class SshSlurmBackend(Backend):
                 self._drop(client)
                 raise BackendUnavailable(
                     f"Lost the SSH connection to {self.hostname}:{self.port} while "
-                    f"downloading {target}: {_describe(exc)}"
+                    f"downloading {target}: {describe_error(exc)}"
                 ) from None
             finally:
                 channel.close()
@@ -882,11 +891,6 @@ class SshSlurmBackend(Backend):
 
 
 # ---- pure helpers (no connection) -------------------------------------------------------
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _drain(channel: paramiko.Channel) -> tuple[bytes, bytes]:

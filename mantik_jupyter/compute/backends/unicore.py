@@ -89,7 +89,15 @@ from ...errors import (
 )
 from .. import layout
 from ..states import RunState
-from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .base import (
+    Backend,
+    Capabilities,
+    FileEntry,
+    JobStatus,
+    PreparedJob,
+    Progress,
+    describe_error,
+)
 from .paths import clean_relative, safe_name, save_stream
 from .unicore_job import BSS_DETAILS_STATE, NOT_NORMALLY, decide, exit_code, job_description
 from .unicore_transport import (
@@ -231,21 +239,21 @@ class UnicoreBackend(Backend):
                     self._http = None
                 raise BackendUnavailable(
                     f"The TLS certificate of the UNICORE site {self.api_url} could not be "
-                    f"verified ({_describe(exc)}). If the site's certificate is signed by its "
+                    f"verified ({describe_error(exc)}). If the site's certificate is signed by its "
                     "own CA, set SSL_CERT_FILE to that CA's PEM bundle in the environment of "
                     "`jupyter lab`, the kernel or `mantik`."
                 ) from None
             raise BackendUnavailable(
-                f"Cannot reach the UNICORE site {self.api_url} while {what}: {_describe(exc)}"
+                f"Cannot reach the UNICORE site {self.api_url} while {what}: {describe_error(exc)}"
             ) from None
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
-                f"The UNICORE site {self.api_url} failed while {what}: {_describe(exc)}"
+                f"The UNICORE site {self.api_url} failed while {what}: {describe_error(exc)}"
             ) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise BackendUnavailable(
                 f"The UNICORE site {self.api_url} gave an answer that is not UNICORE's REST "
-                f"API while {what} ({_describe(exc)}); is UnicoreApiUrl the site's "
+                f"API while {what} ({describe_error(exc)}); is UnicoreApiUrl the site's "
                 ".../rest/core URL?"
             ) from None
 
@@ -377,7 +385,7 @@ class UnicoreBackend(Backend):
                 created.delete()
             except Exception as again:  # noqa: BLE001 - best effort
                 log.warning("could not remove the half-submitted UNICORE job %s: %s", job_id,
-                            _describe(again))  # fmt: skip
+                            describe_error(again))  # fmt: skip
             raise
         self._run_dirs[job_id] = workdir.resource_url
         log.info("submitted run %s as UNICORE job %s at %s", job.run_id, job_id, self.api_url)
@@ -645,7 +653,7 @@ class UnicoreBackend(Backend):
                 yield from resp.iter_raw(layout.CHUNK)
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
-                f"Lost the UNICORE site {self.api_url} while reading {rel}: {_describe(exc)}"
+                f"Lost the UNICORE site {self.api_url} while reading {rel}: {describe_error(exc)}"
             ) from None
 
     def download(
@@ -727,8 +735,3 @@ def _check_token_expiry(token: str, api_url: str) -> None:
             f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
             f"token and set it again ({ENV_UNICORE_TOKEN})."
         )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
