@@ -4,7 +4,7 @@ decoded without splitting a UTF-8 character."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..errors import BackendUnavailable, NotFound
@@ -21,7 +21,7 @@ class RunLogs:
     def __init__(
         self,
         backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
-        sync_runs: Callable[[RunsApi, list[dict[str, Any]]], list[RunInfo]],
+        sync_runs: Callable[[RunsApi, Sequence[Mapping[str, Any]]], list[RunInfo]],
     ) -> None:
         self._backend_of_run = backend_of_run
         self._sync_runs = sync_runs
@@ -47,7 +47,7 @@ class RunLogs:
 
     def read_all(self, api: RunsApi, run: Mapping[str, Any], offset: int) -> LogChunk:
         """All log text there is now from ``offset``."""
-        parts = []
+        parts: list[str] = []
         while True:
             chunk = self.read(api, run, offset)
             if not chunk.text:

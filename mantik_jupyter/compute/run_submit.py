@@ -190,9 +190,10 @@ class Submitter:
             if notes:
                 tags[TAG_WARNING] = clip(" ".join(notes))
             admin = admin_client(self.tracking)
-            run_user = new_run_username() if admin is not None else None
+            run_user: str | None = None
             user_made: Future[Credential] | None = None
-            if run_user:
+            if admin is not None:
+                run_user = new_run_username()
                 # Recorded from the start, so whatever happens the user can be found and
                 # removed. It needs only the experiment: made while the run is created.
                 tags[TAG_RUN_USER] = run_user

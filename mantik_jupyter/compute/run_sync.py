@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import MantikError
@@ -55,9 +55,9 @@ class RunSync:
         # Runs being finalised (log upload etc.) by this process, to do it only once.
         self._finalising: set[str] = set()
 
-    def sync_runs(self, api: RunsApi, runs: list[dict[str, Any]]) -> list[RunInfo]:
+    def sync_runs(self, api: RunsApi, runs: Sequence[Mapping[str, Any]]) -> list[RunInfo]:
         """Ask each backend once for the states of its active runs and record them."""
-        groups: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[str, list[Mapping[str, Any]]] = {}
         for run in runs:
             tags = run_tags(run)
             state = tags.get(TAG_STATE)

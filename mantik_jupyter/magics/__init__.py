@@ -275,7 +275,7 @@ class MantikMagics(Magics):
             _print_warnings(caught, skip=info.warnings)
             for note in info.warnings:
                 print(f"mantik warning: {note}", flush=True)
-            if prepared is not None:
+            if prepared is not None and notebook is not None:  # one implies the other
                 from ..compute.run_inputs import git_tags
                 from ..tracking.runs_api import RunsApi
 
