@@ -123,7 +123,7 @@ def inject(nb: Any, params: dict[str, str]) -> dict[str, Any]:
 def _client_class() -> type:
     from nbclient import NotebookClient
 
-    class EchoingClient(NotebookClient):  # type: ignore[misc]
+    class EchoingClient(NotebookClient):
         """Echoes cell output to this process's streams as the kernel sends it."""
 
         def output(self, outs: list, msg: dict, display_id: str | None, cell_index: int) -> Any:

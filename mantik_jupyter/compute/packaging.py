@@ -507,7 +507,7 @@ def _add_entry(tar: tarfile.TarFile, entry: _Entry, tick: Callable[[int], None])
         with open(entry.source, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise OSError(f"{entry.source} is no longer a regular file")
-            tar.addfile(info, _ProgressReader(f, tick))  # type: ignore[arg-type]
+            tar.addfile(info, _ProgressReader(f, tick))
     except OSError as exc:
         # tarfile raises OSError("unexpected end of data") when a file shrinks mid-copy.
         raise ProjectError(

@@ -125,7 +125,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         super().set_signed_cookie(name, value, *args, **kwargs)
 
     # Jupyter sets its login cookie under tornado's older name for the same method.
-    set_secure_cookie = set_signed_cookie  # type: ignore[assignment]
+    set_secure_cookie = set_signed_cookie
 
     def _same_origin(self) -> bool:
         origin = self.request.headers.get("Origin")

@@ -96,7 +96,7 @@ class ProjectHandler(MantikAPIHandler):
             raise InvalidRequest(
                 "Query parameter 'path' is required: a file or folder relative to the Jupyter root."
             )
-        root = Path(self.serverapp.root_dir)  # type: ignore[attr-defined]
+        root = Path(self.serverapp.root_dir)
         self.write_json(await self.in_thread(describe_project, root, path))
 
 
