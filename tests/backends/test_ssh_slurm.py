@@ -581,6 +581,48 @@ def test_requeued_held_job_stays_queued(backend, tmp_path):
         backend.cancel(job_id)
 
 
+def test_job_held_when_its_reservation_ends_says_why(backend, slurm_cluster, tmp_path):
+    # A job waiting in a reservation that ends (or is deleted) is held: squeue says
+    # RESV_DEL_HOLD, and the job waits until someone releases it.
+    name = f"mantik-test-{uuid.uuid4().hex[:6]}"
+    subprocess.run(
+        ["scontrol", "create", "reservation", f"ReservationName={name}", "StartTime=now",
+         "Duration=10", f"Users={slurm_cluster.username}", "CoreCnt=1", "Nodes=localhost"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    job_id = None
+    try:
+        # Two CPUs in a one-core reservation: it waits there until the reservation ends.
+        sbatch = f"#SBATCH --reservation={name}\n#SBATCH --cpus-per-task=2\n"
+        job_id = backend.submit(make_job(tmp_path, "true", sbatch=sbatch))
+        assert wait_for(backend, job_id, {RunState.QUEUED}, 30).state == RunState.QUEUED
+        # An end in the second it started is an "Invalid time": try again a moment later.
+        deadline = time.monotonic() + 10
+        while subprocess.run(
+            ["scontrol", "update", f"ReservationName={name}", "EndTime=now"],
+            capture_output=True, timeout=30,
+        ).returncode:  # fmt: skip
+            assert time.monotonic() < deadline, "scontrol could not end the reservation"
+            time.sleep(0.5)
+        # slurmctld looks at ended reservations about every 30 s.
+        deadline = time.monotonic() + 90
+        while True:
+            status = backend.states([job_id])[job_id]
+            if status.native_state == "RESV_DEL_HOLD" or time.monotonic() > deadline:
+                break
+            assert status.state == RunState.QUEUED, status
+            time.sleep(1)
+        assert (status.state, status.native_state) == (RunState.QUEUED, "RESV_DEL_HOLD"), status
+        assert f"Reservation {name} was deleted" in status.reason
+        assert "Resources.Reservation" in status.reason
+    finally:
+        if job_id is not None:
+            backend.cancel(job_id)
+        subprocess.run(
+            ["scontrol", "delete", f"ReservationName={name}"], capture_output=True, timeout=30
+        )
+
+
 # Names a job may well write: a leading dash, spaces and quotes, a newline, a backslash,
 # non-ASCII; each folder holds one file whose text is its name.
 ODD_FILES = ["-rf/-x", "a b/it's $(x)", "nl\nname/f\nf", "back\\slash/c\\d", "ü ñ/ß.txt"]

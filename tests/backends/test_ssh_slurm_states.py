@@ -59,7 +59,13 @@ def test_harmless_paths_are_normalised(path, clean):
 
 @pytest.mark.parametrize(
     ("reason", "blocked"),
-    [("PartitionNodeLimit", True), ("PartitionConfig", True), ("Priority", False), ("", False)],
+    [
+        ("PartitionNodeLimit", True),
+        ("PartitionConfig", True),
+        ("PartitionTimeLimit", True),
+        ("Priority", False),
+        ("", False),
+    ],
 )
 def test_pending_for_good_says_why(reason, blocked):
     status = decide(["PENDING", reason], None, None)
@@ -79,3 +85,12 @@ def test_backends_describe_an_error_alike(exc, said):
     # One wording for the SSH and the UNICORE backend's connection errors.
     assert ssh_slurm.describe_error is unicore.describe_error is describe_error
     assert describe_error(exc) == said
+
+
+@pytest.mark.parametrize("sacct", [None, ["PENDING", "0:0"]])
+def test_job_held_because_its_reservation_went_is_queued_and_says_why(sacct):
+    # Without accounting (sacct None) the state word alone decides; it was UNKNOWN.
+    status = decide(["RESV_DEL_HOLD", "Reservation maint-1 was deleted"], sacct, None)
+    assert (status.state, status.native_state) == (RunState.QUEUED, "RESV_DEL_HOLD")
+    assert "Reservation maint-1 was deleted" in status.reason
+    assert "Resources.Reservation" in status.reason

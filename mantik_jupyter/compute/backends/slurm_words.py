@@ -5,6 +5,8 @@ request. No connection here: ``ssh_slurm.py`` runs the commands.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..config import ComputeConfig
 from ..states import RunState
 from .base import JobStatus
@@ -22,6 +24,9 @@ ACTIVE = {
     # Requeued and held (RequeueExitHold, `scontrol requeuehold State=SpecialExit`):
     # a release lets it run again.
     "SPECIAL_EXIT": RunState.QUEUED,
+    # Pending and held (priority 0) because the reservation it asked for ended or was
+    # deleted; it never starts unless released. squeue's reason says which reservation.
+    "RESV_DEL_HOLD": RunState.QUEUED,
     "RESIZING": RunState.QUEUED,
     "SUSPENDED": RunState.QUEUED,
     "RUNNING": RunState.RUNNING,
@@ -129,6 +134,9 @@ def decide(
         return _final(sa_state, _exit_code(sacct[1]), file_code)
     if sq_state in _FINAL:
         return _final(sq_state, None, file_code)
+    if sq_state in _HELD:
+        said = squeue[1].strip() if squeue is not None and squeue[1:] else ""
+        return JobStatus(ACTIVE[sq_state], sq_state, None, _HELD[sq_state](said))
     if sq_state in ACTIVE and squeue is not None and squeue[1:]:
         blocked = _BLOCKED.get(squeue[1].strip())
         if blocked:
@@ -143,19 +151,42 @@ def decide(
 
 
 # squeue's reasons for a pending job that asks for more than its partition can ever give:
-# sites without EnforcePartLimits accept such a job, and it waits for good.
+# sites without EnforcePartLimits accept such a job, and it waits for good. What it asked
+# for, and the sinfo format that lists what the partitions give.
 _BLOCKED = {
-    "PartitionNodeLimit": "Resources.Nodes is more than the partition allows",
-    "PartitionConfig": "Resources (TotalCPUs, CPUsPerNode, Nodes) ask for more CPUs than "
-    "the partition's nodes have",
+    "PartitionNodeLimit": ("Resources.Nodes is more than the partition allows", "%P %D %c"),
+    "PartitionConfig": (
+        "Resources (TotalCPUs, CPUsPerNode, Nodes) ask for more CPUs than the partition's "
+        "nodes have",
+        "%P %D %c",
+    ),
+    "PartitionTimeLimit": (
+        "Resources.Runtime is more than the partition's time limit",
+        "%P %l",
+    ),
 }
 
 
-def _blocked_reason(word: str, what: str) -> str:
+def _blocked_reason(word: str, blocked: tuple[str, str]) -> str:
+    what, columns = blocked
     return (
         f"waiting for good (Slurm: {word.strip()}): {what}. Cancel the run and submit "
-        "it again with a request the partition can meet (`sinfo -o '%P %D %c'`)."
+        f"it again with a request the partition can meet (`sinfo -o '{columns}'`)."
     )
+
+
+def _reservation_gone(said: str) -> str:
+    # squeue's reason is the job's state description, "Reservation NAME was deleted".
+    why = said or "its reservation was deleted"
+    return (
+        f"held by Slurm (RESV_DEL_HOLD: {why}): it will not start unless released. Cancel "
+        "the run and submit it again with a Resources.Reservation that exists (`scontrol "
+        "show reservation`) or without one."
+    )
+
+
+# Held states: the job waits, but not for its turn; what to tell the user.
+_HELD: dict[str, Callable[[str], str]] = {"RESV_DEL_HOLD": _reservation_gone}
 
 
 def _final(word: str, slurm_code: int | None, file_code: int | None) -> JobStatus:
