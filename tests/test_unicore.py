@@ -520,9 +520,12 @@ def test_a_failing_pre_run_command_on_login_node_points_at_its_output(
     assert b"no data here" in login_log
 
 
-def test_a_job_over_its_time_limit_ends_as_timeout(unicore_site, unicore_password, tmp_path):
+def test_a_job_over_its_time_limit_ends_as_timeout(
+    unicore_site, unicore_password, tmp_path, monkeypatch
+):
     # UNICORE says only "Job did not complete normally on BSS"; the batch system's own
-    # state is in the job's log.
+    # state is in the job's log. Slurm's limit is a whole minute; here it lasts 2 s.
+    monkeypatch.setattr(unicore_site, "batch_minute", 2.0)
     backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
     config = parse_config(
         {
@@ -534,6 +537,33 @@ def test_a_job_over_its_time_limit_ends_as_timeout(unicore_site, unicore_passwor
     job_id = backend.submit(job)
     final = _wait_final(backend, job_id, timeout=30)
     assert (final.state, final.reason) == (RunState.FAILED, "TIMEOUT"), final
+
+
+def _bss_details(backend: UnicoreBackend, job_id: str) -> dict:
+    """What the site's batch system says of the job (UNICORE's /jobs/{id}/details)."""
+    return backend.client().transport.get(url=f"{backend.job_url(job_id)}/details")
+
+
+@pytest.mark.parametrize(
+    ("runtime", "limit"),
+    [("30s", "00:01:00"), ("90s", "00:02:00"), ("61", "00:02:00"), ("1h30m", "01:30:00")],
+)
+def test_the_site_limits_a_job_to_at_least_its_runtime(
+    unicore_site, unicore_password, tmp_path, runtime, limit
+):
+    # UNICORE's Slurm TSI writes --time in whole minutes, truncated (90 s became 1 min,
+    # and before TSI 8.3 anything under 60 s became 0, no limit); Slurm itself rounds
+    # seconds up. A Runtime is sent in whole minutes, rounded up, so the two agree.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {
+            "UnicoreApiUrl": unicore_site.base_url,
+            "Resources": {"Queue": "batch", "Runtime": runtime},
+        }
+    )
+    job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "true\n"), config=config))
+    assert _bss_details(backend, job_id)["TimeLimit"] == limit
+    assert _wait_final(backend, job_id).state == RunState.FINISHED
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,14 @@ message "Job aborted."), with UNICORE's status messages. ``Umask`` (default
 storage's umask (0640).
 A new job's directory storage is INITIALIZING for ``uspace_delay`` seconds, as UNICORE
 makes the directory asynchronously.
+
+The batch system behind it is Slurm, reached through UNICORE's Slurm TSI
+(UNICORE-EU/tsi ``slurm/BSS.py``), and the batch job gets what that TSI writes into its
+script: ``--job-name`` is the job's ``Name`` unless it holds a character other than
+``0-9a-zA-Z.:=~/``, then ``UNICORE_job``; ``--time`` is ``Runtime`` (seconds) in whole
+minutes, truncated, at least 1. ``GET /jobs/{id}/details`` answers those as the TSI
+parses ``scontrol show job`` (``JobName``, ``TimeLimit``, ...). A minute of that time
+limit lasts ``batch_minute`` seconds (60; tests shorten it).
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ _INT_RESOURCES = ("Nodes", "TotalCPUs", "CPUsPerNode", "GPUsPerNode")
 _STRING_RESOURCES = ("Queue", "Reservation", "NodeConstraints", "QoS", "Project")
 _KNOWN_RESOURCES = (*_INT_RESOURCES, *_STRING_RESOURCES, "Runtime", "MemoryPerNode", "Memory")
 _TIME_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+# What the Slurm TSI keeps of a job name; a name with anything else becomes UNICORE_job.
+_TSI_JOB_NAME_ILLEGAL = re.compile(r"[^0-9a-zA-Z.:=~/]")
 _MEM_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -97,6 +107,30 @@ def _parse_time(value: str) -> int:
     if not match or match.group(2) not in _TIME_UNITS | {"": 1}:
         raise ValueError(f"cannot parse time value <{value}>")
     return int(match.group(1)) * (_TIME_UNITS.get(match.group(2)) or 1)
+
+
+def _tsi_job_name(description: dict[str, Any]) -> str:
+    """The Slurm job name: XNJS sends ``Name`` (else ``ApplicationName``, else
+    ``UNICORE_Job``) as ``#TSI_JOBNAME``; the Slurm TSI replaces a name it finds unsafe."""
+    name = str(description.get("Name") or description.get("ApplicationName") or "UNICORE_Job")
+    return "UNICORE_job" if _TSI_JOB_NAME_ILLEGAL.search(name) else name
+
+
+def _tsi_minutes(description: dict[str, Any]) -> int | None:
+    """``--time`` in minutes as the Slurm TSI writes it (``max(int(t / 60), 1)``), None for
+    no ``--time`` line (no Runtime, or 0)."""
+    runtime = (description.get("Resources") or {}).get("Runtime")
+    seconds = _parse_time(runtime) if runtime is not None else 0
+    return max(int(seconds / 60), 1) if seconds > 0 else None
+
+
+def _slurm_time(minutes: int | None) -> str:
+    """A time limit as ``scontrol show job`` prints it."""
+    if minutes is None:
+        return "UNLIMITED"
+    days, rest = divmod(minutes, 1440)
+    clock = f"{rest // 60:02d}:{rest % 60:02d}:00"
+    return f"{days}-{clock}" if days else clock
 
 
 def _parse_capacity(value: str) -> int:
@@ -141,6 +175,7 @@ class UnicoreStandin:
         projects: tuple[str, ...] | None = None,
         extra_path: list[str] | None = None,
         queue_delay: float = 0.3,
+        batch_minute: float = 60.0,
         uspace_delay: float = 0.2,
         session_lifetime: float = 300.0,
         tls: tuple[Path, Path] | None = None,
@@ -153,6 +188,8 @@ class UnicoreStandin:
         self.projects = projects
         self.extra_path = list(extra_path or [])
         self.queue_delay = queue_delay
+        # How long one minute of a batch job's time limit lasts here.
+        self.batch_minute = batch_minute
         # A new job's working directory is made asynchronously (UspaceStorageImpl): its
         # storage is INITIALIZING, and has no files, for this long after the submission.
         self.uspace_delay = uspace_delay
@@ -386,7 +423,14 @@ class UnicoreStandin:
                 env[name] = value
         return env
 
-    def _run_shell(self, job: StandinJob, command: str, out: Path, err: Path | None) -> int:
+    def _run_shell(
+        self,
+        job: StandinJob,
+        command: str,
+        out: Path,
+        err: Path | None,
+        limit: float | None = None,
+    ) -> int:
         """Run one shell line in the job directory, in a session of its own."""
         umask = job.umask
 
@@ -417,8 +461,6 @@ class UnicoreStandin:
             aborted = job.aborted
         if aborted:
             self._kill(job)
-        runtime = (job.description.get("Resources") or {}).get("Runtime")
-        limit = _parse_time(runtime) if runtime is not None else None
         try:
             return proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -470,7 +512,10 @@ class UnicoreStandin:
         words += [str(a) for a in desc.get("Arguments") or []]
         stdout = job.workdir / str(desc.get("Stdout") or "stdout")
         stderr = job.workdir / str(desc.get("Stderr") or "stderr")
-        code = self._run_shell(job, " ".join(words), stdout, stderr)
+        # Only the batch job has the time limit, in the TSI's whole minutes.
+        minutes = _tsi_minutes(desc)
+        limit = None if minutes is None else minutes * self.batch_minute
+        code = self._run_shell(job, " ".join(words), stdout, stderr, limit)
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         if code == -999:
@@ -478,7 +523,7 @@ class UnicoreStandin:
             # Execution.handleCompleted logs the BSS details and fails the job.
             job.note(
                 "Detailed job information from batch system: "
-                f"JobId=4711 JobName={desc.get('Name', 'N/A')}\n"  # `scontrol show job`
+                f"JobId=4711 JobName={_tsi_job_name(desc)}\n"  # `scontrol show job`
                 f"   UserId={job.owner}(1000) GroupId={job.owner}(1000) MCS_label=N/A\n"
                 "   Priority=1 Nice=0 Account=standin QOS=normal\n"
                 "   JobState=TIMEOUT Reason=TimeLimit Dependency=(null)\n"
@@ -508,6 +553,18 @@ class UnicoreStandin:
         if post != 0:
             return self._finish(job, "FAILED", f"Post-command(s) failed: [{_non_zero(job, post)}]")
         return self._finish(job, "SUCCESSFUL")
+
+    def bss_details(self, job: StandinJob) -> dict[str, str]:
+        """``/jobs/{id}/details``: ``scontrol show job`` as the TSI's parse_job_details
+        splits it into key=value pairs (the part of it tests look at)."""
+        desc = job.description
+        return {
+            "JobId": f"STANDIN_{job.id[:8]}",
+            "JobName": _tsi_job_name(desc),
+            "JobState": job.status,
+            "Partition": str((desc.get("Resources") or {}).get("Queue", "batch")),
+            "TimeLimit": _slurm_time(_tsi_minutes(desc)),
+        }
 
     def job_properties(self, job: StandinJob) -> dict[str, Any]:
         base = self.base_url
@@ -753,7 +810,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(segments) == 2 and segments[1] == "submitted" and self.command == "GET":
             return self._send(200, job.description)
         if len(segments) == 2 and segments[1] == "details" and self.command == "GET":
-            return self._send(200, {"rawDetailsData": f"JobId={job.id} JobState={job.status}"})
+            return self._send(200, self.standin.bss_details(job))
         raise _Refused(404, f"No such job resource <{'/'.join(segments)}>")
 
     def _storages(self, user: str, segments: list[str], body: bytes) -> None:

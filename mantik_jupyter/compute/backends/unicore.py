@@ -19,9 +19,10 @@ A run is one UNICORE job (``Job type`` BATCH). Its working directory (the job's
 * ``Executable: bash``, ``Arguments: [mantik-job.sh]`` runs the generated job script
   (rendered with ``scheduler="unicore"``) on the compute node, ``Stdout``/``Stderr``
   ``mantik.log``; ``Resources`` become UNICORE resource requests (``Runtime`` in
-  seconds, ``MemoryPerNode`` in megabytes), the compute budget account becomes
-  ``Project``; ``Environment.Variables``, modules, the venv/Apptainer image and the
-  MLflow settings are set by the job script on the compute node, like on Slurm.
+  seconds, rounded up to whole minutes, ``MemoryPerNode`` in megabytes), the compute
+  budget account becomes ``Project``; ``Environment.Variables``, modules, the
+  venv/Apptainer image and the MLflow settings are set by the job script on the compute
+  node, like on Slurm.
 
 The tracking credential. The UNICORE protocol offers one way to get a file to the
 job: through the UNICORE server (HTTPS to the gateway and UNICORE/X, which writes it

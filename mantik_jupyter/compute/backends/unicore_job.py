@@ -79,7 +79,7 @@ def unicore_resources(config: ComputeConfig) -> dict[str, str]:
     res = config.resources
     values: dict[str, Any] = {
         "Queue": res.queue,
-        "Runtime": res.runtime,  # seconds, UNICORE's unit for a plain number
+        "Runtime": _whole_minutes(res.runtime),
         "Nodes": res.nodes,
         "TotalCPUs": res.total_cpus,
         "CPUsPerNode": res.cpus_per_node,
@@ -90,6 +90,17 @@ def unicore_resources(config: ComputeConfig) -> dict[str, str]:
         "QoS": res.qos,
     }
     return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _whole_minutes(seconds: int | None) -> int | None:
+    """A run time limit in seconds (UNICORE's unit for a plain number), rounded up to
+    whole minutes. UNICORE's Slurm TSI writes ``--time`` in minutes, truncated: 90 s
+    became 1 minute, and TSIs before 8.3 made anything under 60 s 0, which Slurm reads as
+    no limit at all. Slurm itself rounds seconds up, so this asks for what the Slurm
+    backend gets for the same Runtime, whatever the site's TSI."""
+    if seconds is None:
+        return None
+    return -(-seconds // 60) * 60
 
 
 def _pre_commands(commands: tuple[str, ...]) -> str:
