@@ -19,6 +19,7 @@ from mantik_jupyter.compute.backends.unicore import UnicoreBackend
 from mantik_jupyter.compute.backends.unicore_job import decide, job_description
 from mantik_jupyter.compute.config import load_config, parse_config
 from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.compute.script import safe_job_name
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
     AuthenticationFailed,
@@ -563,6 +564,23 @@ def test_the_site_limits_a_job_to_at_least_its_runtime(
     )
     job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "true\n"), config=config))
     assert _bss_details(backend, job_id)["TimeLimit"] == limit
+    assert _wait_final(backend, job_id).state == RunState.FINISHED
+
+
+@pytest.mark.parametrize(
+    ("run_name", "shown"),
+    [("weather-forecast_v2 #3", "weather.forecast.v2.3"), ("ÄÖÜ", "mantik"), ("t", "t")],
+)
+def test_the_site_shows_the_run_name_as_the_batch_job_name(
+    unicore_site, unicore_password, tmp_path, run_name, shown
+):
+    # UNICORE's Slurm TSI keeps only 0-9a-zA-Z.:=~/ in a job name and makes any other
+    # name UNICORE_job; a run's name nearly always holds a - or _.
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    job = dataclasses.replace(_prepared(tmp_path, "true\n"), job_name=safe_job_name(run_name))
+    job_id = backend.submit(job)
+    assert _bss_details(backend, job_id)["JobName"] == shown
+    assert unicore_site.jobs[job_id].description["Name"] == shown
     assert _wait_final(backend, job_id).state == RunState.FINISHED
 
 

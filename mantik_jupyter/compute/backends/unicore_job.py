@@ -39,7 +39,7 @@ _ACTIVE = {
 def job_description(config: ComputeConfig | None, job_name: str, run_id: str) -> dict[str, Any]:
     """The UNICORE job description of one run (no secret ever goes in here)."""
     description: dict[str, Any] = {
-        "Name": job_name,
+        "Name": batch_job_name(job_name),
         "Job type": "BATCH",
         "Executable": "bash",
         "Arguments": [layout.JOB_SCRIPT],
@@ -72,6 +72,18 @@ def job_description(config: ComputeConfig | None, job_name: str, run_id: str) ->
     if config.compute_budget_account:
         description["Project"] = config.compute_budget_account
     return description
+
+
+def batch_job_name(name: str) -> str:
+    """The job's name as UNICORE's Slurm TSI keeps it for the batch job (``--job-name``).
+
+    The TSI replaces a name holding anything but ``0-9a-zA-Z.:=~/`` with ``UNICORE_job``,
+    so the run's name (``safe_job_name``: letters, digits, ``.``, ``_``, ``-``) would show
+    as that in the site's ``squeue`` and ``sacct`` whenever it held a ``-`` or ``_``, as
+    most do. Those become ``.``: ``weather-forecast_v2`` shows as ``weather.forecast.v2``.
+    """
+    cleaned = re.sub(r"[^0-9A-Za-z.]+", ".", name).strip(".")
+    return cleaned[:128] or "mantik"
 
 
 def unicore_resources(config: ComputeConfig) -> dict[str, str]:
