@@ -40,6 +40,12 @@ class MantikApp(ExtensionApp):
     embedded_startup_timeout = Float(
         90.0, config=True, help="Seconds the embedded MLflow server may take to become healthy."
     )
+    embedded_hang_grace = Float(
+        30.0,
+        config=True,
+        help="Seconds the running embedded MLflow server may leave /health unanswered, once "
+        "a request to it went unanswered, before the lab starts it again.",
+    )
     job_tracking_uri = Unicode(
         "",
         config=True,
@@ -78,7 +84,9 @@ class MantikApp(ExtensionApp):
             self.log.info("mantik: using the tracking server %s", self.tracking.uri)
         else:
             self.embedded = EmbeddedTrackingServer(
-                Path(self.data_dir) / "tracking", startup_timeout=self.embedded_startup_timeout
+                Path(self.data_dir) / "tracking",
+                startup_timeout=self.embedded_startup_timeout,
+                hang_grace=self.embedded_hang_grace,
             )
             # Spawned, not awaited: the lab starts while MLflow boots; requests wait for it.
             self.embedded.start()

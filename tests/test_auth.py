@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 import tornado.httpclient
 import tornado.web
 
+from mantik_jupyter.handlers import mlflow_proxy
 from mantik_jupyter.tracking.embedded import free_port
 
 from .lab_fixtures import api_json, lab_config, login_as
@@ -207,6 +209,40 @@ class TestEmbeddedDefault:
         code, after = await api_json(jp_fetch, "auth", "status")
         assert after == before, "the restarted server keeps its address and login"
         assert "Default" in await search_through_proxy(jp_fetch)
+
+
+class TestHungEmbeddedServer:
+    """The embedded MLflow runs but answers nothing (stopped here; deadlocked in life)."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, monkeypatch):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setattr(mlflow_proxy, "UNANSWERED_AFTER", 1.0)
+        return lab_config(tmp_path / "mantik", None, embedded_hang_grace=3.0)
+
+    async def test_a_hung_embedded_server_is_started_again(self, jp_fetch, tmp_path):
+        state_file = tmp_path / "mantik" / "tracking" / "server.json"
+        await search_through_proxy(jp_fetch, request_timeout=120)
+        _, before = await api_json(jp_fetch, "auth", "status")
+        hung = json.loads(state_file.read_text())["pid"]
+        os.killpg(hung, signal.SIGSTOP)
+        try:
+            # The call waited for as long as the browser did, and so did every later one.
+            resp = await jp_fetch(
+                "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
+                method="POST", body=json.dumps({"max_results": 5}),
+                headers={"Content-Type": "application/json"}, raise_error=False,
+                request_timeout=90,
+            )  # fmt: skip
+            assert resp.code in (502, 504), resp.body
+            assert before["tracking_uri"] in json.loads(resp.body)["message"]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hung, signal.SIGCONT)
+        assert "Default" in await search_through_proxy(jp_fetch, request_timeout=120)
+        assert json.loads(state_file.read_text())["pid"] != hung
+        _, after = await api_json(jp_fetch, "auth", "status")
+        assert after == before, "the restarted server keeps its address and login"
 
 
 class TestTokenLogin:

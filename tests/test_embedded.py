@@ -168,6 +168,55 @@ def test_a_server_that_dies_while_the_lab_runs_is_started_again(server_dir):
         server.stop()
 
 
+def test_a_server_that_hangs_is_started_again_once_a_request_goes_unanswered(server_dir, tmp_path):
+    # A stopped (or deadlocked) server keeps its process: it was never restarted, and
+    # every request to it hung until it timed out, for as long as the lab ran.
+    owner = EmbeddedTrackingServer(server_dir, check_interval=0.2, hang_grace=3)
+    other_lab = EmbeddedTrackingServer(server_dir, check_interval=0.2)
+    owner.start()
+    stopped = None
+    try:
+        owner.wait_ready(120)
+        other_lab.start()
+        other_lab.wait_ready(30)
+        assert not other_lab.owner
+        admin = TrackingClient(owner.uri, owner.credential())
+        exp = admin.api("POST", "experiments/create", name="survives-a-hang")["experiment_id"]
+        uri, pid = owner.uri, owner._proc.pid
+        # A report about a server that answers costs one /health and nothing else.
+        other_lab.report_unanswered()
+        time.sleep(embedded.HANG_RECHECK + 1)
+        assert owner._proc.pid == pid and owner.ready
+        os.killpg(pid, signal.SIGSTOP)
+        stopped = pid
+        # The other lab's call times out; only the lab that runs the server restarts it.
+        service = TrackingService(
+            CredentialStore(tmp_path / "credentials.json"), embedded=other_lab
+        )
+        with pytest.raises(TrackingUnavailable):
+            service.client().request(
+                "POST", "api/2.0/mlflow/experiments/search", json={}, timeout=2
+            )
+        deadline = time.monotonic() + 60
+        while owner._proc.pid == pid:
+            assert time.monotonic() < deadline, "the hung server was not started again"
+            time.sleep(0.2)
+        assert _group_gone(pid), "the hung server was left behind"
+        stopped = None
+        owner.wait_ready(120)
+        other_lab.wait_ready(30)
+        assert owner.uri == uri and other_lab.uri == uri
+        got = TrackingClient(uri, owner.credential()).api(
+            "GET", "experiments/get", experiment_id=exp
+        )
+        assert got["experiment"]["name"] == "survives-a-hang"
+    finally:
+        if stopped is not None:
+            os.killpg(stopped, signal.SIGCONT)
+        other_lab.stop()
+        owner.stop()
+
+
 def test_requests_are_not_logged(server_dir):
     # uvicorn (MLflow 3.3 on) logged every request the lab proxies: server.log grew
     # without bound.

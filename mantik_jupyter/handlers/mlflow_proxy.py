@@ -59,6 +59,10 @@ BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # chunked ones (artifact uploads) stream.
 BUFFER_LIMIT = 1 << 20
 CHUNK_QUEUE = 16
+# Seconds after which a request the embedded tracking server has not begun to answer is
+# reported: the lab then checks the server and restarts it if it hangs. The proxy itself
+# gives no request up (a large search or download may take long).
+UNANSWERED_AFTER = 10.0
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,6 +100,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
     _body: asyncio.Queue[bytes | None] | None = None
     _buffered: list[bytes] | None = None
     _started = False
+    _watchdog: asyncio.TimerHandle | None = None
 
     def get_login_url(self) -> str:
         # A proxy has no login page of its own: answer 403 like the API does.
@@ -203,6 +208,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
 
     def start_response(self, status: int, reason: str, headers: httputil.HTTPHeaders) -> None:
         self._started = True
+        self._stop_watchdog()
         self.set_status(status, reason or None)
         self.clear_header("Content-Type")
         seen: set[str] = set()
@@ -219,6 +225,11 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 self.set_header(name, value)
                 seen.add(lname)
 
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     def _rewrite_location(self, value: str) -> str:
         # MLflow's redirects name its internal address; point them at the proxy.
         if value.startswith(self._upstream):
@@ -230,6 +241,12 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if self._request is None:
             return  # redirected in prepare
         error: BaseException | None = None
+        embedded = self.mantik.tracking.embedded_server
+        if embedded is not None:
+            # From when the whole request is out: an upload's own time does not count.
+            self._watchdog = asyncio.get_running_loop().call_later(
+                UNANSWERED_AFTER, embedded.report_unanswered
+            )
         try:
             if self._fetch is None:
                 if self._buffered is not None:
@@ -245,8 +262,12 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 await self._fetch
         except OSError as exc:  # ConnectionError and TimeoutError among them
             error = exc
+        finally:
+            self._stop_watchdog()
         if self._request.aborted:
             return  # the browser went away: nobody to answer
+        if error is not None and embedded is not None:
+            embedded.report_unanswered()
         if self._started:
             self.finish()
             return
@@ -269,6 +290,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         super().on_finish()
 
     def on_connection_close(self) -> None:
+        self._stop_watchdog()
         # The upstream connection is closed with the browser's, also mid-answer.
         if self._request is not None:
             self._request.abort()

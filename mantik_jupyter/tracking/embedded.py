@@ -7,6 +7,11 @@ Flask secret kept in a 0600 file. It binds to 127.0.0.1 on a free port.
 ``server.json`` records the running process so that a later start (or the
 ``mantik`` command, or a kernel) finds it, and so that a process left behind by
 a crash is found and stopped.
+
+A server that runs but no longer answers (stopped, deadlocked) is found without
+asking it anything while all is well: a request to it that times out or finds no
+connection is reported (``report_unanswered``), and only then does the lab that
+runs it ask /health, and start it again when it stays silent.
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ AUTH_CACHE_TTL = 300
 LOG_FILE = "server.log"
 # server.log is cut to nothing (its content kept as server.log.1) above this size.
 MAX_LOG_BYTES = 10 << 20
+# Touched by whoever saw a request to the server go unanswered (see ``report_unanswered``).
+UNANSWERED_FILE = "server.unanswered"
+# While requests go unanswered, /health is asked at most this often (seconds)...
+HANG_RECHECK = 5.0
+# ... and given this long to answer.
+HANG_HEALTH_TIMEOUT = 5.0
 # MLflow's own error records, and the last line of a Python traceback.
 _ERROR_LINE = re.compile(r"\bERROR\b|^[\w.]+(Error|Exception): ")
 
@@ -161,6 +172,8 @@ def _terminate_group(pid: int, timeout: float = 15) -> None:
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
+            # A stopped server would only act on SIGTERM when continued.
+            os.killpg(pgid, signal.SIGCONT)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
@@ -223,10 +236,32 @@ def _cap_log(path: Path, limit: int) -> bool:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         os.truncate(path, 0)
+    except FileNotFoundError:
+        return False  # nothing written yet
     except OSError as exc:
         log.warning("Could not cut %s down to size: %s", path, exc)
         return False
     return True
+
+
+def report_unanswered(directory: Path) -> None:
+    """Say that a request to the embedded server of ``directory`` timed out or found no
+    connection. The lab that runs it then asks /health and restarts a server that stays
+    silent. A file, so that kernels, the ``mantik`` command and other labs using that
+    server reach the one lab that may restart it."""
+    path = directory / UNANSWERED_FILE
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.utime(path)
+    except OSError:
+        pass  # a read-only data dir: the server is then restarted when it exits
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _port_free(port: int) -> bool:
@@ -259,12 +294,16 @@ class EmbeddedTrackingServer:
         check_interval: float = 2.0,
         max_log_bytes: int = MAX_LOG_BYTES,
         access_log: bool = False,
+        hang_grace: float = 30.0,
     ) -> None:
         """``access_log``: let MLflow log every request in server.log (for diagnosis and
-        tests: it is off because the lab's traffic would fill the log)."""
+        tests: it is off because the lab's traffic would fill the log). ``hang_grace``:
+        seconds a running server may leave /health unanswered, once a request to it went
+        unanswered, before it is started again."""
         self.directory = directory.resolve()
         self.startup_timeout = startup_timeout
         self.check_interval = check_interval
+        self.hang_grace = hang_grace
         self.max_log_bytes = max_log_bytes
         self.access_log = access_log
         self.port: int | None = None
@@ -280,6 +319,11 @@ class EmbeddedTrackingServer:
         self._spawned_at = 0.0
         self._log_offset = 0
         self._attached_pid: int | None = None
+        # The last report of an unanswered request that was looked into (its file's mtime).
+        self._report_seen = 0
+        self._last_hang_check = -HANG_RECHECK
+        # Since when the running server leaves /health unanswered (None: it answers).
+        self._silent_since: float | None = None
 
     @property
     def secrets(self) -> EmbeddedSecrets:
@@ -484,6 +528,9 @@ class EmbeddedTrackingServer:
             self.directory / STATE_FILE,
             {"pid": self._proc.pid, "port": self.port, "owner": os.getpid()},
         )
+        # What was reported about the server before is no concern of this one.
+        self._report_seen = _mtime_ns(self.directory / UNANSWERED_FILE)
+        self._silent_since = None
         log.info("Started the embedded MLflow server (pid %s) on %s", self._proc.pid, self.uri)
 
     def _supervise(self) -> None:
@@ -526,8 +573,12 @@ class EmbeddedTrackingServer:
             if self._ready.is_set():
                 # Only the process is watched once it answered: a /health call every
                 # few seconds would keep the server busy day and night for nothing.
+                if client is not None:
+                    self._check_hang(proc, client)
                 return False
             if client is not None and client.health(timeout=2):
+                # Requests refused while it started say nothing about a hang.
+                self._report_seen = _mtime_ns(self.directory / UNANSWERED_FILE)
                 self._ready.set()
             elif time.monotonic() - self._spawned_at > self.startup_timeout:
                 self._fail(
@@ -553,6 +604,60 @@ class EmbeddedTrackingServer:
             self.cleanup_stale()
             self._spawn()
         return False
+
+    def report_unanswered(self) -> None:
+        """A request to this server timed out or found no connection (see the module's
+        ``report_unanswered``)."""
+        report_unanswered(self.directory)
+
+    def _check_hang(self, proc: subprocess.Popen[bytes], client: TrackingClient) -> None:
+        """Start the server again when it runs but does not answer (stopped, deadlocked).
+
+        Nothing is asked while no request goes unanswered; after a report /health is
+        asked at most every ``HANG_RECHECK`` s, until it answers or has been silent for
+        ``hang_grace`` s.
+        """
+        reported = _mtime_ns(self.directory / UNANSWERED_FILE)
+        if self._silent_since is None and reported == self._report_seen:
+            return
+        now = time.monotonic()
+        if now - self._last_hang_check < HANG_RECHECK:
+            return
+        # Reports that come in while /health is asked are looked into the next time.
+        self._report_seen, self._last_hang_check = reported, now
+        if client.health(timeout=HANG_HEALTH_TIMEOUT):
+            if self._silent_since is not None:
+                log.warning("The embedded MLflow server (pid %s) answers again", proc.pid)
+            self._silent_since = None
+            return
+        if self._silent_since is None:
+            self._silent_since = now
+            log.warning(
+                "The embedded MLflow server (pid %s) does not answer; it is started again "
+                "if it stays silent for %.0f s",
+                proc.pid, self.hang_grace,
+            )  # fmt: skip
+            return
+        if time.monotonic() - self._silent_since < self.hang_grace:
+            return
+        with self._mutex:
+            if self._stopping.is_set() or self._proc is not proc:
+                return
+            log.error(
+                "The embedded MLflow server (pid %s) has not answered for %.0f s; stopping "
+                "it and starting it again. See %s:\n%s",
+                proc.pid, time.monotonic() - self._silent_since, self.directory / LOG_FILE,
+                self.log_tail(),
+            )  # fmt: skip
+            self._ready.clear()
+            # Whatever hangs it may also keep it from stopping gracefully.
+            _terminate_group(proc.pid, timeout=2)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            # The same port (its requests were cut off with it) and the same data.
+            self._spawn_locked()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server answers /health; raise TrackingTimeout if it never does."""

@@ -9,7 +9,7 @@ credential per call. Jobs and kernels use MLflow's own client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
@@ -31,11 +31,17 @@ READ_TIMEOUT = 60
 
 class TrackingClient:
     def __init__(
-        self, uri: str, credential: Credential | None, unreachable_hint: str | None = None
+        self,
+        uri: str,
+        credential: Credential | None,
+        unreachable_hint: str | None = None,
+        on_unanswered: Callable[[], None] | None = None,
     ) -> None:
-        """``unreachable_hint``: what to do when the server cannot be reached."""
+        """``unreachable_hint``: what to do when the server cannot be reached.
+        ``on_unanswered``: called when a request times out or finds no connection."""
         self.uri = normalize_uri(uri)
         self.credential = credential
+        self.on_unanswered = on_unanswered
         self.unreachable_hint = unreachable_hint or (
             "Check that it runs and that the URI is right."
         )
@@ -74,16 +80,22 @@ class TrackingClient:
         except requests.exceptions.SSLError:
             raise TrackingUnavailable(certificate_hint(self.uri)) from None
         except requests.ConnectionError as exc:
+            self._unanswered()
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} cannot be reached ({type(exc).__name__}). "
                 + self.unreachable_hint
             ) from None
         except requests.Timeout:
+            self._unanswered()
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} did not answer within {timeout:.0f} s."
             ) from None
         self._raise_for_status(resp)
         return resp
+
+    def _unanswered(self) -> None:
+        if self.on_unanswered is not None:
+            self.on_unanswered()
 
     def _raise_for_status(self, resp: requests.Response) -> None:
         if resp.status_code < 400:

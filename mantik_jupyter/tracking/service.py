@@ -14,7 +14,7 @@ from .credentials import (
     normalize_uri,
     split_credential,
 )
-from .embedded import LOG_FILE, EmbeddedTrackingServer, discover
+from .embedded import LOG_FILE, EmbeddedTrackingServer, discover, report_unanswered
 from .rest import TrackingClient
 
 # Where the credential in use comes from, as ``status()["credential_source"]`` says.
@@ -134,7 +134,18 @@ class TrackingService:
 
     def client(self) -> TrackingClient:
         self.wait_ready()
-        return TrackingClient(self.uri, self.require_credential(), self._unreachable_hint())
+        return TrackingClient(
+            self.uri,
+            self.require_credential(),
+            self._unreachable_hint(),
+            on_unanswered=self.report_unanswered,
+        )
+
+    def report_unanswered(self) -> None:
+        """A request to the tracking server timed out or found no connection: for an
+        embedded server, the lab that runs it checks it and restarts it if it hangs."""
+        if self._embedded_dir is not None:
+            report_unanswered(self._embedded_dir)
 
     def _unreachable_hint(self) -> str | None:
         if self._embedded_dir is None:
