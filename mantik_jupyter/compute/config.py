@@ -349,6 +349,7 @@ def parse_runtime(value: int | str, *, plain: PlainRuntimeUnit = "minutes") -> i
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(_runtime_help(value))
+    seconds: int | None
     if is_plain_number(value):
         seconds = int(value) * _PLAIN_RUNTIME_FACTORS[plain]
     elif isinstance(value, int):
@@ -815,12 +816,10 @@ def _build(document: _Document, source: Path) -> ComputeConfig:
         )
     ck.keys(data, (), _TOP_KEYS)
     backend = _backend(ck, data)
-    sections = {
-        "unicore": _unicore(ck, data) if "UnicoreApiUrl" in data else None,
-        "ssh": _ssh(ck, data["SSH"]) if "SSH" in data else None,
-        "firecrest": _firecrest(ck, data["Firecrest"]) if "Firecrest" in data else None,
-        "local": _local(ck, data["Local"]) if "Local" in data else None,
-    }
+    unicore = _unicore(ck, data) if "UnicoreApiUrl" in data else None
+    ssh = _ssh(ck, data["SSH"]) if "SSH" in data else None
+    firecrest = _firecrest(ck, data["Firecrest"]) if "Firecrest" in data else None
+    local = _local(ck, data["Local"]) if "Local" in data else None
     needs_queue = any(key in data for key in ("UnicoreApiUrl", "SSH", "Firecrest"))
     resources = _resources(ck, data, needs_queue, backend)
     environment = _environment(ck, data.get("Environment"), ("Environment",))
@@ -852,10 +851,10 @@ def _build(document: _Document, source: Path) -> ComputeConfig:
     return ComputeConfig(
         source=source,
         backend=backend,
-        ssh=sections["ssh"],
-        unicore=sections["unicore"],
-        firecrest=sections["firecrest"],
-        local=sections["local"],
+        ssh=ssh,
+        unicore=unicore,
+        firecrest=firecrest,
+        local=local,
         resources=resources,
         environment=environment,
         exclude=exclude,

@@ -370,7 +370,8 @@ class SshSlurmBackend(Backend):
         with self._lock:
             client = self._connection()
             sftp = self._sftp
-            if sftp is not None and not sftp.get_channel().closed:
+            channel = sftp.get_channel() if sftp is not None else None
+            if sftp is not None and channel is not None and not channel.closed:
                 return sftp
         # Opened outside _lock: a login node slow to start sftp must not stall polls.
         sftp = self._open_sftp(client)
@@ -922,7 +923,7 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         data = self.channel.recv(len(buffer))
         buffer[: len(data)] = data
         self.done += len(data)

@@ -438,12 +438,13 @@ class UnicoreBackend(Backend):
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(path.stat().st_size),
             }
-            self._call(
-                lambda path=path, name=name, headers=headers: transport.put(
+
+            def upload(path: Path = path, name: str = name, headers: dict = headers) -> None:
+                transport.put(
                     url=workdir._to_file_url(name), headers=headers, content=counting(path)
-                ).close(),
-                f"uploading {name}",
-            )
+                ).close()
+
+            self._call(upload, f"uploading {name}")
         if progress:
             progress(total, total)
 

@@ -54,7 +54,7 @@ class SessionTransport(uc.Transport):
             self._session = session  # after pyunicore's __init__, which clears the id
         self.http = http
 
-    @property  # type: ignore[override]
+    @property
     def last_session_id(self) -> str | None:
         return self._session["id"]
 
