@@ -12,6 +12,9 @@ install_project "[test]"
 log "Lint: ruff"
 ruff check mantik_jupyter tests bench
 
+log "Types: mypy"
+mypy
+
 log "Extension unit tests (vitest)"
 (cd labextension && jlpm test)
 
