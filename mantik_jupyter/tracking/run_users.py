@@ -41,7 +41,7 @@ def admin_client(tracking: TrackingService) -> TrackingClient | None:
     if credential is None:
         return None
     tracking.wait_ready()
-    return TrackingClient(tracking.uri, credential)
+    return TrackingClient(tracking.uri, credential, on_unanswered=tracking.report_unanswered)
 
 
 def new_run_username() -> str:
