@@ -682,3 +682,83 @@ def test_polling_a_site_keeps_its_connections_and_one_security_session(
     for _ in range(3):
         assert backend.read_log(job_id)[0] == b"hi\n"
     assert unicore_site.credential_logins - before == 1
+
+
+def test_a_wrong_unicore_credential_creates_no_run(service, project, unicore_site, monkeypatch):
+    # A wrong password or a revoked token is a credential the backend cannot judge by
+    # itself: the site is asked before the run is created, so no FAILED run is left.
+    monkeypatch.setenv("MANTIK_UNICORE_PASSWORD", "not-the-password")
+    with pytest.raises(AuthenticationFailed, match="refused the login of user 'alice'") as err:
+        service.submit(project, experiment_name="unicore-wrong-password")
+    assert unicore_site.base_url in err.value.message
+    assert "MANTIK_UNICORE_PASSWORD" in err.value.message
+    assert "not-the-password" not in err.value.message
+    with pytest.raises(NotFound, match="No experiment named"):
+        service.list(experiment_name="unicore-wrong-password")
+
+    token = unicore_site.add_token(USER)
+    del unicore_site.tokens[token]  # revoked
+    monkeypatch.setenv("MANTIK_UNICORE_TOKEN", token)
+    with pytest.raises(AuthenticationFailed, match="refused the access token.*UNICORE_TOKEN"):
+        service.submit(project, experiment_name="unicore-revoked-token")
+    with pytest.raises(NotFound, match="No experiment named"):
+        service.list(experiment_name="unicore-revoked-token")
+
+
+def test_an_unreachable_unicore_site_creates_no_run(service, project, unicore_site):
+    url = f"http://127.0.0.1:{free_port()}/{unicore_site.site}/rest/core"
+    write_config(project, unicore_config(unicore_site, UnicoreApiUrl=url))
+    with pytest.raises(BackendUnavailable, match=f"Cannot reach the UNICORE site {url}"):
+        service.submit(project, experiment_name="unicore-unreachable")
+    with pytest.raises(NotFound, match="No experiment named"):
+        service.list(experiment_name="unicore-unreachable")
+
+
+def test_checking_the_login_costs_one_call_and_the_submission_reuses_it(
+    unicore_site, unicore_password, tmp_path
+):
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    site_path = f"/{unicore_site.site}/rest/core"
+    before = len(unicore_site.requests)
+    backend.check_credentials()
+    assert unicore_site.requests[before:] == [("GET", site_path)]
+    session = backend.client().transport.last_session_id
+    assert session in unicore_site.sessions
+    before, used = len(unicore_site.requests), unicore_site.session_used[session]
+    backend.submit(_prepared(tmp_path, "echo hi\n"))
+    # The submission logs in no more, and goes on in the session of the check.
+    assert ("GET", site_path) not in unicore_site.requests[before:]
+    assert unicore_site.session_used[session] > used
+    # A login made earlier is asked again (one call, in its session): the password may
+    # have been changed at the site since.
+    before = len(unicore_site.requests)
+    backend.check_credentials()
+    assert len(unicore_site.requests) - before == 1
+    unicore_site.users[USER] = "changed-at-the-site"
+    unicore_site.expire_sessions()
+    try:
+        with pytest.raises(AuthenticationFailed, match="refused the login of user 'alice'"):
+            backend.check_credentials()
+    finally:
+        unicore_site.users[USER] = unicore_password
+
+
+def test_a_token_that_expired_since_the_login_is_checked_again(unicore_site, monkeypatch):
+    def jwt(expires: float) -> str:
+        claims = json.dumps({"exp": expires}).encode()
+        token = f"e30.{base64.urlsafe_b64encode(claims).decode().rstrip('=')}.c2ln"
+        unicore_site.tokens[token] = (USER, time.time() + 3600)  # the site still takes it
+        return token
+
+    for name in ("MANTIK_UNICORE_USERNAME", "MANTIK_UNICORE_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MANTIK_UNICORE_TOKEN", jwt(time.time() + 1))
+    backend = UnicoreBackend(unicore_site.base_url)
+    backend.warm_up()  # logged in, as for a submission
+    time.sleep(1.2)
+    with pytest.raises(AuthenticationFailed, match="expired at"):
+        backend.check_credentials()
+    renewed = jwt(time.time() + 3600)
+    monkeypatch.setenv("MANTIK_UNICORE_TOKEN", renewed)
+    backend.check_credentials()  # the renewed token, without a restart
+    assert backend.client().transport.credential.token == renewed

@@ -297,16 +297,30 @@ class UnicoreBackend(Backend):
         )
 
     def check_credentials(self) -> None:
-        """Raise AuthenticationFailed for a credential that is missing or has expired
-        (a JWT's ``exp``), without a call to the site: the RunService asks before it
-        creates the run, so such a mistake leaves no FAILED run behind."""
+        """Check the login at the site before the RunService creates the run, so that a
+        credential mistake leaves no FAILED run behind. A missing credential or a JWT
+        whose ``exp`` has passed is refused without a call; a wrong password or a revoked
+        token only the site can tell, so it is asked once: the base resource with its
+        ``client.role`` (the login pyunicore's ``Client`` makes). The client and its
+        security session are kept for the submission that follows.
+
+        Raises AuthenticationFailed (naming the site and what to set) for a credential
+        the site refused, BackendUnavailable for a site that cannot be reached."""
         with self._lock:
+            if self._client is not None and self._token and _token_expired(self._token):
+                # A renewed token may be in the environment by now: log in anew.
+                self._client = None
             if self._client is None:
-                self._credential()
+                self.client()  # one round trip: pyunicore checks the role it gets
+                return
+            site = self._client
+        # A login made earlier: the password may have been changed, or the token revoked,
+        # since. Asked in its security session: one call, no new session at the site.
+        self._call(lambda: _assert_login(site), _LOGIN)
 
     def warm_up(self) -> None:
-        # The login (a round trip to the gateway, with a check of the credential)
-        # overlaps the packaging and the MLflow calls of a submission.
+        # The login normally happened in check_credentials already; this is for callers
+        # that skip the check (a backend used without the RunService).
         try:
             self.client()
         except MantikError as exc:  # only an optimisation: submit reports what is wrong
@@ -720,18 +734,36 @@ class UnicoreBackend(Backend):
 # ---- helpers ---------------------------------------------------------------------------
 
 
-def _check_token_expiry(token: str, api_url: str) -> None:
-    """Refuse a JWT access token whose ``exp`` has passed (without sending it)."""
+def _assert_login(site: uc.Client) -> None:
+    """Ask the site, past pyunicore's 5 s property cache, whether it still takes the
+    login: a refused credential is a 403, one it ignored the role ``anonymous``."""
+    props = site.transport.get(url=site.resource_url)
+    if props["client"]["role"]["selected"] == "anonymous":
+        raise AuthenticationFailedException(f"Failure to authenticate at {site.resource_url}")
+
+
+def _token_expiry(token: str) -> float | None:
+    """The ``exp`` of a JWT access token; None for a token that is no JWT or has none."""
     parts = token.split(".")
     if len(parts) != 3:
-        return
+        return None
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
-        expires = float(claims["exp"])
+        return float(claims["exp"])
     except (ValueError, KeyError, TypeError):
-        return
-    if expires < time.time():
+        return None
+
+
+def _token_expired(token: str) -> bool:
+    expires = _token_expiry(token)
+    return expires is not None and expires < time.time()
+
+
+def _check_token_expiry(token: str, api_url: str) -> None:
+    """Refuse a JWT access token whose ``exp`` has passed (without sending it)."""
+    expires = _token_expiry(token)
+    if expires is not None and expires < time.time():
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
         raise AuthenticationFailed(
             f"The access token for the UNICORE site {api_url} expired at {when}. Renew the "
