@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -165,24 +167,34 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def test_cancel_kills_every_child_of_the_job(tmp_path):
-    # Children the job forked: one that ignores SIGTERM, one in a process group of its own.
-    local = tmp_path / "prepared"
+def _script_job(tmp_path: Path, script: str, run_id: str = "r1") -> PreparedJob:
+    local = tmp_path / run_id
     local.mkdir()
-    (local / "mantik-job.sh").write_text(
-        "(trap '' TERM; exec sleep 300) & echo $! >> children\n"
-        "python3 -c 'import os; os.setpgid(0, 0); os.execvp(\"sleep\", [\"sleep\", \"300\"])' &\n"
-        "echo $! >> children\n"
-        "sleep 300\n"
-    )
-    backend = LocalBackend(tmp_path / "runs")
-    job_id = backend.submit(PreparedJob(run_id="r1", local_dir=local, job_name="t"))
+    (local / "mantik-job.sh").write_text(script)
+    return PreparedJob(run_id=run_id, local_dir=local, job_name="t")
+
+
+def _children(backend: LocalBackend, job_id: str, count: int) -> list[int]:
     children = Path(backend.run_dir_of(job_id)) / "children"
     deadline = time.monotonic() + 10
-    while len(children.read_text().split() if children.exists() else []) < 2:
+    while len(children.read_text().split() if children.exists() else []) < count:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    pids = [int(p) for p in children.read_text().split()]
+    return [int(p) for p in children.read_text().split()]
+
+
+def test_cancel_kills_every_child_of_the_job(tmp_path):
+    # Children the job forked: one that ignores SIGTERM, one in a process group of its own.
+    job = _script_job(
+        tmp_path,
+        "(trap '' TERM; exec sleep 300) & echo $! >> children\n"
+        'python3 -c \'import os; os.setpgid(0, 0); os.execvp("sleep", ["sleep", "300"])\' &\n'
+        "echo $! >> children\n"
+        "sleep 300\n",
+    )
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(job)
+    pids = _children(backend, job_id, 2)
     try:
         backend.cancel(job_id)
         assert backend.states([job_id])[job_id].state == RunState.KILLED
@@ -193,14 +205,82 @@ def test_cancel_kills_every_child_of_the_job(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _escaping_job(tmp_path: Path, name: str) -> PreparedJob:
+    """A job whose children leave its session: setsid, and a double fork into a session
+    of its own that ignores SIGTERM (as daemons, ``nohup setsid ...``, do)."""
+    return _script_job(
+        tmp_path,
+        "setsid bash -c 'echo $$ >> children; exec sleep 300' &\n"
+        "nohup python3 -c 'import os, signal\n"
+        "os.setsid()\n"
+        "if os.fork(): os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        'open("children", "a").write(f"{os.getpid()}\\n")\n'
+        'os.execvp("sleep", ["sleep", "300"])\' >/dev/null 2>&1 &\n'
+        "sleep 300\n",
+        name,
+    )
+
+
+def test_cancel_stops_children_that_left_the_session(tmp_path):
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(_escaping_job(tmp_path, "r1"))
+    other_id = backend.submit(_escaping_job(tmp_path, "r2"))
+    # A process of the lab, with the environment the jobs got from it.
+    lab_child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    pids = _children(backend, job_id, 2)
+    others = _children(backend, other_id, 2)
+    try:
+        for pid in pids:
+            assert os.getsid(pid) != os.getsid(int(job_id.split("-")[1]))
+        backend.cancel(job_id)
+        assert backend.states([job_id])[job_id].state == RunState.KILLED
+        assert not [pid for pid in pids if _running(pid)]
+        # Another job's escaped children and the lab's own processes stay.
+        assert all(_running(pid) for pid in others) and lab_child.poll() is None
+        assert backend.states([other_id])[other_id].state == RunState.RUNNING
+        # As after a restart of the lab: the marker comes from the run directory.
+        LocalBackend(tmp_path / "runs").cancel(other_id)
+        assert not [pid for pid in others if _running(pid)]
+        assert lab_child.poll() is None
+    finally:
+        lab_child.kill()
+        lab_child.wait()
+        for job in (job_id, other_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(job.split("-")[1]), signal.SIGKILL)
+        for pid in pids + others:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path):
+    job = _script_job(
+        tmp_path,
+        "setsid bash -c 'echo $$ > children; exec sleep 300' &\n"
+        "while [ ! -s children ]; do sleep 0.05; done\n"
+        "echo 0 > mantik.exitcode\n",
+    )
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(job)
+    [pid] = _children(backend, job_id, 1)
+    try:
+        assert wait_for_job(backend, job_id, FINAL).state == RunState.FINISHED
+        assert _running(pid)
+        backend.cancel(job_id)
+        assert not _running(pid)
+        assert backend.states([job_id])[job_id].state == RunState.FINISHED
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
     # As for a job killed before its script reached the credential file.
-    local = tmp_path / "prepared"
-    local.mkdir()
-    (local / "mantik-job.sh").write_text("sleep 300\n")
-    (local / ".mantik-credentials").write_text("MLFLOW_TRACKING_TOKEN=t0ken\n")
+    job = _script_job(tmp_path, "sleep 300\n")
+    (job.local_dir / ".mantik-credentials").write_text("MLFLOW_TRACKING_TOKEN=t0ken\n")
     backend = LocalBackend(tmp_path / "runs")
-    job_id = backend.submit(PreparedJob(run_id="r1", local_dir=local, job_name="t"))
+    job_id = backend.submit(job)
     creds = Path(backend.run_dir_of(job_id)) / ".mantik-credentials"
     assert creds.is_file()
     backend.cancel(job_id)

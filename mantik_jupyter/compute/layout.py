@@ -16,8 +16,9 @@ filled in three steps:
    writes its exit status to ``mantik.exitcode`` (``EXIT_CODE_FILE``), the fallback
    the backends read when the scheduler no longer knows the job.
 
-Backends may add files of their own (the local backend's ``mantik.jobid`` and
-``mantik.cancelled``, UNICORE's ``mantik-login.log``); those stay in the backend.
+Backends may add files of their own (the local backend's ``mantik.jobid``,
+``mantik.jobmarker`` and ``mantik.cancelled``, UNICORE's ``mantik-login.log``); those stay
+in the backend.
 """
 
 from __future__ import annotations

@@ -4,7 +4,12 @@ Every run gets the run-directory layout the cluster backends use,
 ``<directory>/<run_id>/`` with ``code/`` (the unpacked package), ``mantik-job.sh``
 (generated with ``scheduler="none"``), ``mantik.log`` and ``mantik.exitcode``. The
 script runs as ``bash mantik-job.sh`` in that directory, in a session (process group)
-of its own, so ``cancel`` stops the whole tree.
+of its own, so ``cancel`` stops the whole tree. A child that leaves the session
+(``setsid``, a daemon's double fork) still carries ``MANTIK_LOCAL_JOB`` in its
+environment, a token of this job alone (kept in ``mantik.jobmarker``): on Linux
+``cancel`` finds such processes of the user in ``/proc/<pid>/environ`` and stops them
+too. A child that clears its environment escapes that; so do all children where there
+is no ``/proc``.
 
 Job ids are ``local-<pid>-<start>``, where ``<start>`` is the process start time from
 ``/proc/<pid>/stat``: after a restart of the lab a pid that was reused by another
@@ -34,6 +39,7 @@ import subprocess
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 
 CANCELLED_FILE = "mantik.cancelled"
 JOB_ID_FILE = "mantik.jobid"
+MARKER_FILE = "mantik.jobmarker"
+MARKER_ENV = "MANTIK_LOCAL_JOB"
 CANCEL_GRACE = 5.0
 # How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
 LOGIN_LOG_TAIL = 2000
@@ -156,6 +164,11 @@ class LocalBackend(Backend):
         if post:
             argv = ["bash", "-c", _with_post_commands(post), "mantik-job"]
             env = login_env
+        # Unique per job, unlike anything the lab's environment holds, so that a scan
+        # for it finds this job's processes and never the lab's or another job's.
+        marker = uuid.uuid4().hex
+        (run_dir / MARKER_FILE).write_text(marker + "\n")
+        env = {**env, MARKER_ENV: marker}
         with (run_dir / layout.LOG_FILE).open("ab") as out:
             try:
                 proc = subprocess.Popen(
@@ -241,35 +254,43 @@ class LocalBackend(Backend):
             (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
 
     def _stop(self, job_id: str, run_dir: Path) -> None:
-        if not self._alive(job_id):
-            return
-        (run_dir / CANCELLED_FILE).write_text("cancelled\n")
         pid = int(job_id.split("-")[1])
-        self._signal_session(pid, signal.SIGTERM)
-        # The whole session, not only the job script: a child that ignores SIGTERM (or
-        # takes its time) outlives the script and must get the SIGKILL too.
+        marker = _read_marker(run_dir)
+        alive = self._alive(job_id)
+        if alive:
+            (run_dir / CANCELLED_FILE).write_text("cancelled\n")
+        elif not _job_members(None, marker):
+            return
+        # The script ended but left children behind: they go all the same. The session
+        # is not searched then: its number may be another process's by now.
+        session = pid if alive else None
+        self._signal_job(pid, session, marker, signal.SIGTERM)
+        # The whole job, not only the script: a child that ignores SIGTERM (or takes its
+        # time) outlives the script and must get the SIGKILL too.
         deadline = time.monotonic() + CANCEL_GRACE
-        while self._session_alive(job_id, pid) and time.monotonic() < deadline:
+        while self._job_alive(job_id, session, marker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self._session_alive(job_id, pid):
-            self._signal_session(pid, signal.SIGKILL)
-            # A killed process takes a moment to go (more on a loaded machine).
-            deadline = time.monotonic() + CANCEL_GRACE
-            while self._session_alive(job_id, pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        # A killed process takes a moment to go (more on a loaded machine); one that
+        # forked meanwhile has a child to kill too.
+        deadline = time.monotonic() + CANCEL_GRACE
+        while self._job_alive(job_id, session, marker) and time.monotonic() < deadline:
+            self._signal_job(pid, session, marker, signal.SIGKILL)
+            time.sleep(0.05)
 
-    def _session_alive(self, job_id: str, pid: int) -> bool:
-        return self._alive(job_id) or bool(_session_members(pid))
+    def _job_alive(self, job_id: str, session: int | None, marker: str | None) -> bool:
+        return self._alive(job_id) or bool(_job_members(session, marker))
 
     @staticmethod
-    def _signal_session(pid: int, sig: signal.Signals) -> None:
-        """Signal the job's process group (the script started a session of its own) and
-        any process of its session that moved to a group of its own."""
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        for member in _session_members(pid):
+    def _signal_job(pid: int, session: int | None, marker: str | None, sig: signal.Signals) -> None:
+        """Signal the job's process group (the script started a session of its own), any
+        process of its session that moved to a group of its own, and any process that
+        carries the job's marker (one that left the session)."""
+        if session is not None:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        for member in _job_members(session, marker):
             try:
                 os.kill(member, sig)
             except ProcessLookupError:
@@ -353,18 +374,67 @@ class LocalBackend(Backend):
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
 
-def _session_members(session: int) -> list[int]:
-    """Live (non-zombie) processes of a session, from /proc; none where /proc is absent."""
+def _job_members(session: int | None, marker: str | None) -> list[int]:
+    """Live (non-zombie) processes of a session, and processes of this user whose
+    environment holds ``MANTIK_LOCAL_JOB=<marker>``, from /proc; none where /proc is
+    absent. Never this process or its ancestors (the lab, the shell that started it)."""
+    if session is None and not marker:
+        return []
+    wanted = f"{MARKER_ENV}={marker}".encode() if marker else None
+    spared = _self_and_ancestors()
+    uid = os.getuid()
     members = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
         try:
-            text = stat_file.read_text()
+            text = Path(entry.path, "stat").read_text()
         except OSError:
-            continue  # ended meanwhile, or not ours to read
+            continue  # ended meanwhile
         fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X") and fields[3] == str(session):
-            members.append(int(stat_file.parent.name))
+        if fields[0] in ("Z", "X"):
+            continue
+        if session is not None and fields[3] == str(session):
+            members.append(int(entry.name))
+        elif wanted is not None and _environ_holds(entry, uid, wanted):
+            members.append(int(entry.name))
     return members
+
+
+def _environ_holds(entry: os.DirEntry[str], uid: int, wanted: bytes) -> bool:
+    try:
+        # Another user's environment is not ours to read, nor theirs to be stopped.
+        if entry.stat().st_uid != uid:
+            return False
+        environ = Path(entry.path, "environ").read_bytes()
+    except OSError:
+        return False
+    return wanted in environ.split(b"\0")
+
+
+def _self_and_ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(text[text.rindex(")") + 2 :].split()[1])
+    return pids
+
+
+def _read_marker(run_dir: Path) -> str | None:
+    """The job's marker; None for a job started before there were markers."""
+    try:
+        marker = (run_dir / MARKER_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return marker if re.fullmatch(r"[0-9a-f]{32}", marker) else None
 
 
 def _copy_private(src: Path, dst: Path) -> int:
