@@ -4,6 +4,7 @@ tag, no secrets), shared by the runs that use it, so its connection is reused.""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -93,8 +94,6 @@ class BackendPool:
             return backend
 
     def _make(self, spec: Mapping[str, Any], config: ComputeConfig | None) -> Backend:
-        import os
-
         kind = spec.get("kind")
         if kind == "local":
             return LocalBackend(spec["Directory"])
@@ -142,7 +141,6 @@ class BackendPool:
             ) from None
         backend = self.get(spec)
         run_dir = tags.get(TAG_RUN_DIR)
-        attach = getattr(backend, "attach", None)
-        if run_dir and attach is not None:
-            attach(job_id, run_dir)
+        if run_dir:
+            backend.attach(job_id, run_dir)
         return backend, job_id

@@ -278,7 +278,7 @@ class Submitter:
             # The job is queued: from here on nothing may lose its id.
             job_tags = {
                 TAG_JOB_ID: job_id,
-                TAG_RUN_DIR: _run_dir_of(backend, job_id),
+                TAG_RUN_DIR: backend.run_dir_of(job_id),
                 TAG_STATE: str(RunState.QUEUED),
             }
             _record_job(api, run_id, job_tags)
@@ -425,8 +425,3 @@ def _experiment_refused(api: RunsApi, user: str | None, experiment: str) -> Perm
 
 def _credential_file(credential: Credential) -> str:
     return "".join(f"{k}={v}\n" for k, v in credential.env().items())
-
-
-def _run_dir_of(backend: Backend, job_id: str) -> str:
-    run_dir_of = getattr(backend, "run_dir_of", None)
-    return str(run_dir_of(job_id)) if run_dir_of is not None else ""

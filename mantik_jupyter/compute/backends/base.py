@@ -115,6 +115,15 @@ class Backend(abc.ABC):
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         """Stream one file of the run directory in chunks."""
 
+    def run_dir_of(self, job_id: str) -> str:
+        """Where the job's run directory is (a path or URL on the backend's machine), to
+        record next to the job id; "" for a backend without one."""
+        return ""
+
+    def attach(self, job_id: str, run_dir: str) -> None:  # noqa: B027 - optional hook
+        """Tell the backend the run directory of a job submitted earlier (before a restart
+        of the lab), as ``run_dir_of`` gave it then."""
+
     def job_ended(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Called once when the RunService records the job's end: delete what a job
         killed from outside leaves behind (a Slurm job keeps its credential file while
