@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mantik_jupyter.compute import run_submit
+from mantik_jupyter.compute.backends import local
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.local import LocalBackend
 from mantik_jupyter.compute.run_inputs import check_tracking_uri
@@ -254,10 +257,13 @@ def test_cancel_stops_children_that_left_the_session(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path):
+@contextlib.contextmanager
+def _ended_job_with_a_daemon(tmp_path: Path) -> Iterator[tuple[LocalBackend, str, int]]:
+    """A job that FINISHED and left running a daemon of its own session that ignores
+    SIGTERM: (backend, job id, the daemon's pid)."""
     job = _script_job(
         tmp_path,
-        "setsid bash -c 'echo $$ > children; exec sleep 300' &\n"
+        "setsid bash -c 'trap \"\" TERM; echo $$ > children; exec sleep 300' &\n"
         "while [ ! -s children ]; do sleep 0.05; done\n"
         "echo 0 > mantik.exitcode\n",
     )
@@ -266,13 +272,19 @@ def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path):
     [pid] = _children(backend, job_id, 1)
     try:
         assert wait_for_job(backend, job_id, FINAL).state == RunState.FINISHED
+        yield backend, job_id, pid
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "CANCEL_GRACE", 1.0)
+    with _ended_job_with_a_daemon(tmp_path) as (backend, job_id, pid):
         assert _running(pid)
         backend.cancel(job_id)
         assert not _running(pid)
         assert backend.states([job_id])[job_id].state == RunState.FINISHED
-    finally:
-        if _running(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
@@ -286,6 +298,153 @@ def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
     backend.cancel(job_id)
     assert backend.states([job_id])[job_id].state == RunState.KILLED
     assert not creds.exists()
+
+
+# What a local job's end does, as Slurm does at the end of a job: its processes go, and so
+# does its credential file. The RunService calls job_ended when it records the end.
+
+LEAVER = """\
+# A data-loader daemon that left the job's session and ignores SIGTERM, and a plain
+# background child: both outlive the entry point unless the end of the job stops them.
+setsid bash -c 'trap "" TERM; echo $$ >> "$1"; exec sleep 300' leaver "$1" &
+sleep 300 &
+echo $! >> "$1"
+while [ "$(wc -l < "$1")" -lt 2 ]; do sleep 0.05; done
+echo left two behind
+"""
+
+
+def _leaver_project(tmp_path: Path) -> Path:
+    project = tmp_path / "leaver"
+    project.mkdir()
+    (project / "MLproject").write_text(
+        "name: leaver\nentry_points:\n  main:\n    parameters:\n      out: {type: string}\n"
+        "    command: 'bash leave.sh {out}'\n"
+    )
+    (project / "leave.sh").write_text(LEAVER)
+    write_config(project, LOCAL_CONFIG)
+    return project
+
+
+def _timed_job_ended(monkeypatch) -> list[float]:
+    """Durations of LocalBackend.job_ended calls (the sync loop waits for them)."""
+    durations: list[float] = []
+    original = LocalBackend.job_ended
+
+    def timed(self, job_id):
+        start = time.monotonic()
+        try:
+            return original(self, job_id)
+        finally:
+            durations.append(time.monotonic() - start)
+
+    monkeypatch.setattr(LocalBackend, "job_ended", timed)
+    return durations
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while [pid for pid in pids if _running(pid)]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_processes_a_finished_job_left_behind_are_stopped(service, tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "CANCEL_GRACE", 2.0)
+    durations = _timed_job_ended(monkeypatch)
+    out = tmp_path / "children"
+    lab_child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    info = service.submit(
+        _leaver_project(tmp_path), params={"out": str(out)}, experiment_name="local-leftovers"
+    )
+    pids: list[int] = []
+    try:
+        final = wait_for(service, info.run_id, FINAL, timeout=30)
+        pids = [int(p) for p in out.read_text().split()]
+        assert final.state == RunState.FINISHED and final.exit_code == 0, final.tags
+        # The sync did not wait out the grace of the daemon that ignores SIGTERM.
+        assert len(durations) == 1 and durations[0] < 1.0, durations
+        assert _gone(pids, timeout=2 * 2.0 + 5), [p for p in pids if _running(p)]
+        # The lab's own processes stay, and the run stays FINISHED (not cancelled).
+        assert lab_child.poll() is None
+        assert not (Path(final.tags["mantik.run_dir"]) / local.CANCELLED_FILE).exists()
+        assert service.get(info.run_id).state == RunState.FINISHED
+    finally:
+        lab_child.kill()
+        lab_child.wait()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_killed_from_outside_leaves_no_credential_nor_process(
+    service, project, tmp_path, monkeypatch
+):
+    # The script stalls before it reads (and deletes) its credential file, as a job whose
+    # SIGKILL comes early; its foreground child outlives it.
+    real_render = run_submit.render_job_script
+
+    def stalling(*args, **kwargs):
+        shebang, rest = real_render(*args, **kwargs).split("\n", 1)
+        return f"{shebang}\nsleep 300 & echo $! > sleeper.pid; wait $!\n{rest}"
+
+    monkeypatch.setattr(run_submit, "render_job_script", stalling)
+    durations = _timed_job_ended(monkeypatch)
+    info = service.submit(project, entry_point="sleep", experiment_name="local-leftovers")
+    pid = int(info.job_id.split("-")[1])
+    run_dir = Path(service.get(info.run_id).tags["mantik.run_dir"])
+    sleeper = run_dir / "sleeper.pid"
+    deadline = time.monotonic() + 10
+    while not sleeper.exists() or not sleeper.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(sleeper.read_text())
+    try:
+        assert (run_dir / ".mantik-credentials").is_file()
+        os.kill(pid, signal.SIGKILL)
+        final = wait_for(service, info.run_id, FINAL, timeout=30)
+        assert final.state == RunState.FAILED and final.reason == "killed by signal 9"
+        assert not (run_dir / ".mantik-credentials").exists()
+        assert durations and max(durations) < 1.0, durations
+        assert _gone([child], timeout=local.CANCEL_GRACE + 5)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_short_lived_process_that_records_the_end_stops_the_leftovers(tmp_path):
+    # `mantik runs status` records the end and exits without closing its backends; the
+    # run is over then and nobody calls job_ended again.
+    code = (
+        "import sys\n"
+        "from mantik_jupyter.compute.backends import local\n"
+        "local.CANCEL_GRACE = 1.0\n"
+        "local.LocalBackend(sys.argv[1]).job_ended(sys.argv[2])\n"
+    )
+    with _ended_job_with_a_daemon(tmp_path) as (_, job_id, pid):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "runs"), job_id],
+            env=env,
+            check=True,
+            timeout=30,
+        )
+        assert _gone([pid], timeout=2)
+
+
+def test_close_hurries_the_stop_of_what_ended_jobs_left(tmp_path):
+    # A lab that shuts down does not wait out the grace, nor leaves the daemon running.
+    with _ended_job_with_a_daemon(tmp_path) as (backend, job_id, pid):
+        backend.job_ended(job_id)
+        time.sleep(0.3)  # SIGTERM sent, ignored
+        assert _running(pid)
+        start = time.monotonic()
+        backend.close()
+        assert time.monotonic() - start < local.CANCEL_GRACE
+        assert not _running(pid)
+        assert backend.states([job_id])[job_id].state == RunState.FINISHED
 
 
 def test_odd_file_names_list_and_download(tmp_path):

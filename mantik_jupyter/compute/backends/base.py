@@ -127,7 +127,9 @@ class Backend(abc.ABC):
     def job_ended(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Called once when the RunService records the job's end: delete what a job
         killed from outside leaves behind (a Slurm job keeps its credential file while
-        it may be requeued). May raise ``MantikError``; the caller only logs it."""
+        it may be requeued; a local job's processes outlive its script). The sync loop
+        waits for it, so anything slow goes to a thread. May raise ``MantikError``; the
+        caller only logs it."""
 
     def check_credentials(self) -> None:  # noqa: B027 - optional hook
         """Raise ``AuthenticationFailed`` for a credential the backend can tell is missing

@@ -9,7 +9,10 @@ of its own, so ``cancel`` stops the whole tree. A child that leaves the session
 environment, a token of this job alone (kept in ``mantik.jobmarker``): on Linux
 ``cancel`` finds such processes of the user in ``/proc/<pid>/environ`` and stops them
 too. A child that clears its environment escapes that; so do all children where there
-is no ``/proc``.
+is no ``/proc``. As Slurm does at the end of a job, ``job_ended`` (the RunService
+records the run's end) stops what a job that ended by itself or was killed from outside
+left running, the same way, in a thread of its own; and deletes the credential file a
+script killed before reading it leaves behind.
 
 Job ids are ``local-<pid>-<start>``, where ``<start>`` is the process start time from
 ``/proc/<pid>/stat``: after a restart of the lab a pid that was reused by another
@@ -57,6 +60,8 @@ JOB_ID_FILE = "mantik.jobid"
 MARKER_FILE = "mantik.jobmarker"
 MARKER_ENV = "MANTIK_LOCAL_JOB"
 CANCEL_GRACE = 5.0
+# How long ``close`` waits for the threads that stop what ended jobs left running.
+CLOSE_WAIT = 2.0
 # How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
 LOGIN_LOG_TAIL = 2000
 
@@ -102,6 +107,10 @@ class LocalBackend(Backend):
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser().absolute()
         self._run_dirs: dict[str, Path] = {}
+        # Threads stopping what ended jobs left running; ``close`` cuts their grace short.
+        self._reapers: set[threading.Thread] = set()
+        self._reapers_lock = threading.Lock()
+        self._closing = threading.Event()
 
     def __repr__(self) -> str:
         return f"LocalBackend({self.directory})"
@@ -253,7 +262,46 @@ class LocalBackend(Backend):
             # Killed before its script got to the credential file, the job leaves it behind.
             (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
 
-    def _stop(self, job_id: str, run_dir: Path) -> None:
+    def job_ended(self, job_id: str) -> None:
+        job_id = self._check_job_id(job_id)
+        try:
+            run_dir = Path(self.run_dir_of(job_id))
+        except NotFound:
+            return  # its run directory is gone, and with it the marker and credential
+        # A script killed from outside (SIGKILL) before it read the file never deletes it.
+        (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
+        # The sync loop calls this while it records the end: the scan of /proc and the
+        # grace of a child that ignores SIGTERM must not hold it (nor the run's FINISHED).
+        # Not a daemon: a `mantik runs status` that recorded the end exits only once the
+        # thread is done (the run is over, nobody would call this again); the lab's
+        # ``close`` cuts the grace short instead.
+        thread = threading.Thread(
+            target=self._reap, args=(job_id, run_dir), name=f"mantik-local-end-{job_id}"
+        )
+        with self._reapers_lock:
+            self._reapers = {t for t in self._reapers if t.is_alive()}
+            self._reapers.add(thread)
+        thread.start()
+
+    def _reap(self, job_id: str, run_dir: Path) -> None:
+        try:
+            self._stop(job_id, run_dir, hurry=self._closing)
+        except Exception:  # a thread of its own: nobody else would hear of it
+            log.exception("stopping what local job %s left running", job_id)
+
+    def close(self) -> None:
+        # SIGKILL at once for what ended jobs left, rather than hold the lab's shutdown
+        # for the grace of a child that ignores SIGTERM.
+        self._closing.set()
+        with self._reapers_lock:
+            reapers = list(self._reapers)
+        deadline = time.monotonic() + CLOSE_WAIT
+        for thread in reapers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _stop(self, job_id: str, run_dir: Path, hurry: threading.Event | None = None) -> None:
+        """SIGTERM to the job's processes, SIGKILL to those left after the grace (cut
+        short once ``hurry`` is set). Marks the job cancelled if its script still ran."""
         pid = int(job_id.split("-")[1])
         marker = _read_marker(run_dir)
         alive = self._alive(job_id)
@@ -269,7 +317,10 @@ class LocalBackend(Backend):
         # time) outlives the script and must get the SIGKILL too.
         deadline = time.monotonic() + CANCEL_GRACE
         while self._job_alive(job_id, session, marker) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            if hurry is None:
+                time.sleep(0.1)
+            elif hurry.wait(0.1):
+                break
         # A killed process takes a moment to go (more on a loaded machine); one that
         # forked meanwhile has a child to kill too.
         deadline = time.monotonic() + CANCEL_GRACE
