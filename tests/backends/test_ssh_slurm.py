@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pwd
@@ -21,6 +22,8 @@ import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
+from mantik_jupyter.compute.config import parse_config
+from mantik_jupyter.compute.script import sbatch_lines
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
     AuthenticationFailed,
@@ -699,3 +702,46 @@ def test_log_reads_keep_up_with_a_chatty_job(backend, tmp_path):
     log_time = min(timed(by_log) for _ in range(2))
     stream_time = min(timed(by_stream) for _ in range(2))
     assert log_time < 3 * stream_time + 0.2, (log_time, stream_time)
+
+
+# ---- sbatch refusals that name a config key ------------------------------------------------
+
+# Made by tests/cluster/setup.sh: the cluster enforces associations, QoS and their limits
+# (AccountingStorageEnforce), the test user is in one account, and may use a QoS that
+# refuses a job over its limits (DenyOnLimit) instead of letting it wait.
+LIMITED_QOS = "mantik-limited"
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"ComputeBudgetAccount": "no-such-budget"}, "ComputeBudgetAccount 'no-such-budget'"),
+        ({"Resources": {"QoS": "no-such-qos"}}, "Resources.QoS 'no-such-qos'"),
+        (
+            {"Resources": {"QoS": LIMITED_QOS, "Runtime": "2h"}},
+            "Resources.Runtime (0-02:00:00)",
+        ),
+        # Two tasks: sbatch would cut the nodes down to the one task of the job script.
+        ({"Resources": {"QoS": LIMITED_QOS, "Nodes": 2, "TotalCPUs": 2}}, "Resources.Nodes 2"),
+    ],
+)
+def test_sbatch_refusal_names_the_config_key(
+    backend, slurm_cluster, tmp_path, monkeypatch, settings, named
+):
+    # sbatch refused them with its own words only (BackendRejected): the user had to
+    # guess which key of which file Slurm meant.
+    monkeypatch.delenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", raising=False)
+    source = tmp_path / "compute-backend-config.yaml"
+    data = {
+        "SSH": {"Hostname": slurm_cluster.host},
+        **settings,
+        "Resources": {"Queue": "debug", **settings.get("Resources", {})},
+    }
+    config = parse_config(data, source=str(source))
+    sbatch = "".join(f"{line}\n" for line in sbatch_lines(config, "mantik-test"))
+    job = dataclasses.replace(make_job(tmp_path, "true", sbatch=sbatch), config=config)
+    with pytest.raises(ConfigError) as caught:
+        backend.submit(job)
+    message = caught.value.message
+    assert f"{named} in {source}" in message, message
+    assert "sbatch: error:" in message  # Slurm's own words stay

@@ -7,7 +7,8 @@ import pytest
 from mantik_jupyter.compute.backends import ssh_slurm, unicore
 from mantik_jupyter.compute.backends.base import describe_error
 from mantik_jupyter.compute.backends.paths import clean_relative
-from mantik_jupyter.compute.backends.slurm_words import decide
+from mantik_jupyter.compute.backends.slurm_words import decide, sbatch_culprit
+from mantik_jupyter.compute.config import parse_config
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import UnsafePath
 
@@ -94,3 +95,79 @@ def test_job_held_because_its_reservation_went_is_queued_and_says_why(sacct):
     assert (status.state, status.native_state) == (RunState.QUEUED, "RESV_DEL_HOLD")
     assert "Reservation maint-1 was deleted" in status.reason
     assert "Resources.Reservation" in status.reason
+
+
+SOURCE = "/home/u/project/compute-backend-config.yaml"
+
+
+def _config(account: str | None = None, **resources) -> object:
+    data: dict = {"SSH": {"Hostname": "login.example.org"}, "Resources": {"Queue": "batch"}}
+    data["Resources"].update(resources)
+    if account is not None:
+        data["ComputeBudgetAccount"] = account
+    return parse_config(data, source=SOURCE)
+
+
+# sbatch's words as Slurm 22.05 prints them (slurm_errno strings and job reasons).
+_REFUSED = "sbatch: error: Batch job submission failed: "
+_POLICY = (
+    _REFUSED
+    + "Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)"
+)
+
+
+@pytest.mark.parametrize(
+    ("said", "resources", "named"),
+    [
+        (
+            _REFUSED + "Invalid qos specification",
+            {"QoS": "no-such-qos"},
+            "Resources.QoS 'no-such-qos'",
+        ),
+        (
+            _REFUSED + "Requested time limit is invalid (missing or exceeds some limit)",
+            {"Runtime": "2d"},
+            "Resources.Runtime (2-00:00:00)",
+        ),
+        (_REFUSED + "Node count specification invalid", {"Nodes": 64}, "Resources.Nodes 64"),
+        (
+            "sbatch: error: QOSMaxWallDurationPerJobLimit\n" + _POLICY,
+            {"Runtime": "90m", "QoS": "short"},
+            "Resources.Runtime (0-01:30:00)",
+        ),
+        (
+            "sbatch: error: AssocMaxNodePerJobLimit\n" + _POLICY,
+            {"Nodes": 8},
+            "Resources.Nodes 8",
+        ),
+        # A QoS the account may not use, left to the site's default: nothing to show.
+        (_REFUSED + "Invalid qos specification", {}, "Resources.QoS (not set)"),
+    ],
+)
+def test_sbatch_refusals_name_the_key_value_and_file(said, resources, named):
+    where, hint = sbatch_culprit(said, _config(**resources))
+    assert where == f"{named} in {SOURCE}"
+    assert "`s" in hint  # the command that lists what the cluster allows
+
+
+def test_an_account_refusal_names_where_the_account_came_from(monkeypatch):
+    said = _REFUSED + "Invalid account or account/partition combination specified"
+    monkeypatch.delenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", raising=False)
+    where, hint = sbatch_culprit(said, _config(account="nobudget"))
+    assert where == f"ComputeBudgetAccount 'nobudget' in {SOURCE}"
+    assert "sacctmgr" in hint
+    where, _ = sbatch_culprit(said, _config())
+    assert where == (
+        f"ComputeBudgetAccount (not set: {SOURCE} has none, nor does MANTIK_COMPUTE_BUDGET_ACCOUNT)"
+    )
+    # Mantik's way: the account from the environment, when the file sets none.
+    monkeypatch.setenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", "envbudget")
+    where, _ = sbatch_culprit(said, _config())
+    assert "ComputeBudgetAccount 'envbudget'" in where
+    assert "MANTIK_COMPUTE_BUDGET_ACCOUNT" in where and SOURCE in where
+
+
+def test_a_refusal_that_names_no_key_is_left_as_it_is():
+    said = _REFUSED + "Requested node configuration is not available"
+    assert sbatch_culprit(said, _config(Nodes=2)) is None
+    assert sbatch_culprit(_REFUSED + "Invalid qos specification", None) is None

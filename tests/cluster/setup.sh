@@ -18,6 +18,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 VENV=${MANTIK_TEST_PYTHON_VENV:-$(cd "$HERE/../.." && pwd)/.venv}
 CLUSTER_NAME=mantiktest
+TEST_ACCOUNT=mantik-budget
+LIMITED_QOS=mantik-limited
 PACKAGES=(slurm-wlm slurmdbd munge openssh-server mariadb-server mariadb-client)
 START=$SECONDS
 
@@ -121,6 +123,7 @@ InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStorageEnforce=associations,limits,qos
 JobCompType=jobcomp/none
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=8 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -139,6 +142,27 @@ start_slurmdbd() {
   wait_for 30 slurmdbd sacctmgr -n list cluster
   if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER_NAME"; then
     sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+  fi
+  add_associations
+}
+
+# As real sites: jobs must run under an account (compute budget) and QoS the user may
+# use (AccountingStorageEnforce), so sbatch refuses an unknown account or QoS. The test
+# user is in one account; a QoS with limits refuses (DenyOnLimit) a job over them.
+add_associations() {
+  if ! sacctmgr -n -P list qos format=name | grep -qx "$LIMITED_QOS"; then
+    sacctmgr -i add qos "$LIMITED_QOS" MaxWall=00:30:00 MaxTRESPerJob=node=1 \
+      Flags=DenyOnLimit >/dev/null
+  fi
+  if ! sacctmgr -n -P list account format=account | grep -qx "$TEST_ACCOUNT"; then
+    sacctmgr -i add account "$TEST_ACCOUNT" Cluster="$CLUSTER_NAME" >/dev/null
+  fi
+  if ! sacctmgr -n -P list assoc user="$TEST_USER" format=account | grep -qx "$TEST_ACCOUNT"; then
+    sacctmgr -i add user "$TEST_USER" Account="$TEST_ACCOUNT" DefaultAccount="$TEST_ACCOUNT" \
+      Cluster="$CLUSTER_NAME" >/dev/null
+  fi
+  if ! sacctmgr -n -P list assoc user="$TEST_USER" format=qos | grep -q "$LIMITED_QOS"; then
+    sacctmgr -i modify user "$TEST_USER" set QOS+="$LIMITED_QOS" >/dev/null
   fi
 }
 
@@ -256,10 +280,10 @@ main() {
   start_munge
   start_mariadb
   if write_slurm_configs; then restart_slurm_daemons; fi
+  make_user  # before slurmdbd: its association names the user
   start_slurmdbd
   start_slurmctld
   start_slurmd
-  make_user
   setup_ssh
   open_python_for_user
   write_env

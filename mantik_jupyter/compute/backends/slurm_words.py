@@ -5,9 +5,10 @@ request. No connection here: ``ssh_slurm.py`` runs the commands.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from ..config import ComputeConfig
+from ..config import ENV_COMPUTE_BUDGET_ACCOUNT, ComputeConfig, format_slurm_time
 from ..states import RunState
 from .base import JobStatus
 
@@ -73,20 +74,95 @@ _SBATCH_REFUSALS = (
         "node_constraints",
         "use features the nodes have (`sinfo -o '%P %f'` lists them)",
     ),
+    (
+        # A QoS the cluster does not know, or one the account may not use.
+        "invalid qos specification",
+        "QoS",
+        "qos",
+        "use a QoS your account may use (`sacctmgr -n show assoc user=$USER "
+        "format=account,partition,qos` lists them), or leave QoS out for the default",
+    ),
+    (
+        # More than the partition's (or QoS's) time limit, where the site enforces it.
+        "requested time limit is invalid",
+        "Runtime",
+        "runtime",
+        "ask for at most the partition's time limit (`sinfo -o '%P %l'` lists them)",
+    ),
+    (
+        # More nodes than the partition has or allows, where the site enforces it.
+        "node count specification invalid",
+        "Nodes",
+        "nodes",
+        "ask for at most as many nodes as the partition allows (`sinfo -o '%P %D'` lists "
+        "how many it has)",
+    ),
+    # "Job violates accounting/QOS policy" comes with the limit's name in a line of its own:
+    # QOSMaxWallDurationPerJobLimit, AssocMaxWallDurationPerJobLimit (sites with
+    # DenyOnLimit or strict limits refuse such a job instead of letting it wait).
+    (
+        "maxwalldurationperjoblimit",
+        "Runtime",
+        "runtime",
+        "ask for at most the time limit of your QoS or account (`sacctmgr -n show qos "
+        "format=name,maxwall` lists them), or use a QoS that allows more (Resources.QoS)",
+    ),
+    (
+        "maxnodeperjoblimit",
+        "Nodes",
+        "nodes",
+        "ask for at most the node limit of your QoS or account (`sacctmgr -n show qos "
+        "format=name,maxtresperjob` lists them), or use a QoS that allows more (Resources.QoS)",
+    ),
+)
+# Not a field of Resources: the budget Slurm charges (--account), from the file's
+# ComputeBudgetAccount or else the environment. Slurm says so for an account the cluster
+# does not know, one the user is not in, and one not allowed in the partition; and for a
+# user without a default account who named none.
+_ACCOUNT_REFUSAL = "invalid account or account/partition combination specified"
+_ACCOUNT_HINT = (
+    "use an account (compute budget, project) you belong to and that may use the partition "
+    "(`sacctmgr -n show assoc user=$USER format=account,partition` lists them)"
 )
 
 
 def sbatch_culprit(said: str, config: ComputeConfig | None) -> tuple[str, str] | None:
-    """The config key (with its value) that sbatch's error points at, and what to do."""
+    """What in the config sbatch's error points at (key, value and where it was set), and
+    what to do; None when sbatch's words name no key."""
     if config is None:
         return None
     lowered = said.lower()
+    if _ACCOUNT_REFUSAL in lowered:
+        return _account_culprit(config), _ACCOUNT_HINT
     for words, key, field, hint in _SBATCH_REFUSALS:
         if words in lowered:
             value = getattr(config.resources, field)
-            shown = f"({value} MB)" if key == "MemoryPerNode" else repr(value)
-            return f"Resources.{key} {shown}", hint
+            if value is None:
+                shown = "(not set)"
+            elif key == "MemoryPerNode":
+                shown = f"({value} MB)"
+            elif key == "Runtime":
+                shown = f"({format_slurm_time(value)})"
+            else:
+                shown = repr(value)
+            return f"Resources.{key} {shown} in {config.source}", hint
     return None
+
+
+def _account_culprit(config: ComputeConfig) -> str:
+    account = config.compute_budget_account
+    if account is None:
+        return (
+            f"ComputeBudgetAccount (not set: {config.source} has none, nor does "
+            f"{ENV_COMPUTE_BUDGET_ACCOUNT})"
+        )
+    if os.environ.get(ENV_COMPUTE_BUDGET_ACCOUNT) == account:
+        # The file's key wins over the variable; with the same value either may be it.
+        return (
+            f"ComputeBudgetAccount {account!r} (in {config.source}, or from "
+            f"{ENV_COMPUTE_BUDGET_ACCOUNT} when the file sets none)"
+        )
+    return f"ComputeBudgetAccount {account!r} in {config.source}"
 
 
 def split_sections(text: str) -> dict[str, str]:

@@ -512,11 +512,8 @@ class SshSlurmBackend(Backend):
             refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
             culprit = sbatch_culprit(said, job.config)
             if culprit is not None:
-                assert job.config is not None
-                key, hint = culprit
-                raise ConfigError(
-                    f"{refused} because of {key} in {job.config.source}: {said}\n{hint}"
-                )
+                where, hint = culprit
+                raise ConfigError(f"{refused} because of {where}: {said}\n{hint}")
             raise BackendRejected(f"{refused}: {said}")
         job_id = result.stdout.decode().strip().splitlines()[-1].split(";")[0]
         self._check_job_id(job_id)
