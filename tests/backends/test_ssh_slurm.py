@@ -27,6 +27,7 @@ from mantik_jupyter.compute.script import sbatch_lines
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
     AuthenticationFailed,
+    BackendRejected,
     BackendUnavailable,
     ConfigError,
     HostKeyUnknown,
@@ -491,6 +492,67 @@ def test_folder_download_that_times_out_leaves_a_fresh_connection_open(
                 pass
         old.close()
         b.close()
+
+
+def test_folder_download_cut_off_by_a_dropped_link_is_a_lost_connection(
+    slurm_cluster, base, tmp_path
+):
+    # Another thread found the link dead and dropped it while a folder streamed on it: the
+    # stream ends early. That was reported as a broken tar stream (BackendRejected), as if
+    # the cluster's tar had failed; it is a lost connection, and the next try works.
+    b = _backend(slurm_cluster, base)
+    job_id = b.submit(make_job(tmp_path, "mkdir big && head -c 16000000 /dev/urandom > big/blob"))
+    try:
+        assert wait_for(b, job_id, FINAL).state == RunState.FINISHED
+        dropped: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            if not dropped:
+                dropped.append(done)
+                b._drop()
+
+        with pytest.raises(BackendUnavailable, match="Lost the SSH connection") as caught:
+            b.download(job_id, "big", tmp_path / "out", progress=progress)
+        assert "while downloading" in caught.value.message
+        assert "try the download again" in caught.value.message
+        assert dropped and not (tmp_path / "out").exists()
+        again = b.download(job_id, "big", tmp_path / "out")
+        assert (again / "blob").stat().st_size == 16_000_000
+    finally:
+        b.close()
+
+
+def test_a_tar_that_fails_on_the_cluster_is_not_a_lost_connection(backend, tmp_path):
+    # The remote end closes the stream itself (EOF, exit status): tar's failure, not the
+    # link's, so BackendRejected with what tar said, as before.
+    job_id = backend.submit(
+        make_job(tmp_path, "mkdir d && echo a > d/a && echo b > d/locked && chmod 000 d/locked")
+    )
+    assert wait_for(backend, job_id, FINAL).state == RunState.FINISHED
+    with pytest.raises(BackendRejected, match=r"tar of .*/d .*Permission denied"):
+        backend.download(job_id, "d", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    # tar killed mid-stream on the cluster: a short stream, but the remote end said so.
+    big = backend.submit(
+        make_job(tmp_path, "mkdir big && head -c 16000000 /dev/urandom > big/blob")
+    )
+    assert wait_for(backend, big, FINAL).state == RunState.FINISHED
+    killed: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not killed:
+            found = subprocess.run(
+                ["pgrep", "-u", backend.username, "-x", "tar"], capture_output=True, text=True
+            ).stdout.split()
+            killed.extend(int(pid) for pid in found)
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(BackendRejected, match="broken tar stream"):
+        backend.download(big, "big", tmp_path / "out", progress=progress)
+    assert killed
+    assert backend.states([big])[big].state == RunState.FINISHED  # the link stays usable
 
 
 # ---- SSH.RemoteDirectory ------------------------------------------------------------------

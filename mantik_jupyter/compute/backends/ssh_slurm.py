@@ -828,6 +828,10 @@ class SshSlurmBackend(Backend):
             try:
                 _untar_stream(channel, staging, progress)
                 status = self._exit_status(channel)
+                if status == -1 and _cut_off(channel):
+                    # The stream ended between two members, which tar reads as the end
+                    # of the archive; no exit status came: the link went, not tar.
+                    raise EOFError(_CUT_OFF)
                 err = _rest_of_stderr(channel).decode(errors="replace").strip()
             except _CONNECTION_ERRORS as exc:
                 # Only the link this stream used: another thread may have replaced it
@@ -835,7 +839,8 @@ class SshSlurmBackend(Backend):
                 self._drop(client)
                 raise BackendUnavailable(
                     f"Lost the SSH connection to {self.hostname}:{self.port} while "
-                    f"downloading {target}: {describe_error(exc)}"
+                    f"downloading {target}: {describe_error(exc)}. Nothing was kept of "
+                    "the folder; try the download again."
                 ) from None
             finally:
                 channel.close()
@@ -952,6 +957,18 @@ def _read_line(channel: paramiko.Channel) -> bytes:
     return bytes(line)
 
 
+_CUT_OFF = "the SSH channel closed before the end of the folder's tar stream"
+
+
+def _cut_off(channel: paramiko.Channel) -> bool:
+    """Whether the channel's stream ended without the remote end saying so: the remote
+    side sends EOF when its command's output ends (also when tar fails or is killed);
+    a channel closed here, or with its connection, has none."""
+    transport = channel.get_transport()
+    link_gone = transport is None or not transport.is_active()
+    return not channel.eof_received and (channel.closed or link_gone)
+
+
 def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | None) -> None:
     size_line = _read_line(channel).strip()
     # tar adds headers and padding to the payload; progress is an estimate and is capped.
@@ -961,6 +978,11 @@ def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | No
         with tarfile.open(fileobj=reader, mode="r|") as archive:
             archive.extractall(dest, filter=_skip_unsafe_members)  # noqa: S202 - filtered
     except tarfile.TarError as exc:
+        if _cut_off(channel):
+            # A channel closed under the stream (the connection dropped, or another
+            # thread closed it) reads as a short stream: that is a lost link, to be
+            # tried again, not a tar that failed on the cluster.
+            raise EOFError(_CUT_OFF) from None
         raise BackendRejected(f"The folder arrived as a broken tar stream: {exc}") from None
     if progress:
         progress(total, total)
