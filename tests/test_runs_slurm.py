@@ -5,11 +5,20 @@ from __future__ import annotations
 import subprocess
 import time
 
+import paramiko
 import pytest
 
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import ConfigError, Conflict, UnsafePath
+from mantik_jupyter.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    ConfigError,
+    Conflict,
+    HostKeyUnknown,
+    NotFound,
+    UnsafePath,
+)
 
 from .runs_helpers import (
     FINAL,
@@ -246,3 +255,36 @@ def test_slurm_runtime_exceeded_is_timeout(service, project, slurm_cluster, remo
     assert final.mlflow_status == "FAILED"
     # Slurm's SIGTERM left the credential file to a requeue; the run's end removed it.
     assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}
+
+
+@pytest.mark.parametrize(
+    "fault", ["unknown host key", "wrong key", "missing key file", "unreachable"]
+)
+def test_a_cluster_that_refuses_the_login_gets_no_run(
+    service, project, slurm_cluster, remote_base, tmp_path, fault
+):
+    # The login is checked before anything is created in MLflow: a typo in the config must
+    # not leave a FAILED run (nor a new experiment) behind at every attempt.
+    config = cluster_config(slurm_cluster, remote_base)
+    expected: type[Exception] = BackendUnavailable
+    if fault == "unknown host key":
+        (tmp_path / "known_hosts").write_text("")
+        config["SSH"]["KnownHostsFile"] = str(tmp_path / "known_hosts")
+        expected = HostKeyUnknown
+    elif fault == "wrong key":
+        paramiko.RSAKey.generate(2048).write_private_key_file(str(tmp_path / "id_wrong"))
+        config["SSH"]["IdentityFile"] = str(tmp_path / "id_wrong")
+        expected = AuthenticationFailed
+    elif fault == "missing key file":
+        config["SSH"]["IdentityFile"] = str(tmp_path / "id_missing")
+        expected = ConfigError
+    else:
+        config["SSH"]["Port"] = 1
+    write_config(project, config)
+    experiment = f"slurm-login-{fault.replace(' ', '-')}"
+    with pytest.raises(expected) as caught:
+        service.submit(project, params={"epochs": "1"}, experiment_name=experiment)
+    if fault != "unreachable":  # the refusal, not a complaint about the key's type
+        assert "Cannot reach" not in caught.value.message, caught.value.message
+    with pytest.raises(NotFound, match="No experiment named"):
+        service.list(experiment_name=experiment)

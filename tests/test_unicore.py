@@ -638,18 +638,6 @@ def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(service, proj
         fresh.close()
 
 
-def test_warm_up_logs_in_ahead_and_never_raises(unicore_site, unicore_password):
-    refused = UnicoreBackend(unicore_site.base_url, username=USER, password="wrong-password")
-    refused.warm_up()
-    with pytest.raises(AuthenticationFailed):
-        refused.client()
-    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
-    backend.warm_up()
-    before = len(unicore_site.requests)
-    backend.client()
-    assert len(unicore_site.requests) == before
-
-
 def test_a_missing_unicore_credential_creates_no_run(service, project, monkeypatch):
     for name in ("MANTIK_UNICORE_USERNAME", "MANTIK_UNICORE_PASSWORD", "MANTIK_UNICORE_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -754,7 +742,7 @@ def test_a_token_that_expired_since_the_login_is_checked_again(unicore_site, mon
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MANTIK_UNICORE_TOKEN", jwt(time.time() + 1))
     backend = UnicoreBackend(unicore_site.base_url)
-    backend.warm_up()  # logged in, as for a submission
+    backend.client()  # logged in, as for a submission
     time.sleep(1.2)
     with pytest.raises(AuthenticationFailed, match="expired at"):
         backend.check_credentials()

@@ -128,12 +128,11 @@ class Submitter:
         project_path = resolve_project(project_dir, root_dir)
         config = load_config(resolve_config(project_path, backend_config, root_dir))
         spec, backend = self._backend_for(config)
-        # A credential the backend can tell is missing or expired without asking the site.
-        backend.check_credentials()
-        # A first SSH login (key exchange, authentication) overlaps the rest of the
-        # preparation: loading the project (MLflow's project code is slow to import),
-        # packaging, the MLflow calls.
-        threading.Thread(target=backend.warm_up, name="mantik-warm-up", daemon=True).start()
+        # The login at the cluster (key exchange, authentication, a site's session)
+        # overlaps loading the project (MLflow's project code is slow to import) and
+        # packaging; it is waited for before anything is created in MLflow, so that a
+        # credential or host the cluster refuses leaves no FAILED run behind.
+        login = _in_thread(backend.check_credentials, "mantik-login")
         project = load_project(project_path)
         resolved = resolve_entry_point(project, entry_point, dict(params or {}))
         job_uri = job_tracking_uri or self.tracking.uri
@@ -157,6 +156,7 @@ class Submitter:
                 size_limit=package_size_limit,
                 progress=(lambda d, t: progress("package", d, t)) if progress else None,
             )
+            login.result()
             api = RunsApi(self.tracking.client())
             user = submitting_user(self.tracking)
             experiment = (
@@ -425,3 +425,20 @@ def _experiment_refused(api: RunsApi, user: str | None, experiment: str) -> Perm
 
 def _credential_file(credential: Credential) -> str:
     return "".join(f"{k}={v}\n" for k, v in credential.env().items())
+
+
+def _in_thread(action: Callable[[], None], name: str) -> Future[None]:
+    """``action`` in a thread of its own, its outcome in the future. A daemon thread: a
+    submission that fails before it waits must not keep the process alive for a login."""
+    outcome: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            outcome.set_exception(exc)
+        else:
+            outcome.set_result(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return outcome

@@ -132,13 +132,11 @@ class Backend(abc.ABC):
         caller only logs it."""
 
     def check_credentials(self) -> None:  # noqa: B027 - optional hook
-        """Raise ``AuthenticationFailed`` for a credential the backend can tell is missing
-        or expired without asking the site; called before the MLflow run is created."""
-
-    def warm_up(self) -> None:  # noqa: B027 - optional hook
-        """Open connections ahead of ``submit``; called while the MLflow run is being
-        created, so a slow login overlaps with it. Never raises: ``submit`` reports
-        whatever is wrong."""
+        """Log in, or check the credential, before the RunService creates the MLflow run,
+        so that a credential or host the cluster refuses leaves no FAILED run behind.
+        Called in a thread while the project is packaged; what it opens is kept for the
+        submission. Raises the domain error (``AuthenticationFailed``, ``HostKeyUnknown``,
+        ``BackendUnavailable``, ``ConfigError``)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

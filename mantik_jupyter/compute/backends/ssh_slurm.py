@@ -139,7 +139,7 @@ def _keyscan_hint(host: str, port: int, known_hosts: Path) -> str:
     return f"ssh-keyscan {port_opt}{shlex.quote(host)} >> {shlex.quote(str(known_hosts))}"
 
 
-def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
+def _load_private_key(text: str, passphrase: str | None, source: str = "") -> paramiko.PKey:
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
             return cls.from_private_key(io.StringIO(text), password=passphrase)
@@ -147,9 +147,24 @@ def _load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
             continue
     # Deliberately vague: the text of a key must never end up in a message.
     raise AuthenticationFailed(
-        "The SSH private key could not be read: it is not an OpenSSH/PEM private key of "
-        "type ed25519, ecdsa or rsa, or its passphrase is wrong."
+        f"The SSH private key{source} could not be read: it is not an OpenSSH/PEM private "
+        "key of type ed25519, ecdsa or rsa, or its passphrase is wrong."
     )
+
+
+def _load_key_file(path: str, passphrase: str | None) -> paramiko.PKey:
+    """The key of an identity file, read here rather than by paramiko: for a key file it
+    tries every key type in turn and raises the last type's complaint ("encountered RSA
+    key, expected OPENSSH key") instead of the server's refusal of the key."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file"
+        raise ConfigError(
+            f"SSH.IdentityFile {path} cannot be read ({why}); check the key's path in the "
+            "compute backend config."
+        ) from None
+    return _load_private_key(text, passphrase, f" in {path}")
 
 
 class SshSlurmBackend(Backend):
@@ -251,13 +266,15 @@ class SshSlurmBackend(Backend):
             _RefuseUnknownHost(self.hostname, self.port, self.known_hosts)
         )
         explicit = bool(self._key_filename or self._pkey or self._password)
+        pkey = self._pkey
+        if pkey is None and self._key_filename:
+            pkey = _load_key_file(self._key_filename, self._password)
         try:
             client.connect(
                 self.hostname,
                 port=self.port,
                 username=self.username,
-                key_filename=self._key_filename,
-                pkey=self._pkey,
+                pkey=pkey,
                 password=self._password,
                 timeout=self._connect_timeout,
                 banner_timeout=self._connect_timeout,
@@ -351,13 +368,11 @@ class SshSlurmBackend(Backend):
     def close(self) -> None:
         self._drop()
 
-    def warm_up(self) -> None:
-        try:
-            # The base is asked once; a link that dropped since still needs a new login.
-            self._connection()
-            self.remote_base()
-        except Exception as exc:  # only an optimisation: submit reports what is wrong
-            log.debug("connecting ahead of submit to %s failed: %s", self._where(), exc)
+    def check_credentials(self) -> None:
+        # The login (key exchange, authentication) and the remote base: both are kept for
+        # the submission. The base is asked once; a link that dropped since logs in anew.
+        self._connection()
+        self.remote_base()
 
     @contextmanager
     def _shared_sftp(self) -> Iterator[paramiko.SFTPClient]:

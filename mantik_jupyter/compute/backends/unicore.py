@@ -318,14 +318,6 @@ class UnicoreBackend(Backend):
         # since. Asked in its security session: one call, no new session at the site.
         self._call(lambda: _assert_login(site), _LOGIN)
 
-    def warm_up(self) -> None:
-        # The login normally happened in check_credentials already; this is for callers
-        # that skip the check (a backend used without the RunService).
-        try:
-            self.client()
-        except MantikError as exc:  # only an optimisation: submit reports what is wrong
-            log.debug("logging in ahead of submit at %s failed: %s", self.api_url, exc.message)
-
     def close(self) -> None:
         with self._lock:
             self._client = None
