@@ -807,3 +807,38 @@ def test_sbatch_refusal_names_the_config_key(
     message = caught.value.message
     assert f"{named} in {source}" in message, message
     assert "sbatch: error:" in message  # Slurm's own words stay
+
+
+# ---- accepted, but over a limit of its QoS: it waits for good ------------------------------
+
+# Made by tests/cluster/setup.sh: a QoS with limits (MaxWall 30 min, 2 CPUs a job) and without
+# DenyOnLimit, so slurmctld accepts a job over them and it pends with the limit as reason.
+WAITING_QOS = "mantik-waiting"
+
+
+@pytest.mark.parametrize(
+    ("sbatch", "word", "key"),
+    [
+        ("#SBATCH --time=2:00:00\n", "QOSMaxWallDurationPerJobLimit", "Resources.Runtime"),
+        ("#SBATCH --cpus-per-task=4\n", "QOSMaxCpuPerJobLimit", "TotalCPUs"),
+    ],
+)
+def test_job_over_a_qos_limit_waits_for_good_and_says_which_key(
+    backend, tmp_path, sbatch, word, key
+):
+    # It was QUEUED without a word, like a job waiting for its turn, for ever.
+    job = make_job(tmp_path, "true", sbatch=f"#SBATCH --qos={WAITING_QOS}\n{sbatch}")
+    job_id = backend.submit(job)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            status = backend.states([job_id])[job_id]
+            assert status.state == RunState.QUEUED, status
+            if status.reason or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status.reason is not None, status
+        assert status.reason.startswith(f"waiting for good (Slurm: {word}): "), status
+        assert key in status.reason and "sacctmgr" in status.reason
+    finally:
+        backend.cancel(job_id)

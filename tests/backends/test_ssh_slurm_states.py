@@ -74,6 +74,68 @@ def test_pending_for_good_says_why(reason, blocked):
     assert (status.reason is not None and reason in status.reason) == blocked
 
 
+# squeue's reason words (Slurm 22.05's job_reason_string) for a job over a per-job limit of
+# its QoS or association, or under an account or QoS it may not use: it never starts as
+# submitted. They were QUEUED without a word, like a job waiting for its turn.
+@pytest.mark.parametrize(
+    ("reason", "key"),
+    [
+        ("QOSMaxWallDurationPerJobLimit", "Resources.Runtime"),
+        ("AssocMaxWallDurationPerJobLimit", "Resources.Runtime"),
+        ("QOSMaxNodePerJobLimit", "Resources.Nodes"),
+        ("AssocMaxNodePerJobLimit", "Resources.Nodes"),
+        ("QOSMaxCpuPerJobLimit", "TotalCPUs"),
+        ("AssocMaxCpuPerJobLimit", "TotalCPUs"),
+        ("QOSMaxCpuPerNode", "CPUsPerNode"),
+        ("AssocMaxCpuPerNode", "CPUsPerNode"),
+        ("QOSMaxCpuMinutesPerJobLimit", "Resources.Runtime"),
+        ("AssocMaxCpuMinutesPerJobLimit", "Resources.Runtime"),
+        ("QOSMaxMemoryPerJob", "Resources.MemoryPerNode"),
+        ("AssocMaxMemPerJob", "Resources.MemoryPerNode"),
+        ("QOSMaxMemoryPerNode", "Resources.MemoryPerNode"),
+        ("AssocMaxMemPerNode", "Resources.MemoryPerNode"),
+        ("QOSMaxGRESPerJob", "Resources.GPUsPerNode"),
+        ("AssocMaxGRESPerJob", "Resources.GPUsPerNode"),
+        ("QOSMaxGRESPerNode", "Resources.GPUsPerNode"),
+        ("AssocMaxGRESPerNode", "Resources.GPUsPerNode"),
+        ("QOSMinCpuNotSatisfied", "TotalCPUs"),
+        ("InvalidAccount", "ComputeBudgetAccount"),
+        ("AccountNotAllowed", "ComputeBudgetAccount"),
+        ("InvalidQOS", "Resources.QoS"),
+        ("QOSNotAllowed", "Resources.QoS"),
+    ],
+)
+def test_pending_for_good_under_a_qos_or_account_says_which_key(reason, key):
+    status = decide(["PENDING", reason], ["PENDING", "0:0"], None)
+    assert (status.state, status.native_state) == (RunState.QUEUED, "PENDING")
+    assert status.reason is not None
+    assert status.reason.startswith(f"waiting for good (Slurm: {reason}): ")
+    assert key in status.reason
+    assert "`s" in status.reason  # the command that lists what the cluster allows
+
+
+# Limits that clear when other jobs end (Grp*: the QoS's or account's running total;
+# *PerUser: the user's other jobs), and the Grp*Minutes budgets: waiting is right, and no
+# key of the request is at fault.
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "QOSMaxJobsPerUserLimit",
+        "QOSMaxCpuPerUserLimit",
+        "QOSMaxNodePerUserLimit",
+        "AssocGrpCpuLimit",
+        "AssocGrpNodeLimit",
+        "AssocGrpJobsLimit",
+        "QOSGrpCpuLimit",
+        "AssocGrpCPUMinutesLimit",
+        "AssocMaxJobsLimit",
+        "Resources",
+    ],
+)
+def test_pending_for_a_limit_that_clears_says_nothing(reason):
+    assert decide(["PENDING", reason], None, None).reason is None
+
+
 @pytest.mark.parametrize(
     ("exc", "said"),
     [

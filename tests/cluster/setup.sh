@@ -20,6 +20,7 @@ VENV=${MANTIK_TEST_PYTHON_VENV:-$(cd "$HERE/../.." && pwd)/.venv}
 CLUSTER_NAME=mantiktest
 TEST_ACCOUNT=mantik-budget
 LIMITED_QOS=mantik-limited
+WAITING_QOS=mantik-waiting
 PACKAGES=(slurm-wlm slurmdbd munge openssh-server mariadb-server mariadb-client)
 START=$SECONDS
 
@@ -148,11 +149,15 @@ start_slurmdbd() {
 
 # As real sites: jobs must run under an account (compute budget) and QoS the user may
 # use (AccountingStorageEnforce), so sbatch refuses an unknown account or QoS. The test
-# user is in one account; a QoS with limits refuses (DenyOnLimit) a job over them.
+# user is in one account; a QoS with limits refuses (DenyOnLimit) a job over them, and
+# another, without DenyOnLimit, accepts such a job and lets it wait for good.
 add_associations() {
   if ! sacctmgr -n -P list qos format=name | grep -qx "$LIMITED_QOS"; then
     sacctmgr -i add qos "$LIMITED_QOS" MaxWall=00:30:00 MaxTRESPerJob=node=1 \
       Flags=DenyOnLimit >/dev/null
+  fi
+  if ! sacctmgr -n -P list qos format=name | grep -qx "$WAITING_QOS"; then
+    sacctmgr -i add qos "$WAITING_QOS" MaxWall=00:30:00 MaxTRESPerJob=cpu=2 >/dev/null
   fi
   if ! sacctmgr -n -P list account format=account | grep -qx "$TEST_ACCOUNT"; then
     sacctmgr -i add account "$TEST_ACCOUNT" Cluster="$CLUSTER_NAME" >/dev/null
@@ -161,9 +166,12 @@ add_associations() {
     sacctmgr -i add user "$TEST_USER" Account="$TEST_ACCOUNT" DefaultAccount="$TEST_ACCOUNT" \
       Cluster="$CLUSTER_NAME" >/dev/null
   fi
-  if ! sacctmgr -n -P list assoc user="$TEST_USER" format=qos | grep -q "$LIMITED_QOS"; then
-    sacctmgr -i modify user "$TEST_USER" set QOS+="$LIMITED_QOS" >/dev/null
-  fi
+  local qos
+  for qos in "$LIMITED_QOS" "$WAITING_QOS"; do
+    if ! sacctmgr -n -P list assoc user="$TEST_USER" format=qos | grep -q "$qos"; then
+      sacctmgr -i modify user "$TEST_USER" set QOS+="$qos" >/dev/null
+    fi
+  done
 }
 
 start_slurmctld() {

@@ -228,26 +228,126 @@ def decide(
 
 # squeue's reasons for a pending job that asks for more than its partition can ever give:
 # sites without EnforcePartLimits accept such a job, and it waits for good. What it asked
-# for, and the sinfo format that lists what the partitions give.
+# for, and how to submit it again (with the command that lists what the cluster gives).
+def _partition(what: str, columns: str) -> tuple[str, str]:
+    return what, f"a request the partition can meet (`sinfo -o '{columns}'`)"
+
+
+def _limit(what: str, fix: str, columns: str) -> tuple[str, str]:
+    return what, f"{fix} (`sacctmgr -n show qos format=name,{columns}` lists them)"
+
+
+_CPUS = "Resources (TotalCPUs, CPUsPerNode, Nodes)"
+_RUNTIME = _limit(
+    "Resources.Runtime is more than the time limit of its QoS or account",
+    "a shorter Resources.Runtime, or a Resources.QoS that allows more",
+    "maxwall",
+)
+_NODES = _limit(
+    "Resources.Nodes is more than its QoS or account allows per job",
+    "fewer Resources.Nodes, or a Resources.QoS that allows more",
+    "maxtresperjob",
+)
+_CPUS_PER_JOB = _limit(
+    f"{_CPUS} ask for more CPUs than its QoS or account allows per job",
+    "fewer CPUs, or a Resources.QoS that allows more",
+    "maxtresperjob",
+)
+_CPUS_PER_NODE = _limit(
+    f"{_CPUS} ask for more CPUs on a node than its QoS or account allows",
+    "fewer CPUs per node, or a Resources.QoS that allows more",
+    "maxtrespernode",
+)
+_CPU_MINUTES = _limit(
+    f"{_CPUS} times Resources.Runtime is more CPU time than its QoS or account allows per job",
+    "fewer CPUs or a shorter Resources.Runtime, or a Resources.QoS that allows more",
+    "maxtresminsperjob",
+)
+_MEMORY_PER_JOB = _limit(
+    "Resources.MemoryPerNode (times Nodes) is more memory than its QoS or account allows per job",
+    "less Resources.MemoryPerNode, or a Resources.QoS that allows more",
+    "maxtresperjob",
+)
+_MEMORY_PER_NODE = _limit(
+    "Resources.MemoryPerNode is more than its QoS or account allows per node",
+    "less Resources.MemoryPerNode, or a Resources.QoS that allows more",
+    "maxtrespernode",
+)
+_GPUS_PER_JOB = _limit(
+    "Resources.GPUsPerNode (times Nodes) is more GPUs than its QoS or account allows per job",
+    "fewer Resources.GPUsPerNode, or a Resources.QoS that allows more",
+    "maxtresperjob",
+)
+_GPUS_PER_NODE = _limit(
+    "Resources.GPUsPerNode is more than its QoS or account allows per node",
+    "fewer Resources.GPUsPerNode, or a Resources.QoS that allows more",
+    "maxtrespernode",
+)
+_ASSOCIATIONS = "`sacctmgr -n show assoc user=$USER format=account,partition,qos` lists them"
 _BLOCKED = {
-    "PartitionNodeLimit": ("Resources.Nodes is more than the partition allows", "%P %D %c"),
-    "PartitionConfig": (
-        "Resources (TotalCPUs, CPUsPerNode, Nodes) ask for more CPUs than the partition's "
-        "nodes have",
-        "%P %D %c",
+    "PartitionNodeLimit": _partition(
+        "Resources.Nodes is more than the partition allows", "%P %D %c"
     ),
-    "PartitionTimeLimit": (
-        "Resources.Runtime is more than the partition's time limit",
-        "%P %l",
+    "PartitionConfig": _partition(
+        f"{_CPUS} ask for more CPUs than the partition's nodes have", "%P %D %c"
+    ),
+    "PartitionTimeLimit": _partition(
+        "Resources.Runtime is more than the partition's time limit", "%P %l"
+    ),
+    # Per-job limits of the job's QoS or association (account, user), where the QoS lacks
+    # DenyOnLimit and the site lets such a job wait: it never fits, however long it waits.
+    # Not the Grp* and *PerUser limits: those clear when other jobs end.
+    "QOSMaxWallDurationPerJobLimit": _RUNTIME,
+    "AssocMaxWallDurationPerJobLimit": _RUNTIME,
+    "QOSMaxNodePerJobLimit": _NODES,
+    "AssocMaxNodePerJobLimit": _NODES,
+    "QOSMaxCpuPerJobLimit": _CPUS_PER_JOB,
+    "AssocMaxCpuPerJobLimit": _CPUS_PER_JOB,
+    "QOSMaxCpuPerNode": _CPUS_PER_NODE,
+    "AssocMaxCpuPerNode": _CPUS_PER_NODE,
+    "QOSMaxCpuMinutesPerJobLimit": _CPU_MINUTES,
+    "AssocMaxCpuMinutesPerJobLimit": _CPU_MINUTES,
+    "QOSMaxMemoryPerJob": _MEMORY_PER_JOB,
+    "AssocMaxMemPerJob": _MEMORY_PER_JOB,
+    "QOSMaxMemoryPerNode": _MEMORY_PER_NODE,
+    "AssocMaxMemPerNode": _MEMORY_PER_NODE,
+    "QOSMaxGRESPerJob": _GPUS_PER_JOB,
+    "AssocMaxGRESPerJob": _GPUS_PER_JOB,
+    "QOSMaxGRESPerNode": _GPUS_PER_NODE,
+    "AssocMaxGRESPerNode": _GPUS_PER_NODE,
+    "QOSMinCpuNotSatisfied": _limit(
+        f"{_CPUS} ask for fewer CPUs than its QoS requires",
+        "more CPUs, or a Resources.QoS without that minimum",
+        "mintres",
+    ),
+    # The account or QoS went away (or the user left it) after the job was accepted, or
+    # the partition does not admit it (AllowAccounts/DenyAccounts, AllowQos/DenyQos).
+    "InvalidAccount": (
+        "ComputeBudgetAccount is not an account the user may use (any more)",
+        f"an account you belong to ({_ASSOCIATIONS})",
+    ),
+    "AccountNotAllowed": (
+        "the partition (Resources.Queue) does not admit the account ComputeBudgetAccount",
+        "another ComputeBudgetAccount or Resources.Queue (`scontrol show partition` lists "
+        "each partition's AllowAccounts and DenyAccounts)",
+    ),
+    "InvalidQOS": (
+        "Resources.QoS is not a QoS the account may use (any more)",
+        f"a Resources.QoS your account may use ({_ASSOCIATIONS}), or without one",
+    ),
+    "QOSNotAllowed": (
+        "the partition (Resources.Queue) does not admit the QoS Resources.QoS",
+        "another Resources.QoS or Resources.Queue (`scontrol show partition` lists each "
+        "partition's AllowQos and DenyQos)",
     ),
 }
 
 
 def _blocked_reason(word: str, blocked: tuple[str, str]) -> str:
-    what, columns = blocked
+    what, how = blocked
     return (
         f"waiting for good (Slurm: {word.strip()}): {what}. Cancel the run and submit "
-        f"it again with a request the partition can meet (`sinfo -o '{columns}'`)."
+        f"it again with {how}."
     )
 
 
