@@ -227,15 +227,20 @@ class TestHungEmbeddedServer:
         hung = json.loads(state_file.read_text())["pid"]
         os.killpg(hung, signal.SIGSTOP)
         try:
-            # The call waited for as long as the browser did, and so did every later one.
+            # Before, the call waited for as long as the browser did (here: a timeout
+            # error), and so did every later one.
             resp = await jp_fetch(
                 "mantik", "mlflow", "api", "2.0", "mlflow", "experiments", "search",
                 method="POST", body=json.dumps({"max_results": 5}),
                 headers={"Content-Type": "application/json"}, raise_error=False,
                 request_timeout=90,
             )  # fmt: skip
-            assert resp.code in (502, 504), resp.body
-            assert before["tracking_uri"] in json.loads(resp.body)["message"]
+            # The hung server is stopped with SIGTERM, and continued so that it can act on
+            # it: uvicorn may then still answer the waiting call as it shuts down
+            # gracefully. Otherwise the call ends with a 502 naming the server.
+            assert resp.code in (200, 502, 504), resp.body
+            if resp.code != 200:
+                assert before["tracking_uri"] in json.loads(resp.body)["message"]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(hung, signal.SIGCONT)
