@@ -251,8 +251,7 @@ def report_unanswered(directory: Path) -> None:
     server reach the one lab that may restart it."""
     path = directory / UNANSWERED_FILE
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        os.utime(path)
+        path.touch(mode=0o600)
     except OSError:
         pass  # a read-only data dir: the server is then restarted when it exits
 
