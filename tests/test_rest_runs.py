@@ -185,6 +185,28 @@ def test_openapi_describes_every_route(jp_serverapp: Any, jp_base_url: str) -> N
         for verb, op in item.items():
             if verb in ("get", "post", "put", "patch", "delete", "head", "options"):
                 assert "403" in op["responses"], (verb, path)
+                if "{ref}" in path:
+                    # Every {ref} is resolved: unknown (404), or an ambiguous prefix or a
+                    # run without a backend job (409).
+                    assert {"404", "409"} <= set(op["responses"]), (verb, path)
+
+
+async def test_error_reasons_are_documented(
+    jp_serverapp: Any, http_server_client: Any, jp_base_url: str
+) -> None:
+    """Errors the Jupyter server itself answers under mantik/api carry a documented reason."""
+    spec = yaml.safe_load((REPO / "docs" / "openapi.yaml").read_text())
+    reasons = set(spec["components"]["schemas"]["Error"]["properties"]["reason"]["enum"])
+    auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
+    for path, status in (
+        ("runs/x/cancel", 405),  # GET on a POST route
+        ("runs/x/files?path=%ff", 400),  # a query string that is not UTF-8
+    ):
+        resp = await http_server_client.fetch(
+            f"{jp_base_url}mantik/api/{path}", headers=auth, raise_error=False
+        )
+        err = json.loads(resp.body)
+        assert resp.code == status and err["reason"] in reasons, (path, resp.code, err)
 
 
 # ---- the lifecycle ---------------------------------------------------------------------
@@ -383,6 +405,27 @@ async def test_request_errors(
     assert code == 400 and "max_results" in err["message"], err
     code, err = await call(jp_fetch, "runs", max_results="0")
     assert code == 400, err
+
+
+async def test_bodies_that_are_not_requests(jp_fetch: Any, project: str) -> None:
+    """Deep nesting, a huge body and non-JSON constants are the caller's mistake: a 400 that
+    says what is wrong, read before anything is submitted (never a RecursionError as a 500,
+    never a run made from a megabyte of run name)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    nested_params = '{"project_dir": "x", "params": ' + '{"a": ' * 50_000 + "1" + "}" * 50_001
+    for body in (deep, nested_params):
+        code, err = await call(jp_fetch, "runs", method="POST", body=body)
+        assert code == 400 and err["reason"] == "invalid_request", err
+        assert "nested too deeply" in err["message"], err
+
+    huge = json.dumps({"project_dir": project, "run_name": "x" * (2 * 1024 * 1024)})
+    code, err = await call(jp_fetch, "runs", method="POST", body=huge)
+    assert code == 400 and err["reason"] == "invalid_request", err
+    assert "at most 1048576 bytes" in err["message"], err
+
+    body = json.dumps({"project_dir": project, "params": {"epochs": 1}}).replace("1", "NaN")
+    code, err = await call(jp_fetch, "runs", method="POST", body=body)
+    assert code == 400 and "NaN is not a JSON value" in err["message"], err
 
 
 @pytest.mark.parametrize("unknown", ["ffffffff", "no-such-run"])

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 AUTH_RESOURCE = "mantik"
+# Largest JSON request body (bytes) the API reads.
+MAX_JSON_BODY = 1024 * 1024
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which are not JSON; refuse them."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def write_mantik_error(handler: web.RequestHandler, status_code: int, **kwargs: Any) -> None:
@@ -96,12 +103,26 @@ class MantikAPIHandler(MantikMixin, APIHandler):
         await self.check_authorized()
 
     def json_body(self) -> dict[str, Any]:
-        if not self.request.body:
+        body = self.request.body
+        if not body:
             return {}
+        if len(body) > MAX_JSON_BODY:
+            # Every request of this API is a few hundred bytes; a larger one would only be
+            # stored on a run (a megabyte run name) and sent back with every list.
+            raise InvalidRequest(
+                f"The request body is {len(body)} bytes; this API accepts at most "
+                f"{MAX_JSON_BODY} bytes of JSON."
+            )
         try:
-            data = json.loads(self.request.body)
+            data = json.loads(body, parse_constant=_not_json)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            # json's decoder recurses once per level: a deep [[[...]]] exhausts the stack.
+            raise InvalidRequest(
+                "The request body is not valid JSON for this API: its arrays or objects "
+                "are nested too deeply."
+            ) from None
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         return data
