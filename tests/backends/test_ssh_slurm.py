@@ -146,7 +146,7 @@ def test_job_finishes_and_its_files_come_back(backend, slurm_cluster, tmp_path):
     assert [e.path for e in backend.list_files(job_id, "code")] == ["code/main.py"]
 
     run_dir = backend.run_dir_of(job_id)
-    with backend._shared_sftp() as sftp:
+    with backend.files.shared() as sftp:
         mode = sftp.stat(f"{run_dir}/.mantik-credentials").st_mode
     assert mode & 0o777 == 0o600
 
@@ -187,11 +187,11 @@ def test_cancelling_a_pending_job_deletes_its_credential_file(backend, tmp_path)
     # A held job never starts, so its script never gets to delete the credential.
     job_id = backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n"))
     creds = f"{backend.run_dir_of(job_id)}/.mantik-credentials"
-    with backend._shared_sftp() as sftp:
+    with backend.files.shared() as sftp:
         assert sftp.stat(creds)
     backend.cancel(job_id)
     assert wait_for(backend, job_id, FINAL, timeout=30).state == RunState.KILLED
-    with backend._shared_sftp() as sftp, pytest.raises(FileNotFoundError):
+    with backend.files.shared() as sftp, pytest.raises(FileNotFoundError):
         sftp.stat(creds)
     backend.cancel(job_id)  # again: nothing left to delete, still fine
 
@@ -363,7 +363,7 @@ def test_secret_never_in_repr(slurm_cluster, base):
 
 def _session_pids(backend: SshSlurmBackend) -> list[int]:
     """The sshd processes serving the backend's current connection."""
-    port = backend._connection().get_transport().sock.getsockname()[1]
+    port = backend.ssh.client().get_transport().sock.getsockname()[1]
     out = subprocess.run(
         ["ss", "-tnpH", "state", "established", f"( dport = :{port} )"],
         capture_output=True,
@@ -463,7 +463,7 @@ def test_folder_download_that_times_out_leaves_a_fresh_connection_open(
     job_id = b.submit(job)
     frozen: list[int] = []
     fresh: list[paramiko.SSHClient] = []
-    old = b._connection()
+    old = b.ssh.client()
     try:
         assert wait_for(b, job_id, FINAL).state == RunState.FINISHED
 
@@ -472,17 +472,16 @@ def test_folder_download_that_times_out_leaves_a_fresh_connection_open(
                 frozen.extend(_session_pids(b))
                 for pid in frozen:
                     os.kill(pid, signal.SIGSTOP)
-                with b._lock:  # what another thread's reconnect leaves behind
-                    b._client = b._connect()
-                    b._sftp = None
-                    fresh.append(b._client)
+                with b.ssh._lock:  # what another thread's reconnect leaves behind
+                    b.ssh._client = b.ssh._connect()
+                    fresh.append(b.ssh._client)
 
         with pytest.raises(BackendUnavailable, match="while downloading"):
             b.download(job_id, "big", tmp_path / "out", progress=progress)
-        assert fresh and b._client is fresh[0], "the fresh connection was dropped"
+        assert fresh and b.ssh._client is fresh[0], "the fresh connection was dropped"
         assert fresh[0].get_transport().is_active()
         assert b.states([job_id])[job_id].state == RunState.FINISHED
-        assert b._client is fresh[0]  # answered on it, without connecting again
+        assert b.ssh._client is fresh[0]  # answered on it, without connecting again
         assert not (tmp_path / "out").exists()
     finally:
         for pid in frozen:
@@ -509,7 +508,7 @@ def test_folder_download_cut_off_by_a_dropped_link_is_a_lost_connection(
         def progress(done: int, total: int) -> None:
             if not dropped:
                 dropped.append(done)
-                b._drop()
+                b.ssh.drop()
 
         with pytest.raises(BackendUnavailable, match="Lost the SSH connection") as caught:
             b.download(job_id, "big", tmp_path / "out", progress=progress)

@@ -91,7 +91,7 @@ def test_failing_pre_command_stops_the_submission(backend, tmp_path):
     queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
     assert queued.stdout.decode().strip() == ""
     run_dir = f"{backend.remote_base()}/{job.run_id}"
-    with backend._shared_sftp() as sftp:
+    with backend.files.shared() as sftp:
         names = sftp.listdir(run_dir)
     assert ".mantik-credentials" not in names and LOGIN_LOG_FILE in names
 

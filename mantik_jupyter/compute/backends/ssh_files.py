@@ -1,0 +1,401 @@
+"""The files of runs on a login node, over the backend's SSH connection: the upload of a
+prepared run, and listing, reading and downloading what a run left (SFTP; a folder as
+one tar stream of an SSH command).
+
+Small operations (a listing, a log read) share one SFTP session, one thread at a time,
+opened again when its connection or channel went; a long transfer (upload, file stream)
+gets a session of its own so that it never holds the shared one.
+
+File access is confined to the run directory: no ``..``, no absolute paths, no symlinks
+leading out (the server resolves the path, and the result must lie inside).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import shlex
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import paramiko
+
+from ...errors import (
+    BackendRejected,
+    BackendUnavailable,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    UnsafePath,
+)
+from .. import layout
+from .base import FileEntry, Progress, describe_error
+from .paths import clean_relative, save_stream
+from .ssh_connection import CONNECTION_ERRORS, SshConnection, rest_of_stderr
+
+log = logging.getLogger(__name__)
+
+
+class SshRunFiles:
+    """Run files on the login node that ``ssh`` reaches."""
+
+    def __init__(self, ssh: SshConnection) -> None:
+        self.ssh = ssh
+        # The shared session, the connection it belongs to, and the lock of both: the one
+        # thread holding it may use the session. Taken before the connection's lock.
+        self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_client: paramiko.SSHClient | None = None
+        self._sftp_lock = threading.Lock()
+
+    # ---- sessions -------------------------------------------------------------------------
+
+    @contextmanager
+    def shared(self) -> Iterator[paramiko.SFTPClient]:
+        """The shared SFTP session for small operations, one thread at a time."""
+        with self._sftp_lock:
+            yield self._shared_session()
+
+    def _shared_session(self) -> paramiko.SFTPClient:
+        """The shared session (use it through ``shared``), opened anew when it belongs to
+        a connection that is no longer the current one or its channel closed. Opened
+        without the connection's lock: a login node slow to start sftp must not stall
+        status polls."""
+        client = self.ssh.client()
+        sftp = self._sftp
+        channel = sftp.get_channel() if sftp is not None else None
+        if self._sftp_client is client and channel is not None and not channel.closed:
+            assert sftp is not None
+            return sftp
+        # Not closed: its link went with it; a frozen one would stall the close.
+        self._sftp = self._sftp_client = None
+        self._sftp = self.open_session(client)
+        self._sftp_client = client
+        return self._sftp
+
+    def open_session(self, client: paramiko.SSHClient) -> paramiko.SFTPClient:
+        """A new SFTP session whose every read and write gives up after ``io_timeout``."""
+        channel = self.ssh.open_channel(client)
+        try:
+            self.ssh.request(channel, lambda: channel.invoke_subsystem("sftp"))
+            return paramiko.SFTPClient(channel)
+        except BaseException:
+            channel.close()
+            raise
+
+    # ---- upload ---------------------------------------------------------------------------
+
+    def upload(
+        self, run_dir: str, local_dir: Path, names: list[str], progress: Progress | None
+    ) -> None:
+        """The files ``names`` of ``local_dir`` into ``run_dir`` (made, mode 0700)."""
+        self.ssh.with_connection(
+            lambda: self._upload(run_dir, local_dir, names, progress), "uploading the run"
+        )
+
+    def _upload(
+        self, run_dir: str, local_dir: Path, names: list[str], progress: Progress | None
+    ) -> None:
+        total = sum((local_dir / n).stat().st_size for n in names)
+        done = 0
+        sftp = self.open_session(self.ssh.client())
+        try:
+            _sftp_makedirs(sftp, run_dir)
+            for name in names:
+                local = local_dir / name
+                mode = stat.S_IMODE(local.stat().st_mode)
+                with local.open("rb") as src, sftp.open(posixpath.join(run_dir, name), "wb") as dst:
+                    # Mode first, data second: a secret is never readable by others remotely.
+                    dst.chmod(mode)
+                    dst.set_pipelined(True)
+                    while chunk := src.read(layout.CHUNK):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+        finally:
+            sftp.close()
+        if progress:
+            progress(total, total)
+
+    # ---- small operations on the shared session ------------------------------------------
+
+    def read_from(self, path: str, offset: int, most: int, what: str) -> tuple[bytes, int]:
+        """At most ``most`` bytes of ``path`` from ``offset``, and the offset after them;
+        nothing from a file that does not exist (yet)."""
+
+        def read() -> tuple[bytes, int]:
+            with self.shared() as sftp:
+                try:
+                    with sftp.open(path, "rb") as f:
+                        end = min(f.stat().st_size or 0, offset + most)
+                        if end <= offset:
+                            return b"", offset
+                        f.seek(offset)
+                        # Pipelined requests: one 32 KiB request at a time took a round
+                        # trip each, so a follower fell behind a chatty job.
+                        f.prefetch(end)
+                        data = f.read(end - offset)
+                except FileNotFoundError:
+                    return b"", offset  # not started yet: no log so far
+            return data, offset + len(data)
+
+        return self.ssh.with_connection(read, what)
+
+    def remove(self, path: str, what: str) -> None:
+        """Delete ``path``; one that is gone already is fine."""
+
+        def remove() -> None:
+            with self.shared() as sftp:
+                try:
+                    sftp.remove(path)
+                except FileNotFoundError:
+                    pass  # the job started and deleted it itself
+
+        self.ssh.with_connection(remove, what)
+
+    def list(self, run_dir: str, path: str = "") -> list[FileEntry]:
+        """The entries of one directory of the run (not recursive), directories first."""
+        rel = clean_relative(path)
+
+        def listing() -> list[FileEntry]:
+            with self.shared() as sftp:
+                target = self._confined(sftp, run_dir, rel)
+                if not stat.S_ISDIR(sftp.stat(target).st_mode or 0):
+                    raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
+                attrs = sftp.listdir_attr(target)
+            entries = [
+                FileEntry(
+                    path=posixpath.join(rel, a.filename) if rel else a.filename,
+                    size=a.st_size or 0,
+                    is_dir=stat.S_ISDIR(a.st_mode or 0),
+                )
+                for a in attrs
+            ]
+            return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+
+        return self.ssh.with_connection(listing, "listing files")
+
+    # ---- reading and downloading --------------------------------------------------------
+
+    def open(self, run_dir: str, path: str) -> Iterator[bytes]:
+        """One file of the run, in chunks."""
+        rel = clean_relative(path)
+        sftp, target = self.ssh.with_connection(
+            lambda: self._open_confined_file(run_dir, rel, path), "opening a file"
+        )
+        return self._stream_file(sftp, target)
+
+    def _open_confined_file(
+        self, run_dir: str, rel: str, path: str
+    ) -> tuple[paramiko.SFTPClient, str]:
+        # A session of its own: a long stream must not hold the shared one.
+        sftp = self.open_session(self.ssh.client())
+        try:
+            target = self._confined(sftp, run_dir, rel)
+            if not stat.S_ISREG(sftp.stat(target).st_mode or 0):
+                raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a file")
+        except BaseException:
+            sftp.close()
+            raise
+        return sftp, target
+
+    def _stream_file(self, sftp: paramiko.SFTPClient, target: str) -> Iterator[bytes]:
+        try:
+            with sftp.open(target, "rb") as f:
+                f.prefetch()
+                while chunk := f.read(layout.CHUNK):
+                    yield chunk
+        except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
+            raise BackendUnavailable(
+                f"Lost the SSH connection to {self.ssh.hostname}:{self.ssh.port} while reading "
+                f"{target}: {describe_error(exc)}"
+            ) from None
+        finally:
+            sftp.close()
+
+    def download(
+        self, run_dir: str, path: str, dest: Path, progress: Progress | None = None
+    ) -> Path:
+        """A file lands at ``dest`` (or inside it, if ``dest`` is a folder) and replaces
+        an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
+        (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
+        rel = clean_relative(path)
+        dest = Path(dest)
+
+        def inspect() -> tuple[str, bool, int]:
+            with self.shared() as sftp:
+                target = self._confined(sftp, run_dir, rel)
+                st = sftp.stat(target)
+            return target, stat.S_ISDIR(st.st_mode or 0), st.st_size or 0
+
+        target, is_dir, size = self.ssh.with_connection(inspect, "inspecting a file")
+        name = posixpath.basename(rel) or posixpath.basename(run_dir)
+        final = dest / name if dest.is_dir() else dest
+        if is_dir:
+            return self._download_folder(target, final, progress)
+        return save_stream(self.open(run_dir, rel), final, size, progress)
+
+    def _download_folder(self, target: str, final: Path, progress: Progress | None) -> Path:
+        parent, name = posixpath.split(target)
+        q = shlex.quote
+        # Size first (for progress), then the archive, on one channel. du's first line
+        # only: it prints the name after the size, and a name may hold a newline.
+        command = (
+            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 && tar -cf - -- {q(name)}"
+        )
+        if final.exists():
+            # Never delete or merge into a local folder the user may care about.
+            raise Conflict(f"{final} exists already: remove it or download elsewhere")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
+
+        def open_stream() -> tuple[paramiko.SSHClient, paramiko.Channel]:
+            client = self.ssh.client()
+            return client, self.ssh.open_stream(command, client)
+
+        try:
+            client, channel = self.ssh.with_connection(open_stream, "downloading")
+            try:
+                _untar_stream(channel, staging, progress)
+                status = self.ssh.exit_status(channel)
+                if status == -1 and _cut_off(channel):
+                    # The stream ended between two members, which tar reads as the end
+                    # of the archive; no exit status came: the link went, not tar.
+                    raise EOFError(_CUT_OFF)
+                err = rest_of_stderr(channel).decode(errors="replace").strip()
+            except CONNECTION_ERRORS as exc:
+                # Only the link this stream used: another thread may have replaced it
+                # with a fresh one meanwhile, which must stay open.
+                self.ssh.drop(client)
+                raise BackendUnavailable(
+                    f"Lost the SSH connection to {self.ssh.hostname}:{self.ssh.port} while "
+                    f"downloading {target}: {describe_error(exc)}. Nothing was kept of "
+                    "the folder; try the download again."
+                ) from None
+            finally:
+                channel.close()
+            if status != 0:
+                raise BackendRejected(f"tar of {target} on {self.ssh.hostname} failed: {err}")
+            (staging / name).replace(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def _confined(self, sftp: paramiko.SFTPClient, run_dir: str, rel: str) -> str:
+        """The real remote path of ``rel``; refuses anything resolving outside the run."""
+        try:
+            real_root = sftp.normalize(run_dir)
+        except FileNotFoundError:
+            raise NotFound(
+                f"The run directory {run_dir} does not exist on {self.ssh.hostname}"
+            ) from None
+        candidate = posixpath.join(run_dir, rel) if rel else run_dir
+        try:
+            # The server's realpath resolves symlinks, so a link leading out is caught.
+            real = sftp.normalize(candidate)
+        except FileNotFoundError:
+            raise NotFound(f"No file {rel!r} in run directory {run_dir}") from None
+        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+            raise UnsafePath(f"{rel!r} leads outside the run directory {run_dir}")
+        return real
+
+
+# ---- the folder's tar stream (no connection of its own) ---------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """A channel as a file for tarfile, reporting bytes read against an announced total."""
+
+    def __init__(self, channel: paramiko.Channel, total: int, progress: Progress | None) -> None:
+        self.channel = channel
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self._last = 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.channel.recv(len(buffer))
+        buffer[: len(data)] = data
+        self.done += len(data)
+        now = time.monotonic()
+        if self.progress and (now - self._last > 0.2 or not data):
+            self._last = now
+            self.progress(min(self.done, self.total), self.total)
+        return len(data)
+
+
+def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
+    out), but skipping such a member instead of failing the download: run directories
+    often hold venvs whose links point to the cluster's own interpreters."""
+    try:
+        return tarfile.data_filter(member, dest)
+    except tarfile.FilterError as exc:
+        log.warning("download: skipped %s (%s)", member.name, exc)
+        return None
+
+
+def _read_line(channel: paramiko.Channel) -> bytes:
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = channel.recv(1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
+_CUT_OFF = "the SSH channel closed before the end of the folder's tar stream"
+
+
+def _cut_off(channel: paramiko.Channel) -> bool:
+    """Whether the channel's stream ended without the remote end saying so: the remote
+    side sends EOF when its command's output ends (also when tar fails or is killed);
+    a channel closed here, or with its connection, has none."""
+    transport = channel.get_transport()
+    link_gone = transport is None or not transport.is_active()
+    return not channel.eof_received and (channel.closed or link_gone)
+
+
+def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | None) -> None:
+    size_line = _read_line(channel).strip()
+    # tar adds headers and padding to the payload; progress is an estimate and is capped.
+    total = int(size_line) + 10240 if size_line.isdigit() else 0
+    reader = io.BufferedReader(_CountingReader(channel, total, progress), layout.CHUNK)
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as archive:
+            archive.extractall(dest, filter=_skip_unsafe_members)  # noqa: S202 - filtered
+    except tarfile.TarError as exc:
+        if _cut_off(channel):
+            # A channel closed under the stream (the connection dropped, or another
+            # thread closed it) reads as a short stream: that is a lost link, to be
+            # tried again, not a tar that failed on the cluster.
+            raise EOFError(_CUT_OFF) from None
+        raise BackendRejected(f"The folder arrived as a broken tar stream: {exc}") from None
+    if progress:
+        progress(total, total)
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    missing = []
+    while path not in ("", "/"):
+        try:
+            sftp.stat(path)
+            break
+        except FileNotFoundError:
+            missing.append(path)
+            path = posixpath.dirname(path)
+    for directory in reversed(missing):
+        # 0700: the run directory holds the tracking credential.
+        sftp.mkdir(directory, mode=0o700)
