@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -207,6 +208,11 @@ def test_remote_tracking_login_form_shows_server_errors(page, remote_lab):
     expect(error).to_be_visible(timeout=90_000)
     expect(error).not_to_be_empty()
     expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text("Not logged in")
+    # The keyboard user is back in the password field to correct it, not on the page.
+    expect(form.get_by_label("Password", exact=True)).to_be_focused()
+    # Runs that could not be read are not "no runs yet": only the error says why.
+    expect(sidebar.locator(".mantik-runs-error")).to_be_visible()
+    expect(sidebar.locator(".mantik-runs-empty")).to_have_count(0)
     sidebar.screenshot(path=str(ARTIFACTS / "sidebar-remote-login-error.png"))
 
     # Token mode swaps the fields.
@@ -221,6 +227,19 @@ def tracked_lab(tmp_path_factory, mlflow_server) -> Iterator[LabServer]:
     yield from running_lab(
         tmp_path_factory.mktemp("lab-tracked"), (f"--MantikApp.tracking_uri={mlflow_server.uri}",)
     )
+
+
+def _log_out(lab: LabServer) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 (the test lab's URL)
+        lab.base + "mantik/api/auth/logout",
+        data=b"{}",
+        method="POST",
+        headers={"Authorization": f"token {lab.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+        assert answer.status == 200
 
 
 def test_after_logout_and_login_the_runs_are_the_new_users(page, tracked_lab, mlflow_server):
@@ -270,19 +289,63 @@ def test_after_logout_and_login_the_runs_are_the_new_users(page, tracked_lab, ml
     tab = page.locator('.jp-SideBar.jp-mod-left [data-id="mantik-sidebar"]')
     tab.click()
     expect(sidebar).to_be_hidden()
-    import urllib.request
-
-    request = urllib.request.Request(  # noqa: S310 (the test lab's URL)
-        tracked_lab.base + "mantik/api/auth/logout",
-        data=b"{}",
-        method="POST",
-        headers={"Authorization": f"token {tracked_lab.token}"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
-        assert answer.status == 200
+    _log_out(tracked_lab)
     tab.click()
     expect(sidebar).to_be_visible()
     expect(state).to_have_text("Not logged in", timeout=5_000)
+
+
+def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
+    """Beyond the first page the panel says older runs exist (a filter sees only what is
+    loaded) and loads them; a long run name is cut short in the list, whole in the details."""
+    from playwright.sync_api import expect
+
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    carol = mlflow_server.create_user()
+    api = RunsApi(TrackingClient(mlflow_server.uri, carol))
+    experiment, _ = api.get_or_create_experiment("browser-many")
+    tags = {"mantik.backend": "local", "mantik.state": "FINISHED"}
+    start = int(time.time() * 1000) - 3_600_000
+    for i in range(101):
+        api.create_run(experiment, run_name=f"old-{i:03d}", tags=tags, start_time=start + i)
+    long_name = "calibrated-ensemble-" * 8 + "end"
+    api.create_run(experiment, run_name=long_name, tags=tags, start_time=start + 1000)
+
+    sidebar = open_lab(page, tracked_lab)
+    try:
+        form = sidebar.locator(".mantik-login-form")
+        form.get_by_label("Username", exact=True).fill(carol.username)
+        form.get_by_label("Password", exact=True).fill(carol.password)
+        form.get_by_label("Password", exact=True).press("Enter")
+        rows = sidebar.locator(".mantik-run-row")
+        expect(rows).to_have_count(100, timeout=60_000)
+        more = sidebar.locator('[data-testid="mantik-runs-more"]')
+        expect(more).to_contain_text("The 100 newest runs are shown.")
+
+        # The oldest run is not loaded: the filter says it looked at the newest 100 only.
+        sidebar.get_by_label("Filter runs by name or id").fill("old-000")
+        expect(sidebar.locator(".mantik-runs-empty")).to_have_text(
+            "No run among the 100 newest matches the filters."
+        )
+        more.get_by_role("button", name="Load older runs").click()
+        expect(rows).to_have_count(1)
+        expect(rows.locator(".mantik-run-name")).to_have_text("old-000")
+        expect(more).to_have_count(0)
+
+        # The long name: cut short in the row (its tooltip has it), whole in the details.
+        sidebar.get_by_label("Filter runs by name or id").fill("calibrated")
+        expect(rows).to_have_count(1)
+        assert long_name in (rows.locator(".mantik-run-name").get_attribute("title") or "")
+        rows.first.click()
+        title = sidebar.locator('[data-testid="mantik-run-details"] .mantik-details-title')
+        expect(title).to_have_text(long_name)
+        width, visible = title.evaluate("e => [e.scrollWidth, e.clientWidth]")
+        assert width <= visible, (width, visible)
+        sidebar.screenshot(path=str(ARTIFACTS / "sidebar-long-run-name.png"))
+    finally:
+        _log_out(tracked_lab)
 
 
 # ---- runs: submit from the dialog, follow, cancel, open in MLflow ------------------------

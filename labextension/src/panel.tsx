@@ -65,8 +65,10 @@ export class MantikPanel extends ReactWidget {
     this._confirmCancel = options.confirmCancel;
     this._pollInterval = options.pollInterval ?? 5;
     this.runs = new RunsModel({
-      fetchRuns: async refresh =>
-        (await this._api.listRuns({ maxResults: 100, refresh })).runs,
+      fetchRuns: async (refresh, limit) => {
+        const page = await this._api.listRuns({ maxResults: limit, refresh });
+        return { runs: page.runs, more: page.next_page_token !== null };
+      },
       interval: this._pollInterval * 1000,
       visible: false,
       describeError: errorMessage
@@ -417,6 +419,9 @@ function LoginForm(props: {
   const [password, setPassword] = useState('');
   const [token, setToken] = useState('');
   const id = useId();
+  // The secret's field, focused again after a refused login: the submit button is
+  // disabled while the request is out, which drops the focus to the page.
+  const secretInput = useRef<HTMLInputElement>(null);
 
   const canSubmit =
     !busy &&
@@ -438,6 +443,9 @@ function LoginForm(props: {
       // Never keep secrets around longer than needed.
       setPassword('');
       setToken('');
+    } else {
+      secretInput.current?.focus();
+      secretInput.current?.select();
     }
   };
 
@@ -485,7 +493,7 @@ function LoginForm(props: {
             autoComplete="username"
             value={username}
             onChange={event => setUsername(event.target.value)}
-            disabled={busy}
+            readOnly={busy}
           />
           <label className="mantik-Field" htmlFor={`${id}-password`}>
             Password
@@ -497,9 +505,10 @@ function LoginForm(props: {
             className="mantik-password-input"
             data-testid="mantik-password-input"
             autoComplete="current-password"
+            inputRef={secretInput}
             value={password}
             onChange={event => setPassword(event.target.value)}
-            disabled={busy}
+            readOnly={busy}
           />
         </>
       ) : (
@@ -514,9 +523,10 @@ function LoginForm(props: {
             className="mantik-token-input"
             data-testid="mantik-token-input"
             autoComplete="off"
+            inputRef={secretInput}
             value={token}
             onChange={event => setToken(event.target.value)}
-            disabled={busy}
+            readOnly={busy}
           />
         </>
       )}

@@ -24,6 +24,7 @@ import {
   IRunFilter,
   isActive,
   LogBuffer,
+  MAX_RUNS,
   Poller,
   RunsModel,
   stateKind
@@ -92,6 +93,9 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
   const listRef = useRef<HTMLUListElement>(null);
 
   const runs = filterRuns(snapshot.runs, filter);
+  // Nothing could be read (not logged in, server down): the error says why the list is
+  // empty, and "No runs yet" would be wrong.
+  const unread = snapshot.error !== null && snapshot.runs.length === 0;
   const backends = backendsOf(snapshot.runs);
   const selected = snapshot.runs.find(r => r.run_id === selectedId) ?? null;
 
@@ -193,11 +197,13 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
         ) : null}
         {!snapshot.loaded ? (
           <p className="mantik-muted">Loading runs…</p>
-        ) : runs.length === 0 ? (
+        ) : unread ? null : runs.length === 0 ? (
           <p className="mantik-muted mantik-runs-empty">
             {snapshot.runs.length === 0
               ? 'No runs yet. Use "Submit…" or right-click an MLproject folder.'
-              : 'No run matches the filters.'}
+              : snapshot.more
+                ? `No run among the ${snapshot.runs.length} newest matches the filters.`
+                : 'No run matches the filters.'}
           </p>
         ) : (
           <ul
@@ -223,7 +229,10 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                     setSelectedId(run.run_id === selectedId ? null : run.run_id)
                   }
                 >
-                  <span className="mantik-run-name" title={run.run_id}>
+                  <span
+                    className="mantik-run-name"
+                    title={run.run_name ? `${run.run_name}\n${run.run_id}` : run.run_id}
+                  >
                     {displayName(run)}
                   </span>
                   <StateChip state={run.state} />
@@ -234,6 +243,22 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
             ))}
           </ul>
         )}
+        {snapshot.loaded && snapshot.more && snapshot.runs.length > 0 ? (
+          <p className="mantik-muted mantik-runs-more" data-testid="mantik-runs-more">
+            The {snapshot.runs.length} newest runs are shown.{' '}
+            {snapshot.limit < MAX_RUNS ? (
+              <button
+                type="button"
+                className="mantik-linkbutton"
+                onClick={() => void model.showMore()}
+              >
+                Load older runs
+              </button>
+            ) : (
+              'Older runs are in MLflow.'
+            )}
+          </p>
+        ) : null}
       </section>
       {selected !== null ? (
         <RunDetails

@@ -464,9 +464,22 @@ export function changedParams(
 
 // --------------------------------------------------------------------------- runs model
 
+/** One answer of the runs list: the newest `limit` runs, and whether older ones exist. */
+export interface IRunPage {
+  runs: IRun[];
+  more: boolean;
+}
+
+/** Runs the list asks for at first, and how many more each "older runs" click adds. */
+export const RUNS_PAGE = 100;
+/** Most runs the list asks for (the server's `max_results` limit). */
+export const MAX_RUNS = 1000;
+
 export interface IRunsModelOptions {
-  /** Fetch the newest runs; `refresh` asks the server to query the backends first. */
-  fetchRuns: (refresh: boolean) => Promise<IRun[]>;
+  /**
+   * Fetch the newest `limit` runs; `refresh` asks the server to query the backends first.
+   */
+  fetchRuns: (refresh: boolean, limit: number) => Promise<IRunPage>;
   /** Poll delay while runs are active (ms); 0 disables polling. */
   interval: number;
   /** Longest delay while idle or failing (ms). */
@@ -485,7 +498,20 @@ export interface IRunsSnapshot {
   loaded: boolean;
   /** A run the list should select (a new submission); `seq` grows with each request. */
   select: { runId: string; seq: number } | null;
+  /** How many of the newest runs the list holds at most. */
+  limit: number;
+  /** Older runs exist beyond `limit`: filters do not see them until they are loaded. */
+  more: boolean;
 }
+
+const EMPTY_SNAPSHOT: IRunsSnapshot = {
+  runs: [],
+  error: null,
+  loaded: false,
+  select: null,
+  limit: RUNS_PAGE,
+  more: false
+};
 
 /**
  * The runs list: fetched with backoff while the panel is visible, paused while it is
@@ -555,6 +581,13 @@ export class RunsModel {
     return this._poller.refresh();
   }
 
+  /** Hold `RUNS_PAGE` older runs more (up to `MAX_RUNS`) and fetch them now. */
+  showMore(): Promise<void> {
+    const limit = Math.min(MAX_RUNS, this._snapshot.limit + RUNS_PAGE);
+    this._set({ ...this._snapshot, limit });
+    return this._poller.refresh();
+  }
+
   /**
    * Forget every run shown and look again: someone else (or nobody) is logged in now,
    * so the list, the selection and an error of the old login are not theirs.
@@ -562,7 +595,7 @@ export class RunsModel {
   reset(): Promise<void> {
     this._epoch++;
     this._pinned = [];
-    this._set({ runs: [], error: null, loaded: false, select: null });
+    this._set(EMPTY_SNAPSHOT);
     return this._poller.refresh();
   }
 
@@ -574,7 +607,9 @@ export class RunsModel {
   private async _poll(): Promise<PollOutcome> {
     const epoch = this._epoch;
     try {
-      const fetched = await this._fetch(hasActiveRuns(this._snapshot.runs));
+      const limit = this._snapshot.limit;
+      const page = await this._fetch(hasActiveRuns(this._snapshot.runs), limit);
+      const fetched = page.runs;
       if (epoch !== this._epoch) {
         return 'active'; // asked before a reset: the poll that follows it answers
       }
@@ -589,7 +624,9 @@ export class RunsModel {
         return before && !isActive(before) && isActive(r) ? before : r;
       });
       const runs = mergeRuns(fresh, this._pinned);
-      this._set({ ...this._snapshot, runs, error: null, loaded: true });
+      // A "show more" while this poll was out asked for a larger page: the next poll has it.
+      const more = page.more || limit < this._snapshot.limit;
+      this._set({ ...this._snapshot, runs, error: null, loaded: true, more });
       return hasActiveRuns(runs) ? 'active' : 'idle';
     } catch (error) {
       if (epoch !== this._epoch) {
@@ -607,16 +644,11 @@ export class RunsModel {
     }
   }
 
-  private _fetch: (refresh: boolean) => Promise<IRun[]>;
+  private _fetch: (refresh: boolean, limit: number) => Promise<IRunPage>;
   private _describe: (error: unknown) => string;
   private _poller: Poller;
   private _pinned: IRun[] = [];
   private _epoch = 0;
   private _listeners = new Set<() => void>();
-  private _snapshot: IRunsSnapshot = {
-    runs: [],
-    error: null,
-    loaded: false,
-    select: null
-  };
+  private _snapshot: IRunsSnapshot = EMPTY_SNAPSHOT;
 }

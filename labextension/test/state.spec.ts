@@ -8,12 +8,14 @@ import {
   formatAge,
   ITimers,
   LogBuffer,
+  MAX_RUNS,
   mergeRuns,
   nextDelay,
   pickConfig,
   PollOutcome,
   Poller,
   RunsModel,
+  RUNS_PAGE,
   upsertRun
 } from '../src/state';
 
@@ -212,7 +214,8 @@ describe('RunsModel', () => {
     const model = new RunsModel({
       fetchRuns: async refresh => {
         refreshFlags.push(refresh);
-        return answers.shift() ?? [run('b', 'RUNNING', 2), run('a', 'FINISHED', 1)];
+        const runs = answers.shift() ?? [run('b', 'RUNNING', 2), run('a', 'FINISHED', 1)];
+        return { runs, more: false };
       },
       interval: 1000,
       maxInterval: 8000,
@@ -254,7 +257,7 @@ describe('RunsModel', () => {
   it('never brings an ended run back to an active state', async () => {
     const clock = fakeTimers();
     const model = new RunsModel({
-      fetchRuns: async () => [run('b', 'RUNNING', 2)],
+      fetchRuns: async () => ({ runs: [run('b', 'RUNNING', 2)], more: false }),
       interval: 1000,
       timers: clock.timers
     });
@@ -273,7 +276,7 @@ describe('RunsModel', () => {
         if (fail) {
           throw new Error('Tracking server unavailable');
         }
-        return [run('a', 'FINISHED')];
+        return { runs: [run('a', 'FINISHED')], more: false };
       },
       interval: 1000,
       timers: clock.timers,
@@ -284,6 +287,54 @@ describe('RunsModel', () => {
     await model.refresh();
     expect(model.snapshot.error).toBe('Tracking server unavailable');
     expect(model.snapshot.runs).toHaveLength(1);
+    model.dispose();
+  });
+});
+
+describe('RunsModel with more runs than one page', () => {
+  it('says older runs exist and loads them on request, up to the server limit', async () => {
+    const clock = fakeTimers();
+    const all = Array.from({ length: 1500 }, (_, i) => run(`r${i}`, 'FINISHED', 2000 - i));
+    const limits: number[] = [];
+    const model = new RunsModel({
+      fetchRuns: async (_refresh, limit) => {
+        limits.push(limit);
+        return { runs: all.slice(0, limit), more: limit < all.length };
+      },
+      interval: 1000,
+      timers: clock.timers
+    });
+    await clock.advance(0);
+    expect(limits).toEqual([RUNS_PAGE]);
+    expect(model.snapshot.runs).toHaveLength(RUNS_PAGE);
+    expect(model.snapshot.more).toBe(true);
+    await model.showMore();
+    expect(limits.at(-1)).toBe(2 * RUNS_PAGE);
+    expect(model.snapshot.runs).toHaveLength(2 * RUNS_PAGE);
+    // Later polls keep the larger page.
+    await clock.advance(60_000);
+    expect(limits.at(-1)).toBe(2 * RUNS_PAGE);
+    for (let i = 0; i < 20; i++) {
+      await model.showMore();
+    }
+    expect(Math.max(...limits)).toBe(MAX_RUNS);
+    expect(model.snapshot.runs).toHaveLength(MAX_RUNS);
+    expect(model.snapshot.more).toBe(true);
+    // A new login starts from one page again.
+    await model.reset();
+    expect(limits.at(-1)).toBe(RUNS_PAGE);
+    model.dispose();
+  });
+
+  it('knows when every run is shown', async () => {
+    const clock = fakeTimers();
+    const model = new RunsModel({
+      fetchRuns: async () => ({ runs: [run('a', 'FINISHED', 1)], more: false }),
+      interval: 1000,
+      timers: clock.timers
+    });
+    await clock.advance(0);
+    expect(model.snapshot.more).toBe(false);
     model.dispose();
   });
 });
@@ -300,7 +351,7 @@ describe('RunsModel after a login or logout', () => {
         if (asker === 'nobody') {
           throw new Error('Not logged in');
         }
-        return [run(`${asker}-run`, 'FINISHED')];
+        return { runs: [run(`${asker}-run`, 'FINISHED')], more: false };
       },
       interval: 1000,
       timers: clock.timers,
@@ -314,7 +365,7 @@ describe('RunsModel after a login or logout', () => {
     // alice's search is out when she logs out: its answer must not come back.
     user = 'nobody';
     void model.reset();
-    expect(model.snapshot).toEqual({ runs: [], error: null, loaded: false, select: null });
+    expect(model.snapshot).toMatchObject({ runs: [], error: null, loaded: false, select: null });
     pending.shift()!();
     await clock.advance(0);
     expect(model.snapshot.runs).toEqual([]);
