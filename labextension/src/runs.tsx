@@ -7,6 +7,7 @@ import React, {
   useCallback,
   useEffect,
   useId,
+  useMemo,
   useRef,
   useState,
   useSyncExternalStore
@@ -27,7 +28,8 @@ import {
   MAX_RUNS,
   Poller,
   RunsModel,
-  stateKind
+  stateKind,
+  terminalText
 } from './state';
 
 /** User-facing text of an error of any kind. */
@@ -484,6 +486,8 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
     }
   });
 
+  const shown = useMemo(() => terminalText(buffer.text), [buffer.text]);
+
   const onScroll = () => {
     const el = pre.current;
     if (el) {
@@ -514,7 +518,7 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
         onScroll={onScroll}
       >
         {buffer.truncated ? '[… earlier output dropped …]\n' : ''}
-        {buffer.text || (buffer.final ? '(empty log)' : 'Waiting for output…')}
+        {shown || (buffer.final ? '(empty log)' : 'Waiting for output…')}
       </pre>
     </div>
   );

@@ -245,6 +245,37 @@ export class LogBuffer {
   }
 }
 
+// Escape sequences of terminals (colours, cursor moves, window titles): CSI, OSC and
+// two-character ones.
+const ANSI_ESCAPE =
+  /\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]/g;
+
+/**
+ * A job's output as a terminal shows it: a carriage return goes back to the start of
+ * the line and what follows overwrites it (progress bars such as tqdm's print one line
+ * per update this way), and colour codes are dropped instead of shown as boxes.
+ */
+export function terminalText(text: string): string {
+  const plain = text.replace(ANSI_ESCAPE, '');
+  if (!plain.includes('\r')) {
+    return plain;
+  }
+  return plain
+    .replace(/\r\n/g, '\n')
+    .split('\n')
+    .map(line => {
+      if (!line.includes('\r')) {
+        return line;
+      }
+      let shown = '';
+      for (const part of line.split('\r')) {
+        shown = part + shown.slice(part.length);
+      }
+      return shown;
+    })
+    .join('\n');
+}
+
 // --------------------------------------------------------------------------- runs list
 
 export function isActive(run: Pick<IRun, 'state' | 'is_final'>): boolean {

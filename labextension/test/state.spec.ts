@@ -16,6 +16,7 @@ import {
   Poller,
   RunsModel,
   RUNS_PAGE,
+  terminalText,
   upsertRun
 } from '../src/state';
 
@@ -453,5 +454,30 @@ describe('submit form helpers', () => {
       epochs: '2',
       data: 'x'
     });
+  });
+});
+
+describe('terminalText', () => {
+  it('shows the last state of a progress bar, not every update on one line', () => {
+    const log =
+      'start\n\rtraining:   0% |   |\rtraining:  50% |#  |\rtraining: 100% |###|\ndone\n';
+    expect(terminalText(log)).toBe('start\ntraining: 100% |###|\ndone\n');
+  });
+
+  it('overwrites from the start of the line as a terminal does', () => {
+    expect(terminalText('loss 0.123456\rloss 0.5')).toBe('loss 0.523456');
+    // A bar not yet overwritten stays visible; CRLF line ends are plain line ends.
+    expect(terminalText('epoch 1\r')).toBe('epoch 1');
+    expect(terminalText('a\r\nb\r\n')).toBe('a\nb\n');
+  });
+
+  it('drops colour codes and other terminal escapes', () => {
+    expect(terminalText('\x1b[32mdone\x1b[0m \x1b[1;31mERROR\x1b[0m')).toBe('done ERROR');
+    expect(terminalText('\x1b]0;title\x07text\x1b[2K\x1b[1A')).toBe('text');
+  });
+
+  it('leaves ordinary text alone', () => {
+    const text = 'epoch 1/2  loss=0.1\n[mantik] exit status 0\n';
+    expect(terminalText(text)).toBe(text);
   });
 });
