@@ -397,5 +397,20 @@ def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
             missing.append(path)
             path = posixpath.dirname(path)
     for directory in reversed(missing):
-        # 0700: the run directory holds the tracking credential.
-        sftp.mkdir(directory, mode=0o700)
+        try:
+            # 0700: the run directory holds the tracking credential.
+            sftp.mkdir(directory, mode=0o700)
+        except OSError as exc:
+            # Runs submitted at once all find a new remote directory missing; all but
+            # one mkdir fail, with SFTP's bare "Failure" (a plain OSError) for EEXIST.
+            # Taken for a lost link, that failed the upload and dropped the connection
+            # under the others. A timeout or a lost link is a subclass: not looked at.
+            if type(exc) is not OSError or not _is_dir(sftp, directory):
+                raise
+
+
+def _is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+    except FileNotFoundError:
+        return False

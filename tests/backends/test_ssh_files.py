@@ -1,0 +1,51 @@
+"""The run files of Slurm over SSH (ssh_files.py) on the loopback cluster: uploads that run
+at the same time."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from mantik_jupyter.compute.states import RunState
+
+from .test_ssh_slurm import _backend, make_job
+
+pytestmark = pytest.mark.slurm
+
+
+def test_runs_submitted_at_once_into_a_new_remote_directory_all_start(slurm_cluster, tmp_path):
+    # A sweep submitted at once into an SSH.RemoteDirectory that does not exist yet: each
+    # upload found it missing and made it, every mkdir but the first failed ("Failure"),
+    # that counted as a lost connection, and dropping it broke the other uploads too.
+    top = f"{slurm_cluster.remote_dir}/at-once-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, f"{top}/a/b/c/d/e")
+    jobs = [make_job(tmp_path, "true", sbatch="#SBATCH --hold\n") for _ in range(8)]
+    b.remote_base()  # as check_credentials does before the submissions
+    barrier = threading.Barrier(len(jobs))
+    results: dict[int, object] = {}
+
+    def submit(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = b.submit(jobs[index])
+        except Exception as exc:  # noqa: BLE001 - the test looks at what came out
+            results[index] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(jobs))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        failed = {i: r for i, r in results.items() if not isinstance(r, str)}
+        assert len(results) == len(jobs) and not failed, failed
+        answer = b.states([str(r) for r in results.values()])
+        assert {s.state for s in answer.values()} == {RunState.QUEUED}, answer
+    finally:
+        ids = [r for r in results.values() if isinstance(r, str)]
+        if ids:
+            b._run("scancel " + " ".join(ids), "cleaning up")
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
