@@ -1,5 +1,5 @@
 """The run files of Slurm over SSH (ssh_files.py) on the loopback cluster: uploads that run
-at the same time."""
+at the same time, files the job left unreadable."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import uuid
 import pytest
 
 from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import PermissionDenied
 
-from .test_ssh_slurm import _backend, make_job
+from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -47,5 +48,26 @@ def test_runs_submitted_at_once_into_a_new_remote_directory_all_start(slurm_clus
         ids = [r for r in results.values() if isinstance(r, str)]
         if ids:
             b._run("scancel " + " ".join(ids), "cleaning up")
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_file_the_job_made_unreadable_is_permission_denied(slurm_cluster, tmp_path):
+    # It came out as Python's bare PermissionError ("[Errno 13] Permission denied", no file,
+    # no host): a 500 in the lab, a traceback in the CLI.
+    top = f"{slurm_cluster.remote_dir}/unreadable-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    try:
+        job_id = b.submit(make_job(tmp_path, "echo private > locked && chmod 000 locked"))
+        assert wait_for(b, job_id, FINAL).state == RunState.FINISHED
+        target = f"{b.run_dir_of(job_id)}/locked"
+        with pytest.raises(PermissionDenied) as caught:
+            list(b.open_file(job_id, "locked"))
+        assert target in caught.value.message and slurm_cluster.host in caught.value.message
+        with pytest.raises(PermissionDenied):
+            b.download(job_id, "locked", tmp_path)
+        assert not (tmp_path / "locked").exists()
+        assert not list(tmp_path.glob(".locked*"))  # no partial file left behind
+    finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()

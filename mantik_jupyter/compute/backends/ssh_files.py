@@ -34,6 +34,7 @@ from ...errors import (
     Conflict,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     UnsafePath,
 )
 from .. import layout
@@ -188,30 +189,42 @@ class SshRunFiles:
     def open(self, run_dir: str, path: str) -> Iterator[bytes]:
         """One file of the run, in chunks."""
         rel = clean_relative(path)
-        sftp, target = self.ssh.with_connection(
+        sftp, handle, target = self.ssh.with_connection(
             lambda: self._open_confined_file(run_dir, rel, path), "opening a file"
         )
-        return self._stream_file(sftp, target)
+        return self._stream_file(sftp, handle, target)
 
     def _open_confined_file(
         self, run_dir: str, rel: str, path: str
-    ) -> tuple[paramiko.SFTPClient, str]:
+    ) -> tuple[paramiko.SFTPClient, paramiko.SFTPFile, str]:
         # A session of its own: a long stream must not hold the shared one.
         sftp = self.open_session(self.ssh.client())
         try:
             target = self._confined(sftp, run_dir, rel)
             if not stat.S_ISREG(sftp.stat(target).st_mode or 0):
                 raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a file")
+            # Opened here, not when the stream is first read: a file the job left
+            # unreadable came out of the stream as a bare PermissionError.
+            try:
+                handle = sftp.open(target, "rb")
+            except PermissionError:
+                raise PermissionDenied(
+                    f"{self.ssh.hostname} denied reading {target}: its permissions do not "
+                    f"let {self.ssh.username or 'the SSH user'} read it. Make it readable "
+                    "on the cluster (chmod u+r) and try again."
+                ) from None
         except BaseException:
             sftp.close()
             raise
-        return sftp, target
+        return sftp, handle, target
 
-    def _stream_file(self, sftp: paramiko.SFTPClient, target: str) -> Iterator[bytes]:
+    def _stream_file(
+        self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile, target: str
+    ) -> Iterator[bytes]:
         try:
-            with sftp.open(target, "rb") as f:
-                f.prefetch()
-                while chunk := f.read(layout.CHUNK):
+            with handle:
+                handle.prefetch()
+                while chunk := handle.read(layout.CHUNK):
                     yield chunk
         except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
             raise BackendUnavailable(
