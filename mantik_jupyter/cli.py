@@ -82,7 +82,15 @@ def cmd_login(ctx: Context) -> int:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
             # getpass never echoes; the password is never an argument (shell history, ps).
-            password = getpass.getpass(f"Password for {username} at {tracking.uri}: ")
+            try:
+                password = getpass.getpass(f"Password for {username} at {tracking.uri}: ")
+            except EOFError:
+                # No terminal to ask on (a script, cron, a CI job) and nothing on stdin.
+                raise InvalidRequest(
+                    f"No password for {username} at {tracking.uri}: there is no terminal to "
+                    "ask on. Pipe it in with --password-stdin, or set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead of logging in."
+                ) from None
         if not password:
             raise InvalidRequest("No password given.")
         status = tracking.login(username=username, password=password)
@@ -395,10 +403,28 @@ def positive_int(text: str) -> int:
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or more")
     return value
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a Ctrl-C. A transfer cut by
+    Ctrl-C can fail again while it is cleaned up (an SFTP channel left mid-packet says
+    'Garbage packet received'); that failure is the interrupt, not an error to report.
+    The magics use it too."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -406,18 +432,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     ctx = Context(args)
     try:
         return int(args.func(ctx))
-    except MantikError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        # Only this command stops: a submitted run keeps running on its backend.
-        print("", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # `mantik runs logs X | head`: the reader left; not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+    except (KeyboardInterrupt, Exception) as err:
+        if interrupted(err):
+            # Only this command stops: a submitted run keeps running on its backend.
+            print("", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(err, MantikError):
+            print(f"error: {err.message}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, BrokenPipeError):
+            # `mantik runs logs X | head`: the reader left; not an error.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_OK
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> None:

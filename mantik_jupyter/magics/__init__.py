@@ -27,7 +27,7 @@ from traitlets import Bool, Float, Unicode
 
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
-from ..cli import positive_int
+from ..cli import interrupted, positive_int
 from ..errors import MantikError, NotFound, ProjectError
 from .args import parse_line
 from .dashboards import DashboardMagics, show_log_view, show_run_table
@@ -63,14 +63,16 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: MantikMagics, line: str = "", *args: Any, **kwargs: Any) -> Any:
         try:
             return func(self, line, *args, **kwargs)
-        except MantikError as err:
-            self._fail(err)
-            return None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as err:
             if self.show_tracebacks:
                 raise
-            print("\nmantik: interrupted; a submitted run keeps running.", flush=True)
-            return None
+            if interrupted(err):
+                print("\nmantik: interrupted; a submitted run keeps running.", flush=True)
+                return None
+            if isinstance(err, MantikError):
+                self._fail(err)
+                return None
+            raise
 
     return wrapper
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import InvalidRequest, NotLoggedIn, TrackingUnavailable
 from .credentials import (
@@ -206,13 +207,14 @@ def resolve_tracking(
     server that a running lab started is used.
     """
     store = CredentialStore(store_path)
-    uri = (
-        tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or os.environ.get("MANTIK_TRACKING_URI")
-    )
-    if uri:
-        return TrackingService(store, tracking_uri=uri)
+    for uri, source in (
+        (tracking_uri, "given with --tracking-uri"),
+        (os.environ.get("MLFLOW_TRACKING_URI"), "from $MLFLOW_TRACKING_URI"),
+        (os.environ.get("MANTIK_TRACKING_URI"), "from $MANTIK_TRACKING_URI"),
+    ):
+        if uri:
+            _check_http_uri(uri, source)
+            return TrackingService(store, tracking_uri=uri)
     found = discover(embedded_dir)
     if found is None:
         raise TrackingUnavailable(
@@ -223,6 +225,23 @@ def resolve_tracking(
     return TrackingService(
         store, tracking_uri=uri, embedded_credential=admin, embedded_dir=embedded_dir.resolve()
     )
+
+
+def _check_http_uri(uri: str, source: str) -> None:
+    """A tracking URI that is no http(s) address ('localhost:5000', an MLflow file store)
+    failed deep inside the HTTP client with a traceback, or was told to log in first."""
+    try:
+        shown, _ = split_credential(uri)  # a password in the URI is never shown
+        parts = urlsplit(uri)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # unparsable ('http://[::1')
+        shown, ok = uri.rpartition("@")[2], False
+    if not ok:
+        raise InvalidRequest(
+            f"The tracking URI {shown!r} ({source}) is not the http:// or https:// address of "
+            "an MLflow tracking server. Write it like http://localhost:5000 or "
+            "https://mlflow.example.org, or leave it unset to use the lab's embedded server."
+        )
 
 
 def embedded_store_key(directory: Path) -> str:
