@@ -6,7 +6,9 @@ server answers in 0.5-1 s per request on a loaded machine).
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from IPython.core.error import UsageError
 
 from mantik_jupyter.compute.run_record import TAG_BACKEND, TAG_JOB_ID, TAG_STATE
 from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.errors import NotFound
 from mantik_jupyter.tracking.credentials import CredentialStore
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
@@ -349,6 +352,19 @@ def test_comparison_of_the_top_runs_of_an_experiment(api, service, experiment):
     assert comp.summary.best["rmse"] == experiment["runs"]["beta-2"]
     scatter = comp.params_figure.data[0]
     assert scatter.type == "scatter" and list(scatter.x) == [0.4, 0.6, 0.2]  # lr only varies
+
+
+def test_a_widget_that_refuses_its_arguments_leaves_no_noise(service, monkeypatch):
+    # `%mantik_runs --experiment nope` said "No experiment named 'nope'" and then the
+    # garbage collector printed "Exception ignored in: Widget.__del__ ... AttributeError".
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(NotFound):
+        RunTable("no-such-experiment-anywhere", service=service)
+    with pytest.raises(ValueError):
+        LogView()
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
 
 
 def test_log_view_follows_a_source_and_keeps_the_tail():

@@ -112,5 +112,6 @@ class LogView(anywidget.AnyWidget):
             self.done = True
 
     def close(self) -> None:
-        self.stop()
+        if "_stop" in self.__dict__:  # not when __init__ refused its arguments
+            self.stop()
         super().close()

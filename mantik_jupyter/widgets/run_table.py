@@ -378,6 +378,10 @@ class RunTable(w.VBox):
                 self.view.message = f"Refresh failed: {type(exc).__name__}: {exc}"
 
     def close(self) -> None:
+        if "_stop" not in self.__dict__:
+            # __init__ stopped before it made anything (an unknown experiment); the
+            # garbage collector still calls close, which printed an AttributeError.
+            return
         self.stop_refresh()
         self._executor.shutdown(wait=False, cancel_futures=True)
         for child in (self.view, self.details_box, self.comparison_box, self):
