@@ -19,6 +19,7 @@ import io
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,10 +248,30 @@ class SshConnection:
     # ---- channels -------------------------------------------------------------------------
 
     def open_channel(self, client: paramiko.SSHClient) -> paramiko.Channel:
+        """A new session on ``client``, waiting up to ``io_timeout`` for one to come free
+        when the server allows no more on one connection."""
         transport = client.get_transport()
         if transport is None:
             raise paramiko.SSHException("the SSH connection is closed")
-        channel = transport.open_session(timeout=self.connect_timeout)
+        deadline = time.monotonic() + self.io_timeout
+        pause = 0.05
+        while True:
+            try:
+                channel = transport.open_session(timeout=self.connect_timeout)
+                break
+            except paramiko.ChannelException:
+                # The server refused a session on a live connection: sshd's MaxSessions
+                # (10 by default) are all held by transfers and log reads. Taken for a
+                # lost link, dropping the connection cut all of them off; one ends soon.
+                if time.monotonic() + pause > deadline:
+                    raise BackendUnavailable(
+                        f"The SSH server {self.hostname}:{self.port} allows no more "
+                        f"sessions on one connection (sshd's MaxSessions), and none came "
+                        f"free within {self.io_timeout:g} s: downloads, uploads and log "
+                        "reads hold them all. Try again when some of them have ended."
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
         channel.settimeout(self.io_timeout)
         return channel
 
