@@ -204,6 +204,29 @@ def test_status_line_stays_live_without_wait(env, mlflow_server):
     assert "FINISHED" in status[-1]["data"]["text/plain"], submit.outputs
 
 
+def test_a_long_log_in_a_notebook_shows_its_end(env):
+    # 5,000 lines of 100 bytes printed whole into the notebook: Jupyter drops output over
+    # 1 MB/s ('IOPub data rate exceeded'), so the end of a long log was lost.
+    project = env / "chatty"
+    project.mkdir()
+    (project / "MLproject").write_text(
+        "name: chatty\nentry_points:\n  main:\n    command: python -c "
+        "\"[print('line', i, 'x' * 90) for i in range(5000)]\"\n"
+    )
+    write_config(project, LOCAL_CONFIG)
+    path = write_notebook(
+        project, "%load_ext mantik_jupyter", "run = %mantik_submit --wait", "%mantik_logs last"
+    )
+    nb = nbformat.read(path, as_version=4)
+    execute_in_kernel(nb, path, project, timeout=120)
+    log = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    lines = log.splitlines()
+    assert lines[0].startswith("[mantik: 4,002 earlier lines of this log are not shown"), lines[0]
+    assert "%mantik_logs last --tail N" in lines[0]
+    assert len(lines) == 1001 and lines[-1] == "[mantik] exit status 0"
+    assert lines[1].startswith("line 4001 ")
+
+
 # ---- --notebook mode ------------------------------------------------------------------------
 
 

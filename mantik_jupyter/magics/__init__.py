@@ -37,6 +37,8 @@ from .display import (
     StatusLine,
     _show_runs,
     _stream_log,
+    in_kernel,
+    notebook_sized,
     short,
     tail,
     watch,
@@ -336,7 +338,13 @@ class MantikMagics(Magics):
     @magic_arguments()
     @argument("run", metavar="RUN", help="Run id, unique id prefix, run name, or 'last'.")
     @argument("--follow", "-f", action="store_true", help="Keep printing until the run ended.")
-    @argument("--tail", type=int, metavar="N", help="Only the last N lines (to start with).")
+    @argument(
+        "--tail",
+        type=int,
+        metavar="N",
+        help="Only the last N lines (to start with). Default: all of it, in a notebook "
+        "the last 1000 lines.",
+    )
     @line_magic
     @_guarded
     def mantik_logs(self, line: str) -> None:
@@ -346,7 +354,10 @@ class MantikMagics(Magics):
         service = self._runs()
         run_id = service.resolve(self._ref(args.run))
         so_far = service.all_logs(run_id)
-        print(tail(so_far.text, args.tail), end="", flush=True)
+        text = tail(so_far.text, args.tail)
+        if args.tail is None and in_kernel():
+            text = notebook_sized(text, args.run)
+        print(text, end="", flush=True)
         if not args.follow:
             return
         try:

@@ -8,6 +8,7 @@ Two functions are the seams for the widgets (``mantik_jupyter/widgets/``): ``_sh
 from __future__ import annotations
 
 import html
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -261,6 +262,29 @@ def tail(text: str, lines: int | None) -> str:
         return ""
     kept = text.splitlines(keepends=True)[-lines:]
     return "".join(kept)
+
+
+# What ``%mantik_logs RUN`` shows of a log in a notebook when no --tail is given.
+NOTEBOOK_LOG_LINES = 1000
+NOTEBOOK_LOG_CHARS = 200_000  # as much as the LogView keeps
+
+
+def notebook_sized(text: str, ref: str) -> str:
+    """The end of a log, sized for a notebook, with a line saying what was left out.
+
+    A notebook keeps every output in its file, and Jupyter drops output that arrives
+    faster than 1 MB/s ('IOPub data rate exceeded'): a training log of some MB printed
+    whole lost its end, the part people look at, and bloated the notebook."""
+    if len(text) <= NOTEBOOK_LOG_CHARS and text.count("\n") <= NOTEBOOK_LOG_LINES:
+        return text
+    shown = "".join(text.splitlines(keepends=True)[-NOTEBOOK_LOG_LINES:])[-NOTEBOOK_LOG_CHARS:]
+    hidden = text.count("\n") - shown.count("\n")
+    ref = shlex.quote(ref)
+    return (
+        f"[mantik: {hidden:,} earlier lines of this log are not shown here: "
+        f"`%mantik_logs {ref} --tail N` shows the last N lines, `mantik runs logs {ref}` "
+        "in a terminal all of them]\n" + shown
+    )
 
 
 def _stream_log(chunks: Iterable[str]) -> None:
