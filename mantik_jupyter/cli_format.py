@@ -127,11 +127,16 @@ class ProgressBar:
         self._stage = ""
         self._last = 0.0
         self._open_line = False
+        self._drawn: tuple[str, int, int] | None = None
 
     def bytes(self, done: int, total: int) -> None:
         self(self.label or "download", done, total)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if (stage, done, total) == self._drawn:
+            # Backends report the end of a transfer twice (last chunk, then done): one
+            # line says it.
+            return
         now = time.monotonic()
         finished = total > 0 and done >= total
         if stage != self._stage:
@@ -139,7 +144,7 @@ class ProgressBar:
             self._stage, self._last = stage, 0.0
         elif not finished and now - self._last < (self.TTY_EVERY if self.tty else self.LOG_EVERY):
             return
-        self._last = now
+        self._last, self._drawn = now, (stage, done, total)
         line = self._line(stage, done, total)
         if self.tty:
             self.stream.write("\r\x1b[K" + line)

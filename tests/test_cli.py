@@ -297,6 +297,9 @@ def test_runs_lifecycle(
     )
     run = json.loads(result.stdout)
     run_id = run["run_id"]
+    # Progress without repeats ("upload 100%" came twice: the backend reports the end twice).
+    progress = result.stderr.splitlines()
+    assert any(p.startswith("upload") for p in progress) and len(set(progress)) == len(progress)
     assert run["run_name"] == run_name and run["source"] == "cli"
     assert run["params"]["epochs"] == "2" and run["params"]["station"] == "Bonn"
 
