@@ -334,6 +334,21 @@ def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
         expect(rows.locator(".mantik-run-name")).to_have_text("old-000")
         expect(more).to_have_count(0)
 
+        # The keyboard: the list is one Tab stop however long it is; End, Home and the
+        # arrows move inside it.
+        sidebar.get_by_label("Filter runs by name or id").fill("")
+        expect(rows).to_have_count(102)
+        rows.first.focus()
+        page.keyboard.press("End")
+        expect(rows.last).to_be_focused()
+        expect(rows.last.locator(".mantik-run-name")).to_have_text("old-000")
+        page.keyboard.press("Tab")
+        assert page.evaluate("!document.activeElement.closest('.mantik-RunList')")
+        page.keyboard.press("Shift+Tab")
+        expect(rows.last).to_be_focused()
+        page.keyboard.press("Home")
+        expect(rows.first).to_be_focused()
+
         # The long name: cut short in the row (its tooltip has it), whole in the details.
         sidebar.get_by_label("Filter runs by name or id").fill("calibrated")
         expect(rows).to_have_count(1)

@@ -110,19 +110,33 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
     }
   }, [selectSeq]);
 
+  // One Tab stop for the whole list (the row focused last, else the selected or the
+  // first): with hundreds of runs, Tab would otherwise walk every row to reach the
+  // details. The arrows, Home and End move between rows.
+  const [focusedId, setFocusedId] = useState<string | null>(null);
+  const inList = (runId: string | null) => runs.some(r => r.run_id === runId);
+  const tabStop = inList(focusedId)
+    ? focusedId
+    : inList(selectedId)
+      ? selectedId
+      : (runs[0]?.run_id ?? null);
+
   const onListKeyDown = (event: React.KeyboardEvent<HTMLUListElement>) => {
-    if (event.key !== 'ArrowDown' && event.key !== 'ArrowUp') {
+    const moves: Record<string, (index: number, last: number) => number> = {
+      ArrowDown: (i, last) => Math.min(last, i + 1),
+      ArrowUp: i => Math.max(0, i - 1),
+      Home: () => 0,
+      End: (_, last) => last
+    };
+    const move = moves[event.key];
+    if (!move) {
       return;
     }
     const buttons = Array.from(
       listRef.current?.querySelectorAll<HTMLButtonElement>('.mantik-run-row') ?? []
     );
     const index = buttons.findIndex(b => b === document.activeElement);
-    const next =
-      event.key === 'ArrowDown'
-        ? Math.min(buttons.length - 1, index + 1)
-        : Math.max(0, index - 1);
-    buttons[next]?.focus();
+    buttons[move(index, buttons.length - 1)]?.focus();
     event.preventDefault();
   };
 
@@ -223,6 +237,8 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                     run.run_id === selectedId ? ' mantik-mod-selected' : ''
                   }`}
                   data-run-id={run.run_id}
+                  tabIndex={run.run_id === tabStop ? 0 : -1}
+                  onFocus={() => setFocusedId(run.run_id)}
                   aria-pressed={run.run_id === selectedId}
                   aria-label={`${displayName(run)}, ${run.state}, ${
                     run.backend ?? 'unknown backend'
