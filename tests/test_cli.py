@@ -468,6 +468,41 @@ def test_ctrl_c_during_an_ssh_download(
         assert not dest.exists() and not list(tmp_path.glob(".*big.bin*"))
 
 
+@pytest.mark.slurm
+def test_ctrl_c_while_submitting_marks_the_run_killed(
+    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
+) -> None:
+    project = copy_example(tmp_path)
+    config = slurm_config(slurm_cluster, remote_base)
+    # Runs on the login node before sbatch, within the submission: time to press Ctrl-C.
+    config["Environment"]["PreRunCommandOnLoginNode"] = "sleep 20"
+    write_config(project, config)
+    name = f"interrupted-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        mantik.argv("runs", "submit", str(project), "--run-name", name,
+                    "--experiment-name", f"cli-{uuid.uuid4().hex[:8]}"),
+        env=mantik.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("upload") and "100%" in line:
+                break
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    run = as_json(mantik("runs", "status", name, "--json"))
+    # It was FAILED with the reason 'submission failed: KeyboardInterrupt: '.
+    assert run["state"] == "KILLED" and run["mlflow_status"] == "KILLED", run
+    assert run["reason"] == "the submission was interrupted before the job was queued"
+    assert not run["job_id"]
+
+
 # ---- errors ----------------------------------------------------------------------------
 
 
@@ -488,6 +523,14 @@ def test_bad_parameter_exit_2(mantik: Mantik, project: Path) -> None:
         "-P", "no_such=1",
     )  # fmt: skip
     assert result.returncode == 2 and "no_such" in result.stderr, result
+
+
+def test_unknown_experiment_id(mantik: Mantik, project: Path) -> None:
+    # MLflow answers an unknown id like a forbidden one: it said the experiment
+    # 'belongs to someone else', of an experiment that does not exist.
+    result = mantik("runs", "submit", str(project), "--experiment-id", "987654")
+    assert result.returncode == 3, result
+    assert "experiment id 987654: there is no such experiment, or it" in result.stderr
 
 
 def test_unknown_run_exit_4(mantik: Mantik) -> None:

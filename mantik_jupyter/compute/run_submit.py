@@ -169,7 +169,7 @@ class Submitter:
                     api, experiment_id, experiment_name or project.name or project_path.name
                 )
             except PermissionDenied:
-                raise _experiment_refused(api, user, experiment) from None
+                raise _experiment_refused(api, user, experiment, looked_up=True) from None
             tags = {
                 TAG_STATE: str(RunState.SUBMITTING),
                 TAG_BACKEND: backend.capabilities.name,
@@ -394,17 +394,16 @@ def _submission_failed(
     exc: BaseException,
 ) -> None:
     message = exc.message if isinstance(exc, MantikError) else f"{type(exc).__name__}: {exc}"
+    state, reason = RunState.FAILED, f"submission failed: {message}"
+    if isinstance(exc, KeyboardInterrupt):
+        # The user stopped it (Ctrl-C, a kernel interrupt): not a failure, and no
+        # 'KeyboardInterrupt: ' with nothing after it.
+        state, reason = RunState.KILLED, "the submission was interrupted before the job was queued"
     try:
-        api.set_tags(
-            run_id,
-            {
-                TAG_STATE: str(RunState.FAILED),
-                TAG_REASON: clip(f"submission failed: {message}"),
-            },
-        )
-        api.update_run(run_id, status="FAILED", end_time=now_ms())
+        api.set_tags(run_id, {TAG_STATE: str(state), TAG_REASON: clip(reason)})
+        api.update_run(run_id, status=str(state), end_time=now_ms())
     except MantikError as again:
-        log.warning("could not mark run %s as FAILED: %s", run_id, again.message)
+        log.warning("could not mark run %s as %s: %s", run_id, state, again.message)
     if run_user and admin is not None:
         delete_run_user_quietly(admin, run_user)
 
@@ -414,11 +413,18 @@ def _key_values(items: Mapping[str, str]) -> list[dict[str, str]]:
     return [{"key": k, "value": str(v)} for k, v in items.items()]
 
 
-def _experiment_refused(api: RunsApi, user: str | None, experiment: str) -> PermissionDenied:
+def _experiment_refused(
+    api: RunsApi, user: str | None, experiment: str, *, looked_up: bool = False
+) -> PermissionDenied:
+    """``looked_up``: refused when looking the experiment up, where MLflow's auth layer
+    answers an id that does not exist as one the user may not use."""
     who = f"user {user!r}" if user else "your token"
+    whose = "it belongs to someone else"
+    if looked_up and experiment.startswith("id "):
+        whose = "there is no such experiment, or " + whose
     return PermissionDenied(
         f"The tracking server {api.client.uri} does not let {who} add runs to the experiment "
-        f"{experiment}: it belongs to someone else. Ask its owner for EDIT permission on it, "
+        f"{experiment}: {whose}. Ask its owner for EDIT permission on it, "
         "or submit to an experiment of your own (another experiment name)."
     )
 
