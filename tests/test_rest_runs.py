@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import time
@@ -212,8 +213,57 @@ async def test_error_reasons_are_documented(
 # ---- the lifecycle ---------------------------------------------------------------------
 
 
+async def _download_abandoned(
+    jp_serverapp: Any, port: int, base_url: str, run: dict[str, Any]
+) -> None:
+    """A download the browser gives up half-way (the user cancelled it) ends quietly: no
+    'Uncaught exception' with a traceback in the server log."""
+    big = Path(run["tags"]["mantik.run_dir"]) / "big.bin"
+    with big.open("wb") as out:
+        out.truncate(64 * 1024 * 1024)
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.DEBUG)
+    catcher.emit = records.append  # type: ignore[method-assign]
+    # The handlers log through the extension's logger, tornado's errors through the server's.
+    loggers = [jp_serverapp.log, logging.getLogger("MantikApp")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(catcher)
+        logger.setLevel(logging.DEBUG)
+    try:
+        reader, writer = await asyncio.open_connection("localhost", port)
+        writer.write(
+            f"GET {base_url}mantik/api/runs/{run['run_id']}/download?path=big.bin HTTP/1.1\r\n"
+            f"Host: localhost\r\nAuthorization: token {jp_serverapp.identity_provider.token}"
+            "\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await reader.readexactly(1024 * 1024)
+        writer.close()
+        # The handler notices at its next flush.
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if any("stopped by the client" in r.getMessage() for r in records):
+                break
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(catcher)
+            logger.setLevel(level)
+        big.unlink()
+    errors = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not errors, errors
+    assert any("stopped by the client" in r.getMessage() for r in records), records
+
+
 async def test_submit_follow_download(
-    jp_fetch: Any, project: str, logged_in: str, mlflow_server: MlflowServer
+    jp_fetch: Any,
+    project: str,
+    logged_in: str,
+    mlflow_server: MlflowServer,
+    jp_serverapp: Any,
+    jp_http_port: int,
+    jp_base_url: str,
 ) -> None:
     name = experiment()
     run = await submit(
@@ -275,6 +325,7 @@ async def test_submit_follow_download(
     assert resp.headers["Content-Disposition"] == 'attachment; filename="mantik.log"'
     assert resp.headers["Content-Type"] == "application/octet-stream"
     assert resp.body.decode() == log["text"]
+    await _download_abandoned(jp_serverapp, jp_http_port, jp_base_url, run)
 
     # The whole run directory: a tar stream where the core offers one, else a 400 that
     # says to pick a file. Never a 500.

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.decorator import authorized
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest
 from .base import MantikAPIHandler
@@ -183,6 +184,10 @@ class RunDownloadHandler(RunsBaseHandler):
                 await self.flush()
                 chunk = await self.in_thread(next, chunks, None)
             self.finish()
+        except StreamClosedError:
+            # The browser went away (the user cancelled the download): nothing to answer,
+            # and not an error of the server's.
+            self.log.info("Download of %r from run %s stopped by the client.", path, run_id)
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
