@@ -120,7 +120,9 @@ def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys
     assert by_name.run_id == run.run_id
 
     ip.run_line_magic("mantik_download", f"last code/outputs/forecast.csv --to {env}")
-    assert "Downloaded to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # A download says what it copies (GBs of results took minutes without a word).
+    assert out.startswith("Downloading… (") and "Downloaded to" in out, out
     assert (env / "forecast.csv").read_text().startswith("station,")
 
     # Cancel a sleeping run.

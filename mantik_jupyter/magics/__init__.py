@@ -424,8 +424,12 @@ class MantikMagics(Magics):
     def mantik_download(self, line: str) -> Path | None:
         """Download a file or folder of a run's directory (default: all of it)."""
         args = parse_line(self.mantik_download, line)
+        # Results can be GBs: the line shows how far the copy got.
         target = self._runs().download(
-            self._ref(args.run), args.path, Path(args.to).expanduser() if args.to else None
+            self._ref(args.run),
+            args.path,
+            Path(args.to).expanduser() if args.to else None,
+            progress=PackagingProgress(StatusLine()).download,
         )
         print(f"Downloaded to {target}")
         return None

@@ -83,7 +83,8 @@ class StatusLine:
 
 
 class PackagingProgress:
-    """The ``progress`` callback of ``RunService.submit``: packaging, then upload."""
+    """The ``progress`` callback of ``RunService.submit`` (packaging, then upload), and
+    through ``download`` that of ``RunService.download``."""
 
     def __init__(self, line: StatusLine, min_interval: float = 0.25) -> None:
         self.line = line
@@ -106,8 +107,16 @@ class PackagingProgress:
         self.line.update(_phase_text(phase, done, total))
 
 
+    def download(self, done: int, total: int) -> None:
+        self("download", done, total)
+
+
 def _phase_text(phase: str, done: int | None, total: int) -> str:
-    word = {"package": "Packaging the code", "upload": "Uploading the package"}.get(phase, phase)
+    word = {
+        "package": "Packaging the code",
+        "upload": "Uploading the package",
+        "download": "Downloading",
+    }.get(phase, phase)
     if done is None or total <= 0:
         return f"{word}…" + (f" ({size(total)})" if total > 0 else "")
     return f"{word}… {min(100, int(100 * done / total))}% of {size(total)}"
