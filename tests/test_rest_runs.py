@@ -456,6 +456,10 @@ async def test_request_errors(
     assert code == 400 and "max_results" in err["message"], err
     code, err = await call(jp_fetch, "runs", max_results="0")
     assert code == 400, err
+    code, err = await call(jp_fetch, "runs", refresh="maybe")
+    assert code == 400 and "'refresh' must be true or false" in err["message"], err
+    code, listing = await call(jp_fetch, "runs", refresh="False", max_results="1")
+    assert code == 200, listing
 
 
 async def test_bodies_that_are_not_requests(jp_fetch: Any, project: str) -> None:

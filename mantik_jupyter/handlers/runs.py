@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 MAX_RESULTS_LIMIT = 1000
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
-_TRUE = ("1", "true", "yes")
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 class RunsBaseHandler(MantikAPIHandler):
@@ -55,6 +55,16 @@ class RunsBaseHandler(MantikAPIHandler):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise InvalidRequest(f"Query parameter '{name}' must be {bound}, not {value}.")
         return value
+
+    def query_bool(self, name: str) -> bool:
+        raw = (self.get_query_argument(name, "") or "").lower()
+        if raw == "":
+            return False
+        if raw not in _BOOLS:
+            raise InvalidRequest(
+                f"Query parameter '{name}' must be true or false (or 1/0, yes/no), not {raw!r}."
+            )
+        return _BOOLS[raw]
 
 
 def _json_type(value: Any) -> str:
@@ -104,7 +114,7 @@ class RunsHandler(RunsBaseHandler):
             max_results=self.query_int("max_results", 50, minimum=1, maximum=MAX_RESULTS_LIMIT),
             page_token=self.query_str("page_token"),
             # The lab syncs active runs in the background; ask for a sync only when needed.
-            refresh=(self.get_query_argument("refresh", "") or "").lower() in _TRUE,
+            refresh=self.query_bool("refresh"),
         )
         self.write_json({"runs": [r.to_json() for r in runs], "next_page_token": token})
 
