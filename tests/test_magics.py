@@ -42,6 +42,16 @@ def test_wrong_password_is_one_readable_line(ip, lab_env, mlflow_server, monkeyp
     assert "Traceback" not in out
 
 
+def test_interrupt_at_the_password_prompt_is_one_line(ip, lab_env, monkeypatch, capsys):
+    # Interrupting the kernel at the prompt showed a KeyboardInterrupt traceback.
+    def interrupt(prompt=""):
+        raise KeyboardInterrupt("Interrupted by user")
+
+    monkeypatch.setattr("getpass.getpass", interrupt)
+    assert ip.run_line_magic("mantik_login", "-u someone") is None
+    assert capsys.readouterr().out.strip() == "mantik: interrupted."
+
+
 def test_help_is_real(ip):
     doc = ip.find_line_magic("mantik_login").__doc__
     assert "--username" in doc and "--token" in doc

@@ -69,7 +69,8 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
             if self.show_tracebacks:
                 raise
             if interrupted(err):
-                print("\nmantik: interrupted; a submitted run keeps running.", flush=True)
+                keeps = "" if func.__name__ == "mantik_login" else "; a submitted run keeps running"
+                print(f"\nmantik: interrupted{keeps}.", flush=True)
                 return None
             if isinstance(err, MantikError):
                 self._fail(err)
@@ -161,19 +162,17 @@ class MantikMagics(Magics):
     @argument("--token", action="store_true", help="Log in with a token instead of a password.")
     @argument("--tracking-uri", help="The tracking server (default: the lab's).")
     @line_magic
+    @_guarded
     def mantik_login(self, line: str) -> dict[str, Any] | None:
         """Log in to the tracking server. The password or token is asked for, never echoed."""
-        try:
-            args = parse_line(self.mantik_login, line)
-            service = tracking_service(args.tracking_uri or self.tracking_uri)
-            if args.token:
-                status = service.login(token=getpass.getpass("Token: "))
-            else:
-                username = args.username or input("Username: ")
-                status = service.login(username=username, password=getpass.getpass("Password: "))
-        except MantikError as err:
-            self._fail(err)
-            return None
+        # Guarded like the others: interrupting the kernel at the prompt is no traceback.
+        args = parse_line(self.mantik_login, line)
+        service = tracking_service(args.tracking_uri or self.tracking_uri)
+        if args.token:
+            status = service.login(token=getpass.getpass("Token: "))
+        else:
+            username = args.username or input("Username: ")
+            status = service.login(username=username, password=getpass.getpass("Password: "))
         print(f"Logged in to {status['tracking_uri']} as {status['username']}.")
         return status
 
