@@ -170,6 +170,16 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
+def _kill_left(pids: list[int], lab_child: subprocess.Popen | None = None) -> None:
+    """Clean up after a test: what it left of a job, and the lab's own process."""
+    if lab_child is not None:
+        lab_child.kill()
+        lab_child.wait()
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _script_job(tmp_path: Path, script: str, run_id: str = "r1") -> PreparedJob:
     local = tmp_path / run_id
     local.mkdir()
@@ -186,26 +196,54 @@ def _children(backend: LocalBackend, job_id: str, count: int) -> list[int]:
     return [int(p) for p in children.read_text().split()]
 
 
-def test_cancel_kills_every_child_of_the_job(tmp_path):
-    # Children the job forked: one that ignores SIGTERM, one in a process group of its own.
-    job = _script_job(
+def _stubborn_job(tmp_path: Path, run_id: str = "r1") -> PreparedJob:
+    """A job whose script ignores SIGTERM, with a child that ignores it too and one in a
+    process group of its own; the children file lists the script and those two."""
+    return _script_job(
         tmp_path,
-        "(trap '' TERM; exec sleep 300) & echo $! >> children\n"
+        "trap '' TERM\n"
+        "echo $$ >> children\n"
+        "(exec sleep 300) & echo $! >> children\n"
         'python3 -c \'import os; os.setpgid(0, 0); os.execvp("sleep", ["sleep", "300"])\' &\n'
         "echo $! >> children\n"
         "sleep 300\n",
+        run_id,
     )
+
+
+def test_cancel_answers_at_once_and_kills_every_child_after_the_grace(tmp_path):
+    # As scancel: the answer and KILLED come once SIGTERM is sent, not after the grace
+    # of what ignores it; the SIGKILL after the grace still comes.
     backend = LocalBackend(tmp_path / "runs")
-    job_id = backend.submit(job)
-    pids = _children(backend, job_id, 2)
+    job_id = backend.submit(_stubborn_job(tmp_path))
+    pids = _children(backend, job_id, 3)
+    try:
+        start = time.monotonic()
+        backend.cancel(job_id)
+        assert time.monotonic() - start < local.CANCEL_GRACE / 2
+        assert backend.states([job_id])[job_id].state == RunState.KILLED
+        assert _running(pids[0])  # the script ignores SIGTERM: it has its grace
+        assert _gone(pids, timeout=local.CANCEL_GRACE + 5), [p for p in pids if _running(p)]
+        assert backend.states([job_id])[job_id].state == RunState.KILLED
+    finally:
+        _kill_left(pids)
+
+
+def test_close_hurries_the_kill_of_a_cancelled_job(tmp_path):
+    # A lab that shuts down right after a cancel neither waits out the grace nor leaves
+    # the job's processes running.
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(_stubborn_job(tmp_path))
+    pids = _children(backend, job_id, 3)
     try:
         backend.cancel(job_id)
-        assert backend.states([job_id])[job_id].state == RunState.KILLED
+        assert _running(pids[0])
+        start = time.monotonic()
+        backend.close()
+        assert time.monotonic() - start < local.CANCEL_GRACE / 2
         assert not [pid for pid in pids if _running(pid)]
     finally:
-        for pid in pids:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(pids)
 
 
 def _escaping_job(tmp_path: Path, name: str) -> PreparedJob:
@@ -238,23 +276,89 @@ def test_cancel_stops_children_that_left_the_session(tmp_path):
             assert os.getsid(pid) != os.getsid(int(job_id.split("-")[1]))
         backend.cancel(job_id)
         assert backend.states([job_id])[job_id].state == RunState.KILLED
-        assert not [pid for pid in pids if _running(pid)]
+        assert _gone(pids, timeout=local.CANCEL_GRACE + 5)
         # Another job's escaped children and the lab's own processes stay.
         assert all(_running(pid) for pid in others) and lab_child.poll() is None
         assert backend.states([other_id])[other_id].state == RunState.RUNNING
         # As after a restart of the lab: the marker comes from the run directory.
         LocalBackend(tmp_path / "runs").cancel(other_id)
-        assert not [pid for pid in others if _running(pid)]
+        assert _gone(others, timeout=local.CANCEL_GRACE + 5)
         assert lab_child.poll() is None
     finally:
-        lab_child.kill()
-        lab_child.wait()
         for job in (job_id, other_id):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(job.split("-")[1]), signal.SIGKILL)
-        for pid in pids + others:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(pids + others, lab_child)
+
+
+# Leaves the job every way a process can: `setsid env -i` starts it in a session of its
+# own with an empty environment (no MANTIK_LOCAL_JOB), and a double fork orphans the
+# daemon (its parent exits). It ignores SIGTERM and writes its pid to argv[1].
+ESCAPE = """\
+import os, signal, sys
+if os.fork():
+    os._exit(0)
+if os.fork():
+    os._exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+os.execvp("sleep", ["sleep", "300"])
+"""
+
+
+def _env_clearing_job(tmp_path: Path, run_id: str, then: str) -> PreparedJob:
+    job = _script_job(
+        tmp_path,
+        'setsid env -i "$(command -v python3)" escape.py "$PWD/children"\n' + then,
+        run_id,
+    )
+    (job.local_dir / "escape.py").write_text(ESCAPE)
+    return job
+
+
+def _escaped(backend: LocalBackend, job_id: str) -> int:
+    """The daemon of an _env_clearing_job, checked to have left the job every way."""
+    [pid] = _children(backend, job_id, 1)
+    script = int(job_id.split("-")[1])
+    assert os.getsid(pid) != os.getsid(script)
+    assert b"MANTIK_LOCAL_JOB" not in Path(f"/proc/{pid}/environ").read_bytes()
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    assert int(stat[stat.rindex(")") + 2 :].split()[1]) != script  # an orphan
+    return pid
+
+
+def test_cancel_and_the_end_of_a_job_stop_children_that_cleared_their_environment(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(local, "CANCEL_GRACE", 1.0)
+    backend = LocalBackend(tmp_path / "runs")
+    cancelled = backend.submit(_env_clearing_job(tmp_path, "r1", "sleep 300\n"))
+    ending = backend.submit(
+        _env_clearing_job(
+            tmp_path, "r2", "while [ ! -e go ]; do sleep 0.05; done\necho 0 > mantik.exitcode\n"
+        )
+    )
+    # A process of the lab that did the same: it is nobody's job.
+    lab_child = subprocess.Popen(["setsid", "env", "-i", "sleep", "300"])
+    pids: list[int] = []
+    try:
+        pids = [_escaped(backend, cancelled), _escaped(backend, ending)]
+        backend.cancel(cancelled)
+        assert _gone(pids[:1], timeout=local.CANCEL_GRACE + 5)
+        # Another job's daemon and the lab's own process stay.
+        assert _running(pids[1]) and lab_child.poll() is None
+        assert backend.states([ending])[ending].state == RunState.RUNNING
+        # The other job ends by itself; its end stops its daemon (here in a backend
+        # made afresh, as after a restart of the lab: the supervisor is on file).
+        (Path(backend.run_dir_of(ending)) / "go").touch()
+        assert wait_for_job(backend, ending, FINAL).state == RunState.FINISHED
+        assert _running(pids[1])
+        LocalBackend(tmp_path / "runs").job_ended(ending)
+        assert _gone(pids[1:], timeout=local.CANCEL_GRACE + 5)
+        assert lab_child.poll() is None
+    finally:
+        _kill_left(pids, lab_child)
 
 
 @contextlib.contextmanager
@@ -283,7 +387,7 @@ def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path, monk
     with _ended_job_with_a_daemon(tmp_path) as (backend, job_id, pid):
         assert _running(pid)
         backend.cancel(job_id)
-        assert not _running(pid)
+        assert _gone([pid], timeout=local.CANCEL_GRACE + 5)
         assert backend.states([job_id])[job_id].state == RunState.FINISHED
 
 
@@ -372,11 +476,39 @@ def test_processes_a_finished_job_left_behind_are_stopped(service, tmp_path, mon
         assert not (Path(final.tags["mantik.run_dir"]) / local.CANCELLED_FILE).exists()
         assert service.get(info.run_id).state == RunState.FINISHED
     finally:
-        lab_child.kill()
-        lab_child.wait()
-        for pid in pids:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(pids, lab_child)
+
+
+def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path):
+    # What the REST handler, the magic and the CLI call: the run reads KILLED once
+    # SIGTERM is sent, and the entry point still gets its SIGKILL after the grace.
+    project = tmp_path / "stubborn"
+    project.mkdir()
+    (project / "MLproject").write_text(
+        "name: stubborn\nentry_points:\n  main:\n    parameters:\n      out: {type: string}\n"
+        "    command: 'bash stubborn.sh {out}'\n"
+    )
+    (project / "stubborn.sh").write_text(
+        'trap \'\' TERM\necho $$ >> "$1"\nsleep 300 &\necho $! >> "$1"\nwait\n'
+    )
+    write_config(project, LOCAL_CONFIG)
+    out = tmp_path / "children"
+    info = service.submit(project, params={"out": str(out)}, experiment_name="local-cancel")
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(out.read_text().split() if out.exists() else []) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        pids = [int(p) for p in out.read_text().split()]
+        start = time.monotonic()
+        killed = service.cancel(info.run_id)
+        assert time.monotonic() - start < local.CANCEL_GRACE / 2
+        assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
+        assert killed.reason == "CANCELLED"
+        assert _gone(pids, timeout=local.CANCEL_GRACE + 5), [p for p in pids if _running(p)]
+    finally:
+        _kill_left(pids)
 
 
 def test_a_job_killed_from_outside_leaves_no_credential_nor_process(

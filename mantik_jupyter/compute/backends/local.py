@@ -4,15 +4,21 @@ Every run gets the run-directory layout the cluster backends use,
 ``<directory>/<run_id>/`` with ``code/`` (the unpacked package), ``mantik-job.sh``
 (generated with ``scheduler="none"``), ``mantik.log`` and ``mantik.exitcode``. The
 script runs as ``bash mantik-job.sh`` in that directory, in a session (process group)
-of its own, so ``cancel`` stops the whole tree. A child that leaves the session
-(``setsid``, a daemon's double fork) still carries ``MANTIK_LOCAL_JOB`` in its
-environment, a token of this job alone (kept in ``mantik.jobmarker``): on Linux
-``cancel`` finds such processes of the user in ``/proc/<pid>/environ`` and stops them
-too. A child that clears its environment escapes that; so do all children where there
-is no ``/proc``. As Slurm does at the end of a job, ``job_ended`` (the RunService
-records the run's end) stops what a job that ended by itself or was killed from outside
-left running, the same way, in a thread of its own; and deletes the credential file a
-script killed before reading it leaves behind.
+of its own, so ``cancel`` stops the whole tree. Its parent is a small supervisor
+process of the job (``_SUPERVISOR``, recorded in ``mantik.supervisor``): on Linux a
+child subreaper, so every orphan of the job (a child that left the session with
+``setsid`` or a daemon's double fork, even one that cleared its environment) stays its
+descendant in ``/proc`` until the job's last process is gone; the supervisor records
+the script's end status in ``mantik.ended``. A child that leaves the session also
+still carries ``MANTIK_LOCAL_JOB`` in its environment, a token of this job alone (kept
+in ``mantik.jobmarker``), which finds it when the supervisor is gone (killed, or a job
+started before there were supervisors). Where there is no ``/proc`` only the session's
+process group is stopped. As scancel does, ``cancel`` answers once SIGTERM is sent and
+the job reads KILLED; the SIGKILL for what is left after the grace comes from a thread
+of its own. As Slurm does at the end of a job, ``job_ended`` (the RunService records
+the run's end) stops what a job that ended by itself or was killed from outside left
+running, the same way, in such a thread; and deletes the credential file a script
+killed before reading it leaves behind.
 
 Job ids are ``local-<pid>-<start>``, where ``<start>`` is the process start time from
 ``/proc/<pid>/stat``: after a restart of the lab a pid that was reused by another
@@ -39,11 +45,13 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
@@ -58,9 +66,13 @@ log = logging.getLogger(__name__)
 CANCELLED_FILE = "mantik.cancelled"
 JOB_ID_FILE = "mantik.jobid"
 MARKER_FILE = "mantik.jobmarker"
+SUPERVISOR_FILE = "mantik.supervisor"
+# The script's end status, written by its supervisor: the exit status, or minus the
+# signal that killed it (the script writes mantik.exitcode itself only when it got to).
+END_FILE = "mantik.ended"
 MARKER_ENV = "MANTIK_LOCAL_JOB"
 CANCEL_GRACE = 5.0
-# How long ``close`` waits for the threads that stop what ended jobs left running.
+# How long ``close`` waits for the threads that stop what cancelled and ended jobs left.
 CLOSE_WAIT = 2.0
 # How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
 LOGIN_LOG_TAIL = 2000
@@ -68,17 +80,90 @@ LOGIN_LOG_TAIL = 2000
 _JOB_ID = re.compile(r"^local-(\d+)-(\d+)$")
 _STRIPPED_ENV_PREFIXES = ("MLFLOW_", "MANTIK_SSH_")
 
-# Child processes started by any LocalBackend of this process, so that a fresh backend
-# (e.g. a new RunService) still reaps them and learns their exit status.
-_CHILDREN: dict[str, subprocess.Popen[bytes]] = {}
-_CHILDREN_LOCK = threading.Lock()
+# The supervisors started by any LocalBackend of this process (they are its children),
+# by job id, until they are reaped.
+_SUPERVISORS: dict[str, subprocess.Popen[bytes]] = {}
+_SUPERVISORS_LOCK = threading.Lock()
+
+# The supervisor of a job: ``python -c _SUPERVISOR <report fd> <end file> <argv...>``,
+# started by the lab in a session of its own; it starts the job script in another one.
+#
+# Why a supervisor: a child that clears its environment (``env -i``) and leaves the
+# session (``setsid``, a double fork) sheds the marker and the session, the two things
+# the job was found by. What no child can shed is its ancestry below a child subreaper
+# (prctl PR_SET_CHILD_SUBREAPER, Linux 3.4+): an orphan is re-parented to its nearest
+# living subreaper ancestor instead of init. So while the supervisor lives, every process
+# of the job is its descendant in /proc, found by ppid alone, with no privilege, and
+# never another job's, another user's or the lab's. It lives as long as anything of the
+# job does (it reaps the orphans it adopts) and ignores SIGTERM, SIGINT and SIGHUP: it
+# must outlive the job's processes to find them, and ends by itself after the last.
+# The alternatives fall short: a cgroup needs a writable cgroup tree, which a lab run by
+# a user without root does not have (no systemd delegation; cgroup v1 here); a walk of
+# the ppid tree at cancel time misses an orphan whose parent ended before, since it was
+# re-parented to init; the job script itself as subreaper is gone when the job ends, so
+# what a finished job left behind would be lost.
+#
+# It reports "ok <script pid> <script start> <own start>" (or "error <why>") on the
+# report fd, and writes the script's end status to the end file before it reaps the
+# script: the script's zombie stays until then, so the lab never sees a script gone
+# without its end status. Plain stdlib Python (-I -S), quick to start.
+_SUPERVISOR = r"""
+import ctypes, os, signal, subprocess, sys
+
+def start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        return text[text.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return "0"
+
+report, end_file, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+try:
+    job = subprocess.Popen(argv, start_new_session=True)
+except OSError as exc:
+    os.write(report, f"error {exc}\n".encode())
+    sys.exit(1)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+os.write(report, f"ok {job.pid} {start_time(job.pid)} {start_time(os.getpid())}\n".encode())
+os.close(report)
+while True:
+    try:
+        if hasattr(os, "waitid"):
+            child = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            pid, code = child.si_pid, child.si_status
+            if child.si_code != os.CLD_EXITED:
+                code = -code
+        else:
+            pid, status = os.wait()
+            code = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        break
+    if pid == job.pid:
+        job.returncode = code
+        try:
+            with open(end_file, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+    if hasattr(os, "waitid"):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+"""
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The start time of a live (non-zombie) process, or None when it is gone."""
+def _proc_start_time(pid: int, *, zombie: bool = False) -> str | None:
+    """The start time of a live (non-zombie, unless ``zombie``) process, or None when
+    it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ESRCH: the process is on its way out (seen right after a SIGKILL).
         return None
     except OSError:
         # No /proc (not Linux): fall back to "some process has this pid".
@@ -90,9 +175,21 @@ def _proc_start_time(pid: int) -> str | None:
             return "0"
         return "0"
     fields = text[text.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
+    if fields[0] in ("Z", "X") and not zombie:
         return None
     return fields[19]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What finds a job's processes: its script's process group (``session``, while the
+    script runs), its marker, and its supervisor (pid, start time)."""
+
+    job_id: str
+    run_dir: Path
+    session: int | None
+    marker: str | None
+    supervisor: tuple[int, str] | None
 
 
 class LocalBackend(Backend):
@@ -107,8 +204,9 @@ class LocalBackend(Backend):
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser().absolute()
         self._run_dirs: dict[str, Path] = {}
-        # Threads stopping what ended jobs left running; ``close`` cuts their grace short.
-        self._reapers: set[threading.Thread] = set()
+        # Threads stopping what cancelled or ended jobs left running, by job id;
+        # ``close`` cuts their grace short.
+        self._reapers: dict[str, threading.Thread] = {}
         self._reapers_lock = threading.Lock()
         self._closing = threading.Event()
 
@@ -178,24 +276,11 @@ class LocalBackend(Backend):
         marker = uuid.uuid4().hex
         (run_dir / MARKER_FILE).write_text(marker + "\n")
         env = {**env, MARKER_ENV: marker}
-        with (run_dir / layout.LOG_FILE).open("ab") as out:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=run_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise BackendRejected(f"Cannot start the job of run {job.run_id}: {exc}") from None
-        start = _proc_start_time(proc.pid) or "0"
-        job_id = f"local-{proc.pid}-{start}"
-        with _CHILDREN_LOCK:
-            _CHILDREN[job_id] = proc
+        _reap_supervisors()
+        supervisor, pid, start = _start_supervised(argv, run_dir, env, job.run_id)
+        job_id = f"local-{pid}-{start}"
+        with _SUPERVISORS_LOCK:
+            _SUPERVISORS[job_id] = supervisor
         (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
         self._run_dirs[job_id] = run_dir
         log.info("started run %s as local job %s", job.run_id, job_id)
@@ -212,29 +297,37 @@ class LocalBackend(Backend):
                 answer[str(job_id)] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
         return answer
 
-    def _alive(self, job_id: str) -> bool:
+    def _alive(self, job_id: str, run_dir: Path | None = None) -> bool:
+        """Whether the job's script still runs (``run_dir``: where its files are)."""
         match = _JOB_ID.match(job_id)
         assert match is not None
         pid, start = int(match.group(1)), match.group(2)
-        with _CHILDREN_LOCK:
-            child = _CHILDREN.get(job_id)
-        if child is not None and child.poll() is not None:
-            return False  # reaped now; the zombie is gone
+        _reap_supervisors()
         current = _proc_start_time(pid)
+        if current is None and run_dir is not None and not (run_dir / END_FILE).exists():
+            # Ended, but its supervisor has not yet recorded how (it does before it reaps
+            # the zombie): still running for a moment, rather than killed without a word.
+            if (run_dir / SUPERVISOR_FILE).exists():
+                current = _proc_start_time(pid, zombie=True)
         return current is not None and (current == start or start == "0")
 
     def _state(self, job_id: str) -> JobStatus:
-        if self._alive(job_id):
-            return JobStatus(RunState.RUNNING, native_state="RUNNING")
-        run_dir = Path(self.run_dir_of(job_id))
-        cancelled = (run_dir / CANCELLED_FILE).exists()
+        try:
+            run_dir = Path(self.run_dir_of(job_id))
+        except NotFound:
+            if self._alive(job_id):
+                return JobStatus(RunState.RUNNING, native_state="RUNNING")
+            raise
+        alive = self._alive(job_id, run_dir)
         code = _read_code(run_dir / layout.EXIT_CODE_FILE)
-        if cancelled:
+        if (run_dir / CANCELLED_FILE).exists():
+            # As after scancel: KILLED once SIGTERM is sent, even while a process that
+            # ignores it waits for its SIGKILL.
             return JobStatus(RunState.KILLED, "CANCELLED", code, "CANCELLED")
+        if alive:
+            return JobStatus(RunState.RUNNING, native_state="RUNNING")
         if code is None:
-            with _CHILDREN_LOCK:
-                child = _CHILDREN.get(job_id)
-            rc = child.returncode if child is not None else None
+            rc = _read_code(run_dir / END_FILE)
             reason = f"killed by signal {-rc}" if rc is not None and rc < 0 else "killed"
             return JobStatus(RunState.FAILED, "KILLED", rc, reason)
         if code == 0:
@@ -254,13 +347,17 @@ class LocalBackend(Backend):
         return data, offset + len(data)
 
     def cancel(self, job_id: str) -> None:
+        """As scancel: SIGTERM to the job's processes, the job marked cancelled, and the
+        answer; what is left after the grace gets SIGKILL from a thread of its own."""
         job_id = self._check_job_id(job_id)
         run_dir = Path(self.run_dir_of(job_id))
         try:
-            self._stop(job_id, run_dir)
+            target = self._terminate(job_id, run_dir, cancel=True)
         finally:
             # Killed before its script got to the credential file, the job leaves it behind.
             (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
+        if target is not None:
+            self._in_background(job_id, run_dir, target)
 
     def job_ended(self, job_id: str) -> None:
         job_id = self._check_job_id(job_id)
@@ -272,80 +369,101 @@ class LocalBackend(Backend):
         (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
         # The sync loop calls this while it records the end: the scan of /proc and the
         # grace of a child that ignores SIGTERM must not hold it (nor the run's FINISHED).
-        # Not a daemon: a `mantik runs status` that recorded the end exits only once the
-        # thread is done (the run is over, nobody would call this again); the lab's
-        # ``close`` cuts the grace short instead.
+        self._in_background(job_id, run_dir, None)
+
+    def _in_background(self, job_id: str, run_dir: Path, target: _Target | None) -> None:
+        """Stop the job's processes in a thread: SIGTERM first unless ``target`` (the
+        job SIGTERM was sent to), SIGKILL to those left after the grace.
+
+        Not a daemon: a `mantik runs cancel` or `status` that exits right after still
+        stops what ignores SIGTERM (nobody would call this again); the lab's ``close``
+        cuts the grace short instead. One thread a job: a cancelled job's end comes
+        while the cancel's thread still waits, and that thread scans to the end anyway.
+        """
         thread = threading.Thread(
-            target=self._reap, args=(job_id, run_dir), name=f"mantik-local-end-{job_id}"
+            target=self._reap, args=(job_id, run_dir, target), name=f"mantik-local-stop-{job_id}"
         )
         with self._reapers_lock:
-            self._reapers = {t for t in self._reapers if t.is_alive()}
-            self._reapers.add(thread)
-        thread.start()
+            self._reapers = {k: t for k, t in self._reapers.items() if t.is_alive()}
+            if job_id in self._reapers:
+                return
+            self._reapers[job_id] = thread
+            thread.start()
 
-    def _reap(self, job_id: str, run_dir: Path) -> None:
+    def _reap(self, job_id: str, run_dir: Path, target: _Target | None) -> None:
         try:
-            self._stop(job_id, run_dir, hurry=self._closing)
+            if target is None:
+                target = self._terminate(job_id, run_dir, cancel=False)
+            if target is not None:
+                self._kill_after_grace(target)
         except Exception:  # a thread of its own: nobody else would hear of it
-            log.exception("stopping what local job %s left running", job_id)
+            log.exception("stopping the processes of local job %s", job_id)
 
     def close(self) -> None:
-        # SIGKILL at once for what ended jobs left, rather than hold the lab's shutdown
-        # for the grace of a child that ignores SIGTERM.
+        # SIGKILL at once for what cancelled and ended jobs left, rather than hold the
+        # lab's shutdown for the grace of a child that ignores SIGTERM.
         self._closing.set()
         with self._reapers_lock:
-            reapers = list(self._reapers)
+            reapers = list(self._reapers.values())
         deadline = time.monotonic() + CLOSE_WAIT
         for thread in reapers:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _stop(self, job_id: str, run_dir: Path, hurry: threading.Event | None = None) -> None:
-        """SIGTERM to the job's processes, SIGKILL to those left after the grace (cut
-        short once ``hurry`` is set). Marks the job cancelled if its script still ran."""
-        pid = int(job_id.split("-")[1])
-        marker = _read_marker(run_dir)
-        alive = self._alive(job_id)
-        if alive:
+    def _terminate(self, job_id: str, run_dir: Path, *, cancel: bool) -> _Target | None:
+        """SIGTERM to the job's processes; None when none runs. A cancel marks a job
+        whose script still runs cancelled (before the signal: it reads KILLED then)."""
+        alive = self._alive(job_id, run_dir)
+        if alive and cancel:
             (run_dir / CANCELLED_FILE).write_text("cancelled\n")
-        elif not _job_members(None, marker):
-            return
-        # The script ended but left children behind: they go all the same. The session
-        # is not searched then: its number may be another process's by now.
-        session = pid if alive else None
-        self._signal_job(pid, session, marker, signal.SIGTERM)
+        pid = int(job_id.split("-")[1])
+        # The script ended but left processes behind: they go all the same. Its session
+        # is not searched then: its number may be another process's by now (the
+        # supervisor and the marker still find them).
+        target = _Target(
+            job_id=job_id,
+            run_dir=run_dir,
+            session=pid if alive else None,
+            marker=_read_marker(run_dir),
+            supervisor=_read_supervisor(run_dir),
+        )
+        if not alive and not _job_members(target):
+            return None
+        self._signal_job(target, signal.SIGTERM)
+        return target
+
+    def _kill_after_grace(self, target: _Target) -> None:
+        """SIGKILL to the job's processes left after the grace (cut short by ``close``)."""
         # The whole job, not only the script: a child that ignores SIGTERM (or takes its
         # time) outlives the script and must get the SIGKILL too.
         deadline = time.monotonic() + CANCEL_GRACE
-        while self._job_alive(job_id, session, marker) and time.monotonic() < deadline:
-            if hurry is None:
-                time.sleep(0.1)
-            elif hurry.wait(0.1):
+        while self._job_alive(target) and time.monotonic() < deadline:
+            if self._closing.wait(0.1):
                 break
         # A killed process takes a moment to go (more on a loaded machine); one that
         # forked meanwhile has a child to kill too.
         deadline = time.monotonic() + CANCEL_GRACE
-        while self._job_alive(job_id, session, marker) and time.monotonic() < deadline:
-            self._signal_job(pid, session, marker, signal.SIGKILL)
+        while self._job_alive(target) and time.monotonic() < deadline:
+            self._signal_job(target, signal.SIGKILL)
             time.sleep(0.05)
 
-    def _job_alive(self, job_id: str, session: int | None, marker: str | None) -> bool:
-        return self._alive(job_id) or bool(_job_members(session, marker))
+    def _job_alive(self, target: _Target) -> bool:
+        return self._alive(target.job_id, target.run_dir) or bool(_job_members(target))
 
     @staticmethod
-    def _signal_job(pid: int, session: int | None, marker: str | None, sig: signal.Signals) -> None:
+    def _signal_job(target: _Target, sig: signal.Signals) -> None:
         """Signal the job's process group (the script started a session of its own), any
-        process of its session that moved to a group of its own, and any process that
-        carries the job's marker (one that left the session)."""
-        if session is not None:
+        process of its session that moved to a group of its own, any descendant of its
+        supervisor, and any process that carries the job's marker."""
+        if target.session is not None:
             try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
+                os.killpg(target.session, sig)
+            except (ProcessLookupError, PermissionError):
                 pass
-        for member in _job_members(session, marker):
+        for member in _job_members(target):
             try:
                 os.kill(member, sig)
-            except ProcessLookupError:
-                pass
+            except (ProcessLookupError, PermissionError):
+                pass  # gone, or a setuid program the job ran: not ours to stop
 
     # ---- files --------------------------------------------------------------------------
 
@@ -425,23 +543,34 @@ class LocalBackend(Backend):
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
 
-def _job_members(session: int | None, marker: str | None) -> list[int]:
-    """Live (non-zombie) processes of a session, and processes of this user whose
-    environment holds ``MANTIK_LOCAL_JOB=<marker>``, from /proc; none where /proc is
-    absent. Never this process or its ancestors (the lab, the shell that started it)."""
-    if session is None and not marker:
+def _job_members(target: _Target) -> list[int]:
+    """Live (non-zombie) processes of the job, from /proc: of its session, below its
+    supervisor (while that is the same process), and of this user with
+    ``MANTIK_LOCAL_JOB=<marker>`` in their environment; none where /proc is absent.
+    Never the supervisor, this process or its ancestors (the lab, its shell)."""
+    session, marker = target.session, target.marker
+    supervisor = target.supervisor
+    if supervisor is not None and (
+        supervisor[1] == "0" or _proc_start_time(supervisor[0]) != supervisor[1]
+    ):
+        supervisor = None  # ended (with nothing of the job left), or its pid is reused
+    if session is None and not marker and supervisor is None:
         return []
     wanted = f"{MARKER_ENV}={marker}".encode() if marker else None
     spared = _self_and_ancestors()
+    if supervisor is not None:
+        spared.add(supervisor[0])
     uid = os.getuid()
-    members = []
+    members: dict[int, None] = {}
+    children: dict[int, list[int]] = {}
     try:
         entries = list(os.scandir("/proc"))
     except OSError:
         return []
     for entry in entries:
-        if not entry.name.isdigit() or int(entry.name) in spared:
+        if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
             text = Path(entry.path, "stat").read_text()
         except OSError:
@@ -449,11 +578,22 @@ def _job_members(session: int | None, marker: str | None) -> list[int]:
         fields = text[text.rindex(")") + 2 :].split()
         if fields[0] in ("Z", "X"):
             continue
+        children.setdefault(int(fields[1]), []).append(pid)
+        if pid in spared:
+            continue
         if session is not None and fields[3] == str(session):
-            members.append(int(entry.name))
+            members[pid] = None
         elif wanted is not None and _environ_holds(entry, uid, wanted):
-            members.append(int(entry.name))
-    return members
+            members[pid] = None
+    if supervisor is not None:
+        below, seen = list(children.get(supervisor[0], [])), set()
+        while below:
+            pid = below.pop()
+            if pid not in seen and pid not in spared:
+                seen.add(pid)
+                members[pid] = None
+                below.extend(children.get(pid, []))
+    return list(members)
 
 
 def _environ_holds(entry: os.DirEntry[str], uid: int, wanted: bytes) -> bool:
@@ -486,6 +626,63 @@ def _read_marker(run_dir: Path) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     return marker if re.fullmatch(r"[0-9a-f]{32}", marker) else None
+
+
+def _read_supervisor(run_dir: Path) -> tuple[int, str] | None:
+    """The job's supervisor (pid, start time); None for a job started without one."""
+    try:
+        words = (run_dir / SUPERVISOR_FILE).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(words) != 2 or not all(w.isdigit() for w in words):
+        return None
+    return int(words[0]), words[1]
+
+
+def _start_supervised(
+    argv: list[str], run_dir: Path, env: dict[str, str], run_id: str
+) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Start ``argv`` in ``run_dir`` below a supervisor of its own (``_SUPERVISOR``):
+    (the supervisor, the script's pid, the script's start time)."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as report, (run_dir / layout.LOG_FILE).open("ab") as out:
+        try:
+            supervisor = subprocess.Popen(
+                [sys.executable or "python3", "-I", "-S", "-c", _SUPERVISOR, str(write_end),
+                 END_FILE, *argv],
+                cwd=run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(write_end,),
+            )  # fmt: skip
+        except OSError as exc:
+            raise BackendRejected(f"Cannot start the job of run {run_id}: {exc}") from None
+        finally:
+            os.close(write_end)
+        line = report.readline().decode(errors="replace").strip()
+    words = line.split()
+    if len(words) != 4 or words[0] != "ok" or not all(w.isdigit() for w in words[1:]):
+        supervisor.wait()
+        why = (
+            line.removeprefix("error ")
+            if line.startswith("error ")
+            else f"its supervisor ({sys.executable}) exited with status {supervisor.returncode}"
+        )
+        raise BackendRejected(f"Cannot start the job of run {run_id}: {why}")
+    (run_dir / SUPERVISOR_FILE).write_text(f"{supervisor.pid} {words[3]}\n")
+    return supervisor, int(words[1]), words[2]
+
+
+def _reap_supervisors() -> None:
+    """Reap the supervisors that ended (after the last process of their job)."""
+    with _SUPERVISORS_LOCK:
+        for job_id, supervisor in list(_SUPERVISORS.items()):
+            if supervisor.poll() is not None:
+                del _SUPERVISORS[job_id]
 
 
 def _copy_private(src: Path, dst: Path) -> int:
