@@ -224,10 +224,6 @@ class SshConnection:
             f"{_keyscan_hint(self.hostname, self.port, self.known_hosts)}"
         )
 
-    def is_current(self, client: paramiko.SSHClient) -> bool:
-        with self._lock:
-            return client is self._client
-
     def drop(self, client: paramiko.SSHClient | None = None) -> None:
         """Close the connection; with ``client``, only if that is still the current one
         (a thread that timed out on an old link must not close a fresh one). Sessions
