@@ -28,6 +28,7 @@ import {
   MAX_RUNS,
   Poller,
   RunsModel,
+  startedPhrase,
   stateKind,
   terminalText
 } from './state';
@@ -242,7 +243,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                   aria-pressed={run.run_id === selectedId}
                   aria-label={`${displayName(run)}, ${run.state}, ${
                     run.backend ?? 'unknown backend'
-                  }, started ${formatAge(run.start_time, now)} ago`}
+                  }, ${startedPhrase(run.start_time, now)}`}
                   onClick={() =>
                     setSelectedId(run.run_id === selectedId ? null : run.run_id)
                   }

@@ -384,6 +384,15 @@ export function formatAge(startMs: number | null, nowMs: number): string {
   return `${Math.floor(hours / 24)} d`;
 }
 
+/** When a run started, as a screen reader says it: "started 5 min ago", "not started yet". */
+export function startedPhrase(startMs: number | null, nowMs: number): string {
+  const age = formatAge(startMs, nowMs);
+  if (startMs === null) {
+    return 'not started yet';
+  }
+  return age === 'just now' ? 'started just now' : `started ${age} ago`;
+}
+
 /** Duration of a run, e.g. "1 min 12 s". */
 export function formatDuration(
   startMs: number | null,

@@ -16,6 +16,7 @@ import {
   Poller,
   RunsModel,
   RUNS_PAGE,
+  startedPhrase,
   terminalText,
   upsertRun
 } from '../src/state';
@@ -414,6 +415,10 @@ describe('runs list helpers', () => {
     expect(formatAge(0, 5 * 60_000)).toBe('5 min');
     expect(formatAge(0, 3 * 3600_000)).toBe('3 h');
     expect(formatAge(0, 72 * 3600_000)).toBe('3 d');
+    // What the run rows say to a screen reader.
+    expect(startedPhrase(0, 2_000)).toBe('started just now');
+    expect(startedPhrase(0, 5 * 60_000)).toBe('started 5 min ago');
+    expect(startedPhrase(null, 0)).toBe('not started yet');
   });
 
   it('accumulates log chunks by offset', () => {
