@@ -410,6 +410,12 @@ def test_compare_magic(
     comp = shell.run_line_magic("mantik_compare", f"{small} {big} --metric loss --x relative")
     assert isinstance(comp, MetricComparison) and len(comp.figure.data) == 2
     assert comp.x_select.value == "relative"
+    # What a terminal (and a notebook viewer without widgets) shows: a table of the runs,
+    # not 'MetricComparison(children=(HBox(children=(SelectMultiple(...' cut at 110 characters.
+    text = shell.display_formatter.format(comp)[0]["text/plain"].splitlines()
+    assert text[0] == "Comparison of 2 runs, latest values:"
+    assert text[1].split() == ["ID", "NAME", "STATE", "loss"] and len(text) == 4
+    assert text[2].startswith(small[:8]) and text[3].startswith(big[:8])
     comp = shell.run_line_magic(
         "mantik_compare", f"--experiment {experiment['id']} --metric rmse --top 2"
     )

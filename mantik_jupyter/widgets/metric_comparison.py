@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from ..cli_format import SHORT_ID, table
 from ..compute.run_record import RunInfo
 from ..compute.runs import RunService
 from ..errors import InvalidRequest, MantikError
@@ -281,9 +282,31 @@ class MetricComparison(w.VBox):
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
         """The live widget, plus the summary table where widgets do not render."""
         bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is not None and self.summary_html.value:
-            bundle["text/html"] = self.summary_html.value
+        if bundle is not None:
+            bundle["text/plain"] = repr(self)  # ipywidgets cuts it at 110 characters
+            if self.summary_html.value:
+                bundle["text/html"] = self.summary_html.value
         return bundle
+
+    def __repr__(self) -> str:
+        """The runs and their latest metric values as a text table: what a terminal, and
+        a notebook viewer without widgets, show instead of the widget tree
+        ('MetricComparison(children=(HBox(children=(SelectMultiple(...')."""
+        infos = getattr(self, "infos", None)
+        if not infos:  # __init__ stopped early
+            return "MetricComparison (no runs)"
+        keys = list(self.metrics)
+        rows = [
+            [
+                rid[:SHORT_ID],
+                infos[rid].run_name or "-",
+                str(infos[rid].state),
+                *(_number(infos[rid].metrics.get(k)) for k in keys),
+            ]
+            for rid in self.run_ids
+        ]
+        head = f"Comparison of {len(rows)} run{'s' if len(rows) != 1 else ''}, latest values:"
+        return head + "\n" + table(["ID", "NAME", "STATE", *keys], rows)
 
     def names(self) -> dict[str, str]:
         return {rid: self.infos[rid].run_name or rid[:8] for rid in self.run_ids}
@@ -292,6 +315,10 @@ class MetricComparison(w.VBox):
     def points_sent(self) -> int:
         """Points of all line traces (what goes to the browser)."""
         return sum(s.points for s in self.series.values())
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def build_figure(
