@@ -391,6 +391,14 @@ def test_cancel_after_the_script_ended_stops_what_it_left_running(tmp_path, monk
         assert backend.states([job_id])[job_id].state == RunState.FINISHED
 
 
+def test_a_job_that_cannot_start_is_refused_with_why(tmp_path, monkeypatch):
+    # Its supervisor starts, the script's shell cannot: the refusal says why.
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    backend = LocalBackend(tmp_path / "runs")
+    with pytest.raises(BackendRejected, match="Cannot start the job of run r1: .*bash"):
+        backend.submit(_script_job(tmp_path, "true\n"))
+
+
 def test_cancel_deletes_a_credential_file_the_job_never_read(tmp_path):
     # As for a job killed before its script reached the credential file.
     job = _script_job(tmp_path, "sleep 300\n")

@@ -108,7 +108,7 @@ _SUPERVISORS_LOCK = threading.Lock()
 # script: the script's zombie stays until then, so the lab never sees a script gone
 # without its end status. Plain stdlib Python (-I -S), quick to start.
 _SUPERVISOR = r"""
-import ctypes, os, signal, subprocess, sys
+import os, signal, subprocess, sys
 
 def start_time(pid):
     try:
@@ -119,8 +119,12 @@ def start_time(pid):
         return "0"
 
 report, end_file, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+try:  # without it (not Linux, a Python without ctypes) the marker still finds most
+    import ctypes
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except (ImportError, OSError, AttributeError):
+    pass
 try:
     job = subprocess.Popen(argv, start_new_session=True)
 except OSError as exc:
@@ -670,7 +674,8 @@ def _start_supervised(
         why = (
             line.removeprefix("error ")
             if line.startswith("error ")
-            else f"its supervisor ({sys.executable}) exited with status {supervisor.returncode}"
+            else f"its supervisor ({sys.executable}) exited with status "
+            f"{supervisor.returncode}; what it said is in {run_dir / layout.LOG_FILE}"
         )
         raise BackendRejected(f"Cannot start the job of run {run_id}: {why}")
     (run_dir / SUPERVISOR_FILE).write_text(f"{supervisor.pid} {words[3]}\n")
