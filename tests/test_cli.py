@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 
 from mantik_jupyter.errors import exit_code_table
+from mantik_jupyter.tracking.credentials import Credential
+from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.runs_api import RunsApi
 
 from .mlflow_fixtures import MlflowServer
 from .runs_helpers import (
@@ -531,6 +534,22 @@ def test_unknown_experiment_id(mantik: Mantik, project: Path) -> None:
     result = mantik("runs", "submit", str(project), "--experiment-id", "987654")
     assert result.returncode == 3, result
     assert "experiment id 987654: there is no such experiment, or it" in result.stderr
+
+
+def test_a_run_mantik_did_not_submit_has_no_log(mantik: Mantik) -> None:
+    # A plain MLflow run (a notebook's mlflow.start_run) has no job: following its log
+    # waited for ever, reading it printed nothing and succeeded.
+    user = Credential(
+        username=mantik.env["MLFLOW_TRACKING_USERNAME"],
+        password=mantik.env["MLFLOW_TRACKING_PASSWORD"],
+    )
+    api = RunsApi(TrackingClient(mantik.env["MLFLOW_TRACKING_URI"], user))
+    experiment = api.create_experiment(f"plain-{uuid.uuid4().hex[:8]}")
+    run_id = api.create_run(experiment, run_name="plain")["info"]["run_id"]  # RUNNING
+    for follow in ((), ("--follow",)):
+        result = mantik("runs", "logs", run_id, *follow, timeout=60)
+        assert result.returncode == 4, (follow, result)
+        assert "not submitted by mantik" in result.stderr
 
 
 def test_unknown_run_exit_4(mantik: Mantik) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import BackendUnavailable, NotFound
 from ..tracking.runs_api import RunsApi, run_tags
 from .backends.base import Backend
-from .run_record import ARTIFACT_LOG, TAG_JOB_ID, LogChunk, RunInfo
+from .run_record import ARTIFACT_LOG, TAG_BACKEND, TAG_JOB_ID, LogChunk, RunInfo
 
 
 class RunLogs:
@@ -47,6 +47,7 @@ class RunLogs:
 
     def read_all(self, api: RunsApi, run: Mapping[str, Any], offset: int) -> LogChunk:
         """All log text there is now from ``offset``."""
+        _require_mantik_run(run)
         parts: list[str] = []
         while True:
             chunk = self.read(api, run, offset)
@@ -81,6 +82,7 @@ class RunLogs:
         self, api: RunsApi, run: dict[str, Any], *, poll_interval: float, offset: int
     ) -> Iterator[str]:
         """Yield log text as it grows, until the run ended and everything was read."""
+        _require_mantik_run(run)
         final = RunInfo.from_run(run).state.is_final
         last_sync = time.monotonic()
         while True:
@@ -108,6 +110,18 @@ class RunLogs:
                     final = True
                     continue
             time.sleep(poll_interval)
+
+
+def _require_mantik_run(run: Mapping[str, Any]) -> None:
+    """A run mantik did not submit has no job and so no log: following one waited for a
+    job that never comes (for as long as the run stayed RUNNING), and reading one printed
+    nothing with success."""
+    info = RunInfo.from_run(run)
+    if not info.backend:
+        raise NotFound(
+            f"Run {info.run_id} has no log here: it was not submitted by mantik (it has no "
+            f"{TAG_BACKEND} tag). What it logged is on its page in the MLflow UI."
+        )
 
 
 def _chunk(data: bytes, offset: int, *, final_state: bool, final: bool) -> LogChunk:
