@@ -358,6 +358,9 @@ def test_cancel_and_the_end_of_a_job_stop_children_that_cleared_their_environmen
         assert _gone(pids[1:], timeout=local.CANCEL_GRACE + 5)
         assert lab_child.poll() is None
     finally:
+        for job in (cancelled, ending):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(job.split("-")[1]), signal.SIGKILL)
         _kill_left(pids, lab_child)
 
 
