@@ -23,6 +23,7 @@ from mantik_jupyter.tracking.runs_api import RunsApi
 from mantik_jupyter.tracking.service import TrackingService
 from mantik_jupyter.widgets import LogView, MetricComparison, RunTable
 
+from .runs_helpers import FINAL, copy_example, wait_for, write_config
 from .widgets_helpers import make_run
 
 pytestmark = pytest.mark.timeout(240)
@@ -208,6 +209,37 @@ def test_selection_opens_details_with_actions(api, service, experiment):
         assert table.comparison_box.children == (comparison,)
         assert set(comparison.run_ids) == {rid, experiment["runs"]["alpha-2"]}
         assert comparison.wait(60) and len(comparison.figure.data) == 2
+    finally:
+        table.close()
+
+
+def test_download_button_says_how_it_went(api, service, tmp_path):
+    project = copy_example(tmp_path)
+    write_config(project, {"Local": {}, "Resources": {"Queue": "local"},
+                           "Environment": {"Python": sys.prefix}})  # fmt: skip
+    info = service.submit(
+        project, params={"epochs": "1"}, experiment_name=f"widgets-dl-{time.time_ns()}"
+    )
+    wait_for(service, info.run_id, FINAL, timeout=60)
+    (tmp_path / "afile").write_text("")
+    table = RunTable(
+        info.experiment_id,
+        refresh_interval=0,
+        api=api,
+        service=service,
+        download_dir=tmp_path / "afile" / "sub",
+    )
+    try:
+        table.select(info.run_id)
+        table.download_button.click()
+        table.wait()
+        # It said 'Downloading…' for ever; why it failed was in another line, above the table.
+        assert "Cannot write the download to" in table.action_message.value
+        table.download_dir = tmp_path / "got"
+        table.download_button.click()
+        table.wait()
+        assert table.action_message.value.startswith("Downloaded to")
+        assert (tmp_path / "got" / "mantik.log").is_file()
     finally:
         table.close()
 

@@ -6,6 +6,7 @@ import contextlib
 import html
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import anywidget
 import ipywidgets as w
 import traitlets as t
 
+from ..cli_format import size
 from ..compute.run_record import ACTIVE_STATES
 from ..compute.runs import RunService
 from ..errors import MantikError
@@ -88,6 +90,7 @@ class RunTable(w.VBox):
         self._quiet = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mantik-table")
         self._pending: Future | None = None
+        self._progress_shown = 0.0  # when the download line was last updated
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.refresh_interval = float(refresh_interval)
@@ -144,8 +147,10 @@ class RunTable(w.VBox):
         self.reload_button.on_click(lambda _: self._in_background(self.reload))
         self.view.observe(self._on_sort, ["sort_key", "sort_desc"])
         self.view.observe(self._on_select, "selected")
-        self.cancel_button.on_click(lambda _: self._in_background(self.cancel_selected))
-        self.download_button.on_click(lambda _: self._in_background(self.download_selected))
+        self.cancel_button.on_click(lambda _: self._in_background(self._act, self.cancel_selected))
+        self.download_button.on_click(
+            lambda _: self._in_background(self._act, self.download_selected)
+        )
         self.compare_button.on_click(lambda _: self.compare_selected())
 
         self.reload()
@@ -443,6 +448,22 @@ class RunTable(w.VBox):
 
     # ---- actions -----------------------------------------------------------------------------
 
+    def _act(self, action: Any) -> None:
+        """A button's action. Its failure is said on the action's line, which said
+        'Downloading…' for ever while the reason went to the table's message above."""
+        try:
+            action()
+        except MantikError as exc:
+            self.action_message.value = f"<b>mantik:</b> {html.escape(exc.message)}"
+
+    def _download_progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._progress_shown < 0.25:
+            return
+        self._progress_shown = now
+        pct = f"{min(100, 100 * done // total)}% of " if total > 0 else ""
+        self.action_message.value = f"Downloading… {pct}{size(max(total, done))}"
+
     def cancel_selected(self) -> None:
         rows = self.selected_rows
         if len(rows) != 1:
@@ -458,7 +479,8 @@ class RunTable(w.VBox):
             return None
         dest = self.download_dir or Path.cwd() / f"mantik-run-{rows[0].run_id[:8]}"
         self.action_message.value = "Downloading\u2026"
-        path = self.service.download(rows[0].run_id, dest=dest)
+        self._progress_shown = 0.0
+        path = self.service.download(rows[0].run_id, dest=dest, progress=self._download_progress)
         self.action_message.value = f"Downloaded to <code>{html.escape(str(path))}</code>"
         return path
 
