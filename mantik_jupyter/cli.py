@@ -12,15 +12,23 @@ import argparse
 import getpass
 import json
 import os
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, json_out
 from .cli_format import ProgressBar, run_details, runs_table
-from .errors import InvalidRequest, MantikError, exit_code_table
+from .errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    MantikError,
+    TrackingUnavailable,
+    exit_code_table,
+)
 
 if TYPE_CHECKING:
     from .compute.runs import RunService
@@ -175,7 +183,8 @@ def cmd_submit(ctx: Context) -> int:
     if not ctx.json:
         print(f"Submitted run {run.run_id} ({run.run_name}); following its log.", file=sys.stderr)
         _follow(ctx, run.run_id, 0)
-    final = _wait(ctx, run.run_id)
+    with _following(run.run_id):
+        final = _wait(ctx, run.run_id)
     ctx.emit(final.to_json(), lambda: run_details(final.to_json(), full=False))
     return EXIT_OK if final.state == "FINISHED" else EXIT_RUN_UNSUCCESSFUL
 
@@ -191,10 +200,25 @@ def _wait(ctx: Context, run_id: str, poll: float = 2.0) -> Any:
 
 
 def _follow(ctx: Context, ref: str, offset: int) -> None:
-    for text in ctx.runs.follow_logs(ref, offset=offset):
-        sys.stdout.write(text)
-        # Flushed per chunk: the user is watching, and a pipe must see lines as they come.
-        sys.stdout.flush()
+    with _following(ref):
+        for text in ctx.runs.follow_logs(ref, offset=offset):
+            sys.stdout.write(text)
+            # Flushed per chunk: the user is watching, and a pipe must see lines as they come.
+            sys.stdout.flush()
+
+
+@contextmanager
+def _following(ref: str) -> Iterator[None]:
+    """A lost contact ends following a run (``--follow``, ``submit --wait``), not the
+    run: the error says so and how to go on, else it reads as if the run had failed."""
+    try:
+        yield
+    except (TrackingUnavailable, BackendUnavailable) as err:
+        err.message += (
+            " Following stopped; the run itself is not affected: "
+            f"`mantik runs logs {shlex.quote(ref)} --follow` follows it again."
+        )
+        raise
 
 
 def cmd_list(ctx: Context) -> int:
@@ -232,8 +256,9 @@ def cmd_logs(ctx: Context) -> int:
     if args.follow:
         if ctx.json:
             # One JSON object per line, so a script can read the log as it grows.
-            for text in ctx.runs.follow_logs(args.run, offset=args.offset):
-                print(json.dumps({"text": text}), flush=True)
+            with _following(args.run):
+                for text in ctx.runs.follow_logs(args.run, offset=args.offset):
+                    print(json.dumps({"text": text}), flush=True)
         else:
             _follow(ctx, args.run, args.offset)
         return EXIT_OK

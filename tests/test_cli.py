@@ -24,7 +24,7 @@ from mantik_jupyter.tracking.credentials import Credential
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
-from .mlflow_fixtures import MlflowServer
+from .mlflow_fixtures import MlflowServer, start_mlflow_server, stop_mlflow_server
 from .runs_helpers import (
     admin_api,
     big_log_project,
@@ -504,6 +504,40 @@ def test_ctrl_c_while_submitting_marks_the_run_killed(
     assert run["state"] == "KILLED" and run["mlflow_status"] == "KILLED", run
     assert run["reason"] == "the submission was interrupted before the job was queued"
     assert not run["job_id"]
+
+
+def test_following_a_run_whose_server_went_away(project: Path, tmp_path: Path) -> None:
+    # Following ended with 'cannot be reached' and exit 5 as if the run had failed; it
+    # keeps running, and the message now says so and how to follow it again.
+    server = start_mlflow_server(tmp_path / "private-mlflow")
+    try:
+        env = _base_env(tmp_path / "data")
+        env.update(server.env(server.create_user()))
+        mantik = Mantik(env, tmp_path)
+        run = as_json(
+            mantik("runs", "submit", str(project), "-e", "sleep", "-P", "seconds=4", "--json")
+        )
+        proc = subprocess.Popen(
+            mantik.argv("runs", "logs", run["run_id"], "--follow"),
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("sleeping"):
+                    break
+            stop_mlflow_server(server.proc)
+            out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        stop_mlflow_server(server.proc)
+    assert proc.returncode == 5, (out, err)
+    assert "cannot be reached" in err, err
+    assert "the run itself is not affected" in err
+    assert f"mantik runs logs {run['run_id']} --follow" in err
 
 
 # ---- errors ----------------------------------------------------------------------------
