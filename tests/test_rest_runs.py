@@ -327,6 +327,17 @@ async def test_submit_follow_download(
     assert resp.body.decode() == log["text"]
     await _download_abandoned(jp_serverapp, jp_http_port, jp_base_url, run)
 
+    # A name beyond ASCII (a station's) is saved under its own name, with an ASCII fallback.
+    station = Path(run["tags"]["mantik.run_dir"]) / "Jülich 2m temp.csv"
+    station.write_text("t\n1\n")
+    resp = await jp_fetch(
+        "mantik", "api", "runs", run_id, "download", params={"path": station.name}
+    )
+    disposition = resp.headers["Content-Disposition"]
+    assert disposition.startswith('attachment; filename="J_lich_2m_temp.csv"; '), disposition
+    assert disposition.endswith("filename*=UTF-8''J%C3%BClich%202m%20temp.csv"), disposition
+    assert resp.body == b"t\n1\n"
+
     # The whole run directory: a tar stream where the core offers one, else a 400 that
     # says to pick a file. Never a 500.
     resp = await jp_fetch("mantik", "api", "runs", run_id, "download", raise_error=False)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from jupyter_server.auth.decorator import authorized
 from tornado import web
@@ -185,7 +186,7 @@ class RunDownloadHandler(RunsBaseHandler):
         first, chunks, filename = await self.in_thread(self._open, run_id, path)
         try:
             self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
+            self.set_header("Content-Disposition", _disposition(filename))
             self.set_header("X-Content-Type-Options", "nosniff")
             chunk = first
             while chunk is not None:
@@ -206,7 +207,7 @@ class RunDownloadHandler(RunsBaseHandler):
     def _open(self, run_id: str, path: str) -> tuple[bytes | None, Iterator[bytes], str]:
         """First chunk, the rest, and a file name: a file of the run, or a tar of a folder."""
         wanted = path.strip("/")
-        name = _safe_filename(posixpath.basename(wanted)) or f"run-{run_id[:8]}"
+        name = posixpath.basename(wanted) or f"run-{run_id[:8]}"
         if wanted:
             try:
                 chunks = iter(self.runs.open_file(run_id, path))
@@ -239,6 +240,18 @@ class RunDownloadHandler(RunsBaseHandler):
 def _safe_filename(name: str) -> str:
     """A name that cannot break the header or point anywhere when the browser saves it."""
     return _UNSAFE_FILENAME.sub("_", name).strip("._")[:200]
+
+
+def _disposition(name: str) -> str:
+    """``attachment`` with an ASCII file name, and the name itself (RFC 6266 ``filename*``)
+    when the ASCII one had to replace letters: ``Jülich.csv`` is saved as ``Jülich.csv``,
+    not ``J_lich.csv``. Browsers drop path separators from either."""
+    fallback = _safe_filename(name) or "download"
+    header = f'attachment; filename="{fallback}"'
+    exact = "".join(c for c in name if c.isprintable()).strip().lstrip(".")[:200]
+    if exact and exact != fallback:
+        header += f"; filename*=UTF-8''{quote(exact, safe='')}"
+    return header
 
 
 _REF = r"(?P<ref>[^/]+)"
