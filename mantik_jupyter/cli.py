@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, json_out
-from .cli_format import ProgressBar, run_details, runs_table
+from .cli_format import ProgressBar, files_table, run_details, runs_table
 from .errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -277,6 +277,14 @@ def cmd_cancel(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_files(ctx: Context) -> int:
+    args = ctx.args
+    entries = ctx.runs.files(args.run, args.path)
+    data = [{"path": e.path, "size": e.size, "is_dir": e.is_dir} for e in entries]
+    ctx.emit({"files": data}, lambda: files_table(data))
+    return EXIT_OK
+
+
 def cmd_download(ctx: Context) -> int:
     args = ctx.args
     bar = ProgressBar(label="download")
@@ -407,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte")
+
+    # What to give --remote-path: the errors of a download ask the user to look.
+    p = command(rsub, "files", cmd_files, "list a folder of a run's directory")
+    p.add_argument("run", metavar="ID")
+    p.add_argument("path", nargs="?", default="", help="folder in the run (default: its top)")
 
     p = command(rsub, "download", cmd_download, "download a run's files")
     p.add_argument("run", metavar="ID")

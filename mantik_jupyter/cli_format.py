@@ -79,6 +79,16 @@ def runs_table(runs: Sequence[dict[str, Any]]) -> str:
     return table(["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"], rows)
 
 
+def files_table(files: Sequence[dict[str, Any]]) -> str:
+    """``runs files``: folders end in '/', and have no size."""
+    if not files:
+        return "(empty folder)"
+    rows = [
+        [f["path"] + "/", "-"] if f["is_dir"] else [f["path"], size(f["size"])] for f in files
+    ]
+    return table(["PATH", "SIZE"], rows)
+
+
 def run_details(run: dict[str, Any], *, full: bool) -> str:
     """``runs status`` (full=False) and ``runs info`` (full=True)."""
     fields = [

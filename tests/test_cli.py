@@ -338,6 +338,16 @@ def test_runs_lifecycle(
     tail = as_json(mantik("runs", "logs", run_id, "--offset", str(logs["offset"]), "--json"))
     assert tail["text"] == "" and tail["final"] is True
 
+    # What there is to download: the download errors ask the user to look, and the
+    # command had no way to.
+    top = ok(mantik("runs", "files", run_id)).stdout.splitlines()
+    assert top[0].split() == ["PATH", "SIZE"] and top[1].split() == ["code/", "-"]
+    assert any(line.startswith("mantik.log ") for line in top)
+    listed = as_json(mantik("runs", "files", run_id, "code/outputs", "--json"))["files"]
+    assert listed == [{"path": "code/outputs/forecast.csv", "size": listed[0]["size"],
+                       "is_dir": False}]  # fmt: skip
+    assert mantik("runs", "files", run_id, "../x").returncode == 2
+
     one = tmp_path / "one"
     result = ok(
         mantik("runs", "download", run_id, "--remote-path", "mantik.log", "--local-path", str(one))
