@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -464,8 +465,23 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     sidebar.screenshot(path=str(ARTIFACTS / "sidebar-run-finished.png"))
 
     # Files of the run, with download links.
+    status, info = lab.get_json(f"mantik/api/runs/{details.get_attribute('data-run-id')}")
+    assert status == 200, info
+    gone = Path(info["tags"]["mantik.run_dir"]) / "gone soon.txt"
+    gone.write_text("here\n")
     details.locator(".mantik-files summary").click()
     expect(details.locator(".mantik-FileList a").first).to_be_visible(timeout=60_000)
+    link = details.get_by_role("link", name=re.compile("^Download gone soon.txt"))
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.failure() is None
+    assert Path(download.value.path()).read_text() == "here\n"
+    # Gone by the time it is clicked: the server's word, not a download that silently fails.
+    gone.unlink()
+    link.click()
+    expect(details.locator(".mantik-files .mantik-error")).to_contain_text(
+        "Cannot download gone soon.txt: No file"
+    )
     # The folder asked for last is the one shown, whatever order the answers come in:
     # the listing of code/outputs is held back until the run directory's has been shown.
     files = details.locator(".mantik-files")

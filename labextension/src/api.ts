@@ -218,6 +218,42 @@ export class MantikApi {
     );
   }
 
+  /**
+   * Whether `downloadUrl(ref, path)` would answer with the file: null when it would, else
+   * the server's error. A browser download that fails only says "failed" (or nothing), so
+   * the panel asks first; the body is not read (the request ends with its headers).
+   */
+  async downloadProblem(ref: string, path: string): Promise<MantikApiError | null> {
+    const controller = new AbortController();
+    let response: Response;
+    try {
+      response = await ServerConnection.makeRequest(
+        this.downloadUrl(ref, path),
+        { method: 'GET', signal: controller.signal },
+        this.serverSettings
+      );
+    } catch (error) {
+      const detail = error instanceof Error ? error.message : String(error);
+      return new MantikApiError(
+        `Cannot reach the Jupyter server: ${detail}`,
+        NETWORK_ERROR_REASON,
+        0
+      );
+    }
+    if (response.ok) {
+      controller.abort();
+      return null;
+    }
+    const text = await response.text();
+    let data: unknown = null;
+    try {
+      data = JSON.parse(text);
+    } catch {
+      // Not one of our JSON errors: errorFromResponse words it from the status.
+    }
+    return errorFromResponse(response, data, text);
+  }
+
   /** Describe the MLproject that a file or folder of the Jupyter root belongs to. */
   async describeProject(path: string): Promise<IProject> {
     const body = await this.request(

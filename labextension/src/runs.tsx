@@ -584,6 +584,28 @@ function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
     // Reload when the run ends: its outputs are complete then.
   }, [open, run.is_final]);
 
+  // The browser's own download of an error answer fails without a word (file gone, cluster
+  // unreachable): ask first and show the server's message, then let the browser download.
+  const download = async (event: React.MouseEvent<HTMLAnchorElement>, file: string) => {
+    if (event.defaultPrevented || event.button !== 0) {
+      return;
+    }
+    const link = event.currentTarget;
+    if (link.dataset.checked === 'true') {
+      delete link.dataset.checked;
+      return;
+    }
+    event.preventDefault();
+    setError(null);
+    const problem = await api.downloadProblem(run.run_id, file);
+    if (problem !== null) {
+      setError(`Cannot download ${name(file)}: ${problem.message}`);
+      return;
+    }
+    link.dataset.checked = 'true';
+    link.click();
+  };
+
   const parent = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
   const name = (p: string) => p.slice(p.lastIndexOf('/') + 1);
 
@@ -625,6 +647,7 @@ function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
                   href={api.downloadUrl(run.run_id, entry.path)}
                   download={name(entry.path)}
                   aria-label={`Download ${name(entry.path)} (${formatBytes(entry.size)})`}
+                  onClick={event => void download(event, entry.path)}
                 >
                   {name(entry.path)}
                 </a>

@@ -341,3 +341,38 @@ describe('MantikApi runs and projects', () => {
     await expect(api.describeProject('x')).rejects.toBeInstanceOf(MantikApiError);
   });
 });
+
+describe('MantikApi.downloadProblem', () => {
+  it('is null for a file the server streams, without reading the body', async () => {
+    let pulled = 0;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        pulled++;
+        controller.enqueue(new Uint8Array(1024));
+      }
+    });
+    const { api, requests } = fakeServer(new Response(body, { status: 200 }));
+    expect(await api.downloadProblem('abc', 'outputs/forecast.csv')).toBeNull();
+    expect(requests[0].url).toBe(
+      'http://127.0.0.1:8888/lab-under-test/mantik/api/runs/abc/download'
+    );
+    expect(requests[0].method).toBe('GET');
+    expect(pulled).toBeLessThan(3);
+  });
+
+  it("is the server's error for a file it cannot send", async () => {
+    const { api } = fakeServer(
+      json({ message: "No file 'x.csv' in run directory /r", reason: 'not_found' }, 404)
+    );
+    const problem = await api.downloadProblem('abc', 'x.csv');
+    expect(problem).toBeInstanceOf(MantikApiError);
+    expect(problem?.message).toBe("No file 'x.csv' in run directory /r");
+    expect(problem?.reason).toBe('not_found');
+  });
+
+  it('is a network error when the Jupyter server cannot be reached', async () => {
+    const { api } = fakeServer(new TypeError('Failed to fetch'));
+    const problem = await api.downloadProblem('abc', 'x.csv');
+    expect(problem?.reason).toBe(NETWORK_ERROR_REASON);
+  });
+});
