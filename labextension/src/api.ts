@@ -227,18 +227,12 @@ export class MantikApi {
     const controller = new AbortController();
     let response: Response;
     try {
-      response = await ServerConnection.makeRequest(
-        this.downloadUrl(ref, path),
-        { method: 'GET', signal: controller.signal },
-        this.serverSettings
-      );
+      response = await this._send(this.downloadUrl(ref, path), {
+        method: 'GET',
+        signal: controller.signal
+      });
     } catch (error) {
-      const detail = error instanceof Error ? error.message : String(error);
-      return new MantikApiError(
-        `Cannot reach the Jupyter server: ${detail}`,
-        NETWORK_ERROR_REASON,
-        0
-      );
+      return error as MantikApiError;
     }
     if (response.ok) {
       controller.abort();
@@ -295,21 +289,7 @@ export class MantikApi {
     if (init.body !== undefined && !headers.has('Content-Type')) {
       headers.set('Content-Type', 'application/json');
     }
-    let response: Response;
-    try {
-      response = await ServerConnection.makeRequest(
-        url,
-        { ...init, headers },
-        this.serverSettings
-      );
-    } catch (error) {
-      const detail = error instanceof Error ? error.message : String(error);
-      throw new MantikApiError(
-        `Cannot reach the Jupyter server: ${detail}`,
-        NETWORK_ERROR_REASON,
-        0
-      );
-    }
+    const response = await this._send(url, { ...init, headers });
 
     const text = await response.text();
     let data: unknown = null;
@@ -333,6 +313,24 @@ export class MantikApi {
       );
     }
     return data;
+  }
+
+  /**
+   * `fetch` through Jupyter's connection (auth, XSRF).
+   *
+   * @throws MantikApiError (network_error) when the server cannot be reached.
+   */
+  private async _send(url: string, init: RequestInit): Promise<Response> {
+    try {
+      return await ServerConnection.makeRequest(url, init, this.serverSettings);
+    } catch (error) {
+      const detail = error instanceof Error ? error.message : String(error);
+      throw new MantikApiError(
+        `Cannot reach the Jupyter server: ${detail}`,
+        NETWORK_ERROR_REASON,
+        0
+      );
+    }
   }
 }
 
