@@ -90,6 +90,21 @@ async def test_lists_configs_and_reports_their_errors(jp_fetch: Any, project: Pa
     assert data["config_checks"]["unicore.json"]["ok"] is False  # no Resources.Queue
 
 
+async def test_a_default_config_with_misspelled_keys_is_listed(
+    jp_fetch: Any, project: Path
+) -> None:
+    """The config a submission would use is listed with its errors, even when none of its
+    top-level keys is one that marks a config (else the form said to add the file)."""
+    (project / "compute-backend-config.yaml").write_text("Locl: {}\nResource:\n  Queue: local\n")
+    code, data = await describe(jp_fetch, "work/weather-forecast")
+    assert code == 200, data
+    assert data["default_config"] == "compute-backend-config.yaml"
+    assert data["config_files"] == ["compute-backend-config.yaml"]
+    check = data["config_checks"]["compute-backend-config.yaml"]
+    assert check["ok"] is False
+    assert "did you mean 'Local'" in check["error"], check
+
+
 async def test_no_default_config(jp_fetch: Any, project: Path) -> None:
     (project / "compute-backend-config.yaml").rename(project / "local.yaml")
     code, data = await describe(jp_fetch, "work/weather-forecast")

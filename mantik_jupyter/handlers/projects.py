@@ -68,12 +68,16 @@ def describe_project(root: Path, path: str) -> dict[str, Any]:
         raise NotFound(f"{path} does not exist in the Jupyter root.")
     project_dir = find_project_dir(target, root=root)
     project = load_project(project_dir).describe()
+    default = find_config(project_dir)
+    # The default config is listed whatever its keys: a submission uses it, and one whose
+    # top-level keys are all misspelled ('Locl', 'Resource') is what the check is for.
     configs = sorted(
         p.name
         for p in project_dir.iterdir()
-        if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES and _looks_like_config(p)
+        if p.is_file()
+        and p.suffix.lower() in CONFIG_SUFFIXES
+        and (p == default or _looks_like_config(p))
     )
-    default = find_config(project_dir)
     return {
         "project_dir": project_dir.relative_to(root).as_posix() or ".",
         "name": project["name"] or project_dir.name,
