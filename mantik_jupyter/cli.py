@@ -14,11 +14,12 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, json_out
 from .cli_format import ProgressBar, files_table, run_details, runs_table
@@ -45,6 +46,33 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.json: bool = getattr(args, "json", False)
+        # The core's warnings (a deprecated config key, ...) as said so far, one line each.
+        self.warned: set[str] = set()
+        self.python_showwarning = warnings.showwarning
+
+    def show_warning(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        """``warnings.showwarning`` while a command runs: the core's warnings as
+        ``warning: <text>``. Python's own format printed the mantik source file and line
+        that raised it ('.../run_submit.py:129: MantikDeprecationWarning: ...' and the code
+        line under it)."""
+        if not category.__module__.startswith("mantik_jupyter"):
+            self.python_showwarning(message, category, filename, lineno, file, line)
+            return
+        self.warn(str(message))
+
+    def warn(self, text: str) -> None:
+        text = " ".join(text.split())
+        if text not in self.warned:  # the run's notes repeat what was warned on the way
+            self.warned.add(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     @cached_property
     def tracking(self) -> TrackingService:
@@ -172,7 +200,7 @@ def cmd_submit(ctx: Context) -> int:
     finally:
         bar.close()
     for warning in run.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        ctx.warn(warning)
     if not args.wait:
         ctx.emit(
             run.to_json(),
@@ -468,6 +496,7 @@ def interrupted(exc: BaseException) -> bool:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = Context(args)
+    warnings.showwarning = ctx.show_warning
     try:
         return int(args.func(ctx))
     except (KeyboardInterrupt, Exception) as err:
@@ -484,6 +513,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return EXIT_OK
         raise
+    finally:
+        warnings.showwarning = ctx.python_showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> None:

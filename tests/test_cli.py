@@ -572,6 +572,20 @@ def test_bad_parameter_exit_2(mantik: Mantik, project: Path) -> None:
     assert result.returncode == 2 and "no_such" in result.stderr, result
 
 
+def test_config_warnings_are_one_line_each(mantik: Mantik, project: Path) -> None:
+    # They came in Python's format: mantik's own source file and line, the warning class,
+    # and the line of code that raised it.
+    write_config(project, {"Local": {}, "Resources": {"Queue": "local", "CPUs": 1}})
+    result = mantik("runs", "submit", str(project), "-P", "no_such=1")
+    assert result.returncode == 2, result  # stopped by the parameter: nothing is created
+    warned = [line for line in result.stderr.splitlines() if "CPUs" in line]
+    assert len(warned) == 1, result.stderr
+    assert warned[0].startswith("warning: ") and warned[0].endswith(
+        "Resources.CPUs: is deprecated; rename it to 'Resources.TotalCPUs'"
+    )
+    assert "Warning:" not in result.stderr and ".py:" not in result.stderr
+
+
 def test_unknown_experiment_id(mantik: Mantik, project: Path) -> None:
     # MLflow answers an unknown id like a forbidden one: it said the experiment
     # 'belongs to someone else', of an experiment that does not exist.
