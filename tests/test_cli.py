@@ -270,6 +270,16 @@ def test_tracking_uri_that_is_no_http_address(tmp_path: Path) -> None:
     assert result.returncode == 2 and "'./mlruns' (from $MLFLOW_TRACKING_URI)" in result.stderr
 
 
+def test_job_tracking_uri_that_is_no_http_address(mantik: Mantik, project: Path) -> None:
+    # It was accepted: the run was made and queued, and the job failed in MLflow's words.
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    result = mantik("runs", "submit", str(project), "--experiment-name", experiment,
+                    "--job-tracking-uri", "localhost:5000")  # fmt: skip
+    assert result.returncode == 2, result
+    assert "job tracking URI 'localhost:5000'" in result.stderr
+    assert mantik("runs", "list", "--experiment-name", experiment).returncode == 4  # none made
+
+
 # ---- runs ------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, ProjectError, UnsafePath
+from ..tracking.service import check_http_uri
 from .backends.paths import usable_path
 from .config import CONFIG_FILENAMES, ComputeConfig, find_config
 from .project import find_project_dir
@@ -56,6 +57,15 @@ def resolve_config(project: Path, backend_config: str | Path | None, root_dir: P
 
 
 def check_tracking_uri(job_uri: str, spec: Mapping[str, Any]) -> list[str]:
+    # Before anything is made: a job given 'localhost:5000' failed on the cluster, in
+    # MLflow's words, after its run was created and queued.
+    check_http_uri(
+        job_uri,
+        "--job-tracking-uri, $MANTIK_JOB_TRACKING_URI or c.MantikApp.job_tracking_uri, "
+        "else the tracking URI",
+        name="job tracking URI",
+        unset="(jobs then use the tracking URI)",
+    )
     host = (urlparse(job_uri).hostname or "").lower()
     loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
     where = str(spec.get("Hostname", "")) if spec.get("kind") == "ssh" else ""

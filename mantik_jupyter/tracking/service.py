@@ -213,7 +213,7 @@ def resolve_tracking(
         (os.environ.get("MANTIK_TRACKING_URI"), "from $MANTIK_TRACKING_URI"),
     ):
         if uri:
-            _check_http_uri(uri, source)
+            check_http_uri(uri, source)
             return TrackingService(store, tracking_uri=uri)
     found = discover(embedded_dir)
     if found is None:
@@ -227,9 +227,15 @@ def resolve_tracking(
     )
 
 
-def _check_http_uri(uri: str, source: str) -> None:
+def check_http_uri(
+    uri: str,
+    source: str,
+    name: str = "tracking URI",
+    unset: str = "to use the lab's embedded server",
+) -> None:
     """A tracking URI that is no http(s) address ('localhost:5000', an MLflow file store)
-    failed deep inside the HTTP client with a traceback, or was told to log in first."""
+    failed deep inside the HTTP client with a traceback, or was told to log in first.
+    ``source`` says where the value came from; ``unset``, what leaving it out does."""
     try:
         shown, _ = split_credential(uri)  # a password in the URI is never shown
         parts = urlsplit(uri)
@@ -238,9 +244,9 @@ def _check_http_uri(uri: str, source: str) -> None:
         shown, ok = uri.rpartition("@")[2], False
     if not ok:
         raise InvalidRequest(
-            f"The tracking URI {shown!r} ({source}) is not the http:// or https:// address of "
+            f"The {name} {shown!r} ({source}) is not the http:// or https:// address of "
             "an MLflow tracking server. Write it like http://localhost:5000 or "
-            "https://mlflow.example.org, or leave it unset to use the lab's embedded server."
+            f"https://mlflow.example.org, or leave it unset {unset}."
         )
 
 
