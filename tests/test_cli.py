@@ -277,6 +277,12 @@ def test_job_tracking_uri_that_is_no_http_address(mantik: Mantik, project: Path)
                     "--job-tracking-uri", "localhost:5000")  # fmt: skip
     assert result.returncode == 2, result
     assert "job tracking URI 'localhost:5000'" in result.stderr
+    # A user:password@ in it was a ValueError traceback from the job script, and a FAILED run.
+    result = mantik("runs", "submit", str(project), "--experiment-name", experiment,
+                    "--job-tracking-uri", "http://ada:pw-in-job-uri@127.0.0.1:5000")  # fmt: skip
+    assert result.returncode == 2, result
+    assert "carries a user name and password" in result.stderr
+    assert "pw-in-job-uri" not in result.stderr and "Traceback" not in result.stderr
     assert mantik("runs", "list", "--experiment-name", experiment).returncode == 4  # none made
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ConfigError, ProjectError, UnsafePath
+from ..errors import ConfigError, InvalidRequest, ProjectError, UnsafePath
+from ..tracking.credentials import split_credential
 from ..tracking.service import check_http_uri
 from .backends.paths import usable_path
 from .config import CONFIG_FILENAMES, ComputeConfig, find_config
@@ -66,6 +67,13 @@ def check_tracking_uri(job_uri: str, spec: Mapping[str, Any]) -> list[str]:
         name="job tracking URI",
         unset="(jobs then use the tracking URI)",
     )
+    if "@" in urlparse(job_uri).netloc:
+        # The job script would carry it (a traceback and a FAILED run said so, late).
+        raise InvalidRequest(
+            f"The job tracking URI {split_credential(job_uri)[0]!r} carries a user name and "
+            "password (user:password@). Give it without them: the job gets its tracking "
+            "credential through a 0600 file, never in its script."
+        )
     host = (urlparse(job_uri).hostname or "").lower()
     loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
     where = str(spec.get("Hostname", "")) if spec.get("kind") == "ssh" else ""
