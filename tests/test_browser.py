@@ -360,6 +360,11 @@ def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
         width, visible = title.evaluate("e => [e.scrollWidth, e.clientWidth]")
         assert width <= visible, (width, visible)
         sidebar.screenshot(path=str(ARTIFACTS / "sidebar-long-run-name.png"))
+        # Closing the details from the keyboard leaves the focus on the run's row.
+        sidebar.get_by_role("button", name="Close run details").focus()
+        page.keyboard.press("Enter")
+        expect(sidebar.locator('[data-testid="mantik-run-details"]')).to_have_count(0)
+        expect(rows.first).to_be_focused()
     finally:
         _log_out(tracked_lab)
 

@@ -122,6 +122,18 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
       ? selectedId
       : (runs[0]?.run_id ?? null);
 
+  // Closing the details removes the button that had the focus: give it back to the run's
+  // row (else it falls to the page and a keyboard user starts over from the top).
+  const closeDetails = (runId: string) => {
+    setSelectedId(null);
+    setFocusedId(runId);
+    window.requestAnimationFrame(() => {
+      listRef.current
+        ?.querySelector<HTMLButtonElement>(`.mantik-run-row[data-run-id="${CSS.escape(runId)}"]`)
+        ?.focus();
+    });
+  };
+
   const onListKeyDown = (event: React.KeyboardEvent<HTMLUListElement>) => {
     const moves: Record<string, (index: number, last: number) => number> = {
       ArrowDown: (i, last) => Math.min(last, i + 1),
@@ -286,7 +298,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
           run={selected}
           visible={visible}
           now={now}
-          onClose={() => setSelectedId(null)}
+          onClose={() => closeDetails(selected.run_id)}
           onOpenMlflow={() => onOpenMlflow(selected)}
           onCancelled={run => model.upsert(run)}
           confirmCancel={confirmCancel}
