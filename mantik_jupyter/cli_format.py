@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 SHORT_ID = 8
+# A name longer than this is cut in the runs table (``runs info`` has it whole): one
+# 600-character name made every row of the table 600 characters wide.
+NAME_WIDTH = 40
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -19,6 +22,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 def age(ms: int | None, now: float | None = None) -> str:
@@ -68,7 +75,7 @@ def runs_table(runs: Sequence[dict[str, Any]]) -> str:
     rows = [
         [
             str(r.get("run_id", ""))[:SHORT_ID],
-            str(r.get("run_name") or "-"),
+            clip(str(r.get("run_name") or "-"), NAME_WIDTH),
             str(r.get("state") or "-"),
             str(r.get("backend") or "-"),
             age(r.get("start_time")),

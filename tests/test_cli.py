@@ -610,14 +610,32 @@ def test_unknown_experiment_id(mantik: Mantik, project: Path) -> None:
     assert "experiment id 987654: there is no such experiment, or it" in result.stderr
 
 
-def test_a_run_mantik_did_not_submit_has_no_log(mantik: Mantik) -> None:
-    # A plain MLflow run (a notebook's mlflow.start_run) has no job: following its log
-    # waited for ever, reading it printed nothing and succeeded.
+def user_api(mantik: Mantik) -> RunsApi:
+    """MLflow's REST API as the user of ``mantik``."""
     user = Credential(
         username=mantik.env["MLFLOW_TRACKING_USERNAME"],
         password=mantik.env["MLFLOW_TRACKING_PASSWORD"],
     )
-    api = RunsApi(TrackingClient(mantik.env["MLFLOW_TRACKING_URI"], user))
+    return RunsApi(TrackingClient(mantik.env["MLFLOW_TRACKING_URI"], user))
+
+
+def test_long_run_names_are_cut_in_the_table(mantik: Mantik) -> None:
+    # One 300-character name made every row of `runs list` 300 characters wide.
+    api = user_api(mantik)
+    experiment = api.create_experiment(f"names-{uuid.uuid4().hex[:8]}")
+    tags = {"mantik.backend": "local", "mantik.state": "FINISHED"}
+    run = api.create_run(experiment, run_name="n" * 300, tags=tags)["info"]["run_id"]
+    api.update_run(run, status="FINISHED", end_time=int(time.time() * 1000))
+    table = ok(mantik("runs", "list", "--experiment-id", experiment)).stdout.splitlines()
+    assert table[1].startswith(run[:8]) and "n" * 39 + "\u2026 " in table[1]
+    assert max(map(len, table)) < 100, table
+    assert as_json(mantik("runs", "info", run, "--json"))["run_name"] == "n" * 300
+
+
+def test_a_run_mantik_did_not_submit_has_no_log(mantik: Mantik) -> None:
+    # A plain MLflow run (a notebook's mlflow.start_run) has no job: following its log
+    # waited for ever, reading it printed nothing and succeeded.
+    api = user_api(mantik)
     experiment = api.create_experiment(f"plain-{uuid.uuid4().hex[:8]}")
     run_id = api.create_run(experiment, run_name="plain")["info"]["run_id"]  # RUNNING
     for follow in ((), ("--follow",)):
