@@ -13,7 +13,9 @@ import getpass
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -341,6 +343,7 @@ def _epilog() -> str:
     lines += [
         f"  {EXIT_RUN_UNSUCCESSFUL:>3}  runs submit --wait: the run ended FAILED or KILLED",
         f"  {EXIT_INTERRUPTED:>3}  interrupted (Ctrl-C); a submitted run keeps running",
+        "  143  stopped by SIGTERM (129: SIGHUP); likewise",
         "",
         "Runs are named by their MLflow run id, a unique prefix of it, or the run name.",
         "Tracking: --tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded server of",
@@ -483,27 +486,58 @@ def interrupted(exc: BaseException) -> bool:
     Ctrl-C can fail again while it is cleaned up (an SFTP channel left mid-packet says
     'Garbage packet received'); that failure is the interrupt, not an error to report.
     The magics use it too."""
+    return _interrupt_in(exc) is not None
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, KeyboardInterrupt):
-            return True
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a CI job's time limit, ``timeout``, a closed terminal), raised
+    like Ctrl-C so that what was begun is cleaned up: a submission killed outright left
+    its run SUBMITTING for ever."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = Context(args)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, _raise_stopped)
+    try:
+        return _run(ctx)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(ctx: Context) -> int:
     warnings.showwarning = ctx.show_warning
     try:
-        return int(args.func(ctx))
+        return int(ctx.args.func(ctx))
     except (KeyboardInterrupt, Exception) as err:
-        if interrupted(err):
+        stop = _interrupt_in(err)
+        if stop is not None:
             # Only this command stops: a submitted run keeps running on its backend.
             print("", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return 128 + stop.signum if isinstance(stop, Stopped) else EXIT_INTERRUPTED
         if isinstance(err, MantikError):
             print(f"error: {err.message}", file=sys.stderr)
             return err.exit_code

@@ -498,9 +498,12 @@ def test_ctrl_c_during_an_ssh_download(
 
 
 @pytest.mark.slurm
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_while_submitting_marks_the_run_killed(
-    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
+    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str, signum: int, code: int
 ) -> None:
+    # SIGTERM (a CI job's time limit, `timeout`) killed the command outright: the run
+    # stayed SUBMITTING for ever.
     project = copy_example(tmp_path)
     config = slurm_config(slurm_cluster, remote_base)
     # Runs on the login node before sbatch, within the submission: time to press Ctrl-C.
@@ -519,12 +522,12 @@ def test_ctrl_c_while_submitting_marks_the_run_killed(
             if line.startswith("upload") and "100%" in line:
                 break
         time.sleep(1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, (out, err)
+    assert proc.returncode == code, (out, err)
     run = as_json(mantik("runs", "status", name, "--json"))
     # It was FAILED with the reason 'submission failed: KeyboardInterrupt: '.
     assert run["state"] == "KILLED" and run["mlflow_status"] == "KILLED", run
