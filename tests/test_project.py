@@ -224,6 +224,23 @@ def test_invalid_default_is_reported_as_the_mlprojects_fault(tmp_path: Path) -> 
     assert resolve_entry_point(project, "main", {"n": "3"}).params == {"n": "3"}
 
 
+def test_values_mlflow_would_cut_short_are_refused(tmp_path: Path) -> None:
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, _validate_param
+
+    at_limit, over = "x" * MAX_PARAM_VAL_LENGTH, "x" * (MAX_PARAM_VAL_LENGTH + 1)
+    # What MLflow would record of the longer value: not what the job ran with.
+    assert _validate_param("station", over) == Param("station", at_limit)
+    project = load_project(make_project(tmp_path))
+    with pytest.raises(ProjectError) as err:
+        resolve_entry_point(project, "main", {"data": "x", "station": over})
+    assert "'station'" in err.value.message and str(MAX_PARAM_VAL_LENGTH + 1) in err.value.message
+    with pytest.raises(ProjectError, match="'alpha'"):
+        resolve_entry_point(project, "train.py", {"alpha": over})
+    resolved = resolve_entry_point(project, "main", {"data": "x", "station": at_limit})
+    assert resolved.params["station"] == at_limit
+
+
 def test_uri_parameter_is_checked_by_mlflow(tmp_path: Path) -> None:
     project = load_project(make_project(tmp_path))
     with pytest.raises(ProjectError, match="Expected URI"):

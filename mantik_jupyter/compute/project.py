@@ -283,6 +283,8 @@ def resolve_entry_point(
     declared = project.entry_points.get(entry_point)
     if declared is None:
         ep = _script_entry_point(project, entry_point)
+        for name, value in values.items():
+            _check_length(project, entry_point, name, value, from_default=False)
         return _compute(project, ep, values, is_script=True)
     _check_known(project, declared, values)
     _check_required(project, declared, values)
@@ -290,6 +292,7 @@ def resolve_entry_point(
         from_default = spec.name not in values
         value = spec.default if from_default else values[spec.name]
         _check_type(project, declared, spec, value, from_default)
+        _check_length(project, entry_point, spec.name, value, from_default)
     ep = project.spec._entry_points[entry_point]
     return _compute(project, ep, values, is_script=False)
 
@@ -358,6 +361,24 @@ def _check_type(
     raise ProjectError(
         f"Parameter '{spec.name}' of entry point '{ep.name}' ({project.mlproject_path}) has "
         f"type {spec.type}, but {origin} {value!r} is not a valid {spec.type}."
+    )
+
+
+def _check_length(
+    project: Project, entry_point: str, name: str, value: str | None, from_default: bool
+) -> None:
+    # MLflow cuts a longer param value short when it is logged: the run would record
+    # something other than what the job ran with.
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    if value is None or len(value) <= MAX_PARAM_VAL_LENGTH:
+        return
+    origin = "its default in the MLproject" if from_default else "the given value"
+    raise ProjectError(
+        f"Parameter '{name}' of entry point '{entry_point}' ({project.mlproject_path}): "
+        f"{origin} has {len(value)} characters, but MLflow records at most "
+        f"{MAX_PARAM_VAL_LENGTH} per parameter and would cut it short. Pass a shorter value, "
+        "e.g. the path of a file in the project that holds it."
     )
 
 
