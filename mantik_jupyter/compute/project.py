@@ -283,8 +283,8 @@ def resolve_entry_point(
     declared = project.entry_points.get(entry_point)
     if declared is None:
         ep = _script_entry_point(project, entry_point)
-        for name, value in values.items():
-            _check_length(project, entry_point, name, value, from_default=False)
+        for name, given in values.items():
+            _check_length(project, entry_point, name, given, from_default=False)
         return _compute(project, ep, values, is_script=True)
     _check_known(project, declared, values)
     _check_required(project, declared, values)
