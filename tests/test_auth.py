@@ -73,6 +73,26 @@ async def test_wrong_password_is_401_naming_the_server(jp_fetch, mlflow_server):
     assert body["logged_in"] is False
 
 
+async def test_a_credential_the_server_refuses_is_no_login(jp_fetch, mlflow_server, monkeypatch):
+    # One from the environment is never checked at a login: the status asks the server.
+    user = mlflow_server.create_user()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password-at-all")
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert code == 200 and body["credential_source"] == "environment"
+    assert body["logged_in"] is False
+    assert mlflow_server.uri in body["message"] and "MLFLOW_TRACKING_USERNAME" in body["message"]
+    assert "not-the-password-at-all" not in json.dumps(body)
+    # A login with the right password is used instead of the environment's.
+    assert (await login_as(jp_fetch, user))["logged_in"] is True
+    code, body = await api_json(jp_fetch, "auth", "logout", method="POST", body={})
+    assert body["logged_in"] is False and "message" in body
+    # The right password in the environment is a login (the earlier answer is not reused).
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user.password)
+    code, body = await api_json(jp_fetch, "auth", "status")
+    assert body["logged_in"] is True and "message" not in body
+
+
 async def test_token_rejected_by_basic_auth_server(jp_fetch, mlflow_server):
     code, body = await api_json(
         jp_fetch, "auth", "login", method="POST", body={"token": "definitely-not-valid"}

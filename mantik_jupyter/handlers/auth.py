@@ -13,7 +13,8 @@ class StatusHandler(MantikAPIHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.write_json(self.mantik.tracking.status())
+        # It may ask the tracking server whether it takes the credential.
+        self.write_json(await self.in_thread(self.mantik.tracking.status))
 
 
 class LoginHandler(MantikAPIHandler):

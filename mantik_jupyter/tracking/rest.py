@@ -73,7 +73,7 @@ class TrackingClient:
                 data=data,
                 headers=self._headers(),
                 stream=stream,
-                timeout=(CONNECT_TIMEOUT, timeout),
+                timeout=(min(CONNECT_TIMEOUT, timeout), timeout),
                 # A CA setting matters (and is checked) only for HTTPS servers.
                 verify=requests_verify() if url.lower().startswith("https:") else True,
             )
@@ -116,13 +116,15 @@ class TrackingClient:
             f"The tracking server {self.uri} failed with HTTP {resp.status_code}: {detail}"
         )
 
-    def api(self, method: str, endpoint: str, **body: Any) -> dict[str, Any]:
+    def api(
+        self, method: str, endpoint: str, *, timeout: float = READ_TIMEOUT, **body: Any
+    ) -> dict[str, Any]:
         """Call ``/api/2.0/mlflow/<endpoint>``; GET sends ``body`` as query parameters."""
         path = f"api/2.0/mlflow/{endpoint}"
         if method == "GET":
-            resp = self.request("GET", path, params=body or None)
+            resp = self.request("GET", path, params=body or None, timeout=timeout)
         else:
-            resp = self.request(method, path, json=body)
+            resp = self.request(method, path, json=body, timeout=timeout)
         if not resp.content:
             return {}
         try:
@@ -155,10 +157,10 @@ class TrackingClient:
             return False
         return resp.status_code == 200
 
-    def verify(self) -> None:
+    def verify(self, timeout: float = READ_TIMEOUT) -> None:
         """Raise AuthenticationFailed/TrackingUnavailable unless the credential works."""
         try:
-            self.api("POST", "experiments/search", max_results=1)
+            self.api("POST", "experiments/search", timeout=timeout, max_results=1)
         except PermissionDenied:
             # Searching is open to every user; a 403 here (e.g. from a proxy in front of
             # MLflow) means the credential itself was refused.

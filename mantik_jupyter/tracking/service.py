@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import InvalidRequest, NotLoggedIn, TrackingUnavailable
+from ..errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    MantikError,
+    NotLoggedIn,
+    TrackingUnavailable,
+)
 from .credentials import (
     Credential,
     CredentialStore,
@@ -25,6 +34,11 @@ SOURCES = {
     "uri": "the user:password@ in the tracking URI",
     "embedded": "the embedded server's automatic login",
 }
+
+# How long the answer to "does the server take this credential" is trusted by ``status``.
+CHECKED_FOR = 60.0
+# A status must answer quickly, also while a remote server does not: unknown, not refused.
+CHECK_TIMEOUT = 5.0
 
 
 def logout_message(status: dict[str, Any]) -> str:
@@ -71,6 +85,9 @@ class TrackingService:
         self.embedded_server = embedded
         self._embedded_credential = embedded_credential
         self._embedded_dir = embedded.directory if embedded is not None else embedded_dir
+        # (fingerprint of URI and credential, when checked, the server's refusal or None)
+        self._checked: tuple[str, float, str | None] | None = None
+        self._check_lock = threading.Lock()
 
     @property
     def is_embedded(self) -> bool:
@@ -161,15 +178,43 @@ class TrackingService:
         )
 
     def status(self) -> dict[str, Any]:
+        """Who the user is logged in as. A credential the server refuses is no login: one
+        from the environment or the URI was never checked, a stored one may have been
+        revoked since. Asks the server at most every ``CHECKED_FOR`` seconds (blocking)."""
         cred, source = self._credential_and_source()
-        return {
+        refusal = self._refusal(cred) if cred is not None and source != "embedded" else None
+        status = {
             "tracking_uri": self.uri,
             "username": cred.describe()["username"] if cred else None,
-            "logged_in": cred is not None,
+            "logged_in": cred is not None and refusal is None,
             "credential_source": source,
             "embedded": self.is_embedded,
             "ready": self.ready,
         }
+        if refusal is not None:
+            status["message"] = f"{refusal} (The credential came from {SOURCES[source or '']}.)"
+        return status
+
+    def _fingerprint(self, cred: Credential) -> str:
+        # Kept in memory only, and no secret even there: a digest.
+        return hashlib.sha256(f"{self.uri}\0{cred.auth_header()}".encode()).hexdigest()
+
+    def _refusal(self, cred: Credential) -> str | None:
+        """The server's refusal of ``cred``, or None when it takes it (or cannot say)."""
+        key = self._fingerprint(cred)
+        with self._check_lock:
+            checked = self._checked
+            if checked and checked[0] == key and time.monotonic() - checked[1] < CHECKED_FOR:
+                return checked[2]
+            refusal: str | None = None
+            try:
+                TrackingClient(self.uri, cred).verify(timeout=CHECK_TIMEOUT)
+            except AuthenticationFailed as exc:
+                refusal = exc.message
+            except MantikError:
+                return None  # unreachable or answering oddly: the calls themselves will say
+            self._checked = (key, time.monotonic(), refusal)
+            return refusal
 
     def login(
         self,
@@ -186,6 +231,7 @@ class TrackingService:
         self.wait_ready()
         TrackingClient(self.uri, cred).verify()
         self.store.set(self.store_key, cred)
+        self._checked = (self._fingerprint(cred), time.monotonic(), None)
         return self.status()
 
     def logout(self) -> dict[str, Any]:
