@@ -30,6 +30,8 @@ export interface IAuthStatus {
    * (absent from older servers: treat as ready).
    */
   ready?: boolean;
+  /** Why a credential at hand is no login: the tracking server refused it. */
+  message?: string;
 }
 
 /** Body of `POST mantik/api/auth/login`. */
@@ -386,7 +388,8 @@ export function isAuthStatus(value: unknown): value is IAuthStatus {
     (value.username === null ||
       value.username === undefined ||
       typeof value.username === 'string') &&
-    (value.ready === undefined || typeof value.ready === 'boolean')
+    (value.ready === undefined || typeof value.ready === 'boolean') &&
+    (value.message === undefined || typeof value.message === 'string')
   );
 }
 
@@ -408,7 +411,8 @@ export function parseAuthStatus(value: unknown): IAuthStatus {
     username: value.username ?? null,
     logged_in: value.logged_in,
     embedded: value.embedded,
-    ready: value.ready ?? true
+    ready: value.ready ?? true,
+    ...(value.message !== undefined ? { message: value.message } : {})
   };
 }
 

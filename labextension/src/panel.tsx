@@ -403,6 +403,15 @@ function StatusView(props: { status: IAuthStatus }): JSX.Element {
           {status.logged_in ? 'Logged in' : 'Not logged in'}
         </span>
       </dd>
+      {status.message !== undefined ? (
+        <dd
+          className="mantik-error mantik-status-message"
+          data-testid="mantik-status-message"
+          role="status"
+        >
+          {status.message}
+        </dd>
+      ) : null}
     </dl>
   );
 }

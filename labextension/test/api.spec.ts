@@ -201,6 +201,13 @@ describe('auth status validation', () => {
     expect(parseAuthStatus({ ...EMBEDDED, ready: false }).ready).toBe(false);
   });
 
+  it('keeps the message of a refused credential', () => {
+    const refused = { ...REMOTE_OUT, logged_in: false, message: 'refused' };
+    expect(parseAuthStatus(refused).message).toBe('refused');
+    expect('message' in parseAuthStatus(REMOTE_OUT)).toBe(false);
+    expect(isAuthStatus({ ...REMOTE_OUT, message: 3 })).toBe(false);
+  });
+
   it('rejects arrays and wrong types', () => {
     expect(isAuthStatus([])).toBe(false);
     expect(isAuthStatus({ ...EMBEDDED, logged_in: 'yes' })).toBe(false);
