@@ -527,6 +527,7 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     details.locator('[data-testid="mantik-cancel-run"]').click()
     confirm = page.locator(".jp-Dialog").filter(has_text="Cancel run?")
     expect(confirm).to_be_visible()
+    expect(confirm.get_by_role("button", name="Keep running")).to_be_focused()
     confirm.get_by_role("button", name="Cancel run").click()
     _wait_for_state(details, "^KILLED$", "e2e-sleep after cancel")
     expect(details.locator('[data-testid="mantik-cancel-run"]')).to_have_count(0)

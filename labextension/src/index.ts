@@ -203,7 +203,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
           buttons: [
             Dialog.cancelButton({ label: 'Keep running' }),
             Dialog.warnButton({ label: 'Cancel run' })
-          ]
+          ],
+          // A job that ran for hours is not lost to an Enter pressed out of habit.
+          defaultButton: 0
         });
         return result.button.accept;
       }
