@@ -459,7 +459,8 @@ def test_ctrl_c_during_an_ssh_download(
 ) -> None:
     project = copy_example(tmp_path)
     write_config(project, slurm_config(slurm_cluster, remote_base))
-    run = as_json(mantik("runs", "submit", str(project), "-P", "epochs=1", "--json"))
+    run = as_json(mantik("runs", "submit", str(project), "-P", "epochs=1", "--json",
+                         "--experiment-name", f"cli-{uuid.uuid4().hex[:8]}"))  # fmt: skip
     # A file that takes seconds to read over SSH (sparse: it costs no disk on the cluster).
     big = Path(run["tags"]["mantik.run_dir"]) / "big.bin"
     with open(big, "wb") as f:
