@@ -21,3 +21,14 @@ def credentials_file() -> Path:
 
 def embedded_dir() -> Path:
     return data_dir() / "tracking"
+
+
+def run_key_file() -> Path:
+    """This installation's key that signs the backend binding of the runs it submits."""
+    return data_dir() / "run-key.json"
+
+
+def trusted_run_keys_dir() -> Path:
+    """Keys of other installations of the same user (their ``run-key.json`` copied
+    here): their runs are followed here too."""
+    return data_dir() / "trusted-run-keys"

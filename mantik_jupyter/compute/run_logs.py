@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from ..errors import BackendUnavailable, NotFound
+from ..errors import BackendUnavailable, NotFound, PermissionDenied
 from ..tracking.runs_api import RunsApi, run_tags
 from .backends.base import Backend
 from .run_record import ARTIFACT_LOG, TAG_BACKEND, TAG_JOB_ID, LogChunk, RunInfo
@@ -57,6 +57,7 @@ class RunLogs:
             offset = chunk.offset
 
     def _read_log(self, api: RunsApi, run: Mapping[str, Any], offset: int, final: bool) -> bytes:
+        untrusted: PermissionDenied | None = None
         try:
             backend, job_id = self._backend_of_run(run)
             data, _ = backend.read_log(job_id, offset)
@@ -64,6 +65,12 @@ class RunLogs:
         except (BackendUnavailable, NotFound):
             if not final:
                 raise
+        except PermissionDenied as exc:
+            # Submitted elsewhere (see run_backends): its backend is not asked, but the
+            # copy an ended run stored in MLflow is data like its metrics.
+            if not final:
+                raise
+            untrusted = exc
         # The run ended and its directory is gone or unreachable: the stored copy.
         try:
             out = bytearray()
@@ -76,6 +83,8 @@ class RunLogs:
                 skip = 0
             return bytes(out)
         except NotFound:
+            if untrusted is not None:
+                raise untrusted from None
             return b""
 
     def follow(

@@ -12,6 +12,9 @@ tag                         meaning
 ``mantik.job_id``           the backend's job id
 ``mantik.run_dir``          the run directory on the compute system (UNICORE: the URL of
                             the job's working-directory storage)
+``mantik.binding``          signature of the run id, the three tags above and
+                            ``mantik.run_user`` by the submitting installation's key
+                            (``run_backends.RunKeys``); only runs it verifies are connected to
 ``mantik.entry_point``      MLproject entry point; ``mantik.source``: cli|notebook|lab|api
 ``mantik.user``             submitting tracking user; ``mantik.run_user``: per-run user
 ``mantik.package_sha256``   digest of the code archive
@@ -50,6 +53,7 @@ TAG_BACKEND = "mantik.backend"
 TAG_BACKEND_SPEC = "mantik.backend_spec"
 TAG_JOB_ID = "mantik.job_id"
 TAG_RUN_DIR = "mantik.run_dir"
+TAG_BINDING = "mantik.binding"
 TAG_ENTRY_POINT = "mantik.entry_point"
 TAG_SOURCE = "mantik.source"
 TAG_USER = "mantik.user"

@@ -56,6 +56,7 @@ from .run_record import (
     SOURCES,
     TAG_BACKEND,
     TAG_BACKEND_SPEC,
+    TAG_BINDING,
     TAG_ENTRY_POINT,
     TAG_JOB_ID,
     TAG_PROJECT,
@@ -89,15 +90,18 @@ class MantikRunWarning(UserWarning):
 
 class Submitter:
     """The submissions of one ``RunService``. ``backend_for`` gives a config's backend
-    spec and the service's backend for it; experiment lookups are remembered here."""
+    spec and the service's backend for it; ``sign`` gives a run's ``mantik.binding``
+    (``RunKeys.sign``); experiment lookups are remembered here."""
 
     def __init__(
         self,
         tracking: TrackingService,
         backend_for: Callable[[ComputeConfig], tuple[dict[str, Any], Backend]],
+        sign: Callable[[str, Mapping[str, str]], str],
     ) -> None:
         self.tracking = tracking
         self._backend_for = backend_for
+        self._sign = sign
         self._lock = threading.Lock()
         # (tracking URI, "id <id>" | "name <name>") -> (experiment id, when learnt).
         self._experiments: dict[tuple[str, str], tuple[str, float]] = {}
@@ -128,6 +132,9 @@ class Submitter:
         project_path = resolve_project(project_dir, root_dir)
         config = load_config(resolve_config(project_path, backend_config, root_dir))
         spec, backend = self._backend_for(config)
+        # The signing key is made (or found unusable) now: the job's tags are signed
+        # once it is queued, where a failure would lose the job.
+        self._sign("", {})
         # The login at the cluster (key exchange, authentication, a site's session)
         # overlaps loading the project (MLflow's project code is slow to import) and
         # packaging; it is waited for before anything is created in MLflow, so that a
@@ -281,6 +288,8 @@ class Submitter:
                 TAG_RUN_DIR: backend.run_dir_of(job_id),
                 TAG_STATE: str(RunState.QUEUED),
             }
+            # With the job's tags, in one call: a run is never followable unsigned.
+            job_tags[TAG_BINDING] = self._sign(run_id, {**tags, **job_tags})
             _record_job(api, run_id, job_tags)
             notes = notes + _artifact_failures(api, run_id, notes, artifacts)
         finally:

@@ -42,26 +42,39 @@ log = logging.getLogger(__name__)
 
 class RunSync:
     """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
-    run's backend (attached to its run directory) and job id."""
+    run's backend (attached to its run directory) and job id; ``trusted`` says whether
+    this installation submitted a run (``BackendPool.trusted``)."""
 
     def __init__(
         self,
         tracking: TrackingService,
         backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
+        trusted: Callable[[Mapping[str, Any]], bool],
     ) -> None:
         self.tracking = tracking
         self._backend_of_run = backend_of_run
+        self._trusted = trusted
         self._lock = threading.Lock()
         # Runs being finalised (log upload etc.) by this process, to do it only once.
         self._finalising: set[str] = set()
 
     def sync_runs(self, api: RunsApi, runs: Sequence[Mapping[str, Any]]) -> list[RunInfo]:
-        """Ask each backend once for the states of its active runs and record them."""
+        """Ask each backend once for the states of its active runs and record them.
+
+        Runs another installation or user submitted are left alone, quietly: no
+        connection, no tag, no log upload. Their recorded state is what the list shows
+        (a sync runs unasked, for every page of runs, so this is no place for an error).
+        """
         groups: dict[str, list[Mapping[str, Any]]] = {}
         for run in runs:
             tags = run_tags(run)
             state = tags.get(TAG_STATE)
-            if state in ACTIVE_STATES and tags.get(TAG_JOB_ID) and tags.get(TAG_BACKEND_SPEC):
+            if (
+                state in ACTIVE_STATES
+                and tags.get(TAG_JOB_ID)
+                and tags.get(TAG_BACKEND_SPEC)
+                and self._trusted(run)
+            ):
                 groups.setdefault(tags[TAG_BACKEND_SPEC], []).append(run)
         changed: set[str] = set()
         for group in groups.values():

@@ -22,7 +22,8 @@ from ..tracking.runs_api import RunsApi, now_ms, quote_filter_value, tag_key
 from ..tracking.service import TrackingService
 from .backends.base import FileEntry
 from .backends.paths import clean_relative, usable_path
-from .run_backends import BackendPool, backend_kinds
+from .layout import CREDENTIALS_FILE
+from .run_backends import BackendPool, RunKeys, backend_kinds
 from .run_logs import RunLogs
 from .run_record import (
     ACTIVE_STATES,
@@ -50,7 +51,9 @@ class RunService:
     after submission) and, by default, the run directories of the local backend
     (``work_dir/local-runs``). ``job_tracking_uri`` is the tracking address the job uses
     (a compute node may need another one than the lab). ``root_dir`` confines project
-    and config paths (the Jupyter root for the REST API).
+    and config paths (the Jupyter root for the REST API). ``key_file`` signs the runs
+    submitted here, ``trusted_keys`` holds other installations' keys (default: in the
+    mantik data dir; see ``run_backends.RunKeys``): only runs these verify are followed.
     """
 
     def __init__(
@@ -61,15 +64,19 @@ class RunService:
         job_tracking_uri: str | None = None,
         package_size_limit: int | None = 2 * 1024**3,
         root_dir: Path | None = None,
+        key_file: Path | None = None,
+        trusted_keys: Path | None = None,
     ) -> None:
         self.tracking = tracking
         self.work_dir = Path(work_dir).expanduser().absolute()
         self.job_tracking_uri = job_tracking_uri
         self.package_size_limit = package_size_limit
         self.root_dir = Path(root_dir).expanduser().resolve() if root_dir is not None else None
-        self._backends = BackendPool(tracking, local_dir=self.work_dir / "local-runs")
-        self._submitter = Submitter(tracking, self._backends.for_config)
-        self._sync = RunSync(tracking, self._backends.of_run)
+        self._backends = BackendPool(
+            tracking, local_dir=self.work_dir / "local-runs", keys=RunKeys(key_file, trusted_keys)
+        )
+        self._submitter = Submitter(tracking, self._backends.for_config, self._backends.keys.sign)
+        self._sync = RunSync(tracking, self._backends.of_run, self._backends.trusted)
         self._logs = RunLogs(self._backends.of_run, self._sync.sync_runs)
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -301,16 +308,23 @@ class RunService:
 
     # ---- files --------------------------------------------------------------------------
 
+    # The run's credential file (``layout.CREDENTIALS_FILE``: the job's tracking token,
+    # there until the job reads it, e.g. while a Slurm job waits) is not a file of the
+    # run for anyone: not listed, not opened, not downloaded (the backends leave it out
+    # of folder downloads).
+
     def files(self, ref: str, path: str = "") -> builtins.list[FileEntry]:
         rel = clean_relative(path)
         backend, job_id = self._backends.of_run(self._resolve_run(self._api(), ref))
-        return backend.list_files(job_id, rel)
+        return [e for e in backend.list_files(job_id, rel) if e.path != CREDENTIALS_FILE]
 
     def open_file(self, ref: str, path: str) -> Iterator[bytes]:
         rel = clean_relative(path)
         if not rel:
             raise InvalidRequest("Give the path of a file of the run directory.")
-        backend, job_id = self._backends.of_run(self._resolve_run(self._api(), ref))
+        run = self._resolve_run(self._api(), ref)
+        backend, job_id = self._backends.of_run(run)
+        _not_credentials(run, rel)
         return backend.open_file(job_id, rel)
 
     def download(
@@ -325,7 +339,9 @@ class RunService:
         rel = clean_relative(path)
         target = Path(dest) if dest else Path.cwd()
         usable_path(target, "download destination")
-        backend, job_id = self._backends.of_run(self._resolve_run(self._api(), ref))
+        run = self._resolve_run(self._api(), ref)
+        backend, job_id = self._backends.of_run(run)
+        _not_credentials(run, rel)
         try:
             return backend.download(job_id, rel, target, progress)
         except (ConnectionError, TimeoutError):
@@ -343,6 +359,15 @@ class RunService:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+
+def _not_credentials(run: Mapping[str, Any], rel: str) -> None:
+    """The credential file is answered as a file that is not there."""
+    if rel == CREDENTIALS_FILE:
+        raise NotFound(
+            f"No file {rel!r} in the run directory of run {run['info']['run_id']}; list "
+            "the run directory to see what is there."
+        )
 
 
 def _state_filter(state: str) -> builtins.list[str]:

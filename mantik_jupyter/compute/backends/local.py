@@ -774,9 +774,15 @@ def _tree_size(root: Path) -> int:
 
 
 def _links_leaving(root: Path):
+    """copytree's ``ignore`` for a folder download: links leading out of the run, and
+    the run's credential file (while a job has not read it yet)."""
+
     def ignore(directory: str, names: list[str]) -> list[str]:
         skipped = []
         for name in names:
+            if name == layout.CREDENTIALS_FILE and Path(directory) == root:
+                skipped.append(name)
+                continue
             path = Path(directory) / name
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 log.warning("download: skipped %s (a link leading out of the run)", path)

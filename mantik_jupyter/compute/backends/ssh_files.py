@@ -253,16 +253,21 @@ class SshRunFiles:
         name = posixpath.basename(rel) or posixpath.basename(run_dir)
         final = dest / name if dest.is_dir() else dest
         if is_dir:
-            return self._download_folder(target, final, progress)
+            return self._download_folder(target, final, progress, whole_run=not rel)
         return save_stream(self.open(run_dir, rel), final, size, progress)
 
-    def _download_folder(self, target: str, final: Path, progress: Progress | None) -> Path:
+    def _download_folder(
+        self, target: str, final: Path, progress: Progress | None, *, whole_run: bool = False
+    ) -> Path:
         parent, name = posixpath.split(target)
         q = shlex.quote
+        # The run's credential file stays on the cluster (a pending job has not read it).
+        exclude = f"--exclude={q(f'{name}/{layout.CREDENTIALS_FILE}')} " if whole_run else ""
         # Size first (for progress), then the archive, on one channel. du's first line
         # only: it prints the name after the size, and a name may hold a newline.
         command = (
-            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 && tar -cf - -- {q(name)}"
+            f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 && "
+            f"tar -cf - {exclude}-- {q(name)}"
         )
         if final.exists():
             # Never delete or merge into a local folder the user may care about.

@@ -681,6 +681,8 @@ class UnicoreBackend(Backend):
         if final.exists():
             raise Conflict(f"{final} exists already: remove it or download elsewhere")
         files = self._walk(job_id, rel)
+        if not rel:  # the run's credential file stays on the site
+            files = [(f, size) for f, size in files if f != layout.CREDENTIALS_FILE]
         total = sum(size for _, size in files) or 0
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
