@@ -30,6 +30,7 @@ from .runs_helpers import (
     copy_example,
     remote_run_dirs,
     slurm_config,
+    unicore_config,
     wait_for,
     write_config,
 )
@@ -250,3 +251,27 @@ def test_the_credential_file_of_a_running_slurm_job_is_not_shown_opened_or_downl
     assert (Path(run_dir) / CREDENTIALS_FILE).exists()  # the cluster is this machine
     _credentials_hidden(mine, run_id, tmp_path)
     assert mine.cancel(run_id).state == RunState.KILLED
+
+
+def test_the_credential_file_at_a_unicore_site_is_not_shown_opened_or_downloaded(
+    mine, tmp_path, unicore_site, unicore_login
+):
+    project = copy_example(tmp_path)
+    write_config(project, unicore_config(unicore_site))
+    run_id = _running(mine, project, "trust-unicore-credentials")
+    job = unicore_site.jobs[mine.get(run_id).job_id]
+    # As before the job read it (the stand-in's job dir is on this machine).
+    (job.workdir / CREDENTIALS_FILE).write_text("MLFLOW_TRACKING_TOKEN=secret\n")
+    _credentials_hidden(mine, run_id, tmp_path)
+    assert mine.cancel(run_id).state == RunState.KILLED
+
+
+def test_an_ended_run_of_another_installation_shows_its_stored_log(
+    mine, other, project, tmp_path
+):
+    info = mine.submit(project, params={"epochs": "1"}, experiment_name="trust-ended")
+    ended = wait_for(mine, info.run_id, {RunState.FINISHED})
+    # The copy in MLflow is data like the run's metrics; the backend is not asked.
+    assert other.all_logs(ended.run_id).text == mine.all_logs(ended.run_id).text != ""
+    with pytest.raises(PermissionDenied):
+        other.files(ended.run_id)
