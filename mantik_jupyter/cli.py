@@ -93,10 +93,12 @@ class Context:
 
     def emit(self, data: Any, human: str | Callable[[], str]) -> None:
         """JSON for scripts (``--json``), text for people; both on stdout."""
+        # Flushed: the process may still wait a while after answering (a local cancel's
+        # grace runs out in a thread), and a pipe must have the answer at once.
         if self.json:
-            print(json_out.dumps(data, indent=2))
+            print(json_out.dumps(data, indent=2), flush=True)
         else:
-            print(human() if callable(human) else human)
+            print(human() if callable(human) else human, flush=True)
 
 
 # ---- auth ------------------------------------------------------------------------------
@@ -154,7 +156,8 @@ def cmd_status(ctx: Context) -> int:
         if status.get("credential_source") not in (None, "login"):
             who += f" ({SOURCES[status['credential_source']]})"
         kind = "embedded" if status["embedded"] else "remote"
-        return f"Tracking server: {status['tracking_uri']} ({kind})\nUser: {who}"
+        text = f"Tracking server: {status['tracking_uri']} ({kind})\nUser: {who}"
+        return text + (f"\n{status['message']}" if status.get("message") else "")
 
     ctx.emit(status, human)
     return EXIT_OK

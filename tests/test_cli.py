@@ -197,6 +197,16 @@ def test_login_status_logout(anon: Mantik, mlflow_server: MlflowServer, tmp_path
     assert as_json(anon("status", "--json"))["logged_in"] is False
 
 
+def test_status_says_the_server_refuses_the_environments_password(anon: Mantik) -> None:
+    anon.env.update(MLFLOW_TRACKING_USERNAME="someone", MLFLOW_TRACKING_PASSWORD="wrong-pass")
+    out = ok(anon("status")).stdout
+    assert "not logged in" in out and "refused" in out and "MLFLOW_TRACKING_USERNAME" in out
+    assert "wrong-pass" not in out
+    status = as_json(anon("status", "--json"))
+    assert status["logged_in"] is False and status["credential_source"] == "environment"
+    assert "refused" in ok(anon("logout")).stdout
+
+
 def test_logout_says_when_a_credential_from_the_environment_stays(
     mantik: Mantik, mlflow_server: MlflowServer
 ) -> None:

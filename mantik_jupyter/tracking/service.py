@@ -46,7 +46,7 @@ def logout_message(status: dict[str, Any]) -> str:
     uri = status["tracking_uri"]
     done = f"Logged out of {uri}." if status.get("removed") else f"No stored login for {uri}."
     if not status["logged_in"]:
-        return done
+        return f"{done} {status['message']}" if status.get("message") else done
     source = status.get("credential_source")
     how = SOURCES.get(source or "", "another credential")
     hint = {
