@@ -11,11 +11,11 @@ from traitlets import Float, Unicode, default
 
 from . import paths
 from .compute.runs import RunService
-from .errors import MantikError
+from .errors import InvalidRequest, MantikError
 from .handlers import auth, backends, mlflow_proxy, projects, runs
 from .tracking.credentials import CredentialStore
 from .tracking.embedded import EmbeddedTrackingServer
-from .tracking.service import TrackingService
+from .tracking.service import TrackingService, check_http_uri
 
 
 class MantikApp(ExtensionApp):
@@ -68,7 +68,24 @@ class MantikApp(ExtensionApp):
     def _credentials_path_default(self) -> str:
         return str(Path(self.data_dir) / "credentials.json")
 
+    def _check_tracking_uri(self, uri: str) -> None:
+        """A URI that is no http(s) address ('localhost:5000', './mlruns') left the panel
+        saying 'not logged in' and every call failing deep in the HTTP client. Jupyter goes
+        on without an extension that fails to load: the reason is logged first, plainly."""
+        configured = "tracking_uri" in self.config.get(self.__class__.__name__, {})
+        source = "c.MantikApp.tracking_uri" if configured else "$MLFLOW_TRACKING_URI"
+        try:
+            check_http_uri(uri, source)
+        except InvalidRequest as exc:
+            self.log.error(
+                "mantik: %s The Mantik panel, proxy and run endpoints are off until it is fixed.",
+                exc.message,
+            )
+            raise
+
     def initialize_settings(self) -> None:
+        if self.tracking_uri:
+            self._check_tracking_uri(self.tracking_uri)
         store = CredentialStore(Path(self.credentials_path))
         # Kernels, terminals and the `mantik` command started from the lab find the same
         # tracking server and credential store (paths and URIs only, never a secret).
@@ -128,6 +145,8 @@ class MantikApp(ExtensionApp):
                 self.log.exception("mantik: refreshing run states failed")
 
     async def stop_extension(self) -> None:
+        if getattr(self, "run_service", None) is None:
+            return  # never set up: the configuration was refused at start
         if self._sync_task is not None:
             self._sync_task.cancel()
         # SSH connections to clusters; jobs keep running and are found again on restart.

@@ -135,6 +135,34 @@ class TestUnreachable:
         assert resp.code == 502 and self.uri in json.loads(resp.body)["message"]
 
 
+@pytest.mark.parametrize(
+    "uri", ["admin:pw-secret@localhost:5000", "ftp://admin:pw-secret@host", "http://admin:pw-secret@[::1"]
+)
+def test_a_refused_uri_is_shown_without_its_password(uri):
+    from mantik_jupyter.errors import InvalidRequest
+    from mantik_jupyter.tracking.service import check_http_uri
+
+    with pytest.raises(InvalidRequest) as err:
+        check_http_uri(uri, "from $MLFLOW_TRACKING_URI")
+    assert "pw-secret" not in err.value.message and "$MLFLOW_TRACKING_URI" in err.value.message
+
+
+class TestMalformedUri:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path):
+        return lab_config(tmp_path / "mantik", "admin:s3cret-pass@localhost:5000")
+
+    async def test_the_lab_says_what_is_wrong_and_the_extension_stays_off(self, capfd, jp_fetch):
+        resp = await jp_fetch("mantik", "api", "auth", "status", raise_error=False)
+        assert resp.code == 404
+        logged = capfd.readouterr().err
+        said = [line for line in logged.splitlines() if "c.MantikApp.tracking_uri" in line]
+        assert said and "'localhost:5000'" in said[0] and "http://" in said[0]
+        # (Jupyter's own debug dump of the config, which pytest-jupyter turns on, has it.)
+        ours = [line for line in logged.splitlines() if "tracking URI" in line]
+        assert ours and not any("s3cret-pass" in line for line in ours)
+
+
 class TestEnvironmentCredential:
     @pytest.fixture
     def jp_server_config(self, tmp_path, mlflow_server, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -287,7 +288,10 @@ def check_http_uri(
         parts = urlsplit(uri)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:  # unparsable ('http://[::1')
-        shown, ok = uri.rpartition("@")[2], False
+        shown, ok = uri, False
+    if not ok:
+        # Without '//' no netloc is parsed: 'admin:pw@localhost:5000' keeps its password.
+        shown = re.sub(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@", "", shown)
     if not ok:
         raise InvalidRequest(
             f"The {name} {shown!r} ({source}) is not the http:// or https:// address of "
