@@ -515,6 +515,20 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
         load_config(missing)
 
 
+def test_a_config_folder_means_the_config_in_it(tmp_path: Path) -> None:
+    from mantik_jupyter.compute.run_inputs import resolve_config
+
+    project, cluster = tmp_path / "project", tmp_path / "configs" / "juwels"
+    project.mkdir()
+    cluster.mkdir(parents=True)
+    # It said "does not exist" of a folder that exists.
+    with pytest.raises(ConfigError, match="is a folder without a config .*Name the config file"):
+        resolve_config(project, cluster, None)
+    config = write(cluster, "Local: {}\n")
+    assert resolve_config(project, cluster, None) == config
+    assert resolve_config(project, str(cluster), tmp_path) == config
+
+
 def test_invalid_yaml_names_line_and_column(tmp_path: Path) -> None:
     path = write(tmp_path, "Local: {}\nResources:\n  Queue: [batch\n")
     with pytest.raises(ConfigError, match=rf"^{path}:4:1: invalid YAML: "):

@@ -52,6 +52,15 @@ def resolve_config(project: Path, backend_config: str | Path | None, root_dir: P
         path = in_project if in_project.exists() else base / path
     if root_dir is not None and not path.resolve().is_relative_to(root_dir):
         raise UnsafePath(f"{backend_config} is not inside the Jupyter root {root_dir}")
+    if path.is_dir():
+        # A folder holding the config (a cluster's folder of configs): the one in it.
+        found = find_config(path)
+        if found is None:
+            raise ConfigError(
+                f"The compute backend config {path} is a folder without a config (looked for "
+                f"{', '.join(CONFIG_FILENAMES)}). Name the config file itself."
+            )
+        return found
     if not path.is_file():
         raise ConfigError(f"The compute backend config {path} does not exist")
     return path
