@@ -21,6 +21,7 @@ import pytest
 
 from mantik_jupyter.compute.layout import CREDENTIALS_FILE
 from mantik_jupyter.compute.run_record import TAG_BACKEND_SPEC, TAG_BINDING, TAG_JOB_ID
+from mantik_jupyter.compute.run_sync import NOT_FOLLOWED
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import NotFound, PermissionDenied
@@ -153,6 +154,7 @@ def test_a_rewritten_backend_spec_is_never_connected_to(
     # the run is shown as recorded, nothing is asked, nothing is written.
     listed, _ = mine.list(experiment_name="trust-rewritten", refresh=True)
     assert [i.state for i in listed if i.run_id == run_id] == [RunState.RUNNING]
+    assert [i.warnings for i in listed if i.run_id == run_id] == [[NOT_FOLLOWED]]
     mine.sync()
     mine.sync([run_id])
     assert mine.get(run_id).state == RunState.RUNNING
@@ -166,6 +168,7 @@ def test_a_rewritten_backend_spec_is_never_connected_to(
     # Put back as it was, the run is this installation's again: cancel reaches the job.
     colleague.set_tags(run_id, {TAG_BACKEND_SPEC: original})
     assert mine.files(run_id)
+    assert mine.get(run_id).warnings == []
     assert mine.cancel(run_id).state == RunState.KILLED
     assert recorder.requests == []
 

@@ -39,6 +39,12 @@ from .states import RunState
 
 log = logging.getLogger(__name__)
 
+NOT_FOLLOWED = (
+    "Not followed here: this run was submitted from another mantik installation or by "
+    "someone else (or its backend tags were changed since), so its state is the one last "
+    "recorded. Follow it where it was submitted."
+)
+
 
 class RunSync:
     """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
@@ -66,16 +72,15 @@ class RunSync:
         (a sync runs unasked, for every page of runs, so this is no place for an error).
         """
         groups: dict[str, list[Mapping[str, Any]]] = {}
+        not_followed: set[str] = set()
         for run in runs:
             tags = run_tags(run)
             state = tags.get(TAG_STATE)
-            if (
-                state in ACTIVE_STATES
-                and tags.get(TAG_JOB_ID)
-                and tags.get(TAG_BACKEND_SPEC)
-                and self._trusted(run)
-            ):
-                groups.setdefault(tags[TAG_BACKEND_SPEC], []).append(run)
+            if state in ACTIVE_STATES and tags.get(TAG_JOB_ID) and tags.get(TAG_BACKEND_SPEC):
+                if self._trusted(run):
+                    groups.setdefault(tags[TAG_BACKEND_SPEC], []).append(run)
+                else:
+                    not_followed.add(run["info"]["run_id"])
         changed: set[str] = set()
         for group in groups.values():
             try:
@@ -95,12 +100,17 @@ class RunSync:
                 status = statuses.get(run_tags(run)[TAG_JOB_ID], JobStatus(RunState.UNKNOWN))
                 if self._apply(api, backend, run, status):
                     changed.add(run["info"]["run_id"])
-        return [
+        infos = [
             RunInfo.from_run(
                 api.get_run(r["info"]["run_id"]) if r["info"]["run_id"] in changed else r
             )
             for r in runs
         ]
+        for info in infos:
+            if info.run_id in not_followed:
+                # Says why its state stands still (the faces show a run's warnings).
+                info.warnings.append(NOT_FOLLOWED)
+        return infos
 
     def _mark_unknown(self, api: RunsApi, run: Mapping[str, Any], exc: MantikError) -> bool:
         run_id = run["info"]["run_id"]
