@@ -4,6 +4,9 @@ and on the Local backend."""
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +146,47 @@ def test_local_failing_pre_command_starts_no_job(tmp_path):
     run_dir = tmp_path / "runs" / job.run_id
     assert not (run_dir / "mantik.jobid").exists() and not (run_dir / "started").exists()
     assert not (run_dir / ".mantik-credentials").exists()
+
+
+def _interrupt_main_when(event: threading.Event, delay: float) -> threading.Thread:
+    """SIGINT to the main thread (a Ctrl-C) ``delay`` seconds after ``event``."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread() is threading.main_thread()
+
+    def fire() -> None:
+        if event.wait(30):
+            time.sleep(delay)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_while_the_pre_command_runs_leaves_no_credential(backend, tmp_path):
+    # Interrupted after the upload, before sbatch took the job, the submission left the
+    # tracking credential in the run directory for good (only the job script or a
+    # failing remote step deleted it); and the login-node command ran on, then sbatch.
+    name = f"mantik-interrupted-{uuid.uuid4().hex[:8]}"
+    config = _config(PreRunCommandOnLoginNode="touch pre-started; sleep 5; touch pre-ended")
+    job = with_config(make_job(tmp_path, "true", name=name), config)
+    uploaded = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done >= total:
+            uploaded.set()
+
+    thread = _interrupt_main_when(uploaded, 1.5)
+    with pytest.raises(KeyboardInterrupt):
+        backend.submit(job, progress)
+    thread.join()
+    run_dir = f"{backend.remote_base()}/{job.run_id}"
+    with backend.files.shared() as sftp:
+        names = sftp.listdir(run_dir)
+    assert "pre-started" in names and ".mantik-credentials" not in names, names
+    # The login-node command was stopped: it never ends, and no job is queued after it.
+    time.sleep(5)
+    with backend.files.shared() as sftp:
+        assert "pre-ended" not in sftp.listdir(run_dir)
+    queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
+    assert queued.stdout.decode().strip() == ""

@@ -338,13 +338,21 @@ class SshConnection:
         """Run one shell command; ``retry`` only for commands safe to run twice."""
         return self.with_connection(lambda: self.execute(command), what, retry)
 
-    def execute(self, command: str, timeout: float | None = None) -> CommandResult:
+    def execute(
+        self,
+        command: str,
+        timeout: float | None = None,
+        started: Callable[[paramiko.Channel], None] | None = None,
+    ) -> CommandResult:
         """Run a command to its end; ``timeout`` (default ``io_timeout``) bounds each
-        wait for output, not the whole command."""
+        wait for output, not the whole command. ``started`` reads what it needs of stdout
+        while the command runs on (left out of the result)."""
         channel = self.open_stream(command)
         try:
             if timeout is not None:
                 channel.settimeout(timeout)
+            if started is not None:
+                started(channel)
             out, err = _drain(channel)
             return CommandResult(self.exit_status(channel), out, err)
         finally:
@@ -371,6 +379,17 @@ def _drain(channel: paramiko.Channel) -> tuple[bytes, bytes]:
     while chunk := channel.recv(layout.CHUNK):
         out += chunk
     return bytes(out), rest_of_stderr(channel)
+
+
+def read_line(channel: paramiko.Channel) -> bytes:
+    """One line of stdout, byte by byte: nothing after it is consumed."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = channel.recv(1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
 
 
 def rest_of_stderr(channel: paramiko.Channel) -> bytes:

@@ -40,7 +40,7 @@ from ...errors import (
 from .. import layout
 from .base import FileEntry, Progress, describe_error
 from .paths import clean_relative, save_stream
-from .ssh_connection import CONNECTION_ERRORS, SshConnection, rest_of_stderr
+from .ssh_connection import CONNECTION_ERRORS, SshConnection, read_line, rest_of_stderr
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +364,6 @@ def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo 
         return None
 
 
-def _read_line(channel: paramiko.Channel) -> bytes:
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        byte = channel.recv(1)
-        if not byte:
-            break
-        line += byte
-    return bytes(line)
-
-
 _CUT_OFF = "the SSH channel closed before the end of the folder's tar stream"
 
 
@@ -387,7 +377,7 @@ def _cut_off(channel: paramiko.Channel) -> bool:
 
 
 def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | None) -> None:
-    size_line = _read_line(channel).strip()
+    size_line = read_line(channel).strip()
     # tar adds headers and padding to the payload; progress is an estimate and is capped.
     total = int(size_line) + 10240 if size_line.isdigit() else 0
     reader = io.BufferedReader(_CountingReader(channel, total, progress), layout.CHUNK)

@@ -22,6 +22,12 @@ before ``sbatch``, in the same remote command, with its output in ``mantik-login
 (as on UNICORE); a failing one stops the submission. ``PostRunCommandOnLoginNode`` is
 refused: nothing on the login node notices when a Slurm job ends.
 
+A submission stopped half-way (Ctrl-C, SIGTERM, a lost link) deletes the uploaded
+credential file, stops the remote command's process group (a login-node command would
+otherwise run on and sbatch after it) and cancels a job it queued unbeknown to us. If the
+client dies outright (SIGKILL) nothing runs: the remote command then ends at its next
+write to the closed channel, before sbatch, but the credential file stays.
+
 Security: every value that reaches the remote shell goes through ``shlex.quote``;
 host keys, file confinement and credentials are the collaborators' (see there).
 """
@@ -34,6 +40,8 @@ import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
+
+import paramiko
 
 from ...errors import BackendRejected, ConfigError, InvalidRequest, NotFound
 from .. import layout
@@ -57,7 +65,7 @@ from .slurm_words import (
     sbatch_culprit,
     split_sections,
 )
-from .ssh_connection import COMMAND_TIMEOUT, CommandResult, SshConnection
+from .ssh_connection import COMMAND_TIMEOUT, CommandResult, SshConnection, read_line
 from .ssh_files import SshRunFiles
 
 __all__ = ["SshSlurmBackend", "describe_error"]
@@ -73,6 +81,19 @@ STATES_BATCH = 500
 _LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
+
+
+def _group(channel: paramiko.Channel) -> str:
+    """The process group the submit command announces first (after whatever a chatty
+    shell startup file printed); "" if it did not."""
+    for _ in range(100):
+        line = read_line(channel).decode(errors="replace")
+        if not line:
+            return ""
+        if line.startswith(MARK + "group"):
+            word = line[len(MARK) + len("group") :].strip()
+            return word if word.isdigit() and int(word) > 1 else ""
+    return ""
 
 
 class SshSlurmBackend(Backend):
@@ -246,16 +267,25 @@ class SshSlurmBackend(Backend):
     def submit(self, job: PreparedJob, progress: Progress | None = None) -> str:
         run_dir = posixpath.join(self.remote_base(), _safe_name(job.run_id, "run id"))
         files = self._files_to_ship(job)
-        self.files.upload(run_dir, job.local_dir, files, progress)
         pre = job.pre_login_commands
         command = self._submit_command(
             run_dir, job.job_name, files, pre_login_commands=pre, run_id=job.run_id
         )
         timeout = max(self.io_timeout, LOGIN_COMMAND_TIMEOUT) if pre else None
-        # Not retried: a dropped link after sbatch ran would otherwise submit twice.
-        result = self.ssh.with_connection(
-            lambda: self.ssh.execute(command, timeout), "submitting", retry=False
-        )
+        group: list[str] = []  # the remote command's process group, once it said it
+        try:
+            self.files.upload(run_dir, job.local_dir, files, progress)
+            # Not retried: a dropped link after sbatch ran would otherwise submit twice.
+            result = self.ssh.with_connection(
+                lambda: self.ssh.execute(command, timeout, lambda c: group.append(_group(c))),
+                "submitting",
+                retry=False,
+            )
+        except BaseException:
+            # Ctrl-C, SIGTERM, a lost link: the job script, which deletes the tracking
+            # credential, may never run, and the remote command runs on without us.
+            self._abandon_submission(run_dir, group[0] if group else "")
+            raise
         if result.status != 0:
             self._raise_login_failure(result, job.run_id, run_dir)
             said = result.err_text or result.stdout.decode(errors="replace").strip()
@@ -294,7 +324,11 @@ class SshSlurmBackend(Backend):
         only the job script would delete otherwise."""
         q = shlex.quote
         creds = q(layout.CREDENTIALS_FILE)
-        lines = [f"cd {q(run_dir)} || exit"]
+        # First line of output: the process group, for _abandon_submission to stop.
+        lines = [
+            f"printf '%s\\n' \"{MARK}group $(ps -o pgid= -p $$ 2>/dev/null)\"",
+            f"cd {q(run_dir)} || exit",
+        ]
         if layout.PACKAGE_FILE in files:
             code = layout.CODE_DIR
             lines.append(
@@ -325,6 +359,31 @@ class SshSlurmBackend(Backend):
         )
         # sh -c: the script is POSIX sh, whatever the account's login shell (csh exists).
         return "sh -c " + q("\n".join(lines))
+
+    def _abandon_submission(self, run_dir: str, group: str) -> None:
+        """Best effort after a submission stopped half-way: stop the remote command (a
+        PreRunCommandOnLoginNode would otherwise run to its end and sbatch after it),
+        cancel a job it queued that we never learnt the id of, delete the credential."""
+        q = shlex.quote
+        me = '"$(id -un)"'
+        lines = [
+            f"kill -s TERM -- -{group} 2>/dev/null" if group else ":",
+            f"cd {q(run_dir)} || exit 0",
+            f"rm -f -- {q(layout.CREDENTIALS_FILE)}",
+            # A job whose working directory is this run's was queued by this submission.
+            f"squeue -h -u {me} -o '%i|%Z' 2>/dev/null | "
+            f"awk -F'|' -v d={q(run_dir)} '$2 == d {{ print $1 }}' | xargs -r scancel",
+        ]
+        try:
+            self.ssh.run("sh -c " + q("\n".join(lines)), "abandoning the submission")
+        except Exception as exc:  # noqa: BLE001 - the original error is what matters
+            log.warning(
+                "could not delete %s/%s on %s after the submission stopped: %s",
+                run_dir,
+                layout.CREDENTIALS_FILE,
+                self.hostname,
+                describe_error(exc),
+            )
 
     def _raise_login_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
         """The error of a failed PreRunCommandOnLoginNode, if that is what failed."""
