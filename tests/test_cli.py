@@ -624,6 +624,16 @@ def test_unknown_experiment_id(mantik: Mantik, project: Path) -> None:
     assert "experiment id 987654: there is no such experiment, or it" in result.stderr
 
 
+@pytest.mark.parametrize("experiment_id", ["987654", "abc"])
+def test_listing_an_unknown_experiment_id_says_so(mantik: Mantik, experiment_id: str) -> None:
+    # It showed an empty table, exit 0, as if the experiment had no runs.
+    result = mantik("runs", "list", "--experiment-id", experiment_id)
+    assert result.returncode == 4, result
+    assert f"No experiment with id {experiment_id!r}" in result.stderr
+    empty = user_api(mantik).create_experiment(f"empty-{uuid.uuid4().hex[:8]}")
+    assert ok(mantik("runs", "list", "--experiment-id", empty)).returncode == 0
+
+
 def user_api(mantik: Mantik) -> RunsApi:
     """MLflow's REST API as the user of ``mantik``."""
     user = Credential(

@@ -407,6 +407,9 @@ async def test_request_errors(
 
     code, err = await post({"project_dir": project, "experiment_name": "a", "experiment_id": "1"})
     assert code == 400, err
+    # A 5 MB name was stored, then sent back with every list the sidebar polled.
+    code, err = await post({"project_dir": project, "run_name": "n" * 251})
+    assert code == 400 and "run_name has 251 characters" in err["message"], err
 
     # Paths that leave the Jupyter root: relative, absolute, through a symlink.
     outside = tmp_path / "outside"

@@ -88,6 +88,9 @@ class MantikRunWarning(UserWarning):
     """Something about a submission that works but will likely not do what is meant."""
 
 
+# Like MLflow's limit on param and tag keys: a name to read in lists, not a text.
+MAX_RUN_NAME = 250
+
 class Submitter:
     """The submissions of one ``RunService``. ``backend_for`` gives a config's backend
     spec and the service's backend for it; ``sign`` gives a run's ``mantik.binding``
@@ -128,6 +131,12 @@ class Submitter:
             raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         if experiment_name and experiment_id:
             raise InvalidRequest("Give an experiment name or an experiment id, not both.")
+        if run_name and len(run_name) > MAX_RUN_NAME:
+            # MLflow stores any length, and sends it back with every run list.
+            raise InvalidRequest(
+                f"run_name has {len(run_name)} characters; give at most {MAX_RUN_NAME} "
+                "(put longer notes into a parameter or an MLflow note on the run)."
+            )
         # Everything the user can get wrong is checked before anything is created.
         project_path = resolve_project(project_dir, root_dir)
         config = load_config(resolve_config(project_path, backend_config, root_dir))

@@ -171,6 +171,10 @@ class RunService:
             max_results=max_results,
             page_token=page_token,
         )
+        if not runs and experiment_ids and page_token is None:
+            # MLflow lists nothing, without a word, for an id that names no experiment.
+            for experiment_id in ids:
+                self._check_experiment(api, experiment_id)
         infos = [RunInfo.from_run(r) for r in runs]
         if refresh:
             active = [i.run_id for i in infos if i.state in ACTIVE_STATES and i.job_id]
@@ -178,6 +182,19 @@ class RunService:
                 fresh = {i.run_id: i for i in self.sync(active)}
                 infos = [fresh.get(i.run_id, i) for i in infos]
         return infos, token
+
+    @staticmethod
+    def _check_experiment(api: RunsApi, experiment_id: str) -> None:
+        try:
+            api.get_experiment(experiment_id)
+        except (NotFound, PermissionDenied, InvalidRequest):
+            # MLflow's auth layer answers an id that does not exist as a forbidden one.
+            raise NotFound(
+                f"No experiment with id {experiment_id!r} that you may read on "
+                f"{api.client.uri}: there is no such experiment, or it belongs to someone "
+                "who has not shared it with you. `mantik runs list` without an id lists "
+                "the runs of every experiment you may read."
+            ) from None
 
     def resolve(self, ref: str) -> str:
         """A full run id, a unique prefix of one, or a run name -> the run id."""
