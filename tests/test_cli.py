@@ -490,21 +490,20 @@ def test_ctrl_c_during_an_ssh_download(
             first = proc.stderr.readline()  # the progress bar's first line: bytes flow
             assert first.startswith("download"), first
             time.sleep(0.5)
+            started = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            try:
-                out, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                # The core's SFTP stream closes the file politely after the interrupt and
-                # can block on a full channel (compute/backends/ssh_files.py, reported).
-                pytest.xfail("the SSH download hangs closing its file after Ctrl-C")
+            # Closing the file politely after the interrupt waited for every read in
+            # flight: 5-9 s, or a hang until a second Ctrl-C.
+            out, err = proc.communicate(timeout=30)
+            assert time.monotonic() - started < 4, (out, err)
         finally:
             if proc.poll() is None:
                 proc.kill()
         # Ctrl-C inside an SFTP packet left the channel mid-packet; closing the file then
         # failed with 'Garbage packet received': a traceback and exit 1, not 130.
         assert proc.returncode == 130, (out, err)
-        # (paramiko's prefetch thread may still print its own 'Socket is closed')
-        assert "Garbage packet" not in err and "mantik_jupyter/cli.py" not in err, err
+        # (paramiko's prefetch thread printed its own 'Socket is closed')
+        assert "Garbage packet" not in err and "Traceback" not in err, err
         assert not dest.exists() and not list(tmp_path.glob(".*big.bin*"))
 
 

@@ -4,6 +4,7 @@ at the same time, files the job left unreadable."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -68,6 +69,31 @@ def test_a_file_the_job_made_unreadable_is_permission_denied(slurm_cluster, tmp_
             b.download(job_id, "locked", tmp_path)
         assert not (tmp_path / "locked").exists()
         assert not list(tmp_path.glob(".locked*"))  # no partial file left behind
+    finally:
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_stream_given_up_half_way_ends_at_once(slurm_cluster, monkeypatch):
+    # Stopping a file stream early (Ctrl-C, a browser that cancels) closed the file
+    # politely while paramiko's prefetch had requests for the whole file in flight: 5-9 s,
+    # or a hang; and its thread then printed "OSError: Socket is closed".
+    top = f"{slurm_cluster.remote_dir}/given-up-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    died: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    try:
+        # Sparse: seconds to read over SSH, no disk on the cluster.
+        b._run(f"mkdir -p {top} && truncate -s 4G {top}/big.bin", "making a big file")
+        stream = b.files.open(top, "big.bin")
+        assert len(next(stream)) > 0 and len(next(stream)) > 0
+        started = time.monotonic()
+        stream.close()
+        assert time.monotonic() - started < 1
+        # The shared connection serves the next command.
+        assert [e.path for e in b.files.list(top)] == ["big.bin"]
+        time.sleep(0.5)  # a thread dying of the closed channel would have by now
+        assert not died
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()

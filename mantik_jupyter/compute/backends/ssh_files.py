@@ -222,17 +222,22 @@ class SshRunFiles:
         self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile, target: str
     ) -> Iterator[bytes]:
         try:
-            with handle:
-                handle.prefetch()
-                while chunk := handle.read(layout.CHUNK):
-                    yield chunk
+            yield from _read_ahead(handle)
+            handle.close()  # nothing in flight any more: a polite close is quick
         except (TimeoutError, paramiko.SSHException, EOFError, ConnectionError) as exc:
             raise BackendUnavailable(
                 f"Lost the SSH connection to {self.ssh.hostname}:{self.ssh.port} while reading "
                 f"{target}: {describe_error(exc)}"
             ) from None
         finally:
+            # The session's own channel, not the file: after Ctrl-C or a reader that
+            # stopped early, closing the file first waited for every read request in
+            # flight (seconds, or for ever with the channel mid-packet). The connection
+            # stays open for the next command; the server closes the file with the channel.
             sftp.close()
+            # Marked closed without a request: else paramiko's __del__ sends one later,
+            # on the closed channel, and prints a traceback.
+            paramiko.file.BufferedFile.close(handle)
 
     def download(
         self, run_dir: str, path: str, dest: Path, progress: Progress | None = None
@@ -393,6 +398,30 @@ def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | No
         raise BackendRejected(f"The folder arrived as a broken tar stream: {exc}") from None
     if progress:
         progress(total, total)
+
+
+# Read requests sent at once by _read_ahead: enough to keep a long link busy, few enough
+# that paramiko's thread sending them is done in an instant.
+READ_AHEAD = 32 * layout.CHUNK
+
+
+def _read_ahead(handle: paramiko.SFTPFile) -> Iterator[bytes]:
+    """A file's data in chunks, pipelined one batch of requests at a time (a request
+    each took a round trip). Not ``prefetch()``: its thread sends requests for the whole
+    file, blocks on a full channel, and once the channel closes under it (Ctrl-C) dies
+    with a traceback on stderr."""
+    size = handle.stat().st_size or 0
+    offset = 0
+    while offset < size:
+        end = min(size, offset + READ_AHEAD)
+        chunks = [(o, min(layout.CHUNK, end - o)) for o in range(offset, end, layout.CHUNK)]
+        for chunk in handle.readv(chunks):
+            yield chunk
+        offset = end
+    # Whatever the file grew by since (a log being written), read plainly.
+    handle.seek(offset)
+    while chunk := handle.read(layout.CHUNK):
+        yield chunk
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
