@@ -3,6 +3,7 @@ at the same time, files the job left unreadable."""
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 import uuid
@@ -10,7 +11,7 @@ import uuid
 import pytest
 
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import PermissionDenied
+from mantik_jupyter.errors import NotFound, PermissionDenied
 
 from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
 
@@ -94,6 +95,33 @@ def test_a_stream_given_up_half_way_ends_at_once(slurm_cluster, monkeypatch):
         assert [e.path for e in b.files.list(top)] == ["big.bin"]
         time.sleep(0.5)  # a thread dying of the closed channel would have by now
         assert not died
+    finally:
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_missing_path_is_named_with_what_to_do(slurm_cluster, tmp_path):
+    # OpenSSH resolves a missing last name, so the stat after it failed with Python's
+    # bare FileNotFoundError: "Not found on 127.0.0.1 while inspecting a file: [Errno 2]
+    # No such file", naming neither the path nor what to do.
+    top = f"{slurm_cluster.remote_dir}/missing-{uuid.uuid4().hex[:8]}"
+    run_id = posixpath.basename(top)
+    b = _backend(slurm_cluster, top)
+    try:
+        b._run(f"mkdir -p {top}/sub", "making a run directory")
+        attempts = {
+            "download": lambda rel: b.files.download(top, rel, tmp_path),
+            "list": lambda rel: b.files.list(top, rel),
+            "open": lambda rel: list(b.files.open(top, rel)),
+        }
+        for what, attempt in attempts.items():
+            for rel, look in [("gone.txt", ""), ("sub/gone.txt", " sub")]:
+                with pytest.raises(NotFound) as caught:
+                    attempt(rel)
+                message = caught.value.message
+                assert f"There is no {rel!r} in the run directory {top}" in message, what
+                assert f"'mantik runs files {run_id}{look}' lists what is there" in message
+        assert not list(tmp_path.iterdir())
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()

@@ -168,8 +168,8 @@ class SshRunFiles:
 
         def listing() -> list[FileEntry]:
             with self.shared() as sftp:
-                target = self._confined(sftp, run_dir, rel)
-                if not stat.S_ISDIR(sftp.stat(target).st_mode or 0):
+                target, st = self._stat_confined(sftp, run_dir, rel)
+                if not stat.S_ISDIR(st.st_mode or 0):
                     raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
                 attrs = sftp.listdir_attr(target)
             entries = [
@@ -200,8 +200,8 @@ class SshRunFiles:
         # A session of its own: a long stream must not hold the shared one.
         sftp = self.open_session(self.ssh.client())
         try:
-            target = self._confined(sftp, run_dir, rel)
-            if not stat.S_ISREG(sftp.stat(target).st_mode or 0):
+            target, st = self._stat_confined(sftp, run_dir, rel)
+            if not stat.S_ISREG(st.st_mode or 0):
                 raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a file")
             # Opened here, not when the stream is first read: a file the job left
             # unreadable came out of the stream as a bare PermissionError.
@@ -234,6 +234,7 @@ class SshRunFiles:
             # stopped early, closing the file first waited for every read request in
             # flight (seconds, or for ever with the channel mid-packet). The connection
             # stays open for the next command; the server closes the file with the channel.
+            _let_requests_go_out()
             sftp.close()
             # Marked closed without a request: else paramiko's __del__ sends one later,
             # on the closed channel, and prints a traceback.
@@ -250,8 +251,7 @@ class SshRunFiles:
 
         def inspect() -> tuple[str, bool, int]:
             with self.shared() as sftp:
-                target = self._confined(sftp, run_dir, rel)
-                st = sftp.stat(target)
+                target, st = self._stat_confined(sftp, run_dir, rel)
             return target, stat.S_ISDIR(st.st_mode or 0), st.st_size or 0
 
         target, is_dir, size = self.ssh.with_connection(inspect, "inspecting a file")
@@ -325,10 +325,32 @@ class SshRunFiles:
             # The server's realpath resolves symlinks, so a link leading out is caught.
             real = sftp.normalize(candidate)
         except FileNotFoundError:
-            raise NotFound(f"No file {rel!r} in run directory {run_dir}") from None
+            raise self._missing(run_dir, rel) from None
         if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
             raise UnsafePath(f"{rel!r} leads outside the run directory {run_dir}")
         return real
+
+    def _stat_confined(
+        self, sftp: paramiko.SFTPClient, run_dir: str, rel: str
+    ) -> tuple[str, paramiko.SFTPAttributes]:
+        """``_confined``, and what the server says of the path. OpenSSH resolves a
+        missing last name too: only the stat finds it missing, and that came out as a
+        bare "[Errno 2] No such file" naming nothing."""
+        target = self._confined(sftp, run_dir, rel)
+        try:
+            return target, sftp.stat(target)
+        except FileNotFoundError:
+            raise self._missing(run_dir, rel) from None
+
+    def _missing(self, run_dir: str, rel: str) -> NotFound:
+        # The run directory is named after its run (SshSlurmBackend.submit).
+        folder = posixpath.dirname(rel)
+        look = f"mantik runs files {posixpath.basename(run_dir)}"
+        look += f" {shlex.quote(folder)}" if folder else ""
+        return NotFound(
+            f"There is no {rel!r} in the run directory {run_dir} on {self.ssh.hostname}; "
+            f"'{look}' lists what is there."
+        )
 
 
 # ---- the folder's tar stream (no connection of its own) ---------------------------------
@@ -422,6 +444,16 @@ def _read_ahead(handle: paramiko.SFTPFile) -> Iterator[bytes]:
     handle.seek(offset)
     while chunk := handle.read(layout.CHUNK):
         yield chunk
+
+
+def _let_requests_go_out(most: float = 1.0) -> None:
+    """Wait (a moment at most) for paramiko's threads sending a batch of read requests:
+    one still sending when its channel closes dies with a traceback on stderr. A batch
+    is sent in milliseconds; other streams' threads finish as soon."""
+    deadline = time.monotonic() + most
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_prefetch_thread)"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
