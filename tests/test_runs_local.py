@@ -764,3 +764,25 @@ def test_loopback_warning_for_a_remote_cluster():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not check_tracking_uri("http://127.0.0.1:5000", {"kind": "local"})
+
+
+def test_a_folder_download_interrupted_leaves_nothing_and_can_be_tried_again(tmp_path):
+    # Ctrl-C half-way through a folder download left the folder with truncated files, and
+    # the next download refused: "... exists already".
+    backend = LocalBackend(tmp_path / "runs")
+    body = "mkdir out && for i in 1 2 3 4; do head -c 3000000 /dev/zero > out/part$i; done"
+    job_id = backend.submit(make_job(tmp_path, body))
+    assert wait_for_job(backend, job_id, FINAL).state == RunState.FINISHED
+    dest = tmp_path / "dl"
+    dest.mkdir()
+
+    def interrupt(done: int, total: int) -> None:
+        if done > 4_000_000:
+            raise KeyboardInterrupt  # as Ctrl-C does, between two copied files
+
+    with pytest.raises(KeyboardInterrupt):
+        backend.download(job_id, "out", dest, interrupt)
+    assert list(dest.iterdir()) == []  # no partial folder, no staging left behind
+    folder = backend.download(job_id, "out", dest)
+    assert folder == dest / "out"
+    assert sorted(p.stat().st_size for p in folder.iterdir()) == [3_000_000] * 4

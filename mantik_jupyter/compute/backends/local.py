@@ -54,12 +54,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import BackendRejected, Conflict, InvalidRequest, NotFound, UnsafePath
+from ...errors import BackendRejected, InvalidRequest, NotFound, UnsafePath
 from .. import layout
 from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
-from .paths import clean_relative, safe_name, save_stream
+from .paths import clean_relative, safe_name, save_stream, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -523,8 +523,6 @@ class LocalBackend(Backend):
         final = dest / name if dest.is_dir() else dest
         final.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
-            if final.exists():
-                raise Conflict(f"{final} exists already: remove it or download elsewhere")
             total = _tree_size(target)
             copied = [0]
 
@@ -534,13 +532,14 @@ class LocalBackend(Backend):
                 if progress:
                     progress(copied[0], total)
 
-            shutil.copytree(
-                target,
-                final,
-                symlinks=True,
-                ignore=_links_leaving(root),
-                copy_function=copy,
-            )
+            with staged_folder(final, name) as staging:
+                shutil.copytree(
+                    target,
+                    staging / name,
+                    symlinks=True,
+                    ignore=_links_leaving(root),
+                    copy_function=copy,
+                )
             if progress:
                 progress(total, total)
             return final

@@ -3,10 +3,13 @@ are paths a file system can hold at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePath
 
-from ...errors import InvalidRequest, UnsafePath
+from ...errors import Conflict, InvalidRequest, UnsafePath
 
 # Linux's NAME_MAX and PATH_MAX, in bytes: a longer path fails in the file system
 # (ENAMETOOLONG), deep in whatever touches it first.
@@ -72,3 +75,21 @@ def save_stream(
     if progress:
         progress(done, max(size, done))
     return final
+
+
+@contextmanager
+def staged_folder(final: Path, name: str) -> Iterator[Path]:
+    """A folder download lands whole at ``final`` or not at all: the block fills the
+    yielded hidden folder next to ``final`` with ``name``, which then becomes ``final``.
+    An error or Ctrl-C half-way left a partial folder with truncated files that the
+    next try refused as existing."""
+    if final.exists():
+        # Never delete or merge into a local folder the user may care about.
+        raise Conflict(f"{final} exists already: remove it or download elsewhere")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
+    try:
+        yield staging
+        (staging / name).replace(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

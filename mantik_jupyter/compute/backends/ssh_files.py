@@ -16,10 +16,8 @@ import io
 import logging
 import posixpath
 import shlex
-import shutil
 import stat
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +29,6 @@ import paramiko
 from ...errors import (
     BackendRejected,
     BackendUnavailable,
-    Conflict,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -39,7 +36,7 @@ from ...errors import (
 )
 from .. import layout
 from .base import FileEntry, Progress, describe_error
-from .paths import clean_relative, save_stream
+from .paths import clean_relative, save_stream, staged_folder
 from .ssh_connection import CONNECTION_ERRORS, SshConnection, read_line, rest_of_stderr
 
 log = logging.getLogger(__name__)
@@ -274,17 +271,12 @@ class SshRunFiles:
             f"cd {q(parent)} && du -sb -- {q(name)} | head -n 1 | cut -f1 && "
             f"tar -cf - {exclude}-- {q(name)}"
         )
-        if final.exists():
-            # Never delete or merge into a local folder the user may care about.
-            raise Conflict(f"{final} exists already: remove it or download elsewhere")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
 
         def open_stream() -> tuple[paramiko.SSHClient, paramiko.Channel]:
             client = self.ssh.client()
             return client, self.ssh.open_stream(command, client)
 
-        try:
+        with staged_folder(final, name) as staging:
             client, channel = self.ssh.with_connection(open_stream, "downloading")
             try:
                 _untar_stream(channel, staging, progress)
@@ -307,9 +299,6 @@ class SshRunFiles:
                 channel.close()
             if status != 0:
                 raise BackendRejected(f"tar of {target} on {self.ssh.hostname} failed: {err}")
-            (staging / name).replace(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return final
 
     def _confined(self, sftp: paramiko.SFTPClient, run_dir: str, rel: str) -> str:
