@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -190,3 +192,64 @@ def test_ctrl_c_while_the_pre_command_runs_leaves_no_credential(backend, tmp_pat
         assert "pre-ended" not in sftp.listdir(run_dir)
     queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
     assert queued.stdout.decode().strip() == ""
+
+
+_SUBMIT_AND_DIE = """
+import sys
+from pathlib import Path
+from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
+from mantik_jupyter.compute.config import parse_config
+host, port, user, key, known, base, run_id, local, name = sys.argv[1:]
+config = parse_config({"SSH": {"Hostname": "login"}, "Resources": {"Queue": "batch"},
+    "Environment": {"PreRunCommandOnLoginNode": "touch pre-started; sleep 3; touch pre-ended"}})
+backend = SshSlurmBackend(host, int(port), user, key_filename=key, known_hosts=known,
+                          remote_dir=base)
+backend.submit(PreparedJob(run_id, Path(local), name, config=config))
+"""
+
+
+def test_a_client_killed_while_the_pre_command_runs_leaves_no_credential(
+    backend, slurm_cluster, tmp_path
+):
+    # SIGKILL (or a link that drops) leaves the client no chance to clean up: the remote
+    # command ran on and stopped before sbatch, but the credential file stayed.
+    name = f"mantik-killed-{uuid.uuid4().hex[:8]}"
+    job = make_job(tmp_path, "true", name=name)
+    c = slurm_cluster
+    args = [c.host, str(c.port), c.username, str(c.key_path), str(c.known_hosts)]
+    args += [backend.remote_base(), job.run_id, str(job.local_dir), name]
+    child = subprocess.Popen([sys.executable, "-c", _SUBMIT_AND_DIE, *args])
+    run_dir = f"{backend.remote_base()}/{job.run_id}"
+    try:
+        deadline = time.monotonic() + 30
+        while not backend.ssh.run(f"test -e {run_dir}/pre-started", "looking").status == 0:
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.2)
+        child.kill()
+    finally:
+        child.kill()
+        child.wait()
+    names: list[str] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with backend.files.shared() as sftp:
+            names = sftp.listdir(run_dir)
+        if "pre-ended" in names and ".mantik-credentials" not in names:
+            break
+        time.sleep(0.3)
+    assert "pre-ended" in names and ".mantik-credentials" not in names, names
+    queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
+    assert queued.stdout.decode().strip() == ""
+
+
+def test_a_job_queued_by_a_submission_stopped_afterwards_is_cancelled(backend, tmp_path):
+    # Stopped between sbatch and reading its answer, the submission never learnt the
+    # job's id: the job would have run untracked. It is found by its run directory.
+    job_id = backend.submit(make_job(tmp_path, "true", sbatch="#SBATCH --hold\n"))
+    run_dir = backend.run_dir_of(job_id)
+    assert backend.states([job_id])[job_id].state == RunState.QUEUED
+    backend._abandon_submission(run_dir, "")
+    assert wait_for(backend, job_id, FINAL, timeout=30).state == RunState.KILLED
+    with backend.files.shared() as sftp:
+        assert ".mantik-credentials" not in sftp.listdir(run_dir)

@@ -25,8 +25,9 @@ refused: nothing on the login node notices when a Slurm job ends.
 A submission stopped half-way (Ctrl-C, SIGTERM, a lost link) deletes the uploaded
 credential file, stops the remote command's process group (a login-node command would
 otherwise run on and sbatch after it) and cancels a job it queued unbeknown to us. If the
-client dies outright (SIGKILL) nothing runs: the remote command then ends at its next
-write to the closed channel, before sbatch, but the credential file stays.
+client dies outright (SIGKILL) the remote command runs on until its next write to the
+closed channel (after PreRunCommandOnLoginNode, before sbatch), and then deletes the
+credential file itself.
 
 Security: every value that reaches the remote shell goes through ``shlex.quote``;
 host keys, file confinement and credentials are the collaborators' (see there).
@@ -328,6 +329,9 @@ class SshSlurmBackend(Backend):
         lines = [
             f"printf '%s\\n' \"{MARK}group $(ps -o pgid= -p $$ 2>/dev/null)\"",
             f"cd {q(run_dir)} || exit",
+            # A client that died (SIGKILL, a dropped link) cannot clean up: the shell's
+            # next write to the closed channel (SIGPIPE) or our TERM deletes the secret.
+            f'trap "rm -f -- {creds}; exit 143" PIPE HUP TERM',
         ]
         if layout.PACKAGE_FILE in files:
             code = layout.CODE_DIR
