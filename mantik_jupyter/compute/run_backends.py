@@ -108,11 +108,14 @@ class RunKeys:
             raise LocalStateInvalid(f"{_KEY_NAME} {path} has no 'key' of 64 hex digits. {fix}")
         return bytes.fromhex(key)
 
-    def _keys(self) -> dict[str, bytes]:
-        """Every key a signature may name, by key id: this installation's and the
-        trusted ones (read each time: a copy takes effect without a restart)."""
+    def _key(self, key_id: str) -> bytes | None:
+        """The key a signature names: this installation's, else a trusted one (those are
+        read each time they are needed, so a copy takes effect without a restart; the
+        runs of this installation, which sync checks every interval, need no file)."""
         own = self._own_key()
-        keys = {_key_id(own): own}
+        if _key_id(own) == key_id:
+            return own
+        keys: dict[str, bytes] = {}
         try:
             others = sorted(self.trusted_dir.glob("*.json"))
         except OSError:
@@ -126,7 +129,7 @@ class RunKeys:
                 continue
             if key is not None:
                 keys.setdefault(_key_id(key), key)
-        return keys
+        return keys.get(key_id)
 
     def sign(self, run_id: str, tags: Mapping[str, str]) -> str:
         """The value of ``mantik.binding`` for a run with these tags."""
@@ -144,7 +147,7 @@ class RunKeys:
             )
         version, _, rest = value.partition(":")
         key_id, _, mac = rest.partition(":")
-        key = self._keys().get(key_id)
+        key = self._key(key_id)
         if version != _BINDING_VERSION or key is None:
             return f"its {TAG_BINDING} tag was not made with a key this installation knows"
         if not hmac.compare_digest(mac, _mac(key, run["info"]["run_id"], tags)):
