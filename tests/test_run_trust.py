@@ -13,6 +13,7 @@ import json
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,10 +26,14 @@ from mantik_jupyter.compute.run_sync import NOT_FOLLOWED
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import NotFound, PermissionDenied
+from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.runs_api import RunsApi
 
 from .runs_helpers import (
+    RunUserSpy,
     admin_api,
     copy_example,
+    login_works,
     remote_run_dirs,
     slurm_config,
     unicore_config,
@@ -283,3 +288,98 @@ def test_an_ended_run_of_another_installation_shows_its_stored_log(
     assert other.all_logs(ended.run_id).text == mine.all_logs(ended.run_id).text != ""
     with pytest.raises(PermissionDenied):
         other.files(ended.run_id)
+
+
+# ---- the per-run tracking user: deleted only where this installation's signature names it
+
+
+def _colleague_with_edit(mlflow_server, user, experiment_id: str) -> RunsApi:
+    """Another user of the tracking server with EDIT on the experiment (shared with them)."""
+    colleague = mlflow_server.create_user()
+    RunsApi(TrackingClient(mlflow_server.uri, user)).client.request(
+        "POST", "api/3.0/mlflow/users/permissions/grant",
+        json={"username": colleague.username, "resource_type": "experiment",
+              "resource_id": experiment_id, "permission": "EDIT"},
+    )  # fmt: skip
+    return RunsApi(TrackingClient(mlflow_server.uri, colleague))
+
+
+def test_cancelling_a_forged_run_leaves_the_run_user_it_names_alone(
+    mine, project, mlflow_server, user, monkeypatch
+):
+    # A run with no job id yet is cancelled in MLflow alone, and its per-run user was
+    # deleted: the name came from its mantik.run_user tag, which anyone with EDIT on the
+    # experiment writes. A colleague's run naming the user of one of my active runs made
+    # my cancel of it cut that job off from the tracking server.
+    spy = RunUserSpy(monkeypatch)
+    victim = _running(mine, project, "trust-run-user")
+    cred = spy.created[victim]
+    honest = admin_api(mlflow_server).get_run(victim)
+    colleague = _colleague_with_edit(mlflow_server, user, honest["info"]["experiment_id"])
+    copied = {t["key"]: t["value"] for t in honest["data"]["tags"]}
+    forged_tags = [
+        # Only what the cancel looked at.
+        {"mantik.backend": "local", "mantik.state": "SUBMITTING", "mantik.run_user": cred.username},
+        # Everything of my run but its job, signature included.
+        {k: v for k, v in copied.items() if k not in (TAG_JOB_ID, "mantik.run_dir")}
+        | {"mantik.state": "SUBMITTING"},
+    ]
+    for tags in forged_tags:
+        forged = colleague.create_run(honest["info"]["experiment_id"], tags=tags)
+        cancelled = mine.cancel(forged["info"]["run_id"])
+        # The colleague's run is marked as cancelled (anyone with EDIT may), the user
+        # stays, and the answer says why.
+        assert cancelled.state == RunState.KILLED and cancelled.mlflow_status == "KILLED"
+        assert login_works(mlflow_server, cred)
+        [note] = [w for w in cancelled.warnings if cred.username in w]
+        assert "was not deleted" in note and TAG_BINDING in note
+    # My run still logs, and its own end still removes its user.
+    assert mine.get(victim).state == RunState.RUNNING
+    assert mine.cancel(victim).state == RunState.KILLED
+    assert not login_works(mlflow_server, cred)
+
+
+def test_cancelling_a_stalled_submission_of_mine_removes_its_run_user(
+    mine, project, mlflow_server, monkeypatch, tmp_path
+):
+    # A run of this installation with no job id yet (its submission stalled, or died)
+    # is signed from its creation on: its cancel removes the user made for it.
+    spy = RunUserSpy(monkeypatch)
+    go = tmp_path / "go"
+    config = {
+        **LOCAL_CONFIG,
+        "Environment": {
+            **LOCAL_CONFIG["Environment"],
+            "PreRunCommandOnLoginNode": f"while [ ! -e {go} ]; do sleep 0.1; done; exit 3",
+        },
+    }
+    write_config(project, config)
+    failure: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            mine.submit(project, entry_point="sleep", experiment_name="trust-stalled")
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            failure.append(exc)
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not spy.created:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+        [(run_id, cred)] = spy.created.items()
+        # The login-node command runs: everything but the job is on the run.
+        while not (mine.work_dir / "local-runs" / run_id).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        info = mine.get(run_id, refresh=False)
+        assert info.state == RunState.SUBMITTING and not info.job_id
+        cancelled = mine.cancel(run_id)
+        assert cancelled.state == RunState.KILLED and cancelled.warnings == []
+        assert not login_works(mlflow_server, cred)
+    finally:
+        go.touch()
+        thread.join(30)
+    assert failure and "PreRunCommandOnLoginNode" in str(failure[0])

@@ -12,6 +12,13 @@ user) with a key of its own, and ``BackendPool.of_run`` connects only to runs wh
 signature verifies. An HMAC with a local key rather than, say, a tracking user check:
 the tags and the user name are exactly what a colleague with EDIT can write, while the
 key never leaves this machine (``paths.run_key_file``, 0600, never logged).
+
+The same holds for the run's per-run tracking user (``mantik.run_user``), which the lab
+deletes with the embedded server's admin credential: a run naming the user of another
+run would cut that run's job off from the tracking server. So a run is signed twice in
+the same format: as soon as it is created (no job id nor run directory yet; that
+signature names its user), and again with its job's tags. A user is deleted only where
+such a signature names it for that run (``RunSync.delete_run_user``).
 """
 
 from __future__ import annotations
@@ -301,6 +308,14 @@ class BackendPool:
         except LocalStateInvalid as exc:
             log.warning("not following run %s: %s", run["info"]["run_id"], exc.message)
             return False
+
+    def binding_problem(self, run: Mapping[str, Any]) -> str | None:
+        """None if this installation (or a trusted key) signed the run as it is, else
+        why not; a key file that cannot be read is such a why."""
+        try:
+            return self.keys.problem(run)
+        except LocalStateInvalid as exc:
+            return exc.message
 
     def of_run(self, run: Mapping[str, Any]) -> tuple[Backend, str]:
         """The run's backend (attached to its run directory) and job id; only for a run

@@ -14,7 +14,9 @@ tag                         meaning
                             the job's working-directory storage)
 ``mantik.binding``          signature of the run id, the three tags above and
                             ``mantik.run_user`` by the submitting installation's key
-                            (``run_backends.RunKeys``); only runs it verifies are connected to
+                            (``run_backends.RunKeys``); only runs it verifies are connected to,
+                            and only the run user it names is deleted. Made when the run is
+                            created (no job yet), made again with the job's tags
 ``mantik.entry_point``      MLproject entry point; ``mantik.source``: cli|notebook|lab|api
 ``mantik.user``             submitting tracking user; ``mantik.run_user``: per-run user
 ``mantik.package_sha256``   digest of the code archive

@@ -238,6 +238,13 @@ class Submitter:
                 # which a late SCHEDULED would undo) and the params (MLflow may refuse
                 # them, e.g. too long: a user error that must stop the submission).
                 before_start = [
+                    # Signed from the start (no job yet): only a signature of ours makes
+                    # mantik delete the per-run user the run names (run_backends).
+                    pool.submit(
+                        _new_session(api).set_tags,
+                        run_id,
+                        {TAG_BINDING: self._sign(run_id, tags)},
+                    ),
                     pool.submit(_new_session(api).update_run, run_id, status="SCHEDULED"),
                     pool.submit(_new_session(api).log_batch, run_id, params=resolved.params),
                 ]

@@ -24,6 +24,7 @@ from .run_record import (
     FINAL_STATES,
     MLFLOW_STATUS_STATE,
     TAG_BACKEND_SPEC,
+    TAG_BINDING,
     TAG_EXIT_CODE,
     TAG_JOB_ID,
     TAG_NATIVE_STATE,
@@ -49,17 +50,20 @@ NOT_FOLLOWED = (
 class RunSync:
     """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
     run's backend (attached to its run directory) and job id; ``trusted`` says whether
-    this installation submitted a run (``BackendPool.trusted``)."""
+    this installation submitted a run (``BackendPool.trusted``), ``binding_problem``
+    why not (``BackendPool.binding_problem``)."""
 
     def __init__(
         self,
         tracking: TrackingService,
         backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
         trusted: Callable[[Mapping[str, Any]], bool],
+        binding_problem: Callable[[Mapping[str, Any]], str | None],
     ) -> None:
         self.tracking = tracking
         self._backend_of_run = backend_of_run
         self._trusted = trusted
+        self._binding_problem = binding_problem
         self._lock = threading.Lock()
         # Runs being finalised (log upload etc.) by this process, to do it only once.
         self._finalising: set[str] = set()
@@ -195,7 +199,7 @@ class RunSync:
             if current != target or not end_time:
                 keep_end = current == target and end_time
                 api.update_run(run_id, status=target, end_time=end_time if keep_end else now_ms())
-            self.delete_run_user(tags)
+            self.delete_run_user(run)
             # Last: a crash before this point leaves the run active, and the next sync
             # finishes the job.
             api.set_tags(run_id, {**new_tags, TAG_STATE: str(state)})
@@ -222,13 +226,33 @@ class RunSync:
             # The state matters more than the log; the log stays readable on the backend.
             log.warning("run %s: could not store its log: %s", run["info"]["run_id"], exc.message)
 
-    def delete_run_user(self, tags: Mapping[str, str]) -> None:
-        """Delete the run's own tracking user, if it has one."""
+    def delete_run_user(self, run: Mapping[str, Any]) -> str | None:
+        """Delete the run's own tracking user, if it has one; the user is left alone
+        unless the run's signature (``mantik.binding``) names it for this run, and the
+        answer is then why (for the faces to show).
+
+        Anyone with EDIT on the experiment writes the ``mantik.run_user`` tag; the admin
+        credential deleting what it names would let them take the user of any of our
+        active runs away from its job (see ``run_backends``).
+        """
+        tags = run_tags(run)
         username = tags.get(TAG_RUN_USER)
         if not username:
-            return
+            return None
+        problem = self._binding_problem(run)
+        if problem:
+            note = (
+                f"The per-run tracking user {username} named by run {run['info']['run_id']} "
+                f"was not deleted: {problem}. mantik deletes only a user its own signature "
+                f"({TAG_BINDING}) names for that run, since anyone who may edit the "
+                f"experiment can write {TAG_RUN_USER}. If the user is left over from a run "
+                "of yours, an administrator of the tracking server can delete it."
+            )
+            log.warning("%s", note)
+            return note
         admin = admin_client(self.tracking)
         if admin is None:
             log.warning("cannot delete the per-run user %s: no admin credential", username)
-            return
+            return None
         delete_run_user(admin, username)
+        return None

@@ -76,7 +76,12 @@ class RunService:
             tracking, local_dir=self.work_dir / "local-runs", keys=RunKeys(key_file, trusted_keys)
         )
         self._submitter = Submitter(tracking, self._backends.for_config, self._backends.keys.sign)
-        self._sync = RunSync(tracking, self._backends.of_run, self._backends.trusted)
+        self._sync = RunSync(
+            tracking,
+            self._backends.of_run,
+            self._backends.trusted,
+            self._backends.binding_problem,
+        )
         self._logs = RunLogs(self._backends.of_run, self._sync.sync_runs)
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -310,10 +315,16 @@ class RunService:
         if info.state.is_final:
             raise Conflict(f"Run {run_id} already ended ({info.state}); nothing to cancel.")
         if not info.job_id:
+            # Being submitted, or its submission died: there is no job to stop. Marking
+            # the run is what anyone who may edit it may do; its user goes only if this
+            # installation signed the run (see RunSync.delete_run_user).
             api.set_tags(run_id, {TAG_STATE: str(RunState.KILLED), TAG_REASON: "CANCELLED"})
             api.update_run(run_id, status="KILLED", end_time=now_ms())
-            self._sync.delete_run_user(info.tags)
-            return RunInfo.from_run(api.get_run(run_id))
+            note = self._sync.delete_run_user(run)
+            info = RunInfo.from_run(api.get_run(run_id))
+            if note:
+                info.warnings.append(note)
+            return info
         backend, job_id = self._backends.of_run(run)
         backend.cancel(job_id)
         deadline = time.monotonic() + CANCEL_WAIT
