@@ -599,3 +599,167 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         expect(details.locator(".mantik-details-title")).to_have_text("e2e-held")
     finally:
         broken.unlink()
+
+
+def _log_in_form(sidebar, user) -> None:
+    from playwright.sync_api import expect
+
+    form = sidebar.locator(".mantik-login-form")
+    form.get_by_label("Username", exact=True).fill(user.username)
+    form.get_by_label("Password", exact=True).fill(user.password)
+    form.get_by_label("Password", exact=True).press("Enter")
+    expect(sidebar.locator('[data-testid="mantik-login-state"]')).to_have_text(
+        "Logged in", timeout=60_000
+    )
+
+
+def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_server):
+    """Runs whose binding does not verify here (submitted elsewhere) answer 403 to logs of
+    an active run, files, downloads and cancel: the details grey those out, saying why and
+    what to do, and keep what the server allows (MLflow, an ended run's stored log). A
+    QUEUED run's duration is the time it has been queued, not a running time."""
+    import json
+
+    from playwright.sync_api import expect
+
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    erin = mlflow_server.create_user()
+    api = RunsApi(TrackingClient(mlflow_server.uri, erin))
+    experiment, _ = api.get_or_create_experiment("browser-not-followed")
+    # What another installation records: a job bound with a key this lab does not know.
+    elsewhere = {
+        "mantik.backend": "local",
+        "mantik.backend_spec": json.dumps({"kind": "local", "Directory": "/nonexistent"}),
+        "mantik.job_id": "4242",
+        "mantik.run_dir": "/nonexistent/run",
+        "mantik.binding": "v1:0000000000000000:" + "0" * 64,
+    }
+    now = int(time.time() * 1000)
+    running = api.create_run(
+        experiment,
+        run_name="elsewhere-running",
+        tags={**elsewhere, "mantik.state": "RUNNING"},
+        start_time=now - 120_000,
+    )
+    ended = api.create_run(
+        experiment,
+        run_name="elsewhere-finished",
+        tags={**elsewhere, "mantik.state": "FINISHED"},
+        start_time=now - 600_000,
+    )
+    api.upload_artifact(ended, "mantik/mantik.log", b"stored log of the finished run\n")
+    api.update_run(ended["info"]["run_id"], status="FINISHED", end_time=now - 300_000)
+    queued = api.create_run(
+        experiment,
+        run_name="elsewhere-queued",
+        tags={**elsewhere, "mantik.state": "QUEUED"},
+        start_time=now - 330_000,
+    )
+
+    sidebar = open_lab(page, tracked_lab)
+    try:
+        _log_in_form(sidebar, erin)
+        running_id, ended_id = running["info"]["run_id"], ended["info"]["run_id"]
+        # What the server allows for such runs (the sidebar offers exactly that).
+        for path in (f"{running_id}/files", f"{ended_id}/files", f"{running_id}/logs"):
+            status, body = tracked_lab.get_json(f"mantik/api/runs/{path}")
+            assert status == 403, (path, status, body)
+        status, body = tracked_lab.get_json(f"mantik/api/runs/{ended_id}/logs")
+        assert status == 200 and "stored log" in body["text"], (status, body)  # type: ignore[index]
+
+        rows = sidebar.locator(".mantik-run-row")
+        details = sidebar.locator('[data-testid="mantik-run-details"]')
+
+        # An active run followed elsewhere: no cancel, files or log from here.
+        rows.filter(has_text="elsewhere-running").click()
+        expect(details).to_have_attribute("data-run-id", running_id)
+        cancel = details.get_by_role("button", name="Cancel run")
+        expect(cancel).to_be_disabled()
+        expect(cancel).to_have_attribute("title", re.compile("another mantik installation"))
+        notice = details.locator(".mantik-not-followed")
+        expect(notice).to_contain_text("another mantik installation")
+        expect(cancel).to_have_accessible_description(re.compile("another mantik installation"))
+        files = details.locator(".mantik-files summary")
+        expect(files).to_have_attribute("aria-disabled", "true")
+        expect(files).to_have_attribute("title", re.compile("another mantik installation"))
+        files.click()
+        expect(details.locator(".mantik-files")).not_to_have_attribute("open", "")
+        expect(details.locator(".mantik-log")).to_contain_text("not followed here")
+        # The keyboard still reaches the greyed-out actions (their names and reasons are
+        # read out); Enter on Cancel asks nothing and cancels nothing.
+        mlflow_button = details.get_by_role("button", name="Open in MLflow")
+        expect(mlflow_button).to_be_enabled()
+        mlflow_button.focus()
+        page.keyboard.press("Tab")
+        expect(cancel).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator(".jp-Dialog")).to_have_count(0)
+        page.wait_for_timeout(1_000)
+        expect(details.locator(".mantik-error")).to_have_count(0)
+        sidebar.screenshot(path=str(ARTIFACTS / "sidebar-run-not-followed.png"))
+
+        # An ended one: its stored log is readable; its files are not.
+        rows.filter(has_text="elsewhere-finished").click()
+        expect(details).to_have_attribute("data-run-id", ended_id)
+        expect(details.locator(".mantik-log")).to_contain_text("stored log of the finished run")
+        expect(details.get_by_role("button", name="Cancel run")).to_have_count(0)
+        expect(details.locator(".mantik-files summary")).to_have_attribute("aria-disabled", "true")
+        expect(details.get_by_role("button", name="Open in MLflow")).to_be_enabled()
+        expect(details.locator(".mantik-error")).to_have_count(0)
+
+        # Queued for 5.5 minutes: that is what the duration says, not a running time.
+        rows.filter(has_text="elsewhere-queued").click()
+        expect(details).to_have_attribute("data-run-id", queued["info"]["run_id"])
+        duration = details.locator(".mantik-run-duration")
+        expect(duration).to_have_text(re.compile(r"^queued for 5 min"))
+
+        # The REST run says why the run is not followed here (the message of the 403s).
+        status, body = tracked_lab.get_json(f"mantik/api/runs/{running_id}")
+        assert status == 200, (status, body)
+        why = body["not_followed"]  # type: ignore[index]
+        assert "another mantik installation" in why and "trusted" in why, why
+    finally:
+        _log_out(tracked_lab)
+
+
+def test_filters_fit_the_narrowest_sidebar(page, tracked_lab, mlflow_server):
+    """At the narrowest width the sidebar can be dragged to, every filter shows its whole
+    text (the backend filter's 'All backends' was cut off)."""
+    from playwright.sync_api import expect
+
+    sidebar = open_lab(page, tracked_lab)
+    filters = sidebar.locator(".mantik-filters")
+    expect(filters).to_be_visible()
+    # Drag the sidebar's edge far to the left: the lab stops it at the panel's minimum.
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle").first
+    box = handle.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(5, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.wait_for_timeout(500)
+    panel_width = sidebar.evaluate("e => e.getBoundingClientRect().width")
+    assert panel_width < 260, panel_width
+    sidebar.screenshot(path=str(ARTIFACTS / "sidebar-narrowest-filters.png"))
+    panel_right = sidebar.evaluate("e => e.getBoundingClientRect().right")
+    for control in filters.locator("input, select").all():
+        expect(control).to_be_visible()
+        width, needed, right = control.evaluate(
+            """e => {
+                const shown = e.getBoundingClientRect();
+                const saved = e.style.cssText;
+                e.style.cssText += ';width:max-content !important;' +
+                    'max-width:none !important;flex:none !important';
+                const needed = e.getBoundingClientRect().width;
+                e.style.cssText = saved;
+                return [shown.width, needed, shown.right];
+            }"""
+        )
+        label = control.get_attribute("aria-label")
+        assert right <= panel_right + 0.5, (label, right, panel_right)
+        if control.evaluate("e => e.tagName") == "SELECT":
+            assert width + 0.5 >= needed, (label, width, needed)
+    filters.get_by_label("Filter runs by backend").select_option("")

@@ -455,6 +455,12 @@ export interface IRun {
   exit_code: number | null;
   user: string | null;
   warnings: string[];
+  /**
+   * Why this installation does not follow the run (submitted elsewhere: its binding does
+   * not verify), the message its log, files, downloads and cancel answer 403 with; null
+   * when it is followed.
+   */
+  not_followed: string | null;
 }
 
 export interface IRunList {
@@ -608,7 +614,8 @@ export function parseRun(value: unknown): IRun {
     user: strOrNull(value.user),
     warnings: Array.isArray(value.warnings)
       ? value.warnings.filter((w): w is string => typeof w === 'string')
-      : []
+      : [],
+    not_followed: strOrNull(value.not_followed)
   };
 }
 

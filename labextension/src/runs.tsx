@@ -21,12 +21,12 @@ import {
   filterRuns,
   formatAge,
   formatBytes,
-  formatDuration,
   IRunFilter,
   isActive,
   LogBuffer,
   MAX_RUNS,
   Poller,
+  runDuration,
   RunsModel,
   startedPhrase,
   stateKind,
@@ -255,7 +255,9 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                   aria-pressed={run.run_id === selectedId}
                   aria-label={`${displayName(run)}, ${run.state}, ${
                     run.backend ?? 'unknown backend'
-                  }, ${startedPhrase(run.start_time, now)}`}
+                  }, ${startedPhrase(run.start_time, now, run.state)}${
+                    run.not_followed !== null ? ', not followed here' : ''
+                  }`}
                   onClick={() =>
                     setSelectedId(run.run_id === selectedId ? null : run.run_id)
                   }
@@ -326,8 +328,21 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
   const [cancelling, setCancelling] = useState(false);
   const [actionError, setActionError] = useState<string | null>(null);
   const active = isActive(run);
+  // Submitted elsewhere: the server answers 403 to its cancel, files, downloads and (while
+  // it is active) its log. Those actions stay on screen, greyed out and focusable, with
+  // the server's reason as their description; MLflow and an ended run's stored log stay.
+  const notFollowed = run.not_followed;
+  const notFollowedId = `${id}-not-followed`;
+  const blocked: IBlocked | null =
+    notFollowed !== null ? { reason: notFollowed, describedBy: notFollowedId } : null;
+  // The server's own "not followed" warning says the same as its reason, shown below.
+  const warnings =
+    blocked !== null ? run.warnings.filter(w => !w.startsWith('Not followed here')) : run.warnings;
 
   const cancel = async () => {
+    if (blocked !== null) {
+      return;
+    }
     setActionError(null);
     if (!(await confirmCancel(run))) {
       return;
@@ -379,7 +394,7 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
         <dt>Entry point</dt>
         <dd>{run.entry_point ?? '—'}</dd>
         <dt>Duration</dt>
-        <dd>{formatDuration(run.start_time, run.end_time, now)}</dd>
+        <dd className="mantik-run-duration">{runDuration(run, now)}</dd>
         {run.reason ? (
           <>
             <dt>Reason</dt>
@@ -387,11 +402,16 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
           </>
         ) : null}
       </dl>
-      {run.warnings.map(w => (
+      {warnings.map(w => (
         <p key={w} className="mantik-warning">
           {w}
         </p>
       ))}
+      {blocked !== null ? (
+        <p id={notFollowedId} className="mantik-warning mantik-not-followed">
+          {blocked.reason}
+        </p>
+      ) : null}
       <div className="mantik-actions">
         <Button
           small
@@ -409,6 +429,7 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
             data-testid="mantik-cancel-run"
             onClick={() => void cancel()}
             disabled={cancelling}
+            {...blockedProps(blocked)}
           >
             {cancelling ? 'Cancelling…' : 'Cancel run'}
           </Button>
@@ -431,10 +452,35 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
           label="Latest metrics"
         />
       </details>
-      <LogView api={api} run={run} visible={visible} />
-      <FilesView api={api} run={run} />
+      <LogView
+        api={api}
+        run={run}
+        visible={visible}
+        blocked={active ? blocked : null}
+      />
+      <FilesView api={api} run={run} blocked={blocked} />
     </section>
   );
+}
+
+/** Why an action of a run is not available here, and the id of the text saying so. */
+interface IBlocked {
+  reason: string;
+  describedBy: string;
+}
+
+/**
+ * Props of a control that is greyed out because the run is not followed here. Not
+ * `disabled`: a disabled control drops out of the Tab order, and a keyboard or screen
+ * reader user would never learn why it is missing; `aria-disabled` keeps it reachable and
+ * named, and its description says why and what to do. Its handler must do nothing.
+ */
+function blockedProps(
+  blocked: IBlocked | null
+): Pick<React.HTMLAttributes<HTMLElement>, 'aria-disabled' | 'aria-describedby' | 'title'> {
+  return blocked === null
+    ? {}
+    : { 'aria-disabled': true, 'aria-describedby': blocked.describedBy, title: blocked.reason };
 }
 
 function KeyValueTable(props: {
@@ -458,9 +504,18 @@ function KeyValueTable(props: {
   );
 }
 
-/** The run's log, following while the run is active and the panel visible. */
-function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.Element {
-  const { api, run, visible } = props;
+/**
+ * The run's log, following while the run is active and the panel visible. `blocked`: the
+ * server does not give it (a run followed elsewhere, still active): nothing is read.
+ */
+function LogView(props: {
+  api: MantikApi;
+  run: IRun;
+  visible: boolean;
+  blocked: IBlocked | null;
+}): JSX.Element {
+  const { api, run, visible, blocked } = props;
+  const isBlocked = blocked !== null;
   const [buffer] = useState(() => new LogBuffer());
   const [, setVersion] = useState(0);
   const [error, setError] = useState<string | null>(null);
@@ -470,6 +525,10 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
   const runId = run.run_id;
 
   useEffect(() => {
+    if (isBlocked) {
+      poller.current = null;
+      return;
+    }
     const p = new Poller({
       interval: 1500,
       maxInterval: 10_000,
@@ -496,7 +555,8 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
     poller.current = p;
     p.start();
     return () => p.dispose();
-  }, [api, runId, buffer]);
+    // Once the run ends elsewhere, its stored log becomes readable: start then.
+  }, [api, runId, buffer, isBlocked]);
 
   useEffect(() => {
     poller.current?.[visible ? 'resume' : 'pause']();
@@ -529,7 +589,13 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
       <div className="mantik-Section-header">
         <h4 className="mantik-Subsection-title">Log</h4>
         <span className="mantik-muted mantik-log-state" aria-live="polite">
-          {buffer.final ? 'complete' : follow ? 'following' : 'paused (scrolled up)'}
+          {isBlocked
+            ? 'not followed here'
+            : buffer.final
+              ? 'complete'
+              : follow
+                ? 'following'
+                : 'paused (scrolled up)'}
         </span>
       </div>
       {error !== null ? (
@@ -543,19 +609,26 @@ function LogView(props: { api: MantikApi; run: IRun; visible: boolean }): JSX.El
         data-testid="mantik-log"
         role="log"
         aria-label={`Log of run ${displayName(run)}`}
+        aria-describedby={blocked?.describedBy}
         tabIndex={0}
         onScroll={onScroll}
       >
-        {buffer.truncated ? '[… earlier output dropped …]\n' : ''}
-        {shown || (buffer.final ? '(empty log)' : 'Waiting for output…')}
+        {isBlocked
+          ? '(not followed here: the log of an active run is read only where it was submitted)'
+          : null}
+        {!isBlocked && buffer.truncated ? '[… earlier output dropped …]\n' : ''}
+        {isBlocked ? null : shown || (buffer.final ? '(empty log)' : 'Waiting for output…')}
       </pre>
     </div>
   );
 }
 
-/** One folder of the run directory, with downloads. */
-function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
-  const { api, run } = props;
+/**
+ * One folder of the run directory, with downloads. `blocked`: the server does not give
+ * them (a run followed elsewhere): the section does not open.
+ */
+function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null }): JSX.Element {
+  const { api, run, blocked } = props;
   const [open, setOpen] = useState(false);
   const [path, setPath] = useState('');
   const [entries, setEntries] = useState<IFileEntry[] | null>(null);
@@ -620,6 +693,17 @@ function FilesView(props: { api: MantikApi; run: IRun }): JSX.Element {
 
   const parent = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
   const name = (p: string) => p.slice(p.lastIndexOf('/') + 1);
+
+  if (blocked !== null) {
+    return (
+      <details className="mantik-files mantik-mod-blocked" open={false}>
+        {/* A click or Enter/Space would open it: kept closed, the reason says why. */}
+        <summary {...blockedProps(blocked)} onClick={e => e.preventDefault()}>
+          Files
+        </summary>
+      </details>
+    );
+  }
 
   return (
     <details

@@ -384,13 +384,21 @@ export function formatAge(startMs: number | null, nowMs: number): string {
   return `${Math.floor(hours / 24)} d`;
 }
 
-/** When a run started, as a screen reader says it: "started 5 min ago", "not started yet". */
-export function startedPhrase(startMs: number | null, nowMs: number): string {
+/** States in which a run waits for its job to start (its start time is its submission). */
+const WAITING_STATES = new Set(['SUBMITTING', 'QUEUED']);
+
+/**
+ * When a run started, as a screen reader says it: "started 5 min ago", "not started yet".
+ * A run still waiting (`state` QUEUED or SUBMITTING) was "submitted" then: it has not
+ * started.
+ */
+export function startedPhrase(startMs: number | null, nowMs: number, state?: string): string {
   const age = formatAge(startMs, nowMs);
   if (startMs === null) {
     return 'not started yet';
   }
-  return age === 'just now' ? 'started just now' : `started ${age} ago`;
+  const verb = state !== undefined && WAITING_STATES.has(state) ? 'submitted' : 'started';
+  return age === 'just now' ? `${verb} just now` : `${verb} ${age} ago`;
 }
 
 /** Duration of a run, e.g. "1 min 12 s". */
@@ -410,6 +418,22 @@ export function formatDuration(
     return `${h} h ${m} min`;
   }
   return m > 0 ? `${m} min ${s} s` : `${s} s`;
+}
+
+/**
+ * The duration shown in a run's details. The server records when a run was submitted
+ * (`start_time`), not when its job began to run: while the run waits, the time since is
+ * queued time ("queued for 3 min 5 s"), not a running duration.
+ */
+export function runDuration(
+  run: Pick<IRun, 'state' | 'start_time' | 'end_time'>,
+  nowMs: number
+): string {
+  const since = formatDuration(run.start_time, run.end_time, nowMs);
+  if (run.start_time === null || run.end_time !== null || !WAITING_STATES.has(run.state)) {
+    return since;
+  }
+  return `${run.state === 'QUEUED' ? 'queued' : 'submitting'} for ${since}`;
 }
 
 /** CSS modifier of a state chip. */

@@ -234,8 +234,16 @@ describe('MantikApi runs and projects', () => {
     reason: null,
     exit_code: null,
     user: 'ada',
-    warnings: []
+    warnings: [],
+    not_followed: null
   };
+
+  it('reads why a run is not followed here', () => {
+    const why = 'Run abc123 was submitted from another mantik installation';
+    expect(parseRun({ ...RUN, not_followed: why }).not_followed).toBe(why);
+    const { not_followed: _, ...older } = RUN;
+    expect(parseRun(older).not_followed).toBeNull();
+  });
 
   it('reads metrics that are not finite as the server spells them', () => {
     const metrics = { loss: 'NaN', grad: 'Infinity', low: '-Infinity', rmse: 0.5, bad: 'x' };

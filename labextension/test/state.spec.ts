@@ -16,6 +16,7 @@ import {
   Poller,
   RunsModel,
   RUNS_PAGE,
+  runDuration,
   startedPhrase,
   terminalText,
   upsertRun
@@ -419,6 +420,21 @@ describe('runs list helpers', () => {
     expect(startedPhrase(0, 2_000)).toBe('started just now');
     expect(startedPhrase(0, 5 * 60_000)).toBe('started 5 min ago');
     expect(startedPhrase(null, 0)).toBe('not started yet');
+    expect(startedPhrase(0, 5 * 60_000, 'RUNNING')).toBe('started 5 min ago');
+    expect(startedPhrase(0, 5 * 60_000, 'QUEUED')).toBe('submitted 5 min ago');
+  });
+
+  it('shows the time a run waits as queued time, not as a running duration', () => {
+    const at = (state: string, end: number | null = null) => ({
+      state,
+      start_time: 0,
+      end_time: end
+    });
+    expect(runDuration(at('QUEUED'), 330_000)).toBe('queued for 5 min 30 s');
+    expect(runDuration(at('SUBMITTING'), 4_000)).toBe('submitting for 4 s');
+    expect(runDuration(at('RUNNING'), 330_000)).toBe('5 min 30 s');
+    expect(runDuration(at('KILLED', 60_000), 330_000)).toBe('1 min 0 s');
+    expect(runDuration({ state: 'QUEUED', start_time: null, end_time: null }, 1)).toBe('—');
   });
 
   it('accumulates log chunks by offset', () => {

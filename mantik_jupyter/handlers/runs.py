@@ -21,10 +21,11 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, MantikError
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
+    from ..compute.run_record import RunInfo
     from ..compute.runs import RunService
 
 MAX_RESULTS_LIMIT = 1000
@@ -36,6 +37,32 @@ class RunsBaseHandler(MantikAPIHandler):
     @property
     def runs(self) -> RunService:
         return self.mantik.run_service
+
+    def run_json(self, info: RunInfo) -> dict[str, Any]:
+        """A run as JSON, with ``not_followed``: why this installation does not follow it
+        (the message its logs, files, downloads and cancel answer 403 with), else None.
+        The sidebar greys out those actions up front; the run list's warnings say this only
+        for active runs, and only after a sync."""
+        out = info.to_json()
+        out["not_followed"] = self._not_followed(info)
+        return out
+
+    def _not_followed(self, info: RunInfo) -> str | None:
+        if not info.job_id:
+            # No job (never submitted): nothing is followed, and the actions say so (409).
+            return None
+        # The RunService has no public accessor of its run keys (BackendPool.keys).
+        keys = self.runs._backends.keys
+        run = {
+            "info": {"run_id": info.run_id},
+            "data": {"tags": [{"key": k, "value": v} for k, v in info.tags.items()]},
+        }
+        try:
+            problem = keys.problem(run)
+        except MantikError as exc:
+            # This installation's key file is unreadable: no run is followed until fixed.
+            return exc.message
+        return keys.untrusted(run, problem).message if problem else None
 
     def query_str(self, name: str) -> str | None:
         return self.get_query_argument(name, None) or None
@@ -117,7 +144,9 @@ class RunsHandler(RunsBaseHandler):
             # The lab syncs active runs in the background; ask for a sync only when needed.
             refresh=self.query_bool("refresh"),
         )
-        self.write_json({"runs": [r.to_json() for r in runs], "next_page_token": token})
+        # Checking a binding may read trusted key files: not on the event loop.
+        listed = await self.in_thread(lambda: [self.run_json(r) for r in runs])
+        self.write_json({"runs": listed, "next_page_token": token})
 
     @web.authenticated
     @authorized
@@ -140,7 +169,7 @@ class RunsHandler(RunsBaseHandler):
             run_name=_field(body, "run_name", (str,), "a string") or None,
             source=_field(body, "source", (str,), "a string") or "lab",
         )
-        self.write_json(info.to_json(), status=201)
+        self.write_json(self.run_json(info), status=201)
 
 
 class RunHandler(RunsBaseHandler):
@@ -148,7 +177,7 @@ class RunHandler(RunsBaseHandler):
     @authorized
     async def get(self, ref: str) -> None:
         info = await self.in_thread(self.runs.get, ref)
-        self.write_json(info.to_json())
+        self.write_json(self.run_json(info))
 
 
 class RunLogsHandler(RunsBaseHandler):
@@ -164,7 +193,7 @@ class RunCancelHandler(RunsBaseHandler):
     @authorized
     async def post(self, ref: str) -> None:
         info = await self.in_thread(self.runs.cancel, ref)
-        self.write_json(info.to_json())
+        self.write_json(self.run_json(info))
 
 
 class RunFilesHandler(RunsBaseHandler):
