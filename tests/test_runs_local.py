@@ -490,9 +490,9 @@ def test_processes_a_finished_job_left_behind_are_stopped(service, tmp_path, mon
         _kill_left(pids, lab_child)
 
 
-def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path):
-    # What the REST handler, the magic and the CLI call: the run reads KILLED once
-    # SIGTERM is sent, and the entry point still gets its SIGKILL after the grace.
+def _submit_stubborn(service: RunService, tmp_path: Path) -> tuple[str, Path]:
+    """Submit a run whose entry point ignores SIGTERM and has a child: (its run id, the
+    file that lists the pids of both)."""
     project = tmp_path / "stubborn"
     project.mkdir()
     (project / "MLproject").write_text(
@@ -505,20 +505,75 @@ def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path)
     write_config(project, LOCAL_CONFIG)
     out = tmp_path / "children"
     info = service.submit(project, params={"out": str(out)}, experiment_name="local-cancel")
+    return info.run_id, out
+
+
+def _listed_pids(out: Path, count: int) -> list[int]:
+    deadline = time.monotonic() + 20
+    while len(out.read_text().split() if out.exists() else []) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return [int(p) for p in out.read_text().split()]
+
+
+def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path):
+    # What the REST handler, the magic and the CLI call: the run reads KILLED once
+    # SIGTERM is sent, and the entry point still gets its SIGKILL after the grace.
+    run_id, out = _submit_stubborn(service, tmp_path)
     pids: list[int] = []
     try:
-        deadline = time.monotonic() + 20
-        while len(out.read_text().split() if out.exists() else []) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        pids = [int(p) for p in out.read_text().split()]
+        pids = _listed_pids(out, 2)
         start = time.monotonic()
-        killed = service.cancel(info.run_id)
+        killed = service.cancel(run_id)
         assert time.monotonic() - start < local.CANCEL_GRACE / 2
         assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
         assert killed.reason == "CANCELLED"
         assert _gone(pids, timeout=local.CANCEL_GRACE + 5), [p for p in pids if _running(p)]
     finally:
+        _kill_left(pids)
+
+
+def test_mantik_runs_cancel_exits_at_once_and_the_job_is_killed_after_the_grace(
+    tracking, mlflow_server, user, tmp_path
+):
+    # The command answered at once but exited only after the grace: the SIGKILL for
+    # what ignores SIGTERM came from a thread of the command's own process. The job's
+    # supervisor, which lives as long as the job, now sends it.
+    data = tmp_path / "data"
+    # The CLI's own installation (its key signs and verifies the run).
+    service = RunService(tracking, work_dir=data / "runs", key_file=data / "run-key.json")
+    pids: list[int] = []
+    try:
+        run_id, out = _submit_stubborn(service, tmp_path)
+        pids = _listed_pids(out, 2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MANTIK_"))}
+        env.update(mlflow_server.env(user))
+        env["MANTIK_DATA_DIR"] = str(data)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mantik_jupyter.cli", "runs", "cancel", run_id],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            answer = proc.stdout.readline()
+            answered = time.monotonic()
+            assert answer.startswith(f"Cancelled run {run_id}"), (answer, proc.communicate())
+            proc.wait(timeout=local.CANCEL_GRACE + 10)
+            exited = time.monotonic()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert exited - answered < 1.5, f"exited {exited - answered:.1f} s after answering"
+        # The script ignores SIGTERM: it is still there, and gone after the grace.
+        assert _running(pids[0])
+        assert _gone(pids, timeout=local.CANCEL_GRACE + 5), [p for p in pids if _running(p)]
+        assert service.get(run_id).state == RunState.KILLED
+    finally:
+        service.close()
         _kill_left(pids)
 
 

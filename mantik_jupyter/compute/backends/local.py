@@ -14,11 +14,15 @@ still carries ``MANTIK_LOCAL_JOB`` in its environment, a token of this job alone
 in ``mantik.jobmarker``), which finds it when the supervisor is gone (killed, or a job
 started before there were supervisors). Where there is no ``/proc`` only the session's
 process group is stopped. As scancel does, ``cancel`` answers once SIGTERM is sent and
-the job reads KILLED; the SIGKILL for what is left after the grace comes from a thread
-of its own. As Slurm does at the end of a job, ``job_ended`` (the RunService records
-the run's end) stops what a job that ended by itself or was killed from outside left
-running, the same way, in such a thread; and deletes the credential file a script
-killed before reading it leaves behind.
+the job reads KILLED; the SIGKILL for what is left after the grace comes from the job's
+supervisor (asked with ``STOP_SIGNAL``): it lives as long as the job, so a
+``mantik runs cancel`` exits right after its answer and the job is still killed. Only
+for a job without such a supervisor (started by an older version, or its supervisor
+killed) does a thread of the cancelling process wait out the grace. As Slurm does at
+the end of a job, ``job_ended`` (the RunService records the run's end) stops what a job
+that ended by itself or was killed from outside left running, the same way (the
+SIGTERM from a thread, as the sync must not wait for the scan); and deletes the
+credential file a script killed before reading it leaves behind.
 
 Job ids are ``local-<pid>-<start>``, where ``<start>`` is the process start time from
 ``/proc/<pid>/stat``: after a restart of the lab a pid that was reused by another
@@ -51,7 +55,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import BackendRejected, InvalidRequest, NotFound, UnsafePath
@@ -67,6 +71,12 @@ CANCELLED_FILE = "mantik.cancelled"
 JOB_ID_FILE = "mantik.jobid"
 MARKER_FILE = "mantik.jobmarker"
 SUPERVISOR_FILE = "mantik.supervisor"
+# A supervisor that sends the SIGKILL after the grace when asked is recorded with this
+# third word in SUPERVISOR_FILE (one of an older version would die of the signal).
+SUPERVISOR_STOPS = "stops"
+# The grace (seconds) of the stop asked of a supervisor, for it to read.
+STOP_FILE = "mantik.stop"
+STOP_SIGNAL = signal.SIGUSR1
 # The script's end status, written by its supervisor: the exit status, or minus the
 # signal that killed it (the script writes mantik.exitcode itself only when it got to).
 END_FILE = "mantik.ended"
@@ -107,6 +117,12 @@ _SUPERVISORS_LOCK = threading.Lock()
 # report fd, and writes the script's end status to the end file before it reaps the
 # script: the script's zombie stays until then, so the lab never sees a script gone
 # without its end status. Plain stdlib Python (-I -S), quick to start.
+#
+# On SIGUSR1 (``STOP_SIGNAL``: whoever cancelled the job, or recorded its end, has sent
+# SIGTERM) it sends SIGKILL to every process below it once the grace in the stop file
+# has passed, and again every 50 ms while any is left (one may fork meanwhile): the
+# cancelling process need not stay for the grace. An earlier request's deadline stands
+# if it comes first. Its handlers never raise: an error there would end the supervisor.
 _SUPERVISOR = r"""
 import os, signal, subprocess, sys
 
@@ -118,7 +134,56 @@ def start_time(pid):
     except (OSError, ValueError, IndexError):
         return "0"
 
-report, end_file, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+def descendants():
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] not in ("Z", "X"):
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+def kill_rest(signum, frame):
+    try:
+        left = descendants()
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not left:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except Exception:
+        pass
+
+def stop(signum, frame):
+    try:
+        try:
+            with open(stop_file) as f:
+                grace = float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            grace = 5.0
+        if not 0 < grace <= 3600:
+            grace = 5.0
+        pending = signal.getitimer(signal.ITIMER_REAL)[0]
+        if not pending or grace < pending:
+            signal.setitimer(signal.ITIMER_REAL, grace, 0.05)
+    except Exception:
+        pass
+
+report, end_file, stop_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+argv = sys.argv[4:]
 try:  # without it (not Linux, a Python without ctypes) the marker still finds most
     import ctypes
     if sys.platform.startswith("linux"):
@@ -132,6 +197,8 @@ except OSError as exc:
     sys.exit(1)
 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
+signal.signal(signal.SIGALRM, kill_rest)
+signal.signal(signal.SIGUSR1, stop)
 os.write(report, f"ok {job.pid} {start_time(job.pid)} {start_time(os.getpid())}\n".encode())
 os.close(report)
 while True:
@@ -194,6 +261,8 @@ class _Target:
     session: int | None
     marker: str | None
     supervisor: tuple[int, str] | None
+    # The supervisor sends the SIGKILL after the grace when asked (``STOP_SIGNAL``).
+    supervisor_stops: bool = False
 
 
 class LocalBackend(Backend):
@@ -211,6 +280,8 @@ class LocalBackend(Backend):
         # Threads stopping what cancelled or ended jobs left running, by job id;
         # ``close`` cuts their grace short.
         self._reapers: dict[str, threading.Thread] = {}
+        # Jobs whose supervisors wait out the grace before their SIGKILL, by job id.
+        self._stopping: dict[str, _Target] = {}
         self._reapers_lock = threading.Lock()
         self._closing = threading.Event()
 
@@ -352,7 +423,8 @@ class LocalBackend(Backend):
 
     def cancel(self, job_id: str) -> None:
         """As scancel: SIGTERM to the job's processes, the job marked cancelled, and the
-        answer; what is left after the grace gets SIGKILL from a thread of its own."""
+        answer; what is left after the grace gets SIGKILL from the job's supervisor
+        (from a thread of this process for a job without one that can)."""
         job_id = self._check_job_id(job_id)
         run_dir = Path(self.run_dir_of(job_id))
         try:
@@ -360,7 +432,7 @@ class LocalBackend(Backend):
         finally:
             # Killed before its script got to the credential file, the job leaves it behind.
             (run_dir / layout.CREDENTIALS_FILE).unlink(missing_ok=True)
-        if target is not None:
+        if target is not None and not self._handed_over(target):
             self._in_background(job_id, run_dir, target)
 
     def job_ended(self, job_id: str) -> None:
@@ -377,12 +449,14 @@ class LocalBackend(Backend):
 
     def _in_background(self, job_id: str, run_dir: Path, target: _Target | None) -> None:
         """Stop the job's processes in a thread: SIGTERM first unless ``target`` (the
-        job SIGTERM was sent to), SIGKILL to those left after the grace.
+        job SIGTERM was sent to), SIGKILL to those left after the grace (by the job's
+        supervisor where it can, else by this thread).
 
         Not a daemon: a `mantik runs cancel` or `status` that exits right after still
-        stops what ignores SIGTERM (nobody would call this again); the lab's ``close``
-        cuts the grace short instead. One thread a job: a cancelled job's end comes
-        while the cancel's thread still waits, and that thread scans to the end anyway.
+        sends what it began (nobody would call this again); the thread is short where
+        the supervisor waits out the grace, and the lab's ``close`` cuts the grace short
+        otherwise. One thread a job: a cancelled job's end comes while the cancel's
+        thread still waits, and that thread scans to the end anyway.
         """
         thread = threading.Thread(
             target=self._reap, args=(job_id, run_dir, target), name=f"mantik-local-stop-{job_id}"
@@ -398,17 +472,38 @@ class LocalBackend(Backend):
         try:
             if target is None:
                 target = self._terminate(job_id, run_dir, cancel=False)
+                if target is not None and self._handed_over(target):
+                    return
             if target is not None:
                 self._kill_after_grace(target)
         except Exception:  # a thread of its own: nobody else would hear of it
             log.exception("stopping the processes of local job %s", job_id)
 
+    def _handed_over(self, target: _Target) -> bool:
+        """Whether the job's supervisor took on the SIGKILL after the grace (remembered
+        for ``close``, while that supervisor lives)."""
+        if not _ask_supervisor_to_stop(target):
+            return False
+        with self._reapers_lock:
+            self._stopping = {k: t for k, t in self._stopping.items() if _supervisor_lives(t)}
+            self._stopping[target.job_id] = target
+        return True
+
     def close(self) -> None:
         # SIGKILL at once for what cancelled and ended jobs left, rather than hold the
-        # lab's shutdown for the grace of a child that ignores SIGTERM.
+        # lab's shutdown for the grace of a child that ignores SIGTERM (or leave it to
+        # the supervisors: the processes would outlive the lab by the grace).
         self._closing.set()
         with self._reapers_lock:
             reapers = list(self._reapers.values())
+            stopping = list(self._stopping.values())
+            self._stopping.clear()
+        for target in stopping:
+            if not _supervisor_lives(target):
+                continue  # done: it lives as long as anything of the job
+            # The script's process group only while the script is the same process.
+            alive = self._alive(target.job_id, target.run_dir)
+            self._kill_after_grace(replace(target, session=target.session if alive else None))
         deadline = time.monotonic() + CLOSE_WAIT
         for thread in reapers:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -423,12 +518,14 @@ class LocalBackend(Backend):
         # The script ended but left processes behind: they go all the same. Its session
         # is not searched then: its number may be another process's by now (the
         # supervisor and the marker still find them).
+        supervisor = _read_supervisor(run_dir)
         target = _Target(
             job_id=job_id,
             run_dir=run_dir,
             session=pid if alive else None,
             marker=_read_marker(run_dir),
-            supervisor=_read_supervisor(run_dir),
+            supervisor=supervisor[:2] if supervisor else None,
+            supervisor_stops=bool(supervisor and supervisor[2]),
         )
         if not alive and not _job_members(target):
             return None
@@ -631,15 +728,38 @@ def _read_marker(run_dir: Path) -> str | None:
     return marker if re.fullmatch(r"[0-9a-f]{32}", marker) else None
 
 
-def _read_supervisor(run_dir: Path) -> tuple[int, str] | None:
-    """The job's supervisor (pid, start time); None for a job started without one."""
+def _read_supervisor(run_dir: Path) -> tuple[int, str, bool] | None:
+    """The job's supervisor (pid, start time, whether it stops the job when asked: see
+    ``STOP_SIGNAL``); None for a job started without one."""
     try:
         words = (run_dir / SUPERVISOR_FILE).read_text().split()
     except (OSError, UnicodeDecodeError):
         return None
-    if len(words) != 2 or not all(w.isdigit() for w in words):
+    if len(words) not in (2, 3) or not all(w.isdigit() for w in words[:2]):
         return None
-    return int(words[0]), words[1]
+    return int(words[0]), words[1], words[2:] == [SUPERVISOR_STOPS]
+
+
+def _supervisor_lives(target: _Target) -> bool:
+    """Whether the job's supervisor is still the process recorded (not ended, its pid
+    not another process's)."""
+    supervisor = target.supervisor
+    return supervisor is not None and _proc_start_time(supervisor[0]) == supervisor[1]
+
+
+def _ask_supervisor_to_stop(target: _Target) -> bool:
+    """Ask the job's supervisor for the SIGKILL after the grace (``STOP_SIGNAL``); False
+    where it cannot be asked (none, one that does not know the signal, gone)."""
+    if target.supervisor is None or not target.supervisor_stops:
+        return False
+    if not _supervisor_lives(target):
+        return False
+    try:
+        (target.run_dir / STOP_FILE).write_text(f"{CANCEL_GRACE}\n")
+        os.kill(target.supervisor[0], STOP_SIGNAL)
+    except OSError:
+        return False
+    return True
 
 
 def _start_supervised(
@@ -652,7 +772,7 @@ def _start_supervised(
         try:
             supervisor = subprocess.Popen(
                 [sys.executable or "python3", "-I", "-S", "-c", _SUPERVISOR, str(write_end),
-                 END_FILE, *argv],
+                 END_FILE, STOP_FILE, *argv],
                 cwd=run_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -677,7 +797,7 @@ def _start_supervised(
             f"{supervisor.returncode}; what it said is in {run_dir / layout.LOG_FILE}"
         )
         raise BackendRejected(f"Cannot start the job of run {run_id}: {why}")
-    (run_dir / SUPERVISOR_FILE).write_text(f"{supervisor.pid} {words[3]}\n")
+    (run_dir / SUPERVISOR_FILE).write_text(f"{supervisor.pid} {words[3]} {SUPERVISOR_STOPS}\n")
     return supervisor, int(words[1]), words[2]
 
 
