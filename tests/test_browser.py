@@ -685,6 +685,8 @@ def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_se
         expect(files).to_have_attribute("aria-disabled", "true")
         expect(files).to_have_attribute("title", re.compile("another mantik installation"))
         files.click()
+        files.press("Enter")
+        page.wait_for_timeout(300)
         expect(details.locator(".mantik-files")).not_to_have_attribute("open", "")
         expect(details.locator(".mantik-log")).to_contain_text("not followed here")
         # The keyboard still reaches the greyed-out actions (their names and reasons are
