@@ -246,6 +246,34 @@ def test_close_hurries_the_kill_of_a_cancelled_job(tmp_path):
         _kill_left(pids)
 
 
+def test_the_end_of_a_cancelled_job_sends_no_second_sigterm(tmp_path, monkeypatch):
+    # The RunService records the end of a cancelled job at once (it reads KILLED), and
+    # job_ended SIGTERMed the job again while its supervisor waited out the grace: a
+    # second SIGTERM cuts short what a job does on the first (a checkpoint).
+    monkeypatch.setattr(local, "CANCEL_GRACE", 1.5)
+    backend = LocalBackend(tmp_path / "runs")
+    job_id = backend.submit(
+        _script_job(
+            tmp_path,
+            "exec python3 -c 'import os, signal, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: open(\"terms\", \"a\").write(\"term\\n\"))\n"
+            "open(\"children\", \"a\").write(f\"{os.getpid()}\\n\")\n"
+            "while True: time.sleep(1)'\n",
+        )
+    )
+    pids = _children(backend, job_id, 1)
+    terms = Path(backend.run_dir_of(job_id)) / "terms"
+    try:
+        backend.cancel(job_id)
+        assert backend.states([job_id])[job_id].state == RunState.KILLED
+        time.sleep(0.3)  # the sync reads the run, finds it KILLED, stores its log
+        backend.job_ended(job_id)
+        assert _gone(pids, timeout=local.CANCEL_GRACE + 5)
+        assert terms.read_text().split() == ["term"]
+    finally:
+        _kill_left(pids)
+
+
 def _escaping_job(tmp_path: Path, name: str) -> PreparedJob:
     """A job whose children leave its session: setsid, and a double fork into a session
     of its own that ignores SIGTERM (as daemons, ``nohup setsid ...``, do)."""

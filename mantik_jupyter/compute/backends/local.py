@@ -456,14 +456,16 @@ class LocalBackend(Backend):
         sends what it began (nobody would call this again); the thread is short where
         the supervisor waits out the grace, and the lab's ``close`` cuts the grace short
         otherwise. One thread a job: a cancelled job's end comes while the cancel's
-        thread still waits, and that thread scans to the end anyway.
+        thread (or the supervisor) still waits, and that scans to the end anyway; a
+        second SIGTERM would cut short what a job does on the first (a checkpoint).
         """
         thread = threading.Thread(
             target=self._reap, args=(job_id, run_dir, target), name=f"mantik-local-stop-{job_id}"
         )
         with self._reapers_lock:
             self._reapers = {k: t for k, t in self._reapers.items() if t.is_alive()}
-            if job_id in self._reapers:
+            stopping = self._stopping.get(job_id)
+            if job_id in self._reapers or (stopping and _supervisor_lives(stopping)):
                 return
             self._reapers[job_id] = thread
             thread.start()
@@ -554,13 +556,16 @@ class LocalBackend(Backend):
     def _signal_job(target: _Target, sig: signal.Signals) -> None:
         """Signal the job's process group (the script started a session of its own), any
         process of its session that moved to a group of its own, any descendant of its
-        supervisor, and any process that carries the job's marker."""
+        supervisor, and any process that carries the job's marker. Each once: a second
+        SIGTERM cuts short what a process does on the first (a checkpoint)."""
+        grouped = False
         if target.session is not None:
             try:
                 os.killpg(target.session, sig)
+                grouped = True
             except (ProcessLookupError, PermissionError):
                 pass
-        for member in _job_members(target):
+        for member in _job_members(target, beside_group=grouped):
             try:
                 os.kill(member, sig)
             except (ProcessLookupError, PermissionError):
@@ -643,11 +648,12 @@ class LocalBackend(Backend):
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
 
-def _job_members(target: _Target) -> list[int]:
+def _job_members(target: _Target, *, beside_group: bool = False) -> list[int]:
     """Live (non-zombie) processes of the job, from /proc: of its session, below its
     supervisor (while that is the same process), and of this user with
     ``MANTIK_LOCAL_JOB=<marker>`` in their environment; none where /proc is absent.
-    Never the supervisor, this process or its ancestors (the lab, its shell)."""
+    Never the supervisor, this process or its ancestors (the lab, its shell).
+    ``beside_group``: not those of the script's process group (just signalled whole)."""
     session, marker = target.session, target.marker
     supervisor = target.supervisor
     if supervisor is not None and (
@@ -663,6 +669,7 @@ def _job_members(target: _Target) -> list[int]:
     uid = os.getuid()
     members: dict[int, None] = {}
     children: dict[int, list[int]] = {}
+    grouped: set[int] = set()
     try:
         entries = list(os.scandir("/proc"))
     except OSError:
@@ -679,6 +686,8 @@ def _job_members(target: _Target) -> list[int]:
         if fields[0] in ("Z", "X"):
             continue
         children.setdefault(int(fields[1]), []).append(pid)
+        if beside_group and session is not None and fields[2] == str(session):
+            grouped.add(pid)
         if pid in spared:
             continue
         if session is not None and fields[3] == str(session):
@@ -693,7 +702,7 @@ def _job_members(target: _Target) -> list[int]:
                 seen.add(pid)
                 members[pid] = None
                 below.extend(children.get(pid, []))
-    return list(members)
+    return [pid for pid in members if pid not in grouped]
 
 
 def _environ_holds(entry: os.DirEntry[str], uid: int, wanted: bytes) -> bool:
@@ -752,8 +761,8 @@ def _ask_supervisor_to_stop(target: _Target) -> bool:
     where it cannot be asked (none, one that does not know the signal, gone)."""
     if target.supervisor is None or not target.supervisor_stops:
         return False
-    if not _supervisor_lives(target):
-        return False
+    if target.supervisor[1] == "0" or not _supervisor_lives(target):
+        return False  # no /proc: it could not find the job's processes
     try:
         (target.run_dir / STOP_FILE).write_text(f"{CANCEL_GRACE}\n")
         os.kill(target.supervisor[0], STOP_SIGNAL)
