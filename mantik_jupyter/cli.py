@@ -93,8 +93,9 @@ class Context:
 
     def emit(self, data: Any, human: str | Callable[[], str]) -> None:
         """JSON for scripts (``--json``), text for people; both on stdout."""
-        # Flushed: the process may still wait a while after answering (a local cancel's
-        # grace runs out in a thread), and a pipe must have the answer at once.
+        # Flushed: the process may still wait a while after answering (a local job started
+        # by an older version, without a supervisor that stops it, has its grace run out in
+        # a thread of this process), and a pipe must have the answer at once.
         if self.json:
             print(json_out.dumps(data, indent=2), flush=True)
         else:

@@ -189,6 +189,9 @@ def test_a_run_of_another_installation_is_left_alone_until_its_key_is_trusted(
     messages = _all_refused(other, run_id, tmp_path)
     assert "not made with a key this installation knows" in messages[0]
     assert "run-key.json" in messages[0]
+    # What the sidebar greys the run's actions out with: the same message, up front.
+    assert other.not_followed(listed[0]) == messages[0]
+    assert mine.not_followed(mine.get(run_id, refresh=False)) is None
     assert api.get_run(run_id)["data"]["tags"] == before
 
     # The key: 0600, and in no tag and no message.
@@ -202,6 +205,7 @@ def test_a_run_of_another_installation_is_left_alone_until_its_key_is_trusted(
     trusted = tmp_path / "other" / "trusted-run-keys"
     trusted.mkdir(parents=True)
     shutil.copy(key_file, trusted / "laptop.json")
+    assert other.not_followed(listed[0]) is None
     assert other.files(run_id)
     assert other.cancel(run_id).state == RunState.KILLED
 

@@ -317,6 +317,15 @@ class BackendPool:
         except LocalStateInvalid as exc:
             return exc.message
 
+    def not_followed(self, run: Mapping[str, Any]) -> str | None:
+        """Why this installation does not follow the run (the message its logs, files,
+        downloads and cancel answer 403 with), else None; None too for a run with no job,
+        whose actions answer that there is none."""
+        if not run_tags(run).get(TAG_JOB_ID):
+            return None
+        problem = self.binding_problem(run)
+        return self.keys.untrusted(run, problem).message if problem else None
+
     def of_run(self, run: Mapping[str, Any]) -> tuple[Backend, str]:
         """The run's backend (attached to its run directory) and job id; only for a run
         this installation submitted (PermissionDenied otherwise: see the module)."""

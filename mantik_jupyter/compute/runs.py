@@ -254,6 +254,14 @@ class RunService:
             return self._sync.sync_runs(api, [run])[0]
         return RunInfo.from_run(run)
 
+    def not_followed(self, info: RunInfo) -> str | None:
+        """Why this installation does not follow the run, else None (see
+        ``BackendPool.not_followed``); from what ``info`` holds, without a request."""
+        tags = [{"key": k, "value": v} for k, v in info.tags.items()]
+        return self._backends.not_followed(
+            {"info": {"run_id": info.run_id}, "data": {"tags": tags}}
+        )
+
     # ---- sync ---------------------------------------------------------------------------
 
     def _active_runs(self, api: RunsApi) -> builtins.list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest, MantikError
+from ..errors import InvalidRequest
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
@@ -44,25 +44,8 @@ class RunsBaseHandler(MantikAPIHandler):
         The sidebar greys out those actions up front; the run list's warnings say this only
         for active runs, and only after a sync."""
         out = info.to_json()
-        out["not_followed"] = self._not_followed(info)
+        out["not_followed"] = self.runs.not_followed(info)
         return out
-
-    def _not_followed(self, info: RunInfo) -> str | None:
-        if not info.job_id:
-            # No job (never submitted): nothing is followed, and the actions say so (409).
-            return None
-        # The RunService has no public accessor of its run keys (BackendPool.keys).
-        keys = self.runs._backends.keys
-        run = {
-            "info": {"run_id": info.run_id},
-            "data": {"tags": [{"key": k, "value": v} for k, v in info.tags.items()]},
-        }
-        try:
-            problem = keys.problem(run)
-        except MantikError as exc:
-            # This installation's key file is unreadable: no run is followed until fixed.
-            return exc.message
-        return keys.untrusted(run, problem).message if problem else None
 
     def query_str(self, name: str) -> str | None:
         return self.get_query_argument(name, None) or None
