@@ -237,16 +237,16 @@ class Submitter:
                 # Before the job starts: the status (the job's own start sets RUNNING,
                 # which a late SCHEDULED would undo) and the params (MLflow may refuse
                 # them, e.g. too long: a user error that must stop the submission).
+                # With the params, the run is signed from the start (no job yet): only a
+                # signature of ours makes mantik delete the per-run user it names.
                 before_start = [
-                    # Signed from the start (no job yet): only a signature of ours makes
-                    # mantik delete the per-run user the run names (run_backends).
-                    pool.submit(
-                        _new_session(api).set_tags,
-                        run_id,
-                        {TAG_BINDING: self._sign(run_id, tags)},
-                    ),
                     pool.submit(_new_session(api).update_run, run_id, status="SCHEDULED"),
-                    pool.submit(_new_session(api).log_batch, run_id, params=resolved.params),
+                    pool.submit(
+                        _new_session(api).log_batch,
+                        run_id,
+                        params=resolved.params,
+                        tags={TAG_BINDING: self._sign(run_id, tags)},
+                    ),
                 ]
                 pending += before_start
                 script = render_job_script(
