@@ -56,11 +56,29 @@ def duration(seconds: float | None) -> str:
 
 
 def run_duration(run: dict[str, Any], now: float | None = None) -> str:
+    """How long a run's job ran, then how long it waited in the queue: "3m05s (queued
+    2h01m)". ``start_time`` is the submission; a run still waiting shows its queue time,
+    a run without ``running_since`` (ran before mantik kept it) the time since submission."""
     start, end = run.get("start_time"), run.get("end_time")
     if not start:
         return "-"
     stop = end / 1000 if end else (time.time() if now is None else now)
+    queued, ran = queue_and_run(run, now)
+    if ran is not None:
+        return f"{ran} (queued {queued})"
+    if not end and run.get("state") in ("QUEUED", "SUBMITTING"):
+        return f"{str(run['state']).lower()} {duration(stop - start / 1000)}"
     return duration(stop - start / 1000)
+
+
+def queue_and_run(run: dict[str, Any], now: float | None = None) -> tuple[str, str | None]:
+    """(time in the queue, time running) of a run whose start of running is known, else
+    ("-", None). Clocks of cluster and lab may differ a little: never below 0."""
+    start, since, end = run.get("start_time"), run.get("running_since"), run.get("end_time")
+    if not start or not since:
+        return "-", None
+    stop = end / 1000 if end else (time.time() if now is None else now)
+    return duration(max(0.0, (since - start) / 1000)), duration(max(0.0, stop - since / 1000))
 
 
 def size(n: float) -> str:
@@ -108,6 +126,9 @@ def run_details(run: dict[str, Any], *, full: bool) -> str:
         ("Backend", run.get("backend")),
         ("Job", run.get("job_id")),
     ]
+    queued, ran = queue_and_run(run)
+    if ran is not None:
+        fields += [("Queued", queued), ("Ran" if run.get("end_time") else "Running for", ran)]
     if full:
         fields += [
             ("Experiment", run.get("experiment_id")),

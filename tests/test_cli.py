@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mantik_jupyter.cli_format import run_details, run_duration
 from mantik_jupyter.errors import exit_code_table
 from mantik_jupyter.tracking.credentials import Credential
 from mantik_jupyter.tracking.rest import TrackingClient
@@ -339,13 +340,18 @@ def test_runs_lifecycle(
     # The run's name names it too.
     status = as_json(mantik("runs", "status", run_name, "--json"))
     assert status["run_id"] == run_id and status["state"] == "FINISHED"
-    assert "FINISHED" in ok(mantik("runs", "status", run_id)).stdout
+    human_status = ok(mantik("runs", "status", run_id)).stdout
+    assert "FINISHED" in human_status
+    # How long the job waited and how long it ran, not the time since submission only.
+    assert status["running_since"] >= status["start_time"]
+    assert "Queued:" in human_status and "Ran:" in human_status, human_status
 
     listing = as_json(mantik("runs", "list", "--experiment-name", experiment, "--json"))
     assert [r["run_id"] for r in listing["runs"]] == [run_id]
     table = ok(mantik("runs", "list", "--experiment-name", experiment)).stdout.splitlines()
     assert table[0].split() == ["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"]
     assert table[1].startswith(run_id[:8]) and run_name in table[1] and "FINISHED" in table[1]
+    assert "(queued " in table[1], table
     assert as_json(mantik("runs", "list", "--state", "RUNNING", "--experiment-name", experiment,
                           "--json"))["runs"] == []  # fmt: skip
 
@@ -677,3 +683,20 @@ def test_unknown_run_exit_4(mantik: Mantik) -> None:
 def test_not_logged_in_exit_3(anon: Mantik) -> None:
     result = anon("runs", "list")
     assert result.returncode == 3 and "mantik login" in result.stderr, result
+
+
+def test_durations_split_queue_wait_and_running_time() -> None:
+    minute = 60_000
+    ran = {"state": "FINISHED", "start_time": minute, "running_since": 121 * minute,
+           "end_time": 124 * minute + 5_000}  # fmt: skip
+    assert run_duration(ran) == "3m05s (queued 2h00m)"
+    running = {**ran, "state": "RUNNING", "end_time": None}
+    assert run_duration(running, now=(121 * minute + 30_000) / 1000) == "30s (queued 2h00m)"
+    assert "Running for:   " in run_details(running, full=False)
+    assert "Queued:        2h00m" in run_details(ran, full=False)
+    waiting = {"state": "QUEUED", "start_time": minute, "running_since": None, "end_time": None}
+    assert run_duration(waiting, now=6 * 60) == "queued 5m00s"
+    assert "Queued:" not in run_details(waiting, full=False)
+    # Recorded before mantik kept the start of running: the time since submission.
+    old = {"state": "FINISHED", "start_time": minute, "end_time": 4 * minute}
+    assert run_duration(old) == "3m00s"

@@ -360,13 +360,19 @@ async def test_submit_follow_download(
 
 
 async def test_cancel_running(jp_fetch: Any, project: str, logged_in: str) -> None:
-    run = await submit(jp_fetch, project, entry_point="sleep", params={"seconds": 600})
-    run = await wait_for(jp_fetch, run["run_id"], {"RUNNING"} | FINAL, timeout=60)
+    submitted = await submit(jp_fetch, project, entry_point="sleep", params={"seconds": 600})
+    assert submitted["running_since"] is None, submitted  # not running yet
+    run = await wait_for(jp_fetch, submitted["run_id"], {"RUNNING"} | FINAL, timeout=60)
     assert run["state"] == "RUNNING", run
+    # When the job started running, apart from its submission (start_time).
+    since = run["running_since"]
+    assert isinstance(since, int) and since >= run["start_time"], run
+    assert run["tags"]["mantik.running_since"] == str(since)
     code, cancelled = await call(jp_fetch, "runs", run["run_id"], "cancel", method="POST")
     assert code == 200, cancelled
     run = await wait_for(jp_fetch, run["run_id"], FINAL, timeout=60)
     assert run["state"] == "KILLED" and run["mlflow_status"] == "KILLED", run
+    assert run["running_since"] == since, run
 
 
 async def test_backends(jp_fetch: Any, logged_in: str) -> None:

@@ -93,6 +93,10 @@ def test_lifecycle_finishes_with_everything_in_mlflow(
     assert final.state == RunState.FINISHED, final.tags
     assert final.mlflow_status == "FINISHED" and final.end_time
     assert final.exit_code == 0
+    # The local process's start, recorded with the run's state change.
+    assert final.running_since is not None
+    assert final.start_time <= final.running_since <= final.end_time
+    assert final.tags["mantik.running_since"] == str(final.running_since)
 
     # Params with defaults, the user value arrives literally.
     assert final.params == {
@@ -154,7 +158,11 @@ def test_failing_entry_point(service, project):
 
 def test_cancel_kills_the_process_group(service, project):
     info = service.submit(project, entry_point="sleep", experiment_name="local-lifecycle")
-    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=20)
+    running = wait_for(service, info.run_id, {RunState.RUNNING}, timeout=20)
+    assert info.running_since is None  # queued at submission
+    run_dir = Path(running.tags["mantik.run_dir"])
+    started = (run_dir / "mantik.jobid").stat().st_mtime_ns // 1_000_000
+    assert running.running_since == started
     pid = int(info.job_id.split("-")[1])
     killed = service.cancel(info.run_id)
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -213,6 +214,18 @@ def _start_requeued_job_soon(job_id: str, timeout: float = 30) -> None:
     _scontrol("update", f"JobId={job_id}", "StartTime=now+1")
 
 
+def _slurm_start_ms(job_id: str) -> int:
+    """The start of the job's latest attempt, as Slurm records it."""
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%S"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SLURM_TIME_FORMAT": "%s"},
+    )
+    return int(out.stdout.strip()) * 1000
+
+
 def _slurm_account(job_id: str) -> str:
     """What Slurm says of each attempt of a job (sacct) and why it ended (slurmctld's log)."""
     sacct = subprocess.run(
@@ -244,8 +257,13 @@ def test_requeued_run_goes_on_and_finishes(service, project):
     info = service.submit(project, params={"epochs": "20"}, experiment_name="slurm-requeue")
     _wait_for_log(service, info.run_id, "epoch 2/20")
     first = service.all_logs(info.run_id)
+    running = wait_for(service, info.run_id, {RunState.RUNNING}, 30)
+    # Slurm's own StartTime, asked with the state.
+    assert running.running_since == _slurm_start_ms(info.job_id)
     _scontrol("requeue", info.job_id)
-    assert wait_for(service, info.run_id, {RunState.QUEUED} | FINAL, 30).state == RunState.QUEUED
+    waiting = wait_for(service, info.run_id, {RunState.QUEUED} | FINAL, 30)
+    assert waiting.state == RunState.QUEUED
+    assert waiting.running_since is None  # the first attempt's start is not this wait's
     _start_requeued_job_soon(info.job_id)
     final = wait_for(service, info.run_id, FINAL, timeout=120)
     text = service.all_logs(info.run_id).text
@@ -258,6 +276,8 @@ def test_requeued_run_goes_on_and_finishes(service, project):
             f"--- Slurm:\n{_slurm_account(info.job_id)}"
         )
     assert {"loss", "rmse"} <= set(final.metrics), text
+    # The recorded start moved to the second attempt.
+    assert final.running_since == _slurm_start_ms(info.job_id) > running.running_since
     # Both attempts are in the log, and a reader's offset from the first still fits.
     assert text.startswith(first.text)
     rest = service.all_logs(info.run_id, first.offset).text

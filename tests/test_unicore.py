@@ -164,7 +164,12 @@ def test_unicore_failing_entry_point(service, project):
 
 def test_unicore_cancel_and_a_lab_restart(service, project, tracking, tmp_path, unicore_login):
     info = service.submit(project, entry_point="sleep", experiment_name="unicore-lifecycle")
-    wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
+    before = int(time.time() * 1000)
+    running = wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
+    # UNICORE says no start time: the sync records when it first saw the job running.
+    assert running.running_since and info.start_time <= running.running_since
+    assert running.running_since >= before - 1000, (before, running.running_since)
+    assert running.tags["mantik.running_since"] == str(running.running_since)
     # A fresh service (the lab restarted) finds the job through the run's tags.
     second = RunService(tracking, work_dir=tmp_path / "work2")
     try:

@@ -24,6 +24,11 @@ tag                         meaning
 ``mantik.reason``           why a run did not finish cleanly (``exit code 3``, ``TIMEOUT``,
                             ``OUT_OF_MEMORY``, ``CANCELLED``, ``NODE_FAIL``, an error)
 ``mantik.exit_code``        the entry point's exit status
+``mantik.running_since``    when the job's latest attempt started running, ms since the
+                            epoch: the backend's own start time where its status says it
+                            (Slurm, local), else when the sync first saw it RUNNING. Kept
+                            while a requeued job waits again (``RunInfo.running_since`` is
+                            then None); absent for a run that never ran
 ``mantik.warning``          e.g. a loopback tracking URI for a remote cluster
 ==========================  ===========================================================
 
@@ -65,6 +70,7 @@ TAG_GIT_COMMIT = "mantik.git_commit"
 TAG_GIT_DIRTY = "mantik.git_dirty"
 TAG_REASON = "mantik.reason"
 TAG_EXIT_CODE = "mantik.exit_code"
+TAG_RUNNING_SINCE = "mantik.running_since"
 TAG_NATIVE_STATE = "mantik.native_state"
 TAG_STATE_MESSAGE = "mantik.state_message"
 TAG_WARNING = "mantik.warning"
@@ -104,6 +110,10 @@ class RunInfo:
     reason: str | None
     exit_code: int | None
     user: str | None
+    # Added to the agreed API: when the job's latest attempt started running (ms since
+    # the epoch); None while it waits (again) and for runs that never ran or were
+    # recorded before mantik kept it. ``start_time`` is the submission.
+    running_since: int | None = None
     # Added to the agreed API: warnings about this submission (e.g. a loopback tracking URI).
     warnings: list[str] = field(default_factory=list)
 
@@ -123,6 +133,8 @@ class RunInfo:
         except (KeyError, ValueError):
             state = MLFLOW_STATUS_STATE.get(status, RunState.UNKNOWN)
         exit_code = tags.get(TAG_EXIT_CODE)
+        # A requeued job waiting again keeps the tag of the attempt before.
+        waiting = state in (RunState.SUBMITTING, RunState.QUEUED)
         return cls(
             run_id=info["run_id"],
             run_name=info.get("run_name") or tags.get("mlflow.runName"),
@@ -141,6 +153,7 @@ class RunInfo:
             reason=tags.get(TAG_REASON),
             exit_code=int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None,
             user=tags.get(TAG_USER) or info.get("user_id") or None,
+            running_since=None if waiting else int_or_none(tags.get(TAG_RUNNING_SINCE)),
             warnings=[tags[TAG_WARNING]] if tags.get(TAG_WARNING) else [],
         )
 

@@ -30,6 +30,7 @@ from .run_record import (
     TAG_NATIVE_STATE,
     TAG_REASON,
     TAG_RUN_USER,
+    TAG_RUNNING_SINCE,
     TAG_STATE,
     TAG_STATE_MESSAGE,
     RunInfo,
@@ -146,6 +147,9 @@ class RunSync:
             new_tags[TAG_STATE] = str(status.state)
         if status.native_state and tags.get(TAG_NATIVE_STATE) != status.native_state:
             new_tags[TAG_NATIVE_STATE] = status.native_state
+        since = self._running_since(tags, status)
+        if since is not None:
+            new_tags[TAG_RUNNING_SINCE] = since
         # An active job's reason says why it cannot go on (a request its partition can
         # never meet); it goes when that changes.
         reason_gone = not status.reason and bool(tags.get(TAG_REASON))
@@ -161,6 +165,28 @@ class RunSync:
         if status.state == RunState.RUNNING and mlflow_status == "SCHEDULED":
             api.update_run(run_id, status="RUNNING")
         return bool(new_tags) or reason_gone
+
+    @staticmethod
+    def _running_since(tags: Mapping[str, str], status: JobStatus) -> str | None:
+        """The ``mantik.running_since`` value to record with this status, or None to leave
+        the tag as it is. It goes with the state change's own tags, no request of its own.
+
+        The backend's start time wins (it also catches a requeue between two syncs);
+        without one, a job seen RUNNING now but not at the last sync started about now.
+        An ended job that was never seen running keeps no tag unless the backend says
+        when it ran (a job cancelled in the queue never did).
+        """
+        recorded = tags.get(TAG_RUNNING_SINCE)
+        if status.started_at is not None:
+            value = str(status.started_at)
+            return value if value != recorded else None
+        if status.state != RunState.RUNNING:
+            return None
+        old = tags.get(TAG_STATE)
+        # Back from UNKNOWN (lost contact) with a start recorded: it ran all along.
+        if old == RunState.RUNNING or (old == RunState.UNKNOWN and recorded):
+            return None
+        return str(now_ms())
 
     def _finalise(
         self, api: RunsApi, backend: Backend, run: Mapping[str, Any], status: JobStatus
@@ -193,6 +219,9 @@ class RunSync:
                 api.delete_tag(run_id, TAG_REASON)  # why it waited, while it did
             if status.exit_code is not None:
                 new_tags[TAG_EXIT_CODE] = str(status.exit_code)
+            since = self._running_since(tags, status)
+            if since is not None:
+                new_tags[TAG_RUNNING_SINCE] = since
             if tags.get(TAG_STATE_MESSAGE):
                 api.delete_tag(run_id, TAG_STATE_MESSAGE)
             target = state.mlflow_status

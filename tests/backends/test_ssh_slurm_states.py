@@ -233,3 +233,24 @@ def test_a_refusal_that_names_no_key_is_left_as_it_is():
     said = _REFUSED + "Requested node configuration is not available"
     assert sbatch_culprit(said, _config(Nodes=2)) is None
     assert sbatch_culprit(_REFUSED + "Invalid qos specification", None) is None
+
+
+@pytest.mark.parametrize(
+    ("squeue", "sacct", "started"),
+    [
+        # What the loopback cluster's squeue and sacct said (SLURM_TIME_FORMAT=%s).
+        (["RUNNING", "None", "1795786787", "localhost"], None, 1795786787000),
+        (["COMPLETED", "None", "1795786787", "localhost"], None, 1795786787000),
+        (None, ["COMPLETED", "0:0", "1795786787", "localhost"], 1795786787000),
+        # A pending job's StartTime is when Slurm expects to start it.
+        (["PENDING", "Priority", "1795790000", ""], None, None),
+        (["PENDING", "JobHeldUser", "N/A", ""], None, None),
+        # Cancelled in the queue: StartTime is the cancel, and no node ever ran it.
+        (["CANCELLED", "JobHeldUser", "1795786783", ""], None, None),
+        (None, ["CANCELLED by 0", "0:0", "1795786783", "None assigned"], None),
+        # Rows without the columns (an older caller): no start time.
+        (["RUNNING"], ["RUNNING", "0:0"], None),
+    ],
+)
+def test_a_job_that_ran_gets_slurms_start_time(squeue, sacct, started):
+    assert decide(squeue, sacct, None).started_at == started

@@ -40,6 +40,11 @@ class JobStatus:
     # Why a job ended when it did not finish cleanly: an exit code, TIMEOUT,
     # OUT_OF_MEMORY, CANCELLED, NODE_FAIL.
     reason: str | None = None
+    # When the job's latest attempt started running (ms since the epoch), where the
+    # status call learns it anyway (Slurm's StartTime, a local process's start); None
+    # when the backend does not say or the job never ran. The sync falls back to the
+    # moment it first sees the job RUNNING.
+    started_at: int | None = None
 
 
 @dataclass(frozen=True)

@@ -367,10 +367,19 @@ class LocalBackend(Backend):
         answer: dict[str, JobStatus] = {}
         for job_id in job_ids:
             try:
-                answer[str(job_id)] = self._state(self._check_job_id(job_id))
+                status = self._state(self._check_job_id(job_id))
+                answer[str(job_id)] = replace(status, started_at=self._started_at(job_id))
             except NotFound:
                 answer[str(job_id)] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
         return answer
+
+    def _started_at(self, job_id: str) -> int | None:
+        """When the job's script started (ms): the job id file is written right after,
+        so its time is known without asking the process."""
+        try:
+            return (Path(self.run_dir_of(job_id)) / JOB_ID_FILE).stat().st_mtime_ns // 1_000_000
+        except (NotFound, OSError):
+            return None
 
     def _alive(self, job_id: str, run_dir: Path | None = None) -> bool:
         """Whether the job's script still runs (``run_dir``: where its files are)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..config import ENV_COMPUTE_BUDGET_ACCOUNT, ComputeConfig, format_slurm_time
 from ..states import RunState
@@ -200,8 +201,32 @@ def decide(
 
     A final state wins over an active one (sacct lags a moment behind slurmctld,
     and squeue forgets a job ``MinJobAge`` after it ended); sacct is preferred
-    among final states because it carries the exit code.
+    among final states because it carries the exit code. The rows are squeue's
+    ``State|Reason|StartTime|NodeList`` and sacct's ``State|ExitCode|Start|NodeList``
+    (the last two may be missing); a running or ended job gets its start time.
     """
+    status = _decide_state(squeue, sacct, exitcode)
+    if status.state != RunState.RUNNING and not status.state.is_final:
+        return status  # a pending job's StartTime is when Slurm expects to start it
+    started = _started_at(squeue) or _started_at(sacct)
+    return replace(status, started_at=started) if started else status
+
+
+def _started_at(row: list[str] | None) -> int | None:
+    """The start of the job's latest attempt in ms (``SLURM_TIME_FORMAT=%s``), if it got
+    nodes: a job cancelled while pending has the cancel time as its StartTime and no
+    nodes (sacct: ``None assigned``)."""
+    if not row or len(row) < 4:
+        return None
+    start, nodes = row[2].strip(), row[3].strip()
+    if not start.isdigit() or int(start) <= 0 or nodes in ("", "None assigned", "(null)"):
+        return None
+    return int(start) * 1000
+
+
+def _decide_state(
+    squeue: list[str] | None, sacct: list[str] | None, exitcode: list[str] | None
+) -> JobStatus:
     file_code = _exit_code(exitcode[0]) if exitcode else None
     sq_state = squeue[0].split()[0] if squeue and squeue[0].strip() else None
     sa_state = sacct[0].split()[0] if sacct and sacct[0].strip() else None

@@ -413,8 +413,8 @@ class SshSlurmBackend(Backend):
             batch = valid[start : start + STATES_BATCH]
             result = self._run(self._status_command(batch), "asking Slurm for job states")
             sections = split_sections(result.stdout.decode(errors="replace"))
-            squeue = parse_table(sections.get("squeue", ""), 3)
-            sacct = parse_table(sections.get("sacct", ""), 3)
+            squeue = parse_table(sections.get("squeue", ""), 5)
+            sacct = parse_table(sections.get("sacct", ""), 5)
             codes = parse_table(sections.get("exitcodes", ""), 2)
             for job_id in batch:
                 answer[job_id] = decide(squeue.get(job_id), sacct.get(job_id), codes.get(job_id))
@@ -434,13 +434,16 @@ class SshSlurmBackend(Backend):
             f'END {{ s = ""; for (k in want) s = s (s == "" ? "" : ",") k; print s }}\''
         )
         parts = [
-            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r' 2>/dev/null)",
+            # Times as seconds since the epoch, whatever the cluster's time zone; the
+            # start time and node list come with the state, at no extra round trip.
+            "export SLURM_TIME_FORMAT=%s",
+            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r|%S|%N' 2>/dev/null)",
             f"echo {MARK}squeue",
             'printf "%s\\n" "$sq"',
             f'rest=$(printf "%s\\n" "$sq" | {not_active})',
             f"echo {MARK}sacct",
             'if [ -n "$rest" ]; then '
-            'sacct -X -n -P -j "$rest" -o JobIDRaw,State,ExitCode 2>/dev/null; fi',
+            'sacct -X -n -P -j "$rest" -o JobIDRaw,State,ExitCode,Start,NodeList 2>/dev/null; fi',
             f"echo {MARK}exitcodes",
         ]
         known = [(j, self._run_dirs[j]) for j in job_ids if j in self._run_dirs]
