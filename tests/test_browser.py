@@ -617,7 +617,8 @@ def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_se
     """Runs whose binding does not verify here (submitted elsewhere) answer 403 to logs of
     an active run, files, downloads and cancel: the details grey those out, saying why and
     what to do, and keep what the server allows (MLflow, an ended run's stored log). A
-    QUEUED run's duration is the time it has been queued, not a running time."""
+    QUEUED run's duration is the time it has been queued, not a running time; once a job
+    ran (mantik.running_since) the queue wait and the running time show apart."""
     import json
 
     from playwright.sync_api import expect
@@ -640,13 +641,21 @@ def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_se
     running = api.create_run(
         experiment,
         run_name="elsewhere-running",
-        tags={**elsewhere, "mantik.state": "RUNNING"},
+        tags={
+            **elsewhere,
+            "mantik.state": "RUNNING",
+            "mantik.running_since": str(now - 60_000),
+        },
         start_time=now - 120_000,
     )
     ended = api.create_run(
         experiment,
         run_name="elsewhere-finished",
-        tags={**elsewhere, "mantik.state": "FINISHED"},
+        tags={
+            **elsewhere,
+            "mantik.state": "FINISHED",
+            "mantik.running_since": str(now - 420_000),
+        },
         start_time=now - 600_000,
     )
     api.upload_artifact(ended, "mantik/mantik.log", b"stored log of the finished run\n")
@@ -673,8 +682,17 @@ def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_se
         details = sidebar.locator('[data-testid="mantik-run-details"]')
 
         # An active run followed elsewhere: no cancel, files or log from here.
-        rows.filter(has_text="elsewhere-running").click()
+        running_row = rows.filter(has_text="elsewhere-running")
+        # Its row tells a screen reader the submission, the queue wait and the running time.
+        expect(running_row).to_have_attribute(
+            "aria-label",
+            re.compile(r"submitted 2 min ago, queued 1 min 0 s, running for 1 min \d+ s"),
+        )
+        running_row.click()
         expect(details).to_have_attribute("data-run-id", running_id)
+        expect(details.locator(".mantik-run-duration")).to_have_text(
+            re.compile(r"^queued 1 min 0 s, running for 1 min \d+ s$")
+        )
         cancel = details.get_by_role("button", name="Cancel run")
         expect(cancel).to_be_disabled()
         expect(cancel).to_have_attribute("title", re.compile("another mantik installation"))
@@ -705,6 +723,9 @@ def test_runs_not_followed_here_and_queued_duration(page, tracked_lab, mlflow_se
         # An ended one: its stored log is readable; its files are not.
         rows.filter(has_text="elsewhere-finished").click()
         expect(details).to_have_attribute("data-run-id", ended_id)
+        expect(details.locator(".mantik-run-duration")).to_have_text(
+            "queued 3 min 0 s, ran 2 min 0 s"
+        )
         expect(details.locator(".mantik-log")).to_contain_text("stored log of the finished run")
         expect(details.get_by_role("button", name="Cancel run")).to_have_count(0)
         expect(details.locator(".mantik-files summary")).to_have_attribute("aria-disabled", "true")

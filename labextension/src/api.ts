@@ -448,6 +448,12 @@ export interface IRun {
   /** ms since the epoch */
   start_time: number | null;
   end_time: number | null;
+  /**
+   * When the job's latest attempt started running (ms since the epoch); `start_time` is
+   * the submission. null while it waits (again), for a run that never ran, and for runs
+   * recorded before the server kept it.
+   */
+  running_since: number | null;
   params: Record<string, string>;
   metrics: Record<string, number>;
   tags: Record<string, string>;
@@ -606,6 +612,7 @@ export function parseRun(value: unknown): IRun {
     source: strOrNull(value.source),
     start_time: numOrNull(value.start_time),
     end_time: numOrNull(value.end_time),
+    running_since: numOrNull(value.running_since),
     params: stringRecord(value.params),
     metrics: numberRecord(value.metrics),
     tags: stringRecord(value.tags),

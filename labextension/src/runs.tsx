@@ -26,9 +26,9 @@ import {
   LogBuffer,
   MAX_RUNS,
   Poller,
+  rowTimes,
   runDuration,
   RunsModel,
-  startedPhrase,
   stateKind,
   terminalText
 } from './state';
@@ -255,7 +255,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                   aria-pressed={run.run_id === selectedId}
                   aria-label={`${displayName(run)}, ${run.state}, ${
                     run.backend ?? 'unknown backend'
-                  }, ${startedPhrase(run.start_time, now, run.state)}${
+                  }, ${rowTimes(run, now)}${
                     run.not_followed !== null ? ', not followed here' : ''
                   }`}
                   onClick={() =>
@@ -270,7 +270,9 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                   </span>
                   <StateChip state={run.state} />
                   <span className="mantik-run-backend">{run.backend ?? '—'}</span>
-                  <span className="mantik-run-age">{formatAge(run.start_time, now)}</span>
+                  <span className="mantik-run-age" title={rowTimes(run, now)}>
+                    {formatAge(run.start_time, now)}
+                  </span>
                 </button>
               </li>
             ))}

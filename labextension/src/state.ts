@@ -392,12 +392,19 @@ const WAITING_STATES = new Set(['SUBMITTING', 'QUEUED']);
  * A run still waiting (`state` QUEUED or SUBMITTING) was "submitted" then: it has not
  * started.
  */
-export function startedPhrase(startMs: number | null, nowMs: number, state?: string): string {
+export function startedPhrase(
+  startMs: number | null,
+  nowMs: number,
+  state?: string,
+  runningSince: number | null = null
+): string {
   const age = formatAge(startMs, nowMs);
   if (startMs === null) {
     return 'not started yet';
   }
-  const verb = state !== undefined && WAITING_STATES.has(state) ? 'submitted' : 'started';
+  // Known start of running: `startMs` is only the submission.
+  const submitted = (state !== undefined && WAITING_STATES.has(state)) || runningSince !== null;
+  const verb = submitted ? 'submitted' : 'started';
   return age === 'just now' ? `${verb} just now` : `${verb} ${age} ago`;
 }
 
@@ -421,19 +428,48 @@ export function formatDuration(
 }
 
 /**
- * The duration shown in a run's details. The server records when a run was submitted
- * (`start_time`), not when its job began to run: while the run waits, the time since is
- * queued time ("queued for 3 min 5 s"), not a running duration.
+ * The duration shown in a run's details. `start_time` is the submission: while the run
+ * waits, the time since is queued time ("queued for 3 min 5 s"). Once its job runs the
+ * server records when (`running_since`, the latest attempt's): "queued 2 h 1 min,
+ * running for 3 min 5 s", "queued 2 h 1 min, ran 40 min 2 s". Runs recorded before the
+ * server kept it show the time since submission.
  */
 export function runDuration(
-  run: Pick<IRun, 'state' | 'start_time' | 'end_time'>,
+  run: Pick<IRun, 'state' | 'start_time' | 'end_time'> &
+    Partial<Pick<IRun, 'running_since'>>,
   nowMs: number
 ): string {
+  const ranSince = run.running_since ?? null;
+  if (run.start_time !== null && ranSince !== null) {
+    // Clocks of cluster and server may differ a little: formatDuration keeps it >= 0.
+    const queued = formatDuration(run.start_time, ranSince, nowMs);
+    const ran = formatDuration(ranSince, run.end_time, nowMs);
+    return run.end_time === null
+      ? `queued ${queued}, running for ${ran}`
+      : `queued ${queued}, ran ${ran}`;
+  }
   const since = formatDuration(run.start_time, run.end_time, nowMs);
   if (run.start_time === null || run.end_time !== null || !WAITING_STATES.has(run.state)) {
     return since;
   }
   return `${run.state === 'QUEUED' ? 'queued' : 'submitting'} for ${since}`;
+}
+
+/**
+ * A run row's times, for its screen-reader label and tooltip (the row itself has room
+ * for the age only): "submitted 2 h ago, queued 1 h 58 min, ran 3 min 5 s" once the
+ * server knows when the job ran, else the started phrase alone.
+ */
+export function rowTimes(
+  run: Pick<IRun, 'state' | 'start_time' | 'end_time'> &
+    Partial<Pick<IRun, 'running_since'>>,
+  nowMs: number
+): string {
+  const ranSince = run.running_since ?? null;
+  const started = startedPhrase(run.start_time, nowMs, run.state, ranSince);
+  return ranSince === null || run.start_time === null
+    ? started
+    : `${started}, ${runDuration(run, nowMs)}`;
 }
 
 /** CSS modifier of a state chip. */

@@ -228,6 +228,7 @@ describe('MantikApi runs and projects', () => {
     source: 'lab',
     start_time: 1,
     end_time: null,
+    running_since: 5,
     params: { epochs: '2' },
     metrics: { rmse: 0.5 },
     tags: {},
@@ -243,6 +244,9 @@ describe('MantikApi runs and projects', () => {
     expect(parseRun({ ...RUN, not_followed: why }).not_followed).toBe(why);
     const { not_followed: _, ...older } = RUN;
     expect(parseRun(older).not_followed).toBeNull();
+    // A server before running_since: the run shows its time since submission.
+    const { running_since: __, ...before } = RUN;
+    expect(parseRun(before).running_since).toBeNull();
   });
 
   it('reads metrics that are not finite as the server spells them', () => {

@@ -16,6 +16,7 @@ import {
   Poller,
   RunsModel,
   RUNS_PAGE,
+  rowTimes,
   runDuration,
   startedPhrase,
   terminalText,
@@ -435,6 +436,41 @@ describe('runs list helpers', () => {
     expect(runDuration(at('RUNNING'), 330_000)).toBe('5 min 30 s');
     expect(runDuration(at('KILLED', 60_000), 330_000)).toBe('1 min 0 s');
     expect(runDuration({ state: 'QUEUED', start_time: null, end_time: null }, 1)).toBe('—');
+  });
+
+  it('splits the queue wait from the running time once the job ran', () => {
+    const min = 60_000;
+    const ran = (state: string, end: number | null) => ({
+      state,
+      start_time: 0,
+      running_since: 121 * min,
+      end_time: end
+    });
+    expect(runDuration(ran('RUNNING', null), 124 * min + 5_000)).toBe(
+      'queued 2 h 1 min, running for 3 min 5 s'
+    );
+    expect(runDuration(ran('FINISHED', 161 * min), 999 * min)).toBe(
+      'queued 2 h 1 min, ran 40 min 0 s'
+    );
+    // A cluster clock a little behind the server's: no negative queue time.
+    expect(runDuration({ ...ran('RUNNING', null), running_since: -2_000 }, 10_000)).toBe(
+      'queued 0 s, running for 12 s'
+    );
+    // Waiting again after a requeue (the server sends no start then), or never ran.
+    expect(runDuration({ ...ran('QUEUED', null), running_since: null }, 5 * min)).toBe(
+      'queued for 5 min 0 s'
+    );
+    // Recorded before the server kept it: the time since submission, as before.
+    expect(runDuration({ state: 'FINISHED', start_time: 0, end_time: 3 * min }, 9 * min)).toBe(
+      '3 min 0 s'
+    );
+    // The row's label: the submission, then both times.
+    expect(rowTimes(ran('RUNNING', null), 124 * min)).toBe(
+      'submitted 2 h ago, queued 2 h 1 min, running for 3 min 0 s'
+    );
+    expect(rowTimes({ state: 'FINISHED', start_time: 0, end_time: 60_000 }, 5 * min)).toBe(
+      'started 5 min ago'
+    );
   });
 
   it('accumulates log chunks by offset', () => {
