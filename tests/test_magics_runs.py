@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -163,8 +164,9 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
     assert status and "FINISHED" in status[0]["data"]["text/plain"], submit
     assert "rmse=" in status[0]["data"]["text/plain"]
     assert "QUEUED" in status[0]["data"]["text/html"] or "RUNNING" in submit
-    result = [o for o in code[1].outputs if o.output_type == "execute_result"]
-    assert result and "open in MLflow" in result[0]["data"]["text/html"]
+    assert "open in MLflow" in status[0]["data"]["text/html"]
+    # The line is the run's display: no Out[] repeating it.
+    assert not [o for o in code[1].outputs if o.output_type == "execute_result"], submit
     log = "".join(o.get("text", "") for o in code[2].outputs)
     assert "epoch 5/5" in log and "exit status 0" in log
     second = [o for o in code[3].outputs if o.output_type == "display_data"]
@@ -183,27 +185,56 @@ def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
     assert runs and runs[0]["info"]["status"] == "FINISHED"
 
 
+def outputs_of(cell, kind: str) -> list:
+    return [o for o in cell.outputs if o.output_type == kind]
+
+
 def test_status_line_stays_live_without_wait(env, mlflow_server):
-    """Without --wait the kernel is free at once, and the line still ends at FINISHED."""
+    """Without --wait the kernel is free at once, and the line still ends at FINISHED.
+
+    The magic ending a cell showed its returned run as well: an Out[] rendered at
+    submission, QUEUED for ever beside the live line. A run displayed later shows its
+    state then (live while it is active), not the one it had when it was submitted."""
     project = copy_example(env)
     write_config(project, LOCAL_CONFIG)
     path = write_notebook(
         project,
         "%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5",
-        "run = %mantik_submit -P epochs=2",
+        "%mantik_submit -P epochs=2",
+        "run = _\nrun",
+        # Waits through another object: `run` itself is not refreshed before it is shown.
         "import time\n"
         "for _ in range(400):\n"
-        "    if run.refresh().state.is_final:\n"
+        "    if get_ipython().run_line_magic('mantik_status', 'last').info.state.is_final:\n"
         "        break\n"
         "    time.sleep(0.5)\n"
-        "time.sleep(3)  # the watcher's last update",
+        "time.sleep(3)  # the watchers' last updates",
+        "run",
+        "display(run)\nrun.info.state",
+        "run.wait()",
     )
     nb = nbformat.read(path, as_version=4)
     execute_in_kernel(nb, path, project, timeout=240)
-    submit = [c for c in nb.cells if c.source.startswith("run = %mantik_submit")][0]
-    status = [o for o in submit.outputs if o.output_type == "display_data"]
-    assert status, submit.outputs
-    assert "FINISHED" in status[-1]["data"]["text/plain"], submit.outputs
+    cells = [c for c in nb.cells if c.cell_type == "code"][2:]
+    submit, shown_early, _, shown_late, displayed, waited = cells
+    for cell in cells:
+        assert not outputs_of(cell, "error"), cell.outputs
+    # The live line only: no Out[] with the state at submission.
+    status = outputs_of(submit, "display_data")
+    assert status and "FINISHED" in status[-1]["data"]["text/plain"], submit.outputs
+    assert not outputs_of(submit, "execute_result"), submit.outputs
+    # Displayed while it was active: a line that followed it to its end.
+    early = outputs_of(shown_early, "display_data")
+    assert len(early) == 1 and "FINISHED" in early[0]["data"]["text/plain"], shown_early.outputs
+    assert "open in MLflow" in early[0]["data"]["text/html"]
+    # Displayed once it ended: its state then, in text and HTML.
+    for cell in (shown_late, displayed):
+        shown = outputs_of(cell, "display_data") + outputs_of(cell, "execute_result")
+        assert shown and "FINISHED" in shown[0]["data"]["text/plain"], cell.outputs
+        assert "QUEUED" not in json.dumps(cell.outputs)
+        assert "FINISHED" in shown[0]["data"]["text/html"]
+    # run.wait() shows its line; the run it returns is not shown a second time.
+    assert len(waited.outputs) == 1 and "FINISHED" in waited.outputs[0]["data"]["text/plain"]
 
 
 def test_a_long_log_in_a_notebook_shows_its_end(env):
@@ -367,3 +398,25 @@ def test_help_is_real(ip):
     assert "--wait" in doc and "--notebook" in doc
     assert "--follow" in ip.find_line_magic("mantik_logs").__doc__
     assert "--to" in ip.find_line_magic("mantik_download").__doc__
+
+
+def test_a_run_in_a_terminal_shows_its_state_as_text(ip, env, capsys):
+    """Terminal IPython (no live line): a run is its text, with its state when shown."""
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    os.environ["JPY_SESSION_NAME"] = str(project / EXAMPLE_NOTEBOOK)
+    ip.run_cell("%mantik_submit -P epochs=1 --experiment terminal", store_history=True)
+    out = capsys.readouterr().out
+    run = ip.user_ns["_"]
+    assert isinstance(run, Run), out
+    assert "Submitted: Run " in out and re.search(r"\nOut\[\d+\]: \n?Run .*: QUEUED", out), out
+    deadline = time.monotonic() + 60
+    while not ip.run_line_magic("mantik_status", run.run_id).info.state.is_final:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    capsys.readouterr()
+    # Shown again once it ended: FINISHED, though this object last saw it queued.
+    ip.run_cell("_", store_history=True)
+    out = capsys.readouterr().out
+    assert re.match(r"Out\[\d+\]: \n?Run .*: FINISHED .*\nhttp.*/runs/" + run.run_id, out), out
+    assert "QUEUED" not in out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import getpass
 import os
-import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,12 +36,12 @@ from .display import (
     StatusLine,
     _show_runs,
     _stream_log,
+    follow_in_background,
     in_kernel,
     notebook_sized,
     short,
     tail,
     watch,
-    watch_quietly,
 )
 from .notebook import (
     ExecutionLog,
@@ -153,7 +152,7 @@ class MantikMagics(Magics):
         return mlflow_run_url(info.experiment_id, info.run_id, base_url, service.tracking.uri)
 
     def _run(self, info: RunInfo, base_url: str | None = None) -> Run:
-        return Run(self._runs(), info, self._url(info, base_url))
+        return Run(self._runs(), info, self._url(info, base_url), poll=self.poll_interval)
 
     # ---- magics ------------------------------------------------------------------------------
 
@@ -291,16 +290,10 @@ class MantikMagics(Magics):
         self.last_run_id = info.run_id
         run = self._run(info, lab_base_url(location))
         if args.wait:
+            run.followed_by(line_out)
             watch(service, run, line_out, poll=self.poll_interval)
         elif line_out.live:
-            # The line stays live without blocking the kernel: display updates by
-            # display_id reach the frontend from any thread.
-            threading.Thread(
-                target=watch_quietly,
-                args=(service, run, line_out, self.poll_interval),
-                name=f"mantik-watch-{run.run_id[:8]}",
-                daemon=True,
-            ).start()
+            follow_in_background(service, run, line_out, self.poll_interval)
         else:
             line_out.update(
                 f"Submitted: {run!r}".replace("\n", " · "), run._repr_html_(), force=True

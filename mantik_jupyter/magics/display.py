@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,6 +43,16 @@ def in_kernel() -> bool:
         return False
     ip = get_ipython()
     return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def execution_count() -> int | None:
+    """The number of the cell IPython runs now (None outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    return None if ip is None else getattr(ip, "execution_count", None)
 
 
 class Rich:
@@ -176,12 +187,25 @@ def status_html(info: RunInfo, url: str, history: Sequence[str] = ()) -> str:
 class Run:
     """A run submitted from a notebook: ``state``, ``logs()``, ``wait()``, ``cancel()``,
     ``download()``, ``metrics()``. Every call asks the tracking server (and, for active
-    runs, the backend) afresh; ``info`` is what the last call saw."""
+    runs, the backend) afresh; ``info`` is what the last call saw.
 
-    def __init__(self, service: RunService, info: RunInfo, url: str) -> None:
+    Shown in a notebook (a cell's last expression, ``display(run)``), a run shows its
+    state at that moment, as a line that follows it to its end while it is active. In
+    the cell whose status line already follows it (``%mantik_submit``, ``run.wait()``)
+    it shows nothing more: an ``Out[]`` there kept the state at submission for ever."""
+
+    # A state this recent is shown as it is, not asked for again (%mantik_status has
+    # just asked the backend).
+    FRESH_SECONDS = 1.0
+
+    def __init__(self, service: RunService, info: RunInfo, url: str, poll: float = 2.0) -> None:
         self._service = service
         self.info = info
         self.url = url
+        self.poll = poll
+        self._seen_at = time.monotonic()
+        # The cell (execution count) whose live status line follows this run.
+        self._followed_in: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -193,6 +217,7 @@ class Run:
 
     def refresh(self) -> RunInfo:
         self.info = self._service.get(self.run_id)
+        self._seen_at = time.monotonic()
         return self.info
 
     @property
@@ -214,7 +239,9 @@ class Run:
 
     def wait(self, timeout: float | None = None, poll: float = 2.0) -> Run:
         """Block until the run ended (or ``timeout`` seconds passed); shows its status line."""
-        watch(self._service, self, StatusLine(), poll=poll, timeout=timeout)
+        line = StatusLine()
+        self.followed_by(line)
+        watch(self._service, self, line, poll=poll, timeout=timeout)
         return self
 
     def cancel(self) -> Run:
@@ -225,11 +252,37 @@ class Run:
         """Copy a file or folder of the run directory (default: all of it) to ``to``."""
         return self._service.download(self.run_id, path, Path(to) if to else None)
 
+    def followed_by(self, line: StatusLine) -> None:
+        """``line`` shows this run in the current cell (when it is live)."""
+        if line.live:
+            self._followed_in = execution_count()
+
     def __repr__(self) -> str:
         return status_text(self.info) + f"\n{self.url}"
 
     def _repr_html_(self) -> str:
         return status_html(self.info, self.url)
+
+    def _ipython_display_(self) -> None:
+        """IPython's display protocol: the state now (see the class docstring)."""
+        from IPython.display import display
+
+        if self._followed_in is not None and self._followed_in == execution_count():
+            return  # the live line above is this run's display
+        note = ""
+        if time.monotonic() - self._seen_at > self.FRESH_SECONDS:
+            try:
+                self.refresh()
+            except MantikError as err:
+                note = f"state when last seen; now: {' '.join(err.message.split())}"
+        if not note and in_kernel() and not self.info.state.is_final:
+            follow_in_background(self._service, self, StatusLine(live=True), self.poll)
+            return
+        text, html_text = repr(self), self._repr_html_()
+        if note:
+            text += f"\n({note})"
+            html_text += f"<div><i>({html.escape(note)})</i></div>"
+        display(Rich(text, html_text))
 
 
 def watch(
@@ -262,6 +315,19 @@ def watch_quietly(service: RunService, run: Run, line: StatusLine, poll: float) 
         watch(service, run, line, poll=poll)
     except MantikError as err:
         line.update(f"mantik: stopped following {short(run.run_id)}: {err.message}")
+
+
+def follow_in_background(service: RunService, run: Run, line: StatusLine, poll: float) -> None:
+    """Show the run's live status line now and keep it following the run without
+    blocking the kernel: display updates by display_id reach the frontend from any thread."""
+    run.followed_by(line)
+    line.update(status_text(run.info), status_html(run.info, run.url))
+    threading.Thread(
+        target=watch_quietly,
+        args=(service, run, line, poll),
+        name=f"mantik-watch-{short(run.run_id)}",
+        daemon=True,
+    ).start()
 
 
 def tail(text: str, lines: int | None) -> str:
