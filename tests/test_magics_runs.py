@@ -3,6 +3,7 @@ MLflow server, the loopback Slurm cluster and the local backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -420,3 +421,12 @@ def test_a_run_in_a_terminal_shows_its_state_as_text(ip, env, capsys):
     out = capsys.readouterr().out
     assert re.match(r"Out\[\d+\]: \n?Run .*: FINISHED .*\nhttp.*/runs/" + run.run_id, out), out
     assert "QUEUED" not in out
+
+    # A state that cannot be asked for is shown as last seen, with why, not as a traceback.
+    run.info = dataclasses.replace(run.info, run_id=uuid.uuid4().hex)
+    run._seen_at = 0.0
+    ip.run_cell("_", store_history=True)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and "FINISHED" in out, out
+    assert "(state as last seen; asking again failed: No run with id" in out, out
+    assert run.run_id in out

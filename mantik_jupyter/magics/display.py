@@ -274,7 +274,7 @@ class Run:
             try:
                 self.refresh()
             except MantikError as err:
-                note = f"state when last seen; now: {' '.join(err.message.split())}"
+                note = f"state as last seen; asking again failed: {' '.join(err.message.split())}"
         if not note and in_kernel() and not self.info.state.is_final:
             follow_in_background(self._service, self, StatusLine(live=True), self.poll)
             return
