@@ -1,18 +1,30 @@
 """The run files of Slurm over SSH (ssh_files.py) on the loopback cluster: uploads that run
-at the same time, files the job left unreadable."""
+at the same time, files the job left unreadable, file systems that are full."""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import posixpath
+import pwd
+import subprocess
+import tarfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
+from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import NotFound, PermissionDenied
+from mantik_jupyter.errors import BackendRejected, NotFound, PermissionDenied
 
+from ..runs_helpers import copy_example, slurm_config, write_config
 from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -122,6 +134,155 @@ def test_a_missing_path_is_named_with_what_to_do(slurm_cluster, tmp_path):
                 assert f"There is no {rel!r} in the run directory {top}" in message, what
                 assert f"'mantik runs files {run_id}{look}' lists what is there" in message
         assert not list(tmp_path.iterdir())
+    finally:
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+@contextmanager
+def small_file_system(path: Path, size: str, owner: str | None = None) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (made; its parent must exist), owned by
+    ``owner``: a disk or quota that fills up. Unmounted and removed afterwards."""
+    path.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+        try:
+            if owner:
+                user = pwd.getpwnam(owner)
+                os.chown(path, user.pw_uid, user.pw_gid)
+            yield path
+        finally:
+            _unmount(path)
+    finally:
+        path.rmdir()
+
+
+def big_package(job: PreparedJob, size: int) -> None:
+    """Make the job's package a real one of about ``size`` bytes (random data does not
+    compress)."""
+    with tarfile.open(job.local_dir / "package.tar.gz", "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = size
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+
+
+def _unmount(path: Path) -> None:
+    # A server process of a session just closed may still be inside for a moment.
+    for _ in range(20):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True)
+
+
+def test_a_full_remote_file_system_is_named_not_a_lost_connection(slurm_cluster, tmp_path):
+    # A home or project space over quota answers writes with SFTP's bare "Failure": that
+    # counted as a lost link ("Lost the SSH connection ... while uploading the run", after
+    # uploading it all a second time), and users looked for network trouble.
+    top = Path(f"{slurm_cluster.remote_dir}/full-{uuid.uuid4().hex[:8]}")
+    job = make_job(tmp_path, "true")
+    # Sorted first, the credential file is written before the package fills the disk.
+    big_package(job, 2 * 1024 * 1024)
+    b = _backend(slurm_cluster, str(top))
+    try:
+        # Made as the SSH user: root must not own a parent the tests share.
+        b._run(f"mkdir -p {slurm_cluster.remote_dir}", "making the remote directory")
+        with small_file_system(top, "1m", owner=slurm_cluster.username):
+            link = b.ssh.client()
+            with pytest.raises(BackendRejected) as caught:
+                b.submit(job)
+            message = caught.value.message
+            target = f"{top}/{job.run_id}/package.tar.gz"
+            assert f"The file system of {target} on {slurm_cluster.host} refused" in message
+            assert "full or over quota" in message and "SSH.RemoteDirectory" in message
+            assert "Lost" not in message
+            # Nothing stays: no credential file, no partial package filling the disk.
+            assert list(top.iterdir()) == []
+            assert b.ssh._client is link and link.get_transport().is_active()
+            b.close()  # before the unmount: the SFTP server of a session may still be in it
+    finally:
+        b.close()
+
+
+def test_a_run_whose_upload_fills_the_remote_disk_fails_with_that_reason(
+    service: RunService, slurm_cluster, tmp_path
+):
+    # The run ended FAILED with "submission failed: Lost the SSH connection ...".
+    top = Path(f"{slurm_cluster.remote_dir}/full-run-{uuid.uuid4().hex[:8]}")
+    project = copy_example(tmp_path)
+    (project / "data.bin").write_bytes(os.urandom(2 * 1024 * 1024))  # does not compress
+    write_config(project, slurm_config(slurm_cluster, str(top)))
+    experiment = f"full-disk-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, str(top))
+    try:
+        b._run(f"mkdir -p {slurm_cluster.remote_dir}", "making the remote directory")
+        with small_file_system(top, "1m", owner=slurm_cluster.username):
+            with pytest.raises(BackendRejected, match="refused the write"):
+                service.submit(project, experiment_name=experiment)
+            service.close()  # its SSH sessions, before the unmount
+            assert list(top.iterdir()) == []  # no credential file, no partial package
+    finally:
+        b.close()
+    runs, _ = service.list(experiment_name=experiment)
+    assert len(runs) == 1 and runs[0].state == RunState.FAILED, runs
+    reason = runs[0].reason or ""
+    assert reason.startswith("submission failed: The file system of ") and "Lost" not in reason
+    assert "full or over quota" in reason and slurm_cluster.host in reason
+
+
+def test_a_link_lost_during_an_upload_is_still_a_lost_link(slurm_cluster, tmp_path):
+    # paramiko raises the same bare OSError for a write on a closed channel ("Socket is
+    # closed") as for the server's "Failure": a dropped link must still be tried again.
+    top = f"{slurm_cluster.remote_dir}/dropped-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    job = make_job(tmp_path, "true", sbatch="#SBATCH --hold\n")
+    big_package(job, 4 * 1024 * 1024)
+    dropped: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if not dropped:
+            dropped.append(done)
+            b.ssh.drop()
+
+    job_id = ""
+    try:
+        job_id = b.submit(job, progress=progress)
+        assert dropped and b.states([job_id])[job_id].state == RunState.QUEUED
+        with b.files.shared() as sftp:
+            size = sftp.stat(f"{b.run_dir_of(job_id)}/package.tar.gz").st_size
+        assert size == (job.local_dir / "package.tar.gz").stat().st_size
+    finally:
+        if job_id:
+            b._run(f"scancel {job_id}", "cleaning up")
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_folder_download_into_a_full_local_disk_is_a_local_error(slurm_cluster, tmp_path):
+    # Extracting the folder's tar stream failed with ENOSPC on the lab's disk, which was
+    # told as "Lost the SSH connection ... try the download again", and the link dropped.
+    top = f"{slurm_cluster.remote_dir}/local-full-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    try:
+        b._run(
+            f"mkdir -p {top}/out && head -c 3000000 /dev/urandom > {top}/out/blob",
+            "making a big folder",
+        )
+        link = b.ssh.client()
+        with small_file_system(tmp_path / "small", "1m") as small:
+            with pytest.raises(OSError) as caught:
+                b.files.download(top, "out", small)
+            assert caught.value.errno == errno.ENOSPC, caught.value
+            assert caught.value.filename == str(small / "out")
+            assert list(small.iterdir()) == []  # no partial folder
+        assert b.ssh._client is link and link.get_transport().is_active()
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()

@@ -104,24 +104,74 @@ class SshRunFiles:
         total = sum((local_dir / n).stat().st_size for n in names)
         done = 0
         sftp = self.open_session(self.ssh.client())
+        target = run_dir  # what is being written, for the error
+        written: list[str] = []
         try:
             _sftp_makedirs(sftp, run_dir)
             for name in names:
                 local = local_dir / name
                 mode = stat.S_IMODE(local.stat().st_mode)
-                with local.open("rb") as src, sftp.open(posixpath.join(run_dir, name), "wb") as dst:
+                target = posixpath.join(run_dir, name)
+                with local.open("rb") as src, sftp.open(target, "wb") as dst:
+                    written.append(target)
                     # Mode first, data second: a secret is never readable by others remotely.
                     dst.chmod(mode)
                     dst.set_pipelined(True)
+                    size = 0
                     while chunk := src.read(layout.CHUNK):
                         dst.write(chunk)
+                        size += len(chunk)
                         done += len(chunk)
                         if progress:
                             progress(done, total)
+                    _check_arrived(dst, size)
+        except _ShortWrite as short:
+            raise self._write_refused(sftp, target, run_dir, written, str(short)) from None
+        except OSError as exc:
+            if not _refused(sftp, exc):
+                raise
+            said = f"the SFTP server answered {str(exc).strip() or 'nothing'!r}"
+            raise self._write_refused(sftp, target, run_dir, written, said) from None
         finally:
             sftp.close()
         if progress:
             progress(total, total)
+
+    def _write_refused(
+        self,
+        sftp: paramiko.SFTPClient,
+        target: str,
+        run_dir: str,
+        written: list[str],
+        said: str,
+    ) -> BackendRejected:
+        """The error of a write the server refused on a live link, after taking back what
+        the upload wrote (a partial package fills the full disk further; the credential
+        file must not stay). OpenSSH answers a full disk, an exceeded quota and a
+        read-only file system alike, with a bare "Failure": this was told as a lost
+        connection, and users looked for network trouble."""
+        cleaned = True
+        for path in [*written, run_dir]:
+            try:
+                if path == run_dir:
+                    sftp.rmdir(path)
+                else:
+                    sftp.remove(path)
+            except FileNotFoundError:
+                pass
+            except Exception:  # noqa: BLE001 - best effort; the refusal is what matters
+                cleaned = False
+        left = (
+            "Nothing of the run was left there."
+            if cleaned
+            else f"Remove what is left of {run_dir} there."
+        )
+        return BackendRejected(
+            f"The file system of {target} on {self.ssh.hostname} refused the write "
+            f"({said}): is it full or over quota? Free space there, or choose another "
+            "SSH.RemoteDirectory (one on a file system with room, e.g. $SCRATCH) in "
+            f"compute-backend-config.yaml. {left}"
+        )
 
     # ---- small operations on the shared session ------------------------------------------
 
@@ -286,6 +336,11 @@ class SshRunFiles:
                     # of the archive; no exit status came: the link went, not tar.
                     raise EOFError(_CUT_OFF)
                 err = rest_of_stderr(channel).decode(errors="replace").strip()
+            except _LocalWriteFailed as failed:
+                # The caller's own OSError (RunService.download names the destination
+                # and what to do), for the folder asked for, not the hidden staging one.
+                local = failed.error
+                raise OSError(local.errno, local.strerror or str(local), str(final)) from None
             except CONNECTION_ERRORS as exc:
                 # Only the link this stream used: another thread may have replaced it
                 # with a fresh one meanwhile, which must stay open.
@@ -345,6 +400,14 @@ class SshRunFiles:
 # ---- the folder's tar stream (no connection of its own) ---------------------------------
 
 
+class _LocalWriteFailed(Exception):
+    """Extracting a folder failed on the local side, not on the link: ``error``."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _CountingReader(io.RawIOBase):
     """A channel as a file for tarfile, reporting bytes read against an announced total."""
 
@@ -354,12 +417,18 @@ class _CountingReader(io.RawIOBase):
         self.done = 0
         self.progress = progress
         self._last = 0.0
+        # What reading the channel raised: the link's trouble, unlike the local disk's.
+        self.link_error: BaseException | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.channel.recv(len(buffer))
+        try:
+            data = self.channel.recv(len(buffer))
+        except BaseException as exc:
+            self.link_error = exc
+            raise
         buffer[: len(data)] = data
         self.done += len(data)
         now = time.monotonic()
@@ -396,7 +465,8 @@ def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | No
     size_line = read_line(channel).strip()
     # tar adds headers and padding to the payload; progress is an estimate and is capped.
     total = int(size_line) + 10240 if size_line.isdigit() else 0
-    reader = io.BufferedReader(_CountingReader(channel, total, progress), layout.CHUNK)
+    raw = _CountingReader(channel, total, progress)
+    reader = io.BufferedReader(raw, layout.CHUNK)
     try:
         with tarfile.open(fileobj=reader, mode="r|") as archive:
             archive.extractall(dest, filter=_skip_unsafe_members)  # noqa: S202 - filtered
@@ -407,6 +477,12 @@ def _untar_stream(channel: paramiko.Channel, dest: Path, progress: Progress | No
             # tried again, not a tar that failed on the cluster.
             raise EOFError(_CUT_OFF) from None
         raise BackendRejected(f"The folder arrived as a broken tar stream: {exc}") from None
+    except OSError as exc:
+        if exc is raw.link_error:
+            raise
+        # Writing here failed (a full disk, a quota): taken for a lost link, it dropped
+        # the connection and told the user to look for network trouble.
+        raise _LocalWriteFailed(exc) from None
     if progress:
         progress(total, total)
 
@@ -465,6 +541,39 @@ def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
             # under the others. A timeout or a lost link is a subclass: not looked at.
             if type(exc) is not OSError or not _is_dir(sftp, directory):
                 raise
+
+
+class _ShortWrite(Exception):
+    """Less of a file arrived than was written: the server refused some of the writes."""
+
+
+def _check_arrived(dst: paramiko.SFTPFile, size: int) -> None:
+    """Refuse a remote file shorter than the ``size`` bytes written to it. paramiko drops
+    the server's answers to pipelined writes unless over 100 are in flight, so a
+    "Failure" (a full disk) went unseen: the upload succeeded with a truncated package
+    or credential file. The server answers requests in order, so the file's size after
+    the writes shows whether all of them took."""
+    dst.flush()
+    arrived = dst.stat().st_size or 0
+    if arrived != size:
+        raise _ShortWrite(f"only {arrived} of its {size} bytes arrived")
+
+
+def _refused(sftp: paramiko.SFTPClient, exc: OSError) -> bool:
+    """Whether ``exc`` is the SFTP server refusing an operation on a live link. paramiko
+    raises a bare OSError (no errno) both for the status "Failure" (a full disk, an
+    exceeded quota) and for a request on a closed channel ("Socket is closed"): only
+    the session's channel and connection, both still open, tell the two apart."""
+    if type(exc) is not OSError or exc.errno is not None:
+        return False
+    channel = sftp.get_channel()
+    transport = channel.get_transport() if channel is not None else None
+    return (
+        channel is not None
+        and not channel.closed
+        and transport is not None
+        and transport.is_active()
+    )
 
 
 def _is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
