@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import BackendRejected, NotFound, PermissionDenied
@@ -164,13 +165,13 @@ def small_file_system(path: Path, size: str, owner: str | None = None) -> Iterat
         path.rmdir()
 
 
-def big_package(job: PreparedJob, size: int) -> None:
-    """Make the job's package a real one of about ``size`` bytes (random data does not
-    compress)."""
+def big_package(job: PreparedJob, size: int, *, zeros: bool = False) -> None:
+    """Make the job's package a real one holding ``size`` bytes: random ones, which do
+    not compress, or ``zeros``, which compress to a few KiB."""
     with tarfile.open(job.local_dir / "package.tar.gz", "w:gz", compresslevel=1) as tar:
         info = tarfile.TarInfo("data.bin")
         info.size = size
-        tar.addfile(info, io.BytesIO(os.urandom(size)))
+        tar.addfile(info, io.BytesIO(bytes(size) if zeros else os.urandom(size)))
 
 
 def _unmount(path: Path) -> None:
@@ -182,59 +183,84 @@ def _unmount(path: Path) -> None:
     subprocess.run(["umount", "--lazy", str(path)], check=True, capture_output=True)
 
 
+@contextmanager
+def full_remote_base(cluster, prefix: str) -> Iterator[tuple[Path, SshSlurmBackend]]:
+    """A remote base directory on a 1 MiB file system of the SSH user's, and a backend
+    using it (closed before the unmount: a session's SFTP server may still be inside)."""
+    top = Path(f"{cluster.remote_dir}/{prefix}-{uuid.uuid4().hex[:8]}")
+    b = _backend(cluster, str(top))
+    try:
+        # Made as the SSH user: root must not own a parent the tests share.
+        b._run(f"mkdir -p {cluster.remote_dir}", "making the remote directory")
+        with small_file_system(top, "1m", owner=cluster.username):
+            try:
+                yield top, b
+            finally:
+                b.close()
+    finally:
+        b.close()
+
+
 def test_a_full_remote_file_system_is_named_not_a_lost_connection(slurm_cluster, tmp_path):
     # A home or project space over quota answers writes with SFTP's bare "Failure": that
     # counted as a lost link ("Lost the SSH connection ... while uploading the run", after
     # uploading it all a second time), and users looked for network trouble.
-    top = Path(f"{slurm_cluster.remote_dir}/full-{uuid.uuid4().hex[:8]}")
     job = make_job(tmp_path, "true")
     # Sorted first, the credential file is written before the package fills the disk.
     big_package(job, 2 * 1024 * 1024)
-    b = _backend(slurm_cluster, str(top))
-    try:
-        # Made as the SSH user: root must not own a parent the tests share.
-        b._run(f"mkdir -p {slurm_cluster.remote_dir}", "making the remote directory")
-        with small_file_system(top, "1m", owner=slurm_cluster.username):
-            link = b.ssh.client()
-            with pytest.raises(BackendRejected) as caught:
-                b.submit(job)
-            message = caught.value.message
-            target = f"{top}/{job.run_id}/package.tar.gz"
-            assert f"The file system of {target} on {slurm_cluster.host} refused" in message
-            assert "full or over quota" in message and "SSH.RemoteDirectory" in message
-            assert "Lost" not in message
-            # Nothing stays: no credential file, no partial package filling the disk.
-            assert list(top.iterdir()) == []
-            assert b.ssh._client is link and link.get_transport().is_active()
-            b.close()  # before the unmount: the SFTP server of a session may still be in it
-    finally:
-        b.close()
+    with full_remote_base(slurm_cluster, "full") as (top, b):
+        link = b.ssh.client()
+        with pytest.raises(BackendRejected) as caught:
+            b.submit(job)
+        message = caught.value.message
+        target = f"{top}/{job.run_id}/package.tar.gz"
+        assert f"The file system of {target} on {slurm_cluster.host} refused" in message
+        assert "full or over quota" in message and "SSH.RemoteDirectory" in message
+        assert "Lost" not in message
+        # Nothing stays: no credential file, no partial package filling the disk.
+        assert list(top.iterdir()) == []
+        assert b.ssh._client is link and link.get_transport().is_active()
 
 
 def test_a_run_whose_upload_fills_the_remote_disk_fails_with_that_reason(
     service: RunService, slurm_cluster, tmp_path
 ):
     # The run ended FAILED with "submission failed: Lost the SSH connection ...".
-    top = Path(f"{slurm_cluster.remote_dir}/full-run-{uuid.uuid4().hex[:8]}")
     project = copy_example(tmp_path)
     (project / "data.bin").write_bytes(os.urandom(2 * 1024 * 1024))  # does not compress
-    write_config(project, slurm_config(slurm_cluster, str(top)))
     experiment = f"full-disk-{uuid.uuid4().hex[:8]}"
-    b = _backend(slurm_cluster, str(top))
-    try:
-        b._run(f"mkdir -p {slurm_cluster.remote_dir}", "making the remote directory")
-        with small_file_system(top, "1m", owner=slurm_cluster.username):
-            with pytest.raises(BackendRejected, match="refused the write"):
-                service.submit(project, experiment_name=experiment)
-            service.close()  # its SSH sessions, before the unmount
-            assert list(top.iterdir()) == []  # no credential file, no partial package
-    finally:
-        b.close()
+    with full_remote_base(slurm_cluster, "full-run") as (top, _):
+        write_config(project, slurm_config(slurm_cluster, str(top)))
+        with pytest.raises(BackendRejected, match="refused the write"):
+            service.submit(project, experiment_name=experiment)
+        service.close()  # its SSH sessions, before the unmount
+        assert list(top.iterdir()) == []  # no credential file, no partial package
     runs, _ = service.list(experiment_name=experiment)
     assert len(runs) == 1 and runs[0].state == RunState.FAILED, runs
     reason = runs[0].reason or ""
     assert reason.startswith("submission failed: The file system of ") and "Lost" not in reason
     assert "full or over quota" in reason and slurm_cluster.host in reason
+
+
+def test_code_that_does_not_fit_when_unpacked_is_named_not_an_sbatch_refusal(
+    slurm_cluster, tmp_path
+):
+    # The package fits, its contents do not: tar's "No space left on device" on the login
+    # node came as "sbatch on 127.0.0.1 refused the job", as if Slurm were at fault.
+    job = make_job(tmp_path, "true")
+    big_package(job, 3 * 1024 * 1024, zeros=True)
+    with full_remote_base(slurm_cluster, "unpack-full") as (top, b):
+        with pytest.raises(BackendRejected) as caught:
+            b.submit(job)
+        message = caught.value.message
+        code = f"{top}/{job.run_id}/code"
+        assert f"Unpacking the code of run {job.run_id} into {code} on " in message
+        # tar's words ("Cannot write: No space left on device" or "Wrote only ..."),
+        # and what to do.
+        assert "was submitted: tar: " in message and "full or over quota" in message
+        assert "SSH.RemoteDirectory" in message and "sbatch" not in message
+        # No credential file, no partial code: only the package and the job script.
+        assert sorted(os.listdir(top / job.run_id)) == ["mantik-job.sh", "package.tar.gz"]
 
 
 def test_a_link_lost_during_an_upload_is_still_a_lost_link(slurm_cluster, tmp_path):

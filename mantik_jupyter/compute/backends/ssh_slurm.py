@@ -288,6 +288,7 @@ class SshSlurmBackend(Backend):
             self._abandon_submission(run_dir, group[0] if group else "")
             raise
         if result.status != 0:
+            self._raise_unpack_failure(result, job.run_id, run_dir)
             self._raise_login_failure(result, job.run_id, run_dir)
             said = result.err_text or result.stdout.decode(errors="replace").strip()
             refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
@@ -335,9 +336,12 @@ class SshSlurmBackend(Backend):
         ]
         if layout.PACKAGE_FILE in files:
             code = layout.CODE_DIR
+            # A failure is marked for _raise_unpack_failure (tar's words come before the
+            # mark); the partial code goes, it would only fill a full disk further.
             lines.append(
                 f"mkdir -p {code} && tar -xzf {q(layout.PACKAGE_FILE)} -C {code} "
-                f'|| {{ mantik_rc=$?; rm -f -- {creds}; exit "$mantik_rc"; }}'
+                f"|| {{ mantik_rc=$?; rm -f -- {creds}; rm -rf -- {code}; "
+                f'echo "{MARK}unpack $mantik_rc" >&2; exit "$mantik_rc"; }}'
             )
         if pre_login_commands:
             script = login_commands_script(pre_login_commands, "PreRunCommandOnLoginNode")
@@ -388,6 +392,23 @@ class SshSlurmBackend(Backend):
                 self.hostname,
                 describe_error(exc),
             )
+
+    def _raise_unpack_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
+        """The error of unpacking the code on the login node, if that is what failed: it
+        was told as sbatch refusing the job, and a full disk or quota (the package fits,
+        its contents do not) read as a Slurm problem."""
+        marker = f"{MARK}unpack "
+        err = result.stderr.decode(errors="replace")
+        if marker not in err:
+            return
+        said = err.split(marker, 1)[0].strip()
+        raise BackendRejected(
+            f"Unpacking the code of run {run_id} into "
+            f"{posixpath.join(run_dir, layout.CODE_DIR)} on {self.hostname} failed, so no "
+            f"job was submitted: {said}\nIf the file system is full or over quota (No "
+            "space left on device, Disk quota exceeded), free space there or choose "
+            "another SSH.RemoteDirectory in compute-backend-config.yaml."
+        )
 
     def _raise_login_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
         """The error of a failed PreRunCommandOnLoginNode, if that is what failed."""
