@@ -11,6 +11,7 @@ starts from), ``run_sync`` (backend states recorded on runs, finalising ended on
 from __future__ import annotations
 
 import builtins
+import errno
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -384,13 +385,15 @@ class RunService:
             raise
         except PermissionError as exc:
             raise PermissionDenied(
-                f"Cannot write the download to {target}: {exc.strerror} ({exc.filename}). "
+                f"Cannot write the download to {target}: {exc.strerror}{_where(exc)}. "
                 "Choose a destination you can write to."
             ) from None
         except OSError as exc:  # the backends map their remote side's errors themselves
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise InvalidRequest(
-                f"Cannot write the download to {target}: {exc.strerror or exc} "
-                f"({exc.filename}). Choose another destination."
+                f"Cannot write the download to {target}: {exc.strerror or exc}{_where(exc)}. "
+                + ("Free space there or choose" if full else "Choose")
+                + " another destination."
             ) from None
 
 
@@ -417,3 +420,8 @@ def _state_filter(state: str) -> builtins.list[str]:
     except ValueError:
         names = ", ".join([*(s.value for s in RunState), "active", "final"])
         raise InvalidRequest(f"Unknown state {state!r}: use one of {names}") from None
+
+
+def _where(exc: OSError) -> str:
+    """The file an OS error names, for a message (a write error may name none)."""
+    return f" ({exc.filename})" if exc.filename else ""
