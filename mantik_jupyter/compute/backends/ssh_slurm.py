@@ -397,11 +397,10 @@ class SshSlurmBackend(Backend):
         """The error of unpacking the code on the login node, if that is what failed: it
         was told as sbatch refusing the job, and a full disk or quota (the package fits,
         its contents do not) read as a Slurm problem."""
-        marker = f"{MARK}unpack "
-        err = result.stderr.decode(errors="replace")
-        if marker not in err:
+        marked = _marked(result, "unpack")
+        if marked is None:
             return
-        said = err.split(marker, 1)[0].strip()
+        said = marked[0].strip()
         raise BackendRejected(
             f"Unpacking the code of run {run_id} into "
             f"{posixpath.join(run_dir, layout.CODE_DIR)} on {self.hostname} failed, so no "
@@ -412,11 +411,10 @@ class SshSlurmBackend(Backend):
 
     def _raise_login_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
         """The error of a failed PreRunCommandOnLoginNode, if that is what failed."""
-        marker = f"{MARK}login "
-        err = result.stderr.decode(errors="replace")
-        if marker not in err:
+        marked = _marked(result, "login")
+        if marked is None:
             return
-        status, _, tail = err.split(marker, 1)[1].partition("\n")
+        status, _, tail = marked[1].partition("\n")
         raise BackendRejected(
             f"Environment.PreRunCommandOnLoginNode failed on {self.hostname} with exit "
             f"status {status.strip()}, so no job was submitted for run {run_id}. The end of "
@@ -524,3 +522,10 @@ class SshSlurmBackend(Backend):
         an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
         (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
         return self.files.download(self.run_dir_of(job_id), path, dest, progress)
+
+
+def _marked(result: CommandResult, word: str) -> tuple[str, str] | None:
+    """The submit command's stderr before and after its ``MARK<word>`` line (a step of
+    the command that failed marks itself so), or None if no step did."""
+    before, marker, after = result.stderr.decode(errors="replace").partition(f"{MARK}{word} ")
+    return (before, after) if marker else None
