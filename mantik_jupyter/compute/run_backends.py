@@ -300,15 +300,6 @@ class BackendPool:
             )
         raise ConfigError(f"Unknown backend kind {kind!r} recorded on the run")
 
-    def trusted(self, run: Mapping[str, Any]) -> bool:
-        """Whether ``of_run`` would connect to the run (for a sync that skips the others
-        quietly); a key file that cannot be read counts as no."""
-        try:
-            return self.keys.problem(run) is None
-        except LocalStateInvalid as exc:
-            log.warning("not following run %s: %s", run["info"]["run_id"], exc.message)
-            return False
-
     def binding_problem(self, run: Mapping[str, Any]) -> str | None:
         """None if this installation (or a trusted key) signed the run as it is, else
         why not; a key file that cannot be read is such a why."""

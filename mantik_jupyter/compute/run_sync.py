@@ -50,20 +50,18 @@ NOT_FOLLOWED = (
 
 class RunSync:
     """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
-    run's backend (attached to its run directory) and job id; ``trusted`` says whether
-    this installation submitted a run (``BackendPool.trusted``), ``binding_problem``
-    why not (``BackendPool.binding_problem``)."""
+    run's backend (attached to its run directory) and job id; ``binding_problem`` says
+    why this installation did not submit a run, None if it did
+    (``BackendPool.binding_problem``)."""
 
     def __init__(
         self,
         tracking: TrackingService,
         backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
-        trusted: Callable[[Mapping[str, Any]], bool],
         binding_problem: Callable[[Mapping[str, Any]], str | None],
     ) -> None:
         self.tracking = tracking
         self._backend_of_run = backend_of_run
-        self._trusted = trusted
         self._binding_problem = binding_problem
         self._lock = threading.Lock()
         # Runs being finalised (log upload etc.) by this process, to do it only once.
@@ -82,7 +80,7 @@ class RunSync:
             tags = run_tags(run)
             state = tags.get(TAG_STATE)
             if state in ACTIVE_STATES and tags.get(TAG_JOB_ID) and tags.get(TAG_BACKEND_SPEC):
-                if self._trusted(run):
+                if self._binding_problem(run) is None:
                     groups.setdefault(tags[TAG_BACKEND_SPEC], []).append(run)
                 else:
                     not_followed.add(run["info"]["run_id"])

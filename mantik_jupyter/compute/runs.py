@@ -80,7 +80,6 @@ class RunService:
         self._sync = RunSync(
             tracking,
             self._backends.of_run,
-            self._backends.trusted,
             self._backends.binding_problem,
         )
         self._logs = RunLogs(self._backends.of_run, self._sync.sync_runs)
