@@ -33,6 +33,14 @@ ensure_venv() {
     python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 }
 
+pip_quiet() {
+    # pip -q, without the notes about unused find-links locations; fails when pip fails.
+    local status
+    python -m pip -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] || { echo "pip $1 failed (exit $status); see above" >&2; return "$status"; }
+}
+
 build_labextension() {
     log "Building the JupyterLab extension (jlpm)"
     (cd "$REPO/labextension" && jlpm install --immutable >/dev/null && jlpm build:prod >/dev/null)
@@ -44,9 +52,12 @@ install_project() {
     log "Installing mantik-jupyter$extras and its dependencies"
     # jlpm (shipped with jupyterlab) builds the extension; install the build tools first
     # so that the project can be installed without build isolation (much faster).
-    python -m pip install -q "hatchling>=1.21" "hatch-jupyter-builder>=0.9" "jupyterlab>=4.2,<5" 2>&1 \
-        | grep -v "^WARNING: Location" || true
+    # setuptools and wheel too: without isolation they build the dependencies that PyPI
+    # ships only as source (pyunicore), and Python 3.11's venv setuptools cannot.
+    pip_quiet install "hatchling>=1.21" "hatch-jupyter-builder>=0.9" "jupyterlab>=4.2,<5" \
+        "setuptools>=70.1" "wheel>=0.43"
     build_labextension
-    python -m pip install -q --no-build-isolation "$REPO$extras" 2>&1 | grep -v "^WARNING: Location" || true
-    python -c "import mantik_jupyter" || { echo "mantik_jupyter failed to install" >&2; return 1; }
+    pip_quiet install --no-build-isolation "$REPO$extras"
+    # From /, so that the source tree beside us cannot stand in for a failed install.
+    (cd / && python -c "import mantik_jupyter, pyunicore") || { echo "mantik_jupyter failed to install" >&2; return 1; }
 }
