@@ -54,6 +54,13 @@ def open_lab(page, lab: LabServer):
     page.goto(lab.lab_url)
     # The launcher or dock panel shows once the lab has started all plugins.
     expect(page.locator("#jp-main-dock-panel")).to_be_visible()
+    # Once its layout is restored, the lab activates a main-area tab (the launcher, or the
+    # tab restored as current), which takes the focus a frame later: a test that types
+    # into the sidebar before then loses its focus to that tab.
+    page.wait_for_function(
+        "() => document.querySelector('#jp-main-dock-panel')?.contains(document.activeElement)",
+        timeout=60_000,
+    )
     tab = page.locator('.jp-SideBar.jp-mod-left [data-id="mantik-sidebar"]')
     expect(tab).to_be_visible()
     sidebar = page.locator('[data-testid="mantik-sidebar"]')
