@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import pwd
 import re
@@ -293,6 +294,69 @@ def test_private_key_text_is_accepted(slurm_cluster, base):
         assert b.states(["999999"])["999999"].state == RunState.UNKNOWN
     finally:
         b.close()
+
+
+def _encrypted_copy(key: Path, folder: Path, passphrase: str) -> Path:
+    copy = folder / f"encrypted-{key.name}"
+    copy.write_bytes(key.read_bytes())
+    copy.chmod(0o600)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-p", "-N", passphrase, "-P", "", "-f", str(copy)], check=True
+    )
+    return copy
+
+
+def _password_attempts(caplog) -> list[str]:
+    """The password logins the client tried, by paramiko's record of the server's answer
+    (the test sshd takes keys only, and logs a refused password at no level)."""
+    return [r.getMessage() for r in caplog.records if "(password)" in r.getMessage()]
+
+
+def test_an_encrypted_key_opens_with_its_passphrase(slurm_cluster, base, tmp_path):
+    passphrase = "correct-horse-passphrase"
+    key = _encrypted_copy(slurm_cluster.key_path, tmp_path, passphrase)
+    for source in (
+        {"key_filename": str(key)},
+        {"key_filename": None, "private_key": key.read_text()},
+    ):
+        b = _backend(slurm_cluster, base, password=passphrase, **source)
+        try:
+            assert b.states(["999999"])["999999"].state == RunState.UNKNOWN
+        finally:
+            b.close()
+
+
+def test_an_encrypted_key_without_its_passphrase_says_so(slurm_cluster, base, tmp_path):
+    key = _encrypted_copy(slurm_cluster.key_path, tmp_path, "some-passphrase")
+    with pytest.raises(AuthenticationFailed) as caught:
+        _backend(slurm_cluster, base, key_filename=str(key)).states(["1"])
+    assert "encrypted" in caught.value.message and "MANTIK_SSH_PASSWORD" in caught.value.message
+    assert str(key) in caught.value.message
+
+
+def test_a_refused_key_does_not_hand_its_passphrase_to_the_server(
+    slurm_cluster, base, tmp_path, caplog
+):
+    """The passphrase of a key the server refuses is not tried as the login password;
+    a password beside a key that needs none still is (the control)."""
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
+    wrong = tmp_path / "id_wrong"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    with pytest.raises(AuthenticationFailed):
+        _backend(slurm_cluster, base, key_filename=str(wrong), password="a-login-password").states(
+            ["1"]
+        )
+    assert _password_attempts(caplog), "the control's password login was not seen"
+
+    caplog.clear()
+    encrypted = _encrypted_copy(wrong, tmp_path, "a-key-passphrase")
+    for source in (
+        {"key_filename": str(encrypted)},
+        {"key_filename": None, "private_key": encrypted.read_text()},
+    ):
+        with pytest.raises(AuthenticationFailed):
+            _backend(slurm_cluster, base, password="a-key-passphrase", **source).states(["1"])
+    assert _password_attempts(caplog) == []
 
 
 def test_unknown_host_key_is_refused_with_a_hint(slurm_cluster, base, tmp_path):

@@ -36,6 +36,7 @@ from ...errors import (
     PermissionDenied,
 )
 from .. import layout
+from ..config import ENV_SSH_PASSWORD
 from .base import describe_error
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,33 @@ def _keyscan_hint(host: str, port: int, known_hosts: Path) -> str:
     return f"ssh-keyscan {port_opt}{shlex.quote(host)} >> {shlex.quote(str(known_hosts))}"
 
 
-def _load_private_key(text: str, passphrase: str | None, source: str = "") -> paramiko.PKey:
-    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+_KEY_TYPES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
+def _load_private_key(
+    text: str, passphrase: str | None, source: str = ""
+) -> tuple[paramiko.PKey, bool]:
+    """The key, and whether ``passphrase`` unlocked it (it is then not a password)."""
+    encrypted = False
+    for cls in _KEY_TYPES:
         try:
-            return cls.from_private_key(io.StringIO(text), password=passphrase)
+            return cls.from_private_key(io.StringIO(text)), False
+        except paramiko.PasswordRequiredException:
+            encrypted = True
+            break
         except (paramiko.SSHException, ValueError):
             continue
+    if encrypted and passphrase is None:
+        raise AuthenticationFailed(
+            f"The SSH private key{source} is encrypted: set {ENV_SSH_PASSWORD} to its passphrase."
+        )
+    if encrypted:
+        # The OpenSSH format decrypts before it checks the key's type: try each type again.
+        for cls in _KEY_TYPES:
+            try:
+                return cls.from_private_key(io.StringIO(text), password=passphrase), True
+            except (paramiko.SSHException, ValueError):
+                continue
     # Deliberately vague: the text of a key must never end up in a message.
     raise AuthenticationFailed(
         f"The SSH private key{source} could not be read: it is not an OpenSSH/PEM private "
@@ -94,7 +116,7 @@ def _load_private_key(text: str, passphrase: str | None, source: str = "") -> pa
     )
 
 
-def _load_key_file(path: str, passphrase: str | None) -> paramiko.PKey:
+def _load_key_file(path: str, passphrase: str | None) -> tuple[paramiko.PKey, bool]:
     """The key of an identity file, read here rather than by paramiko: for a key file it
     tries every key type in turn and raises the last type's complaint ("encountered RSA
     key, expected OPENSSH key") instead of the server's refusal of the key."""
@@ -114,7 +136,8 @@ class SshConnection:
     dropped, shared by all threads.
 
     Credentials: ``key_filename`` (a private key file), ``private_key`` (the key's text)
-    or ``password`` (also the key passphrase); with none of them, the SSH agent and
+    and ``password``: the passphrase of an encrypted key, and then never sent to the
+    server, else the login password. With none of them, the SSH agent and
     ``~/.ssh/id_*`` are tried, like ``ssh``. ``io_timeout`` is how long a remote command
     or file operation may wait for the login node to answer before the connection is
     given up (``BackendUnavailable``).
@@ -136,8 +159,13 @@ class SshConnection:
         self.port = int(port)
         self.username = username
         self._key_filename = key_filename
-        self._pkey = _load_private_key(private_key, password) if private_key else None
+        self._pkey: paramiko.PKey | None = None
+        unlocked = False
+        if private_key:
+            self._pkey, unlocked = _load_private_key(private_key, password)
         self._password = password
+        # A passphrase offered to the server as a password would hand it the key's secret.
+        self._login_password = None if unlocked else password
         self.known_hosts = Path(known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
@@ -174,16 +202,17 @@ class SshConnection:
             _RefuseUnknownHost(self.hostname, self.port, self.known_hosts)
         )
         explicit = bool(self._key_filename or self._pkey or self._password)
-        pkey = self._pkey
+        pkey, password = self._pkey, self._login_password
         if pkey is None and self._key_filename:
-            pkey = _load_key_file(self._key_filename, self._password)
+            pkey, unlocked = _load_key_file(self._key_filename, self._password)
+            password = None if unlocked else self._password
         try:
             client.connect(
                 self.hostname,
                 port=self.port,
                 username=self.username,
                 pkey=pkey,
-                password=self._password,
+                password=password,
                 timeout=self.connect_timeout,
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,

@@ -102,8 +102,9 @@ class SshSlurmBackend(Backend):
 
     ``remote_dir`` is relative to the remote home unless absolute. Credentials:
     ``key_filename`` (a private key file), ``private_key`` (the key's text, e.g.
-    from ``MANTIK_SSH_PRIVATE_KEY``) or ``password`` (also the key passphrase);
-    with none of them, the SSH agent and ``~/.ssh/id_*`` are tried, like ``ssh``.
+    from ``MANTIK_SSH_PRIVATE_KEY``) and ``password`` (an encrypted key's passphrase,
+    else the login password); with none of them, the SSH agent and ``~/.ssh/id_*`` are
+    tried, like ``ssh``.
     ``io_timeout`` is how long a remote command or file operation may wait for the
     login node to answer before the connection is given up (``BackendUnavailable``).
     """
