@@ -312,3 +312,23 @@ def test_a_folder_download_into_a_full_local_disk_is_a_local_error(slurm_cluster
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()
+
+
+def test_an_upload_into_a_directory_the_user_may_not_write_names_it(slurm_cluster, tmp_path):
+    # Said "denied access while uploading the run: [Errno 13] Permission denied", with no
+    # path: users could not tell which directory, or which setting chose it.
+    top = f"{slurm_cluster.remote_dir}/read-only-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    job = make_job(tmp_path, "true")
+    try:
+        b._run(f"mkdir -p {top} && chmod 0555 {top}", "making a read-only directory")
+        with pytest.raises(PermissionDenied) as caught:
+            b.submit(job)
+        message = caught.value.message
+        assert f"write {top}/{job.run_id} while uploading" in message, message
+        assert slurm_cluster.username in message and "SSH.RemoteDirectory" in message
+        assert "Nothing of the run was left there." in message
+        assert "Errno" not in message
+    finally:
+        b._run(f"chmod 0755 {top}; rm -rf {top}", "cleaning up")
+        b.close()

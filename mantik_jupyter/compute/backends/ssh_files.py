@@ -127,6 +127,8 @@ class SshRunFiles:
                     _check_arrived(dst, size)
         except _ShortWrite as short:
             raise self._write_refused(sftp, target, run_dir, written, str(short)) from None
+        except PermissionError as exc:
+            raise self._write_denied(sftp, exc.filename or target, run_dir, written) from None
         except OSError as exc:
             if not _refused(sftp, exc):
                 raise
@@ -145,11 +147,34 @@ class SshRunFiles:
         written: list[str],
         said: str,
     ) -> BackendRejected:
-        """The error of a write the server refused on a live link, after taking back what
-        the upload wrote (a partial package fills the full disk further; the credential
-        file must not stay). OpenSSH answers a full disk, an exceeded quota and a
-        read-only file system alike, with a bare "Failure": this was told as a lost
-        connection, and users looked for network trouble."""
+        """The error of a write the server refused on a live link. OpenSSH answers a full
+        disk, an exceeded quota and a read-only file system alike, with a bare "Failure":
+        this was told as a lost connection, and users looked for network trouble."""
+        left = self._take_back(sftp, run_dir, written)
+        return BackendRejected(
+            f"The file system of {target} on {self.ssh.hostname} refused the write "
+            f"({said}): is it full or over quota? Free space there, or choose another "
+            "SSH.RemoteDirectory (one on a file system with room, e.g. $SCRATCH) in "
+            f"compute-backend-config.yaml. {left}"
+        )
+
+    def _write_denied(
+        self, sftp: paramiko.SFTPClient, target: str, run_dir: str, written: list[str]
+    ) -> PermissionDenied:
+        """SFTP's permission error names no path ("[Errno 13] Permission denied"): this
+        one names the path and the setting that chose it."""
+        left = self._take_back(sftp, run_dir, written)
+        user = self.ssh.username or "the SSH user"
+        return PermissionDenied(
+            f"{self.ssh.hostname} denied {user} the right to write {target} while uploading "
+            "the run: choose an SSH.RemoteDirectory that this user may write to in "
+            f"compute-backend-config.yaml, or change the permissions there. {left}"
+        )
+
+    @staticmethod
+    def _take_back(sftp: paramiko.SFTPClient, run_dir: str, written: list[str]) -> str:
+        """Removes what an upload that failed half-way wrote (a partial package fills a
+        full disk further; the credential file must not stay); says what is left."""
         cleaned = True
         for path in [*written, run_dir]:
             try:
@@ -159,19 +184,11 @@ class SshRunFiles:
                     sftp.remove(path)
             except FileNotFoundError:
                 pass
-            except Exception:  # noqa: BLE001 - best effort; the refusal is what matters
+            except Exception:  # noqa: BLE001 - best effort; the failure is what matters
                 cleaned = False
-        left = (
-            "Nothing of the run was left there."
-            if cleaned
-            else f"Remove what is left of {run_dir} there."
-        )
-        return BackendRejected(
-            f"The file system of {target} on {self.ssh.hostname} refused the write "
-            f"({said}): is it full or over quota? Free space there, or choose another "
-            "SSH.RemoteDirectory (one on a file system with room, e.g. $SCRATCH) in "
-            f"compute-backend-config.yaml. {left}"
-        )
+        if cleaned:
+            return "Nothing of the run was left there."
+        return f"Remove what is left of {run_dir} there."
 
     # ---- small operations on the shared session ------------------------------------------
 
@@ -539,6 +556,8 @@ def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
             # one mkdir fail, with SFTP's bare "Failure" (a plain OSError) for EEXIST.
             # Taken for a lost link, that failed the upload and dropped the connection
             # under the others. A timeout or a lost link is a subclass: not looked at.
+            if isinstance(exc, PermissionError):
+                raise PermissionError(exc.errno, exc.strerror, directory) from None
             if type(exc) is not OSError or not _is_dir(sftp, directory):
                 raise
 
