@@ -25,7 +25,7 @@ from mantik_jupyter.compute.run_record import TAG_BACKEND_SPEC, TAG_BINDING, TAG
 from mantik_jupyter.compute.run_sync import NOT_FOLLOWED
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import NotFound, PermissionDenied
+from mantik_jupyter.errors import LocalStateInvalid, NotFound, PermissionDenied
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
@@ -387,3 +387,24 @@ def test_cancelling_a_stalled_submission_of_mine_removes_its_run_user(
         go.touch()
         thread.join(30)
     assert failure and "PreRunCommandOnLoginNode" in str(failure[0])
+
+
+def test_an_unreadable_run_key_stops_following_and_says_so_once(
+    mine, project, tmp_path, caplog
+):
+    run_id = _running(mine, project, "trust-broken-key")
+    key_file = tmp_path / "mine" / "run-key.json"
+    good = key_file.read_text()
+    key_file.write_text("{not json")
+    mine._backends.keys._own = None  # as a restarted lab, which reads the file again
+    caplog.set_level("WARNING", logger="mantik_jupyter.compute.run_backends")
+    for _ in range(3):
+        listed, _ = mine.list(experiment_name="trust-broken-key", refresh=True)
+        assert [i.warnings for i in listed] == [[NOT_FOLLOWED]]
+    said = [r.getMessage() for r in caplog.records if "not followed until" in r.getMessage()]
+    assert len(said) == 1 and str(key_file) in said[0], said
+    with pytest.raises(LocalStateInvalid) as err:
+        mine.cancel(run_id)  # asked for: the error itself
+    assert str(key_file) in err.value.message
+    key_file.write_text(good)
+    assert mine.cancel(run_id).state == RunState.KILLED

@@ -224,6 +224,9 @@ class BackendPool:
         self.keys = keys or RunKeys()
         self._backends: dict[str, Backend] = {}
         self._lock = threading.RLock()
+        # Key files that could not be read, logged once each: a sync meets them for every
+        # run, every interval.
+        self._reported: set[str] = set()
 
     def close(self) -> None:
         with self._lock:
@@ -306,6 +309,13 @@ class BackendPool:
         try:
             return self.keys.problem(run)
         except LocalStateInvalid as exc:
+            # Quiet in the run list (each run says why), but it stops every run being
+            # followed: whoever reads the lab's log must learn of it.
+            with self._lock:
+                first = exc.message not in self._reported
+                self._reported.add(exc.message)
+            if first:
+                log.warning("runs are not followed until this is fixed: %s", exc.message)
             return exc.message
 
     def not_followed(self, run: Mapping[str, Any]) -> str | None:
