@@ -6,6 +6,8 @@ defined them itself; a module may still override one by defining a fixture of th
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from mantik_jupyter.compute.runs import RunService
@@ -24,6 +26,17 @@ def user(mlflow_server):
 def tracking(mlflow_server, user, tmp_path_factory):
     """Embedded mode against the session's server: ``user``'s stored login submits."""
     return make_tracking(mlflow_server, tmp_path_factory.mktemp("tracking"), user)
+
+
+@pytest.fixture
+def experiment_name(request) -> str:
+    """An MLflow experiment name that only this test (this parameter set) submits to.
+
+    A module's ``user`` is made again when pytest comes back to the module after another
+    one (module fixtures end with each visit), and under basic auth an experiment the first
+    user made is not the second's to add runs to: a name shared between tests refused them.
+    """
+    return f"{request.node.originalname.removeprefix('test_')[:40]}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

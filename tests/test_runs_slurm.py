@@ -61,12 +61,14 @@ def project(tmp_path, slurm_cluster, remote_base):
     return project
 
 
-def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp_path):
+def test_slurm_lifecycle(
+    service, project, mlflow_server, user, monkeypatch, tmp_path, experiment_name
+):
     spy = RunUserSpy(monkeypatch)
     info = service.submit(
         project,
         params={"epochs": "6", "station": "1; touch pwned"},
-        experiment_name="slurm-lifecycle",
+        experiment_name=experiment_name,
     )
     assert info.state == RunState.QUEUED and info.job_id.isdigit()
     assert info.backend == "ssh-slurm"
@@ -107,11 +109,13 @@ def test_slurm_lifecycle(service, project, mlflow_server, user, monkeypatch, tmp
         service.cancel(info.run_id)
 
 
-def test_slurm_login_node_command_runs_before_the_job(service, project, slurm_cluster, remote_base):
+def test_slurm_login_node_command_runs_before_the_job(
+    service, project, slurm_cluster, remote_base, experiment_name
+):
     config = cluster_config(slurm_cluster, remote_base)
     config["Environment"]["PreRunCommandOnLoginNode"] = 'echo "staged for $MANTIK_RUN_ID" > staged'
     write_config(project, config)
-    info = service.submit(project, params={"epochs": "1"}, experiment_name="slurm-lifecycle")
+    info = service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
     final = wait_for(service, info.run_id, FINAL, timeout=60)
     assert final.state == RunState.FINISHED, final.tags
     files = {e.path for e in service.files(info.run_id)}
@@ -120,13 +124,13 @@ def test_slurm_login_node_command_runs_before_the_job(service, project, slurm_cl
     assert staged == f"staged for {info.run_id}\n"
 
 
-def test_slurm_failing_entry_point(service, project):
-    info = run_failing_entry_point(service, project, "slurm-lifecycle", timeout=60)
+def test_slurm_failing_entry_point(service, project, experiment_name):
+    info = run_failing_entry_point(service, project, experiment_name, timeout=60)
     assert "simulated failure" in service.logs(info.run_id).text
 
 
-def test_slurm_cancel(service, project):
-    info = service.submit(project, entry_point="sleep", experiment_name="slurm-lifecycle")
+def test_slurm_cancel(service, project, experiment_name):
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
     killed = service.cancel(info.run_id)
     assert killed.state == RunState.KILLED and killed.mlflow_status == "KILLED"
@@ -144,15 +148,15 @@ def test_slurm_cancel(service, project):
     ],
 )
 def test_refused_submission_names_the_config_key(
-    service, project, slurm_cluster, remote_base, resources, named
+    service, project, slurm_cluster, remote_base, resources, named, experiment_name
 ):
     path = write_config(project, cluster_config(slurm_cluster, remote_base, **resources))
     with pytest.raises(ConfigError) as caught:
-        service.submit(project, params={"epochs": "1"}, experiment_name="slurm-refused")
+        service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
     message = caught.value.message
     assert named in message and str(path) in message, message
     assert "sbatch: error:" in message  # Slurm's own words stay
-    newest = service.list(experiment_name="slurm-refused")[0][0]
+    newest = service.list(experiment_name=experiment_name)[0][0]
     assert newest.state == RunState.FAILED and newest.reason and named in newest.reason
 
 
@@ -160,12 +164,12 @@ def test_refused_submission_names_the_config_key(
     ("resources", "named"), [({"Nodes": 5}, "Nodes"), ({"TotalCPUs": 100}, "TotalCPUs")]
 )
 def test_request_the_partition_never_meets_says_so_while_queued(
-    service, project, slurm_cluster, remote_base, resources, named
+    service, project, slurm_cluster, remote_base, resources, named, experiment_name
 ):
     # The loopback cluster, like Slurm's default (EnforcePartLimits=NO), accepts such a
     # job and leaves it pending for good; the run showed only QUEUED.
     write_config(project, cluster_config(slurm_cluster, remote_base, **resources))
-    info = service.submit(project, params={"epochs": "1"}, experiment_name="slurm-blocked")
+    info = service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
     try:
         deadline = time.monotonic() + 30
         while not (info := service.get(info.run_id)).reason:
@@ -253,8 +257,8 @@ def _slurm_account(job_id: str) -> str:
     return sacct + "".join(said[-20:])
 
 
-def test_requeued_run_goes_on_and_finishes(service, project):
-    info = service.submit(project, params={"epochs": "20"}, experiment_name="slurm-requeue")
+def test_requeued_run_goes_on_and_finishes(service, project, experiment_name):
+    info = service.submit(project, params={"epochs": "20"}, experiment_name=experiment_name)
     _wait_for_log(service, info.run_id, "epoch 2/20")
     first = service.all_logs(info.run_id)
     running = wait_for(service, info.run_id, {RunState.RUNNING}, 30)
@@ -285,10 +289,10 @@ def test_requeued_run_goes_on_and_finishes(service, project):
     assert {e.path for e in service.files(info.run_id)}.isdisjoint({".mantik-credentials"})
 
 
-def test_job_ended_by_slurm_leaves_no_credential(service, project):
+def test_job_ended_by_slurm_leaves_no_credential(service, project, experiment_name):
     # Slurm's SIGTERM (here a cancel outside mantik; a time limit alike) leaves the
     # credential file to a possible requeue; the run's end removes it.
-    info = service.submit(project, entry_point="sleep", experiment_name="slurm-requeue")
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
     subprocess.run(["scancel", info.job_id], check=True, timeout=30)
     final = wait_for(service, info.run_id, FINAL, timeout=60)
@@ -297,11 +301,11 @@ def test_job_ended_by_slurm_leaves_no_credential(service, project):
 
 
 def test_sshd_down_is_unknown_then_recovers_after_a_lab_restart(
-    tracking, project, slurm_cluster, tmp_path
+    tracking, project, slurm_cluster, tmp_path, experiment_name
 ):
     first = RunService(tracking, work_dir=tmp_path / "work")
     info = first.submit(
-        project, entry_point="sleep", params={"seconds": "6"}, experiment_name="slurm-restart"
+        project, entry_point="sleep", params={"seconds": "6"}, experiment_name=experiment_name
     )
     wait_for(first, info.run_id, {RunState.RUNNING}, timeout=60)
     try:
@@ -325,9 +329,11 @@ def test_sshd_down_is_unknown_then_recovers_after_a_lab_restart(
 
 
 @pytest.mark.slow
-def test_slurm_runtime_exceeded_is_timeout(service, project, slurm_cluster, remote_base):
+def test_slurm_runtime_exceeded_is_timeout(
+    service, project, slurm_cluster, remote_base, experiment_name
+):
     write_config(project, cluster_config(slurm_cluster, remote_base, Runtime="1m"))
-    info = service.submit(project, entry_point="sleep", experiment_name="slurm-timeout")
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     final = wait_for(service, info.run_id, FINAL, timeout=240)
     assert final.state == RunState.FAILED and final.reason == "TIMEOUT"
     assert final.mlflow_status == "FAILED"
@@ -339,7 +345,7 @@ def test_slurm_runtime_exceeded_is_timeout(service, project, slurm_cluster, remo
     "fault", ["unknown host key", "wrong key", "missing key file", "unreachable"]
 )
 def test_a_cluster_that_refuses_the_login_gets_no_run(
-    service, project, slurm_cluster, remote_base, tmp_path, fault
+    service, project, slurm_cluster, remote_base, tmp_path, fault, experiment_name
 ):
     # The login is checked before anything is created in MLflow: a typo in the config must
     # not leave a FAILED run (nor a new experiment) behind at every attempt.
@@ -359,10 +365,9 @@ def test_a_cluster_that_refuses_the_login_gets_no_run(
     else:
         config["SSH"]["Port"] = 1
     write_config(project, config)
-    experiment = f"slurm-login-{fault.replace(' ', '-')}"
     with pytest.raises(expected) as caught:
-        service.submit(project, params={"epochs": "1"}, experiment_name=experiment)
+        service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
     if fault != "unreachable":  # the refusal, not a complaint about the key's type
         assert "Cannot reach" not in caught.value.message, caught.value.message
     with pytest.raises(NotFound, match="No experiment named"):
-        service.list(experiment_name=experiment)
+        service.list(experiment_name=experiment_name)
