@@ -50,8 +50,9 @@ def remote_base(slurm_cluster):
     yield from remote_run_dirs(slurm_cluster, "magics")
 
 
-def execute_in_kernel(nb, path: Path, project: Path, timeout: int) -> None:
-    """Run the notebook ``nb`` (read from ``path``) in a real kernel, in ``project``."""
+def execute_in_kernel(nb, path: Path, project: Path, timeout: int, on_cell_executed=None) -> None:
+    """Run the notebook ``nb`` (read from ``path``) in a real kernel, in ``project``;
+    ``on_cell_executed(cell=, cell_index=, execute_reply=)`` runs between cells."""
     from nbclient import NotebookClient
 
     kernel_env = {
@@ -60,9 +61,10 @@ def execute_in_kernel(nb, path: Path, project: Path, timeout: int) -> None:
         # The kernel imports mantik_jupyter from this checkout.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": str(project)}}).execute(
-        env=kernel_env
-    )
+    hooks = {"on_cell_executed": on_cell_executed} if on_cell_executed else {}
+    NotebookClient(
+        nb, timeout=timeout, resources={"metadata": {"path": str(project)}}, **hooks
+    ).execute(env=kernel_env)
 
 
 def magics(ip):
@@ -236,6 +238,130 @@ def test_status_line_stays_live_without_wait(env, mlflow_server):
         assert "FINISHED" in shown[0]["data"]["text/html"]
     # run.wait() shows its line; the run it returns is not shown a second time.
     assert len(waited.outputs) == 1 and "FINISHED" in waited.outputs[0]["data"]["text/plain"]
+
+
+LIVE_RUNS = 6
+
+
+def test_many_live_lines_share_one_poller(env):
+    """A notebook following a sweep: each live line polled in a thread of its own, each
+    sending its own state query every tick, for as long as its run was queued (days on a
+    cluster). One poller thread refreshes them all, with one state query per tick, and
+    ends with the last of them."""
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    sweep = f"sweep-{uuid.uuid4().hex[:6]}"
+    path = write_notebook(
+        project,
+        "%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5",
+        # The backend's state query, counted (each call: how many jobs it asks about).
+        "import json, threading, time\n"
+        "from mantik_jupyter.compute.backends.local import LocalBackend\n"
+        "queries = []\n"
+        "asked = LocalBackend.states\n"
+        "def states(self, job_ids):\n"
+        "    queries.append(len(job_ids))\n"
+        "    return asked(self, job_ids)\n"
+        "LocalBackend.states = states\n"
+        "before = {t.ident for t in threading.enumerate()}",
+        f"runs = [get_ipython().run_line_magic('mantik_submit', '-e sleep --experiment {sweep}')\n"
+        f"        for _ in range({LIVE_RUNS})]",
+        "for run in runs:\n    display(run)",
+        "time.sleep(1)\n"
+        "queries.clear()\n"
+        "time.sleep(3)\n"
+        "new = [t for t in threading.enumerate() if t.ident not in before]\n"
+        "print(json.dumps({'queries': queries, 'threads': [t.name for t in new]}))",
+        "for run in runs:\n"
+        "    run.cancel()\n"
+        "for _ in range(100):\n"
+        "    if not any(t.is_alive() for t in new):\n"
+        "        break\n"
+        "    time.sleep(0.2)\n"
+        "print(json.dumps([t.name for t in new if t.is_alive()]))",
+    )
+    nb = nbformat.read(path, as_version=4)
+    execute_in_kernel(nb, path, project, timeout=300)
+    cells = [c for c in nb.cells if c.cell_type == "code"][1:]
+    for cell in cells:
+        assert not outputs_of(cell, "error"), cell.outputs
+    _, _, submitted, displayed, observed, ended = cells
+    seen = json.loads(observed.outputs[-1]["text"])
+    # 12 lines (6 submitted, 6 displayed): one thread, which asks about all 6 jobs at once.
+    assert len(seen["threads"]) == 1, seen
+    assert seen["queries"] and set(seen["queries"]) == {LIVE_RUNS}, seen
+    assert len(seen["queries"]) <= 3 / 0.5 + 2, seen
+    # Every line followed its run to its end; then the poller ended.
+    for cell in (submitted, displayed):
+        lines = outputs_of(cell, "display_data")
+        assert len(lines) == LIVE_RUNS, cell.outputs
+        for line in lines:
+            assert "KILLED" in line["data"]["text/plain"], line
+            assert "asking again failed" not in line["data"]["text/plain"], line
+    assert json.loads(ended.outputs[-1]["text"]) == [], ended.outputs
+
+
+def _experiment_permission(server, action: str, experiment: str, username: str) -> None:
+    """``revoke`` or ``grant`` (MANAGE, as its creator had) ``username``'s access to an
+    experiment, as its owner or an admin does."""
+    api = admin_api(server)
+    body = {
+        "username": username,
+        "resource_type": "experiment",
+        "resource_id": api.get_experiment_by_name(experiment)["experiment_id"],
+    }
+    if action == "grant":
+        body["permission"] = "MANAGE"
+    api.client.request("POST", f"api/3.0/mlflow/users/permissions/{action}", json=body)
+
+
+def test_a_live_line_that_cannot_be_refreshed_keeps_trying(env, mlflow_server, user):
+    """One run the tracking server stops answering for (its experiment no longer shared
+    with the user) does not stop the lines of the others; its own line says why, keeps
+    its last state, and follows the run again once it answers."""
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    withdrawn, kept = (f"{word}-{uuid.uuid4().hex[:6]}" for word in ("withdrawn", "kept"))
+    path = write_notebook(
+        project,
+        "%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5",
+        "submit = get_ipython().find_line_magic('mantik_submit')\n"
+        f"run = submit('-e sleep --experiment {withdrawn}')\n"
+        f"others = [submit('-e sleep --experiment {kept}') for _ in range(2)]",
+        "import time\ntime.sleep(3)\nfor other in others:\n    other.cancel()\ntime.sleep(3)",
+        "time.sleep(3)\nrun.cancel()\ntime.sleep(3)",
+    )
+    nb = nbformat.read(path, as_version=4)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    lines_cell = code[2]
+    during: list = []
+
+    def between_cells(cell, cell_index, execute_reply):
+        if cell_index == lines_cell:
+            _experiment_permission(mlflow_server, "revoke", withdrawn, user.username)
+        elif cell_index == code[3]:
+            during.extend(json.loads(json.dumps(outputs_of(nb.cells[lines_cell], "display_data"))))
+            _experiment_permission(mlflow_server, "grant", withdrawn, user.username)
+
+    execute_in_kernel(nb, path, project, timeout=300, on_cell_executed=between_cells)
+    for cell in nb.cells:
+        assert not outputs_of(cell, "error"), cell.outputs
+    # While the run could not be read: its line says why, keeps trying; the others ended.
+    assert len(during) == 3, during
+    failing, *others = during
+    text = failing["data"]["text/plain"]
+    assert re.search(r": (QUEUED|RUNNING)", text) and "asking again failed" in text, text
+    assert "trying again" in text and "KILLED" not in text, text
+    assert "asking again failed" in failing["data"]["text/html"]
+    for other in others:
+        assert "KILLED" in other["data"]["text/plain"], other
+        assert "asking again failed" not in other["data"]["text/plain"], other
+    # Readable again: the line followed it to its end, without the note.
+    final = outputs_of(nb.cells[lines_cell], "display_data")
+    assert len(final) == 3, final
+    for line in final:
+        assert "KILLED" in line["data"]["text/plain"], line
+        assert "asking again failed" not in line["data"]["text/plain"], line
 
 
 def test_a_long_log_in_a_notebook_shows_its_end(env):

@@ -8,11 +8,13 @@ Two functions are the seams for the widgets (``mantik_jupyter/widgets/``): ``_sh
 from __future__ import annotations
 
 import html
+import logging
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,8 @@ from ..errors import MantikError
 if TYPE_CHECKING:
     from ..compute.run_record import RunInfo
     from ..compute.runs import RunService
+
+log = logging.getLogger(__name__)
 
 SHORT_ID = 8
 _STATE_COLOURS = {
@@ -116,7 +120,6 @@ class PackagingProgress:
             return
         self._phase, self._last = phase, now
         self.line.update(_phase_text(phase, done, total))
-
 
     def download(self, done: int, total: int) -> None:
         self("download", done, total)
@@ -280,8 +283,7 @@ class Run:
             return
         text, html_text = repr(self), self._repr_html_()
         if note:
-            text += f"\n({note})"
-            html_text += f"<div><i>({html.escape(note)})</i></div>"
+            text, html_text = with_note(text, html_text, note)
         display(Rich(text, html_text))
 
 
@@ -309,25 +311,164 @@ def watch(
         info = service.get(run.run_id)
 
 
-def watch_quietly(service: RunService, run: Run, line: StatusLine, poll: float) -> None:
-    """``watch`` for a background thread: a lost contact ends the watching, not the kernel."""
-    try:
-        watch(service, run, line, poll=poll)
-    except MantikError as err:
-        line.update(f"mantik: stopped following {short(run.run_id)}: {err.message}")
+@dataclass
+class _LiveLine:
+    """A line the poller keeps up to date, with the states it has shown."""
+
+    service: RunService
+    run: Run
+    line: StatusLine
+    poll: float
+    history: list[str]
+    info: RunInfo
+
+
+class LivePoller:
+    """The kernel's one poller of live run lines.
+
+    A thread per line, each asking for its own run's state every few seconds until it
+    ended, made a notebook showing a queued sweep of 50 runs keep 50 threads and send 50
+    queries a tick. Here one thread refreshes every line together: one ``sync`` of all
+    their runs per service a tick (one state query per backend), at the shortest poll
+    interval a line asks for; it ends when no line is left, and the next line starts it
+    again. A run whose refresh fails is asked on its own from then on, until it
+    answers again, so it cannot stop the others: its lines show the error and keep
+    trying. A line stops, and its run leaves the poller, when its run ended.
+    """
+
+    THREAD_NAME = "mantik-live-runs"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lines: list[_LiveLine] = []
+        self._thread: threading.Thread | None = None
+        # Runs whose last refresh failed: asked one by one, so the batch of the others goes on.
+        self._failing: set[str] = set()
+
+    def add(self, service: RunService, run: Run, line: StatusLine, poll: float) -> None:
+        state = str(run.info.state)
+        live = _LiveLine(service, run, line, poll, [state], run.info)
+        with self._lock:
+            self._lines.append(live)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name=self.THREAD_NAME, daemon=True
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._lines:
+                    # Under the lock: a line added from now on starts a new thread.
+                    self._thread = None
+                    return
+                interval = min(live.poll for live in self._lines)
+            time.sleep(interval)
+            with self._lock:
+                lines = list(self._lines)
+            try:
+                ended = self._tick(lines)
+            except Exception:  # noqa: BLE001 - the poller outlives a bug in one tick
+                log.exception("mantik: refreshing the live run lines failed")
+                continue
+            with self._lock:
+                self._lines = [live for live in self._lines if id(live) not in ended]
+
+    def _tick(self, lines: Sequence[_LiveLine]) -> set[int]:
+        """Refresh every line once; the ids of the lines that are done."""
+        services: dict[int, tuple[RunService, list[str]]] = {}
+        for live in lines:
+            services.setdefault(id(live.service), (live.service, []))[1].append(live.run.run_id)
+        fresh: dict[str, RunInfo] = {}
+        errors: dict[str, str] = {}
+        for service, run_ids in services.values():
+            got, failed = self._refresh(service, run_ids)
+            fresh.update(got)
+            errors.update(failed)
+        ended: set[int] = set()
+        for live in lines:
+            try:
+                if self._show(live, fresh.get(live.run.run_id), errors.get(live.run.run_id)):
+                    ended.add(id(live))
+            except Exception:  # noqa: BLE001 - a line that cannot be updated is dropped
+                log.exception("mantik: cannot update the live line of run %s", live.run.run_id)
+                ended.add(id(live))
+        return ended
+
+    def _refresh(
+        self, service: RunService, run_ids: Sequence[str]
+    ) -> tuple[dict[str, RunInfo], dict[str, str]]:
+        ids = list(dict.fromkeys(run_ids))
+        alone = [i for i in ids if i in self._failing]
+        batch = [i for i in ids if i not in self._failing]
+        fresh: dict[str, RunInfo] = {}
+        errors: dict[str, str] = {}
+        if batch:
+            try:
+                fresh.update((info.run_id, info) for info in service.sync(batch))
+            except Exception as exc:  # noqa: BLE001 - shown on the lines, asked again
+                if len(batch) == 1:
+                    errors[batch[0]] = _failure(exc)
+                else:
+                    alone += batch  # which run is at fault: each on its own
+        for run_id in alone:
+            try:
+                fresh.update((info.run_id, info) for info in service.sync([run_id]))
+            except Exception as exc:  # noqa: BLE001 - shown on the lines, asked again
+                errors[run_id] = _failure(exc)
+        self._failing = (self._failing - set(ids)) | set(errors)
+        return fresh, errors
+
+    @staticmethod
+    def _show(live: _LiveLine, info: RunInfo | None, error: str | None) -> bool:
+        """Update the line; True once its run ended."""
+        run = live.run
+        if error is not None or info is None:
+            why = error or "the tracking server did not return it"
+            note = f"state as last seen; asking again failed: {why}; trying again"
+            text, html_text = with_note(
+                status_text(live.info, live.history),
+                status_html(live.info, run.url, live.history),
+                note,
+            )
+            live.line.update(text, html_text)
+            return False
+        live.info = info
+        state = str(info.state)
+        if live.history[-1] != state:
+            live.history.append(state)
+        live.line.update(status_text(info, live.history), status_html(info, run.url, live.history))
+        if info.state.is_final:
+            run.info = info
+            return True
+        return False
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, MantikError):
+        return " ".join(exc.message.split())
+    log.warning("mantik: refreshing a live run line failed", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def with_note(text: str, html_text: str, note: str) -> tuple[str, str]:
+    """A run's text and HTML with a note below: why its state may be out of date."""
+    return f"{text}\n({note})", f"{html_text}<div><i>({html.escape(note)})</i></div>"
+
+
+_POLLER = LivePoller()
 
 
 def follow_in_background(service: RunService, run: Run, line: StatusLine, poll: float) -> None:
     """Show the run's live status line now and keep it following the run without
-    blocking the kernel: display updates by display_id reach the frontend from any thread."""
+    blocking the kernel (display updates by display_id reach the frontend from any
+    thread): the kernel's one ``LivePoller`` refreshes it with the other live lines."""
     run.followed_by(line)
-    line.update(status_text(run.info), status_html(run.info, run.url))
-    threading.Thread(
-        target=watch_quietly,
-        args=(service, run, line, poll),
-        name=f"mantik-watch-{short(run.run_id)}",
-        daemon=True,
-    ).start()
+    history = [str(run.info.state)]
+    line.update(status_text(run.info, history), status_html(run.info, run.url, history))
+    if not run.info.state.is_final:
+        _POLLER.add(service, run, line, poll)
 
 
 def tail(text: str, lines: int | None) -> str:
