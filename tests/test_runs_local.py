@@ -68,14 +68,14 @@ def project(tmp_path):
 
 
 def test_lifecycle_finishes_with_everything_in_mlflow(
-    service, project, mlflow_server, user, monkeypatch, tmp_path
+    service, project, mlflow_server, user, monkeypatch, tmp_path, experiment_name
 ):
     spy = RunUserSpy(monkeypatch)
     stages = []
     info = service.submit(
         project,
         params={"epochs": "4", "station": "1; touch pwned"},
-        experiment_name="local-lifecycle",
+        experiment_name=experiment_name,
         run_name="first try",
         source="lab",
         progress=lambda stage, done, total: stages.append(stage),
@@ -150,14 +150,14 @@ def test_lifecycle_finishes_with_everything_in_mlflow(
     assert service.logs(info.run_id, chunk.offset).final
 
 
-def test_failing_entry_point(service, project):
-    info = run_failing_entry_point(service, project, "local-lifecycle", timeout=30)
+def test_failing_entry_point(service, project, experiment_name):
+    info = run_failing_entry_point(service, project, experiment_name, timeout=30)
     text = "".join(service.follow_logs(info.run_id))
     assert "simulated failure" in text
 
 
-def test_cancel_kills_the_process_group(service, project):
-    info = service.submit(project, entry_point="sleep", experiment_name="local-lifecycle")
+def test_cancel_kills_the_process_group(service, project, experiment_name):
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     running = wait_for(service, info.run_id, {RunState.RUNNING}, timeout=20)
     assert info.running_since is None  # queued at submission
     run_dir = Path(running.tags["mantik.run_dir"])
@@ -264,8 +264,8 @@ def test_the_end_of_a_cancelled_job_sends_no_second_sigterm(tmp_path, monkeypatc
         _script_job(
             tmp_path,
             "exec python3 -c 'import os, signal, time\n"
-            "signal.signal(signal.SIGTERM, lambda *_: open(\"terms\", \"a\").write(\"term\\n\"))\n"
-            "open(\"children\", \"a\").write(f\"{os.getpid()}\\n\")\n"
+            'signal.signal(signal.SIGTERM, lambda *_: open("terms", "a").write("term\\n"))\n'
+            'open("children", "a").write(f"{os.getpid()}\\n")\n'
             "while True: time.sleep(1)'\n",
         )
     )
@@ -502,13 +502,15 @@ def _gone(pids: list[int], timeout: float) -> bool:
     return True
 
 
-def test_processes_a_finished_job_left_behind_are_stopped(service, tmp_path, monkeypatch):
+def test_processes_a_finished_job_left_behind_are_stopped(
+    service, tmp_path, monkeypatch, experiment_name
+):
     monkeypatch.setattr(local, "CANCEL_GRACE", 2.0)
     durations = _timed_job_ended(monkeypatch)
     out = tmp_path / "children"
     lab_child = subprocess.Popen(["sleep", "300"], start_new_session=True)
     info = service.submit(
-        _leaver_project(tmp_path), params={"out": str(out)}, experiment_name="local-leftovers"
+        _leaver_project(tmp_path), params={"out": str(out)}, experiment_name=experiment_name
     )
     pids: list[int] = []
     try:
@@ -526,7 +528,7 @@ def test_processes_a_finished_job_left_behind_are_stopped(service, tmp_path, mon
         _kill_left(pids, lab_child)
 
 
-def _submit_stubborn(service: RunService, tmp_path: Path) -> tuple[str, Path]:
+def _submit_stubborn(service: RunService, tmp_path: Path, experiment: str) -> tuple[str, Path]:
     """Submit a run whose entry point ignores SIGTERM and has a child: (its run id, the
     file that lists the pids of both)."""
     project = tmp_path / "stubborn"
@@ -540,7 +542,7 @@ def _submit_stubborn(service: RunService, tmp_path: Path) -> tuple[str, Path]:
     )
     write_config(project, LOCAL_CONFIG)
     out = tmp_path / "children"
-    info = service.submit(project, params={"out": str(out)}, experiment_name="local-cancel")
+    info = service.submit(project, params={"out": str(out)}, experiment_name=experiment)
     return info.run_id, out
 
 
@@ -552,10 +554,10 @@ def _listed_pids(out: Path, count: int) -> list[int]:
     return [int(p) for p in out.read_text().split()]
 
 
-def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path):
+def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path, experiment_name):
     # What the REST handler, the magic and the CLI call: the run reads KILLED once
     # SIGTERM is sent, and the entry point still gets its SIGKILL after the grace.
-    run_id, out = _submit_stubborn(service, tmp_path)
+    run_id, out = _submit_stubborn(service, tmp_path, experiment_name)
     pids: list[int] = []
     try:
         pids = _listed_pids(out, 2)
@@ -570,7 +572,7 @@ def test_cancel_of_a_run_that_ignores_sigterm_answers_at_once(service, tmp_path)
 
 
 def test_mantik_runs_cancel_exits_at_once_and_the_job_is_killed_after_the_grace(
-    tracking, mlflow_server, user, tmp_path
+    tracking, mlflow_server, user, tmp_path, experiment_name
 ):
     # The command answered at once but exited only after the grace: the SIGKILL for
     # what ignores SIGTERM came from a thread of the command's own process. The job's
@@ -580,7 +582,7 @@ def test_mantik_runs_cancel_exits_at_once_and_the_job_is_killed_after_the_grace(
     service = RunService(tracking, work_dir=data / "runs", key_file=data / "run-key.json")
     pids: list[int] = []
     try:
-        run_id, out = _submit_stubborn(service, tmp_path)
+        run_id, out = _submit_stubborn(service, tmp_path, experiment_name)
         pids = _listed_pids(out, 2)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MANTIK_"))}
         env.update(mlflow_server.env(user))
@@ -614,7 +616,7 @@ def test_mantik_runs_cancel_exits_at_once_and_the_job_is_killed_after_the_grace(
 
 
 def test_a_job_killed_from_outside_leaves_no_credential_nor_process(
-    service, project, tmp_path, monkeypatch
+    service, project, tmp_path, monkeypatch, experiment_name
 ):
     # The script stalls before it reads (and deletes) its credential file, as a job whose
     # SIGKILL comes early; its foreground child outlives it.
@@ -626,7 +628,7 @@ def test_a_job_killed_from_outside_leaves_no_credential_nor_process(
 
     monkeypatch.setattr(run_submit, "render_job_script", stalling)
     durations = _timed_job_ended(monkeypatch)
-    info = service.submit(project, entry_point="sleep", experiment_name="local-leftovers")
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     pid = int(info.job_id.split("-")[1])
     run_dir = Path(service.get(info.run_id).tags["mantik.run_dir"])
     sleeper = run_dir / "sleeper.pid"
@@ -688,9 +690,9 @@ def test_odd_file_names_list_and_download(tmp_path):
     check_odd_files(backend, job_id, tmp_path)
 
 
-def test_a_log_longer_than_one_read_comes_whole_in_chunks(tracking, tmp_path):
+def test_a_log_longer_than_one_read_comes_whole_in_chunks(tracking, tmp_path, experiment_name):
     service = RunService(tracking, work_dir=tmp_path / "work")
-    info = service.submit(big_log_project(tmp_path, LOCAL_CONFIG), experiment_name="local-logs")
+    info = service.submit(big_log_project(tmp_path, LOCAL_CONFIG), experiment_name=experiment_name)
     assert wait_for(service, info.run_id, FINAL, timeout=60).state == RunState.FINISHED
     texts, offset = [], 0
     while not (chunk := service.logs(info.run_id, offset)).final:
@@ -704,10 +706,12 @@ def test_a_log_longer_than_one_read_comes_whole_in_chunks(tracking, tmp_path):
     service.close()
 
 
-def test_restarted_lab_still_tracks_the_run(tracking, project, tmp_path, mlflow_server):
+def test_restarted_lab_still_tracks_the_run(
+    tracking, project, tmp_path, mlflow_server, experiment_name
+):
     first = RunService(tracking, work_dir=tmp_path / "work")
     info = first.submit(
-        project, entry_point="sleep", params={"seconds": "3"}, experiment_name="local-restart"
+        project, entry_point="sleep", params={"seconds": "3"}, experiment_name=experiment_name
     )
     first.close()
     del first
@@ -720,9 +724,9 @@ def test_restarted_lab_still_tracks_the_run(tracking, project, tmp_path, mlflow_
     assert backend.states([info.job_id])[info.job_id].state == RunState.FINISHED
 
 
-def test_list_resolve_and_get(service, project):
+def test_list_resolve_and_get(service, project, experiment_name):
     info = service.submit(
-        project, params={"epochs": "1"}, experiment_name="local-list", run_name="listed-run"
+        project, params={"epochs": "1"}, experiment_name=experiment_name, run_name="listed-run"
     )
     wait_for(service, info.run_id, FINAL, timeout=30)
     assert service.resolve(info.run_id) == info.run_id
@@ -730,9 +734,9 @@ def test_list_resolve_and_get(service, project):
     assert service.resolve("listed-run") == info.run_id
     with pytest.raises(NotFound):
         service.resolve("no-such-run-name")
-    runs, _ = service.list(experiment_name="local-list", state="finished")
+    runs, _ = service.list(experiment_name=experiment_name, state="finished")
     assert info.run_id in {r.run_id for r in runs}
-    runs, _ = service.list(experiment_name="local-list", state="RUNNING")
+    runs, _ = service.list(experiment_name=experiment_name, state="RUNNING")
     assert info.run_id not in {r.run_id for r in runs}
     json_form = service.get(info.run_id).to_json()
     assert json_form["state"] == "FINISHED" and json_form["is_final"]
@@ -758,27 +762,28 @@ def _run_count(mlflow_server, name):
     return len(api.search_runs([found["experiment_id"]])[0])
 
 
-def test_errors_come_before_anything_is_created(service, project, mlflow_server, tmp_path):
-    name = "local-errors"
+def test_errors_come_before_anything_is_created(
+    service, project, mlflow_server, tmp_path, experiment_name
+):
     with pytest.raises(ProjectError, match="valid parameters"):
-        service.submit(project, params={"epoch": "3"}, experiment_name=name)
+        service.submit(project, params={"epoch": "3"}, experiment_name=experiment_name)
     with pytest.raises(ProjectError, match="Unknown entry point"):
-        service.submit(project, entry_point="nope", experiment_name=name)
+        service.submit(project, entry_point="nope", experiment_name=experiment_name)
     (project / "compute-backend-config.yaml").unlink()
     with pytest.raises(ConfigError, match="compute-backend-config.yaml"):
-        service.submit(project, experiment_name=name)
+        service.submit(project, experiment_name=experiment_name)
     firecrest = {"ApiUrl": "https://f.example", "TokenUrl": "https://t.example", "Machine": "m"}
     write_config(project, {"Firecrest": firecrest, "Resources": {"Queue": "batch"}})
     with pytest.raises(ConfigError, match="Firecrest.*not supported yet"):
-        service.submit(project, experiment_name=name)
-    assert _run_count(mlflow_server, name) == 0
+        service.submit(project, experiment_name=experiment_name)
+    assert _run_count(mlflow_server, experiment_name) == 0
 
     confined = RunService(service.tracking, work_dir=tmp_path / "w2", root_dir=tmp_path / "jail")
     (tmp_path / "jail").mkdir()
     with pytest.raises(UnsafePath):
-        confined.submit(project, experiment_name=name)
+        confined.submit(project, experiment_name=experiment_name)
     with pytest.raises(UnsafePath):
-        confined.submit("../weather-forecast", experiment_name=name)
+        confined.submit("../weather-forecast", experiment_name=experiment_name)
 
 
 def test_a_colleagues_experiment_is_refused_with_what_to_do(
@@ -810,7 +815,7 @@ def test_a_colleagues_experiment_is_refused_with_what_to_do(
 
 
 def test_failed_submission_marks_the_run_and_removes_its_user(
-    service, project, mlflow_server, monkeypatch
+    service, project, mlflow_server, monkeypatch, experiment_name
 ):
     spy = RunUserSpy(monkeypatch)
 
@@ -819,7 +824,7 @@ def test_failed_submission_marks_the_run_and_removes_its_user(
 
     monkeypatch.setattr(LocalBackend, "submit", refuse)
     with pytest.raises(BackendRejected):
-        service.submit(project, experiment_name="local-refused")
+        service.submit(project, experiment_name=experiment_name)
     (run_id,) = spy.created
     info = service.get(run_id)
     assert info.state == RunState.FAILED and info.mlflow_status == "FAILED"
@@ -828,7 +833,7 @@ def test_failed_submission_marks_the_run_and_removes_its_user(
     assert not (service.work_dir / run_id).exists()
 
 
-def test_a_failure_after_submission_keeps_the_job(service, project, monkeypatch):
+def test_a_failure_after_submission_keeps_the_job(service, project, monkeypatch, experiment_name):
     # The artifacts upload while the job is submitted: their failure must not lose it.
     upload = RunsApi.upload_artifact
 
@@ -838,7 +843,7 @@ def test_a_failure_after_submission_keeps_the_job(service, project, monkeypatch)
         return upload(self, run, path, data)
 
     monkeypatch.setattr(RunsApi, "upload_artifact", flaky)
-    info = service.submit(project, entry_point="fail", experiment_name="local-late-failure")
+    info = service.submit(project, entry_point="fail", experiment_name=experiment_name)
     assert info.job_id and info.state == RunState.QUEUED
     assert any("mantik/code.tar.gz" in w and "disk full" in w for w in info.warnings)
     stored = service.get(info.run_id, refresh=False)

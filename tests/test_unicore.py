@@ -88,14 +88,22 @@ def _job_id_file(site: UnicoreStandin, job_id: str):
 
 
 def test_unicore_lifecycle_with_a_mantik_config(
-    service, project, unicore_site, mlflow_server, user, monkeypatch, tmp_path, unicore_password
+    service,
+    project,
+    unicore_site,
+    mlflow_server,
+    user,
+    monkeypatch,
+    tmp_path,
+    unicore_password,
+    experiment_name,
 ):
     write_config(project, unicore_config(unicore_site, **MANTIK_STYLE))
     spy = RunUserSpy(monkeypatch)
     info = service.submit(
         project,
         params={"epochs": "3", "station": "1; touch pwned"},
-        experiment_name="unicore-lifecycle",
+        experiment_name=experiment_name,
     )
     assert info.state == RunState.QUEUED and info.backend == "unicore"
     job = unicore_site.jobs[info.job_id]
@@ -157,13 +165,15 @@ def test_unicore_lifecycle_with_a_mantik_config(
         service.cancel(info.run_id)
 
 
-def test_unicore_failing_entry_point(service, project):
-    info = run_failing_entry_point(service, project, "unicore-lifecycle", timeout=60)
+def test_unicore_failing_entry_point(service, project, experiment_name):
+    info = run_failing_entry_point(service, project, experiment_name, timeout=60)
     assert "simulated failure" in service.logs(info.run_id).text
 
 
-def test_unicore_cancel_and_a_lab_restart(service, project, tracking, tmp_path, unicore_login):
-    info = service.submit(project, entry_point="sleep", experiment_name="unicore-lifecycle")
+def test_unicore_cancel_and_a_lab_restart(
+    service, project, tracking, tmp_path, unicore_login, experiment_name
+):
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     before = int(time.time() * 1000)
     running = wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
     # UNICORE says no start time: the sync records when it first saw the job running.
@@ -359,14 +369,16 @@ def test_state_mapping(status, message, code, state, reason):
         assert result.exit_code == 0
 
 
-def test_a_renewed_token_is_used_without_restarting(service, project, unicore_site, monkeypatch):
+def test_a_renewed_token_is_used_without_restarting(
+    service, project, unicore_site, monkeypatch, experiment_name
+):
     # OIDC access tokens live an hour or so; the error says to renew and set the token
     # again, and the kernel's or lab's RunService (and its backend) lives on.
     monkeypatch.delenv("MANTIK_UNICORE_USERNAME")
     monkeypatch.delenv("MANTIK_UNICORE_PASSWORD")
     old = unicore_site.add_token(USER)
     monkeypatch.setenv("MANTIK_UNICORE_TOKEN", old)
-    info = service.submit(project, experiment_name="unicore-renew")
+    info = service.submit(project, experiment_name=experiment_name)
     unicore_site.tokens[old] = (USER, time.time() - 1)
     unicore_site.expire_sessions()
     with pytest.raises(AuthenticationFailed, match="refused the access token.*Renew"):
@@ -627,9 +639,11 @@ def test_a_wrong_unicore_api_url_says_what_it_should_be(unicore_site, unicore_pa
         assert url in err.value.message
 
 
-def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(service, project, unicore_site):
+def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(
+    service, project, unicore_site, experiment_name
+):
     # UNICORE sites delete a job and its directory some time after it ended.
-    info = service.submit(project, params={"epochs": "2"}, experiment_name="unicore-gone")
+    info = service.submit(project, params={"epochs": "2"}, experiment_name=experiment_name)
     assert wait_for(service, info.run_id, FINAL, timeout=60).state == RunState.FINISHED
     text = service.all_logs(info.run_id).text
     assert "epoch 2/2" in text
