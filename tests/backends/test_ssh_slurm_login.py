@@ -4,6 +4,7 @@ and on the Local backend."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.config import ComputeConfig, parse_config
 from mantik_jupyter.compute.layout import LOGIN_LOG_FILE
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import BackendRejected, ConfigError
+from mantik_jupyter.errors import BackendRejected, BackendUnavailable, ConfigError
 
-from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
+from .test_ssh_slurm import FINAL, _backend, _session_pids, make_job, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -78,6 +79,62 @@ def test_pre_command_runs_on_the_login_node_before_sbatch(backend, tmp_path):
     login_log = _read(backend, job_id, LOGIN_LOG_FILE)
     assert "[mantik] PreRunCommandOnLoginNode[0]" in login_log
     assert "second command ran" in login_log
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "KILL"])
+def test_a_submit_command_stopped_by_a_signal_says_so(backend, tmp_path, signal_name):
+    # As a login node's limit on process time does: it read "sbatch on ... refused the job
+    # of run ...: " with nothing after it, and sbatch had never run.
+    name = f"mantik-stopped-{uuid.uuid4().hex[:8]}"
+    # $PPID: the submit command's shell, which runs the login commands' bash.
+    config = _config(PreRunCommandOnLoginNode=[f"kill -s {signal_name} $PPID; sleep 1"])
+    job = with_config(make_job(tmp_path, "true", name=name), config)
+    with pytest.raises(BackendRejected) as caught:
+        backend.submit(job)
+    message = caught.value.message
+    assert f"The submit command of run {job.run_id} on" in message, message
+    assert "was stopped (SIG" in message and "refused" not in message
+    assert "PreRunCommandOnLoginNode" in message
+    queued = backend._run(f"squeue -h -t all -n {name} -o %i", "checking the queue")
+    assert queued.stdout.decode().strip() == ""
+    with backend.files.shared() as sftp:
+        names = sftp.listdir(f"{backend.remote_base()}/{job.run_id}")
+    assert ".mantik-credentials" not in names
+
+
+def test_a_link_lost_while_the_submit_command_runs_is_a_lost_link(slurm_cluster, tmp_path):
+    # The output ended with the link, and that read as "sbatch ... refused the job: ".
+    b = _backend(slurm_cluster, f"{slurm_cluster.remote_dir}/lost-{uuid.uuid4().hex[:8]}")
+    pause = f"{30 + uuid.uuid4().int % 1000 / 1000:.3f}"  # a sleep only this test runs
+    job = with_config(
+        make_job(tmp_path, "true"), _config(PreRunCommandOnLoginNode=f"sleep {pause}")
+    )
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            b.submit(job)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=submit)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pgrep", "-f", f"sleep {pause}"], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the login command never started"
+            time.sleep(0.1)
+        for pid in _session_pids(b):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        assert len(outcome) == 1 and isinstance(outcome[0], BackendUnavailable), outcome
+        message = outcome[0].message
+        assert message.startswith("Lost the SSH connection to") and "while submitting" in message
+        assert "refused" not in message
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {pause}"], capture_output=True)
+        thread.join(60)
+        b.close()
 
 
 def test_failing_pre_command_stops_the_submission(backend, tmp_path):

@@ -45,6 +45,9 @@ T = TypeVar("T")
 COMMAND_TIMEOUT = 120.0
 
 CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
+# paramiko's exit status of a command that ended without one: killed by a signal
+# (sshd sends the signal's name instead), or its channel closed under it.
+NO_EXIT_STATUS = -1
 
 
 @dataclass
@@ -383,7 +386,13 @@ class SshConnection:
             if started is not None:
                 started(channel)
             out, err = _drain(channel)
-            return CommandResult(self.exit_status(channel), out, err)
+            status = self.exit_status(channel)
+            transport = channel.get_transport()
+            if status == NO_EXIT_STATUS and (transport is None or not transport.is_active()):
+                # The output ended because the link did, not the command: a lost link,
+                # not a command that failed with nothing to say.
+                raise ConnectionResetError("the connection closed before the command ended")
+            return CommandResult(status, out, err)
         finally:
             channel.close()
 

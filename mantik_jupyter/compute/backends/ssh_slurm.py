@@ -66,7 +66,13 @@ from .slurm_words import (
     sbatch_culprit,
     split_sections,
 )
-from .ssh_connection import COMMAND_TIMEOUT, CommandResult, SshConnection, read_line
+from .ssh_connection import (
+    COMMAND_TIMEOUT,
+    NO_EXIT_STATUS,
+    CommandResult,
+    SshConnection,
+    read_line,
+)
 from .ssh_files import SshRunFiles
 
 __all__ = ["SshSlurmBackend", "describe_error"]
@@ -291,6 +297,7 @@ class SshSlurmBackend(Backend):
         if result.status != 0:
             self._raise_unpack_failure(result, job.run_id, run_dir)
             self._raise_login_failure(result, job.run_id, run_dir)
+            self._raise_if_stopped(result, job.run_id, run_dir, group[0] if group else "")
             said = result.err_text or result.stdout.decode(errors="replace").strip()
             refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
             culprit = sbatch_culprit(said, job.config)
@@ -408,6 +415,24 @@ class SshSlurmBackend(Backend):
             f"job was submitted: {said}\nIf the file system is full or over quota (No "
             "space left on device, Disk quota exceeded), free space there or choose "
             "another SSH.RemoteDirectory in compute-backend-config.yaml."
+        )
+
+    def _raise_if_stopped(
+        self, result: CommandResult, run_id: str, run_dir: str, group: str
+    ) -> None:
+        """The error of a submit command stopped by a signal before it ended: it was
+        told as "sbatch refused the job: " with nothing after it. Whether sbatch had run
+        is unknown, so a job this submission queued is cancelled."""
+        signals = {NO_EXIT_STATUS: "SIGKILL or another signal", 129: "SIGHUP", 143: "SIGTERM"}
+        if result.status not in signals or result.err_text:
+            return
+        self._abandon_submission(run_dir, group)
+        raise BackendRejected(
+            f"The submit command of run {run_id} on {self.hostname} was stopped "
+            f"({signals[result.status]}) before it ended; no job of it is left queued. Something "
+            "on the login node stopped it: a limit on the time or memory of login-node "
+            "processes (Environment.PreRunCommandOnLoginNode runs there; long preparation "
+            "belongs in PreRunCommandOnComputeNode), or an administrator. Submit again."
         )
 
     def _raise_login_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
