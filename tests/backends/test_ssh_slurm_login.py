@@ -310,3 +310,22 @@ def test_a_job_queued_by_a_submission_stopped_afterwards_is_cancelled(backend, t
     assert wait_for(backend, job_id, FINAL, timeout=30).state == RunState.KILLED
     with backend.files.shared() as sftp:
         assert ".mantik-credentials" not in sftp.listdir(run_dir)
+
+
+def test_abandoning_spares_a_process_group_that_is_no_longer_the_submissions(backend, tmp_path):
+    # The submit command's group id, once that command ended, can be given to another
+    # process group of the same user: abandoning the submission killed that group.
+    job_id = backend.submit(make_job(tmp_path, "true"))
+    pause = f"{40 + uuid.uuid4().int % 1000 / 1000:.3f}"
+    started = backend._run(
+        f"setsid sleep {pause} </dev/null >/dev/null 2>&1 & sleep 0.5; pgrep -f 'sleep {pause}'",
+        "starting another process group",
+    )
+    pid = started.stdout.decode().split()[0]
+    try:
+        backend._abandon_submission(backend.run_dir_of(job_id), pid)
+        # Not "kill -0": a killed process whose parent left stays a zombie here.
+        state = backend._run(f"ps -o stat= -p {pid}", "looking at the other group")
+        assert state.stdout.decode().strip().startswith("S"), state
+    finally:
+        backend._run(f"kill {pid}", "cleaning up")

@@ -382,8 +382,14 @@ class SshSlurmBackend(Backend):
         cancel a job it queued that we never learnt the id of, delete the credential."""
         q = shlex.quote
         me = '"$(id -un)"'
+        # Only while the group is still this submission's: one whose command ended may
+        # have left its id to another process group of the user by now (ids wrap).
+        ours = (
+            f"ps -eo pgid=,args= 2>/dev/null | awk -v g={q(group)} -v d={q(run_dir)} "
+            "'$1 == g && index($0, d) { found = 1 } END { exit !found }'"
+        )
         lines = [
-            f"kill -s TERM -- -{group} 2>/dev/null" if group else ":",
+            f"{ours} && kill -s TERM -- -{group} 2>/dev/null" if group else ":",
             f"cd {q(run_dir)} || exit 0",
             f"rm -f -- {q(layout.CREDENTIALS_FILE)}",
             # A job whose working directory is this run's was queued by this submission.
