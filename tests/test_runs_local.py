@@ -744,6 +744,35 @@ def test_list_resolve_and_get(service, project, experiment_name):
     assert kinds["local"]["supported"] and kinds["unicore"]["supported"]
 
 
+def test_a_refreshed_list_asks_for_no_run_it_already_has(
+    service, project, experiment_name, monkeypatch
+):
+    # A refreshed page (the sidebar's poll) fetched each active run again before asking
+    # its backend: a page of 50 running runs cost 50 extra requests every poll.
+    runs = [
+        service.submit(project, entry_point="sleep", experiment_name=experiment_name)
+        for _ in range(3)
+    ]
+    for run in runs:
+        wait_for(service, run.run_id, {RunState.RUNNING})
+    fetched: list[str] = []
+    get_run = RunsApi.get_run
+
+    def counted(api: RunsApi, run_id: str) -> dict:
+        fetched.append(run_id)
+        return get_run(api, run_id)
+
+    monkeypatch.setattr(RunsApi, "get_run", counted)
+    listed, _ = service.list(experiment_name=experiment_name, refresh=True)
+    assert [i.state for i in listed] == [RunState.RUNNING] * 3
+    assert fetched == []
+    for run in runs:
+        service.cancel(run.run_id)
+    listed, _ = service.list(experiment_name=experiment_name, refresh=True)
+    # Each run whose state changed is read back once, with what the sync wrote.
+    assert {i.state for i in listed} == {RunState.KILLED}
+
+
 def test_cancel_leaves_a_run_mantik_did_not_submit_alone(service, mlflow_server, user):
     # E.g. a colleague's notebook run, logging live: nothing of mantik's to stop.
     mine = RunsApi(TrackingClient(mlflow_server.uri, user))

@@ -182,9 +182,15 @@ class RunService:
                 self._check_experiment(api, experiment_id)
         infos = [RunInfo.from_run(r) for r in runs]
         if refresh:
-            active = [i.run_id for i in infos if i.state in ACTIVE_STATES and i.job_id]
+            # The runs as the search gave them: a sidebar refreshing a page of 50 active
+            # runs fetched each of them again first, one request per run.
+            active = [
+                run
+                for run, info in zip(runs, infos, strict=True)
+                if info.state in ACTIVE_STATES and info.job_id
+            ]
             if active:
-                fresh = {i.run_id: i for i in self.sync(active)}
+                fresh = {i.run_id: i for i in self._sync.sync_runs(api, active)}
                 infos = [fresh.get(i.run_id, i) for i in infos]
         return infos, token
 
