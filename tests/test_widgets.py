@@ -14,7 +14,7 @@ import time
 import pytest
 from IPython.core.error import UsageError
 
-from mantik_jupyter.compute.run_record import TAG_BACKEND, TAG_JOB_ID, TAG_STATE
+from mantik_jupyter.compute.run_record import TAG_BACKEND, TAG_JOB_ID, TAG_STATE, RunInfo
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.errors import NotFound
 from mantik_jupyter.tracking.credentials import CredentialStore
@@ -293,17 +293,23 @@ def test_refresh_asks_the_backend_for_mantik_jobs(api, service, monkeypatch):
     )
     synced = []
 
-    def fake_sync(run_ids=None):
-        synced.append(list(run_ids))
+    def backend_says_running(runs):
+        # What RunService's sync does when the backend answers RUNNING (the job id is
+        # made up: no backend knows it).
+        synced.append([r["info"]["run_id"] for r in runs])
         api.set_tags(live, {TAG_STATE: "RUNNING"})
-        return []
+        return [RunInfo.from_run(api.get_run(live))]
 
-    monkeypatch.setattr(service, "sync", fake_sync)
+    monkeypatch.setattr(service, "sync_found", backend_says_running)
+    # The runs go to the sync as the table's search found them, not fetched one by one.
+    monkeypatch.setattr(service, "sync", lambda run_ids=None: pytest.fail("fetched again"))
     table = RunTable(exp_id, refresh_interval=0, api=api, service=service)
     try:
         assert table.view.rows[0]["state"] == "QUEUED"
+        before = table.requests
         assert table.refresh_active() == [live]
         assert synced == [[live]] and table.view.rows[0]["state"] == "RUNNING"
+        assert table.requests == before + 2  # the search, and again after the change
     finally:
         table.close()
 

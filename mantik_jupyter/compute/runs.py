@@ -194,6 +194,11 @@ class RunService:
                 infos = [fresh.get(i.run_id, i) for i in infos]
         return infos, token
 
+    def sync_found(self, runs: Sequence[Mapping[str, Any]]) -> builtins.list[RunInfo]:
+        """``sync`` for runs as the tracking server just gave them (a search): they are
+        not fetched again, only those whose state changed are read back."""
+        return self._sync.sync_runs(self._api(), runs)
+
     @staticmethod
     def _check_experiment(api: RunsApi, experiment_id: str) -> None:
         try:

@@ -321,25 +321,27 @@ class RunTable(w.VBox):
 
     def refresh_active(self) -> list[str]:
         """Fetch the active runs of the page again (one search request); for mantik runs
-        with a backend job, ask the backend first. Returns the ids that changed."""
+        with a backend job, ask the backend, and search again if that moved a state.
+        Returns the ids that changed."""
         with self._lock:
             generation = self._generation
             active = [r for r in self.rows if r.active]
         if not active:
             return []
-        jobs = [r.run_id for r in active if r.info.job_id and r.info.state in ACTIVE_STATES]
-        if jobs and self._service is not None:
+        runs = self._search_ids([r.run_id for r in active])
+        was = {
+            row.run_id: row.info.state
+            for row in q.to_rows(runs)
+            if row.info.job_id and row.info.state in ACTIVE_STATES
+        }
+        if was and self._service is not None:
+            # The runs as just found: the service fetched each of them again before.
+            jobs = [run for run in runs if run["info"]["run_id"] in was]
             try:
-                self.service.sync(jobs)
+                if any(was[i.run_id] != i.state for i in self.service.sync_found(jobs)):
+                    runs = self._search_ids([r.run_id for r in active])
             except MantikError as exc:
                 log.info("sync of active runs failed: %s", exc.message)
-        self.requests += 1
-        runs, _ = self.api.search_runs(
-            self.experiment_ids,
-            filter_string=q.ids_filter(r.run_id for r in active),
-            max_results=len(active),
-            order_by=["attributes.start_time DESC"],
-        )
         fresh = {r.run_id: r for r in q.to_rows(runs)}
         changed = []
         with self._lock:
@@ -359,6 +361,16 @@ class RunTable(w.VBox):
         if changed and any(s in changed for s in selected):
             self._show_details(selected, with_log=False)
         return changed
+
+    def _search_ids(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        self.requests += 1
+        runs, _ = self.api.search_runs(
+            self.experiment_ids,
+            filter_string=q.ids_filter(run_ids),
+            max_results=len(run_ids),
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs
 
     def start_refresh(self) -> None:
         if self._thread is not None and self._thread.is_alive():
