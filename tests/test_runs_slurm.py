@@ -296,7 +296,10 @@ def test_job_ended_by_slurm_leaves_no_credential(service, project, experiment_na
     wait_for(service, info.run_id, {RunState.RUNNING}, timeout=60)
     subprocess.run(["scancel", info.job_id], check=True, timeout=30)
     final = wait_for(service, info.run_id, FINAL, timeout=60)
-    assert final.state == RunState.KILLED and final.reason == "CANCELLED"
+    # Root's cancel, not the user's: it read "CANCELLED".
+    assert final.state == RunState.KILLED and final.mlflow_status == "KILLED"
+    assert "Slurm ended the job: cancelled by user root (not you)" in final.reason
+    assert final.tags["mantik.reason"] == final.reason
     assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}
 
 
@@ -335,7 +338,10 @@ def test_slurm_runtime_exceeded_is_timeout(
     write_config(project, cluster_config(slurm_cluster, remote_base, Runtime="1m"))
     info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
     final = wait_for(service, info.run_id, FINAL, timeout=240)
-    assert final.state == RunState.FAILED and final.reason == "TIMEOUT"
+    assert final.state == RunState.FAILED and final.tags["mantik.native_state"] == "TIMEOUT"
+    # It read "TIMEOUT": Slurm's word, without the limit or what to change.
+    assert "time limit of 00:01:00 reached" in final.reason
+    assert "Raise Resources.Runtime in compute-backend-config.yaml" in final.reason
     assert final.mlflow_status == "FAILED"
     # Slurm's SIGTERM left the credential file to a requeue; the run's end removed it.
     assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}

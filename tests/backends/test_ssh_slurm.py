@@ -219,7 +219,55 @@ def test_log_is_read_while_running_from_offsets(backend, tmp_path):
 def test_time_limit_gives_timeout(backend, tmp_path):
     job_id = backend.submit(make_job(tmp_path, "sleep 600", sbatch="#SBATCH --time=1\n"))
     status = wait_for(backend, job_id, FINAL, timeout=240)
-    assert status.state == RunState.FAILED and status.reason == "TIMEOUT"
+    assert (status.state, status.native_state) == (RunState.FAILED, "TIMEOUT")
+    # It read "TIMEOUT": Slurm's word, without the limit or what to change.
+    assert "Slurm ended the job: time limit of 00:01:00 reached" in status.reason
+    assert "Resources.Runtime" in status.reason
+
+
+def _wait_for_slurm(job_id: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        if out == state:
+            return
+        assert time.monotonic() < deadline, f"job {job_id} stayed {out}"
+        time.sleep(0.2)
+
+
+def test_jobs_slurm_ended_say_why_in_one_poll(backend, tmp_path):
+    # Slurm ends these itself: a launch on a node that cannot open the job's output
+    # (JobLaunchFailure, ExitCode 0:53), root cancelling a running job, and one requeued
+    # (two sacct records) before root cancelled it. They read "FAILED" and "CANCELLED".
+    unopenable = "#SBATCH --error=/nonexistent-mantik-dir/err.log\n"
+    launch = backend.submit(make_job(tmp_path, "echo never", sbatch=unopenable))
+    failing = backend.submit(make_job(tmp_path, "exit 3"))
+    cancelled = backend.submit(make_job(tmp_path, "sleep 300"))
+    requeued = backend.submit(make_job(tmp_path, "sleep 300"))
+    jobs = [launch, failing, cancelled, requeued]
+    try:
+        for job_id in (cancelled, requeued):
+            assert wait_for(backend, job_id, {RunState.RUNNING}, 30).state == RunState.RUNNING
+        subprocess.run(["scontrol", "requeue", requeued], check=True, timeout=30)
+        _wait_for_slurm(requeued, "PENDING")
+        # As root, as an admin (or the system) does.
+        subprocess.run(["scancel", cancelled, requeued], check=True, timeout=30)
+        for job_id in jobs:
+            wait_for(backend, job_id, FINAL, 30)
+        before = backend.commands_issued
+        answer = backend.states(jobs)
+        assert backend.commands_issued - before == 1
+    finally:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+    assert answer[launch].state == RunState.FAILED
+    assert "Slurm could not launch the job on node localhost" in answer[launch].reason
+    assert answer[failing].reason == "exit code 3"
+    for job_id in (cancelled, requeued):
+        assert answer[job_id].state == RunState.KILLED
+        assert "cancelled by user root (not you)" in answer[job_id].reason
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from mantik_jupyter.compute.backends import ssh_slurm, unicore
 from mantik_jupyter.compute.backends.base import describe_error
 from mantik_jupyter.compute.backends.paths import clean_relative
-from mantik_jupyter.compute.backends.slurm_words import decide, sbatch_culprit
+from mantik_jupyter.compute.backends.slurm_words import decide, parse_table, sbatch_culprit
 from mantik_jupyter.compute.config import parse_config
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import UnsafePath
@@ -27,10 +27,14 @@ from mantik_jupyter.errors import UnsafePath
         # The job script's own record wins: the command failed, the script exited 0.
         (None, ["COMPLETED", "0:0"], ["2"], RunState.FAILED, "exit code 2"),
         (["FAILED"], ["FAILED", "3:0"], None, RunState.FAILED, "exit code 3"),
-        (None, ["TIMEOUT", "0:15"], None, RunState.FAILED, "TIMEOUT"),
-        (None, ["OUT_OF_MEMORY", "0:125"], None, RunState.FAILED, "OUT_OF_MEMORY"),
-        (None, ["NODE_FAIL", "0:0"], None, RunState.FAILED, "NODE_FAIL"),
-        (None, ["CANCELLED by 1001", "0:15"], None, RunState.KILLED, "CANCELLED"),
+        # Ended by its owner (sacct's UID column is the owner's): nothing more to say.
+        (
+            None,
+            ["CANCELLED by 1001", "0:15", "", "", "", "", "1001"],
+            None,
+            RunState.KILLED,
+            "CANCELLED",
+        ),
         # sacct lags behind slurmctld: squeue's final word beats sacct's RUNNING.
         (["COMPLETED"], ["RUNNING", "0:0"], ["0"], RunState.FINISHED, None),
         # No accounting, squeue forgot the job: the exit-code file decides.
@@ -254,3 +258,141 @@ def test_a_refusal_that_names_no_key_is_left_as_it_is():
 )
 def test_a_job_that_ran_gets_slurms_start_time(squeue, sacct, started):
     assert decide(squeue, sacct, None).started_at == started
+
+
+# Jobs Slurm ended itself, as the loopback cluster's squeue (State|Reason|StartTime|NodeList|
+# TimeLimit) and sacct (State|ExitCode|Start|NodeList|Timelimit|ReqMem|UID) said them, and
+# as Slurm 22.05 words the cases it cannot produce (no memory cgroup, one shared node).
+# The run read "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED" or "FAILED": Slurm's
+# word, not what happened nor what to do.
+_T = "1795795754"
+_USERS = {"0": ["root"], "me": ["1001"]}
+
+
+@pytest.mark.parametrize(
+    ("squeue", "sacct", "exitcode", "state", "said"),
+    [
+        (
+            ["TIMEOUT", "TimeLimit", _T, "localhost", "1:00"],
+            ["TIMEOUT", "0:15", _T, "localhost", "00:01:00", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["Slurm ended the job: time limit of 00:01:00 reached", "Resources.Runtime"],
+        ),
+        # No accounting: squeue's time limit.
+        (
+            ["TIMEOUT", "TimeLimit", _T, "localhost", "1:00"],
+            None,
+            None,
+            RunState.FAILED,
+            ["time limit of 1:00 reached", "Resources.Runtime"],
+        ),
+        (
+            None,
+            ["OUT_OF_MEMORY", "0:125", _T, "n1", "01:00:00", "20M", "1001"],
+            None,
+            RunState.FAILED,
+            ["out of memory", "more than the 20M it asked for", "Resources.MemoryPerNode"],
+        ),
+        (
+            ["NODE_FAIL", "NodeDown", _T, "n1", "1:00:00"],
+            ["NODE_FAIL", "0:0", _T, "n1", "01:00:00", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["Slurm ended the job: node n1 failed", "Submit the run again"],
+        ),
+        (
+            ["FAILED", "JobLaunchFailure", _T, "localhost", "UNLIMITED"],
+            ["FAILED", "0:53", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["Slurm could not launch the job on node localhost", "never ran"],
+        ),
+        # slurmd refused a revoked credential: Slurm's exit code 1, and no script ran to
+        # write the exit-code file. It read "exit code 1".
+        (
+            ["FAILED", "JobLaunchFailure", _T, "localhost", "UNLIMITED"],
+            ["FAILED", "1:0", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["Slurm could not launch the job on node localhost"],
+        ),
+        (
+            None,
+            ["FAILED", "0:53", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["Slurm marked the job FAILED (ExitCode 0:53) without saying why"],
+        ),
+        (
+            ["CANCELLED", "None", _T, "localhost", "UNLIMITED"],
+            ["CANCELLED by 0", "0:0", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.KILLED,
+            ["Slurm ended the job: cancelled by user root (not you)"],
+        ),
+        # A uid the login node cannot name.
+        (
+            None,
+            ["CANCELLED by 4242", "0:15", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.KILLED,
+            ["cancelled by uid 4242 (not you)"],
+        ),
+        (
+            None,
+            ["PREEMPTED", "0:15", _T, "localhost", "UNLIMITED", "8000M", "1001"],
+            None,
+            RunState.FAILED,
+            ["preempted", "Resources.QoS"],
+        ),
+    ],
+)
+def test_a_job_slurm_ended_says_what_happened_and_what_to_do(
+    squeue, sacct, exitcode, state, said
+):
+    status = decide(squeue, sacct, exitcode, _USERS)
+    assert status.state == state
+    for words in said:
+        assert words in status.reason, status.reason
+
+
+def test_a_failing_program_is_its_exit_code_whatever_squeue_adds():
+    # The script ran to its end and recorded the failure: Slurm did not stop it.
+    squeue = ["FAILED", "NonZeroExitCode", _T, "localhost", "UNLIMITED"]
+    sacct = ["FAILED", "3:0", _T, "localhost", "UNLIMITED", "8000M", "1001"]
+    assert decide(squeue, sacct, ["3"], _USERS).reason == "exit code 3"
+    assert decide(squeue, sacct, None, _USERS).reason == "exit code 3"
+
+
+def test_requeued_and_several_jobs_read_each_ones_latest_record():
+    # sacct -D lists every attempt of a requeued job; the latest is the job's end.
+    rows = parse_table(
+        "101|REQUEUED|0:0|1795795700|localhost|Partition_Limit|8000M|1001\n"
+        "101|CANCELLED by 0|0:0|1795795763|localhost|UNLIMITED|8000M|1001\n"
+        "102|TIMEOUT|0:15|1795795754|localhost|00:01:00|8000M|1001\n"
+        "103|CANCELLED by 1001|0:15|1795795754|localhost|UNLIMITED|8000M|1001\n",
+        8,
+    )
+    answer = {j: decide(None, rows[j], None, _USERS) for j in ("101", "102", "103")}
+    assert "cancelled by user root (not you)" in answer["101"].reason
+    assert answer["101"].started_at == 1795795763000
+    assert "time limit of 00:01:00" in answer["102"].reason
+    assert answer["103"].reason == "CANCELLED"
+
+
+def test_sacct_right_after_the_end_is_not_believed_beyond_its_state():
+    # What sacct said for a moment after a job ended (UID 0, ReqMem "16?", no
+    # Timelimit): the user's own cancel read "cancelled by user mantiktest (not you)",
+    # root's read "CANCELLED".
+    def row(state):
+        return [state, "0:0", _T, "localhost", "", "16?", "0"]
+
+    users = {**_USERS, "1001": ["mantiktest"]}
+    assert decide(None, row("CANCELLED by 1001"), None, users).reason == "CANCELLED"
+    root = decide(None, row("CANCELLED by 0"), None, users).reason
+    assert "cancelled by user root (not you)" in root
+    squeue = ["TIMEOUT", "TimeLimit", _T, "localhost", "2:00"]
+    assert "time limit of 2:00 reached" in decide(squeue, row("TIMEOUT"), None, users).reason
+    memory = decide(None, row("OUT_OF_MEMORY"), None, users).reason
+    assert "16?" not in memory and "more than what it asked for" in memory

@@ -6,8 +6,9 @@ request. No connection here: ``ssh_slurm.py`` runs the commands.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..config import ENV_COMPUTE_BUDGET_ACCOUNT, ComputeConfig, format_slurm_time
 from ..states import RunState
@@ -195,17 +196,22 @@ def _exit_code(text: str | None) -> int | None:
 
 
 def decide(
-    squeue: list[str] | None, sacct: list[str] | None, exitcode: list[str] | None
+    squeue: list[str] | None,
+    sacct: list[str] | None,
+    exitcode: list[str] | None,
+    users: dict[str, list[str]] | None = None,
 ) -> JobStatus:
     """One job's status from what squeue, sacct and the exit-code file said.
 
     A final state wins over an active one (sacct lags a moment behind slurmctld,
     and squeue forgets a job ``MinJobAge`` after it ended); sacct is preferred
     among final states because it carries the exit code. The rows are squeue's
-    ``State|Reason|StartTime|NodeList`` and sacct's ``State|ExitCode|Start|NodeList``
-    (the last two may be missing); a running or ended job gets its start time.
+    ``State|Reason|StartTime|NodeList|TimeLimit`` and sacct's
+    ``State|ExitCode|Start|NodeList|Timelimit|ReqMem|UID`` (the columns after the first
+    two may be missing); a running or ended job gets its start time. ``users`` maps the
+    uid in sacct's ``CANCELLED by UID`` to its name.
     """
-    status = _decide_state(squeue, sacct, exitcode)
+    status = _decide_state(squeue, sacct, exitcode, users or {})
     if status.state != RunState.RUNNING and not status.state.is_final:
         return status  # a pending job's StartTime is when Slurm expects to start it
     started = _started_at(squeue) or _started_at(sacct)
@@ -225,16 +231,19 @@ def _started_at(row: list[str] | None) -> int | None:
 
 
 def _decide_state(
-    squeue: list[str] | None, sacct: list[str] | None, exitcode: list[str] | None
+    squeue: list[str] | None,
+    sacct: list[str] | None,
+    exitcode: list[str] | None,
+    users: dict[str, list[str]],
 ) -> JobStatus:
     file_code = _exit_code(exitcode[0]) if exitcode else None
     sq_state = squeue[0].split()[0] if squeue and squeue[0].strip() else None
     sa_state = sacct[0].split()[0] if sacct and sacct[0].strip() else None
     if sa_state in _FINAL:
         assert sacct is not None
-        return _final(sa_state, _exit_code(sacct[1]), file_code)
+        return _final(sa_state, _exit_code(sacct[1]), file_code, _said(squeue, sacct, users))
     if sq_state in _FINAL:
-        return _final(sq_state, None, file_code)
+        return _final(sq_state, None, file_code, _said(squeue, None, users))
     if sq_state in _HELD:
         said = squeue[1].strip() if squeue is not None and squeue[1:] else ""
         return JobStatus(ACTIVE[sq_state], sq_state, None, _HELD[sq_state](said))
@@ -390,15 +399,140 @@ def _reservation_gone(said: str) -> str:
 _HELD: dict[str, Callable[[str], str]] = {"RESV_DEL_HOLD": _reservation_gone}
 
 
-def _final(word: str, slurm_code: int | None, file_code: int | None) -> JobStatus:
+@dataclass(frozen=True)
+class _Said:
+    """What Slurm said of an ended job beyond its state word, for the run's reason."""
+
+    reason: str = ""  # squeue's reason (job_reason_string), while squeue remembers the job
+    nodes: str = ""
+    time_limit: str = ""
+    memory: str = ""  # sacct's ReqMem: what the job asked for
+    exit_code: str = ""  # sacct's ExitCode as it said it (code:signal)
+    cancelled_by: str = ""  # the name (or uid) of who cancelled it, when not its owner
+
+
+def _cell(row: list[str] | None, index: int) -> str:
+    return row[index].strip() if row and len(row) > index else ""
+
+
+# Placeholders where Slurm has no value; none of them tells the user anything.
+_NO_VALUE = {"", "None", "None assigned", "(null)", "N/A", "UNLIMITED", "Partition_Limit"}
+
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")  # [days-]hours:minutes:seconds, or less
+_MEMORY = re.compile(r"^\d+(\.\d+)?[KMGTP]$")
+
+
+def _first(*values: str) -> str:
+    return next((v for v in values if v not in _NO_VALUE), "")
+
+
+def _said(
+    squeue: list[str] | None, sacct: list[str] | None, users: dict[str, list[str]]
+) -> _Said:
+    by = _cell(sacct, 0).partition(" by ")[2].strip()  # "CANCELLED by 0"
+    # Whoever we log in as submitted the job; else the job's owner as sacct says it.
+    me = _cell(users.get("me"), 0) or _cell(sacct, 6)
+    cancelled_by = ""
+    if by and by != me:
+        name = _cell(users.get(by), 0)
+        cancelled_by = f"user {name}" if name else f"uid {by}"
+    # Right after a job ended sacct may say nonsense for a moment ("16?" for ReqMem, an
+    # empty Timelimit): only values of the right shape count.
+    memory = _cell(sacct, 5)
+    memory = memory[:-1] if memory[-1:] in ("n", "c") else memory  # per node, per CPU
+    return _Said(
+        reason=_first(_cell(squeue, 1)),
+        nodes=_first(_cell(sacct, 3), _cell(squeue, 3)),
+        time_limit=_first(*(t for t in (_cell(sacct, 4), _cell(squeue, 4)) if _TIME.match(t))),
+        memory=memory if _MEMORY.match(memory) else "",
+        exit_code=_cell(sacct, 1),
+        cancelled_by=cancelled_by,
+    )
+
+
+_AGAIN = "Submit the run again; if it keeps happening, tell the site's admins."
+_CONFIG = "compute-backend-config.yaml"
+
+
+def _on(nodes: str) -> str:
+    return f"node {nodes}" if nodes else "its node"
+
+
+def _ended_by_slurm(word: str, said: _Said) -> str | None:
+    """Why Slurm ended the job itself, in words, with what to do; None for an end of the
+    job's own program (its exit code says it) or a cancel by its owner."""
+    if word == "TIMEOUT":
+        limit = f"time limit of {said.time_limit}" if said.time_limit else "time limit"
+        return (
+            f"Slurm ended the job: {limit} reached. Raise Resources.Runtime in {_CONFIG} "
+            "(at most the partition's limit, `sinfo -o '%P %l'`) and submit the run again."
+        )
+    if word == "OUT_OF_MEMORY":
+        asked = f"the {said.memory} " if said.memory else "what "
+        return (
+            f"Slurm ended the job: out of memory (the job used more than {asked}it asked "
+            f"for, Resources.MemoryPerNode). Raise Resources.MemoryPerNode in {_CONFIG} (at "
+            "most a node's memory, `sinfo -o '%P %m'` in MB) and submit the run again."
+        )
+    if word == "NODE_FAIL" or (word == "FAILED" and said.reason == "NodeDown"):
+        return f"Slurm ended the job: {_on(said.nodes)} failed. {_AGAIN}"
+    if word == "BOOT_FAIL":
+        return f"Slurm ended the job: {_on(said.nodes)} failed to boot for it. {_AGAIN}"
+    if word == "DEADLINE":
+        return "Slurm ended the job: its deadline passed before it could end. " + _AGAIN
+    if word == "PREEMPTED":
+        return (
+            "Slurm ended the job: a job of higher priority preempted it. Submit the run "
+            "again, or choose a Resources.Queue or Resources.QoS whose jobs are not preempted."
+        )
+    if word == "REVOKED":
+        return "Slurm revoked the job: a copy of it ran on another cluster of the federation."
+    if word == "CANCELLED":
+        if not said.cancelled_by:
+            return None
+        return (
+            f"Slurm ended the job: cancelled by {said.cancelled_by} (not you). Ask the "
+            "site why before you submit the run again."
+        )
+    if said.reason == "JobLaunchFailure":
+        return (
+            f"Slurm could not launch the job on {_on(said.nodes)} (JobLaunchFailure): "
+            "its script never ran. slurmd's log on that node says why; often the node "
+            "cannot write the run's log in SSH.RemoteDirectory (not on a file system the "
+            f"compute nodes share) or the job's credential was revoked. {_AGAIN}"
+        )
+    if said.reason == "SystemFailure":
+        return f"Slurm ended the job: a failure of the cluster (SystemFailure). {_AGAIN}"
+    return None
+
+
+def _final(
+    word: str, slurm_code: int | None, file_code: int | None, said: _Said | None = None
+) -> JobStatus:
+    said = said or _Said()
     # The job script's own record beats Slurm's: a script may exit 0 after a failed command.
     code = file_code if file_code is not None else slurm_code
     if word == "COMPLETED":
         if code:
             return JobStatus(RunState.FAILED, word, code, f"exit code {code}")
         return JobStatus(RunState.FINISHED, word, code or 0)
+    # A script that recorded a failure ran to its end: Slurm did not stop it.
+    slurm = None if word == "FAILED" and file_code else _ended_by_slurm(word, said)
     if word == "CANCELLED":
-        return JobStatus(RunState.KILLED, word, code, "CANCELLED")
+        return JobStatus(RunState.KILLED, word, code, slurm or "CANCELLED")
+    if slurm:
+        return JobStatus(RunState.FAILED, word, code, slurm)
     if word == "FAILED":
-        return JobStatus(RunState.FAILED, word, code, f"exit code {code}" if code else "FAILED")
+        if code:
+            return JobStatus(RunState.FAILED, word, code, f"exit code {code}")
+        if said.exit_code:
+            return JobStatus(
+                RunState.FAILED,
+                word,
+                code,
+                f"Slurm marked the job FAILED (ExitCode {said.exit_code}) without saying "
+                "why; the run's log (mantik.log) may tell more.",
+            )
+        return JobStatus(RunState.FAILED, word, code, "FAILED")
     return JobStatus(RunState.FAILED, word, code, word)

@@ -464,11 +464,14 @@ class SshSlurmBackend(Backend):
             batch = valid[start : start + STATES_BATCH]
             result = self._run(self._status_command(batch), "asking Slurm for job states")
             sections = split_sections(result.stdout.decode(errors="replace"))
-            squeue = parse_table(sections.get("squeue", ""), 5)
-            sacct = parse_table(sections.get("sacct", ""), 5)
+            squeue = parse_table(sections.get("squeue", ""), 6)
+            sacct = parse_table(sections.get("sacct", ""), 8)
             codes = parse_table(sections.get("exitcodes", ""), 2)
+            users = parse_table(sections.get("users", ""), 2)
             for job_id in batch:
-                answer[job_id] = decide(squeue.get(job_id), sacct.get(job_id), codes.get(job_id))
+                answer[job_id] = decide(
+                    squeue.get(job_id), sacct.get(job_id), codes.get(job_id), users
+                )
         return answer
 
     def _status_command(self, job_ids: list[str]) -> str:
@@ -488,13 +491,23 @@ class SshSlurmBackend(Backend):
             # Times as seconds since the epoch, whatever the cluster's time zone; the
             # start time and node list come with the state, at no extra round trip.
             "export SLURM_TIME_FORMAT=%s",
-            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r|%S|%N' 2>/dev/null)",
+            # The reason, time limit, requested memory and who cancelled say why Slurm
+            # ended a job itself (time limit, memory, a failed launch, an admin's cancel).
+            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r|%S|%N|%l' 2>/dev/null)",
             f"echo {MARK}squeue",
             'printf "%s\\n" "$sq"',
             f'rest=$(printf "%s\\n" "$sq" | {not_active})',
             f"echo {MARK}sacct",
-            'if [ -n "$rest" ]; then '
-            'sacct -X -n -P -j "$rest" -o JobIDRaw,State,ExitCode,Start,NodeList 2>/dev/null; fi',
+            'sa=; if [ -n "$rest" ]; then sa=$(sacct -X -n -P -j "$rest" '
+            "-o JobIDRaw,State,ExitCode,Start,NodeList,Timelimit,ReqMem,UID 2>/dev/null); fi",
+            'printf "%s\\n" "$sa"',
+            # sacct says "CANCELLED by UID": the names of those uids, as "uid|name", and
+            # our own uid (sacct's UID column reads 0 for a moment after a job ended).
+            f"echo {MARK}users",
+            'printf "me|%s\\n" "$(id -u)"',
+            "for u in $(printf '%s\\n' \"$sa\" | "
+            "sed -n 's/^[^|]*|CANCELLED by \\([0-9]*\\)|.*/\\1/p' | sort -u); do "
+            'printf "%s|%s\\n" "$u" "$(getent passwd "$u" | cut -d: -f1)"; done',
             f"echo {MARK}exitcodes",
         ]
         known = [(j, self._run_dirs[j]) for j in job_ids if j in self._run_dirs]
