@@ -396,3 +396,26 @@ def test_sacct_right_after_the_end_is_not_believed_beyond_its_state():
     assert "time limit of 2:00 reached" in decide(squeue, row("TIMEOUT"), None, users).reason
     memory = decide(None, row("OUT_OF_MEMORY"), None, users).reason
     assert "16?" not in memory and "more than what it asked for" in memory
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "shown"),
+    [
+        # slurmd refused a revoked job credential (FAILED 1:0): it read "exit code 1".
+        ("1:0", "(ExitCode 1:0)"),
+        # slurmstepd could not open the job's output (FAILED 0:53): it read "FAILED".
+        ("0:53", "(ExitCode 0:53)"),
+    ],
+)
+def test_a_failed_job_whose_script_recorded_nothing_is_not_its_exit_code(exit_code, shown):
+    # squeue forgot the job (MinJobAge; the lab was closed), so its JobLaunchFailure is
+    # gone; the run directory is known and holds no exit-code file.
+    sacct = ["FAILED", exit_code, _T, "localhost", "UNLIMITED", "8000M", "1001"]
+    status = decide(None, sacct, None, _USERS, file_expected=True)
+    assert status.state == RunState.FAILED
+    assert f"Slurm ended the job as FAILED {shown} before its script recorded" in status.reason
+    assert "mantik.log" in status.reason
+    # The script's own record is the program's exit code.
+    assert decide(None, sacct, ["1"], _USERS, file_expected=True).reason == "exit code 1"
+    # Where the run directory is unknown, nothing was looked for: Slurm's code stays.
+    assert decide(None, ["FAILED", "1:0"], None, _USERS).reason == "exit code 1"

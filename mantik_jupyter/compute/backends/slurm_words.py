@@ -200,6 +200,7 @@ def decide(
     sacct: list[str] | None,
     exitcode: list[str] | None,
     users: dict[str, list[str]] | None = None,
+    file_expected: bool = False,
 ) -> JobStatus:
     """One job's status from what squeue, sacct and the exit-code file said.
 
@@ -209,9 +210,12 @@ def decide(
     ``State|Reason|StartTime|NodeList|TimeLimit`` and sacct's
     ``State|ExitCode|Start|NodeList|Timelimit|ReqMem|UID`` (the columns after the first
     two may be missing); a running or ended job gets its start time. ``users`` maps the
-    uid in sacct's ``CANCELLED by UID`` to its name.
+    uid in sacct's ``CANCELLED by UID`` to its name (and ``me`` to our own uid).
+    ``file_expected``: the exit-code file was looked for (the run directory is known), so
+    its absence means the job script never recorded an end.
     """
-    status = _decide_state(squeue, sacct, exitcode, users or {})
+    unrecorded = file_expected and exitcode is None
+    status = _decide_state(squeue, sacct, exitcode, _Context(users or {}, unrecorded))
     if status.state != RunState.RUNNING and not status.state.is_final:
         return status  # a pending job's StartTime is when Slurm expects to start it
     started = _started_at(squeue) or _started_at(sacct)
@@ -234,16 +238,16 @@ def _decide_state(
     squeue: list[str] | None,
     sacct: list[str] | None,
     exitcode: list[str] | None,
-    users: dict[str, list[str]],
+    context: _Context,
 ) -> JobStatus:
     file_code = _exit_code(exitcode[0]) if exitcode else None
     sq_state = squeue[0].split()[0] if squeue and squeue[0].strip() else None
     sa_state = sacct[0].split()[0] if sacct and sacct[0].strip() else None
     if sa_state in _FINAL:
         assert sacct is not None
-        return _final(sa_state, _exit_code(sacct[1]), file_code, _said(squeue, sacct, users))
+        return _final(sa_state, _exit_code(sacct[1]), file_code, _said(squeue, sacct, context))
     if sq_state in _FINAL:
-        return _final(sq_state, None, file_code, _said(squeue, None, users))
+        return _final(sq_state, None, file_code, _said(squeue, None, context))
     if sq_state in _HELD:
         said = squeue[1].strip() if squeue is not None and squeue[1:] else ""
         return JobStatus(ACTIVE[sq_state], sq_state, None, _HELD[sq_state](said))
@@ -409,6 +413,13 @@ class _Said:
     memory: str = ""  # sacct's ReqMem: what the job asked for
     exit_code: str = ""  # sacct's ExitCode as it said it (code:signal)
     cancelled_by: str = ""  # the name (or uid) of who cancelled it, when not its owner
+    unrecorded: bool = False  # the job script wrote no exit-code file
+
+
+@dataclass(frozen=True)
+class _Context:
+    users: dict[str, list[str]]  # uid -> [name], and "me" -> [our uid]
+    unrecorded: bool
 
 
 def _cell(row: list[str] | None, index: int) -> str:
@@ -427,9 +438,8 @@ def _first(*values: str) -> str:
     return next((v for v in values if v not in _NO_VALUE), "")
 
 
-def _said(
-    squeue: list[str] | None, sacct: list[str] | None, users: dict[str, list[str]]
-) -> _Said:
+def _said(squeue: list[str] | None, sacct: list[str] | None, context: _Context) -> _Said:
+    users = context.users
     by = _cell(sacct, 0).partition(" by ")[2].strip()  # "CANCELLED by 0"
     # Whoever we log in as submitted the job; else the job's owner as sacct says it.
     me = _cell(users.get("me"), 0) or _cell(sacct, 6)
@@ -448,6 +458,7 @@ def _said(
         memory=memory if _MEMORY.match(memory) else "",
         exit_code=_cell(sacct, 1),
         cancelled_by=cancelled_by,
+        unrecorded=context.unrecorded,
     )
 
 
@@ -523,6 +534,18 @@ def _final(
         return JobStatus(RunState.KILLED, word, code, slurm or "CANCELLED")
     if slurm:
         return JobStatus(RunState.FAILED, word, code, slurm)
+    if word == "FAILED" and said.unrecorded:
+        # Slurm's exit code is not the program's: a launch slurmd refused (a revoked job
+        # credential) is FAILED 1:0, and squeue, which would say so, forgot the job.
+        shown = f" (ExitCode {said.exit_code})" if said.exit_code else ""
+        return JobStatus(
+            RunState.FAILED,
+            word,
+            code,
+            f"Slurm ended the job as FAILED{shown} before its script recorded an exit "
+            "status: Slurm could not launch it on its node, or stopped it on the way. "
+            f"mantik.log shows how far it got. {_AGAIN}",
+        )
     if word == "FAILED":
         if code:
             return JobStatus(RunState.FAILED, word, code, f"exit code {code}")

@@ -462,6 +462,8 @@ class SshSlurmBackend(Backend):
         # which thousands of runs (a parameter sweep) would need.
         for start in range(0, len(valid), STATES_BATCH):
             batch = valid[start : start + STATES_BATCH]
+            # Jobs whose exit-code file is looked for (the run directory is known then).
+            looked_for = {j for j in batch if j in self._run_dirs}
             result = self._run(self._status_command(batch), "asking Slurm for job states")
             sections = split_sections(result.stdout.decode(errors="replace"))
             squeue = parse_table(sections.get("squeue", ""), 6)
@@ -470,7 +472,11 @@ class SshSlurmBackend(Backend):
             users = parse_table(sections.get("users", ""), 2)
             for job_id in batch:
                 answer[job_id] = decide(
-                    squeue.get(job_id), sacct.get(job_id), codes.get(job_id), users
+                    squeue.get(job_id),
+                    sacct.get(job_id),
+                    codes.get(job_id),
+                    users,
+                    file_expected=job_id in looked_for,
                 )
         return answer
 
