@@ -21,8 +21,9 @@ tag                         meaning
 ``mantik.user``             submitting tracking user; ``mantik.run_user``: per-run user
 ``mantik.package_sha256``   digest of the code archive
 ``mantik.git_commit``       ``git rev-parse HEAD`` and ``mantik.git_dirty`` (true/false)
-``mantik.reason``           why a run did not finish cleanly (``exit code 3``, ``TIMEOUT``,
-                            ``OUT_OF_MEMORY``, ``CANCELLED``, ``NODE_FAIL``, an error)
+``mantik.reason``           why a run did not finish cleanly, in words with what to do
+                            (``exit code 3``, ``CANCELLED``, "Slurm ended the job: time
+                            limit of 01:00:00 reached. Raise Resources.Runtime ...", an error)
 ``mantik.exit_code``        the entry point's exit status
 ``mantik.running_since``    when the job's latest attempt started running, ms since the
                             epoch: the backend's own start time where its status says it

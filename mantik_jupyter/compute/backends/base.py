@@ -37,8 +37,8 @@ class JobStatus:
     # The backend's own state word (e.g. Slurm's TIMEOUT), for display and the reason tag.
     native_state: str = ""
     exit_code: int | None = None
-    # Why a job ended when it did not finish cleanly: an exit code, TIMEOUT,
-    # OUT_OF_MEMORY, CANCELLED, NODE_FAIL.
+    # Why a job ended when it did not finish cleanly, in words a user acts on: an exit
+    # code, CANCELLED, what the scheduler says it did (a time limit reached, a node lost).
     reason: str | None = None
     # When the job's latest attempt started running (ms since the epoch), where the
     # status call learns it anyway (Slurm's StartTime, a local process's start); None
