@@ -16,7 +16,7 @@ import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.unicore import UnicoreBackend
-from mantik_jupyter.compute.backends.unicore_job import decide, job_description
+from mantik_jupyter.compute.backends.unicore_job import bss_details, decide, job_description
 from mantik_jupyter.compute.config import load_config, parse_config
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.script import safe_job_name
@@ -352,8 +352,13 @@ def test_an_existing_mantik_unicore_config_maps_onto_a_job_description(tmp_path,
          "exit code 3"),
         ("FAILED", "Job aborted.", None, RunState.KILLED, "CANCELLED"),
         ("FAILED", "TIMEOUT: the job exceeded its run time limit", None, RunState.FAILED,
-         "TIMEOUT"),
-        ("FAILED", "Slurm: OUT_OF_MEMORY", 137, RunState.FAILED, "OUT_OF_MEMORY"),
+         "Slurm ended the job: time limit reached. Raise Resources.Runtime in "
+         "compute-backend-config.yaml (at most the partition's limit, `sinfo -o '%P %l'`) "
+         "and submit the run again."),
+        ("FAILED", "Slurm: OUT_OF_MEMORY", 137, RunState.FAILED, "Slurm ended the job: out of "
+         "memory (the job used more than what it asked for, Resources.MemoryPerNode). Raise "
+         "Resources.MemoryPerNode in compute-backend-config.yaml (at most a node's memory, "
+         "`sinfo -o '%P %m'` in MB) and submit the run again."),
         ("FAILED", "Pre-command(s) failed: [Could not setup pre-command: no TSI]\nmore", None,
          RunState.FAILED, "Pre-command(s) failed: [Could not setup pre-command: no TSI]"),
         ("FAILED", "Pre-command(s) failed: [Command exited with non-zero exit code: <2>. More "
@@ -554,7 +559,11 @@ def test_a_job_over_its_time_limit_ends_as_timeout(
     job = dataclasses.replace(_prepared(tmp_path, "echo start; sleep 30\n"), config=config)
     job_id = backend.submit(job)
     final = _wait_final(backend, job_id, timeout=30)
-    assert (final.state, final.reason) == (RunState.FAILED, "TIMEOUT"), final
+    # As a Slurm-over-SSH run says it: the limit, and what to change.
+    assert final.state == RunState.FAILED, final
+    assert (final.reason or "").startswith(
+        "Slurm ended the job: time limit of 00:01:00 reached. Raise Resources.Runtime"
+    ), final
 
 
 def _bss_details(backend: UnicoreBackend, job_id: str) -> dict:
@@ -601,21 +610,34 @@ def test_the_site_shows_the_run_name_as_the_batch_job_name(
     assert _wait_final(backend, job_id).state == RunState.FINISHED
 
 
+_SCONTROL = (
+    "Detailed job information from batch system: JobId=4711 JobName=run\n"
+    "   JobState={state} Reason={reason} Dependency=(null)\n"
+    "   RunTime=01:00:03 TimeLimit=01:00:00 TimeMin=N/A\n"
+    "   NodeList=jwc00n001\n"
+    "   MinCPUsNode=1 MinMemoryNode=20G MinTmpDiskNode=0"
+)
+
+
 @pytest.mark.parametrize(
     ("bss_state", "state", "reason"),
     [
-        ("TIMEOUT", RunState.FAILED, "TIMEOUT"),
-        ("NODE_FAIL", RunState.FAILED, "NODE_FAIL"),
-        ("OUT_OF_MEMORY", RunState.FAILED, "OUT_OF_MEMORY"),
+        ("TIMEOUT", RunState.FAILED, "Slurm ended the job: time limit of 01:00:00 reached."),
+        ("NODE_FAIL", RunState.FAILED, "Slurm ended the job: node jwc00n001 failed."),
+        ("OUT_OF_MEMORY", RunState.FAILED, "Slurm ended the job: out of memory (the job used "
+         "more than the 20G it asked for, Resources.MemoryPerNode)."),
+        ("PREEMPTED", RunState.FAILED, "Slurm ended the job: a job of higher priority"),
         ("CANCELLED", RunState.KILLED, "CANCELLED"),
         ("COMPLETED", RunState.FAILED, "Job did not complete normally on BSS, please check"),
         (None, RunState.FAILED, "Job did not complete normally on BSS, please check"),
     ],
-)
+)  # fmt: skip
 def test_state_of_a_job_the_batch_system_ended(bss_state, state, reason):
+    # UNICORE's words for it; the batch system's own were the bare state (TIMEOUT).
     message = "Job did not complete normally on BSS, please check\nmore"
-    result = decide("FAILED", message, None, bss_state)
-    assert (result.state, result.reason) == (state, reason)
+    line = _SCONTROL.format(state=bss_state, reason="TimeLimit") if bss_state else "Running"
+    result = decide("FAILED", message, None, bss_details(line))
+    assert result.state == state and (result.reason or "").startswith(reason), result
 
 
 def test_a_denied_access_is_not_a_refused_login(unicore_site, unicore_password, tmp_path):

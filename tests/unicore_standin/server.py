@@ -527,7 +527,11 @@ class UnicoreStandin:
                 f"   UserId={job.owner}(1000) GroupId={job.owner}(1000) MCS_label=N/A\n"
                 "   Priority=1 Nice=0 Account=standin QOS=normal\n"
                 "   JobState=TIMEOUT Reason=TimeLimit Dependency=(null)\n"
-                "   Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15"
+                "   Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15\n"
+                f"   RunTime=00:00:02 TimeLimit={_slurm_time(minutes)} TimeMin=N/A\n"
+                "   Partition=batch AllocNode:Sid=standin-login:4242\n"
+                "   ReqNodeList=(null) ExcNodeList=(null)\n"
+                "   NodeList=standin-node01"
             )
             return self._finish(
                 job,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..config import ENV_COMPUTE_BUDGET_ACCOUNT, ComputeConfig, format_slurm_time
@@ -516,6 +516,24 @@ def _ended_by_slurm(word: str, said: _Said) -> str | None:
     if said.reason == "SystemFailure":
         return f"Slurm ended the job: a failure of the cluster (SystemFailure). {_AGAIN}"
     return None
+
+
+def ended_by_slurm(word: str, details: Mapping[str, str]) -> str | None:
+    """``_ended_by_slurm`` for Slurm's ``scontrol show job`` fields as a site reported
+    them (UNICORE logs them for a job its batch system ended): the same words as a
+    Slurm-over-SSH run, with what to do."""
+
+    def field(name: str, shape: re.Pattern[str] | None = None) -> str:
+        value = _first(str(details.get(name, "")).strip())
+        return value if shape is None or shape.match(value) else ""
+
+    said = _Said(
+        reason=field("Reason"),
+        nodes=field("NodeList"),
+        time_limit=field("TimeLimit", _TIME),
+        memory=field("MinMemoryNode", _MEMORY),
+    )
+    return _ended_by_slurm(word, said)
 
 
 def _final(

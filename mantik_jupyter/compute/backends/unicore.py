@@ -100,7 +100,7 @@ from .base import (
     describe_error,
 )
 from .paths import clean_relative, safe_name, save_stream
-from .unicore_job import BSS_DETAILS_STATE, NOT_NORMALLY, decide, exit_code, job_description
+from .unicore_job import NOT_NORMALLY, bss_details, decide, exit_code, job_description
 from .unicore_transport import (
     SessionTransport,
     UnicoreHTTPError,
@@ -491,16 +491,17 @@ class UnicoreBackend(Backend):
             code = exit_code(props.get("exitCode"))
             if status in ("SUCCESSFUL", "FAILED") and code is None:
                 code = self._exit_code_file(job_id)
-            bss_state = None
+            bss = None
             if status == "FAILED" and NOT_NORMALLY in message:
-                bss_state = self._bss_state(job_id)
-            return decide(status, message, code, bss_state)
+                bss = self._bss_details(job_id)
+            return decide(status, message, code, bss)
         except MantikError as exc:
             return exc
 
-    def _bss_state(self, job_id: str) -> str | None:
-        """The batch system's final state of a job that ended without an exit code (time
-        limit, node failure, ...): UNICORE puts it only into the job's log."""
+    def _bss_details(self, job_id: str) -> dict[str, str] | None:
+        """What the batch system said of a job that ended without an exit code (its
+        state: time limit, node failure, ...; its limits, its nodes): UNICORE puts it
+        only into the job's log."""
         transport = self.client().transport
         try:
             props = self._call(
@@ -511,9 +512,9 @@ class UnicoreBackend(Backend):
             return None
         lines = props.get("log") if isinstance(props.get("log"), list) else []
         for line in reversed(lines):
-            found = BSS_DETAILS_STATE.search(str(line))
-            if found:
-                return found.group(1)
+            found = bss_details(str(line))
+            if found is not None:
+                return found
         return None
 
     def _exit_code_file(self, job_id: str) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 from .. import layout
@@ -12,6 +13,7 @@ from ..config import ComputeConfig
 from ..script import login_commands_script
 from ..states import RunState
 from .base import JobStatus
+from .slurm_words import ended_by_slurm
 
 # JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
 # non-zero exit code: <2>. More information ...]".
@@ -19,9 +21,9 @@ _PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+
 # Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
 # system) fails with this message, and the batch system's details go into the job's log.
 NOT_NORMALLY = "Job did not complete normally on BSS"
-BSS_DETAILS_STATE = re.compile(
-    r"Detailed job information from batch system:.*?\bJobState=(\w+)", re.S
-)  # the details are Slurm's `scontrol show job`, several lines
+BSS_DETAILS = "Detailed job information from batch system:"
+# The details are Slurm's `scontrol show job`: Key=Value fields over several lines.
+_BSS_FIELD = re.compile(r"\b([A-Za-z]+)=(\S*)")
 # Slurm's words, as the Slurm backend reports them (docs/states.md).
 _BSS_FAILURES = {
     "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
@@ -143,11 +145,23 @@ def _post_commands(commands: tuple[str, ...]) -> str:
 # ---- states ----------------------------------------------------------------------------
 
 
+def bss_details(line: str) -> dict[str, str] | None:
+    """The batch system's fields (``JobState``, ``TimeLimit``, ...) of a job log line in
+    which UNICORE reported them, else None."""
+    _, found, details = line.partition(BSS_DETAILS)
+    return dict(_BSS_FIELD.findall(details)) if found else None
+
+
 def decide(
-    status: str, message: str, exit_code: int | None, bss_state: str | None = None
+    status: str,
+    message: str,
+    exit_code: int | None,
+    bss: Mapping[str, str] | None = None,
 ) -> JobStatus:
     """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
-    the batch system's state where UNICORE logged it (a job without an exit code)."""
+    the batch system's fields where UNICORE logged them (a job without an exit code)."""
+    bss = bss or {}
+    bss_state = bss.get("JobState")
     if status in _ACTIVE:
         return JobStatus(_ACTIVE[status], native_state=status)
     lowered = message.lower()
@@ -159,11 +173,11 @@ def decide(
         if "abort" in lowered or "cancel" in lowered or bss_state == "CANCELLED":
             return JobStatus(RunState.KILLED, status, exit_code, "CANCELLED")
         if bss_state in _BSS_FAILURES:
-            return JobStatus(RunState.FAILED, status, exit_code, bss_state)
+            return JobStatus(RunState.FAILED, status, exit_code, _words(bss_state, bss))
         if "timeout" in lowered or "time limit" in lowered:
-            return JobStatus(RunState.FAILED, status, exit_code, "TIMEOUT")
+            return JobStatus(RunState.FAILED, status, exit_code, _words("TIMEOUT", bss))
         if "out_of_memory" in lowered or "out of memory" in lowered or "oom" in lowered.split():
-            return JobStatus(RunState.FAILED, status, exit_code, "OUT_OF_MEMORY")
+            return JobStatus(RunState.FAILED, status, exit_code, _words("OUT_OF_MEMORY", bss))
         if exit_code:
             return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
         pre = _PRE_COMMAND_FAILED.match(message.strip())
@@ -179,6 +193,11 @@ def decide(
         first = message.strip().splitlines()[0] if message.strip() else "FAILED"
         return JobStatus(RunState.FAILED, status, exit_code, first)
     return JobStatus(RunState.UNKNOWN, native_state=status)
+
+
+def _words(state: str, bss: Mapping[str, str]) -> str:
+    """The reason of a job the batch system ended: as a Slurm-over-SSH run says it."""
+    return ended_by_slurm(state, bss) or state
 
 
 def exit_code(value: Any) -> int | None:
