@@ -7,8 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import struct
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 
+from mantik_jupyter.handlers.upstream import upstream_pool
 from mantik_jupyter.tracking.embedded import free_port
 from mantik_jupyter.tracking.tls import ENV_CERT_PATH
 
@@ -184,7 +188,6 @@ async def test_a_200_mb_artifact_streams_through_without_growing_the_server(
     assert result == {"same": True, "size": 200 << 20}
     # The lab runs in this process: 200 MB went up and came back; it must not have been held.
     assert peak - before < 80, f"server memory grew by {peak - before:.0f} MB"
-
 
 
 REFUSED_UPLOAD = """
@@ -486,3 +489,223 @@ class TestEarlyRefusal(WithStandInUpstream):
         }  # fmt: skip
         resp = await jp_fetch("mantik", "api", "auth", "status")
         assert resp.code == 200
+
+
+class FaultyTrackingServer:
+    """A stand-in for a tracking server (or the load balancer in front of it) that fails
+    mid-transfer, which a real MLflow server cannot be made to do on cue. A raw TCP
+    server in a thread; what it does depends on the request's path:
+
+    - ``.../reset/...``: reads ``AFTER`` bytes of the request, then resets (SO_LINGER 0);
+    - ``.../stall/...``: reads ``AFTER`` bytes, then no more until ``resume`` is set, then
+      reads to the end and notes whether the lab had closed the connection;
+    - ``.../cut/...`` and ``.../cut-chunked/...``: answers a GET with 4 MB of a 200 MB
+      file (``Content-Length``, or chunked), then resets;
+    - anything else: a small 200, so that the next call through the lab can be checked.
+    """
+
+    AFTER = 4 << 20
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.resume = threading.Event()
+        self.closed_by_lab: list[bool] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.resume.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            path = data.split(b" ", 2)[1]
+            if b"/cut" in path:
+                chunked = b"/cut-chunked/" in path
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    if chunked
+                    else b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (200 << 20)
+                )
+                for _ in range(64):
+                    block = b"d" * 65536
+                    conn.sendall(b"10000\r\n%b\r\n" % block if chunked else block)
+            elif b"/reset/" in path or b"/stall/" in path:
+                while len(data) < self.AFTER and (more := conn.recv(65536)):
+                    data += more
+                if b"/stall/" in path:
+                    self.resume.wait(120)
+                    self.closed_by_lab.append(self._reads_to_the_end(conn))
+                    return
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    @staticmethod
+    def _reads_to_the_end(conn: socket.socket) -> bool:
+        conn.settimeout(5)
+        try:
+            while conn.recv(1 << 20):
+                pass
+        except TimeoutError:
+            return False  # the lab still holds the connection
+        except ConnectionError:
+            pass
+        return True
+
+
+REQUESTS_UPLOAD = """
+    import json, os, time, requests
+    start = time.monotonic()
+    try:
+        with open(os.environ["FILE"], "rb") as fh:
+            resp = requests.put(
+                os.environ["URL"], data=fh, timeout=float(os.environ["TIMEOUT"]),
+                headers={"Authorization": "token " + os.environ["TOKEN"]},
+            )
+        out = {"status": resp.status_code, "body": resp.text}
+    except requests.RequestException as exc:
+        out = {"error": repr(exc)}
+    print(json.dumps({**out, "seconds": time.monotonic() - start}))
+"""
+
+REQUESTS_DOWNLOAD = """
+    import json, os, requests
+    try:
+        resp = requests.get(
+            os.environ["URL"], timeout=60,
+            headers={"Authorization": "token " + os.environ["TOKEN"]},
+        )
+        out = {"status": resp.status_code, "size": len(resp.content)}
+    except requests.RequestException as exc:
+        out = {"error": type(exc).__name__}
+    print(json.dumps(out))
+"""
+
+
+async def curl(*args: str) -> tuple[int, str, str, float]:
+    """curl's exit status, its ``-w`` output and stderr, and the seconds it took."""
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "60", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode(), time.monotonic() - start
+
+
+class TestUpstreamFaults(WithStandInUpstream):
+    """The tracking server's connection breaks in the middle of a large transfer: the
+    client hears so at once and plainly, and the lab keeps nothing of it."""
+
+    @pytest.fixture
+    def upstream(self):
+        server = FaultyTrackingServer()
+        self.port = server.port
+        self.uri = f"http://127.0.0.1:{server.port}"
+        yield server
+        server.close()
+
+    @pytest.fixture
+    def artifact(self, tmp_path) -> Path:
+        path = tmp_path / "big.bin"
+        with path.open("wb") as fh:
+            fh.truncate(200 << 20)
+        return path
+
+    def url(self, jp_serverapp, jp_base_url: str, fault: str) -> str:
+        return lab_url(jp_serverapp, jp_base_url) + (
+            f"mantik/mlflow/api/2.0/mlflow-artifacts/artifacts/{fault}/1/run/artifacts/big.bin"
+        )
+
+    async def assert_the_lab_goes_on(self, jp_fetch, caplog) -> None:
+        resp = await jp_fetch("mantik", "mlflow", "api", "next")
+        assert resp.body == b"ok"
+        await asyncio.sleep(0.2)
+        exchanges = [t for t in asyncio.all_tasks() if "exchange" in repr(t.get_coro())]
+        assert exchanges == [], "an exchange with the tracking server is still going on"
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+    async def test_a_reset_mid_upload_is_answered_at_once(
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, artifact, caplog
+    ):
+        url = self.url(jp_serverapp, jp_base_url, "reset")
+        token = jp_serverapp.identity_provider.token
+        # curl sends at 50 MB/s: taking in the rest of the 200 MB would take 4 s.
+        code, out, err, seconds = await curl(
+            "-T", str(artifact), "--limit-rate", "50M", "-H", f"Authorization: token {token}",
+            "-o", "/dev/stdout", "-w", "\n%{http_code}", url,
+        )  # fmt: skip
+        body, status = out.rsplit("\n", 1)
+        assert (code, status) == (0, "502"), err
+        assert seconds < 2, f"curl waited {seconds:.1f} s for the answer"
+        answer = json.loads(body)
+        assert answer["reason"] == "tracking_unavailable"
+        assert self.uri in answer["message"]
+        assert "lost during the upload" in answer["message"]
+        assert "Retry" in answer["message"]
+        # requests (under MLflow's client) sends to the end unless its send fails.
+        out = await run_python(
+            REQUESTS_UPLOAD,
+            {"URL": url, "TOKEN": token, "FILE": str(artifact), "TIMEOUT": "60"},
+        )
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result.get("status") == 502, result
+        assert json.loads(result["body"])["reason"] == "tracking_unavailable"
+        assert "lost during the upload" in result["body"]
+        await self.assert_the_lab_goes_on(jp_fetch, caplog)
+
+    @pytest.mark.parametrize("fault", ["cut", "cut-chunked"])
+    async def test_a_reset_mid_download_cuts_the_download_off(
+        self, jp_fetch, jp_serverapp, jp_base_url, fault, caplog
+    ):
+        # A chunked answer was ended in order (a whole-looking short file, status 200);
+        # one with a length was cut off, but logged a traceback.
+        url = self.url(jp_serverapp, jp_base_url, fault)
+        token = jp_serverapp.identity_provider.token
+        out = await run_python(REQUESTS_DOWNLOAD, {"URL": url, "TOKEN": token})
+        # Not a 200 with a short file that looks whole.
+        assert json.loads(out.strip().splitlines()[-1]) == {"error": "ChunkedEncodingError"}
+        code, _, err, _ = await curl("-H", f"Authorization: token {token}", "-o", "/dev/null", url)
+        assert code == 18, err  # CURLE_PARTIAL_FILE
+        await self.assert_the_lab_goes_on(jp_fetch, caplog)
+
+    async def test_a_stalled_upload_ends_within_the_stall_timeout(
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, artifact, caplog, monkeypatch
+    ):
+        monkeypatch.setattr(upstream_pool(), "stall_timeout", 2.0)
+        url = self.url(jp_serverapp, jp_base_url, "stall")
+        out = await run_python(
+            REQUESTS_UPLOAD,
+            {
+                "URL": url, "TOKEN": jp_serverapp.identity_provider.token,
+                "FILE": str(artifact), "TIMEOUT": "20",
+            },
+        )  # fmt: skip
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result.get("status") == 504, result
+        assert result["seconds"] < 10
+        answer = json.loads(result["body"])
+        assert answer["reason"] == "tracking_timeout"
+        assert self.uri in answer["message"]
+        assert "took none of the upload for 2 s" in answer["message"]
+        upstream.resume.set()
+        for _ in range(100):
+            if upstream.closed_by_lab:
+                break
+            await asyncio.sleep(0.1)
+        assert upstream.closed_by_lab == [True], "the lab kept the stalled connection"
+        await self.assert_the_lab_goes_on(jp_fetch, caplog)

@@ -19,7 +19,13 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer
 
 from mantik_jupyter.handlers import upstream_http
-from mantik_jupyter.handlers.upstream import Origin, UpstreamPool, UpstreamRequest
+from mantik_jupyter.handlers.upstream import (
+    Origin,
+    UploadInterrupted,
+    UploadStalled,
+    UpstreamPool,
+    UpstreamRequest,
+)
 from mantik_jupyter.tracking.embedded import free_port
 from mantik_jupyter.tracking.tls import ENV_CERT_PATH, ENV_INSECURE
 
@@ -461,6 +467,51 @@ async def test_an_answer_before_the_whole_upload_is_the_answer(then: str | None)
         assert (got.code, got.body) == (403, b"denied!")
         assert pool._idle.get(up.origin, []) == []  # the rest of the body is on that one
         pool.close()
+
+
+@contextlib.asynccontextmanager
+async def taking_part_of_an_upload(then: str):  # type: ignore[no-untyped-def]
+    """A raw server that reads a request's head and 1 MB of its body, then resets the
+    connection (``then="reset"``) or reads no more until the test ends (``"stall"``)."""
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1 << 20)
+        if then == "stall":
+            await done.wait()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    port = free_port()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        yield Origin("http", "127.0.0.1", port)
+    finally:
+        done.set()
+        server.close()
+        await asyncio.sleep(0)
+
+
+async def test_a_reset_mid_upload_says_how_much_was_sent() -> None:
+    async with taking_part_of_an_upload("reset") as origin:
+        pool = UpstreamPool()
+        with pytest.raises(UploadInterrupted) as caught:
+            await asyncio.wait_for(pool.exchange(origin, upload(64 << 20), Collect()), 20)
+        assert (1 << 20) <= caught.value.sent < 64 << 20
+        assert isinstance(caught.value.cause, ConnectionError)
+        assert pool._idle.get(origin, []) == []
+
+
+async def test_an_upload_the_server_stops_reading_is_given_up() -> None:
+    # Without a limit the upload, and the client's connection behind it, waited for ever.
+    async with taking_part_of_an_upload("stall") as origin:
+        pool = UpstreamPool(stall_timeout=0.5)
+        with pytest.raises(UploadStalled) as caught:
+            await asyncio.wait_for(pool.exchange(origin, upload(64 << 20), Collect()), 20)
+        assert caught.value.seconds == 0.5 and caught.value.sent >= 1 << 20
+        assert pool._idle.get(origin, []) == []
 
 
 def test_the_pool_works_in_a_lab_running_on_uvloop() -> None:

@@ -21,10 +21,17 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import httputil, web
 
-from ..errors import TrackingUnavailable
+from ..errors import MantikError, TrackingTimeout, TrackingUnavailable
 from ..tracking.tls import certificate_hint
 from .base import MantikMixin
-from .upstream import MAX_BODY, Origin, UpstreamRequest, upstream_pool
+from .upstream import (
+    MAX_BODY,
+    Origin,
+    UploadInterrupted,
+    UploadStalled,
+    UpstreamRequest,
+    upstream_pool,
+)
 
 HOP_BY_HOP = {
     "connection",
@@ -100,6 +107,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
     _body: asyncio.Queue[bytes | None] | None = None
     _buffered: list[bytes] | None = None
     _started = False
+    _body_complete = False
     _watchdog: asyncio.TimerHandle | None = None
 
     def get_login_url(self) -> str:
@@ -186,7 +194,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 self._fetch = asyncio.ensure_future(
                     upstream_pool().exchange(self._origin, self._request, _Relay(self))
                 )
-                self._fetch.add_done_callback(self._discard_body)
+                self._fetch.add_done_callback(self._exchange_ended)
 
     async def data_received(self, chunk: bytes) -> None:
         if self._buffered is not None:
@@ -194,12 +202,32 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         elif self._body is not None and self._fetch is not None and not self._fetch.done():
             await self._body.put(chunk)
 
-    def _discard_body(self, fetch: asyncio.Future[None]) -> None:
+    def _exchange_ended(self, fetch: asyncio.Future[None]) -> None:
         # The exchange ended before the upload did (the tracking server refused it
         # early): the rest of the body has nowhere to go, and must not wait for room.
-        assert self._body is not None
+        assert self._body is not None and self._request is not None
         while not self._body.empty():
             self._body.get_nowait()
+        if fetch.cancelled() or self._body_complete or self._finished or self._request.aborted:
+            return  # ``_proxy`` or ``on_connection_close`` deals with the end
+        error = fetch.exception()
+        if error is None:
+            return  # an early answer, relayed: it is finished once the body is in
+        # The upload broke off (reset, stall) while the client is still sending: it is
+        # told now, not after sending the rest for nothing. tornado then closes the
+        # connection, the only way not to read the rest (curl stops at the answer;
+        # urllib3, under requests and MLflow's client, reads it when its send fails).
+        if self._started:
+            self._cut_off(error)
+            return
+        embedded = self.mantik.tracking.embedded_server
+        if embedded is not None:
+            embedded.report_unanswered()  # a crashed or hung embedded server is restarted
+        failure = self._failure(error)
+        self.log_exception(type(failure), failure, None)
+        self.clear()
+        self.set_header("Connection", "close")
+        self.write_error(failure.status, exc_info=(type(failure), failure, None))
 
     async def _produce(self, write: Any) -> None:
         assert self._body is not None
@@ -238,8 +266,9 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
 
     @web.authenticated
     async def _proxy(self, *args: Any) -> None:
-        if self._request is None:
-            return  # redirected in prepare
+        self._body_complete = True
+        if self._request is None or self._finished:
+            return  # redirected in prepare, or the upload's failure was answered already
         error: BaseException | None = None
         embedded = self.mantik.tracking.embedded_server
         if embedded is not None:
@@ -269,14 +298,53 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
         if error is not None and embedded is not None:
             embedded.report_unanswered()
         if self._started:
-            self.finish()
+            if error is None:
+                self.finish()
+            else:
+                self._cut_off(error)
             return
+        raise self._failure(error)
+
+    def _failure(self, error: BaseException | None) -> MantikError:
+        """What the client is told when no answer came."""
+        if isinstance(error, UploadStalled):
+            return TrackingTimeout(
+                f"The tracking server {self._upstream} took none of the upload for "
+                f"{error.seconds:g} s, after {self._sent(error.sent)} had been sent: the "
+                "upload was given up and did not complete. Retry it; if it stalls again, "
+                "check the tracking server and the storage it writes artifacts to."
+            )
+        if isinstance(error, UploadInterrupted):
+            return TrackingUnavailable(
+                f"The connection to the tracking server {self._upstream} was lost during "
+                f"the upload ({type(error.cause).__name__}), after {self._sent(error.sent)} "
+                "had been sent: the upload did not complete. Retry it; if it fails again, "
+                "check the tracking server (and any proxy in front of it) for an upload "
+                "size limit or an error."
+            )
         if isinstance(error, ssl.SSLCertVerificationError):
-            raise TrackingUnavailable(certificate_hint(self._upstream))
-        raise TrackingUnavailable(
+            return TrackingUnavailable(certificate_hint(self._upstream))
+        return TrackingUnavailable(
             f"The tracking server {self._upstream} cannot be reached "
             f"({type(error).__name__ if error else 'no response'}). Check that it runs."
         )
+
+    def _sent(self, sent: int) -> str:
+        length = self.request.headers.get("Content-Length", "").strip()
+        total = f" of {int(length) / 2**20:.1f} MB" if length.isdigit() else " MB"
+        return f"{sent / 2**20:.1f}{total}"
+
+    def _cut_off(self, error: BaseException) -> None:
+        # The tracking server broke off its answer. Ending it in order (a chunked
+        # answer's last chunk) would hand the client a short copy that looks whole:
+        # the client's connection is closed instead, so that it sees the answer cut off.
+        self.log.warning(
+            "%s %s: the tracking server %s broke off its answer (%s); the client's "
+            "connection was closed so that it does not take the part it got for the whole.",
+            self.request.method, self.request.path, self._upstream, type(error).__name__,
+        )  # fmt: skip
+        self.request.connection.close()  # type: ignore[union-attr]
+        self.finish()  # writes nothing more (the connection is closed); logs the request
 
     def on_finish(self) -> None:
         # Working in the MLflow UI or with the MLflow client through the lab is use of

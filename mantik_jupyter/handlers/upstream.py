@@ -35,6 +35,28 @@ MAX_BODY = 1 << 40
 IDLE_SECONDS = 1.0
 MAX_IDLE_PER_ORIGIN = 8
 CONNECT_TIMEOUT = 10.0
+# Seconds a streamed body may wait for the tracking server to read on: nginx's
+# proxy_send_timeout. Between two reads, not for the whole upload.
+STALL_TIMEOUT = 60.0
+
+
+class UploadInterrupted(ConnectionError):
+    """The connection to the tracking server broke while a streamed body was being sent,
+    before any answer: the server has an incomplete body, if anything."""
+
+    def __init__(self, sent: int, cause: BaseException) -> None:
+        super().__init__(f"connection lost after {sent} bytes of the body: {cause!r}")
+        self.sent = sent
+        self.cause = cause
+
+
+class UploadStalled(TimeoutError):
+    """The tracking server stopped reading a streamed body and did not answer."""
+
+    def __init__(self, sent: int, seconds: float) -> None:
+        super().__init__(f"no byte of the body was read for {seconds:g} s after {sent} bytes")
+        self.sent = sent
+        self.seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -85,10 +107,12 @@ class UpstreamPool:
         idle_seconds: float = IDLE_SECONDS,
         max_idle: int = MAX_IDLE_PER_ORIGIN,
         connect_timeout: float = CONNECT_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
         self.opened = 0  # connections opened so far: what tests and benchmarks look at
         self._idle: dict[Origin, list[Connection]] = {}
         self._prune_timer: asyncio.TimerHandle | None = None
@@ -99,7 +123,8 @@ class UpstreamPool:
         """Send ``request`` and hand the response to ``delegate``.
 
         Raises ``OSError`` (``ConnectionError``, ``TimeoutError``, an ``ssl`` error)
-        when the upstream cannot be reached or drops the connection.
+        when the upstream cannot be reached or drops the connection; ``UploadInterrupted``
+        or ``UploadStalled`` when that happens to a streamed body that is not all sent.
         """
         if request.aborted:
             raise ConnectionAbortedError("the request was given up")
@@ -133,10 +158,14 @@ class UpstreamPool:
             conn.write(head + (request.body or b""))
             if request.body_producer is not None:
                 try:
-                    await send_body(conn, request.body_producer, request.headers)
-                except ConnectionError:
+                    await send_body(
+                        conn, request.body_producer, request.headers, self.stall_timeout
+                    )
+                except TimeoutError:
+                    raise UploadStalled(conn.body_sent, self.stall_timeout) from None
+                except ConnectionError as exc:
                     if not conn.answered:
-                        raise
+                        raise UploadInterrupted(conn.body_sent, exc) from exc
                     # The server answered before it took the whole body (it refused it,
                     # often closing at once): that answer is the client's, not the error.
                     conn.spoiled = True

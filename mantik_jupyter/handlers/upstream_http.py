@@ -98,14 +98,18 @@ def _chunked(headers: httputil.HTTPHeaders) -> bool:
     return "Content-Length" not in headers
 
 
-async def send_body(conn: Connection, produce: BodyProducer, headers: httputil.HTTPHeaders) -> None:
-    """A streamed body, sent as ``produce`` hands it over and as fast as the server reads."""
+async def send_body(
+    conn: Connection, produce: BodyProducer, headers: httputil.HTTPHeaders, stall_timeout: float
+) -> None:
+    """A streamed body, sent as ``produce`` hands it over and as fast as the server reads.
+    ``TimeoutError`` when the server takes none of it for ``stall_timeout`` seconds."""
     chunked = _chunked(headers)
 
     async def write(chunk: bytes) -> None:
         if chunk:
             conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            await conn.drain()
+            conn.body_sent += len(chunk)
+            await conn.drain(stall_timeout)
 
     await produce(write)
     if chunked:
@@ -123,6 +127,7 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._parser: httptools.HttpResponseParser | None = None  # None: nothing asked
         self.answered = False  # some byte of the answer came: the request was seen
+        self.body_sent = 0  # bytes of a streamed body handed to the connection
         self._final = False  # the answer's head is the final (>= 200) one
         self._complete = False  # the final answer has ended
         self.spoiled = False  # never reuse: more came than asked, or a body was cut short
@@ -149,9 +154,13 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
         if self._drained is not None:
-            await self._drained
+            # A server that stops reading mid-body would otherwise hold the upload, the
+            # client's connection and this one for ever: the client's bytes stop being
+            # read, so the lab never even learns that the client gave up.
+            async with asyncio.timeout(timeout):
+                await self._drained
         self._check_sending()
 
     def _check_sending(self) -> None:
@@ -175,6 +184,7 @@ class Connection(asyncio.Protocol):
         self._events, self._queued, self._head_bytes = [], 0, 0
         self._headers, self._reason = httputil.HTTPHeaders(), b""
         self.answered = self._final = self._complete = False
+        self.body_sent = 0
 
     def done_with_response(self) -> None:
         self._parser = None
