@@ -155,7 +155,8 @@ class LocalStateInvalid(MantikError):
 
 
 class TrackingTimeout(MantikError):
-    """The embedded tracking server did not become healthy in time."""
+    """The tracking server took too long: the embedded one did not become healthy in
+    time, or a server stopped taking an upload sent through the proxy."""
 
     status = 504
     exit_code = 6

@@ -22,8 +22,11 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 
+from mantik_jupyter.errors import TrackingUnavailable
 from mantik_jupyter.handlers.upstream import upstream_pool
+from mantik_jupyter.tracking.credentials import Credential
 from mantik_jupyter.tracking.embedded import free_port
+from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.tls import ENV_CERT_PATH
 
 from .lab_fixtures import lab_config, login_as
@@ -605,6 +608,20 @@ async def curl(*args: str) -> tuple[int, str, str, float]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode(), time.monotonic() - start
+
+
+def test_an_answer_the_tracking_server_broke_off_is_unavailable_not_a_crash():
+    # The lab's own calls (auth status, runs) raised requests' ChunkedEncodingError, which
+    # no handler expected: a 500 with a traceback in the lab's log.
+    server = FaultyTrackingServer()
+    try:
+        client = TrackingClient(f"http://127.0.0.1:{server.port}/cut", Credential(token="t"))
+        with pytest.raises(TrackingUnavailable) as caught:
+            client.api("GET", "experiments/search", max_results=1)
+        message = caught.value.message
+        assert f"127.0.0.1:{server.port}/cut" in message and "broke off its answer" in message
+    finally:
+        server.close()
 
 
 class TestUpstreamFaults(WithStandInUpstream):

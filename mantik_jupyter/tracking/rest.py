@@ -90,6 +90,13 @@ class TrackingClient:
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} did not answer within {timeout:.0f} s."
             ) from None
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            # The answer began and stopped short: a reset, a proxy in front that gave up.
+            raise TrackingUnavailable(
+                f"The tracking server {self.uri} broke off its answer to {method} /{path}. "
+                "Try again; if it keeps happening, check the server (or the proxy in front "
+                "of it) for errors."
+            ) from None
         self._raise_for_status(resp)
         return resp
 
