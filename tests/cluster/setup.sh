@@ -21,7 +21,7 @@ CLUSTER_NAME=mantiktest
 TEST_ACCOUNT=mantik-budget
 LIMITED_QOS=mantik-limited
 WAITING_QOS=mantik-waiting
-PACKAGES=(slurm-wlm slurmdbd munge openssh-server mariadb-server mariadb-client)
+PACKAGES=(slurm-wlm slurmdbd munge openssh-server mariadb-server mariadb-client tcsh)
 START=$SECONDS
 
 [[ $(id -u) == 0 ]] || { log "setup.sh must run as root"; exit 1; }
@@ -211,6 +211,8 @@ make_user() {
   # useradd leaves the account locked ("!"), and sshd without PAM refuses
   # locked accounts even for key logins; "*" means: no password, not locked.
   [[ $(getent shadow "$TEST_USER" | cut -d: -f2) == '*' ]] || usermod -p '*' "$TEST_USER"
+  # A test switches the login shell to tcsh for a while; one that died left it so.
+  [[ $(getent passwd "$TEST_USER" | cut -d: -f7) == /bin/bash ]] || usermod -s /bin/bash "$TEST_USER"
 }
 
 setup_ssh() {

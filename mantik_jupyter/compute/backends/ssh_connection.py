@@ -403,7 +403,13 @@ class SshConnection:
         channel = self.open_channel(client or self.client())
         self.commands_issued += 1
         try:
-            self.request(channel, lambda: channel.exec_command(command))
+            # The login shell runs only "sh -s"; the command, POSIX sh, comes on stdin. A
+            # csh or tcsh login shell refused our commands themselves (a quoted newline,
+            # 2>/dev/null). Braces: sh reads the whole command before it runs any of it,
+            # so nothing in it can read the rest as its input.
+            self.request(channel, lambda: channel.exec_command("sh -s"))
+            channel.sendall(b"{\n" + command.encode() + b"\n} </dev/null\n")
+            channel.shutdown_write()
         except BaseException:
             channel.close()
             raise

@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 LOGIN_COMMAND_TIMEOUT = 3600.0
 # Jobs asked about in one status command (about 120 bytes each with their run directory).
 STATES_BATCH = 500
+# What sh prints, if anything, of a command a signal ended ("Killed", "Terminated").
+_SHELL_SIGNAL_NOTE = re.compile(r"(.*\b(Killed|Terminated|Hangup)\b.*)?", re.S)
 # How much of mantik-login.log a failed PreRunCommandOnLoginNode shows in its error.
 _LOGIN_LOG_TAIL = 2000
 
@@ -373,7 +375,6 @@ class SshSlurmBackend(Backend):
             f"{q(layout.JOB_SCRIPT)} "
             f'|| {{ mantik_rc=$?; rm -f -- {creds}; exit "$mantik_rc"; }}'
         )
-        # sh -c: the script is POSIX sh, whatever the account's login shell (csh exists).
         return "sh -c " + q("\n".join(lines))
 
     def _abandon_submission(self, run_dir: str, group: str) -> None:
@@ -429,8 +430,14 @@ class SshSlurmBackend(Backend):
         """The error of a submit command stopped by a signal before it ended: it was
         told as "sbatch refused the job: " with nothing after it. Whether sbatch had run
         is unknown, so a job this submission queued is cancelled."""
-        signals = {NO_EXIT_STATUS: "SIGKILL or another signal", 129: "SIGHUP", 143: "SIGTERM"}
-        if result.status not in signals or result.err_text:
+        signals = {
+            NO_EXIT_STATUS: "SIGKILL or another signal",
+            129: "SIGHUP",
+            137: "SIGKILL",
+            143: "SIGTERM",
+        }
+        # The sh that ran the submit command may say how its child ended, nothing more.
+        if result.status not in signals or not _SHELL_SIGNAL_NOTE.fullmatch(result.err_text):
             return
         self._abandon_submission(run_dir, group)
         raise BackendRejected(
@@ -526,7 +533,6 @@ class SshSlurmBackend(Backend):
                 f"set -- {pairs}; while [ $# -gt 1 ]; do "
                 f'[ -f "$2" ] && printf "%s|%s\\n" "$1" "$(head -c 32 "$2")"; shift 2; done'
             )
-        # sh -c: the script is POSIX sh, whatever the account's login shell (csh exists).
         return "sh -c " + shlex.quote("; ".join(parts) + "; true")
 
     # ---- logs, cancel ---------------------------------------------------------------------
