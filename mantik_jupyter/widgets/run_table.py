@@ -328,21 +328,18 @@ class RunTable(w.VBox):
             active = [r for r in self.rows if r.active]
         if not active:
             return []
-        runs = self._search_ids([r.run_id for r in active])
-        was = {
-            row.run_id: row.info.state
-            for row in q.to_rows(runs)
-            if row.info.job_id and row.info.state in ACTIVE_STATES
-        }
-        if was and self._service is not None:
+        found = q.to_rows(self._search_ids([r.run_id for r in active]))
+        jobs = [r for r in found if r.info.job_id and r.info.state in ACTIVE_STATES]
+        if jobs and self._service is not None:
             # The runs as just found: the service fetched each of them again before.
-            jobs = [run for run in runs if run["info"]["run_id"] in was]
+            was = {r.run_id: r.info.state for r in jobs}
             try:
-                if any(was[i.run_id] != i.state for i in self.service.sync_found(jobs)):
-                    runs = self._search_ids([r.run_id for r in active])
+                synced = self.service.sync_found([r.run for r in jobs])
+                if any(was[i.run_id] != i.state for i in synced):
+                    found = q.to_rows(self._search_ids([r.run_id for r in active]))
             except MantikError as exc:
                 log.info("sync of active runs failed: %s", exc.message)
-        fresh = {r.run_id: r for r in q.to_rows(runs)}
+        fresh = {r.run_id: r for r in found}
         changed = []
         with self._lock:
             if generation != self._generation:
