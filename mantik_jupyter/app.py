@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Unicode, default
+from traitlets import Float, TraitError, Unicode, default, validate
 
 from . import paths
 from .compute.runs import RunService
@@ -55,6 +55,23 @@ class MantikApp(ExtensionApp):
     sync_interval = Float(
         10.0, config=True, help="Seconds between background refreshes of active runs' states."
     )
+    upload_stall_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds an upload through the MLflow proxy may wait for the tracking server to "
+        "read more of it (between two reads, not for the whole upload) before it is given up "
+        "with a 504. Raise it for a tracking server whose artifact store pauses long.",
+    )
+
+    @validate("upload_stall_timeout")
+    def _positive_stall_timeout(self, proposal: dict) -> float:
+        value = float(proposal["value"])
+        if value <= 0:
+            raise TraitError(
+                f"c.MantikApp.upload_stall_timeout must be a number of seconds above 0, got "
+                f"{value:g}: an upload would be given up before the tracking server could read."
+            )
+        return value
 
     @default("tracking_uri")
     def _tracking_uri_default(self) -> str | None:

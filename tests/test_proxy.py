@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -21,9 +22,10 @@ import requests
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
+from traitlets import TraitError
 
+from mantik_jupyter.app import MantikApp
 from mantik_jupyter.errors import TrackingUnavailable
-from mantik_jupyter.handlers.upstream import upstream_pool
 from mantik_jupyter.tracking.credentials import Credential
 from mantik_jupyter.tracking.embedded import free_port
 from mantik_jupyter.tracking.rest import TrackingClient
@@ -233,6 +235,7 @@ class WithStandInUpstream:
     """Test classes whose lab talks to a tornado stand-in for the tracking server."""
 
     port: int
+    mantik_settings: dict = {}  # more c.MantikApp settings of the lab
 
     @contextlib.contextmanager
     def serving(self, handler: type[tornado.web.RequestHandler]) -> Iterator[None]:
@@ -248,7 +251,9 @@ class WithStandInUpstream:
     def jp_server_config(self, tmp_path, upstream, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
-        return lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+        config = lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+        config["MantikApp"].update(self.mantik_settings)
+        return config
 
 
 class TestHeaderHygiene(WithStandInUpstream):
@@ -504,6 +509,10 @@ class FaultyTrackingServer:
       reads to the end and notes whether the lab had closed the connection;
     - ``.../cut/...`` and ``.../cut-chunked/...``: answers a GET with 4 MB of a 200 MB
       file (``Content-Length``, or chunked), then resets;
+    - ``.../drop/...``: reads the request, then resets without a byte of an answer (a
+      server that crashed on it, or a load balancer that gave up on it);
+    - ``.../garbage/...``: answers with bytes that are not HTTP (a TLS alert: an https
+      port addressed as http://);
     - anything else: a small 200, so that the next call through the lab can be checked.
     """
 
@@ -544,6 +553,14 @@ class FaultyTrackingServer:
                 for _ in range(64):
                     block = b"d" * 65536
                     conn.sendall(b"10000\r\n%b\r\n" % block if chunked else block)
+            elif b"/garbage/" in path:
+                conn.sendall(b"\x15\x03\x01\x00\x02\x02\x46")
+                return
+            elif b"/drop/" in path:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                while length and len(body) < int(length.group(1)):
+                    body += conn.recv(65536)
             elif b"/reset/" in path or b"/stall/" in path:
                 while len(data) < self.AFTER and (more := conn.recv(65536)):
                     data += more
@@ -624,6 +641,11 @@ def test_an_answer_the_tracking_server_broke_off_is_unavailable_not_a_crash():
         server.close()
 
 
+def test_an_upload_stall_timeout_that_is_not_above_zero_is_refused_by_name():
+    with pytest.raises(TraitError, match=r"c\.MantikApp\.upload_stall_timeout .* got 0"):
+        MantikApp(upload_stall_timeout=0)
+
+
 class TestUpstreamFaults(WithStandInUpstream):
     """The tracking server's connection breaks in the middle of a large transfer: the
     client hears so at once and plainly, and the lab keeps nothing of it."""
@@ -642,6 +664,9 @@ class TestUpstreamFaults(WithStandInUpstream):
         with path.open("wb") as fh:
             fh.truncate(200 << 20)
         return path
+
+    # What a team whose artifact store pauses long would raise; here it is made short.
+    mantik_settings = {"upload_stall_timeout": 2.0}
 
     def url(self, jp_serverapp, jp_base_url: str, fault: str) -> str:
         return lab_url(jp_serverapp, jp_base_url) + (
@@ -701,9 +726,8 @@ class TestUpstreamFaults(WithStandInUpstream):
         await self.assert_the_lab_goes_on(jp_fetch, caplog)
 
     async def test_a_stalled_upload_ends_within_the_stall_timeout(
-        self, jp_fetch, jp_serverapp, jp_base_url, upstream, artifact, caplog, monkeypatch
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, artifact, caplog
     ):
-        monkeypatch.setattr(upstream_pool(), "stall_timeout", 2.0)
         url = self.url(jp_serverapp, jp_base_url, "stall")
         out = await run_python(
             REQUESTS_UPLOAD,
@@ -725,4 +749,41 @@ class TestUpstreamFaults(WithStandInUpstream):
                 break
             await asyncio.sleep(0.1)
         assert upstream.closed_by_lab == [True], "the lab kept the stalled connection"
+        await self.assert_the_lab_goes_on(jp_fetch, caplog)
+
+    async def unavailable(self, jp_serverapp, jp_base_url, path: str, *args: str) -> str:
+        """The message of the 502 the lab gives for ``path`` (curl's ``args`` added)."""
+        token = jp_serverapp.identity_provider.token
+        url = lab_url(jp_serverapp, jp_base_url) + "mantik/mlflow/" + path
+        code, out, err, _ = await curl(
+            "-H", f"Authorization: token {token}", "-w", "\n%{http_code}", *args, url
+        )  # fmt: skip
+        body, status = out.rsplit("\n", 1)
+        assert (code, status) == (0, "502"), err
+        answer = json.loads(body)
+        assert answer["reason"] == "tracking_unavailable"
+        assert self.uri in answer["message"] and "cannot be reached" not in answer["message"]
+        return answer["message"]
+
+    async def test_a_call_the_tracking_server_dropped_unanswered_says_so(
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, caplog
+    ):
+        # It read "cannot be reached ... Check that it runs": the server was reached, took
+        # the call, and may have acted on it before it went away.
+        message = await self.unavailable(
+            jp_serverapp, jp_base_url, "api/2.0/mlflow/drop/runs/create",
+            "-H", "Content-Type: application/json", "-d", '{"experiment_id": "1"}',
+        )  # fmt: skip
+        assert (
+            "closed the connection without answering POST /api/2.0/mlflow/drop/runs/create"
+            in message
+        )
+        assert "may or may not have taken effect" in message
+        await self.assert_the_lab_goes_on(jp_fetch, caplog)
+
+    async def test_an_answer_that_is_not_http_says_what_to_check(
+        self, jp_fetch, jp_serverapp, jp_base_url, upstream, caplog
+    ):
+        message = await self.unavailable(jp_serverapp, jp_base_url, "garbage/")
+        assert "not HTTP/1.1" in message and "https://" in message
         await self.assert_the_lab_goes_on(jp_fetch, caplog)

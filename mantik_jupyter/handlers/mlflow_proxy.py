@@ -26,12 +26,14 @@ from ..tracking.tls import certificate_hint
 from .base import MantikMixin
 from .upstream import (
     MAX_BODY,
+    NoAnswer,
     Origin,
     UploadInterrupted,
     UploadStalled,
     UpstreamRequest,
     upstream_pool,
 )
+from .upstream_http import UpstreamProtocolError
 
 HOP_BY_HOP = {
     "connection",
@@ -190,6 +192,7 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
             else:
                 self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)
                 self._request.body_producer = self._produce
+                self._request.stall_timeout = self.mantik.upload_stall_timeout
                 # Streaming starts now, while the body is still arriving.
                 self._fetch = asyncio.ensure_future(
                     upstream_pool().exchange(self._origin, self._request, _Relay(self))
@@ -322,12 +325,30 @@ class MlflowProxyHandler(MantikMixin, JupyterHandler):
                 "check the tracking server (and any proxy in front of it) for an upload "
                 "size limit or an error."
             )
+        if isinstance(error, NoAnswer):
+            return TrackingUnavailable(
+                f"The tracking server {self._upstream} closed the connection without "
+                f"answering {self.request.method} {self._api_path()} "
+                f"({type(error.cause).__name__}): it may have stopped or crashed while "
+                "handling it, so a call that changes data may or may not have taken effect. "
+                "Retry it; if it fails again, check the tracking server's log."
+            )
+        if isinstance(error, UpstreamProtocolError):
+            return TrackingUnavailable(
+                f"The tracking server {self._upstream} answered with something that is not "
+                f"HTTP/1.1 ({error}). Check that this address is an MLflow server's, and "
+                "that an https:// server is not addressed as http://."
+            )
         if isinstance(error, ssl.SSLCertVerificationError):
             return TrackingUnavailable(certificate_hint(self._upstream))
         return TrackingUnavailable(
             f"The tracking server {self._upstream} cannot be reached "
             f"({type(error).__name__ if error else 'no response'}). Check that it runs."
         )
+
+    def _api_path(self) -> str:
+        """The call's path as the tracking server knows it, without the lab's prefix."""
+        return "/" + self.request.path[len(self._prefix) :]
 
     def _sent(self, sent: int) -> str:
         length = self.request.headers.get("Content-Length", "").strip()

@@ -29,7 +29,15 @@ from urllib.parse import urlsplit
 from tornado import httputil
 
 from ..tracking import tls
-from .upstream_http import BodyProducer, Connection, Watch, read_response, request_head, send_body
+from .upstream_http import (
+    BodyProducer,
+    Connection,
+    UpstreamProtocolError,
+    Watch,
+    read_response,
+    request_head,
+    send_body,
+)
 
 MAX_BODY = 1 << 40
 IDLE_SECONDS = 1.0
@@ -57,6 +65,15 @@ class UploadStalled(TimeoutError):
         super().__init__(f"no byte of the body was read for {seconds:g} s after {sent} bytes")
         self.sent = sent
         self.seconds = seconds
+
+
+class NoAnswer(ConnectionError):
+    """The tracking server had the whole request but closed the connection before its
+    answer began: it was reached, and may have acted on the request."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the connection was closed before an answer came: {cause!r}")
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class UpstreamRequest:
     headers: httputil.HTTPHeaders
     body: bytes | None = None  # in memory: may be sent again on a fresh connection
     body_producer: BodyProducer | None = None  # streamed: sent once, on a new connection
+    stall_timeout: float | None = None  # for a streamed body; None: the pool's
     aborted: bool = False
     _conn: Connection | None = field(default=None, repr=False)
 
@@ -124,7 +142,9 @@ class UpstreamPool:
 
         Raises ``OSError`` (``ConnectionError``, ``TimeoutError``, an ``ssl`` error)
         when the upstream cannot be reached or drops the connection; ``UploadInterrupted``
-        or ``UploadStalled`` when that happens to a streamed body that is not all sent.
+        or ``UploadStalled`` when that happens to a streamed body that is not all sent;
+        ``NoAnswer`` when it had the whole request and closed before answering;
+        ``UpstreamProtocolError`` when its answer is not HTTP/1.1.
         """
         if request.aborted:
             raise ConnectionAbortedError("the request was given up")
@@ -157,19 +177,27 @@ class UpstreamPool:
             )
             conn.write(head + (request.body or b""))
             if request.body_producer is not None:
+                stall = request.stall_timeout
+                if stall is None:
+                    stall = self.stall_timeout
                 try:
-                    await send_body(
-                        conn, request.body_producer, request.headers, self.stall_timeout
-                    )
+                    await send_body(conn, request.body_producer, request.headers, stall)
                 except TimeoutError:
-                    raise UploadStalled(conn.body_sent, self.stall_timeout) from None
+                    raise UploadStalled(conn.body_sent, stall) from None
                 except ConnectionError as exc:
                     if not conn.answered:
                         raise UploadInterrupted(conn.body_sent, exc) from exc
                     # The server answered before it took the whole body (it refused it,
                     # often closing at once): that answer is the client's, not the error.
                     conn.spoiled = True
-            done = await read_response(conn, request.method, watch)
+            try:
+                done = await read_response(conn, request.method, watch)
+            except UpstreamProtocolError:
+                raise
+            except ConnectionError as exc:
+                if watch.final or request.aborted:
+                    raise
+                raise NoAnswer(exc) from exc
         finally:
             request._conn = None
             reuse = done and watch.reusable and not request.aborted

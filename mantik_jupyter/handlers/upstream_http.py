@@ -39,6 +39,7 @@ class Watch(httputil.HTTPMessageDelegate):
         self.delegate = delegate
         self.delimited = True  # False: the body ends when the server closes the connection
         self.reusable = False
+        self.final = False  # the final (>= 200) answer's head was handed on
 
     def headers_received(
         self,
@@ -47,6 +48,7 @@ class Watch(httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         assert isinstance(start_line, httputil.ResponseStartLine)
         if start_line.code >= 200:
+            self.final = True
             self.delimited = (
                 "Content-Length" in headers
                 or "chunked" in headers.get("Transfer-Encoding", "").lower()
