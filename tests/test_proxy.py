@@ -646,6 +646,27 @@ def test_an_upload_stall_timeout_that_is_not_above_zero_is_refused_by_name():
         MantikApp(upload_stall_timeout=0)
 
 
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ("drop", "closed the connection without answering GET /api/2.0/mlflow/experiments/search:"),
+        ("garbage", "answered with something that is not HTTP to GET /api/2.0/mlflow/experiments/"),
+    ],
+)
+def test_the_lab_says_when_the_tracking_server_gave_no_answer_to_read(fault, said):
+    # Both read "cannot be reached (ConnectionError). Check that it runs", about a server
+    # that had been reached and may have acted on the call.
+    server = FaultyTrackingServer()
+    try:
+        client = TrackingClient(f"http://127.0.0.1:{server.port}/{fault}", Credential(token="t"))
+        with pytest.raises(TrackingUnavailable) as caught:
+            client.api("GET", "experiments/search", max_results=1)
+        message = caught.value.message
+        assert said in message and "cannot be reached" not in message
+    finally:
+        server.close()
+
+
 class TestUpstreamFaults(WithStandInUpstream):
     """The tracking server's connection breaks in the middle of a large transfer: the
     client hears so at once and plainly, and the lab keeps nothing of it."""

@@ -9,11 +9,13 @@ credential per call. Jobs and kernels use MLflow's own client.
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 
 from ..errors import (
     AuthenticationFailed,
@@ -81,6 +83,12 @@ class TrackingClient:
             raise TrackingUnavailable(certificate_hint(self.uri)) from None
         except requests.ConnectionError as exc:
             self._unanswered()
+            unanswered = _unanswered_call(exc)
+            if unanswered is not None:
+                call = f"{method} /{path}"
+                raise TrackingUnavailable(
+                    f"The tracking server {self.uri} {unanswered.format(call=call)}"
+                ) from None
             raise TrackingUnavailable(
                 f"The tracking server {self.uri} cannot be reached ({type(exc).__name__}). "
                 + self.unreachable_hint
@@ -226,3 +234,24 @@ def _error_detail(resp: requests.Response) -> str:
             detail = str(body)[:300]
     # A server that is not MLflow (or a proxy in front of it) may say nothing useful.
     return detail or f"HTTP {resp.status_code} {resp.reason or ''}".strip()
+
+
+def _unanswered_call(exc: requests.ConnectionError) -> str | None:
+    """What went wrong, when the server was reached but gave no answer to read: it closed
+    the connection after the call went out, or sent something that is not HTTP."""
+    cause = exc.args[0] if exc.args else None
+    if not isinstance(cause, urllib3.exceptions.ProtocolError):
+        return None  # refused, no such host, no route: not reached at all
+    inner = cause.args[1] if len(cause.args) > 1 else None
+    if isinstance(inner, http.client.BadStatusLine) and not isinstance(
+        inner, http.client.RemoteDisconnected
+    ):
+        return (
+            "answered with something that is not HTTP to {call}. Check that this address is "
+            "an MLflow server's, and that an https:// server is not addressed as http://."
+        )
+    return (
+        "closed the connection without answering {call}: it may have stopped or crashed "
+        "while handling it, so a call that changes data may or may not have taken effect. "
+        "Try again; if it keeps happening, check the tracking server's log."
+    )
