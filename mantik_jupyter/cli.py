@@ -257,6 +257,12 @@ def _following(ref: str) -> Iterator[None]:
 
 def cmd_list(ctx: Context) -> int:
     args = ctx.args
+    if args.state:
+        # The filter reads the states recorded on the runs, which no lab may be keeping
+        # fresh: a run that had ended since was listed under `--state RUNNING` (shown as
+        # FINISHED) and missing under `--state FINISHED`. The user's active runs are
+        # brought up to date before the search instead of the page after it.
+        ctx.runs.sync()
     runs, token = ctx.runs.list(
         experiment_ids=[args.experiment_id] if args.experiment_id else None,
         experiment_name=args.experiment_name,
@@ -264,7 +270,7 @@ def cmd_list(ctx: Context) -> int:
         max_results=args.limit,
         page_token=args.page_token,
         # No lab may be running to keep states fresh: ask the backends now.
-        refresh=True,
+        refresh=not args.state,
     )
     data = [r.to_json() for r in runs]
     ctx.emit({"runs": data, "next_page_token": token}, lambda: runs_table(data))
@@ -434,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--experiment-name")
     exp.add_argument("--experiment-id")
     p.add_argument(
-        "--state", help="SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED or UNKNOWN"
+        "--state",
+        help="SUBMITTING, QUEUED, RUNNING, FINISHED, FAILED, KILLED or UNKNOWN; "
+        "active or final for a group of them",
     )
     p.add_argument("--limit", type=positive_int, default=50, help="at most N runs (default 50)")
     p.add_argument("--page-token", help="continue a listing (printed when there are more)")

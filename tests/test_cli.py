@@ -639,6 +639,33 @@ def test_listing_an_unknown_experiment_id_says_so(mantik: Mantik, experiment_id:
     assert ok(mantik("runs", "list", "--experiment-id", empty)).returncode == 0
 
 
+def test_listing_by_state_shows_the_runs_in_that_state_now(
+    mantik: Mantik, project: Path, mlflow_server: MlflowServer
+) -> None:
+    # The filter read the state recorded on the run, stale with no lab syncing it: a run
+    # that had ended was listed under `--state active` (shown as FINISHED), and
+    # `--state FINISHED` left it out.
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    run_id = as_json(mantik("runs", "submit", str(project), "--experiment-name", experiment,
+                            "--json"))["run_id"]  # fmt: skip
+    admin = admin_api(mlflow_server)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while (run := admin.get_run(run_id))["info"]["status"] != "FINISHED":
+        assert time.monotonic() < deadline, run["info"]
+        time.sleep(0.5)
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["mantik.state"] in ("QUEUED", "RUNNING"), tags  # nothing asked its backend
+
+    def listed(state: str) -> list[tuple[str, str]]:
+        found = as_json(mantik("runs", "list", "--state", state, "--experiment-name",
+                               experiment, "--json"))["runs"]  # fmt: skip
+        return [(r["run_id"], r["state"]) for r in found]
+
+    assert listed("FINISHED") == [(run_id, "FINISHED")]
+    assert listed("active") == []
+    assert listed("final") == [(run_id, "FINISHED")]
+
+
 def user_api(mantik: Mantik) -> RunsApi:
     """MLflow's REST API as the user of ``mantik``."""
     user = Credential(
