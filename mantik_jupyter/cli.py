@@ -122,21 +122,39 @@ def cmd_login(ctx: Context) -> int:
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
+            no_terminal = InvalidRequest(
+                f"No password for {username} at {tracking.uri}: there is no terminal to "
+                "ask on. Pipe it in with --password-stdin, or set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead of logging in."
+            )
+            if not _has_terminal():
+                # A script, cron, a CI job: getpass would fall back to reading stdin and
+                # print Python's GetPassWarning (with its source line) and 'Password input
+                # may be echoed' above the prompt, before this same error.
+                raise no_terminal
             # getpass never echoes; the password is never an argument (shell history, ps).
             try:
                 password = getpass.getpass(f"Password for {username} at {tracking.uri}: ")
             except EOFError:
-                # No terminal to ask on (a script, cron, a CI job) and nothing on stdin.
-                raise InvalidRequest(
-                    f"No password for {username} at {tracking.uri}: there is no terminal to "
-                    "ask on. Pipe it in with --password-stdin, or set "
-                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead of logging in."
-                ) from None
+                raise no_terminal from None
         if not password:
             raise InvalidRequest("No password given.")
         status = tracking.login(username=username, password=password)
     ctx.emit(status, f"Logged in to {status['tracking_uri']} as {status['username']}.")
     return EXIT_OK
+
+
+def _has_terminal() -> bool:
+    """Whether getpass has a terminal to ask on: stdin, else the process's ``/dev/tty``
+    (``cat list | mantik login`` still asks there)."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return True
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def cmd_logout(ctx: Context) -> int:

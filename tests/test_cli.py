@@ -247,6 +247,14 @@ def test_login_without_a_terminal_asks_for_password_stdin(
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
     assert "--password-stdin" in result.stderr and user.username in result.stderr
+    # One line that says what to do: not getpass's fallback first, which printed
+    # 'GetPassWarning: Can not control echo' with its source file and line, 'Password input
+    # may be echoed' and a prompt that nobody could answer.
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    # A password piped in without --password-stdin is not read as if typed (with those
+    # warnings): the same error.
+    result = anon("login", "--username", user.username, input=user.password + "\n")
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result
 
 
 def test_login_token_stdin_refused(anon: Mantik, mlflow_server: MlflowServer) -> None:
