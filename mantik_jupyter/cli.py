@@ -185,17 +185,6 @@ def cmd_status(ctx: Context) -> int:
 # ---- runs ------------------------------------------------------------------------------
 
 
-def _backend_config(project: Path, given: str | None) -> Path | None:
-    if not given:
-        return None
-    # Mantik reads the config name relative to the project folder; a path from the
-    # current directory (or an absolute one) works as well.
-    in_project = project / given
-    if not Path(given).is_absolute() and in_project.exists():
-        return in_project.resolve()
-    return Path(given).resolve()
-
-
 def cmd_submit(ctx: Context) -> int:
     from .compute.project import parse_param_args
 
@@ -212,7 +201,8 @@ def cmd_submit(ctx: Context) -> int:
     try:
         run = ctx.runs.submit(
             project,
-            backend_config=_backend_config(project, args.backend_config),
+            # Relative to the project folder, else to the current one: as Mantik reads it.
+            backend_config=args.backend_config or None,
             entry_point=args.entry_point,
             params=params,
             experiment_name=experiment_name,

@@ -600,6 +600,18 @@ def test_missing_config_exit_2(mantik: Mantik, project: Path) -> None:
     result = mantik("runs", "submit", str(project), "--backend-config", "nope.yaml")
     assert result.returncode == 2, result
     assert result.stderr.startswith("error: ") and "nope.yaml" in result.stderr
+    # A name is looked for in the project folder, then in the current one: the error
+    # named the current folder's only, where the user had not meant it to be.
+    assert str(project / "nope.yaml") in result.stderr, result.stderr
+    assert str(mantik.cwd / "nope.yaml") in result.stderr, result.stderr
+    # A name in the project folder is found from anywhere, a file in the current folder too.
+    shutil.copy(project / "compute-backend-config.yaml", project / "local.yaml")
+    args = ("runs", "submit", str(project), "-e", "nope")  # refused once the config is read
+    result = mantik(*args, "--backend-config", "local.yaml")
+    assert result.returncode == 2 and "Unknown entry point 'nope'" in result.stderr, result
+    (project / "local.yaml").rename(mantik.cwd / "here.yaml")
+    result = mantik(*args, "--backend-config", "here.yaml")
+    assert result.returncode == 2 and "Unknown entry point 'nope'" in result.stderr, result
 
 
 def test_bad_parameter_exit_2(mantik: Mantik, project: Path) -> None:

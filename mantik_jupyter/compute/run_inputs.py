@@ -46,10 +46,14 @@ def resolve_config(project: Path, backend_config: str | Path | None, root_dir: P
         return found
     usable_path(backend_config, "compute backend config")
     path = Path(backend_config).expanduser()
+    looked_in = ""
     if not path.is_absolute():
         in_project = project / path
         base = root_dir if root_dir is not None else Path.cwd()
         path = in_project if in_project.exists() else base / path
+        # A name given relative is looked for in two places; the error named the second
+        # only, and the user, who meant the project's, looked there in vain.
+        looked_in = f" (nor does {in_project}, in the project folder)"
     if root_dir is not None and not path.resolve().is_relative_to(root_dir):
         raise UnsafePath(f"{backend_config} is not inside the Jupyter root {root_dir}")
     if path.is_dir():
@@ -62,7 +66,10 @@ def resolve_config(project: Path, backend_config: str | Path | None, root_dir: P
             )
         return found
     if not path.is_file():
-        raise ConfigError(f"The compute backend config {path} does not exist")
+        raise ConfigError(
+            f"The compute backend config {path} does not exist{looked_in}. Give the path of "
+            "the config file, relative to the project folder or absolute."
+        )
     return path
 
 
