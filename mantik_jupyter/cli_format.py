@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -11,21 +12,61 @@ SHORT_ID = 8
 # A name longer than this is cut in the runs table (``runs info`` has it whole): one
 # 600-character name made every row of the table 600 characters wide.
 NAME_WIDTH = 40
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Right-to-left overrides and isolates: they reorder what follows on the line.
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def shown(text: Any) -> str:
+    """A value from the tracking server as one printable line: run names, tags, params
+    and file names are anyone's text (a colleague's run, the training code's tags). A
+    newline broke a row of the table in two, and an escape sequence reached the terminal
+    (retitling it, or worse); control characters are written as escapes instead."""
+    text = str(text)
+    return text if text.isprintable() else "".join(map(_escaped, text))
+
+
+def _escaped(ch: str) -> str:
+    if unicodedata.category(ch) != "Cc" and ch not in _BIDI:
+        return ch
+    return _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def width(text: str) -> int:
+    """Terminal columns of ``text``: CJK and other wide characters take two, combining
+    marks none (a table of '天气预报' names was two columns short per character)."""
+    return len(text) if text.isascii() else sum(map(_columns, text))
+
+
+def _columns(ch: str) -> int:
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    lines = [headers, *rows]
+    cells = [[shown(cell) for cell in row] for row in [headers, *rows]]
+    widths = [max(width(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
+        "  ".join(
+            cell + " " * (w - width(cell)) for cell, w in zip(row, widths, strict=True)
+        ).rstrip()
+        for row in cells
     )
 
 
-def clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
+def clip(text: str, columns: int) -> str:
+    """``text`` in at most ``columns`` terminal columns, cut with an ellipsis."""
+    text = shown(text)
+    if width(text) <= columns:
+        return text
+    out, used = "", 0
+    for ch in text:
+        used += _columns(ch)
+        if used > columns - 1:
+            break
+        out += ch
+    return out + "\u2026"
 
 
 def age(ms: int | None, now: float | None = None) -> str:
@@ -108,9 +149,7 @@ def files_table(files: Sequence[dict[str, Any]]) -> str:
     """``runs files``: folders end in '/', and have no size."""
     if not files:
         return "(empty folder)"
-    rows = [
-        [f["path"] + "/", "-"] if f["is_dir"] else [f["path"], size(f["size"])] for f in files
-    ]
+    rows = [[f["path"] + "/", "-"] if f["is_dir"] else [f["path"], size(f["size"])] for f in files]
     return table(["PATH", "SIZE"], rows)
 
 
@@ -138,12 +177,12 @@ def run_details(run: dict[str, Any], *, full: bool) -> str:
             ("Started", age(run.get("start_time"))),
             ("Duration", run_duration(run)),
         ]
-    out = [f"{k + ':':<15}{v}" for k, v in fields if v not in (None, "")]
+    out = [f"{k + ':':<15}{shown(v)}" for k, v in fields if v not in (None, "")]
     if full:
         for title in ("params", "metrics", "tags"):
             values = run.get(title) or {}
             out.append(f"{title.capitalize()}:" + ("" if values else " -"))
-            out.extend(f"  {k} = {values[k]}" for k in sorted(values))
+            out.extend(f"  {shown(k)} = {shown(values[k])}" for k in sorted(values))
     return "\n".join(out)
 
 

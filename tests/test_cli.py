@@ -708,6 +708,37 @@ def test_long_run_names_are_cut_in_the_table(mantik: Mantik) -> None:
     assert as_json(mantik("runs", "info", run, "--json"))["run_name"] == "n" * 300
 
 
+def test_names_from_the_server_cannot_break_the_table_or_drive_the_terminal(
+    mantik: Mantik,
+) -> None:
+    # Run names and tags are anyone's text (a colleague's run, the training code's tags):
+    # a newline split a row in two, an escape sequence went to the terminal as it was,
+    # and a table with Chinese names was two columns short per character.
+    from mantik_jupyter.cli_format import width
+
+    api = user_api(mantik)
+    experiment = api.create_experiment(f"names-{uuid.uuid4().hex[:8]}")
+    tags = {"mantik.backend": "local", "mantik.state": "FINISHED"}
+    names = ["天气预报模型", "two\nlines\x1b]0;pwned\x07", "Zürich \u2600"]
+    ids = []
+    for name in names:
+        run = api.create_run(experiment, run_name=name, tags=tags)["info"]["run_id"]
+        api.update_run(run, status="FINISHED", end_time=int(time.time() * 1000))
+        ids.append(run)
+    api.log_batch(ids[1], tags={"note": "\x1b[2J\x1b[31mred\nnext"})
+    table = ok(mantik("runs", "list", "--experiment-id", experiment)).stdout
+    assert "\x1b" not in table and "two\\nlines\\x1b]0;pwned\\x07" in table, table
+    rows = table.splitlines()
+    assert len(rows) == 4, rows
+    # STATE starts in the same terminal column on every row.
+    assert len({width(row[: row.index("FINISHED")]) for row in rows[1:]}) == 1, rows
+    assert width(rows[0][: rows[0].index("STATE")]) == width(rows[1][: rows[1].index("FINISHED")])
+    info = ok(mantik("runs", "info", ids[1])).stdout
+    assert "\x1b" not in info and "note = \\x1b[2J\\x1b[31mred\\nnext" in info, info
+    # --json keeps the values as they are.
+    assert as_json(mantik("runs", "info", ids[1], "--json"))["run_name"] == names[1]
+
+
 def test_a_run_mantik_did_not_submit_has_no_log(mantik: Mantik) -> None:
     # A plain MLflow run (a notebook's mlflow.start_run) has no job: following its log
     # waited for ever, reading it printed nothing and succeeded.
