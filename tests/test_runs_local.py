@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -771,6 +772,73 @@ def test_a_refreshed_list_asks_for_no_run_it_already_has(
     listed, _ = service.list(experiment_name=experiment_name, refresh=True)
     # Each run whose state changed is read back once, with what the sync wrote.
     assert {i.state for i in listed} == {RunState.KILLED}
+
+
+def count_tracking_requests(monkeypatch) -> collections.Counter[str]:
+    """``METHOD endpoint`` of every request this process sends to a tracking server."""
+    sent: collections.Counter[str] = collections.Counter()
+    request = TrackingClient.request
+
+    def counted(client: TrackingClient, method: str, path: str, **kwargs):
+        sent[f"{method} {path.removeprefix('api/2.0/mlflow/')}"] += 1
+        return request(client, method, path, **kwargs)
+
+    monkeypatch.setattr(TrackingClient, "request", counted)
+    return sent
+
+
+def test_syncing_runs_by_id_sends_no_request_per_run(
+    service, project, experiment_name, mlflow_server, user, monkeypatch
+):
+    # A notebook's live lines sync their runs by id every tick: each run was fetched with
+    # a runs/get of its own, 50 requests a tick for a sweep of 50 runs.
+    submitted = [
+        service.submit(project, entry_point="sleep", experiment_name=experiment_name)
+        for _ in range(3)
+    ]
+    for run in submitted:
+        wait_for(service, run.run_id, {RunState.RUNNING})
+    experiment = submitted[0].experiment_id
+    # Runs logged from a notebook beside them: more ids than one search takes.
+    mine = RunsApi(TrackingClient(mlflow_server.uri, user))
+    plain = [mine.create_run(experiment)["info"]["run_id"] for _ in range(120)]
+    ids = [*plain[:60], *(r.run_id for r in submitted), *plain[60:]]
+    sent = count_tracking_requests(monkeypatch)
+    infos = service.sync(ids, experiment_ids=[experiment])
+    assert [i.run_id for i in infos] == ids
+    assert [i.state for i in infos[60:63]] == [RunState.RUNNING] * 3
+    # 123 runs: two searches (100 ids each at most), whatever the number of runs.
+    assert sent == {"POST runs/search": 2}, sent
+    sent.clear()
+    # Without the experiments: they are looked up once.
+    assert [i.run_id for i in service.sync(ids)] == ids
+    assert sent == {"POST experiments/search": 1, "POST runs/search": 2}, sent
+    for run in submitted:
+        service.cancel(run.run_id)
+    sent.clear()
+    infos = service.sync([r.run_id for r in submitted], experiment_ids=[experiment])
+    assert {i.state for i in infos} == {RunState.KILLED}
+    assert sent["POST runs/search"] == 1 and sent["GET runs/get"] <= 3, sent
+
+
+def test_syncing_a_deleted_or_unknown_run_by_id_answers_as_before(
+    service, experiment_name, mlflow_server, user
+):
+    # Runs the search cannot find are fetched one by one, as all runs were before.
+    mine = RunsApi(TrackingClient(mlflow_server.uri, user))
+    experiment, _ = mine.get_or_create_experiment(experiment_name)
+    kept, deleted = (mine.create_run(experiment)["info"]["run_id"] for _ in range(2))
+    mine.client.api("POST", "runs/delete", run_id=deleted)
+    infos = service.sync([kept, deleted], experiment_ids=[experiment])
+    assert [i.run_id for i in infos] == [kept, deleted]
+    # No such run: MLflow's auth layer answers 403 (PermissionDenied) for an unknown id.
+    for gone in ("0" * 32, "not-an-id"):
+        with pytest.raises((NotFound, PermissionDenied)) as direct:
+            mine.get_run(gone)
+        for ids, experiments in (([kept, gone], [experiment]), ([gone, kept], None)):
+            with pytest.raises(type(direct.value)) as synced:
+                service.sync(ids, experiment_ids=experiments)
+            assert synced.value.message == direct.value.message
 
 
 def test_cancel_leaves_a_run_mantik_did_not_submit_alone(service, mlflow_server, user):

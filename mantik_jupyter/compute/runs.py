@@ -283,14 +283,30 @@ class RunService:
         ids = self._experiment_ids(api, None, None)
         return builtins.list(api.iter_runs(ids, filter_string=" and ".join(conditions)))
 
-    def sync(self, run_ids: Sequence[str] | None = None) -> builtins.list[RunInfo]:
+    def sync(
+        self,
+        run_ids: Sequence[str] | None = None,
+        *,
+        experiment_ids: Sequence[str] | None = None,
+    ) -> builtins.list[RunInfo]:
         """Bring the state of runs up to date with their backends: one ``states()`` call
-        per backend. ``None``: all active runs the user submitted."""
+        per backend. ``None``: all active runs the user submitted.
+
+        The runs are read with one search per 100 ids in ``experiment_ids`` (the
+        experiments they are in, when the caller knows them; else every experiment the
+        user may read): a notebook following a sweep of 50 runs sent 50 ``runs/get`` a
+        tick. A run the search does not find (deleted, not readable, no such id) is
+        fetched on its own, so it fails as it always did."""
         api = self._api()
         if run_ids is None:
-            runs = self._active_runs(api)
-        else:
-            runs = [api.get_run(r) for r in dict.fromkeys(run_ids)]
+            return self._sync.sync_runs(api, self._active_runs(api))
+        ids = builtins.list(dict.fromkeys(run_ids))
+        found: dict[str, dict[str, Any]] = {}
+        if experiment_ids is not None or len(ids) > 1:
+            # A single run without its experiment: the get is one request, a search two.
+            experiments = self._experiment_ids(api, experiment_ids, None)
+            found = api.runs_by_id(ids, experiments)
+        runs = [found.get(r) or api.get_run(r) for r in ids]
         return self._sync.sync_runs(api, runs)
 
     # ---- logs ---------------------------------------------------------------------------
