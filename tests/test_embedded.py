@@ -6,7 +6,10 @@ import json
 import os
 import secrets
 import signal
+import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -481,3 +484,76 @@ def test_a_data_dir_open_to_others_is_made_private(server_dir, caplog):
         assert (server_dir / "auth.db").exists()
     finally:
         server.stop()
+
+
+def test_a_data_dir_whose_server_runs_on_another_host_says_so_and_is_taken_over_later(
+    server_dir, tmp_path
+):
+    # A home dir on NFS or GPFS, two labs on two login nodes: the second found the lock
+    # taken and waited for the first's server, which listens on the first node's
+    # loopback only. Every request waited 90 s, then blamed server.log. Here the other
+    # node's lab is played by a process holding the data dir's lock (a real flock) and
+    # the record it wrote naming its host.
+    server_dir.mkdir(mode=0o700)
+    (server_dir / STATE_FILE).write_text(
+        json.dumps({"pid": 4242, "port": 5999, "owner": 4241, "host": "jwlogin07.other"})
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(server_dir / embedded.LOCK_FILE)],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    lab = EmbeddedTrackingServer(server_dir, check_interval=0.5)
+    try:
+        started = time.monotonic()
+        lab.start()
+        with pytest.raises(TrackingUnavailable) as caught:
+            lab.wait_ready(60)
+        assert time.monotonic() - started < 5, "it waited for a server it cannot reach"
+        message = caught.value.message
+        assert "runs on host jwlogin07.other" in message and str(server_dir) in message
+        assert "MANTIK_DATA_DIR" in message and "stop the lab there" in message
+        assert not lab.owner
+        # The `mantik` command of this host says the same.
+        with pytest.raises(TrackingUnavailable, match="runs on host jwlogin07.other"):
+            resolve_tracking(tmp_path / "credentials.json", server_dir)
+        # The other node's lab stops: this one runs the server, with the same data.
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 120
+        while not lab.ready and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lab.owner and lab.ready
+        lab.wait_ready(1)
+        assert TrackingClient(lab.uri, lab.credential()).health()
+        assert json.loads((server_dir / STATE_FILE).read_text())["host"] == socket.gethostname()
+    finally:
+        holder.kill()
+        lab.stop()
+
+
+def test_a_record_of_another_host_whose_lab_is_gone_is_no_obstacle(server_dir, tmp_path):
+    # That host went down with its lab: its lock went with it, its record stayed.
+    server_dir.mkdir(mode=0o700)
+    (server_dir / embedded.LOCK_FILE).touch(mode=0o600)
+    (server_dir / STATE_FILE).write_text(
+        json.dumps({"pid": 4242, "port": 5999, "owner": 4241, "host": "jwlogin07.other"})
+    )
+    with pytest.raises(TrackingUnavailable, match="no embedded one is running"):
+        resolve_tracking(tmp_path / "credentials.json", server_dir)
+    lab = EmbeddedTrackingServer(server_dir)
+    lab.start()
+    try:
+        lab.wait_ready(120)
+        assert lab.owner
+    finally:
+        lab.stop()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""

@@ -323,6 +323,8 @@ class EmbeddedTrackingServer:
         self._last_hang_check = -HANG_RECHECK
         # Since when the running server leaves /health unanswered (None: it answers).
         self._silent_since: float | None = None
+        # A lab on another host runs the server (see ``_runs_elsewhere``).
+        self._elsewhere = False
 
     @property
     def secrets(self) -> EmbeddedSecrets:
@@ -397,7 +399,7 @@ class EmbeddedTrackingServer:
                 # From this thread, which lives as long as the lab: the child's
                 # PR_SET_PDEATHSIG fires when the thread that spawned it ends.
                 self._spawn()
-            else:
+            elif not self._runs_elsewhere():
                 self._attach(wait=10.0)
         except LocalStateInvalid as exc:
             self._fail(exc)
@@ -525,7 +527,14 @@ class EmbeddedTrackingServer:
         self._spawned_at = time.monotonic()
         write_private_json(
             self.directory / STATE_FILE,
-            {"pid": self._proc.pid, "port": self.port, "owner": os.getpid()},
+            {
+                "pid": self._proc.pid,
+                "port": self.port,
+                "owner": os.getpid(),
+                # A data dir on a shared file system (a home dir on NFS or GPFS) may be
+                # used from several hosts; the server listens on its own host only.
+                "host": socket.gethostname(),
+            },
         )
         # What was reported about the server before is no concern of this one.
         self._report_seen = _mtime_ns(self.directory / UNANSWERED_FILE)
@@ -543,7 +552,8 @@ class EmbeddedTrackingServer:
                     return
             except Exception:  # noqa: BLE001 - the supervisor must outlive one bad check
                 log.exception("Checking the embedded MLflow server failed")
-            self._stopping.wait(self.check_interval if self._ready.is_set() else 0.25)
+            settled = self._ready.is_set() or self._elsewhere  # else: soon ready, or not
+            self._stopping.wait(self.check_interval if settled else 0.25)
 
     def _check(self, client: TrackingClient | None) -> bool:
         """One look at the server; True when there is nothing more to supervise."""
@@ -600,9 +610,27 @@ class EmbeddedTrackingServer:
                 "this lab runs it now.",
                 self.directory,
             )
+            self._failure, self._elsewhere = None, False  # another host's server stopped
             self.cleanup_stale()
             self._spawn()
+        else:
+            self._runs_elsewhere()
         return False
+
+    def _runs_elsewhere(self) -> bool:
+        """Whether a lab on another host runs this data dir's server (it listens only
+        there): then every request says so at once, instead of waiting for a server that
+        never answers here. Once that lab stops, the supervisor takes over."""
+        host = _recorded_host(self.directory)  # the lock is taken: that lab runs
+        if host is None:
+            if self._elsewhere:
+                # It stopped, and a lab of this host took over before this one could.
+                self._failure, self._elsewhere = None, False
+            return False
+        if not self._elsewhere:
+            self._elsewhere = True
+            self._fail(TrackingUnavailable(elsewhere_message(self.directory, host)))
+        return True
 
     def report_unanswered(self) -> None:
         """A request to this server timed out or found no connection (see the module's
@@ -710,7 +738,15 @@ class EmbeddedTrackingServer:
         if not isinstance(state, dict):
             return
         pid = int(state.get("pid", 0) or 0)
-        if pid and _pid_alive(pid) and _is_our_server(pid, self.directory):
+        host = state.get("host")
+        if host and host != socket.gethostname():
+            # Its lab no longer holds the lock: it stopped, or its host went down.
+            log.warning(
+                "The embedded MLflow server of %s was last run from host %s, whose lab has "
+                "stopped; this lab runs it now.",
+                self.directory, host,
+            )  # fmt: skip
+        elif pid and _pid_alive(pid) and _is_our_server(pid, self.directory):
             log.warning("Stopping a stale embedded MLflow server (pid %s)", pid)
             _terminate_group(pid)
         (self.directory / STATE_FILE).unlink(missing_ok=True)
@@ -730,11 +766,53 @@ class EmbeddedTrackingServer:
         return "\n".join(errors[:5] if errors else all_lines[-lines:])
 
 
+def elsewhere_message(directory: Path, host: str) -> str:
+    return (
+        f"The embedded tracking server of {directory} runs on host {host}, started by a lab "
+        f"there, and can be reached only from {host}. This data dir is on a file system "
+        f"that {host} shares. Use mantik on {host}; or stop the lab there (this lab then "
+        "takes the server over); or give this lab a data dir of its own with "
+        "MANTIK_DATA_DIR or c.MantikApp.data_dir (a new, empty tracking store); or point "
+        "both at a shared tracking server (c.MantikApp.tracking_uri or MLFLOW_TRACKING_URI)."
+    )
+
+
+def _recorded_host(directory: Path) -> str | None:
+    """The other host that ``server.json`` names as running the server, if any."""
+    state = read_json(directory / STATE_FILE)
+    host = state.get("host") if isinstance(state, dict) else None
+    if not isinstance(host, str) or not host or host == socket.gethostname():
+        return None
+    return host
+
+
+def running_host(directory: Path) -> str | None:
+    """The other host whose lab runs this data dir's server; None when it is this host's,
+    or none runs (as far as this host can tell)."""
+    host = _recorded_host(directory)
+    if host is None:
+        return None
+    # A record left behind by a lab that went down with its host: its lock is gone.
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no lab ever ran the server here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return host
+    finally:
+        os.close(fd)
+    return None
+
+
 def _running_server(directory: Path) -> tuple[int, int] | None:
-    """The pid and port that ``server.json`` records, if that server is running."""
+    """The pid and port that ``server.json`` records, if that server runs on this host."""
     state = read_json(directory / STATE_FILE)
     if not isinstance(state, dict):
         return None
+    if state.get("host") not in (None, socket.gethostname()):
+        return None  # a pid of another host's
     try:
         pid, port = int(state.get("pid") or 0), int(state.get("port") or 0)
     except (TypeError, ValueError):

@@ -25,7 +25,14 @@ from .credentials import (
     normalize_uri,
     split_credential,
 )
-from .embedded import LOG_FILE, EmbeddedTrackingServer, discover, report_unanswered
+from .embedded import (
+    LOG_FILE,
+    EmbeddedTrackingServer,
+    discover,
+    elsewhere_message,
+    report_unanswered,
+    running_host,
+)
 from .rest import TrackingClient
 
 # Where the credential in use comes from, as ``status()["credential_source"]`` says.
@@ -264,6 +271,9 @@ def resolve_tracking(
             return TrackingService(store, tracking_uri=uri)
     found = discover(embedded_dir)
     if found is None:
+        host = running_host(embedded_dir.resolve()) if embedded_dir.is_dir() else None
+        if host is not None:
+            raise TrackingUnavailable(elsewhere_message(embedded_dir.resolve(), host))
         raise TrackingUnavailable(
             "No tracking server is configured and no embedded one is running. Start "
             "JupyterLab (it starts the embedded server) or set MLFLOW_TRACKING_URI."
