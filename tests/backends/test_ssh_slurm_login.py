@@ -29,13 +29,18 @@ from .test_ssh_slurm import FINAL, _backend, _session_pids, make_job, wait_for
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def backend(slurm_cluster) -> Iterator[SshSlurmBackend]:
-    path = f"{slurm_cluster.remote_dir}/test-login-{uuid.uuid4().hex[:8]}"
-    b = _backend(slurm_cluster, path)
+def module_backend(cluster, prefix: str) -> Iterator[SshSlurmBackend]:
+    """A backend with a fresh folder of run directories, removed afterwards."""
+    path = f"{cluster.remote_dir}/{prefix}-{uuid.uuid4().hex[:8]}"
+    b = _backend(cluster, path)
     yield b
     b._run(f"rm -rf {path}", "cleaning up")
     b.close()
+
+
+@pytest.fixture(scope="module")
+def backend(slurm_cluster) -> Iterator[SshSlurmBackend]:
+    yield from module_backend(slurm_cluster, "test-login")
 
 
 def _config(**environment) -> ComputeConfig:
@@ -257,13 +262,24 @@ from pathlib import Path
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.config import parse_config
-host, port, user, key, known, base, run_id, local, name = sys.argv[1:]
+host, port, user, key, known, base, run_id, local, name, pre = sys.argv[1:]
 config = parse_config({"SSH": {"Hostname": "login"}, "Resources": {"Queue": "batch"},
-    "Environment": {"PreRunCommandOnLoginNode": "touch pre-started; sleep 3; touch pre-ended"}})
+    "Environment": {"PreRunCommandOnLoginNode": pre}})
 backend = SshSlurmBackend(host, int(port), user, key_filename=key, known_hosts=known,
                           remote_dir=base)
 backend.submit(PreparedJob(run_id, Path(local), name, config=config))
 """
+
+
+def submit_and_die(
+    backend: SshSlurmBackend, cluster, job: PreparedJob, pre: str
+) -> subprocess.Popen[bytes]:
+    """A client process submitting ``job`` with ``pre`` as PreRunCommandOnLoginNode, for
+    the test to kill."""
+    args = [cluster.host, str(cluster.port), cluster.username, str(cluster.key_path)]
+    args += [str(cluster.known_hosts), backend.remote_base(), job.run_id, str(job.local_dir)]
+    args += [job.job_name, pre]
+    return subprocess.Popen([sys.executable, "-c", _SUBMIT_AND_DIE, *args])
 
 
 def test_a_client_killed_while_the_pre_command_runs_leaves_no_credential(
@@ -273,10 +289,8 @@ def test_a_client_killed_while_the_pre_command_runs_leaves_no_credential(
     # command ran on and stopped before sbatch, but the credential file stayed.
     name = f"mantik-killed-{uuid.uuid4().hex[:8]}"
     job = make_job(tmp_path, "true", name=name)
-    c = slurm_cluster
-    args = [c.host, str(c.port), c.username, str(c.key_path), str(c.known_hosts)]
-    args += [backend.remote_base(), job.run_id, str(job.local_dir), name]
-    child = subprocess.Popen([sys.executable, "-c", _SUBMIT_AND_DIE, *args])
+    pre = "touch pre-started; sleep 3; touch pre-ended"
+    child = submit_and_die(backend, slurm_cluster, job, pre)
     run_dir = f"{backend.remote_base()}/{job.run_id}"
     try:
         deadline = time.monotonic() + 30

@@ -27,7 +27,14 @@ credential file, stops the remote command's process group (a login-node command 
 otherwise run on and sbatch after it) and cancels a job it queued unbeknown to us. If the
 client dies outright (SIGKILL) the remote command runs on until its next write to the
 closed channel (after PreRunCommandOnLoginNode, before sbatch), and then deletes the
-credential file itself.
+credential file itself. What PreRunCommandOnLoginNode started outside that process group
+(``setsid``, ``nohup`` under setsid, a daemon) is stopped in both cases too: the command
+runs with ``MANTIK_SUBMISSION``, a token of this submission alone, in its environment,
+which every process it starts inherits, and the processes of the user whose
+``/proc/<pid>/environ`` holds it get SIGTERM, and SIGKILL 5 s later. Why not the process
+tree: a daemon's parent is init by then; nor cgroups: users cannot make them on a login
+node. A process that cleared its environment (``env -i``), or whose environ the user may
+not read (setuid, non-dumpable like ``ssh-agent``), escapes.
 
 Security: every value that reaches the remote shell goes through ``shlex.quote``;
 host keys, file confinement and credentials are the collaborators' (see there).
@@ -39,6 +46,7 @@ import logging
 import posixpath
 import re
 import shlex
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +98,14 @@ _SHELL_SIGNAL_NOTE = re.compile(r"(.*\b(Killed|Terminated|Hangup)\b.*)?", re.S)
 _LOGIN_LOG_TAIL = 2000
 
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
+
+# PreRunCommandOnLoginNode runs with this variable set to a token of its submission alone;
+# every process it starts inherits it, also one that left its process group (setsid, a
+# daemon), so abandoning the submission finds them all in /proc/<pid>/environ.
+SUBMISSION_ENV = "MANTIK_SUBMISSION"
+# Tenths of a second between the SIGTERM to such a process and the SIGKILL if it still
+# runs: 5 s, the grace a local job's cancel gives.
+_SWEEP_GRACE_TENTHS = 50
 
 
 def _group(channel: paramiko.Channel) -> str:
@@ -278,8 +294,14 @@ class SshSlurmBackend(Backend):
         run_dir = posixpath.join(self.remote_base(), _safe_name(job.run_id, "run id"))
         files = self._files_to_ship(job)
         pre = job.pre_login_commands
+        submission = uuid.uuid4().hex if pre else ""
         command = self._submit_command(
-            run_dir, job.job_name, files, pre_login_commands=pre, run_id=job.run_id
+            run_dir,
+            job.job_name,
+            files,
+            pre_login_commands=pre,
+            run_id=job.run_id,
+            submission=submission,
         )
         timeout = max(self.io_timeout, LOGIN_COMMAND_TIMEOUT) if pre else None
         group: list[str] = []  # the remote command's process group, once it said it
@@ -294,12 +316,14 @@ class SshSlurmBackend(Backend):
         except BaseException:
             # Ctrl-C, SIGTERM, a lost link: the job script, which deletes the tracking
             # credential, may never run, and the remote command runs on without us.
-            self._abandon_submission(run_dir, group[0] if group else "")
+            self._abandon_submission(run_dir, group[0] if group else "", submission)
             raise
         if result.status != 0:
             self._raise_unpack_failure(result, job.run_id, run_dir)
             self._raise_login_failure(result, job.run_id, run_dir)
-            self._raise_if_stopped(result, job.run_id, run_dir, group[0] if group else "")
+            self._raise_if_stopped(
+                result, job.run_id, run_dir, group[0] if group else "", submission
+            )
             said = result.err_text or result.stdout.decode(errors="replace").strip()
             refused = f"sbatch on {self.hostname} refused the job of run {job.run_id}"
             culprit = sbatch_culprit(said, job.config)
@@ -330,6 +354,7 @@ class SshSlurmBackend(Backend):
         *,
         pre_login_commands: tuple[str, ...] = (),
         run_id: str = "",
+        submission: str = "",
     ) -> str:
         """One remote command: unpack the code, run PreRunCommandOnLoginNode, sbatch.
         Whatever stops it before the job is queued deletes the credential file, which
@@ -344,6 +369,13 @@ class SshSlurmBackend(Backend):
             # next write to the closed channel (SIGPIPE) or our TERM deletes the secret.
             f'trap "rm -f -- {creds}; exit 143" PIPE HUP TERM',
         ]
+        if submission:
+            # ... and stops what the login-node command left running for a job that will
+            # never be queued. Not on our TERM: _abandon_submission stops them itself.
+            lines += [
+                *_sweep_function(submission),
+                f'trap "rm -f -- {creds}; mantik_sweep; exit 143" PIPE HUP',
+            ]
         if layout.PACKAGE_FILE in files:
             code = layout.CODE_DIR
             # A failure is marked for _raise_unpack_failure (tar's words come before the
@@ -356,7 +388,10 @@ class SshSlurmBackend(Backend):
         if pre_login_commands:
             script = login_commands_script(pre_login_commands, "PreRunCommandOnLoginNode")
             # As on UNICORE: the run id tells a login-node command which run it serves.
+            # The submission's token only for it, not for sbatch: the job would inherit it.
             ids = f"MLFLOW_RUN_ID={q(run_id)} MANTIK_RUN_ID={q(run_id)}"
+            if submission:
+                ids = f"{SUBMISSION_ENV}={q(submission)} {ids}"
             lines += [
                 f"{ids} bash -c {q(script)} </dev/null >>{layout.LOGIN_LOG_FILE} 2>&1",
                 "mantik_rc=$?",
@@ -377,10 +412,12 @@ class SshSlurmBackend(Backend):
         )
         return "sh -c " + q("\n".join(lines))
 
-    def _abandon_submission(self, run_dir: str, group: str) -> None:
+    def _abandon_submission(self, run_dir: str, group: str, submission: str = "") -> None:
         """Best effort after a submission stopped half-way: stop the remote command (a
-        PreRunCommandOnLoginNode would otherwise run to its end and sbatch after it),
-        cancel a job it queued that we never learnt the id of, delete the credential."""
+        PreRunCommandOnLoginNode would otherwise run to its end and sbatch after it) and
+        what that command started outside its process group (``submission``, see
+        ``_sweep_function``), cancel a job it queued that we never learnt the id of,
+        delete the credential."""
         q = shlex.quote
         me = '"$(id -un)"'
         # Only while the group is still this submission's: one whose command ended may
@@ -389,8 +426,10 @@ class SshSlurmBackend(Backend):
             f"ps -eo pgid=,args= 2>/dev/null | awk -v g={q(group)} -v d={q(run_dir)} "
             "'$1 == g && index($0, d) { found = 1 } END { exit !found }'"
         )
+        stop_group = f"{ours} && kill -s TERM -- -{group} 2>/dev/null" if group else "false"
         lines = [
-            f"{ours} && kill -s TERM -- -{group} 2>/dev/null" if group else ":",
+            f"mantik_group=; {stop_group} && mantik_group={q(group)}",
+            *([*_sweep_function(submission), "mantik_sweep"] if submission else []),
             f"cd {q(run_dir)} || exit 0",
             f"rm -f -- {q(layout.CREDENTIALS_FILE)}",
             # A job whose working directory is this run's was queued by this submission.
@@ -425,7 +464,7 @@ class SshSlurmBackend(Backend):
         )
 
     def _raise_if_stopped(
-        self, result: CommandResult, run_id: str, run_dir: str, group: str
+        self, result: CommandResult, run_id: str, run_dir: str, group: str, submission: str
     ) -> None:
         """The error of a submit command stopped by a signal before it ended: it was
         told as "sbatch refused the job: " with nothing after it. Whether sbatch had run
@@ -439,7 +478,7 @@ class SshSlurmBackend(Backend):
         # The sh that ran the submit command may say how its child ended, nothing more.
         if result.status not in signals or not _SHELL_SIGNAL_NOTE.fullmatch(result.err_text):
             return
-        self._abandon_submission(run_dir, group)
+        self._abandon_submission(run_dir, group, submission)
         raise BackendRejected(
             f"The submit command of run {run_id} on {self.hostname} was stopped "
             f"({signals[result.status]}) before it ended; no job of it is left queued. Something "
@@ -579,6 +618,42 @@ class SshSlurmBackend(Backend):
         an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
         (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
         return self.files.download(self.run_dir_of(job_id), path, dest, progress)
+
+
+def _sweep_function(submission: str) -> list[str]:
+    """sh lines that define ``mantik_sweep``: it stops every process of the user whose
+    environment holds ``MANTIK_SUBMISSION=<submission>``, what a PreRunCommandOnLoginNode
+    started, also in a session of its own (``setsid``, ``nohup``, a daemon), which the
+    kill of the submit command's process group misses. Another user's process is never
+    looked at, and no process of the user without the token is touched. SIGTERM (and
+    SIGCONT, for one that is stopped) once to each, SIGKILL to what still runs after the
+    grace; those of the process group ``$mantik_group`` had their SIGTERM already. Needs
+    Linux's /proc and GNU grep (-z)."""
+    want = shlex.quote(f"{SUBMISSION_ENV}={submission}")
+    # Zombies have an empty environ: a killed process is not found again.
+    return [
+        'mantik_marked() { ps -u "$(id -u)" -o pid= 2>/dev/null | '
+        'awk \'{ print "/proc/" $1 "/environ" }\' | '
+        f"xargs -r grep -lsFxz -e {want} 2>/dev/null | awk -F/ '{{ print $3 }}'; }}",
+        "mantik_sweep() {",
+        # A second SIGTERM would cut short what a process does on the first.
+        '  mantik_sent=" $(ps -eo pid=,pgid= 2>/dev/null | '
+        'awk -v g="${mantik_group-}" \'g != "" && $2 == g { printf "%s ", $1 }\')"',
+        "  mantik_n=0",
+        '  while mantik_pids=$(mantik_marked); [ -n "$mantik_pids" ]; do',
+        f'    if [ "$mantik_n" -ge {_SWEEP_GRACE_TENTHS} ]; then '
+        "kill -s KILL $mantik_pids 2>/dev/null; break; fi",
+        "    for p in $mantik_pids; do",
+        '      case "$mantik_sent" in *" $p "*) continue ;; esac',
+        '      kill -s TERM "$p" 2>/dev/null; kill -s CONT "$p" 2>/dev/null',
+        '      mantik_sent="$mantik_sent$p "',
+        "    done",
+        # Without fractional sleep (not POSIX) the grace is ten times longer, never shorter.
+        "    sleep 0.1 2>/dev/null || sleep 1",
+        "    mantik_n=$((mantik_n + 1))",
+        "  done",
+        "}",
+    ]
 
 
 def _marked(result: CommandResult, word: str) -> tuple[str, str] | None:
