@@ -3,6 +3,8 @@ in a session of its own, on the loopback cluster (whose login node is this machi
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -14,9 +16,9 @@ import pytest
 
 from mantik_jupyter.compute.backends.ssh_slurm import SUBMISSION_ENV, SshSlurmBackend
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import BackendRejected
+from mantik_jupyter.errors import BackendRejected, BackendUnavailable
 
-from .test_ssh_slurm import FINAL, make_job, wait_for
+from .test_ssh_slurm import FINAL, _session_pids, make_job, wait_for
 from .test_ssh_slurm_login import (
     _config,
     _interrupt_main_when,
@@ -126,6 +128,35 @@ def test_ctrl_c_stops_what_the_pre_command_started_with_setsid(backend, tmp_path
         assert not (run_dir / ".mantik-credentials").exists()
     finally:
         _stop([*escaped, *bystanders])
+
+
+def test_a_lost_link_stops_what_the_pre_command_started_with_setsid(backend, tmp_path):
+    pause = _pause()
+    config = _config(PreRunCommandOnLoginNode=f"{_escaping(pause)}; sleep 60")
+    job = with_config(make_job(tmp_path, "true"), config)
+    run_dir = Path(backend.remote_base(), job.run_id)
+    bystanders = _start_bystanders(backend, pause)
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            backend.submit(job)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=submit)
+    escaped = ""
+    try:
+        thread.start()
+        escaped = _wait_for_file(run_dir / "escaped.pid")
+        for pid in _session_pids(backend):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        assert len(outcome) == 1 and isinstance(outcome[0], BackendUnavailable), outcome
+        _assert_only_the_escaped_stopped(escaped, bystanders)
+    finally:
+        thread.join(60)
+        _stop([p for p in [escaped, *bystanders] if p])
 
 
 def test_a_stopped_submit_command_stops_what_the_pre_command_started(backend, tmp_path):
