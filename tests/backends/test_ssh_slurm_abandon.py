@@ -24,6 +24,7 @@ from .test_ssh_slurm_login import (
     _interrupt_main_when,
     module_backend,
     submit_and_die,
+    submit_in_thread,
     with_config,
 )
 
@@ -136,18 +137,9 @@ def test_a_lost_link_stops_what_the_pre_command_started_with_setsid(backend, tmp
     job = with_config(make_job(tmp_path, "true"), config)
     run_dir = Path(backend.remote_base(), job.run_id)
     bystanders = _start_bystanders(backend, pause)
-    outcome: list[BaseException] = []
-
-    def submit() -> None:
-        try:
-            backend.submit(job)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
-            outcome.append(exc)
-
-    thread = threading.Thread(target=submit)
+    thread, outcome = submit_in_thread(backend, job)
     escaped = ""
     try:
-        thread.start()
         escaped = _wait_for_file(run_dir / "escaped.pid")
         for pid in _session_pids(backend):
             os.kill(pid, signal.SIGKILL)

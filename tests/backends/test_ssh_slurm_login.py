@@ -107,6 +107,23 @@ def test_a_submit_command_stopped_by_a_signal_says_so(backend, tmp_path, signal_
     assert ".mantik-credentials" not in names
 
 
+def submit_in_thread(
+    backend: SshSlurmBackend, job: PreparedJob
+) -> tuple[threading.Thread, list[BaseException]]:
+    """``backend.submit(job)`` in a thread, started; what it raises lands in the list."""
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            backend.submit(job)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    return thread, outcome
+
+
 def test_a_link_lost_while_the_submit_command_runs_is_a_lost_link(slurm_cluster, tmp_path):
     # The output ended with the link, and that read as "sbatch ... refused the job: ".
     b = _backend(slurm_cluster, f"{slurm_cluster.remote_dir}/lost-{uuid.uuid4().hex[:8]}")
@@ -114,17 +131,8 @@ def test_a_link_lost_while_the_submit_command_runs_is_a_lost_link(slurm_cluster,
     job = with_config(
         make_job(tmp_path, "true"), _config(PreRunCommandOnLoginNode=f"sleep {pause}")
     )
-    outcome: list[BaseException] = []
-
-    def submit() -> None:
-        try:
-            b.submit(job)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
-            outcome.append(exc)
-
-    thread = threading.Thread(target=submit)
+    thread, outcome = submit_in_thread(b, job)
     try:
-        thread.start()
         deadline = time.monotonic() + 30
         while subprocess.run(["pgrep", "-f", f"sleep {pause}"], capture_output=True).returncode:
             assert time.monotonic() < deadline, "the login command never started"
