@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
 import shlex
 import signal
@@ -100,6 +101,21 @@ class Context:
             print(json_out.dumps(data, indent=2), flush=True)
         else:
             print(human() if callable(human) else human, flush=True)
+
+
+class _LogAsWarnings(logging.Handler):
+    """Log records while a command runs (no handler is set up otherwise, and Python then
+    prints them bare): the core's warnings as ``warning: <text>``; a library's own account
+    of a failure (paramiko logs a login node that resets the connection as a traceback) is
+    left out, as mantik reports the failure itself, as an error that says what to do."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(logging.WARNING)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] == __package__:
+            self.ctx.warn(record.getMessage())
 
 
 # ---- auth ------------------------------------------------------------------------------
@@ -550,6 +566,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _run(ctx: Context) -> int:
     warnings.showwarning = ctx.show_warning
+    log_handler = _LogAsWarnings(ctx)
+    logging.getLogger().addHandler(log_handler)
     try:
         return int(ctx.args.func(ctx))
     except (KeyboardInterrupt, Exception) as err:
@@ -569,6 +587,7 @@ def _run(ctx: Context) -> int:
         raise
     finally:
         warnings.showwarning = ctx.python_showwarning
+        logging.getLogger().removeHandler(log_handler)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,8 +10,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -271,6 +273,36 @@ def test_unreachable_server(tmp_path: Path) -> None:
         "login", "--tracking-uri", uri, "--username", "u", "--password-stdin", input="p" * 12
     )
     assert result.returncode == 5 and uri in result.stderr, result
+
+
+def test_a_login_node_that_resets_the_connection_is_one_error_line(
+    mantik: Mantik, project: Path
+) -> None:
+    # A login node that drops new connections (sshd's MaxStartups, a firewall) after
+    # taking them: paramiko logged it as a 25-line traceback above mantik's own error.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def reset_each() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            time.sleep(0.3)  # the client's banner is unread: closing resets the connection
+            conn.close()
+
+    threading.Thread(target=reset_each, daemon=True).start()
+    write_config(project, {"SSH": {"Hostname": "127.0.0.1", "Port": port, "Username": "u"},
+                           "Resources": {"Queue": "batch"}})  # fmt: skip
+    try:
+        result = mantik("runs", "submit", str(project))
+    finally:
+        server.close()
+    assert result.returncode == 5, result
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("package ")]
+    assert errors == [errors[0]] and errors[0].startswith("error: "), result.stderr
+    assert f"127.0.0.1:{port}" in errors[0] and "Traceback" not in result.stderr
 
 
 def test_tracking_uri_that_is_no_http_address(tmp_path: Path) -> None:
