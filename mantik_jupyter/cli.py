@@ -297,10 +297,25 @@ def cmd_list(ctx: Context) -> int:
         refresh=not args.state,
     )
     data = [r.to_json() for r in runs]
-    ctx.emit({"runs": data, "next_page_token": token}, lambda: runs_table(data))
+    ctx.emit(
+        {"runs": data, "next_page_token": token},
+        lambda: runs_table(data, columns=_terminal_columns()),
+    )
     if token and not ctx.json:
         print(f"(more runs: --page-token {token})", file=sys.stderr)
     return EXIT_OK
+
+
+def _terminal_columns() -> int | None:
+    """The width to fit a table to: ``$COLUMNS`` when set, else the terminal's; None for
+    a file or a pipe (a script reads the names whole)."""
+    given = os.environ.get("COLUMNS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_status_run(ctx: Context) -> int:

@@ -12,6 +12,8 @@ SHORT_ID = 8
 # A name longer than this is cut in the runs table (``runs info`` has it whole): one
 # 600-character name made every row of the table 600 characters wide.
 NAME_WIDTH = 40
+# Narrower than this, a terminal wraps the table rather than cut the names to nothing.
+MIN_NAME_WIDTH = 12
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Right-to-left overrides and isolates: they reorder what follows on the line.
 _BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -130,11 +132,14 @@ def size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+def runs_table(runs: Sequence[dict[str, Any]], columns: int | None = None) -> str:
+    """The runs as a table; ``columns``: the terminal's width, which the names are cut to
+    fit (rows that wrapped made a table of two-line rows on an 80-column terminal)."""
+    headers = ["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"]
     rows = [
         [
             str(r.get("run_id", ""))[:SHORT_ID],
-            clip(str(r.get("run_name") or "-"), NAME_WIDTH),
+            shown(r.get("run_name") or "-"),
             str(r.get("state") or "-"),
             str(r.get("backend") or "-"),
             age(r.get("start_time")),
@@ -142,7 +147,13 @@ def runs_table(runs: Sequence[dict[str, Any]]) -> str:
         ]
         for r in runs
     ]
-    return table(["ID", "NAME", "STATE", "BACKEND", "STARTED", "DURATION"], rows)
+    name_width = NAME_WIDTH
+    if columns is not None:
+        others = sum(max(width(row[i]) for row in [headers, *rows]) for i in (0, 2, 3, 4, 5))
+        name_width = max(MIN_NAME_WIDTH, min(NAME_WIDTH, columns - others - 2 * 5))
+    for row in rows:
+        row[1] = clip(row[1], name_width)
+    return table(headers, rows)
 
 
 def files_table(files: Sequence[dict[str, Any]]) -> str:

@@ -44,6 +44,7 @@ RUN_TIMEOUT = 180
 
 def _base_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MANTIK_"))}
+    env.pop("COLUMNS", None)  # tables as for a pipe, whatever terminal runs the tests
     env["MANTIK_DATA_DIR"] = str(data_dir)
     # The local backend runs `python train.py`: the venv's python must come first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -738,6 +739,13 @@ def test_long_run_names_are_cut_in_the_table(mantik: Mantik) -> None:
     assert table[1].startswith(run[:8]) and "n" * 39 + "\u2026 " in table[1]
     assert max(map(len, table)) < 100, table
     assert as_json(mantik("runs", "info", run, "--json"))["run_name"] == "n" * 300
+    # On an 80-column terminal that table wrapped: every row took two lines. The names
+    # are cut to fit it ($COLUMNS, as a terminal sets it).
+    mantik.env["COLUMNS"] = "80"
+    table = ok(mantik("runs", "list", "--experiment-id", experiment)).stdout.splitlines()
+    assert max(map(len, table)) <= 80 and "nnn\u2026 " in table[1], table
+    mantik.env["COLUMNS"] = "30"  # narrower still: wrapped, not cut to nothing
+    assert "n" * 11 + "\u2026 " in ok(mantik("runs", "list", "--experiment-id", experiment)).stdout
 
 
 def test_names_from_the_server_cannot_break_the_table_or_drive_the_terminal(
