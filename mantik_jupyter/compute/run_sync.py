@@ -117,11 +117,13 @@ class RunSync:
 
     def _mark_unknown(self, api: RunsApi, run: Mapping[str, Any], exc: MantikError) -> bool:
         run_id = run["info"]["run_id"]
-        log.warning("run %s: state unknown: %s", run_id, exc.message)
         tags = run_tags(run)
         message = clip(exc.message)
         if tags.get(TAG_STATE) == RunState.UNKNOWN and tags.get(TAG_STATE_MESSAGE) == message:
+            # Recorded, and logged, when it began: a lab syncing every 10 s (a notebook's
+            # live line on each retry) logged the same unreachable host each time.
             return False
+        log.warning("run %s: state unknown: %s", run_id, exc.message)
         api.set_tags(run_id, {TAG_STATE: str(RunState.UNKNOWN), TAG_STATE_MESSAGE: message})
         return True
 

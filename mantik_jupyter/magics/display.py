@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli_format import age, run_duration, runs_table, size
+from ..compute.run_record import TAG_STATE_MESSAGE
+from ..compute.states import RunState
 from ..errors import MantikError
 
 if TYPE_CHECKING:
@@ -323,27 +325,55 @@ class _LiveLine:
     info: RunInfo
 
 
+@dataclass
+class _Backoff:
+    """A run whose last refresh failed: when it is asked again, and what its lines say."""
+
+    delay: float
+    due: float  # time.monotonic()
+    note: str
+    logged: str | None = None  # the failure logged for it (each once, until it answers)
+
+
+@dataclass
+class _Asked:
+    """What the poller knows of a run it asks about: its experiment (for the search)
+    and the shortest poll interval of its lines (where its back-off starts)."""
+
+    experiment_id: str
+    poll: float
+
+
 class LivePoller:
     """The kernel's one poller of live run lines.
 
     A thread per line, each asking for its own run's state every few seconds until it
     ended, made a notebook showing a queued sweep of 50 runs keep 50 threads and send 50
     queries a tick. Here one thread refreshes every line together: one ``sync`` of all
-    their runs per service a tick (one state query per backend), at the shortest poll
-    interval a line asks for; it ends when no line is left, and the next line starts it
-    again. A run whose refresh fails is asked on its own from then on, until it
-    answers again, so it cannot stop the others: its lines show the error and keep
-    trying. A line stops, and its run leaves the poller, when its run ended.
+    their runs per service a tick (one search of the tracking server per 100 runs, one
+    state query per backend), at the shortest poll interval a line asks for; it ends
+    when no line is left, and the next line starts it again.
+
+    A run whose refresh fails (the tracking server refuses it, or its backend cannot
+    be reached and its state is UNKNOWN) leaves that batch, so it cannot stop or slow
+    the others, and backs off: asked again after its line's poll interval, then twice
+    as long each time it fails again, up to ``MAX_BACKOFF`` seconds; an unreachable
+    login node was asked every tick, each time waiting for a connect timeout. The runs
+    due at the same time are asked together (one connection attempt per backend). Its
+    lines keep the last state with a note saying why and when it is asked again; the
+    first answer brings it back to the batch. A line stops, and its run leaves the
+    poller, when its run ended.
     """
 
     THREAD_NAME = "mantik-live-runs"
+    MAX_BACKOFF = 60.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lines: list[_LiveLine] = []
         self._thread: threading.Thread | None = None
-        # Runs whose last refresh failed: asked one by one, so the batch of the others goes on.
-        self._failing: set[str] = set()
+        # Runs whose last refresh failed (only the poller's thread uses it).
+        self._failing: dict[str, _Backoff] = {}
 
     def add(self, service: RunService, run: Run, line: StatusLine, poll: float) -> None:
         state = str(run.info.state)
@@ -362,6 +392,7 @@ class LivePoller:
                 if not self._lines:
                     # Under the lock: a line added from now on starts a new thread.
                     self._thread = None
+                    self._failing.clear()
                     return
                 interval = min(live.poll for live in self._lines)
             time.sleep(interval)
@@ -376,79 +407,119 @@ class LivePoller:
                 self._lines = [live for live in self._lines if id(live) not in ended]
 
     def _tick(self, lines: Sequence[_LiveLine]) -> set[int]:
-        """Refresh every line once; the ids of the lines that are done."""
-        services: dict[int, tuple[RunService, list[str]]] = {}
+        """Refresh every line whose run is due once; the ids of the lines that are done."""
+        services: dict[int, tuple[RunService, dict[str, _Asked]]] = {}
         for live in lines:
-            services.setdefault(id(live.service), (live.service, []))[1].append(live.run.run_id)
+            runs = services.setdefault(id(live.service), (live.service, {}))[1]
+            asked = runs.setdefault(live.run.run_id, _Asked(live.run.info.experiment_id, live.poll))
+            asked.poll = min(asked.poll, live.poll)
         fresh: dict[str, RunInfo] = {}
-        errors: dict[str, str] = {}
-        for service, run_ids in services.values():
-            got, failed = self._refresh(service, run_ids)
-            fresh.update(got)
-            errors.update(failed)
+        for service, runs in services.values():
+            fresh.update(self._refresh(service, runs))
+        followed = {live.run.run_id for live in lines}
+        self._failing = {k: v for k, v in self._failing.items() if k in followed}
         ended: set[int] = set()
         for live in lines:
+            run_id = live.run.run_id
+            backoff = self._failing.get(run_id)
             try:
-                if self._show(live, fresh.get(live.run.run_id), errors.get(live.run.run_id)):
+                if self._show(live, fresh.get(run_id), backoff.note if backoff else None):
                     ended.add(id(live))
             except Exception:  # noqa: BLE001 - a line that cannot be updated is dropped
-                log.exception("mantik: cannot update the live line of run %s", live.run.run_id)
+                log.exception("mantik: cannot update the live line of run %s", run_id)
                 ended.add(id(live))
         return ended
 
-    def _refresh(
-        self, service: RunService, run_ids: Sequence[str]
-    ) -> tuple[dict[str, RunInfo], dict[str, str]]:
-        ids = list(dict.fromkeys(run_ids))
-        alone = [i for i in ids if i in self._failing]
-        batch = [i for i in ids if i not in self._failing]
+    def _refresh(self, service: RunService, runs: dict[str, _Asked]) -> dict[str, RunInfo]:
+        """Ask for the runs that are due: the healthy ones together, the failing ones
+        whose back-off ran out together apart from them. Records who failed."""
+        now = time.monotonic()
+        batch = [i for i in runs if i not in self._failing]
+        retried = [i for i in runs if i in self._failing and self._failing[i].due <= now]
         fresh: dict[str, RunInfo] = {}
-        errors: dict[str, str] = {}
-        if batch:
-            try:
-                fresh.update((info.run_id, info) for info in service.sync(batch))
-            except Exception as exc:  # noqa: BLE001 - shown on the lines, asked again
-                if len(batch) == 1:
-                    errors[batch[0]] = _failure(exc)
-                else:
-                    alone += batch  # which run is at fault: each on its own
-        for run_id in alone:
-            try:
-                fresh.update((info.run_id, info) for info in service.sync([run_id]))
-            except Exception as exc:  # noqa: BLE001 - shown on the lines, asked again
-                errors[run_id] = _failure(exc)
-        self._failing = (self._failing - set(ids)) | set(errors)
-        return fresh, errors
+        errors: dict[str, Exception] = {}
+        for group in (batch, retried):
+            self._ask(service, group, runs, fresh, errors)
+        for run_id, exc in errors.items():
+            self._failed(run_id, runs[run_id].poll, _failure(exc), exc)
+        for run_id, info in fresh.items():
+            if info.state == RunState.UNKNOWN and run_id in runs:
+                why = info.tags.get(TAG_STATE_MESSAGE) or "its backend could not tell its state"
+                self._failed(run_id, runs[run_id].poll, " ".join(why.split()), None)
+            else:
+                self._failing.pop(run_id, None)
+        return fresh
 
     @staticmethod
-    def _show(live: _LiveLine, info: RunInfo | None, error: str | None) -> bool:
-        """Update the line; True once its run ended."""
-        run = live.run
-        if error is not None or info is None:
-            why = error or "the tracking server did not return it"
-            note = f"state as last seen; asking again failed: {why}; trying again"
-            text, html_text = with_note(
-                status_text(live.info, live.history),
-                status_html(live.info, run.url, live.history),
-                note,
+    def _ask(
+        service: RunService,
+        run_ids: Sequence[str],
+        runs: dict[str, _Asked],
+        fresh: dict[str, RunInfo],
+        errors: dict[str, Exception],
+    ) -> None:
+        if not run_ids:
+            return
+        experiments = sorted({runs[i].experiment_id for i in run_ids})
+        try:
+            infos = service.sync(run_ids, experiment_ids=experiments)
+        except Exception as exc:  # noqa: BLE001 - shown on the lines, asked again
+            if len(run_ids) == 1:
+                errors[run_ids[0]] = exc
+                return
+            # Which run is at fault: each on its own.
+            for run_id in run_ids:
+                LivePoller._ask(service, [run_id], runs, fresh, errors)
+            return
+        fresh.update((info.run_id, info) for info in infos)
+
+    def _failed(self, run_id: str, poll: float, why: str, exc: Exception | None) -> None:
+        """Back the run off; log a failure that is not a mantik error once."""
+        before = self._failing.get(run_id)
+        delay = poll if before is None else min(before.delay * 2, self.MAX_BACKOFF)
+        due = time.monotonic() + delay
+        at = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+        if exc is None:
+            note = f"{why}; asking again at {at}"
+        else:
+            note = f"state as last seen; asking again failed: {why}; trying again at {at}"
+        logged = before.logged if before else None
+        if exc is not None and not isinstance(exc, MantikError) and why != logged:
+            log.warning(
+                "mantik: refreshing the live line of run %s failed (logged once until it "
+                "answers again)",
+                run_id,
+                exc_info=exc,
             )
-            live.line.update(text, html_text)
-            return False
-        live.info = info
-        state = str(info.state)
-        if live.history[-1] != state:
-            live.history.append(state)
-        live.line.update(status_text(info, live.history), status_html(info, run.url, live.history))
-        if info.state.is_final:
-            run.info = info
-            return True
-        return False
+            logged = why
+        self._failing[run_id] = _Backoff(delay, due, note, logged)
+
+    @staticmethod
+    def _show(live: _LiveLine, info: RunInfo | None, note: str | None) -> bool:
+        """Update the line (``info``: the run's fresh state, None if not asked or not
+        answered; ``note``: why it may be out of date); True once its run ended."""
+        run = live.run
+        if info is not None:
+            live.info = info
+            state = str(info.state)
+            if live.history[-1] != state:
+                live.history.append(state)
+            if info.state.is_final:
+                run.info = info
+                note = None
+        elif note is None:
+            note = "state as last seen; the tracking server did not return it; trying again"
+        text = status_text(live.info, live.history)
+        html_text = status_html(live.info, run.url, live.history)
+        if note:
+            text, html_text = with_note(text, html_text, note)
+        live.line.update(text, html_text)
+        return live.info.state.is_final and info is not None
 
 
 def _failure(exc: Exception) -> str:
     if isinstance(exc, MantikError):
         return " ".join(exc.message.split())
-    log.warning("mantik: refreshing a live run line failed", exc_info=exc)
     return f"{type(exc).__name__}: {exc}"
 
 
