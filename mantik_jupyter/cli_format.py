@@ -205,6 +205,7 @@ class ProgressBar:
     """
 
     WIDTH = 28
+    WAITS = {"login": "logging in to the cluster"}
     TTY_EVERY = 0.1
     LOG_EVERY = 5.0
 
@@ -245,7 +246,8 @@ class ProgressBar:
 
     def _line(self, stage: str, done: int, total: int) -> str:
         if total <= 0:
-            return f"{stage}: {size(done)}"
+            # A stage without a size: a wait (the login at the cluster), or bytes so far.
+            return f"{self.WAITS.get(stage, stage)}\u2026" if not done else f"{stage}: {size(done)}"
         frac = min(1.0, done / total)
         filled = int(frac * self.WIDTH)
         bar = "#" * filled + "-" * (self.WIDTH - filled)

@@ -301,9 +301,28 @@ def test_a_login_node_that_resets_the_connection_is_one_error_line(
     finally:
         server.close()
     assert result.returncode == 5, result
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("package ")]
+    progress = ("package ", "logging in to the cluster")
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(progress)]
     assert errors == [errors[0]] and errors[0].startswith("error: "), result.stderr
     assert f"127.0.0.1:{port}" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_login_node_that_never_answers(mantik: Mantik, project: Path) -> None:
+    # A host that takes the connection and stays silent (a hung sshd, a proxy): nothing
+    # was said for 15 s after "package 100%", then "SSHException: No existing session".
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    write_config(project, {"SSH": {"Hostname": "127.0.0.1", "Port": port, "Username": "u"},
+                           "Resources": {"Queue": "batch"}})  # fmt: skip
+    try:
+        result = mantik("runs", "submit", str(project))
+    finally:
+        server.close()
+    assert result.returncode == 5, result
+    lines = result.stderr.splitlines()
+    assert "logging in to the cluster\u2026" in lines, lines
+    assert "no answer within 15 s" in lines[-1] and "SSH.Hostname and SSH.Port" in lines[-1]
+    assert f"ssh -p {port} u@127.0.0.1" in lines[-1], lines[-1]
 
 
 def test_tracking_uri_that_is_no_http_address(tmp_path: Path) -> None:

@@ -91,6 +91,7 @@ class MantikRunWarning(UserWarning):
 # Like MLflow's limit on param and tag keys: a name to read in lists, not a text.
 MAX_RUN_NAME = 250
 
+
 class Submitter:
     """The submissions of one ``RunService``. ``backend_for`` gives a config's backend
     spec and the service's backend for it; ``sign`` gives a run's ``mantik.binding``
@@ -172,6 +173,10 @@ class Submitter:
                 size_limit=package_size_limit,
                 progress=(lambda d, t: progress("package", d, t)) if progress else None,
             )
+            if progress and not login.done():
+                # A slow or silent login node is waited for up to its connect timeout:
+                # with nothing said after "package 100%", it looked like a hang.
+                progress("login", 0, 0)
             login.result()
             api = RunsApi(self.tracking.client())
             user = submitting_user(self.tracking)

@@ -209,6 +209,7 @@ class SshConnection:
         if pkey is None and self._key_filename:
             pkey, unlocked = _load_key_file(self._key_filename, self._password)
             password = None if unlocked else self._password
+        started = time.monotonic()
         try:
             client.connect(
                 self.hostname,
@@ -236,8 +237,16 @@ class SshConnection:
             ) from None
         except (*CONNECTION_ERRORS, ValueError) as exc:
             client.close()
+            # A host that takes the connection and never speaks ends in paramiko's "No
+            # existing session", which says nothing of the wait or of what to check.
+            waited = time.monotonic() - started >= self.connect_timeout
+            why = f"no answer within {self.connect_timeout:g} s" if waited else describe_error(exc)
+            user = f"{self.username}@" if self.username else ""
             raise BackendUnavailable(
-                f"Cannot reach the SSH server {self.hostname}:{self.port}: {describe_error(exc)}"
+                f"Cannot reach the SSH server {self.hostname}:{self.port}: {why}. Check "
+                "SSH.Hostname and SSH.Port in the compute backend config, and that this "
+                f"machine reaches the cluster: ssh -p {self.port} {user}{self.hostname} "
+                "(from outside the site's network, a VPN or a jump host may be needed)."
             ) from None
         transport = client.get_transport()
         assert transport is not None
