@@ -10,6 +10,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, TraitError, Unicode, default, validate
 
 from . import paths
+from .compute.run_sync import RETRY_PAUSE
 from .compute.runs import RunService
 from .errors import InvalidRequest, MantikError
 from .handlers import auth, backends, mlflow_proxy, projects, runs
@@ -130,6 +131,7 @@ class MantikApp(ExtensionApp):
             work_dir=Path(self.data_dir) / "runs",
             job_tracking_uri=self.job_tracking_uri or None,
             root_dir=Path(self.serverapp.root_dir),  # type: ignore[union-attr]  # set before
+            retry_pause=RETRY_PAUSE,  # it syncs unasked: every interval, every refresh
         )
         self._sync_task: asyncio.Task[None] | None = None
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MantikError
+from ..errors import AuthenticationFailed, BackendUnavailable, MantikError
 from ..tracking.run_users import admin_client, delete_run_user
 from ..tracking.runs_api import RunsApi, now_ms, run_tags
 from ..tracking.service import TrackingService
@@ -48,21 +50,53 @@ NOT_FOLLOWED = (
 )
 
 
+# Seconds before a lab asks again a backend that could not be reached or refused the
+# login, doubling from the first to the second after each failure (see ``RunSync``).
+RETRY_PAUSE = (10.0, 300.0)
+
+
+@dataclass(frozen=True)
+class _Pause:
+    error: MantikError
+    seconds: float
+    until: float  # time.monotonic()
+    wall: float  # the same moment, time.time()
+
+    def warning(self) -> str:
+        at = time.strftime("%H:%M:%S", time.localtime(self.wall))
+        return (
+            f"Its backend is asked again at {at}, not before: the last attempt failed "
+            f"({self.error.message}) and the lab does not try a cluster that cannot be "
+            "reached or refuses the login at every refresh."
+        )
+
+
 class RunSync:
     """Records backend states on runs for one ``RunService``. ``backend_of_run`` gives a
     run's backend (attached to its run directory) and job id; ``binding_problem`` says
     why this installation did not submit a run, None if it did
-    (``BackendPool.binding_problem``)."""
+    (``BackendPool.binding_problem``).
+
+    ``retry_pause`` (first, longest; None: ask every time): a lab syncs unasked, every
+    interval and at every refresh of the sidebar. A cluster that cannot be reached (a
+    maintenance day; a firewall that drops packets makes each try wait for the connect
+    timeout, and the sidebar with it) or that refuses the login (sites lock accounts,
+    or ban addresses, after repeated failed logins) is then asked again only after a
+    pause that doubles after each failure; its runs say when (their warnings).
+    """
 
     def __init__(
         self,
         tracking: TrackingService,
         backend_of_run: Callable[[Mapping[str, Any]], tuple[Backend, str]],
         binding_problem: Callable[[Mapping[str, Any]], str | None],
+        retry_pause: tuple[float, float] | None = None,
     ) -> None:
         self.tracking = tracking
         self._backend_of_run = backend_of_run
         self._binding_problem = binding_problem
+        self._retry_pause = retry_pause
+        self._pauses: dict[str, _Pause] = {}  # by backend spec
         self._lock = threading.Lock()
         # Runs being finalised (log upload etc.) by this process, to do it only once.
         self._finalising: set[str] = set()
@@ -85,20 +119,32 @@ class RunSync:
                 else:
                     not_followed.add(run["info"]["run_id"])
         changed: set[str] = set()
-        for group in groups.values():
+        paused: dict[str, _Pause] = {}  # by run id
+        for spec, group in groups.items():
+            pause = self._pause_of(spec)
             try:
-                backend, _ = self._backend_of_run(group[0])
-                for run in group[1:]:
-                    self._backend_of_run(run)
-                job_ids = [run_tags(r)[TAG_JOB_ID] for r in group]
-                statuses = backend.states(job_ids)
+                if pause is not None:
+                    failure: MantikError | None = pause.error  # not asked again yet
+                else:
+                    failure = None
+                    backend, _ = self._backend_of_run(group[0])
+                    for run in group[1:]:
+                        self._backend_of_run(run)
+                    job_ids = [run_tags(r)[TAG_JOB_ID] for r in group]
+                    statuses = backend.states(job_ids)
             except MantikError as exc:
+                failure, pause = exc, self._pause_after(spec, exc)
+            if failure is not None:
                 # Unreachable cluster, refused login, changed host key: the job's fate is
                 # unknown, not failed. The message says what is wrong.
                 for run in group:
-                    if self._mark_unknown(api, run, exc):
+                    if self._mark_unknown(api, run, failure):
                         changed.add(run["info"]["run_id"])
+                    if pause is not None:
+                        paused[run["info"]["run_id"]] = pause
                 continue
+            with self._lock:
+                self._pauses.pop(spec, None)
             for run in group:
                 status = statuses.get(run_tags(run)[TAG_JOB_ID], JobStatus(RunState.UNKNOWN))
                 if self._apply(api, backend, run, status):
@@ -113,7 +159,29 @@ class RunSync:
             if info.run_id in not_followed:
                 # Says why its state stands still (the faces show a run's warnings).
                 info.warnings.append(NOT_FOLLOWED)
+            if info.run_id in paused:
+                info.warnings.append(paused[info.run_id].warning())
         return infos
+
+    def _pause_of(self, spec: str) -> _Pause | None:
+        """The pause a backend is in, if any (see the class)."""
+        with self._lock:
+            pause = self._pauses.get(spec)
+        return pause if pause is not None and time.monotonic() < pause.until else None
+
+    def _pause_after(self, spec: str, error: MantikError) -> _Pause | None:
+        """Start (or lengthen) a backend's pause after it failed as ``error``."""
+        if self._retry_pause is None or not isinstance(
+            error, BackendUnavailable | AuthenticationFailed
+        ):
+            return None
+        first, longest = self._retry_pause
+        with self._lock:
+            last = self._pauses.get(spec)
+            seconds = min(last.seconds * 2, longest) if last is not None else first
+            pause = _Pause(error, seconds, time.monotonic() + seconds, time.time() + seconds)
+            self._pauses[spec] = pause
+        return pause
 
     def _mark_unknown(self, api: RunsApi, run: Mapping[str, Any], exc: MantikError) -> bool:
         run_id = run["info"]["run_id"]

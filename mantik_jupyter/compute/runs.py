@@ -67,7 +67,10 @@ class RunService:
         root_dir: Path | None = None,
         key_file: Path | None = None,
         trusted_keys: Path | None = None,
+        retry_pause: tuple[float, float] | None = None,
     ) -> None:
+        """``retry_pause``: see ``RunSync`` (a lab's service pauses failing backends; a
+        command or a notebook asks them when told to)."""
         self.tracking = tracking
         self.work_dir = Path(work_dir).expanduser().absolute()
         self.job_tracking_uri = job_tracking_uri
@@ -81,6 +84,7 @@ class RunService:
             tracking,
             self._backends.of_run,
             self._backends.binding_problem,
+            retry_pause,
         )
         self._logs = RunLogs(self._backends.of_run, self._sync.sync_runs)
 

@@ -1,0 +1,165 @@
+"""A lab's unattended sync pauses a backend that cannot be reached or refuses the login,
+instead of trying it at every interval and every sidebar refresh. Real MLflow server, the
+real loopback sshd and Slurm behind a counting relay (the relay plays a login node that
+drops every connection while it is closed)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import paramiko
+import pytest
+
+from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.tracking.rest import TrackingClient
+from mantik_jupyter.tracking.runs_api import RunsApi
+
+from .test_live_poller import ssh_run
+
+PAUSE = (1.5, 3.0)
+
+
+class Gate:
+    """A loopback port in front of the test sshd: closed, it drops each connection once
+    the client said hello (a login node in maintenance); open, it relays to sshd. It
+    counts the connections."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.open = False
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.open:
+                upstream = socket.create_connection(self.target)
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            else:
+                conn.settimeout(5)
+                try:
+                    conn.recv(1024)
+                except OSError:
+                    pass
+                conn.close()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def gate(slurm_cluster):
+    g = Gate((slurm_cluster.host, slurm_cluster.port))
+    yield g
+    g.close()
+
+
+def test_a_lab_pauses_a_backend_that_cannot_be_reached_or_refuses_the_login(
+    tracking, mlflow_server, user, slurm_cluster, gate, tmp_path, experiment_name
+):
+    # A lab asked every such backend at every sync interval and every sidebar refresh: a
+    # firewall that drops packets made each refresh wait for the connect timeout, and a
+    # refused login was tried again and again (sites lock accounts after repeated
+    # failed logins).
+    service = RunService(tracking, work_dir=tmp_path / "work", retry_pause=PAUSE)
+    try:
+        api = RunsApi(TrackingClient(mlflow_server.uri, user))
+        experiment = api.create_experiment(experiment_name)
+        # The sshd's host key, under the relay's address.
+        key = paramiko.HostKeys(str(slurm_cluster.known_hosts))
+        entry = key.lookup(f"[{slurm_cluster.host}]:{slurm_cluster.port}") or key.lookup(
+            slurm_cluster.host
+        )
+        assert entry is not None
+        known = paramiko.HostKeys()
+        for kind, value in entry.items():
+            known.add(f"[127.0.0.1]:{gate.port}", kind, value)
+        known.save(str(tmp_path / "known_hosts"))
+        spec = {
+            "Hostname": "127.0.0.1",
+            "Port": gate.port,
+            "Username": slurm_cluster.username,
+            "IdentityFile": str(slurm_cluster.key_path),
+            "KnownHostsFile": str(tmp_path / "known_hosts"),
+        }
+        run = ssh_run(service, api, experiment, spec)
+
+        first = service.sync([run.run_id])[0]
+        assert gate.connections == 1
+        assert first.state == RunState.UNKNOWN
+        assert f"127.0.0.1:{gate.port}" in first.tags["mantik.state_message"]
+        # Refreshes within the pause do not try the login node again, and say when.
+        for info in (service.sync([run.run_id])[0], service.list(refresh=True)[0][0]):
+            assert info.state == RunState.UNKNOWN
+            assert any("asked again at" in w for w in info.warnings), info.warnings
+        assert gate.connections == 1
+        time.sleep(PAUSE[0] + 0.2)
+        service.sync([run.run_id])
+        assert gate.connections == 2  # asked again, failed again: the pause doubles
+        time.sleep(PAUSE[0] + 0.2)
+        service.sync([run.run_id])
+        assert gate.connections == 2
+        # The login node is back: asked at the end of the pause, the run is followed again.
+        gate.open = True
+        time.sleep(PAUSE[1] - PAUSE[0] + 0.2)
+        back = service.sync([run.run_id])[0]
+        assert gate.connections == 3
+        assert not any("asked again at" in w for w in back.warnings), back.warnings
+
+        # A refused login is paused the same way: the key is not one sshd accepts.
+        paramiko.RSAKey.generate(2048).write_private_key_file(str(tmp_path / "id_wrong"))
+        refused = ssh_run(
+            service, api, experiment, {**spec, "IdentityFile": str(tmp_path / "id_wrong")}
+        )
+        before = gate.connections
+        for _ in range(3):
+            info = service.sync([refused.run_id])[0]
+        assert gate.connections == before + 1
+        assert info.state == RunState.UNKNOWN
+        assert any("asked again at" in w for w in info.warnings), info.warnings
+    finally:
+        service.close()
+
+
+def test_a_command_or_notebook_asks_every_time(
+    tracking, mlflow_server, user, gate, tmp_path, experiment_name
+):
+    # No pause outside the lab: `mantik runs status` is asked once and means it; a
+    # notebook's live lines back off on their own (tests/test_live_poller.py).
+    service = RunService(tracking, work_dir=tmp_path / "work")
+    try:
+        api = RunsApi(TrackingClient(mlflow_server.uri, user))
+        experiment = api.create_experiment(experiment_name)
+        spec = {"Hostname": "127.0.0.1", "Port": gate.port, "KnownHostsFile": str(tmp_path)}
+        run = ssh_run(service, api, experiment, spec)
+        for _ in range(3):
+            info = service.sync([run.run_id])[0]
+        assert gate.connections == 3
+        assert not any("asked again at" in w for w in info.warnings)
+    finally:
+        service.close()
