@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -27,6 +25,7 @@ from mantik_jupyter.magics.display import LivePoller, Run, StatusLine
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
+from .login_gate import Gate
 from .runs_helpers import copy_example, write_config
 from .test_magics_runs import _experiment_permission
 
@@ -34,41 +33,9 @@ LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"P
 POLL = 0.2
 
 
-class LoginNode:
-    """A loopback port that closes each connection as soon as the client said hello (a
-    login node that drops logins), counting them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            # The client's banner read first: closed under unread data, the connection
-            # was reset or ended at random, and the error read two ways.
-            conn.settimeout(5)
-            try:
-                conn.recv(1024)
-            except OSError:
-                pass
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def login_node() -> Iterator[LoginNode]:
-    node = LoginNode()
+def login_node() -> Iterator[Gate]:
+    node = Gate()
     yield node
     node.close()
 

@@ -5,8 +5,6 @@ drops every connection while it is closed)."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import paramiko
@@ -17,59 +15,10 @@ from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
+from .login_gate import Gate
 from .test_live_poller import ssh_run
 
 PAUSE = (1.5, 3.0)
-
-
-class Gate:
-    """A loopback port in front of the test sshd: closed, it drops each connection once
-    the client said hello (a login node in maintenance); open, it relays to sshd. It
-    counts the connections."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.open = False
-        self.connections = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            if self.open:
-                upstream = socket.create_connection(self.target)
-                for a, b in ((conn, upstream), (upstream, conn)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-            else:
-                conn.settimeout(5)
-                try:
-                    conn.recv(1024)
-                except OSError:
-                    pass
-                conn.close()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
