@@ -268,14 +268,21 @@ def _follow(ctx: Context, ref: str, offset: int) -> None:
 @contextmanager
 def _following(ref: str) -> Iterator[None]:
     """A lost contact ends following a run (``--follow``, ``submit --wait``), not the
-    run: the error says so and how to go on, else it reads as if the run had failed."""
+    run: the error says so and how to go on, else it reads as if the run had failed.
+    So does Ctrl-C, which many expect to stop the run, as it stops ``srun``."""
+    again = f"`mantik runs logs {shlex.quote(ref)} --follow` follows it again"
     try:
         yield
     except (TrackingUnavailable, BackendUnavailable) as err:
-        err.message += (
-            " Following stopped; the run itself is not affected: "
-            f"`mantik runs logs {shlex.quote(ref)} --follow` follows it again."
-        )
+        err.message += f" Following stopped; the run itself is not affected: {again}."
+        raise
+    except BaseException as exc:
+        stop = _interrupt_in(exc)
+        if stop is not None:
+            stop.add_note(
+                f"Stopped following run {ref}; the run keeps running: {again}, "
+                f"`mantik runs cancel {shlex.quote(ref)}` stops it."
+            )
         raise
 
 
@@ -590,6 +597,8 @@ def _run(ctx: Context) -> int:
         if stop is not None:
             # Only this command stops: a submitted run keeps running on its backend.
             print("", file=sys.stderr)
+            for note in getattr(stop, "__notes__", ()):
+                print(note, file=sys.stderr)
             return 128 + stop.signum if isinstance(stop, Stopped) else EXIT_INTERRUPTED
         if isinstance(err, MantikError):
             print(f"error: {err.message}", file=sys.stderr)

@@ -518,6 +518,9 @@ def test_follow_interrupted_leaves_run(mantik: Mantik, project: Path, tmp_path: 
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, (out, err)
         assert "Traceback" not in err
+        # Ctrl-C stops srun's job: the user is told it did not stop this one, and how to.
+        assert f"Stopped following run {run_id}; the run keeps running" in err, err
+        assert f"mantik runs cancel {run_id}" in err
         assert as_json(mantik("runs", "status", run_id, "--json"))["state"] == "RUNNING"
     finally:
         cancelled = as_json(mantik("runs", "cancel", run_id, "--json"))
