@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import io
 import json
 import logging
 import os
@@ -615,6 +616,12 @@ def _run(ctx: Context) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        # An output whose encoding cannot spell a run's name or log (PYTHONIOENCODING=ascii,
+        # a Latin-1 locale on a login node) ended the command in a UnicodeEncodeError
+        # traceback; such characters are written as escapes instead.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     sys.exit(run(argv))
 
 

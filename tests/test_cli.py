@@ -799,6 +799,11 @@ def test_names_from_the_server_cannot_break_the_table_or_drive_the_terminal(
     assert "\x1b" not in info and "note = \\x1b[2J\\x1b[31mred\\nnext" in info, info
     # --json keeps the values as they are.
     assert as_json(mantik("runs", "info", ids[1], "--json"))["run_name"] == names[1]
+    # An output that cannot spell them (a Latin-1 login node, PYTHONIOENCODING=ascii)
+    # ended in a UnicodeEncodeError traceback.
+    mantik.env["PYTHONIOENCODING"] = "ascii"
+    listed = ok(mantik("runs", "list", "--experiment-id", experiment)).stdout
+    assert "\\u5929\\u6c14" in listed and "Z\\xfcrich" in listed, listed
 
 
 def test_a_run_mantik_did_not_submit_has_no_log(mantik: Mantik) -> None:
