@@ -415,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     # (`mantik --json runs list` and `mantik runs list --json` both work).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="output JSON for scripts"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help='output JSON for scripts; an error too, on stderr: {"error": {"message", "reason"}}',
     )
     common.add_argument(
         "--tracking-uri",
@@ -602,7 +605,12 @@ def _run(ctx: Context) -> int:
                 print(note, file=sys.stderr)
             return 128 + stop.signum if isinstance(stop, Stopped) else EXIT_INTERRUPTED
         if isinstance(err, MantikError):
-            print(f"error: {err.message}", file=sys.stderr)
+            if ctx.json:
+                # Its reason too: one exit code stands for several (4: no such run, a
+                # prefix of several, a run that already ended), a script may tell them apart.
+                print(json_out.dumps({"error": err.to_json()}), file=sys.stderr)
+            else:
+                print(f"error: {err.message}", file=sys.stderr)
             return err.exit_code
         if isinstance(err, BrokenPipeError):
             # `mantik runs logs X | head`: the reader left; not an error.

@@ -823,6 +823,12 @@ def test_unknown_run_exit_4(mantik: Mantik) -> None:
         result = mantik("runs", *args)
         assert result.returncode == 4, (args, result)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    # With --json the error is JSON as well, with its reason: exit 4 also means a prefix
+    # of several runs, or a run that already ended.
+    result = mantik("runs", "status", "no-such-run", "--json")
+    assert result.returncode == 4 and result.stdout == "", result
+    error = json.loads(result.stderr)["error"]
+    assert error["reason"] == "not_found" and "'no-such-run'" in error["message"], error
 
 
 def test_not_logged_in_exit_3(anon: Mantik) -> None:
