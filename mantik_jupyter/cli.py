@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_RUN_UNSUCCESSFUL = 7
 EXIT_INTERRUPTED = 130
+RUN_HELP = "the run: its MLflow run id, a unique prefix of it, or its run name"
 
 
 class Context:
@@ -502,22 +503,26 @@ def build_parser() -> argparse.ArgumentParser:
         ("info", cmd_info, "details of a run: params, metrics, tags, reason"),
         ("cancel", cmd_cancel, "cancel a run"),
     ):
-        command(rsub, name, func, text).add_argument("run", metavar="ID")
+        command(rsub, name, func, text).add_argument("run", metavar="ID", help=RUN_HELP)
 
     p = command(rsub, "logs", cmd_logs, "print a run's log")
-    p.add_argument("run", metavar="ID")
+    p.add_argument("run", metavar="ID", help=RUN_HELP)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     p.add_argument("--offset", type=_non_negative_int, default=0, help="start at this byte")
 
     # What to give --remote-path: the errors of a download ask the user to look.
     p = command(rsub, "files", cmd_files, "list a folder of a run's directory")
-    p.add_argument("run", metavar="ID")
+    p.add_argument("run", metavar="ID", help=RUN_HELP)
     p.add_argument("path", nargs="?", default="", help="folder in the run (default: its top)")
 
     p = command(rsub, "download", cmd_download, "download a run's files")
-    p.add_argument("run", metavar="ID")
+    p.add_argument("run", metavar="ID", help=RUN_HELP)
     p.add_argument("--remote-path", default="", help="file or folder in the run (default: all)")
-    p.add_argument("--local-path", help="where to put it (default: the current folder)")
+    p.add_argument(
+        "--local-path",
+        help="where to put it, as cp does: into a folder that exists, else under this name "
+        "(default: the current folder; a whole run goes into a folder named by its id)",
+    )
     return parser
 
 

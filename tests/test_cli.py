@@ -136,6 +136,12 @@ def test_help_documents_exit_codes(tmp_path: Path) -> None:
     assert "130" in result.stdout
     for sub in ("login", "logout", "status", "runs"):
         assert sub in result.stdout
+    # What ID and --local-path take: 'ID' had no word, and README's
+    # `--remote-path code/outputs --local-path ./results` put the files into results/
+    # or results/outputs/ depending on whether results/ existed, which no help said.
+    download = ok(Mantik(_base_env(tmp_path), tmp_path)("runs", "download", "--help")).stdout
+    assert "unique prefix of it, or its run name" in " ".join(download.split())
+    assert "into a folder that exists, else under this name" in " ".join(download.split())
 
 
 def test_mantik_flags_parse(tmp_path: Path) -> None:
