@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from IPython.core.error import StdinNotImplementedError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Unicode
@@ -27,7 +28,7 @@ from traitlets import Bool, Float, Unicode
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
 from ..cli import interrupted, positive_int
-from ..errors import MantikError, NotFound, ProjectError
+from ..errors import MantikError, NotFound, NotLoggedIn, ProjectError
 from .args import parse_line
 from .dashboards import DashboardMagics, show_log_view, show_run_table
 from .display import (
@@ -167,12 +168,31 @@ class MantikMagics(Magics):
         # Guarded like the others: interrupting the kernel at the prompt is no traceback.
         args = parse_line(self.mantik_login, line)
         service = tracking_service(args.tracking_uri or self.tracking_uri)
-        if args.token:
-            status = service.login(token=getpass.getpass("Token: "))
-        else:
-            username = args.username or input("Username: ")
-            status = service.login(username=username, password=getpass.getpass("Password: "))
-        print(f"Logged in to {status['tracking_uri']} as {status['username']}.")
+        try:
+            if args.token:
+                status = service.login(token=getpass.getpass("Token: "))
+            else:
+                username = args.username or input("Username: ")
+                status = service.login(username=username, password=getpass.getpass("Password: "))
+        except StdinNotImplementedError:
+            # nbconvert --execute, papermill, "Run All" in some frontends: no prompt can
+            # be shown, and a secret must not be typed into the cell instead.
+            raise NotLoggedIn(
+                f"%mantik_login cannot ask for the {'token' if args.token else 'password'} "
+                f"for {service.uri} here: this frontend runs the notebook without input "
+                "prompts (nbconvert, papermill). Log in once beforehand (the Mantik panel, "
+                "`mantik login` in a terminal, or %mantik_login in JupyterLab); the login "
+                "is stored and used here. Or set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the kernel's "
+                "environment."
+            ) from None
+        message = f"Logged in to {status['tracking_uri']} as {status['username']}."
+        if args.tracking_uri and args.tracking_uri != self.tracking_uri:
+            # The server logged in to is the one the user means from now on: the magics
+            # went on asking the default one ("No tracking server is configured").
+            self.tracking_uri = status["tracking_uri"]
+            message += " The %mantik_* magics of this kernel use it from now on."
+        print(message)
         return status
 
     @magic_arguments()
@@ -356,7 +376,7 @@ class MantikMagics(Magics):
             chunks = service.follow_logs(
                 run_id, poll_interval=self.follow_interval, offset=so_far.offset
             )
-            if not show_log_view(chunks):
+            if not show_log_view(chunks, follow_label=short(run_id)):
                 _stream_log(chunks)
         except KeyboardInterrupt:
             print(f"\nmantik: stopped following run {short(run_id)}; it keeps running.", flush=True)
@@ -446,6 +466,27 @@ def _print_warnings(caught: list[warnings.WarningMessage], skip: list[str] | Non
         print(f"mantik warning: {text}", flush=True)
 
 
+def _show_mantik_error(
+    shell: Any, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: Any = None
+) -> list[str]:
+    """A mantik error raised in a cell (``run.download("../x")``, ``RunTable(...)``):
+    its message, not forty lines of traceback through the core. The cell still fails,
+    so "Run All" and nbconvert stop there."""
+    magics = shell.magics_manager.registry.get("MantikMagics")
+    if magics is not None and magics.show_tracebacks:
+        stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+    else:
+        message = " ".join(getattr(value, "message", str(value)).split())
+        stb = [
+            f"{etype.__name__}: {message}",
+            "(%config MantikMagics.show_tracebacks = True shows where it was raised)",
+        ]
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(MantikMagics)
     ipython.register_magics(DashboardMagics)
+    if not getattr(ipython, "custom_exceptions", ()):  # never replace the user's handler
+        ipython.set_custom_exc((MantikError,), _show_mantik_error)

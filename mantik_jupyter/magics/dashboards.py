@@ -56,15 +56,32 @@ def show_run_table(
     return True
 
 
-def show_log_view(chunks: Iterable[str]) -> bool:
-    """Follow a log in a LogView for ``%mantik_logs --follow``; False for plain text."""
+def show_log_view(chunks: Iterable[str], follow_label: str | None = None) -> bool:
+    """Follow a log in a LogView for ``%mantik_logs --follow`` until the run ended;
+    False for plain text.
+
+    The cell runs as long as the log is followed, as in a terminal: a view that followed
+    in the background let "Run All" (nbconvert, papermill) go on to the next cell while
+    the run was still running, and interrupting the kernel did not stop it. Once it is
+    done, the view's output is shown again with the text it followed, for places
+    without widgets (a converted or exported notebook)."""
     if not widgets_available():
         return False
     from IPython.display import display
 
     from ..widgets import LogView
 
-    display(LogView(source=chunks))
+    view = LogView(source=chunks, label=follow_label)
+    handle = display(view, display_id=True)
+    try:
+        while not view.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        view.stop()
+        raise
+    finally:
+        if handle is not None:
+            handle.update(view)
     return True
 
 

@@ -39,11 +39,13 @@ class LogView(anywidget.AnyWidget):
         flush_interval: float = 0.25,
         max_chars: int = MAX_CHARS,
         follow: bool = True,
+        label: str | None = None,
     ) -> None:
         super().__init__()
         if run is None and source is None:
             raise ValueError("give a run or a source of log text")
         self.run = run
+        self.label = label or run or "log"
         self._service = service
         self._source = source
         self.poll_interval = poll_interval
@@ -66,12 +68,22 @@ class LogView(anywidget.AnyWidget):
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
-        self.status = f"Following {self.run or 'log'}\u2026"
+        self.status = f"Following {self.label}\u2026"
         self._thread = threading.Thread(target=self._follow, name="mantik-w-log", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if not self.done:
+            self.status = "Stopped following."
+
+    def __repr__(self) -> str:
+        """The text followed so far (at most ``max_chars``), as the output of a saved or
+        converted notebook shows it instead of ``<LogView object at 0x...>``."""
+        text = self.text
+        if text and not text.endswith("\n"):
+            text += "\n"
+        return text + (f"[{self.status}]" if self.status else "")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the log ended (or following stopped); True if it did."""

@@ -1,0 +1,252 @@
+"""The notebook face as a new user meets it, in real kernels (jupyter_client, nbclient)
+against the real MLflow server and the local backend: logging in where no prompt can be
+shown and to a server of one's own choosing, following a log in "Run All", and what a
+mantik error raised by the Python API looks like."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from . import test_magics_runs
+from .runs_helpers import copy_example, write_config
+from .test_magics_runs import LOCAL_CONFIG, REPO, execute_in_kernel, outputs_of, write_notebook
+
+env = test_magics_runs.env  # the kernel's environment: the tracking server, the user's login
+
+
+class Kernel:
+    """A real IPython kernel driven as JupyterLab drives it: input prompts answered,
+    interrupts sent, every output of a cell collected."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="python3")
+        kernel_env = {
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        }
+        self.manager.start_kernel(env=kernel_env, cwd=str(cwd))
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def run(
+        self,
+        code: str,
+        *,
+        inputs: list[str] | None = None,
+        interrupt_after: float | None = None,
+        timeout: float = 120,
+    ) -> tuple[list[dict], list[dict], float]:
+        """Run a cell: (its outputs, the input prompts it showed, seconds it took)."""
+        msg_id = self.client.execute(code, allow_stdin=inputs is not None)
+        outputs: list[dict] = []
+        prompts: list[dict] = []
+        answers = list(inputs or [])
+        started = time.monotonic()
+        interrupted = False
+        while True:
+            elapsed = time.monotonic() - started
+            assert elapsed < timeout, f"cell still running after {timeout} s: {outputs}"
+            if interrupt_after is not None and not interrupted and elapsed > interrupt_after:
+                self.manager.interrupt_kernel()
+                interrupted = True
+            if inputs is not None:
+                try:
+                    request = self.client.stdin_channel.get_msg(timeout=0.05)
+                except queue.Empty:
+                    pass
+                else:
+                    prompts.append(request["content"])
+                    self.client.input(answers.pop(0))
+            try:
+                msg = self.client.iopub_channel.get_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                return outputs, prompts, time.monotonic() - started
+            if kind in ("stream", "display_data", "update_display_data", "execute_result"):
+                outputs.append({"type": kind, **content})
+            elif kind == "error":
+                outputs.append({"type": kind, **content})
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+def text_of(outputs: list[dict]) -> str:
+    return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+def errors_of(outputs: list[dict]) -> list[dict]:
+    return [o for o in outputs if o["type"] == "error"]
+
+
+@pytest.fixture
+def kernels():
+    started: list[Kernel] = []
+
+    def start(cwd: Path, environ: dict[str, str]) -> Kernel:
+        kernel = Kernel(cwd, environ)
+        started.append(kernel)
+        return kernel
+
+    yield start
+    for kernel in started:
+        kernel.close()
+
+
+# ---- %mantik_login ------------------------------------------------------------------------
+
+
+def test_login_where_no_prompt_can_be_shown_says_how_to_log_in(env, mlflow_server):
+    # nbconvert --execute, papermill: the password prompt was a 30-line
+    # StdinNotImplementedError traceback that said nothing of how to log in.
+    project = env / "study"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(name, None)
+    path = write_notebook(project, "%load_ext mantik_jupyter", "%mantik_login -u alice")
+    nb = nbformat.read(path, as_version=4)
+    execute_in_kernel(nb, path, project, timeout=120)  # no error output: it would raise
+    out = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("mantik: %mantik_login cannot ask for the password for ")
+    assert mlflow_server.uri in lines[0] and "`mantik login`" in lines[0]
+    assert "MLFLOW_TRACKING_PASSWORD" in lines[0] and "Traceback" not in out
+
+
+def test_login_to_another_server_is_the_server_the_kernel_uses(
+    env, mlflow_server, kernels, tmp_path
+):
+    # Logged in with --tracking-uri, every magic after it still asked the default server:
+    # "No tracking server is configured and no embedded one is running".
+    user = mlflow_server.create_user()
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MANTIK_TRACKING"))
+    }
+    kernel = kernels(tmp_path, environ)
+    kernel.run("%load_ext mantik_jupyter")
+    before, _, _ = kernel.run("%mantik_runs")
+    assert "No tracking server is configured" in text_of(before)
+
+    out, prompts, _ = kernel.run(
+        f"%mantik_login --tracking-uri {mlflow_server.uri} -u {user.username}",
+        inputs=[user.password],
+    )
+    assert prompts == [{"prompt": "Password: ", "password": True}]
+    said = text_of([o for o in out if o["type"] == "stream"])
+    assert f"Logged in to {mlflow_server.uri} as {user.username}." in said
+    assert "magics of this kernel use it from now on" in said
+
+    runs, _, _ = kernel.run("%mantik_runs --limit 3")
+    assert not errors_of(runs) and "No tracking server" not in text_of(runs), runs
+    assert "No runs." in text_of(runs)
+    # The widgets from Python reach the same server.
+    table, _, _ = kernel.run(
+        "from mantik_jupyter.widgets import RunTable\nRunTable().api.client.uri"
+    )
+    assert mlflow_server.uri in text_of(table), table
+    history, _, _ = kernel.run("%history -g")
+    assert user.password not in json.dumps(history)
+
+
+# ---- the Python API's errors ------------------------------------------------------------------
+
+
+def test_a_mantik_error_from_python_is_its_message(env, mlflow_server, kernels):
+    # RunTable(experiment="typo") or run.download("../x") printed 40 lines of
+    # traceback through the core around the one line that said what was wrong.
+    kernel = kernels(env, dict(os.environ))
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, _ = kernel.run(
+        "from mantik_jupyter.widgets import RunTable\nRunTable(experiment='no-such-exp')"
+    )
+    (error,) = errors_of(out)
+    assert error["ename"] == "NotFound"
+    assert error["traceback"] == [
+        f"NotFound: No experiment named 'no-such-exp' on {mlflow_server.uri}",
+        "(%config MantikMagics.show_tracebacks = True shows where it was raised)",
+    ]
+    # Asked for, the traceback is all there.
+    out, _, _ = kernel.run(
+        "%config MantikMagics.show_tracebacks = True\nRunTable(experiment='no-such-exp')"
+    )
+    (error,) = errors_of(out)
+    assert len(error["traceback"]) > 2 and "run_table.py" in "".join(error["traceback"])
+
+
+# ---- %mantik_logs --follow in a notebook ------------------------------------------------
+
+
+def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env):
+    # "Run All" went on at once past %mantik_logs --follow (the log view followed in the
+    # background): the next cell saw the run still RUNNING, and the saved notebook showed
+    # '<mantik_jupyter.widgets.log_view.LogView object at 0x...>' instead of the log.
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    path = write_notebook(
+        project,
+        "%load_ext mantik_jupyter",
+        "run = %mantik_submit -P epochs=3\n%mantik_logs last --follow",
+        "str(run.info.state), run.state",
+        "run.download('../../etc', to='.')",
+    )
+    nb = nbformat.read(path, as_version=4)
+    from nbclient import NotebookClient
+
+    NotebookClient(
+        nb, timeout=180, allow_errors=True, resources={"metadata": {"path": str(project)}}
+    ).execute(
+        env={
+            **os.environ,
+            "JPY_SESSION_NAME": str(path),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+    )
+    follow, state, download = nb.cells[-3:]
+    assert not outputs_of(follow, "error"), follow.outputs
+    (view,) = [
+        o
+        for o in outputs_of(follow, "display_data")
+        if "application/vnd.jupyter.widget-view+json" in o["data"]
+    ]
+    shown = view["data"]["text/plain"]
+    assert "epoch 3/3" in shown and "[mantik] exit status 0" in shown, shown
+    assert shown.endswith("[The run ended.]") and "object at 0x" not in shown
+    # The cell after it ran once the run had ended.
+    (result,) = outputs_of(state, "execute_result")
+    assert result["data"]["text/plain"] == "('FINISHED', 'FINISHED')"
+    (error,) = outputs_of(download, "error")
+    assert error["ename"] == "UnsafePath" and len(error["traceback"]) == 2, error
+    assert "'../../etc' leads outside the run directory" in error["traceback"][0]
+
+
+def test_interrupting_a_followed_log_stops_following_not_the_run(env, kernels):
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, _ = kernel.run("run = %mantik_submit -e sleep -P seconds=120")
+    assert not errors_of(out), out
+    out, _, took = kernel.run("%mantik_logs last --follow", interrupt_after=4, timeout=60)
+    assert not errors_of(out), out
+    said = text_of(out)
+    assert "sleeping 120 s" in said and "[Stopped following.]" in said, out
+    assert "mantik: stopped following run" in said and "it keeps running" in said
+    assert 4 <= took < 15, took
+    state, _, _ = kernel.run("run.state")
+    assert "'RUNNING'" in text_of(state)
+    kernel.run("%mantik_cancel last")
