@@ -250,3 +250,58 @@ def test_interrupting_a_followed_log_stops_following_not_the_run(env, kernels):
     state, _, _ = kernel.run("run.state")
     assert "'RUNNING'" in text_of(state)
     kernel.run("%mantik_cancel last")
+
+
+# ---- %mantik_compare with runs that lack the metric or a param ---------------------------------
+
+
+def test_compare_leaves_out_what_it_cannot_plot_and_says_so(env, kernels):
+    # A run whose final loss was NaN made every update of the params plot a message
+    # that is not JSON: jupyter-client's "Out of range float values are not JSON
+    # compliant" warning landed in whichever cell ran then. A run without a param was
+    # drawn at 0 on that param's axis (a learning rate it never had).
+    kernel = kernels(env, dict(os.environ))
+    out, _, _ = kernel.run(
+        "import mlflow, uuid\n"
+        "mlflow.set_experiment(f'nan-{uuid.uuid4().hex[:8]}')\n"
+        "ids = []\n"
+        "for lr, layers, loss in [(0.1, 4, 0.5), (0.2, 8, 0.3)]:\n"
+        "    with mlflow.start_run() as r:\n"
+        "        mlflow.log_params({'lr': lr, 'layers': layers})\n"
+        "        mlflow.log_metric('loss', loss)\n"
+        "        ids.append(r.info.run_id)\n"
+        "with mlflow.start_run() as r:\n"
+        "    mlflow.log_params({'lr': 0.3, 'layers': 2})\n"
+        "    mlflow.log_metric('loss', float('nan'))\n"
+        "    ids.append(r.info.run_id)\n"
+        "with mlflow.start_run() as r:\n"
+        "    mlflow.log_metric('loss', 0.4)\n"
+        "    ids.append(r.info.run_id)\n",
+        timeout=120,
+    )
+    assert not errors_of(out), out
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, _ = kernel.run('comp = %mantik_compare {" ".join(ids)} --metric loss')
+    assert not errors_of(out), out
+    out, _, _ = kernel.run(
+        "import time\n"
+        "for _ in range(120):\n"
+        "    if comp.params_figure.data:\n"
+        "        break\n"
+        "    time.sleep(0.25)\n"
+        "time.sleep(1)  # the figure's messages to the frontend\n"
+        "par = comp.params_figure.data[0]\n"
+        "print(par.type, [(d['label'], list(d['values'])) for d in par.dimensions])\n"
+        "print(comp.params_figure.layout.title.text)",
+        timeout=60,
+    )
+    said = text_of(out)
+    assert "not JSON compliant" not in said and not errors_of(out), out
+    assert (
+        "parcoords [('layers', [4.0, 8.0]), ('lr', [0.1, 0.2]), ('final loss', [0.5, 0.3])]"
+        in said
+    ), said
+    assert (
+        "left out: 1 without a final loss (none logged, or NaN/inf); "
+        "1 without a plotted param" in said
+    ), said

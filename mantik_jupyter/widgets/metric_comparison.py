@@ -390,51 +390,79 @@ def build_params_figure(
     figure: go.Figure | None = None,
 ) -> go.Figure:
     """Params vs the final value of ``key``: parallel coordinates for two or more params
-    that vary, a scatter for one."""
+    that vary, a scatter for one.
+
+    Only runs with a finite final value and every plotted param are drawn: a run without
+    the param was drawn at 0 (a learning rate of 0 it never had), and a NaN final value
+    made every update a message that is not JSON (jupyter-client's 'Out of range float
+    values are not JSON compliant' warning in whichever cell ran then). The title says
+    how many runs were left out and why."""
     fig = _empty(figure)
     fig.update_layout(height=320, margin={"l": 60, "r": 40, "t": 50, "b": 40})
     if key is None:
         return fig
-    params = m.varying_params([infos[r].params for r in run_ids])
-    finals = [infos[r].metrics.get(key) for r in run_ids]
-    if not params:
-        fig.update_layout(title=f"No params vary between these runs (final {key} only)")
+    finals = {r: _finite(infos[r].metrics.get(key)) for r in run_ids}
+    shown = [r for r in run_ids if finals[r] is not None]
+    params = m.varying_params([infos[r].params for r in shown])
+    complete = [r for r in shown if all(infos[r].params.get(p) not in (None, "") for p in params)]
+    if len(complete) < len(shown):
+        params = m.varying_params([infos[r].params for r in complete])
+    left_out = _left_out_note(len(run_ids) - len(shown), len(shown) - len(complete), key)
+    if not complete:
+        fig.update_layout(title=f"No run to plot{left_out}")
         return fig
+    if not params:
+        fig.update_layout(title=f"No params vary between these runs (final {key} only){left_out}")
+        return fig
+    y = [finals[r] for r in complete]
     if len(params) == 1:
-        values, labels = m.numeric_or_codes([infos[r].params.get(params[0]) for r in run_ids])
+        values, labels = m.numeric_or_codes([infos[r].params.get(params[0]) for r in complete])
         fig.add_trace(
             go.Scatter(
                 x=values,
-                y=finals,
+                y=y,
                 mode="markers",
-                text=[infos[r].run_name or r[:8] for r in run_ids],
+                text=[infos[r].run_name or r[:8] for r in complete],
                 marker={"size": 10},
             )
         )
-        fig.update_layout(title=f"final {key} vs {params[0]}", xaxis_title=params[0])
+        fig.update_layout(title=f"final {key} vs {params[0]}{left_out}", xaxis_title=params[0])
         if labels:
             fig.update_xaxes(tickvals=list(range(len(labels))), ticktext=labels)
         return fig
     dims = []
     for p in params:
-        values, labels = m.numeric_or_codes([infos[r].params.get(p) for r in run_ids])
-        dim: dict[str, Any] = {"label": p, "values": [v if v is not None else 0 for v in values]}
+        values, labels = m.numeric_or_codes([infos[r].params.get(p) for r in complete])
+        dim: dict[str, Any] = {"label": p, "values": values}
         if labels:
             dim.update(tickvals=list(range(len(labels))), ticktext=labels)
         dims.append(dim)
-    dims.append({"label": f"final {key}", "values": [v if v is not None else 0 for v in finals]})
+    dims.append({"label": f"final {key}", "values": y})
     fig.add_trace(
         go.Parcoords(
             dimensions=dims,
             line={
-                "color": [v if v is not None else 0 for v in finals],
+                "color": y,
                 "colorscale": "Viridis_r" if m.lower_is_better(key) else "Viridis",
                 "showscale": True,
             },
         )
     )
-    fig.update_layout(title=f"params vs final {key}")
+    fig.update_layout(title=f"params vs final {key}{left_out}")
     return fig
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _left_out_note(no_value: int, no_param: int, key: str) -> str:
+    parts = []
+    if no_value:
+        parts.append(f"{no_value} without a final {key} (none logged, or NaN/inf)")
+    if no_param:
+        parts.append(f"{no_param} without a plotted param")
+    return f"<br><sup>left out: {'; '.join(parts)}</sup>" if parts else ""
 
 
 def _empty(figure: go.Figure | None) -> go.Figure:
