@@ -424,6 +424,34 @@ def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str
     return dialog
 
 
+def _assert_modal_layout(page, dialog) -> None:
+    """The submit dialog is a modal as JupyterLab's own: a backdrop over the whole lab, the
+    form centred, Cancel and Submit side by side, nothing wider than the form."""
+    geometry = dialog.evaluate(
+        """node => {
+            const box = r => { const b = r.getBoundingClientRect();
+                return {x: b.x, y: b.y, w: b.width, h: b.height}; };
+            const body = node.querySelector('.jp-Dialog-body');
+            return {
+                backdrop: box(node), content: box(node.querySelector('.jp-Dialog-content')),
+                cancel: box(node.querySelector('.mantik-submit-cancel')),
+                submit: box(node.querySelector('.mantik-submit-button')),
+                overflow: body.scrollWidth - body.clientWidth,
+                viewport: {w: window.innerWidth, h: window.innerHeight},
+                hit: document.elementFromPoint(5, window.innerHeight - 5) === node,
+            };
+        }"""
+    )
+    viewport, content = geometry["viewport"], geometry["content"]
+    whole = {"x": 0, "y": 0, "w": viewport["w"], "h": viewport["h"]}
+    assert geometry["backdrop"] == whole, geometry
+    assert geometry["hit"], f"the lab behind the dialog takes clicks: {geometry}"
+    assert abs(content["y"] + content["h"] / 2 - viewport["h"] / 2) < 2, geometry
+    assert abs(geometry["cancel"]["y"] - geometry["submit"]["y"]) < 2, geometry
+    assert geometry["cancel"]["x"] < geometry["submit"]["x"], geometry
+    assert geometry["overflow"] <= 0, geometry
+
+
 def _wait_for_state(run_details, states: str, what: str):
     from playwright.sync_api import expect
 
@@ -448,20 +476,28 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
 
     # 1. Submit the example with epochs=2 from the dialog (context menu on the folder).
     dialog = _submit_from_file_browser(page, folder, "main", "e2e-forecast", epochs=2)
-    # A wrong value is flagged inline before anything is sent.
+    _assert_modal_layout(page, dialog)
+    # A wrong value is flagged inline before anything is sent, and Submit takes the
+    # focus to it (else the click does nothing a keyboard or screen reader user notices).
     epochs = dialog.get_by_label(re.compile("^epochs"))
     epochs.fill("two")
     expect(dialog.locator(".mantik-field-error")).to_have_text("Must be a whole number")
+    dialog.get_by_role("button", name="Submit").focus()
+    page.keyboard.press("Enter")
+    expect(epochs).to_be_focused()
+    expect(epochs).to_have_attribute("aria-invalid", "true")
     epochs.fill("2")
     expect(dialog.locator(".mantik-field-error")).to_have_count(0)
     # Enter in a field submits the form (and does not just close the dialog).
     epochs.press("Enter")
     expect(dialog).to_have_count(0, timeout=120_000)
 
-    # The panel comes back with the new run on top, selected.
+    # The panel comes back with the new run on top, selected, its row focused (the
+    # context menu that had the focus before the dialog is gone).
     expect(sidebar).to_be_visible()
     first_row = sidebar.locator(".mantik-run-row").first
     expect(first_row.locator(".mantik-run-name")).to_have_text("e2e-forecast")
+    expect(first_row).to_be_focused()
     details = sidebar.locator('[data-testid="mantik-run-details"]')
     expect(details.locator(".mantik-details-title")).to_have_text("e2e-forecast")
 
@@ -538,6 +574,8 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     confirm.get_by_role("button", name="Cancel run").click()
     _wait_for_state(details, "^KILLED$", "e2e-sleep after cancel")
     expect(details.locator('[data-testid="mantik-cancel-run"]')).to_have_count(0)
+    # The focus was on Cancel run, gone now: it is on the run's row, which says KILLED.
+    expect(sidebar.locator(".mantik-run-row").first).to_be_focused()
     expect(sidebar.locator(".mantik-run-row").first.locator(".mantik-run-state")).to_have_text(
         "KILLED"
     )
@@ -566,8 +604,24 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
     broken = lab.root / folder / "broken-config.yaml"
     broken.write_text("Local: {}\nResources:\n  Queue: local\n  Nodez: 2\n")
     try:
-        open_lab(page, lab)
+        sidebar = open_lab(page, lab)
+        # The sidebar's Submit… with the launcher in focus takes the file browser's folder,
+        # the root here, which has no MLproject: the dialog says so and how to pick one.
+        submit_open = sidebar.locator('[data-testid="mantik-submit-open"]')
+        submit_open.click()
+        dialog = page.locator('[data-testid="mantik-submit-dialog"]')
+        expect(dialog.locator(".mantik-submit-load-error")).to_contain_text("No MLproject")
+        expect(dialog.locator('[data-testid="mantik-submit-load-hint"]')).to_contain_text(
+            "right-click its folder in the file browser"
+        )
+        _assert_modal_layout(page, dialog)
+        page.keyboard.press("Escape")
+        expect(dialog).to_have_count(0)
+        expect(submit_open).to_be_focused()
+
         dialog = _submit_from_file_browser(page, folder, "main", "e2e-broken")
+        # Chosen by the user: no hint about how the folder was found.
+        expect(dialog.locator('[data-testid="mantik-submit-load-hint"]')).to_have_count(0)
         dialog.get_by_label("Backend config").select_option("broken-config.yaml")
         # The config check from the server is shown before submitting ...
         expect(dialog.locator(".mantik-config-error")).to_contain_text("Nodez")

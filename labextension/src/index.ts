@@ -131,11 +131,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
       return item && !item.done ? item.value : null;
     };
 
-    const submit = async (path: string): Promise<IRun | null> => {
+    const submit = async (path: string, fromFocus = false): Promise<IRun | null> => {
       const run = await showSubmitDialog({
         api,
         path,
-        defaultConfigFile: settings.defaultConfigFile
+        defaultConfigFile: settings.defaultConfigFile,
+        fromFocus
       });
       if (run) {
         panel.addRun(run);
@@ -151,7 +152,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
         'Submit the MLproject of the file in focus to a compute backend',
       icon: args => (args['isPalette'] ? undefined : mantikIcon),
       execute: args =>
-        submit(typeof args['path'] === 'string' ? args['path'] : pathInFocus())
+        typeof args['path'] === 'string'
+          ? submit(args['path'])
+          : submit(pathInFocus(), true)
     });
 
     app.commands.addCommand(CommandIDs.submitFromBrowser, {

@@ -102,12 +102,45 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
   const backends = backendsOf(snapshot.runs);
   const selected = snapshot.runs.find(r => r.run_id === selectedId) ?? null;
 
-  // A new submission becomes the selection.
+  // The row to focus once it is rendered and shown: after an action removed the control
+  // that had the focus (the submit dialog, a run's Cancel button) the focus would fall to
+  // the page, and a keyboard user would start over from the lab's menu bar.
+  const pendingFocus = useRef<string | null>(null);
+  const focusRow = (runId: string) => {
+    pendingFocus.current = runId;
+    setFocusedId(runId);
+  };
+  useEffect(() => {
+    const runId = pendingFocus.current;
+    if (runId === null) {
+      return;
+    }
+    if (!runs.some(r => r.run_id === runId)) {
+      // Filtered out (a cancelled run under "Active"): not focused later by surprise.
+      pendingFocus.current = null;
+      return;
+    }
+    // A frame later: the lab shows the panel (activateById) after the submission is
+    // added, and a hidden element cannot take the focus.
+    const frame = window.requestAnimationFrame(() => {
+      const row = listRef.current?.querySelector<HTMLButtonElement>(
+        `.mantik-run-row[data-run-id="${CSS.escape(runId)}"]`
+      );
+      if (row && row.offsetParent !== null && pendingFocus.current === runId) {
+        pendingFocus.current = null;
+        row.focus();
+      }
+    });
+    return () => window.cancelAnimationFrame(frame);
+  });
+
+  // A new submission becomes the selection, and its row takes the focus.
   const selectSeq = snapshot.select?.seq;
   useEffect(() => {
     if (snapshot.select) {
       setSelectedId(snapshot.select.runId);
       setFilter(EMPTY_FILTER);
+      focusRow(snapshot.select.runId);
     }
   }, [selectSeq]);
 
@@ -122,16 +155,10 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
       ? selectedId
       : (runs[0]?.run_id ?? null);
 
-  // Closing the details removes the button that had the focus: give it back to the run's
-  // row (else it falls to the page and a keyboard user starts over from the top).
+  // Closing the details removes the button that had the focus: give it to the run's row.
   const closeDetails = (runId: string) => {
     setSelectedId(null);
-    setFocusedId(runId);
-    window.requestAnimationFrame(() => {
-      listRef.current
-        ?.querySelector<HTMLButtonElement>(`.mantik-run-row[data-run-id="${CSS.escape(runId)}"]`)
-        ?.focus();
-    });
+    focusRow(runId);
   };
 
   const onListKeyDown = (event: React.KeyboardEvent<HTMLUListElement>) => {
@@ -304,7 +331,11 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
           now={now}
           onClose={() => closeDetails(selected.run_id)}
           onOpenMlflow={() => onOpenMlflow(selected)}
-          onCancelled={run => model.upsert(run)}
+          onCancelled={run => {
+            model.upsert(run);
+            // The Cancel button is gone with the active state; the row says the new one.
+            focusRow(run.run_id);
+          }}
           confirmCancel={confirmCancel}
         />
       ) : null}

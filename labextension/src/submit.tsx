@@ -21,6 +21,9 @@ export interface ISubmitOptions {
   path: string;
   /** Settings: the config file preselected when the project has it. */
   defaultConfigFile: string;
+  /** `path` was not chosen by the user but taken from the file in focus or the file
+   * browser's folder (the sidebar's Submit…, the palette). */
+  fromFocus?: boolean;
 }
 
 /**
@@ -52,7 +55,11 @@ export function showSubmitDialog(options: ISubmitOptions): Promise<IRun | null> 
         }}
       />
     );
+    // jp-ThemedContainer: from JupyterLab 4.4 on, the backdrop that covers the lab and
+    // centres the dialog is styled for `.jp-Dialog.jp-ThemedContainer` only; without it
+    // the form sat at the top of the page, the lab behind it live and undimmed.
     widget.addClass('jp-Dialog');
+    widget.addClass('jp-ThemedContainer');
     widget.addClass('mantik-SubmitDialog');
     widget.node.dataset.testid = 'mantik-submit-dialog';
     // On the document: focus may have left the dialog (a button that became disabled).
@@ -105,7 +112,7 @@ interface ISubmitFormProps extends ISubmitOptions {
 }
 
 function SubmitForm(props: ISubmitFormProps): JSX.Element {
-  const { api, path, defaultConfigFile, onDone, onSubmitting } = props;
+  const { api, path, defaultConfigFile, fromFocus, onDone, onSubmitting } = props;
   const id = useId();
   const [project, setProject] = useState<IProject | null>(null);
   const [loadError, setLoadError] = useState<string | null>(null);
@@ -166,7 +173,16 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
   const submit = async (event: React.FormEvent) => {
     event.preventDefault();
     setTouched(true);
-    if (!project || hasFieldErrors || submitting) {
+    if (hasFieldErrors) {
+      // The click on Submit would otherwise do nothing a keyboard or screen reader user
+      // notices: go to the first field at fault, which names its error.
+      const first = specs.find(spec => fieldErrors[spec.name] !== null);
+      if (first) {
+        document.getElementById(`${id}-param-${first.name}`)?.focus();
+      }
+      return;
+    }
+    if (!project || submitting) {
       return;
     }
     setSubmitting(true);
@@ -204,143 +220,155 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
           Submit to HPC{project ? `: ${project.name}` : ''}
         </h2>
       </header>
-      <form className="jp-Dialog-body mantik-SubmitForm" onSubmit={e => void submit(e)} noValidate>
-        {project === null && loadError === null ? (
-          <p className="mantik-muted">Reading the MLproject of {path || 'the root folder'}…</p>
-        ) : null}
-        {loadError !== null ? (
-          <p className="mantik-error mantik-submit-load-error" role="alert">
-            {loadError}
-          </p>
-        ) : null}
-        {project !== null ? (
-          <>
-            <p className="mantik-muted mantik-submit-project">
-              Project folder: <code>{project.project_dir}</code>
+      <form className="mantik-SubmitForm" onSubmit={e => void submit(e)} noValidate>
+        {/* Only the fields scroll: the server's error and the buttons stay in sight. */}
+        <div className="jp-Dialog-body mantik-SubmitForm-fields">
+          {project === null && loadError === null ? (
+            <p className="mantik-muted">Reading the MLproject of {path || 'the root folder'}…</p>
+          ) : null}
+          {loadError !== null ? (
+            <p className="mantik-error mantik-submit-load-error" role="alert">
+              {loadError}
             </p>
-            <div className="mantik-FormRow">
-              <label htmlFor={`${id}-config`}>Backend config</label>
-              {project.config_files.length > 0 ? (
+          ) : null}
+          {loadError !== null && fromFocus ? (
+            // The user did not name that folder: say where it came from and how to pick one.
+            <p className="mantik-submit-load-hint" data-testid="mantik-submit-load-hint">
+              Submit… takes the project of the notebook or file in focus, else of the folder
+              open in the file browser (here {path ? <code>{path}</code> : 'the root folder'}).
+              To choose a project, open one of its files, or right-click its folder in the
+              file browser and pick <em>Submit to HPC…</em>.
+            </p>
+          ) : null}
+          {project !== null ? (
+            <>
+              <p className="mantik-muted mantik-submit-project">
+                Project folder: <code>{project.project_dir}</code>
+              </p>
+              <div className="mantik-FormRow">
+                <label htmlFor={`${id}-config`}>Backend config</label>
+                {project.config_files.length > 0 ? (
+                  <select
+                    id={`${id}-config`}
+                    ref={firstField}
+                    className="jp-mod-styled mantik-submit-config"
+                    value={config}
+                    onChange={e => {
+                      setConfig(e.target.value);
+                      setSubmitError(null);
+                    }}
+                  >
+                    {project.config_files.map(f => (
+                      <option key={f} value={f}>
+                        {f}
+                        {project.config_checks[f]?.backend
+                          ? ` (${project.config_checks[f]?.backend})`
+                          : ''}
+                      </option>
+                    ))}
+                  </select>
+                ) : (
+                  <p className="mantik-error" role="alert">
+                    No compute backend config in {project.project_dir}: add a{' '}
+                    <code>{defaultConfigFile}</code>.
+                  </p>
+                )}
+              </div>
+              {check && !check.ok && check.error ? (
+                <pre className="mantik-error mantik-config-error" role="alert">
+                  {check.error}
+                </pre>
+              ) : null}
+              {check?.warnings.map(w => (
+                <p key={w} className="mantik-warning">
+                  {w}
+                </p>
+              ))}
+              <div className="mantik-FormRow">
+                <label htmlFor={`${id}-entry`}>Entry point</label>
                 <select
-                  id={`${id}-config`}
-                  ref={firstField}
-                  className="jp-mod-styled mantik-submit-config"
-                  value={config}
+                  id={`${id}-entry`}
+                  className="jp-mod-styled mantik-submit-entry-point"
+                  value={entryPoint}
                   onChange={e => {
-                    setConfig(e.target.value);
+                    setEntryPoint(e.target.value);
+                    setValues(defaults(project, e.target.value));
                     setSubmitError(null);
                   }}
                 >
-                  {project.config_files.map(f => (
-                    <option key={f} value={f}>
-                      {f}
-                      {project.config_checks[f]?.backend
-                        ? ` (${project.config_checks[f]?.backend})`
-                        : ''}
+                  {Object.keys(project.entry_points).map(name => (
+                    <option key={name} value={name}>
+                      {name}
                     </option>
                   ))}
                 </select>
-              ) : (
-                <p className="mantik-error" role="alert">
-                  No compute backend config in {project.project_dir}: add a{' '}
-                  <code>{defaultConfigFile}</code>.
-                </p>
-              )}
-            </div>
-            {check && !check.ok && check.error ? (
-              <pre className="mantik-error mantik-config-error" role="alert">
-                {check.error}
-              </pre>
-            ) : null}
-            {check?.warnings.map(w => (
-              <p key={w} className="mantik-warning">
-                {w}
-              </p>
-            ))}
-            <div className="mantik-FormRow">
-              <label htmlFor={`${id}-entry`}>Entry point</label>
-              <select
-                id={`${id}-entry`}
-                className="jp-mod-styled mantik-submit-entry-point"
-                value={entryPoint}
-                onChange={e => {
-                  setEntryPoint(e.target.value);
-                  setValues(defaults(project, e.target.value));
-                  setSubmitError(null);
-                }}
-              >
-                {Object.keys(project.entry_points).map(name => (
-                  <option key={name} value={name}>
-                    {name}
-                  </option>
-                ))}
-              </select>
-            </div>
-            <fieldset className="mantik-params-fieldset">
-              <legend>Parameters</legend>
-              {specs.length === 0 ? (
-                <p className="mantik-muted">This entry point declares no parameters.</p>
-              ) : null}
-              {specs.map(spec => {
-                const fieldId = `${id}-param-${spec.name}`;
-                const err = touched || values[spec.name] !== (spec.default ?? '')
-                  ? fieldErrors[spec.name]
-                  : null;
-                const numeric = ['int', 'integer', 'float', 'double'].includes(
-                  spec.type.toLowerCase()
-                );
-                return (
-                  <div className="mantik-FormRow" key={spec.name}>
-                    <label htmlFor={fieldId}>
-                      {spec.name}
-                      <span className="mantik-muted"> ({spec.type})</span>
-                      {spec.required ? <span aria-hidden="true"> *</span> : null}
-                    </label>
-                    <input
-                      id={fieldId}
-                      name={spec.name}
-                      className="jp-mod-styled mantik-param-input"
-                      data-param={spec.name}
-                      inputMode={numeric ? 'decimal' : undefined}
-                      required={spec.required}
-                      aria-required={spec.required}
-                      aria-invalid={err ? true : undefined}
-                      aria-describedby={err ? `${fieldId}-error` : undefined}
-                      placeholder={spec.default ?? 'required'}
-                      value={values[spec.name] ?? ''}
-                      onChange={e => setValues({ ...values, [spec.name]: e.target.value })}
-                    />
-                    {err ? (
-                      <span id={`${fieldId}-error`} className="mantik-field-error">
-                        {err}
-                      </span>
-                    ) : null}
-                  </div>
-                );
-              })}
-            </fieldset>
-            <div className="mantik-FormRow">
-              <label htmlFor={`${id}-experiment`}>Experiment</label>
-              <input
-                id={`${id}-experiment`}
-                className="jp-mod-styled mantik-submit-experiment"
-                placeholder={project.name}
-                value={experiment}
-                onChange={e => setExperiment(e.target.value)}
-              />
-            </div>
-            <div className="mantik-FormRow">
-              <label htmlFor={`${id}-run-name`}>Run name</label>
-              <input
-                id={`${id}-run-name`}
-                className="jp-mod-styled mantik-submit-run-name"
-                placeholder="generated by MLflow"
-                value={runName}
-                onChange={e => setRunName(e.target.value)}
-              />
-            </div>
-          </>
-        ) : null}
+              </div>
+              <fieldset className="mantik-params-fieldset">
+                <legend>Parameters</legend>
+                {specs.length === 0 ? (
+                  <p className="mantik-muted">This entry point declares no parameters.</p>
+                ) : null}
+                {specs.map(spec => {
+                  const fieldId = `${id}-param-${spec.name}`;
+                  const err = touched || values[spec.name] !== (spec.default ?? '')
+                    ? fieldErrors[spec.name]
+                    : null;
+                  const numeric = ['int', 'integer', 'float', 'double'].includes(
+                    spec.type.toLowerCase()
+                  );
+                  return (
+                    <div className="mantik-FormRow" key={spec.name}>
+                      <label htmlFor={fieldId}>
+                        {spec.name}
+                        <span className="mantik-muted"> ({spec.type})</span>
+                        {spec.required ? <span aria-hidden="true"> *</span> : null}
+                      </label>
+                      <input
+                        id={fieldId}
+                        name={spec.name}
+                        className="jp-mod-styled mantik-param-input"
+                        data-param={spec.name}
+                        inputMode={numeric ? 'decimal' : undefined}
+                        required={spec.required}
+                        aria-required={spec.required}
+                        aria-invalid={err ? true : undefined}
+                        aria-describedby={err ? `${fieldId}-error` : undefined}
+                        placeholder={spec.default ?? 'required'}
+                        value={values[spec.name] ?? ''}
+                        onChange={e => setValues({ ...values, [spec.name]: e.target.value })}
+                      />
+                      {err ? (
+                        <span id={`${fieldId}-error`} className="mantik-field-error">
+                          {err}
+                        </span>
+                      ) : null}
+                    </div>
+                  );
+                })}
+              </fieldset>
+              <div className="mantik-FormRow">
+                <label htmlFor={`${id}-experiment`}>Experiment</label>
+                <input
+                  id={`${id}-experiment`}
+                  className="jp-mod-styled mantik-submit-experiment"
+                  placeholder={project.name}
+                  value={experiment}
+                  onChange={e => setExperiment(e.target.value)}
+                />
+              </div>
+              <div className="mantik-FormRow">
+                <label htmlFor={`${id}-run-name`}>Run name</label>
+                <input
+                  id={`${id}-run-name`}
+                  className="jp-mod-styled mantik-submit-run-name"
+                  placeholder="generated by MLflow"
+                  value={runName}
+                  onChange={e => setRunName(e.target.value)}
+                />
+              </div>
+            </>
+          ) : null}
+        </div>
         {submitError !== null ? (
           <pre
             className="mantik-error mantik-submit-error"
@@ -352,23 +380,25 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
           </pre>
         ) : null}
         <div className="jp-Dialog-footer">
-          <button
-            type="button"
-            ref={closeButton}
-            className="jp-Dialog-button jp-mod-reject jp-mod-styled mantik-submit-cancel"
-            disabled={submitting}
-            onClick={() => onDone(null)}
-          >
-            <span className="jp-Dialog-buttonLabel">Cancel</span>
-          </button>
-          <button
-            type="submit"
-            className="jp-Dialog-button jp-mod-accept jp-mod-styled mantik-submit-button"
-            data-testid="mantik-submit-button"
-            disabled={project === null || submitting || project.config_files.length === 0}
-          >
-            <span className="jp-Dialog-buttonLabel">{submitting ? 'Submitting…' : 'Submit'}</span>
-          </button>
+          <div className="jp-Dialog-footerButtons">
+            <button
+              type="button"
+              ref={closeButton}
+              className="jp-Dialog-button jp-mod-reject jp-mod-styled mantik-submit-cancel"
+              disabled={submitting}
+              onClick={() => onDone(null)}
+            >
+              <span className="jp-Dialog-buttonLabel">Cancel</span>
+            </button>
+            <button
+              type="submit"
+              className="jp-Dialog-button jp-mod-accept jp-mod-styled mantik-submit-button"
+              data-testid="mantik-submit-button"
+              disabled={project === null || submitting || project.config_files.length === 0}
+            >
+              <span className="jp-Dialog-buttonLabel">{submitting ? 'Submitting…' : 'Submit'}</span>
+            </button>
+          </div>
         </div>
       </form>
     </div>
