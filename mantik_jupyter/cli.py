@@ -348,7 +348,18 @@ def cmd_logs(ctx: Context) -> int:
                 for text in ctx.runs.follow_logs(args.run, offset=args.offset):
                     print(json.dumps({"text": text}), flush=True)
         else:
-            _follow(ctx, args.run, args.offset)
+            run = ctx.runs.get(args.run)
+            if run.state in ("SUBMITTING", "QUEUED"):
+                # A job waits hours in a cluster's queue, and the terminal stayed silent
+                # meanwhile, as if the command hung.
+                why = f"\n  {run.reason}" if run.reason else ""
+                print(
+                    f"Run {run.run_id} ({run.run_name}) is {run.state}: its log follows "
+                    f"once the job starts.{why}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _follow(ctx, run.run_id, args.offset)
         return EXIT_OK
     chunk = ctx.runs.all_logs(args.run, offset=args.offset)
     if ctx.json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -536,6 +537,34 @@ def test_follow_interrupted_leaves_run(mantik: Mantik, project: Path, tmp_path: 
 @pytest.fixture(scope="module")
 def remote_base(slurm_cluster):
     yield from remote_run_dirs(slurm_cluster, "cli")
+
+
+@pytest.mark.slurm
+def test_following_a_queued_run_says_it_waits(
+    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
+) -> None:
+    # A job waits hours in a cluster's queue: `runs logs --follow` said nothing meanwhile,
+    # as if it hung. Five nodes on a one-node partition: pending for good, with a reason.
+    project = copy_example(tmp_path)
+    write_config(project, slurm_config(slurm_cluster, remote_base, Nodes=5))
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    run_id = as_json(mantik("runs", "submit", str(project), "--json",
+                            "--experiment-name", experiment))["run_id"]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            mantik.argv("runs", "logs", run_id[:10], "--follow"), env=mantik.env,
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        select.select([proc.stderr], [], [], 30)
+        proc.send_signal(signal.SIGINT)
+        first = proc.stderr.readline()
+        out, err = proc.communicate(timeout=30)
+        assert first.startswith(f"Run {run_id} (") and " is QUEUED" in first, first + err
+        assert "its log follows once the job starts" in first and out == "", (first, out)
+    finally:
+        ok(mantik("runs", "cancel", run_id))
 
 
 @pytest.mark.slurm
