@@ -759,11 +759,15 @@ def test_listing_by_state_shows_the_runs_in_that_state_now(
     run_id = as_json(mantik("runs", "submit", str(project), "--experiment-name", experiment,
                             "--json"))["run_id"]  # fmt: skip
     admin = admin_api(mlflow_server)
+    tags = {t["key"]: t["value"] for t in admin.get_run(run_id)["data"]["tags"]}
+    # The job has ended once its supervisor wrote this (the entry point's MLflow run
+    # ended a moment before).
+    ended = Path(tags["mantik.run_dir"]) / "mantik.ended"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while (run := admin.get_run(run_id))["info"]["status"] != "FINISHED":
-        assert time.monotonic() < deadline, run["info"]
+    while not ended.exists():
+        assert time.monotonic() < deadline, tags
         time.sleep(0.5)
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    tags = {t["key"]: t["value"] for t in admin.get_run(run_id)["data"]["tags"]}
     assert tags["mantik.state"] in ("QUEUED", "RUNNING"), tags  # nothing asked its backend
 
     def listed(state: str) -> list[tuple[str, str]]:
