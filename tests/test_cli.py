@@ -332,6 +332,37 @@ def test_a_login_node_that_never_answers(mantik: Mantik, project: Path) -> None:
     assert f"ssh -p {port} u@127.0.0.1" in lines[-1], lines[-1]
 
 
+def test_tls_failures_at_the_tracking_server_say_what_to_fix(
+    anon: Mantik, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from .tls_helpers import make_test_ca
+
+    login = ("login", "--username", "u", "--password-stdin")
+    # MLflow serves plain HTTP: an https:// address of it was blamed on the certificate
+    # and the CA ('could not be verified ... set MLFLOW_TRACKING_SERVER_CERT_PATH').
+    https = mlflow_server.uri.replace("http://", "https://")
+    result = anon(*login, "--tracking-uri", https, input="p" * 12)
+    assert result.returncode == 5 and "did not answer in TLS" in result.stderr, result
+    assert "starts with http://" in result.stderr and "CERT_PATH" not in result.stderr
+    # A certificate of a CA this machine does not trust: the setting, and that it is read
+    # from the environment of this command (it said: of `jupyter lab`).
+    ca = make_test_ca(tmp_path / "ca")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    server.socket = ca.server_context().wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"https://127.0.0.1:{server.server_address[1]}"
+        result = anon(*login, "--tracking-uri", uri, input="p" * 12)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 5 and "could not be verified" in result.stderr, result
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in result.stderr
+    assert "of the `mantik` command" in result.stderr
+
+
 def test_tracking_uri_that_is_no_http_address(tmp_path: Path) -> None:
     # 'localhost:5000' (no scheme) and an MLflow file store were a traceback at login
     # and 'Not logged in' everywhere else.

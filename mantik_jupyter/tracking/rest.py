@@ -79,8 +79,8 @@ class TrackingClient:
                 # A CA setting matters (and is checked) only for HTTPS servers.
                 verify=requests_verify() if url.lower().startswith("https:") else True,
             )
-        except requests.exceptions.SSLError:
-            raise TrackingUnavailable(certificate_hint(self.uri)) from None
+        except requests.exceptions.SSLError as exc:
+            raise TrackingUnavailable(certificate_hint(self.uri, exc)) from None
         except requests.ConnectionError as exc:
             self._unanswered()
             unanswered = _unanswered_call(exc)

@@ -80,7 +80,17 @@ def _context(no_verify: bool, cafile: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
-def certificate_hint(uri: str) -> str:
+def certificate_hint(uri: str, exc: BaseException | None = None) -> str:
+    """What to do about a TLS failure at the tracking server ``uri``; ``exc``: the
+    failure, when it is known."""
+    if exc is not None and "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+        # No certificate to check: an https:// address of a plain-HTTP server (MLflow
+        # serves HTTP) failed with "wrong version number", and was blamed on the CA.
+        return (
+            f"The tracking server {uri} did not answer in TLS, so its certificate could not "
+            "be checked: if it serves plain HTTP (as `mlflow server` does), its address "
+            "starts with http://; else check the port."
+        )
     given = os.environ.get(ENV_CERT_PATH, "").strip()
     if given:
         return (
@@ -91,5 +101,5 @@ def certificate_hint(uri: str) -> str:
     return (
         f"The certificate of the tracking server {uri} could not be verified. If it is signed "
         f"by your site's own CA, set {ENV_CERT_PATH} to that CA's PEM bundle (in the "
-        "environment of `jupyter lab`)."
+        "environment of `jupyter lab`, or of the `mantik` command)."
     )
