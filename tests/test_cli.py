@@ -332,6 +332,26 @@ def test_a_login_node_that_never_answers(mantik: Mantik, project: Path) -> None:
     assert f"ssh -p {port} u@127.0.0.1" in lines[-1], lines[-1]
 
 
+def test_a_web_server_that_is_not_mlflow(tmp_path: Path) -> None:
+    # A wrong port that reaches another web server: the error ended in the first line of
+    # its page, 'failed with HTTP 501: <!DOCTYPE HTML>'.
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mantik = Mantik(_base_env(tmp_path), tmp_path)
+    mantik.env.update(MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD="p" * 12)
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        result = mantik("runs", "list", "--tracking-uri", uri)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 5, result
+    assert "a web page titled 'Error response', not an answer of MLflow's API" in result.stderr
+    assert "address is the MLflow server's" in result.stderr and "DOCTYPE" not in result.stderr
+
+
 def test_tls_failures_at_the_tracking_server_say_what_to_fix(
     anon: Mantik, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ credential per call. Jobs and kernels use MLflow's own client.
 from __future__ import annotations
 
 import http.client
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
@@ -223,8 +224,18 @@ def _error_detail(resp: requests.Response) -> str:
     try:
         body = resp.json()
     except ValueError:
-        text = resp.text.strip().splitlines()
-        detail = text[0][:300] if text else ""
+        text = resp.text.strip()
+        if "html" in resp.headers.get("Content-Type", "") or text.startswith("<"):
+            # Another web server at that address (a wrong port, the lab's own URL): the
+            # first line of its page ('<!DOCTYPE HTML>') said nothing.
+            title = re.search(r"<title[^>]*>([^<]{1,200})</title>", text, re.IGNORECASE)
+            named = f" titled {' '.join(title.group(1).split())!r}" if title else ""
+            return (
+                f"a web page{named}, not an answer of MLflow's API. Check that the "
+                "address is the MLflow server's (host, port, path)"
+            )
+        lines = text.splitlines()
+        detail = lines[0][:300] if lines else ""
     else:
         if isinstance(body, dict) and ("error_code" in body or "message" in body):
             code = body.get("error_code", "")
