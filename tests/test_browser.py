@@ -662,6 +662,40 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         broken.unlink()
 
 
+def test_runs_list_says_when_the_tracking_server_is_slow(page, lab, tracking_ready):
+    """A hung tracking server answers the runs search only after the lab's 60 s timeout:
+    meanwhile the list said nothing and looked up to date. It now says it is waiting."""
+    from playwright.sync_api import expect
+
+    sidebar = open_lab(page, lab)
+    runs = sidebar.locator('[data-testid="mantik-runs"]')
+    expect(runs).to_have_attribute("aria-busy", "false")
+    held = []
+
+    def hold_search(route):
+        if route.request.method == "GET":
+            held.append(route)
+        else:
+            route.continue_()
+
+    search = re.compile(r".*/mantik/api/runs\?.*")
+    page.route(search, hold_search)
+    try:
+        sidebar.get_by_role("button", name="Refresh runs").click()
+        waiting = runs.locator(".mantik-runs-waiting")
+        expect(waiting).to_have_attribute("role", "status")
+        expect(waiting).to_contain_text(re.compile(r"no answer for \d+ s"))
+        expect(runs).to_have_attribute("aria-busy", "true")
+    finally:
+        released = list(held)
+        for route in released:
+            route.continue_()
+        # Unrouting lets through a search held meanwhile.
+        page.unroute(search)
+    expect(waiting).to_have_text("")
+    expect(runs).to_have_attribute("aria-busy", "false")
+
+
 def _log_in_form(sidebar, user) -> None:
     from playwright.sync_api import expect
 

@@ -69,6 +69,31 @@ export function StateChip(props: { state: string }): JSX.Element {
   );
 }
 
+/** Seconds a search must be out before the list says it waits for the server. */
+const SLOW_SEARCH_SECONDS = 3;
+
+/**
+ * Whole seconds since `busy` became true, once that is at least SLOW_SEARCH_SECONDS;
+ * null before and while not busy. A hung tracking server answers a search only after
+ * the lab's 60 s timeout: without a word the list looks up to date all that time.
+ */
+function useWaitingSeconds(busy: boolean): number | null {
+  const [seconds, setSeconds] = useState<number | null>(null);
+  useEffect(() => {
+    setSeconds(null);
+    if (!busy) {
+      return;
+    }
+    const since = Date.now();
+    const timer = window.setInterval(() => {
+      const elapsed = Math.floor((Date.now() - since) / 1000);
+      setSeconds(elapsed >= SLOW_SEARCH_SECONDS ? elapsed : null);
+    }, 1000);
+    return () => window.clearInterval(timer);
+  }, [busy]);
+  return seconds;
+}
+
 /** Re-render every `ms` so ages stay current. */
 function useNow(ms: number, enabled: boolean): number {
   const [now, setNow] = useState(() => Date.now());
@@ -92,6 +117,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
   const [filter, setFilter] = useState<IRunFilter>(EMPTY_FILTER);
   const [selectedId, setSelectedId] = useState<string | null>(null);
   const now = useNow(10_000, visible);
+  const waiting = useWaitingSeconds(snapshot.busy);
   const id = useId();
   const listRef = useRef<HTMLUListElement>(null);
 
@@ -186,6 +212,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
         className="mantik-Section mantik-runs"
         data-testid="mantik-runs"
         aria-labelledby={`${id}-runs-heading`}
+        aria-busy={snapshot.busy}
       >
         <div className="mantik-Section-header">
           <h3 id={`${id}-runs-heading`} className="mantik-Section-title">
@@ -246,6 +273,12 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
             ))}
           </select>
         </div>
+        <p className="mantik-muted mantik-runs-waiting" role="status">
+          {waiting !== null
+            ? `Waiting for the tracking server: no answer for ${waiting} s. The list below ` +
+              'may be out of date.'
+            : ''}
+        </p>
         {snapshot.error !== null ? (
           <p className="mantik-error mantik-runs-error" role="alert">
             {snapshot.error}

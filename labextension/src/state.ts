@@ -602,6 +602,8 @@ export interface IRunsSnapshot {
   limit: number;
   /** Older runs exist beyond `limit`: filters do not see them until they are loaded. */
   more: boolean;
+  /** A search is out: the list may be about to change (a hung server answers late). */
+  busy: boolean;
 }
 
 const EMPTY_SNAPSHOT: IRunsSnapshot = {
@@ -610,7 +612,8 @@ const EMPTY_SNAPSHOT: IRunsSnapshot = {
   loaded: false,
   select: null,
   limit: RUNS_PAGE,
-  more: false
+  more: false,
+  busy: false
 };
 
 /**
@@ -706,11 +709,13 @@ export class RunsModel {
 
   private async _poll(): Promise<PollOutcome> {
     const epoch = this._epoch;
+    this._set({ ...this._snapshot, busy: true });
     try {
       const limit = this._snapshot.limit;
       const page = await this._fetch(hasActiveRuns(this._snapshot.runs), limit);
       const fetched = page.runs;
       if (epoch !== this._epoch) {
+        this._set({ ...this._snapshot, busy: false });
         return 'active'; // asked before a reset: the poll that follows it answers
       }
       const ids = new Set(fetched.map(r => r.run_id));
@@ -726,13 +731,19 @@ export class RunsModel {
       const runs = mergeRuns(fresh, this._pinned);
       // A "show more" while this poll was out asked for a larger page: the next poll has it.
       const more = page.more || limit < this._snapshot.limit;
-      this._set({ ...this._snapshot, runs, error: null, loaded: true, more });
+      this._set({ ...this._snapshot, runs, error: null, loaded: true, more, busy: false });
       return hasActiveRuns(runs) ? 'active' : 'idle';
     } catch (error) {
       if (epoch !== this._epoch) {
+        this._set({ ...this._snapshot, busy: false });
         return 'active';
       }
-      this._set({ ...this._snapshot, error: this._describe(error), loaded: true });
+      this._set({
+        ...this._snapshot,
+        error: this._describe(error),
+        loaded: true,
+        busy: false
+      });
       return 'error';
     }
   }

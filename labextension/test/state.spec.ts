@@ -293,6 +293,39 @@ describe('RunsModel', () => {
     expect(model.snapshot.runs).toHaveLength(1);
     model.dispose();
   });
+
+  it('says a search is out until it answers or fails (a hung server answers late)', async () => {
+    const clock = fakeTimers();
+    const answers: Array<(ok: boolean) => void> = [];
+    const model = new RunsModel({
+      fetchRuns: () =>
+        new Promise((resolve, reject) => {
+          answers.push(ok =>
+            ok ? resolve({ runs: [run('a', 'FINISHED')], more: false }) : reject(new Error('timeout'))
+          );
+        }),
+      interval: 1000,
+      timers: clock.timers,
+      describeError: e => (e as Error).message
+    });
+    await clock.advance(0);
+    expect(model.snapshot.busy).toBe(true);
+    expect(model.snapshot.loaded).toBe(false);
+    answers.shift()!(true);
+    await clock.advance(0);
+    expect(model.snapshot.busy).toBe(false);
+    expect(model.snapshot.runs).toHaveLength(1);
+
+    const refreshed = model.refresh();
+    await clock.advance(0);
+    expect(model.snapshot.busy).toBe(true);
+    expect(model.snapshot.runs).toHaveLength(1); // the old list stays while waiting
+    answers.shift()!(false);
+    await refreshed;
+    expect(model.snapshot.busy).toBe(false);
+    expect(model.snapshot.error).toBe('timeout');
+    model.dispose();
+  });
 });
 
 describe('RunsModel with more runs than one page', () => {
