@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import time
+import uuid
 from pathlib import Path
 
 import nbformat
@@ -19,6 +20,8 @@ from .runs_helpers import copy_example, write_config
 from .test_magics_runs import LOCAL_CONFIG, REPO, execute_in_kernel, outputs_of, write_notebook
 
 env = test_magics_runs.env  # the kernel's environment: the tracking server, the user's login
+# This module's user owns the experiments it makes: not the example's, which others use.
+EXPERIMENT = f"kernel-{uuid.uuid4().hex[:8]}"
 
 
 class Kernel:
@@ -44,9 +47,12 @@ class Kernel:
         *,
         inputs: list[str] | None = None,
         interrupt_after: float | None = None,
+        interrupt_when: str | None = None,
         timeout: float = 120,
     ) -> tuple[list[dict], list[dict], float]:
-        """Run a cell: (its outputs, the input prompts it showed, seconds it took)."""
+        """Run a cell: (its outputs, the input prompts it showed, seconds it took).
+        ``interrupt_after`` seconds, or once an output shows ``interrupt_when``, the
+        kernel is interrupted."""
         msg_id = self.client.execute(code, allow_stdin=inputs is not None)
         outputs: list[dict] = []
         prompts: list[dict] = []
@@ -56,7 +62,9 @@ class Kernel:
         while True:
             elapsed = time.monotonic() - started
             assert elapsed < timeout, f"cell still running after {timeout} s: {outputs}"
-            if interrupt_after is not None and not interrupted and elapsed > interrupt_after:
+            due = interrupt_after is not None and elapsed > interrupt_after
+            due = due or (interrupt_when is not None and interrupt_when in json.dumps(outputs))
+            if due and not interrupted:
                 self.manager.interrupt_kernel()
                 interrupted = True
             if inputs is not None:
@@ -200,7 +208,7 @@ def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env)
     path = write_notebook(
         project,
         "%load_ext mantik_jupyter",
-        "run = %mantik_submit -P epochs=3\n%mantik_logs last --follow",
+        f"run = %mantik_submit -P epochs=3 --experiment {EXPERIMENT}\n%mantik_logs last --follow",
         "str(run.info.state), run.state",
         "run.download('../../etc', to='.')",
     )
@@ -239,7 +247,9 @@ def test_interrupting_a_followed_log_stops_following_not_the_run(env, kernels):
     write_config(project, LOCAL_CONFIG)
     kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
     kernel.run("%load_ext mantik_jupyter")
-    out, _, _ = kernel.run("run = %mantik_submit -e sleep -P seconds=120")
+    out, _, _ = kernel.run(
+        f"run = %mantik_submit -e sleep -P seconds=120 --experiment {EXPERIMENT}"
+    )
     assert not errors_of(out), out
     out, _, took = kernel.run("%mantik_logs last --follow", interrupt_after=4, timeout=60)
     assert not errors_of(out), out
@@ -305,3 +315,52 @@ def test_compare_leaves_out_what_it_cannot_plot_and_says_so(env, kernels):
         "left out: 1 without a final loss (none logged, or NaN/inf); "
         "1 without a plotted param" in said
     ), said
+
+
+# ---- interrupting %mantik_submit ------------------------------------------------------------
+
+
+def test_interrupting_the_packaging_says_nothing_was_submitted(env, kernels):
+    # "mantik: interrupted; a submitted run keeps running." while nothing had been
+    # submitted, under a packaging line left at its last percentage.
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    with open(project / "era5-sample.bin", "wb") as data:  # slow enough to interrupt
+        data.write(os.urandom(150 * 2**20))
+    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, took = kernel.run(
+        f"run = %mantik_submit --experiment {EXPERIMENT}", interrupt_when="Packaging the code"
+    )
+    assert not errors_of(out), out
+    said = text_of(out)
+    assert "keeps running" not in said, out
+    line = [o for o in out if o["type"] == "update_display_data"][-1]["data"]["text/plain"]
+    assert line.startswith("mantik: Submission interrupted before its job was queued: nothing")
+    assert "Uploading" not in said and "QUEUED" not in said, out
+
+
+def test_interrupting_the_wait_keeps_the_run_and_its_line(env, kernels):
+    # `run = %mantik_submit --wait` interrupted left run = None, and the status line
+    # said RUNNING for ever.
+    project = copy_example(env)
+    write_config(project, LOCAL_CONFIG)
+    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel.run("%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5")
+    out, _, _ = kernel.run(
+        f"run = %mantik_submit --wait -e sleep -P seconds=120 --experiment {EXPERIMENT}",
+        interrupt_when="RUNNING",
+    )
+    assert not errors_of(out), out
+    (display_id,) = {o["transient"]["display_id"] for o in out if o.get("transient")}
+    said = text_of([o for o in out if o["type"] == "stream"])
+    assert "mantik: stopped waiting; run " in said and "keeps running (%mantik_cancel " in said
+    state, _, _ = kernel.run("run.state")
+    assert text_of(state) == "'RUNNING'", state
+    out, _, _ = kernel.run("%mantik_cancel last\nimport time; time.sleep(3)")
+    updates = [
+        o["data"]["text/plain"]
+        for o in out
+        if o["type"] == "update_display_data" and o["transient"]["display_id"] == display_id
+    ]
+    assert updates and "RUNNING → KILLED" in updates[-1], out

@@ -58,6 +58,12 @@ if TYPE_CHECKING:
     from ..compute.runs import RunService
 
 
+NOT_SUBMITTED = (
+    "Submission interrupted before its job was queued: nothing runs (a run it had "
+    "created in MLflow is marked KILLED)."
+)
+
+
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     """Domain errors as one line; Ctrl-C stops the magic, never the run."""
 
@@ -284,16 +290,25 @@ class MantikMagics(Magics):
         line_out = StatusLine()
         try:
             with warnings.catch_warnings(record=True) as caught:
-                info = service.submit(
-                    project_dir,
-                    backend_config=backend_config,
-                    entry_point=args.entry_point,
-                    params=params,
-                    experiment_name=args.experiment,
-                    run_name=args.run_name,
-                    source="notebook",
-                    progress=PackagingProgress(line_out),
-                )
+                try:
+                    info = service.submit(
+                        project_dir,
+                        backend_config=backend_config,
+                        entry_point=args.entry_point,
+                        params=params,
+                        experiment_name=args.experiment,
+                        run_name=args.run_name,
+                        source="notebook",
+                        progress=PackagingProgress(line_out),
+                    )
+                except BaseException as err:
+                    if not interrupted(err):
+                        raise
+                    # Stopped before its job was queued: the core marked a run it had
+                    # made KILLED. "A submitted run keeps running" sent people looking
+                    # for a run that never ran; the packaging line stayed at its 42%.
+                    line_out.update(f"mantik: {NOT_SUBMITTED}", force=True)
+                    return None
             _print_warnings(caught, skip=info.warnings)
             for note in info.warnings:
                 print(f"mantik warning: {note}", flush=True)
@@ -311,7 +326,20 @@ class MantikMagics(Magics):
         run = self._run(info, lab_base_url(location))
         if args.wait:
             run.followed_by(line_out)
-            watch(service, run, line_out, poll=self.poll_interval)
+            try:
+                watch(service, run, line_out, poll=self.poll_interval)
+            except KeyboardInterrupt:
+                # The run goes on: `run = %mantik_submit --wait` still gets it (it was
+                # None), and its line follows it without blocking the kernel instead of
+                # keeping the state it had when the wait stopped.
+                if line_out.live:
+                    follow_in_background(service, run, line_out, self.poll_interval)
+                ref = short(run.run_id)
+                print(
+                    f"\nmantik: stopped waiting; run {ref} keeps running "
+                    f"(%mantik_cancel {ref} cancels it).",
+                    flush=True,
+                )
         elif line_out.live:
             follow_in_background(service, run, line_out, self.poll_interval)
         else:

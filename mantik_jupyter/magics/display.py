@@ -246,7 +246,13 @@ class Run:
         """Block until the run ended (or ``timeout`` seconds passed); shows its status line."""
         line = StatusLine()
         self.followed_by(line)
-        watch(self._service, self, line, poll=poll, timeout=timeout)
+        try:
+            watch(self._service, self, line, poll=poll, timeout=timeout)
+        except KeyboardInterrupt:
+            # Its line goes on following the run instead of keeping a stale state.
+            if line.live:
+                follow_in_background(self._service, self, line, poll)
+            raise
         return self
 
     def cancel(self) -> Run:
@@ -302,12 +308,13 @@ def watch(
     deadline = None if timeout is None else time.monotonic() + timeout
     info = run.info
     while True:
+        # What the run last showed, also when the wait is interrupted.
+        run.info = info
         state = str(info.state)
         if not history or history[-1] != state:
             history.append(state)
         line.update(status_text(info, history), status_html(info, run.url, history))
         if info.state.is_final or (deadline is not None and time.monotonic() > deadline):
-            run.info = info
             return info
         time.sleep(poll)
         info = service.get(run.run_id)
