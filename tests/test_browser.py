@@ -452,6 +452,21 @@ def _assert_modal_layout(page, dialog) -> None:
     assert geometry["overflow"] <= 0, geometry
 
 
+def _hold_requests(page, pattern, method: str) -> list:
+    """Hold the page's requests to ``pattern`` made with ``method`` (the others go through);
+    the test continues the held routes, in the returned list, when it wants the answers."""
+    held: list = []
+
+    def hold(route):
+        if route.request.method == method:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(pattern, hold)
+    return held
+
+
 def _wait_for_state(run_details, states: str, what: str):
     from playwright.sync_api import expect
 
@@ -636,15 +651,7 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
 
         # Once a submission is on its way it cannot be taken back: Cancel and Escape wait
         # for the answer, and the run it made is shown (the server's answer is held here).
-        held = []
-
-        def hold_submission(route):
-            if route.request.method == "POST":
-                held.append(route)
-            else:
-                route.continue_()
-
-        page.route(re.compile(r".*/mantik/api/runs(\?.*)?$"), hold_submission)
+        held = _hold_requests(page, re.compile(r".*/mantik/api/runs(\?.*)?$"), "POST")
         dialog = _submit_from_file_browser(page, folder, "main", "e2e-held", epochs=1)
         dialog.get_by_role("button", name="Submit").click()
         expect(dialog.locator('[data-testid="mantik-submit-button"]')).to_have_text("Submitting…")
@@ -670,16 +677,8 @@ def test_runs_list_says_when_the_tracking_server_is_slow(page, lab, tracking_rea
     sidebar = open_lab(page, lab)
     runs = sidebar.locator('[data-testid="mantik-runs"]')
     expect(runs).to_have_attribute("aria-busy", "false")
-    held = []
-
-    def hold_search(route):
-        if route.request.method == "GET":
-            held.append(route)
-        else:
-            route.continue_()
-
     search = re.compile(r".*/mantik/api/runs\?.*")
-    page.route(search, hold_search)
+    held = _hold_requests(page, search, "GET")
     try:
         sidebar.get_by_role("button", name="Refresh runs").click()
         waiting = runs.locator(".mantik-runs-waiting")
