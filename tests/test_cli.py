@@ -332,6 +332,15 @@ def test_a_login_node_that_never_answers(mantik: Mantik, project: Path) -> None:
     assert f"ssh -p {port} u@127.0.0.1" in lines[-1], lines[-1]
 
 
+def test_no_tracking_server_names_where_it_looked(tmp_path: Path) -> None:
+    # It said only to start JupyterLab or set MLFLOW_TRACKING_URI: not which data dir had
+    # no embedded server (a lab with another MANTIK_DATA_DIR runs its own elsewhere), nor
+    # that the command takes --tracking-uri.
+    result = Mantik(_base_env(tmp_path / "data"), tmp_path)("runs", "list")
+    assert result.returncode == 5, result
+    assert f"looked in {tmp_path / 'data'}" in result.stderr and "--tracking-uri" in result.stderr
+
+
 def test_a_web_server_that_is_not_mlflow(tmp_path: Path) -> None:
     # A wrong port that reaches another web server: the error ended in the first line of
     # its page, 'failed with HTTP 501: <!DOCTYPE HTML>'.

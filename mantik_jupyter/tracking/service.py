@@ -274,9 +274,12 @@ def resolve_tracking(
         host = running_host(embedded_dir.resolve()) if embedded_dir.is_dir() else None
         if host is not None:
             raise TrackingUnavailable(elsewhere_message(embedded_dir.resolve(), host))
+        # Where it looked: a lab started with another MANTIK_DATA_DIR runs its server
+        # elsewhere; `mantik` and %mantik_login take an address as well.
         raise TrackingUnavailable(
-            "No tracking server is configured and no embedded one is running. Start "
-            "JupyterLab (it starts the embedded server) or set MLFLOW_TRACKING_URI."
+            "No tracking server is configured and no embedded one is running (looked in "
+            f"{embedded_dir}). Start JupyterLab (it starts the embedded server) with the "
+            "same MANTIK_DATA_DIR, or set MLFLOW_TRACKING_URI (or give --tracking-uri)."
         )
     uri, admin = found
     return TrackingService(
