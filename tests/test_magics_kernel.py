@@ -116,6 +116,16 @@ def kernels():
         kernel.close()
 
 
+def example_kernel(folder: Path, kernels, data_mb: int = 0) -> Kernel:
+    """A kernel in a copy of the example project on the local backend (with a data
+    file of ``data_mb`` MB to package)."""
+    project = copy_example(folder)
+    write_config(project, LOCAL_CONFIG)
+    if data_mb:
+        (project / "era5-sample.bin").write_bytes(os.urandom(data_mb * 2**20))
+    return kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+
+
 # ---- %mantik_login ------------------------------------------------------------------------
 
 
@@ -243,9 +253,7 @@ def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env)
 
 
 def test_interrupting_a_followed_log_stops_following_not_the_run(env, kernels):
-    project = copy_example(env)
-    write_config(project, LOCAL_CONFIG)
-    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel = example_kernel(env, kernels)
     kernel.run("%load_ext mantik_jupyter")
     out, _, _ = kernel.run(
         f"run = %mantik_submit -e sleep -P seconds=120 --experiment {EXPERIMENT}"
@@ -323,11 +331,7 @@ def test_compare_leaves_out_what_it_cannot_plot_and_says_so(env, kernels):
 def test_interrupting_the_packaging_says_nothing_was_submitted(env, kernels):
     # "mantik: interrupted; a submitted run keeps running." while nothing had been
     # submitted, under a packaging line left at its last percentage.
-    project = copy_example(env)
-    write_config(project, LOCAL_CONFIG)
-    with open(project / "era5-sample.bin", "wb") as data:  # slow enough to interrupt
-        data.write(os.urandom(150 * 2**20))
-    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel = example_kernel(env, kernels, data_mb=150)  # slow enough to interrupt
     kernel.run("%load_ext mantik_jupyter")
     out, _, took = kernel.run(
         f"run = %mantik_submit --experiment {EXPERIMENT}", interrupt_when="Packaging the code"
@@ -343,9 +347,7 @@ def test_interrupting_the_packaging_says_nothing_was_submitted(env, kernels):
 def test_interrupting_the_wait_keeps_the_run_and_its_line(env, kernels):
     # `run = %mantik_submit --wait` interrupted left run = None, and the status line
     # said RUNNING for ever.
-    project = copy_example(env)
-    write_config(project, LOCAL_CONFIG)
-    kernel = kernels(project, {**os.environ, "JPY_SESSION_NAME": str(project / "x.ipynb")})
+    kernel = example_kernel(env, kernels)
     kernel.run("%load_ext mantik_jupyter\n%config MantikMagics.poll_interval = 0.5")
     out, _, _ = kernel.run(
         f"run = %mantik_submit --wait -e sleep -P seconds=120 --experiment {EXPERIMENT}",
