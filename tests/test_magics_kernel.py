@@ -366,3 +366,29 @@ def test_interrupting_the_wait_keeps_the_run_and_its_line(env, kernels):
         if o["type"] == "update_display_data" and o["transient"]["display_id"] == display_id
     ]
     assert updates and "RUNNING → KILLED" in updates[-1], out
+
+
+# ---- %mantik_runs --state ------------------------------------------------------------------
+
+
+def test_runs_by_state_lists_only_runs_in_that_state_now(env, kernels, mlflow_server, user):
+    # A run that ended while no one followed it still had RUNNING recorded: listed under
+    # `--state running`, after its state was asked for, as FINISHED.
+    from mantik_jupyter.compute.run_record import TAG_STATE
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    kernel = example_kernel(env, kernels)
+    kernel.run("%load_ext mantik_jupyter")
+    experiment = f"{EXPERIMENT}-state"
+    out, _, _ = kernel.run(f"run = %mantik_submit --wait -P epochs=1 --experiment {experiment}")
+    run_id, _, _ = kernel.run("print(run.run_id, run.info.state)")
+    run_id, state = text_of(run_id).split()
+    assert state == "FINISHED", out
+    RunsApi(TrackingClient(mlflow_server.uri, user)).set_tags(run_id, {TAG_STATE: "RUNNING"})
+
+    out, _, _ = kernel.run(f"%mantik_runs --state running --experiment {experiment}")
+    assert not errors_of(out), out
+    assert text_of(out).strip() == "No runs.", out
+    out, _, _ = kernel.run(f"%mantik_runs --state final --experiment {experiment}")
+    assert run_id[:8] in text_of(out) and "FINISHED" in text_of(out), out
