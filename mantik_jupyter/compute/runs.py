@@ -196,10 +196,6 @@ class RunService:
             if active:
                 fresh = {i.run_id: i for i in self._sync.sync_runs(api, active)}
                 infos = [fresh.get(i.run_id, i) for i in infos]
-                if state:
-                    # The search matched the state last recorded: a run that ended while
-                    # no one followed it was listed under --state running as FINISHED.
-                    infos = [i for i in infos if _state_matches(i.state, state)]
         return infos, token
 
     def sync_found(self, runs: Sequence[Mapping[str, Any]]) -> builtins.list[RunInfo]:
@@ -454,16 +450,6 @@ def _state_filter(state: str) -> builtins.list[str]:
     except ValueError:
         names = ", ".join([*(s.value for s in RunState), "active", "final"])
         raise InvalidRequest(f"Unknown state {state!r}: use one of {names}") from None
-
-
-def _state_matches(current: RunState, state: str) -> bool:
-    """Whether a run in ``current`` is one ``_state_filter(state)`` asks for."""
-    word = state.strip().upper()
-    if word == "ACTIVE":
-        return current not in FINAL_STATES
-    if word == "FINAL":
-        return current not in ACTIVE_STATES
-    return current == RunState(word)
 
 
 def _where(exc: OSError) -> str:

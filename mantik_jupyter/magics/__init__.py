@@ -427,11 +427,16 @@ class MantikMagics(Magics):
         service = self._runs()
         if show_run_table(service, args.experiment, args.state, args.limit):
             return
+        if args.state:
+            # As `mantik runs list --state`: the search matches the state last recorded,
+            # so a run that ended while no one followed it was listed under --state
+            # running as FINISHED. The user's active runs are brought up to date first.
+            service.sync()
         runs, _ = service.list(
             experiment_name=args.experiment,
             state=args.state,
             max_results=args.limit,
-            refresh=True,
+            refresh=not args.state,
         )
         base_url = lab_base_url()
         _show_runs(runs, lambda info: self._url(info, base_url))
