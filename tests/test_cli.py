@@ -600,6 +600,23 @@ def remote_base(slurm_cluster):
 
 
 @pytest.mark.slurm
+def test_a_cancelled_slurm_run_shows_no_exit_code(
+    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
+) -> None:
+    # Slurm's ExitCode of a cancelled job (0:0) was shown as 'Exit code: 0' beside KILLED.
+    project = copy_example(tmp_path)
+    write_config(project, slurm_config(slurm_cluster, remote_base))
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    run_id = as_json(mantik("runs", "submit", str(project), "-e", "sleep", "--json",
+                            "--experiment-name", experiment))["run_id"]  # fmt: skip
+    wait_state(mantik, run_id, {"RUNNING"})
+    assert as_json(mantik("runs", "cancel", run_id, "--json"))["state"] == "KILLED"
+    run = as_json(mantik("runs", "info", run_id, "--json"))
+    assert run["reason"] == "CANCELLED" and run["exit_code"] is None, run
+    assert "Exit code" not in ok(mantik("runs", "status", run_id)).stdout
+
+
+@pytest.mark.slurm
 def test_following_a_queued_run_says_it_waits(
     mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
 ) -> None:

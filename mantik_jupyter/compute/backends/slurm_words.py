@@ -549,7 +549,9 @@ def _final(
     # A script that recorded a failure ran to its end: Slurm did not stop it.
     slurm = None if word == "FAILED" and file_code else _ended_by_slurm(word, said)
     if word == "CANCELLED":
-        return JobStatus(RunState.KILLED, word, code, slurm or "CANCELLED")
+        # Slurm's ExitCode of a cancelled job is 0:0 or 0:15, no exit status of the
+        # script's: it showed as 'Exit code: 0' beside KILLED, as if the job ended well.
+        return JobStatus(RunState.KILLED, word, file_code, slurm or "CANCELLED")
     if slurm:
         return JobStatus(RunState.FAILED, word, code, slurm)
     if word == "FAILED" and said.unrecorded:
