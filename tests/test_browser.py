@@ -357,6 +357,18 @@ def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
         page.keyboard.press("Home")
         expect(rows.first).to_be_focused()
 
+        # At a laptop's height the details open below the panel's fold: selecting a run
+        # brings their header and actions into sight.
+        page.set_viewport_size({"width": 1366, "height": 660})
+        rows.nth(2).click()
+        details = sidebar.locator('[data-testid="mantik-run-details"]')
+        expect(details.locator(".mantik-details-title")).to_have_text("old-099")
+        expect(details.locator(".mantik-details-title")).to_be_in_viewport()
+        expect(details.get_by_role("button", name="Open in MLflow")).to_be_in_viewport()
+        rows.nth(2).click()
+        expect(details).to_have_count(0)
+        page.set_viewport_size({"width": 1400, "height": 900})
+
         # The long name: cut short in the row (its tooltip has it), whole in the details.
         sidebar.get_by_label("Filter runs by name or id").fill("calibrated")
         expect(rows).to_have_count(1)

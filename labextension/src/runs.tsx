@@ -26,6 +26,7 @@ import {
   LogBuffer,
   MAX_RUNS,
   Poller,
+  revealOffset,
   rowTimes,
   runDuration,
   RunsModel,
@@ -68,6 +69,9 @@ export function StateChip(props: { state: string }): JSX.Element {
     </span>
   );
 }
+
+/** Pixels of a run's details (header, facts, actions) brought into sight on selection. */
+const DETAILS_REVEAL_PX = 220;
 
 /** Seconds a search must be out before the list says it waits for the server. */
 const SLOW_SEARCH_SECONDS = 3;
@@ -159,6 +163,32 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
     });
     return () => window.cancelAnimationFrame(frame);
   });
+
+  // A run's details open below the list, at a laptop's height below the panel's fold:
+  // a click on a row seemed to do nothing. Scroll them into sight (their header, facts
+  // and actions), no further than needed, so the list stays in view where it can.
+  const detailsRef = useRef<HTMLElement>(null);
+  useEffect(() => {
+    if (selectedId === null) {
+      return;
+    }
+    const frame = window.requestAnimationFrame(() => {
+      const details = detailsRef.current;
+      const scroller = details?.closest<HTMLElement>('.mantik-Panel');
+      if (!details || !scroller) {
+        return;
+      }
+      const offset = revealOffset(
+        scroller.getBoundingClientRect(),
+        details.getBoundingClientRect(),
+        DETAILS_REVEAL_PX
+      );
+      if (offset > 0) {
+        scroller.scrollBy({ top: offset });
+      }
+    });
+    return () => window.cancelAnimationFrame(frame);
+  }, [selectedId]);
 
   // A new submission becomes the selection, and its row takes the focus.
   const selectSeq = snapshot.select?.seq;
@@ -358,6 +388,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
       {selected !== null ? (
         <RunDetails
           key={selected.run_id}
+          sectionRef={detailsRef}
           api={api}
           run={selected}
           visible={visible}
@@ -385,6 +416,7 @@ interface IRunDetailsProps {
   onOpenMlflow: () => void;
   onCancelled: (run: IRun) => void;
   confirmCancel: (run: IRun) => Promise<boolean>;
+  sectionRef?: React.Ref<HTMLElement>;
 }
 
 function RunDetails(props: IRunDetailsProps): JSX.Element {
@@ -428,6 +460,7 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
 
   return (
     <section
+      ref={props.sectionRef}
       className="mantik-Section mantik-RunDetails"
       data-testid="mantik-run-details"
       data-run-id={run.run_id}

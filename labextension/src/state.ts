@@ -562,6 +562,23 @@ export function changedParams(
   return out;
 }
 
+/**
+ * Pixels to scroll `view` down so that the first `want` pixels of `target` (all of it when
+ * shorter) are in sight; 0 when they are already, and never so far that the top of
+ * `target` leaves the view. Rectangles are in the same coordinates (client rects).
+ */
+export function revealOffset(
+  view: { top: number; bottom: number },
+  target: { top: number; bottom: number },
+  want: number
+): number {
+  const shown = target.top + Math.min(want, target.bottom - target.top);
+  if (shown <= view.bottom) {
+    return 0;
+  }
+  return Math.max(0, Math.min(shown - view.bottom, target.top - view.top));
+}
+
 // --------------------------------------------------------------------------- runs model
 
 /** One answer of the runs list: the newest `limit` runs, and whether older ones exist. */

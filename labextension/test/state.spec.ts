@@ -14,6 +14,7 @@ import {
   pickConfig,
   PollOutcome,
   Poller,
+  revealOffset,
   RunsModel,
   RUNS_PAGE,
   rowTimes,
@@ -569,5 +570,23 @@ describe('terminalText', () => {
   it('leaves ordinary text alone', () => {
     const text = 'epoch 1/2  loss=0.1\n[mantik] exit status 0\n';
     expect(terminalText(text)).toBe(text);
+  });
+});
+
+describe('revealOffset', () => {
+  const view = { top: 100, bottom: 600 };
+  it('scrolls details below the fold up until their first pixels show', () => {
+    // Wholly below: bring 220 px of them in.
+    expect(revealOffset(view, { top: 650, bottom: 1200 }, 220)).toBe(270);
+    // Their header peeks in at the bottom.
+    expect(revealOffset(view, { top: 590, bottom: 1200 }, 220)).toBe(210);
+    // Shorter than asked: all of them.
+    expect(revealOffset(view, { top: 650, bottom: 750 }, 220)).toBe(150);
+  });
+  it('leaves shown details alone and never scrolls their top out of the view', () => {
+    expect(revealOffset(view, { top: 200, bottom: 1200 }, 220)).toBe(0);
+    expect(revealOffset(view, { top: 380, bottom: 1200 }, 220)).toBe(0);
+    // A view shorter than asked for: their top stops at the view's top.
+    expect(revealOffset({ top: 0, bottom: 150 }, { top: 100, bottom: 900 }, 220)).toBe(100);
   });
 });
