@@ -599,16 +599,21 @@ def remote_base(slurm_cluster):
     yield from remote_run_dirs(slurm_cluster, "cli")
 
 
+def submit_to_slurm(mantik: Mantik, tmp_path: Path, config: dict, *args: str) -> dict:
+    """The example project submitted with ``config``, in an experiment of its own."""
+    project = copy_example(tmp_path)
+    write_config(project, config)
+    return as_json(mantik("runs", "submit", str(project), *args, "--json",
+                          "--experiment-name", f"cli-{uuid.uuid4().hex[:8]}"))  # fmt: skip
+
+
 @pytest.mark.slurm
 def test_a_cancelled_slurm_run_shows_no_exit_code(
     mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
 ) -> None:
     # Slurm's ExitCode of a cancelled job (0:0) was shown as 'Exit code: 0' beside KILLED.
-    project = copy_example(tmp_path)
-    write_config(project, slurm_config(slurm_cluster, remote_base))
-    experiment = f"cli-{uuid.uuid4().hex[:8]}"
-    run_id = as_json(mantik("runs", "submit", str(project), "-e", "sleep", "--json",
-                            "--experiment-name", experiment))["run_id"]  # fmt: skip
+    run_id = submit_to_slurm(mantik, tmp_path, slurm_config(slurm_cluster, remote_base),
+                             "-e", "sleep")["run_id"]  # fmt: skip
     wait_state(mantik, run_id, {"RUNNING"})
     assert as_json(mantik("runs", "cancel", run_id, "--json"))["state"] == "KILLED"
     run = as_json(mantik("runs", "info", run_id, "--json"))
@@ -622,11 +627,8 @@ def test_following_a_queued_run_says_it_waits(
 ) -> None:
     # A job waits hours in a cluster's queue: `runs logs --follow` said nothing meanwhile,
     # as if it hung. Five nodes on a one-node partition: pending for good, with a reason.
-    project = copy_example(tmp_path)
-    write_config(project, slurm_config(slurm_cluster, remote_base, Nodes=5))
-    experiment = f"cli-{uuid.uuid4().hex[:8]}"
-    run_id = as_json(mantik("runs", "submit", str(project), "--json",
-                            "--experiment-name", experiment))["run_id"]  # fmt: skip
+    config = slurm_config(slurm_cluster, remote_base, Nodes=5)
+    run_id = submit_to_slurm(mantik, tmp_path, config)["run_id"]
     try:
         proc = subprocess.Popen(
             mantik.argv("runs", "logs", run_id[:10], "--follow"), env=mantik.env,
@@ -648,10 +650,8 @@ def test_following_a_queued_run_says_it_waits(
 def test_ctrl_c_during_an_ssh_download(
     mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
 ) -> None:
-    project = copy_example(tmp_path)
-    write_config(project, slurm_config(slurm_cluster, remote_base))
-    run = as_json(mantik("runs", "submit", str(project), "-P", "epochs=1", "--json",
-                         "--experiment-name", f"cli-{uuid.uuid4().hex[:8]}"))  # fmt: skip
+    run = submit_to_slurm(mantik, tmp_path, slurm_config(slurm_cluster, remote_base),
+                          "-P", "epochs=1")  # fmt: skip
     # A file that takes seconds to read over SSH (sparse: it costs no disk on the cluster).
     big = Path(run["tags"]["mantik.run_dir"]) / "big.bin"
     with open(big, "wb") as f:
