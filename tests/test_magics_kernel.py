@@ -392,3 +392,23 @@ def test_runs_by_state_lists_only_runs_in_that_state_now(env, kernels, mlflow_se
     assert text_of(out).strip() == "No runs.", out
     out, _, _ = kernel.run(f"%mantik_runs --state final --experiment {experiment}")
     assert run_id[:8] in text_of(out) and "FINISHED" in text_of(out), out
+
+
+# ---- a run that failed -------------------------------------------------------------------------
+
+
+def test_a_failed_run_shows_the_end_of_its_log(env, kernels):
+    # "QUEUED → RUNNING → FAILED (exit code 3)" and nothing else: the reason was a
+    # second cell away.
+    kernel = example_kernel(env, kernels)
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, _ = kernel.run(f"run = %mantik_submit --wait -e fail --experiment {EXPERIMENT}")
+    assert not errors_of(out), out
+    said = text_of([o for o in out if o["type"] == "stream"])
+    ref, _, _ = kernel.run("print(run.run_id[:8])")
+    ref = text_of(ref).strip()
+    assert f"mantik: run {ref} failed. The last lines of its log:\n" in said, said
+    assert "ERROR: simulated failure" in said and "[mantik] exit status 3" in said, said
+    assert said.rstrip().endswith(f"(all of it: %mantik_logs {ref})"), said
+    ok, _, _ = kernel.run(f"run = %mantik_submit --wait -P epochs=1 --experiment {EXPERIMENT}")
+    assert "failed" not in text_of([o for o in ok if o["type"] == "stream"]), ok

@@ -28,6 +28,7 @@ from traitlets import Bool, Float, Unicode
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
 from ..cli import interrupted, positive_int
+from ..compute.states import RunState
 from ..errors import MantikError, NotFound, NotLoggedIn, ProjectError
 from .args import parse_line
 from .dashboards import DashboardMagics, show_log_view, show_run_table
@@ -327,7 +328,9 @@ class MantikMagics(Magics):
         if args.wait:
             run.followed_by(line_out)
             try:
-                watch(service, run, line_out, poll=self.poll_interval)
+                info = watch(service, run, line_out, poll=self.poll_interval)
+                if info.state == RunState.FAILED:
+                    _show_failure(service, info)
             except KeyboardInterrupt:
                 # The run goes on: `run = %mantik_submit --wait` still gets it (it was
                 # None), and its line follows it without blocking the kernel instead of
@@ -478,6 +481,26 @@ class MantikMagics(Magics):
         )
         print(f"Downloaded to {target}")
         return None
+
+
+FAILURE_LOG_LINES = 20
+
+
+def _show_failure(service: RunService, info: RunInfo) -> None:
+    """The end of a failed run's log under its line: 'FAILED (exit code 1)' alone sent
+    everyone to a second cell for the traceback."""
+    ref = short(info.run_id)
+    try:
+        text = tail(service.all_logs(info.run_id).text, FAILURE_LOG_LINES)
+    except MantikError as err:
+        text = f"(its log cannot be read: {' '.join(err.message.split())})\n"
+    if text and not text.endswith("\n"):
+        text += "\n"
+    print(
+        f"mantik: run {ref} failed. The last lines of its log:\n{text}"
+        f"(all of it: %mantik_logs {ref})",
+        flush=True,
+    )
 
 
 def _last_input(shell: Any) -> str:
