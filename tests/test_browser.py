@@ -11,6 +11,7 @@ inside the lab's iframe. Screenshots and the server log go to ``test-artifacts/`
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -395,8 +396,6 @@ RUN_TIMEOUT_MS = 240_000
 
 
 def _copy_example(lab: LabServer) -> str:
-    import shutil
-
     from .browser_helpers import REPO
 
     target = lab.root / "weather-forecast"
@@ -444,11 +443,14 @@ def _assert_modal_layout(page, dialog) -> None:
             const box = r => { const b = r.getBoundingClientRect();
                 return {x: b.x, y: b.y, w: b.width, h: b.height}; };
             const body = node.querySelector('.jp-Dialog-body');
+            const content = node.querySelector('.jp-Dialog-content');
             return {
                 backdrop: box(node), content: box(node.querySelector('.jp-Dialog-content')),
                 cancel: box(node.querySelector('.mantik-submit-cancel')),
                 submit: box(node.querySelector('.mantik-submit-button')),
-                overflow: body.scrollWidth - body.clientWidth,
+                overflow: Math.max(
+                    body.scrollWidth - body.clientWidth,
+                    content.scrollWidth - content.clientWidth),
                 viewport: {w: window.innerWidth, h: window.innerHeight},
                 hit: document.elementFromPoint(5, window.innerHeight - 5) === node,
             };
@@ -630,6 +632,15 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
     folder = _copy_example(lab)
     broken = lab.root / folder / "broken-config.yaml"
     broken.write_text("Local: {}\nResources:\n  Queue: local\n  Nodez: 2\n")
+    long_folder = lab.root / ("ERA5_downscaling_ensemble_" * 4 + "v2")
+    long_folder.mkdir(exist_ok=True)
+    long_param = "boundary_conditions_" * 5 + "path"
+    (long_folder / "MLproject").write_text(
+        f"name: {'ERA5_downscaling_ensemble_' * 4}v2\nentry_points:\n  main:\n"
+        f"    parameters:\n      {long_param}: {{type: string, default: {'/p/scratch' * 12}}}\n"
+        f"    command: python -c pass\n"
+    )
+    (long_folder / "compute-backend-config.yaml").write_text("Local: {}\nResources: {Queue: q}\n")
     try:
         sidebar = open_lab(page, lab)
         # The sidebar's Submit… with the launcher in focus takes the file browser's folder,
@@ -645,6 +656,13 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         page.keyboard.press("Escape")
         expect(dialog).to_have_count(0)
         expect(submit_open).to_be_focused()
+
+        # Long names without spaces (project, parameter, default) wrap inside the form.
+        dialog = _submit_from_file_browser(page, long_folder.name, "main", "e2e-long")
+        expect(dialog.get_by_label(re.compile("^boundary_conditions_"))).to_be_visible()
+        _assert_modal_layout(page, dialog)
+        page.keyboard.press("Escape")
+        expect(dialog).to_have_count(0)
 
         dialog = _submit_from_file_browser(page, folder, "main", "e2e-broken")
         # Chosen by the user: no hint about how the folder was found.
@@ -679,6 +697,7 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         expect(details.locator(".mantik-details-title")).to_have_text("e2e-held")
     finally:
         broken.unlink()
+        shutil.rmtree(long_folder)
 
 
 def test_runs_list_says_when_the_tracking_server_is_slow(page, lab, tracking_ready):
