@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, json_out
-from .cli_format import ProgressBar, files_table, run_details, runs_table
+from .cli_format import SHORT_ID, ProgressBar, files_table, run_details, runs_table
 from .errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -294,7 +294,7 @@ def cmd_list(ctx: Context) -> int:
         # The filter reads the states recorded on the runs, which no lab may be keeping
         # fresh: a run that had ended since was listed under `--state RUNNING` (shown as
         # FINISHED) and missing under `--state FINISHED`. The user's active runs are
-        # brought up to date before the search instead of the page after it.
+        # brought up to date before the search too.
         ctx.runs.sync()
     runs, token = ctx.runs.list(
         experiment_ids=[args.experiment_id] if args.experiment_id else None,
@@ -302,17 +302,31 @@ def cmd_list(ctx: Context) -> int:
         state=args.state,
         max_results=args.limit,
         page_token=args.page_token,
-        # No lab may be running to keep states fresh: ask the backends now.
-        refresh=not args.state,
+        # No lab may be running to keep states fresh: ask the backends now. This also
+        # gives a run this installation does not follow its warning.
+        refresh=True,
     )
     data = [r.to_json() for r in runs]
     ctx.emit(
         {"runs": data, "next_page_token": token},
         lambda: runs_table(data, columns=_terminal_columns()),
     )
+    _warn_of_runs(ctx, data)
     if token and not ctx.json:
         print(f"(more runs: --page-token {token})", file=sys.stderr)
     return EXIT_OK
+
+
+def _warn_of_runs(ctx: Context, runs: Sequence[dict[str, Any]]) -> None:
+    """The runs' warnings on stderr, once per text: they were in --json only, so a run
+    another installation submitted showed its last recorded state (QUEUED for hours)
+    as if it were current."""
+    ids: dict[str, list[str]] = {}
+    for run in runs:
+        for text in run.get("warnings") or ():
+            ids.setdefault(text, []).append(str(run["run_id"])[:SHORT_ID])
+    for text, named in ids.items():
+        ctx.warn(f"run{'s' if len(named) > 1 else ''} {', '.join(named)}: {text}")
 
 
 def _terminal_columns() -> int | None:
@@ -330,12 +344,14 @@ def _terminal_columns() -> int | None:
 def cmd_status_run(ctx: Context) -> int:
     run = ctx.runs.get(ctx.args.run).to_json()
     ctx.emit(run, lambda: run_details(run, full=False))
+    _warn_of_runs(ctx, [run])
     return EXIT_OK
 
 
 def cmd_info(ctx: Context) -> int:
     run = ctx.runs.get(ctx.args.run).to_json()
     ctx.emit(run, lambda: run_details(run, full=True))
+    _warn_of_runs(ctx, [run])
     return EXIT_OK
 
 

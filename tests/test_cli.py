@@ -857,6 +857,29 @@ def test_listing_by_state_shows_the_runs_in_that_state_now(
     assert listed("final") == [(run_id, "FINISHED")]
 
 
+def test_a_run_from_another_installation_is_listed_with_its_warning(
+    mantik: Mantik, project: Path, tmp_path: Path
+) -> None:
+    # README: such a run "is listed with its last recorded state and a warning". The
+    # warning was in --json only (and lost with --state): the table showed the run QUEUED
+    # for as long as nobody where it was submitted looked, as if that were current.
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    run_id = as_json(mantik("runs", "submit", str(project), "-e", "sleep", "--json",
+                            "--experiment-name", experiment))["run_id"]  # fmt: skip
+    try:
+        elsewhere = Mantik({**mantik.env, "MANTIK_DATA_DIR": str(tmp_path / "other")}, tmp_path)
+        for args in (("list",), ("list", "--state", "active"), ("status", run_id)):
+            result = ok(elsewhere("runs", *args, "--experiment-name", experiment)
+                        if args[0] == "list" else elsewhere("runs", *args))  # fmt: skip
+            assert run_id[:8] in result.stdout, (args, result.stdout)
+            assert f"warning: run {run_id[:8]}: Not followed here" in result.stderr, (args, result)
+        listed = as_json(elsewhere("runs", "list", "--state", "active", "--experiment-name",
+                                   experiment, "--json"))["runs"]  # fmt: skip
+        assert listed[0]["warnings"] and "Not followed here" in listed[0]["warnings"][0]
+    finally:
+        ok(mantik("runs", "cancel", run_id))
+
+
 def user_api(mantik: Mantik) -> RunsApi:
     """MLflow's REST API as the user of ``mantik``."""
     user = Credential(
