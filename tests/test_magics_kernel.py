@@ -371,22 +371,32 @@ def test_interrupting_the_wait_keeps_the_run_and_its_line(env, kernels):
 # ---- %mantik_runs --state ------------------------------------------------------------------
 
 
-def test_runs_by_state_lists_only_runs_in_that_state_now(env, kernels, mlflow_server, user):
-    # A run that ended while no one followed it still had RUNNING recorded: listed under
-    # `--state running`, after its state was asked for, as FINISHED.
+def finished_run_recorded_as_running(
+    folder: Path, kernels, mlflow_server, user, name: str
+) -> tuple[Kernel, str, str]:
+    """A kernel, and a run it submitted that finished while its recorded state stayed
+    RUNNING (as when no one followed it to its end): (kernel, run id, experiment)."""
     from mantik_jupyter.compute.run_record import TAG_STATE
     from mantik_jupyter.tracking.rest import TrackingClient
     from mantik_jupyter.tracking.runs_api import RunsApi
 
-    kernel = example_kernel(env, kernels)
+    kernel = example_kernel(folder, kernels)
     kernel.run("%load_ext mantik_jupyter")
-    experiment = f"{EXPERIMENT}-state"
+    experiment = f"{EXPERIMENT}-{name}"
     out, _, _ = kernel.run(f"run = %mantik_submit --wait -P epochs=1 --experiment {experiment}")
-    run_id, _, _ = kernel.run("print(run.run_id, run.info.state)")
-    run_id, state = text_of(run_id).split()
+    said, _, _ = kernel.run("print(run.run_id, run.info.state)")
+    run_id, state = text_of(said).split()
     assert state == "FINISHED", out
     RunsApi(TrackingClient(mlflow_server.uri, user)).set_tags(run_id, {TAG_STATE: "RUNNING"})
+    return kernel, run_id, experiment
 
+
+def test_runs_by_state_lists_only_runs_in_that_state_now(env, kernels, mlflow_server, user):
+    # A run that ended while no one followed it still had RUNNING recorded: listed under
+    # `--state running`, after its state was asked for, as FINISHED.
+    kernel, run_id, experiment = finished_run_recorded_as_running(
+        env, kernels, mlflow_server, user, "state"
+    )
     out, _, _ = kernel.run(f"%mantik_runs --state running --experiment {experiment}")
     assert not errors_of(out), out
     assert text_of(out).strip() == "No runs.", out
@@ -412,3 +422,22 @@ def test_a_failed_run_shows_the_end_of_its_log(env, kernels):
     assert said.rstrip().endswith(f"(all of it: %mantik_logs {ref})"), said
     ok, _, _ = kernel.run(f"run = %mantik_submit --wait -P epochs=1 --experiment {EXPERIMENT}")
     assert "failed" not in text_of([o for o in ok if o["type"] == "stream"]), ok
+
+
+def test_a_run_table_brings_a_stale_state_up_to_date(env, kernels, mlflow_server, user):
+    # The table refreshed only runs MLflow had as active: one whose job ended while no one
+    # followed it (MLflow FINISHED, its recorded state RUNNING) stayed RUNNING for good.
+    kernel, run_id, experiment = finished_run_recorded_as_running(
+        env, kernels, mlflow_server, user, "table"
+    )
+    out, _, _ = kernel.run(
+        "from mantik_jupyter.widgets import RunTable\n"
+        f"table = RunTable(experiment={experiment!r}, refresh_interval=0.5)\n"
+        "import time\n"
+        "for _ in range(40):\n"
+        "    if str(table.rows[0].info.state) != 'RUNNING':\n"
+        "        break\n"
+        "    time.sleep(0.25)\n"
+        "print(table.rows[0].run_id, table.rows[0].info.state)"
+    )
+    assert text_of(out).split() == [run_id, "FINISHED"], out

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..compute.run_record import TAG_BACKEND, RunInfo
+from ..compute.run_record import ACTIVE_STATES, TAG_BACKEND, RunInfo
 from ..tracking.metrics import varying_params
 from ..tracking.runs_api import RunsApi, quote_filter_value
 
@@ -132,7 +132,12 @@ class Row:
 
     @property
     def active(self) -> bool:
-        return self.info.mlflow_status in ACTIVE_STATUSES
+        # Also a mantik run whose job ended while no one followed it: MLflow has its end
+        # (the training code ended the run), its state is still the last one recorded,
+        # and a table that skipped it showed RUNNING for good.
+        return self.info.mlflow_status in ACTIVE_STATUSES or bool(
+            self.info.backend and self.info.state in ACTIVE_STATES
+        )
 
     def cells(self, params: Sequence[str], metrics: Sequence[str]) -> dict[str, Any]:
         info = self.info
