@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__, json_out
-from .cli_format import SHORT_ID, ProgressBar, files_table, run_details, runs_table
+from .cli_format import (
+    SHORT_ID,
+    STATE_MESSAGE_TAG,
+    ProgressBar,
+    files_table,
+    run_details,
+    runs_table,
+)
 from .errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -53,6 +60,9 @@ class Context:
         self.json: bool = getattr(args, "json", False)
         # The core's warnings (a deprecated config key, ...) as said so far, one line each.
         self.warned: set[str] = set()
+        # The command shows why a run's state is UNKNOWN itself (list, status, info): the
+        # sync's log line saying so on the way would repeat it.
+        self.shows_unknown = False
         self.python_showwarning = warnings.showwarning
 
     def show_warning(
@@ -116,8 +126,11 @@ class _LogAsWarnings(logging.Handler):
         self.ctx = ctx
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.split(".")[0] == __package__:
-            self.ctx.warn(record.getMessage())
+        if record.name.split(".")[0] != __package__:
+            return
+        if self.ctx.shows_unknown and str(record.msg).startswith("run %s: state unknown"):
+            return
+        self.ctx.warn(record.getMessage())
 
 
 # ---- auth ------------------------------------------------------------------------------
@@ -290,6 +303,7 @@ def _following(ref: str) -> Iterator[None]:
 
 def cmd_list(ctx: Context) -> int:
     args = ctx.args
+    ctx.shows_unknown = True
     if args.state:
         # The filter reads the states recorded on the runs, which no lab may be keeping
         # fresh: a run that had ended since was listed under `--state RUNNING` (shown as
@@ -311,19 +325,24 @@ def cmd_list(ctx: Context) -> int:
         {"runs": data, "next_page_token": token},
         lambda: runs_table(data, columns=_terminal_columns()),
     )
-    _warn_of_runs(ctx, data)
+    _warn_of_runs(ctx, data, unknown=True)
     if token and not ctx.json:
         print(f"(more runs: --page-token {token})", file=sys.stderr)
     return EXIT_OK
 
 
-def _warn_of_runs(ctx: Context, runs: Sequence[dict[str, Any]]) -> None:
+def _warn_of_runs(ctx: Context, runs: Sequence[dict[str, Any]], unknown: bool = False) -> None:
     """The runs' warnings on stderr, once per text: they were in --json only, so a run
     another installation submitted showed its last recorded state (QUEUED for hours)
-    as if it were current."""
+    as if it were current. ``unknown``: why a run's state is UNKNOWN too (a table has
+    no room for it)."""
     ids: dict[str, list[str]] = {}
     for run in runs:
-        for text in run.get("warnings") or ():
+        texts = list(run.get("warnings") or ())
+        why = (run.get("tags") or {}).get(STATE_MESSAGE_TAG)
+        if unknown and why:
+            texts.append(f"state unknown: {why}")
+        for text in texts:
             ids.setdefault(text, []).append(str(run["run_id"])[:SHORT_ID])
     for text, named in ids.items():
         ctx.warn(f"run{'s' if len(named) > 1 else ''} {', '.join(named)}: {text}")
@@ -342,6 +361,7 @@ def _terminal_columns() -> int | None:
 
 
 def cmd_status_run(ctx: Context) -> int:
+    ctx.shows_unknown = True
     run = ctx.runs.get(ctx.args.run).to_json()
     ctx.emit(run, lambda: run_details(run, full=False))
     _warn_of_runs(ctx, [run])
@@ -349,6 +369,7 @@ def cmd_status_run(ctx: Context) -> int:
 
 
 def cmd_info(ctx: Context) -> int:
+    ctx.shows_unknown = True
     run = ctx.runs.get(ctx.args.run).to_json()
     ctx.emit(run, lambda: run_details(run, full=True))
     _warn_of_runs(ctx, [run])

@@ -12,6 +12,7 @@ SHORT_ID = 8
 # A name longer than this is cut in the runs table (``runs info`` has it whole): one
 # 600-character name made every row of the table 600 characters wide.
 NAME_WIDTH = 40
+STATE_MESSAGE_TAG = "mantik.state_message"
 # Narrower than this, a terminal wraps the table rather than cut the names to nothing.
 MIN_NAME_WIDTH = 12
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -172,6 +173,9 @@ def run_details(run: dict[str, Any], *, full: bool) -> str:
         ("State", run.get("state")),
         ("MLflow status", run.get("mlflow_status")),
         ("Reason", run.get("reason")),
+        # Why the state is UNKNOWN (the cluster cannot be reached, ...): it was only among
+        # the tags of `runs info`, and `runs status` said UNKNOWN without a word.
+        ("Why unknown", (run.get("tags") or {}).get(STATE_MESSAGE_TAG)),
         ("Exit code", run.get("exit_code")),
         ("Backend", run.get("backend")),
         ("Job", run.get("job_id")),

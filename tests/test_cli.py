@@ -608,6 +608,51 @@ def submit_to_slurm(mantik: Mantik, tmp_path: Path, config: dict, *args: str) ->
 
 
 @pytest.mark.slurm
+def test_runs_on_a_cluster_that_cannot_be_reached_say_why_once(
+    mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
+) -> None:
+    # A login node in maintenance: `runs list` printed the same long 'state unknown: Cannot
+    # reach ...' line once per run (the first time; after that, nothing said why), and
+    # `runs status` said UNKNOWN without a word.
+    import paramiko
+
+    from .login_gate import Gate
+
+    gate = Gate((slurm_cluster.host, slurm_cluster.port))
+    gate.open = True
+    keys = paramiko.HostKeys(str(slurm_cluster.known_hosts))
+    entry = keys.lookup(f"[{slurm_cluster.host}]:{slurm_cluster.port}")
+    assert entry is not None
+    known = paramiko.HostKeys()
+    for kind, value in entry.items():
+        known.add(f"[127.0.0.1]:{gate.port}", kind, value)
+    known.save(str(tmp_path / "gate_known_hosts"))
+    config = slurm_config(slurm_cluster, remote_base)
+    config["SSH"].update(Port=gate.port, KnownHostsFile=str(tmp_path / "gate_known_hosts"))
+    first = submit_to_slurm(mantik, tmp_path / "a", config, "-e", "sleep")
+    experiment = ("--experiment-id", first["experiment_id"])
+    second = as_json(mantik("runs", "submit", str(tmp_path / "a" / "weather-forecast"),
+                            "-e", "sleep", "--json", *experiment))  # fmt: skip
+    ids = [first["run_id"], second["run_id"]]
+    try:
+        gate.open = False
+        for _ in range(2):  # as the runs turn UNKNOWN, and once they are
+            result = ok(mantik("runs", "list", *experiment))
+            said = [line for line in result.stderr.splitlines() if "Cannot reach" in line]
+            assert len(said) == 1 and f"127.0.0.1:{gate.port}" in said[0], result.stderr
+            assert all(run_id[:8] in said[0] for run_id in ids), said
+        result = ok(mantik("runs", "status", ids[0]))
+        assert "State:         UNKNOWN" in result.stdout
+        assert "Why unknown:   Cannot reach the SSH server" in result.stdout, result.stdout
+        assert "Cannot reach" not in result.stderr, result.stderr
+    finally:
+        gate.open = True
+        for run_id in ids:
+            mantik("runs", "cancel", run_id)
+        gate.close()
+
+
+@pytest.mark.slurm
 def test_a_cancelled_slurm_run_shows_no_exit_code(
     mantik: Mantik, tmp_path: Path, slurm_cluster, remote_base: str
 ) -> None:
