@@ -685,6 +685,11 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         dialog = _submit_from_file_browser(page, folder, "main", "e2e-held", epochs=1)
         dialog.get_by_role("button", name="Submit").click()
         expect(dialog.locator('[data-testid="mantik-submit-button"]')).to_have_text("Submitting…")
+        # A large folder takes minutes to send: the dialog says what it waits for, how long.
+        progress = dialog.locator(".mantik-submit-progress")
+        expect(progress).to_have_attribute("role", "status")
+        expect(progress).to_contain_text(re.compile(r"handing it to the backend: \d+ s so far"))
+        expect(progress).to_contain_text("Exclude")
         page.wait_for_function("() => true")  # lets the held request reach the handler
         expect(dialog.get_by_role("button", name="Cancel")).to_be_disabled()
         page.keyboard.press("Escape")

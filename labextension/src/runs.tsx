@@ -73,15 +73,16 @@ export function StateChip(props: { state: string }): JSX.Element {
 /** Pixels of a run's details (header, facts, actions) brought into sight on selection. */
 const DETAILS_REVEAL_PX = 220;
 
-/** Seconds a search must be out before the list says it waits for the server. */
+/** Seconds a request must be out before the panel says it is still waiting. */
 const SLOW_SEARCH_SECONDS = 3;
 
 /**
  * Whole seconds since `busy` became true, once that is at least SLOW_SEARCH_SECONDS;
  * null before and while not busy. A hung tracking server answers a search only after
- * the lab's 60 s timeout: without a word the list looks up to date all that time.
+ * the lab's 60 s timeout, and a submission of a large folder takes minutes: without a
+ * word the panel looks idle or stuck all that time.
  */
-function useWaitingSeconds(busy: boolean): number | null {
+export function useWaitingSeconds(busy: boolean): number | null {
   const [seconds, setSeconds] = useState<number | null>(null);
   useEffect(() => {
     setSeconds(null);

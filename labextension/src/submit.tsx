@@ -12,7 +12,7 @@ import { Widget } from '@lumino/widgets';
 import React, { useEffect, useId, useRef, useState } from 'react';
 
 import { IProject, IRun, MantikApi } from './api';
-import { errorText } from './runs';
+import { errorText, useWaitingSeconds } from './runs';
 import { changedParams, checkParam, pickConfig } from './state';
 
 export interface ISubmitOptions {
@@ -126,6 +126,7 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
     null
   );
   const [touched, setTouched] = useState(false);
+  const submittingFor = useWaitingSeconds(submitting);
   const firstField = useRef<HTMLSelectElement>(null);
   const closeButton = useRef<HTMLButtonElement>(null);
 
@@ -379,6 +380,13 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
             {submitError.message}
           </pre>
         ) : null}
+        <p className="mantik-muted mantik-submit-progress" role="status">
+          {submittingFor !== null
+            ? `Packaging the project folder and handing it to the backend: ${submittingFor} s ` +
+              'so far. Everything in the folder is sent, data files too, unless the backend ' +
+              'config lists them under Exclude.'
+            : ''}
+        </p>
         <div className="jp-Dialog-footer">
           <div className="jp-Dialog-footerButtons">
             <button
