@@ -29,7 +29,15 @@ def login(
     token: str | None = None,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Log in to the tracking server from Python; returns the status (never a secret)."""
+    """Log in to the tracking server from Python; returns the status (never a secret).
+
+    Leave ``password`` out to be asked for it without echo: typed into a cell, it stays in
+    the notebook and in the kernel's history."""
     from .api import tracking_service
 
-    return tracking_service(tracking_uri).login(username=username, password=password, token=token)
+    service = tracking_service(tracking_uri)
+    if password is None and token is None:
+        from .magics import ask_and_login
+
+        return ask_and_login(service, username, token=False, asker="mantik_jupyter.login()")
+    return service.login(username=username, password=password, token=token)

@@ -181,6 +181,25 @@ def test_login_to_another_server_is_the_server_the_kernel_uses(
     assert user.password not in json.dumps(history)
 
 
+def test_login_from_python_asks_for_the_password(env, mlflow_server, kernels, tmp_path):
+    # mantik_jupyter.login(username=...) without a password was an InvalidRequest
+    # traceback: the only way was to type the password into the cell, where it stays in
+    # the notebook and the kernel's history.
+    user = mlflow_server.create_user()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    kernel = kernels(tmp_path, environ)
+    out, prompts, _ = kernel.run(
+        "import mantik_jupyter\n"
+        f"mantik_jupyter.login(username={user.username!r}, tracking_uri={mlflow_server.uri!r})",
+        inputs=[user.password],
+    )
+    assert not errors_of(out), out
+    assert prompts == [{"prompt": "Password: ", "password": True}]
+    assert "'logged_in': True" in text_of(out) and user.password not in json.dumps(out)
+    history, _, _ = kernel.run("%history -g")
+    assert user.password not in json.dumps(history)
+
+
 # ---- the Python API's errors ------------------------------------------------------------------
 
 
@@ -242,7 +261,10 @@ def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env)
         if "application/vnd.jupyter.widget-view+json" in o["data"]
     ]
     shown = view["data"]["text/plain"]
-    assert "epoch 3/3" in shown and "[mantik] exit status 0" in shown, shown
+    # The log so far is printed first, the view follows from there: the epochs may be
+    # in either, the job's last line comes while it is followed.
+    printed = "".join(o.get("text", "") for o in outputs_of(follow, "stream"))
+    assert "epoch 3/3" in printed + shown and "[mantik] exit status 0" in shown, shown
     assert shown.endswith("[The run ended.]") and "object at 0x" not in shown
     # The cell after it ran once the run had ended.
     (result,) = outputs_of(state, "execute_result")

@@ -57,6 +57,7 @@ from .notebook import (
 if TYPE_CHECKING:
     from ..compute.run_record import RunInfo
     from ..compute.runs import RunService
+    from ..tracking.service import TrackingService
 
 
 NOT_SUBMITTED = (
@@ -175,24 +176,7 @@ class MantikMagics(Magics):
         # Guarded like the others: interrupting the kernel at the prompt is no traceback.
         args = parse_line(self.mantik_login, line)
         service = tracking_service(args.tracking_uri or self.tracking_uri)
-        try:
-            if args.token:
-                status = service.login(token=getpass.getpass("Token: "))
-            else:
-                username = args.username or input("Username: ")
-                status = service.login(username=username, password=getpass.getpass("Password: "))
-        except StdinNotImplementedError:
-            # nbconvert --execute, papermill, "Run All" in some frontends: no prompt can
-            # be shown, and a secret must not be typed into the cell instead.
-            raise NotLoggedIn(
-                f"%mantik_login cannot ask for the {'token' if args.token else 'password'} "
-                f"for {service.uri} here: this frontend runs the notebook without input "
-                "prompts (nbconvert, papermill). Log in once beforehand (the Mantik panel, "
-                "`mantik login` in a terminal, or %mantik_login in JupyterLab); the login "
-                "is stored and used here. Or set MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the kernel's "
-                "environment."
-            ) from None
+        status = ask_and_login(service, args.username, token=args.token, asker="%mantik_login")
         message = f"Logged in to {status['tracking_uri']} as {status['username']}."
         if args.tracking_uri and args.tracking_uri != self.tracking_uri:
             # The server logged in to is the one the user means from now on: the magics
@@ -501,6 +485,28 @@ def _show_failure(service: RunService, info: RunInfo) -> None:
         f"(all of it: %mantik_logs {ref})",
         flush=True,
     )
+
+
+def ask_and_login(
+    service: TrackingService, username: str | None, *, token: bool, asker: str
+) -> dict[str, Any]:
+    """Log in with a password (or token) asked for without echo, never typed into a cell
+    (where it stays in the notebook and the kernel's history)."""
+    try:
+        if token:
+            return service.login(token=getpass.getpass("Token: "))
+        username = username or input("Username: ")
+        return service.login(username=username, password=getpass.getpass("Password: "))
+    except StdinNotImplementedError:
+        # nbconvert --execute, papermill: no prompt can be shown (it was a traceback).
+        raise NotLoggedIn(
+            f"{asker} cannot ask for the {'token' if token else 'password'} for "
+            f"{service.uri} here: this frontend runs the notebook without input prompts "
+            "(nbconvert, papermill). Log in once beforehand (the Mantik panel, `mantik "
+            "login` in a terminal, or %mantik_login in JupyterLab); the login is stored and "
+            "used here. Or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) in the kernel's environment."
+        ) from None
 
 
 def _last_input(shell: Any) -> str:
