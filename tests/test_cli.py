@@ -506,6 +506,10 @@ def test_runs_lifecycle(
     assert listed == [{"path": "code/outputs/forecast.csv", "size": listed[0]["size"],
                        "is_dir": False}]  # fmt: skip
     assert mantik("runs", "files", run_id, "../x").returncode == 2
+    # A wrong name says how to see what there is (it named the run directory only).
+    for wrong, look in (("nope.csv", run_id), ("code/outputs/nope.csv", f"{run_id} code/outputs")):
+        result = mantik("runs", "download", run_id, "--remote-path", wrong)
+        assert result.returncode == 4 and f"'mantik runs files {look}' lists" in result.stderr
 
     one = tmp_path / "one"
     result = ok(

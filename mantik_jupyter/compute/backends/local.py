@@ -592,7 +592,16 @@ class LocalBackend(Backend):
         if target != root and not target.is_relative_to(root):
             raise UnsafePath(f"{rel!r} leads outside the run directory {run_dir}")
         if not target.exists():
-            raise NotFound(f"No file {rel!r} in run directory {run_dir}")
+            # As the SSH backend says it: it named the run directory only, and a user of
+            # `runs download` did not know how to see what is there. The run directory is
+            # named after its run.
+            folder = rel.rpartition("/")[0]
+            look = f"mantik runs files {run_dir.name}" + (
+                f" {shlex.quote(folder)}" if folder else ""
+            )
+            raise NotFound(
+                f"There is no {rel!r} in the run directory {run_dir}; '{look}' lists what is there."
+            )
         return root, target, rel
 
     def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
