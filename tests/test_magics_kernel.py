@@ -345,6 +345,11 @@ def test_compare_leaves_out_what_it_cannot_plot_and_says_so(env, kernels):
         "left out: 1 without a final loss (none logged, or NaN/inf); "
         "1 without a plotted param" in said
     ), said
+    # A prefix finds mantik runs only: the message said no more than 'No run with ...'.
+    out, _, _ = kernel.run('%mantik_compare {ids[0][:8]} {ids[1]} --metric loss')
+    said = text_of(out)
+    assert said.startswith("mantik: No run with id, id prefix or name "), out
+    assert "for another MLflow run give its full 32-character run id." in said
 
 
 # ---- interrupting %mantik_submit ------------------------------------------------------------

@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 from ..cli_format import SHORT_ID, table
 from ..compute.run_record import RunInfo
 from ..compute.runs import RunService
-from ..errors import InvalidRequest, MantikError
+from ..errors import InvalidRequest, MantikError, NotFound
 from ..tracking import metrics as m
 from ..tracking.runs_api import MAX_HISTORY_PAGE, MAX_SAMPLED_PER_RUN, RunsApi
 from . import query as q
@@ -160,10 +160,21 @@ class MetricComparison(w.VBox):
 
     # ---- which runs --------------------------------------------------------------------------
 
+    def _resolve(self, ref: str) -> str:
+        try:
+            return self.service.resolve(ref)
+        except NotFound as exc:
+            # Prefixes and names are looked up among mantik runs: a baseline logged with
+            # MLflow alone was 'No run with id prefix ...' with nothing more to try.
+            raise NotFound(
+                f"{exc.message}. An id prefix or a name finds runs submitted with mantik; "
+                "for another MLflow run give its full 32-character run id."
+            ) from None
+
     def _load_runs(
         self, refs: Sequence[str], known: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, dict[str, Any]]:
-        ids = [r if _is_run_id(r) else self.service.resolve(r) for r in refs]
+        ids = [r if _is_run_id(r) else self._resolve(r) for r in refs]
         found: dict[str, dict[str, Any]] = {i: dict(known[i]) for i in ids if i in known}
         todo = [i for i in ids if i not in found]
         if todo:
