@@ -404,8 +404,8 @@ def _copy_example(lab: LabServer) -> str:
     return target.name
 
 
-def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str, **params):
-    """Right-click the project folder, "Submit to HPC…", fill the form, submit."""
+def _open_submit_dialog(page, folder: str):
+    """Right-click ``folder`` in the file browser and pick "Submit to HPC…"."""
     from playwright.sync_api import expect
 
     tab = page.locator('.jp-SideBar.jp-mod-left [data-id="filebrowser"]')
@@ -419,9 +419,16 @@ def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str
     menu_item = page.locator(".lm-Menu-item").filter(has_text="Submit to HPC…")
     expect(menu_item).to_be_visible()
     menu_item.click()
-
     dialog = page.locator('[data-testid="mantik-submit-dialog"]')
     expect(dialog.get_by_role("dialog")).to_be_visible()
+    return dialog
+
+
+def _submit_from_file_browser(page, folder: str, entry_point: str, run_name: str, **params):
+    """Right-click the project folder, "Submit to HPC…", fill the form, submit."""
+    from playwright.sync_api import expect
+
+    dialog = _open_submit_dialog(page, folder)
     expect(dialog.locator(".mantik-submit-project")).to_contain_text(folder)
     # Every control has a label (accessibility), so the test fills the form by label.
     expect(dialog.get_by_label("Backend config")).to_have_value("compute-backend-config.yaml")
@@ -641,6 +648,11 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         f"    command: python -c pass\n"
     )
     (long_folder / "compute-backend-config.yaml").write_text("Local: {}\nResources: {Queue: q}\n")
+    broken_project = lab.root / "broken-mlproject"
+    broken_project.mkdir(exist_ok=True)
+    (broken_project / "MLproject").write_text(
+        "name: b\nentry_points:\n  main:\n    parameters:\n      e: {type: int default: 5}\n"
+    )
     try:
         sidebar = open_lab(page, lab)
         # The sidebar's Submit… with the launcher in focus takes the file browser's folder,
@@ -656,6 +668,17 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         page.keyboard.press("Escape")
         expect(dialog).to_have_count(0)
         expect(submit_open).to_be_focused()
+
+        # A broken MLproject: the YAML parser's caret stays under the column it points at.
+        dialog = _open_submit_dialog(page, broken_project.name)
+        load_error = dialog.locator(".mantik-submit-load-error")
+        expect(load_error).to_contain_text("is not valid YAML")
+        lines = load_error.inner_text().split("\n")
+        caret = next((i for i, line in enumerate(lines) if line.strip() == "^"), None)
+        assert caret is not None, f"no line with the caret alone: {lines}"
+        assert lines[caret - 1][lines[caret].index("^")] == "{", lines
+        page.keyboard.press("Escape")
+        expect(dialog).to_have_count(0)
 
         # Long names without spaces (project, parameter, default) wrap inside the form.
         dialog = _submit_from_file_browser(page, long_folder.name, "main", "e2e-long")
@@ -703,6 +726,7 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
     finally:
         broken.unlink()
         shutil.rmtree(long_folder)
+        shutil.rmtree(broken_project)
 
 
 def test_runs_list_says_when_the_tracking_server_is_slow(page, lab, tracking_ready):

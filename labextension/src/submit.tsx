@@ -228,9 +228,10 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
             <p className="mantik-muted">Reading the MLproject of {path || 'the root folder'}…</p>
           ) : null}
           {loadError !== null ? (
-            <p className="mantik-error mantik-submit-load-error" role="alert">
+            // <pre>: a YAML error points at the column with a caret under the quoted line.
+            <pre className="mantik-error mantik-submit-load-error" role="alert">
               {loadError}
-            </p>
+            </pre>
           ) : null}
           {loadError !== null && fromFocus ? (
             // The user did not name that folder: say where it came from and how to pick one.
