@@ -48,12 +48,26 @@ class Kernel:
         inputs: list[str] | None = None,
         interrupt_after: float | None = None,
         interrupt_when: str | None = None,
+        cell_id: str | None = None,
         timeout: float = 120,
     ) -> tuple[list[dict], list[dict], float]:
         """Run a cell: (its outputs, the input prompts it showed, seconds it took).
         ``interrupt_after`` seconds, or once an output shows ``interrupt_when``, the
-        kernel is interrupted."""
-        msg_id = self.client.execute(code, allow_stdin=inputs is not None)
+        kernel is interrupted. ``cell_id``: the notebook cell it is, as JupyterLab says."""
+        request = self.client.session.msg(
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "user_expressions": {},
+                "allow_stdin": inputs is not None,
+                "stop_on_error": True,
+            },
+            metadata={"cellId": cell_id} if cell_id else {},
+        )
+        self.client.shell_channel.send(request)
+        msg_id = request["header"]["msg_id"]
         outputs: list[dict] = []
         prompts: list[dict] = []
         answers = list(inputs or [])
@@ -468,3 +482,25 @@ def test_a_run_table_brings_a_stale_state_up_to_date(env, kernels, mlflow_server
         "print(table.rows[0].run_id, table.rows[0].info.state)"
     )
     assert text_of(out).split() == [run_id, "FINISHED"], out
+
+
+def test_a_cell_run_again_stops_the_refresh_of_the_table_it_showed_before(env, kernels):
+    # Each run of a %mantik_runs cell left its table's refresh thread behind (the output
+    # was gone): ten runs of the cell, ten threads asking the tracking server and the
+    # cluster every 10 s for as long as the kernel lived.
+    kernel = kernels(env, dict(os.environ))
+    kernel.run("%load_ext mantik_jupyter")
+    count = (
+        "import threading\n"
+        "print(sum(t.name == 'mantik-table-refresh' for t in threading.enumerate()))"
+    )
+    for _ in range(3):
+        out, _, _ = kernel.run("%mantik_runs --limit 5", cell_id="cell-a")
+        assert not errors_of(out), out
+    assert text_of(kernel.run(count)[0]).strip() == "1"
+    # Two tables of one run of a cell, and the tables of other cells, stay.
+    kernel.run("%mantik_runs --limit 5\n%mantik_runs --limit 6", cell_id="cell-b")
+    kernel.run("%mantik_runs --limit 5")  # a frontend that sends no cell id
+    assert text_of(kernel.run(count)[0]).strip() == "4"
+    kernel.run("%mantik_runs --limit 5", cell_id="cell-b")
+    assert text_of(kernel.run(count)[0]).strip() == "3"

@@ -12,7 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from ..cli import positive_int
 from ..errors import InvalidRequest, MantikError
 from .args import parse_line
-from .display import in_kernel
+from .display import execution_count, in_kernel
 
 if TYPE_CHECKING:
     from ..compute.runs import RunService
@@ -44,16 +44,44 @@ def show_run_table(
     from ..widgets import RunTable
 
     word = (state or "all").lower()
-    display(
-        RunTable(
-            experiment,
-            state=word if word in ("all", "active") else word.upper(),
-            page_size=limit,
-            mantik_only=True,
-            service=service,
-        )
+    table = RunTable(
+        experiment,
+        state=word if word in ("all", "active") else word.upper(),
+        page_size=limit,
+        mantik_only=True,
+        service=service,
     )
+    cell = _cell_id()
+    if cell is not None:
+        # The cell ran again: its tables left the page with its output, but kept their
+        # refresh threads, which asked the tracking server and the cluster every 10 s for
+        # good; one thread more each time the cell ran.
+        count = execution_count()
+        shown = _TABLES_BY_CELL.setdefault(cell, [])
+        for _, old in [t for t in shown if t[0] != count]:
+            old.close()
+        shown[:] = [t for t in shown if t[0] == count] + [(count, table)]
+    display(table)
     return True
+
+
+# The RunTables each notebook cell showed in its last run (by JupyterLab's cell id), with
+# that run's execution count.
+_TABLES_BY_CELL: dict[str, list[tuple[int | None, Any]]] = {}
+
+
+def _cell_id() -> str | None:
+    """The id of the notebook cell that runs now, when the frontend sends it (JupyterLab
+    does, in the execute request's metadata)."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)
+    try:
+        parent = kernel.get_parent() if kernel is not None else None
+    except Exception:  # noqa: BLE001 - an ipykernel before 6 has no get_parent
+        return None
+    cell = ((parent or {}).get("metadata") or {}).get("cellId")
+    return cell if isinstance(cell, str) and cell else None
 
 
 def show_log_view(chunks: Iterable[str], follow_label: str | None = None) -> bool:
