@@ -504,3 +504,13 @@ def test_a_cell_run_again_stops_the_refresh_of_the_table_it_showed_before(env, k
     assert text_of(kernel.run(count)[0]).strip() == "4"
     kernel.run("%mantik_runs --limit 5", cell_id="cell-b")
     assert text_of(kernel.run(count)[0]).strip() == "3"
+
+
+def test_an_unquoted_run_name_with_spaces_says_to_quote_it(env, kernels):
+    kernel = kernels(env, dict(os.environ))
+    kernel.run("%load_ext mantik_jupyter")
+    out, _, _ = kernel.run("%mantik_logs lr 0.05")
+    assert text_of(out).strip() == (
+        "UsageError: unrecognized arguments: 0.05 (a run name or a value with spaces needs "
+        'quotes, as in a shell: "lr 0.05")'
+    ), out

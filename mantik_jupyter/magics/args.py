@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
+from IPython.core.error import UsageError
+
 from ..errors import InvalidRequest
 
 
@@ -23,5 +25,15 @@ def parse_line(magic: Callable[..., Any], line: str) -> argparse.Namespace:
             f"Cannot split the arguments {line.strip()!r}: {exc}. Close the quote, or escape "
             "a lone one with a backslash."
         ) from None
-    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
+    try:
+        return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
+    except UsageError as err:
+        if "unrecognized arguments" not in str(err):
+            raise
+        # `%mantik_logs lr 0.05` for the run named "lr 0.05": IPython's message named
+        # only the word left over.
+        raise UsageError(
+            f"{err} (a run name or a value with spaces needs quotes, as in a shell: "
+            '"lr 0.05")'
+        ) from None
 
