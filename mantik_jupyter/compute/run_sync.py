@@ -163,6 +163,17 @@ class RunSync:
                 info.warnings.append(paused[info.run_id].warning())
         return infos
 
+    @staticmethod
+    def _end_of(run: Mapping[str, Any], status: JobStatus) -> int:
+        """The run's end time: when its job ended, where the backend says so (a run ended
+        while no one followed it, overnight, does not end at the next morning's sync),
+        else now. Within the run's start and now: the cluster's clock may differ."""
+        now = now_ms()
+        if status.ended_at is None:
+            return now
+        start = int_or_none(run["info"].get("start_time")) or 0
+        return min(max(status.ended_at, start), now)
+
     def _pause_of(self, spec: str) -> _Pause | None:
         """The pause a backend is in, if any (see the class)."""
         with self._lock:
@@ -295,7 +306,11 @@ class RunSync:
             target = state.mlflow_status
             if current != target or not end_time:
                 keep_end = current == target and end_time
-                api.update_run(run_id, status=target, end_time=end_time if keep_end else now_ms())
+                api.update_run(
+                    run_id,
+                    status=target,
+                    end_time=end_time if keep_end else self._end_of(run, status),
+                )
             self.delete_run_user(run)
             # Last: a crash before this point leaves the run active, and the next sync
             # finishes the job.

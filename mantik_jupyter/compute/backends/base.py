@@ -45,6 +45,10 @@ class JobStatus:
     # when the backend does not say or the job never ran. The sync falls back to the
     # moment it first sees the job RUNNING.
     started_at: int | None = None
+    # When an ended job ended (ms since the epoch), where the status call learns it
+    # (Slurm's End, a local job's end); None: the sync records the moment it learns of
+    # the end, which is late when no one followed the run then.
+    ended_at: int | None = None
 
 
 @dataclass(frozen=True)

@@ -368,7 +368,10 @@ class LocalBackend(Backend):
         for job_id in job_ids:
             try:
                 status = self._state(self._check_job_id(job_id))
-                answer[str(job_id)] = replace(status, started_at=self._started_at(job_id))
+                ended = self._ended_at(job_id) if status.state.is_final else None
+                answer[str(job_id)] = replace(
+                    status, started_at=self._started_at(job_id), ended_at=ended
+                )
             except NotFound:
                 answer[str(job_id)] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
         return answer
@@ -380,6 +383,20 @@ class LocalBackend(Backend):
             return (Path(self.run_dir_of(job_id)) / JOB_ID_FILE).stat().st_mtime_ns // 1_000_000
         except (NotFound, OSError):
             return None
+
+    def _ended_at(self, job_id: str) -> int | None:
+        """When an ended job ended (ms): its supervisor records the end as the script
+        exits; a cancel, or the script's exit code, in case that is not written yet."""
+        try:
+            run_dir = Path(self.run_dir_of(job_id))
+        except NotFound:
+            return None
+        for name in (END_FILE, CANCELLED_FILE, layout.EXIT_CODE_FILE):
+            try:
+                return (run_dir / name).stat().st_mtime_ns // 1_000_000
+            except OSError:
+                continue
+        return None
 
     def _alive(self, job_id: str, run_dir: Path | None = None) -> bool:
         """Whether the job's script still runs (``run_dir``: where its files are)."""

@@ -183,7 +183,7 @@ def parse_table(text: str, columns: int) -> dict[str, list[str]]:
     for line in text.splitlines():
         cells = line.strip().split("|")
         if len(cells) >= columns and cells[0]:
-            rows[cells[0]] = cells[1:columns]
+            rows[cells[0]] = cells[1:]
     return rows
 
 
@@ -207,9 +207,10 @@ def decide(
     A final state wins over an active one (sacct lags a moment behind slurmctld,
     and squeue forgets a job ``MinJobAge`` after it ended); sacct is preferred
     among final states because it carries the exit code. The rows are squeue's
-    ``State|Reason|StartTime|NodeList|TimeLimit`` and sacct's
-    ``State|ExitCode|Start|NodeList|Timelimit|ReqMem|UID`` (the columns after the first
-    two may be missing); a running or ended job gets its start time. ``users`` maps the
+    ``State|Reason|StartTime|NodeList|TimeLimit|EndTime`` and sacct's
+    ``State|ExitCode|Start|NodeList|Timelimit|ReqMem|UID|End`` (the columns after the
+    first two may be missing); a running or ended job gets its start time, an ended one
+    its end time. ``users`` maps the
     uid in sacct's ``CANCELLED by UID`` to its name (and ``me`` to our own uid).
     ``file_expected``: the exit-code file was looked for (the run directory is known), so
     its absence means the job script never recorded an end.
@@ -219,7 +220,19 @@ def decide(
     if status.state != RunState.RUNNING and not status.state.is_final:
         return status  # a pending job's StartTime is when Slurm expects to start it
     started = _started_at(squeue) or _started_at(sacct)
-    return replace(status, started_at=started) if started else status
+    if started:
+        status = replace(status, started_at=started)
+    if status.state.is_final:
+        ended = _epoch_ms(_cell(sacct, 7)) or _epoch_ms(_cell(squeue, 5))
+        if ended:
+            status = replace(status, ended_at=ended)
+    return status
+
+
+def _epoch_ms(text: str) -> int | None:
+    """A time Slurm gave as seconds since the epoch (``SLURM_TIME_FORMAT=%s``) in ms;
+    None for ``Unknown``, ``None`` and the like."""
+    return int(text) * 1000 if text.isdigit() and int(text) > 0 else None
 
 
 def _started_at(row: list[str] | None) -> int | None:
@@ -229,9 +242,9 @@ def _started_at(row: list[str] | None) -> int | None:
     if not row or len(row) < 4:
         return None
     start, nodes = row[2].strip(), row[3].strip()
-    if not start.isdigit() or int(start) <= 0 or nodes in ("", "None assigned", "(null)"):
+    if nodes in ("", "None assigned", "(null)"):
         return None
-    return int(start) * 1000
+    return _epoch_ms(start)
 
 
 def _decide_state(

@@ -541,17 +541,18 @@ class SshSlurmBackend(Backend):
         )
         parts = [
             # Times as seconds since the epoch, whatever the cluster's time zone; the
-            # start time and node list come with the state, at no extra round trip.
+            # start and end times and node list come with the state, at no extra round
+            # trip (a run ended while no one followed it ends when its job did).
             "export SLURM_TIME_FORMAT=%s",
             # The reason, time limit, requested memory and who cancelled say why Slurm
             # ended a job itself (time limit, memory, a failed launch, an admin's cancel).
-            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r|%S|%N|%l' 2>/dev/null)",
+            f"sq=$(squeue -h -t all -j {ids} -o '%i|%T|%r|%S|%N|%l|%e' 2>/dev/null)",
             f"echo {MARK}squeue",
             'printf "%s\\n" "$sq"',
             f'rest=$(printf "%s\\n" "$sq" | {not_active})',
             f"echo {MARK}sacct",
             'sa=; if [ -n "$rest" ]; then sa=$(sacct -X -n -P -j "$rest" '
-            "-o JobIDRaw,State,ExitCode,Start,NodeList,Timelimit,ReqMem,UID 2>/dev/null); fi",
+            "-o JobIDRaw,State,ExitCode,Start,NodeList,Timelimit,ReqMem,UID,End 2>/dev/null); fi",
             'printf "%s\\n" "$sa"',
             # sacct says "CANCELLED by UID": the names of those uids, as "uid|name", and
             # our own uid (sacct's UID column reads 0 for a moment after a job ended).
