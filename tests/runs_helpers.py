@@ -93,20 +93,25 @@ def slurm_config(cluster, remote_base: str, *, variables=None, **resources) -> d
     }
 
 
+def cluster_backend(cluster, remote_dir: str) -> SshSlurmBackend:
+    """A Slurm-over-SSH backend of the loopback cluster, beside the one a test's runs use."""
+    return SshSlurmBackend(
+        cluster.host,
+        cluster.port,
+        cluster.username,
+        key_filename=str(cluster.key_path),
+        known_hosts=cluster.known_hosts,
+        remote_dir=remote_dir,
+    )
+
+
 def remote_run_dirs(cluster, prefix: str, *, start_sshd: bool = False) -> Iterator[str]:
     """A fresh directory below the cluster's remote directory, removed afterwards
     (``yield from`` it in a fixture). ``start_sshd``: start sshd again before the clean-up,
     for modules whose tests stop it."""
     base = f"{cluster.remote_dir}/{prefix}-{uuid.uuid4().hex[:8]}"
     yield base
-    cleaner = SshSlurmBackend(
-        cluster.host,
-        cluster.port,
-        cluster.username,
-        key_filename=str(cluster.key_path),
-        known_hosts=cluster.known_hosts,
-        remote_dir=base,
-    )
+    cleaner = cluster_backend(cluster, base)
     try:
         if start_sshd:
             cluster.sshd("start")

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.states import RunState
 
-from .runs_helpers import copy_example, remote_run_dirs, slurm_config, write_config
+from .runs_helpers import (
+    cluster_backend,
+    copy_example,
+    remote_run_dirs,
+    slurm_config,
+    write_config,
+)
 
 LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
 UNFOLLOWED = 4.0  # seconds between the job's end and the sync that learns of it
@@ -58,14 +63,7 @@ def test_a_slurm_run_ends_when_its_job_did(
         project, entry_point="sleep", params={"seconds": "1"}, experiment_name=experiment_name
     )
     # Another client watches the job, so the run's own sync learns of the end late.
-    watcher = SshSlurmBackend(
-        slurm_cluster.host,
-        slurm_cluster.port,
-        slurm_cluster.username,
-        key_filename=str(slurm_cluster.key_path),
-        known_hosts=slurm_cluster.known_hosts,
-        remote_dir=remote_base,
-    )
+    watcher = cluster_backend(slurm_cluster, remote_base)
     try:
         assert info.job_id is not None
         status = wait_until(
