@@ -164,6 +164,16 @@ def test_commands_in_palette_and_dark_theme(page, lab, tracking_ready):
         expect(page.locator(".lm-CommandPalette-header").filter(has_text="Mantik")).to_have_count(1)
     page.keyboard.press("Escape")
     expect(palette_input).to_be_hidden()
+    # "Open Mantik Panel" from the keyboard leaves the focus in the panel (as the file
+    # browser's command does), not where it was before the palette.
+    page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current").click()
+    expect(sidebar.locator(":focus")).to_have_count(0)
+    open_palette(page)
+    palette_input.fill("Open Mantik Panel")
+    expect(items.first).to_contain_text("Open Mantik Panel")
+    palette_input.press("Enter")
+    expect(palette_input).to_be_hidden()
+    expect(sidebar.locator(":focus")).to_have_count(1)
 
     # Dark theme: the panel only uses theme variables, so it follows.
     open_palette(page)

@@ -122,6 +122,26 @@ export class MantikPanel extends ReactWidget {
     this.update();
   }
 
+  /**
+   * Activated (the palette's "Open Mantik Panel", a click on its tab, after a submission):
+   * take the focus, as JupyterLab's file browser does; else a keyboard user who opened
+   * the panel from the palette was left in the notebook, many Tab presses away.
+   */
+  protected onActivateRequest(msg: Message): void {
+    super.onActivateRequest(msg);
+    // A frame later: the panel shown just now renders its content on the next update.
+    window.requestAnimationFrame(() => {
+      if (!this.isVisible || this.node.contains(document.activeElement)) {
+        return;
+      }
+      const target =
+        this.node.querySelector<HTMLElement>('.mantik-run-row[tabindex="0"]') ??
+        this.node.querySelector<HTMLElement>('[data-testid="mantik-submit-open"]') ??
+        this.node.querySelector<HTMLElement>('button, input, select');
+      target?.focus();
+    });
+  }
+
   protected onAfterHide(msg: Message): void {
     super.onAfterHide(msg);
     this.runs.setVisible(false);
