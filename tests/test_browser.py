@@ -574,7 +574,7 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     gone.unlink()
     link.click()
     expect(details.locator(".mantik-files .mantik-error")).to_contain_text(
-        "Cannot download gone soon.txt: No file"
+        "Cannot download gone soon.txt: There is no 'gone soon.txt' in the run directory"
     )
     # The folder asked for last is the one shown, whatever order the answers come in:
     # the listing of code/outputs is held back until the run directory's has been shown.
