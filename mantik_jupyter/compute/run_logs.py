@@ -11,6 +11,18 @@ from ..errors import BackendUnavailable, NotFound, PermissionDenied
 from ..tracking.runs_api import RunsApi, run_tags
 from .backends.base import Backend
 from .run_record import ARTIFACT_LOG, TAG_BACKEND, TAG_JOB_ID, LogChunk, RunInfo
+from .states import RunState
+
+# A follower that finds nothing new waits longer each time (x1.5), from the caller's
+# interval for the log and 2 s for the state, up to these seconds. Both are remote calls
+# on a cluster's login node, whose sites discourage polling squeue every few seconds for
+# the hours a job may wait in the queue; while it runs, new lines still show within
+# seconds, and its end within RUNNING_STATE_MAX.
+LOG_IDLE_MAX = 5.0
+QUEUED_LOG_MAX = 30.0  # a queued job writes no log
+RUNNING_STATE_MAX = 10.0
+QUEUED_STATE_MAX = 30.0
+BACK_OFF = 1.5
 
 
 class RunLogs:
@@ -92,8 +104,10 @@ class RunLogs:
     ) -> Iterator[str]:
         """Yield log text as it grows, until the run ended and everything was read."""
         _require_mantik_run(run)
-        final = RunInfo.from_run(run).state.is_final
+        state = RunInfo.from_run(run).state
+        final = state.is_final
         last_sync = time.monotonic()
+        idle, state_every = poll_interval, max(poll_interval, 2.0)
         while True:
             if not run_tags(run).get(TAG_JOB_ID):
                 if final:
@@ -106,19 +120,30 @@ class RunLogs:
             chunk = _chunk(data, offset, final_state=final, final=False)
             if chunk.offset > offset:
                 offset = chunk.offset
+                idle = poll_interval
                 yield chunk.text
                 continue
             if final:
                 return
             # Ask the backend for the state only now and then (it may be a remote call).
-            if time.monotonic() - last_sync >= max(poll_interval, 2.0):
+            if time.monotonic() - last_sync >= state_every:
                 info = self._sync_runs(api, [run])[0]
                 last_sync = time.monotonic()
                 if info.state.is_final:
                     run = api.get_run(info.run_id)
                     final = True
                     continue
-            time.sleep(poll_interval)
+                if info.state != state:  # it started (or was requeued): look soon
+                    state, idle = info.state, poll_interval
+                    state_every = max(poll_interval, 2.0)
+                else:
+                    queued = state in (RunState.QUEUED, RunState.SUBMITTING)
+                    cap = QUEUED_STATE_MAX if queued else RUNNING_STATE_MAX
+                    state_every = min(state_every * BACK_OFF, max(cap, poll_interval))
+            time.sleep(idle)
+            queued = state in (RunState.QUEUED, RunState.SUBMITTING)
+            cap = QUEUED_LOG_MAX if queued else LOG_IDLE_MAX
+            idle = min(idle * BACK_OFF, max(cap, poll_interval))
 
 
 def _require_mantik_run(run: Mapping[str, Any]) -> None:
