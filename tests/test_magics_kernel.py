@@ -252,7 +252,7 @@ def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env)
         project,
         "%load_ext mantik_jupyter",
         f"run = %mantik_submit -P epochs=3 --experiment {EXPERIMENT}\n%mantik_logs last --follow",
-        "str(run.info.state), run.state",
+        "run.state",
         "run.download('../../etc', to='.')",
     )
     nb = nbformat.read(path, as_version=4)
@@ -282,7 +282,7 @@ def test_follow_runs_until_the_run_ended_and_leaves_the_log_in_the_notebook(env)
     assert shown.endswith("[The run ended.]") and "object at 0x" not in shown
     # The cell after it ran once the run had ended.
     (result,) = outputs_of(state, "execute_result")
-    assert result["data"]["text/plain"] == "('FINISHED', 'FINISHED')"
+    assert result["data"]["text/plain"] == "'FINISHED'"
     (error,) = outputs_of(download, "error")
     assert error["ename"] == "UnsafePath" and len(error["traceback"]) == 2, error
     assert "'../../etc' leads outside the run directory" in error["traceback"][0]
