@@ -72,6 +72,12 @@ def save_stream(
         tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
+        # Now, not whenever the interrupted stream is collected: a remote file's stream
+        # collected at interpreter exit, after the buffers it closes, printed tracebacks
+        # under a Ctrl-C'd download.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     if progress:
         progress(done, max(size, done))
     return final
