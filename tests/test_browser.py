@@ -57,11 +57,16 @@ def open_lab(page, lab: LabServer):
     expect(page.locator("#jp-main-dock-panel")).to_be_visible()
     # Once its layout is restored, the lab activates a main-area tab (the launcher, or the
     # tab restored as current), which takes the focus a frame later: a test that types
-    # into the sidebar before then loses its focus to that tab.
-    page.wait_for_function(
-        "() => document.querySelector('#jp-main-dock-panel')?.contains(document.activeElement)",
-        timeout=60_000,
+    # into the sidebar before then loses its focus to that tab. A Mantik panel restored
+    # open is activated too and takes the focus itself, a frame later, in either order.
+    settled = (
+        "() => { const a = document.activeElement; return !!a && ["
+        "'#jp-main-dock-panel', '[data-testid=\"mantik-sidebar\"]'"
+        "].some(s => document.querySelector(s)?.contains(a)); }"
     )
+    page.wait_for_function(settled, timeout=60_000)
+    page.wait_for_timeout(500)  # the other one's frame
+    page.wait_for_function(settled, timeout=60_000)
     tab = page.locator('.jp-SideBar.jp-mod-left [data-id="mantik-sidebar"]')
     expect(tab).to_be_visible()
     sidebar = page.locator('[data-testid="mantik-sidebar"]')
