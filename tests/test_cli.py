@@ -283,6 +283,17 @@ def test_unreachable_server(tmp_path: Path) -> None:
     assert result.returncode == 5 and uri in result.stderr, result
 
 
+def _submit_to_login_node(mantik: Mantik, project: Path, server: socket.socket):
+    """``mantik runs submit`` to a stand-in login node listening on ``server`` (closed after)."""
+    port = server.getsockname()[1]
+    write_config(project, {"SSH": {"Hostname": "127.0.0.1", "Port": port, "Username": "u"},
+                           "Resources": {"Queue": "batch"}})  # fmt: skip
+    try:
+        return mantik("runs", "submit", str(project))
+    finally:
+        server.close()
+
+
 def test_a_login_node_that_resets_the_connection_is_one_error_line(
     mantik: Mantik, project: Path
 ) -> None:
@@ -301,12 +312,7 @@ def test_a_login_node_that_resets_the_connection_is_one_error_line(
             conn.close()
 
     threading.Thread(target=reset_each, daemon=True).start()
-    write_config(project, {"SSH": {"Hostname": "127.0.0.1", "Port": port, "Username": "u"},
-                           "Resources": {"Queue": "batch"}})  # fmt: skip
-    try:
-        result = mantik("runs", "submit", str(project))
-    finally:
-        server.close()
+    result = _submit_to_login_node(mantik, project, server)
     assert result.returncode == 5, result
     progress = ("package ", "logging in to the cluster")
     errors = [line for line in result.stderr.splitlines() if not line.startswith(progress)]
@@ -319,12 +325,7 @@ def test_a_login_node_that_never_answers(mantik: Mantik, project: Path) -> None:
     # was said for 15 s after "package 100%", then "SSHException: No existing session".
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
-    write_config(project, {"SSH": {"Hostname": "127.0.0.1", "Port": port, "Username": "u"},
-                           "Resources": {"Queue": "batch"}})  # fmt: skip
-    try:
-        result = mantik("runs", "submit", str(project))
-    finally:
-        server.close()
+    result = _submit_to_login_node(mantik, project, server)
     assert result.returncode == 5, result
     lines = result.stderr.splitlines()
     assert "logging in to the cluster\u2026" in lines, lines
