@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 
@@ -38,6 +39,10 @@ class Gate:
                     conn.recv(1024)
                 except OSError:
                     pass
+                # Always a reset: closed in order, the client's next packet (sent after
+                # its hello or not yet) decided between an EOF and a reset, and the error
+                # read two ways.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
 
     @staticmethod
