@@ -60,4 +60,9 @@ class Gate:
                     pass
 
     def close(self) -> None:
+        # A close alone leaves the port listening while the accept thread waits in it.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()

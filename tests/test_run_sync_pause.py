@@ -5,6 +5,7 @@ drops every connection while it is closed)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import paramiko
@@ -95,6 +96,13 @@ def test_a_lab_pauses_a_backend_that_cannot_be_reached_or_refuses_the_login(
         service.close()
 
 
+def _run_behind(gate: Gate, service: RunService, mlflow_server, user, experiment, tmp_path):
+    """A queued SSH run whose login node is ``gate`` (no host key known: never logged in)."""
+    api = RunsApi(TrackingClient(mlflow_server.uri, user))
+    spec = {"Hostname": "127.0.0.1", "Port": gate.port, "KnownHostsFile": str(tmp_path)}
+    return ssh_run(service, api, api.create_experiment(experiment), spec)
+
+
 def test_a_command_or_notebook_asks_every_time(
     tracking, mlflow_server, user, gate, tmp_path, experiment_name
 ):
@@ -102,13 +110,34 @@ def test_a_command_or_notebook_asks_every_time(
     # notebook's live lines back off on their own (tests/test_live_poller.py).
     service = RunService(tracking, work_dir=tmp_path / "work")
     try:
-        api = RunsApi(TrackingClient(mlflow_server.uri, user))
-        experiment = api.create_experiment(experiment_name)
-        spec = {"Hostname": "127.0.0.1", "Port": gate.port, "KnownHostsFile": str(tmp_path)}
-        run = ssh_run(service, api, experiment, spec)
+        run = _run_behind(gate, service, mlflow_server, user, experiment_name, tmp_path)
         for _ in range(3):
             info = service.sync([run.run_id])[0]
         assert gate.connections == 3
         assert not any("asked again at" in w for w in info.warnings)
     finally:
+        service.close()
+
+
+def test_a_run_still_unknown_in_other_words_is_not_logged_again(
+    tracking, mlflow_server, user, tmp_path, experiment_name, caplog
+):
+    # One cause can read two ways (a reset, then a refused connection once the login
+    # node's port is gone): the lab's log said "state unknown" again for each wording.
+    gate = Gate()
+    service = RunService(tracking, work_dir=tmp_path / "work")
+    try:
+        run = _run_behind(gate, service, mlflow_server, user, experiment_name, tmp_path)
+        caplog.set_level(logging.INFO, logger="mantik_jupyter.compute.run_sync")
+        first = service.sync([run.run_id])[0].tags["mantik.state_message"]
+        gate.close()
+        info = service.sync([run.run_id])[0]
+        assert info.state == RunState.UNKNOWN
+        # The run says the newest wording; the log warned once.
+        assert info.tags["mantik.state_message"] != first
+        records = [r for r in caplog.records if "state" in r.getMessage()]
+        assert [r.levelno for r in records] == [logging.WARNING, logging.INFO], records
+        assert "state still unknown" in records[1].getMessage()
+    finally:
+        gate.close()
         service.close()

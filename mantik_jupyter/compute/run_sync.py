@@ -202,7 +202,12 @@ class RunSync:
             # Recorded, and logged, when it began: a lab syncing every 10 s (a notebook's
             # live line on each retry) logged the same unreachable host each time.
             return False
-        log.warning("run %s: state unknown: %s", run_id, exc.message)
+        if tags.get(TAG_STATE) == RunState.UNKNOWN:
+            # Still unknown, in other words: one cause may read two ways by timing (a
+            # connection reset or closed), which is no news for the lab's log.
+            log.info("run %s: state still unknown: %s", run_id, exc.message)
+        else:
+            log.warning("run %s: state unknown: %s", run_id, exc.message)
         api.set_tags(run_id, {TAG_STATE: str(RunState.UNKNOWN), TAG_STATE_MESSAGE: message})
         return True
 
