@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,3 +95,31 @@ def test_transfers_holding_every_session_do_not_cost_the_connection(
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()
+
+
+def test_a_dropped_login_shows_no_paramiko_traceback_where_logging_is_not_set_up(tmp_path):
+    # A kernel or a script sets up no logging: Python printed paramiko's 25-line account
+    # of a login node that resets the connection to stderr (into the notebook cell),
+    # above mantik's own error.
+    script = """
+from mantik_jupyter.compute.backends.ssh_connection import SshConnection
+from mantik_jupyter.errors import BackendUnavailable
+from tests.login_gate import Gate
+
+gate = Gate()
+conn = SshConnection("127.0.0.1", gate.port, username="u", password="p",
+                     known_hosts=%r, connect_timeout=5)
+try:
+    conn.client()
+except BackendUnavailable as exc:
+    print("mantik:", exc.message)
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script % str(tmp_path / "known_hosts")],
+        capture_output=True, text=True, timeout=60, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "mantik: Cannot reach the SSH server 127.0.0.1" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and "paramiko" not in done.stderr, done.stderr

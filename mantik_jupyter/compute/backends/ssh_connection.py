@@ -42,6 +42,24 @@ from .base import describe_error
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+class _ReportedByMantik(logging.Filter):
+    """paramiko's transport thread logs a failure it then hands to the caller (a login
+    node that resets the connection, a refused key exchange) at ERROR, as a traceback of
+    some 25 records. Where no logging is set up (a notebook's kernel, a script) Python
+    prints them to stderr, into the notebook cell above mantik's own error; in a lab,
+    into its log at every sync. mantik reports each such failure itself, as an error
+    that says what to do: paramiko's account is kept at DEBUG, for whoever debugs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+for _name in ("paramiko.transport", "paramiko.transport.sftp"):
+    logging.getLogger(_name).addFilter(_ReportedByMantik())
+
 COMMAND_TIMEOUT = 120.0
 
 CONNECTION_ERRORS = (paramiko.SSHException, EOFError, OSError)
