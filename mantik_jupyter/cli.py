@@ -262,14 +262,19 @@ def cmd_submit(ctx: Context) -> int:
     return EXIT_OK if final.state == "FINISHED" else EXIT_RUN_UNSUCCESSFUL
 
 
-def _wait(ctx: Context, run_id: str, poll: float = 2.0) -> Any:
+def _wait(ctx: Context, run_id: str) -> Any:
     import time
 
-    while True:
+    from .compute.run_pace import FIRST_STATE_ASK, StatePace
+
+    run = ctx.runs.get(run_id)
+    pace = StatePace(FIRST_STATE_ASK, run.state)
+    wait = pace.every
+    while not run.state.is_final:
+        time.sleep(wait)
         run = ctx.runs.get(run_id)
-        if run.state in ("FINISHED", "FAILED", "KILLED"):
-            return run
-        time.sleep(poll)
+        wait = pace.after(run.state)
+    return run
 
 
 def _follow(ctx: Context, ref: str, offset: int) -> None:

@@ -111,6 +111,7 @@ def test_an_unreachable_login_node_is_asked_again_with_back_off(
     assert len(unknown) == 1, unknown
     for info in local:
         service.cancel(info.run_id)
+        poller.ask_soon(info.run_id)  # as %mantik_cancel and run.cancel() do
     # The others are followed at their own pace meanwhile.
     started = time.monotonic()
     wait_until(lambda: all("KILLED" in line.texts[-1] for line in local_lines), 10)

@@ -188,6 +188,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const panel = new MantikPanel({
       api,
       pollInterval: settings.pollInterval,
+      restored: app.restored,
       onOpenMlflow: run => {
         void app.commands.execute(
           CommandIDs.openMlflow,
@@ -221,6 +222,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       icon: args => (args['isPalette'] ? undefined : mantikIcon),
       execute: () => {
         app.shell.activateById(PANEL_ID);
+        // Asked for by the user (palette, menu, shortcut), whatever the browser counts
+        // as a user's activation by the time the command runs.
+        panel.focusContent();
         panel.refresh();
       }
     });

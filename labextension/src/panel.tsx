@@ -25,6 +25,9 @@ import { RunsModel } from './state';
 /** Poll interval (seconds) while the embedded tracking server is starting. */
 const STARTING_POLL_INTERVAL = 2;
 
+/** Frames to wait for the content of a panel just shown before giving up focusing it. */
+const FOCUS_FRAMES = 30;
+
 /** Id of the sidebar widget. */
 export const PANEL_ID = 'mantik-sidebar';
 
@@ -50,6 +53,11 @@ export interface IMantikPanelOptions {
   confirmCancel: (run: IRun) => Promise<boolean>;
   /** Status poll interval in seconds (0: no polling). */
   pollInterval?: number;
+  /**
+   * Resolves once the lab restored its layout (`app.restored`): an activation before
+   * then is the restore's, not the user's, and leaves the focus where it is.
+   */
+  restored?: Promise<unknown>;
 }
 
 /**
@@ -64,6 +72,12 @@ export class MantikPanel extends ReactWidget {
     this._onSubmit = options.onSubmit;
     this._confirmCancel = options.confirmCancel;
     this._pollInterval = options.pollInterval ?? 5;
+    if (options.restored) {
+      this._restored = false;
+      void options.restored.then(() => {
+        this._restored = true;
+      });
+    }
     this.runs = new RunsModel({
       fetchRuns: async (refresh, limit) => {
         const page = await this._api.listRuns({ maxResults: limit, refresh });
@@ -123,23 +137,41 @@ export class MantikPanel extends ReactWidget {
   }
 
   /**
-   * Activated (the palette's "Open Mantik Panel", a click on its tab, after a submission):
-   * take the focus, as JupyterLab's file browser does; else a keyboard user who opened
-   * the panel from the palette was left in the notebook, many Tab presses away.
+   * Move the keyboard focus into the panel, as JupyterLab's file browser does when it is
+   * opened: to the runs list's current row, else Submit…. Else a keyboard user who opened
+   * the panel from the palette is left in the notebook, many Tab presses away.
    */
-  protected onActivateRequest(msg: Message): void {
-    super.onActivateRequest(msg);
-    // A frame later: the panel shown just now renders its content on the next update.
-    window.requestAnimationFrame(() => {
-      if (!this.isVisible || this.node.contains(document.activeElement)) {
+  focusContent(): void {
+    let frames = 0;
+    const attempt = () => {
+      if (this.isDisposed || !this.isVisible || this.node.contains(document.activeElement)) {
         return;
       }
       const target =
         this.node.querySelector<HTMLElement>('.mantik-run-row[tabindex="0"]') ??
         this.node.querySelector<HTMLElement>('[data-testid="mantik-submit-open"]') ??
         this.node.querySelector<HTMLElement>('button, input, select');
-      target?.focus();
-    });
+      if (target) {
+        target.focus();
+      } else if (++frames < FOCUS_FRAMES) {
+        // A panel shown for the first time renders its content a few frames later.
+        window.requestAnimationFrame(attempt);
+      }
+    };
+    window.requestAnimationFrame(attempt);
+  }
+
+  /**
+   * Activated: a click on its tab or a key press takes the focus into the panel. The lab
+   * also activates a panel it restores open at start-up (and the submit dialog after it
+   * closes, when its row takes the focus itself); the focus belongs then to the launcher
+   * or the notebook the user opened, and taking it left them typing into the sidebar.
+   */
+  protected onActivateRequest(msg: Message): void {
+    super.onActivateRequest(msg);
+    if (this._restored && navigator.userActivation?.isActive !== false) {
+      this.focusContent();
+    }
   }
 
   protected onAfterHide(msg: Message): void {
@@ -177,6 +209,7 @@ export class MantikPanel extends ReactWidget {
   private _confirmCancel: (run: IRun) => Promise<boolean>;
   private _pollInterval: number;
   private _refreshToken = 0;
+  private _restored = true;
   private _onIdentityChange = (): void => {
     void this.runs.reset();
   };

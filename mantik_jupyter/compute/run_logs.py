@@ -10,19 +10,15 @@ from typing import Any
 from ..errors import BackendUnavailable, NotFound, PermissionDenied
 from ..tracking.runs_api import RunsApi, run_tags
 from .backends.base import Backend
+from .run_pace import BACK_OFF, FIRST_STATE_ASK, StatePace
 from .run_record import ARTIFACT_LOG, TAG_BACKEND, TAG_JOB_ID, LogChunk, RunInfo
-from .states import RunState
 
-# A follower that finds nothing new waits longer each time (x1.5), from the caller's
-# interval for the log and 2 s for the state, up to these seconds. Both are remote calls
-# on a cluster's login node, whose sites discourage polling squeue every few seconds for
-# the hours a job may wait in the queue; while it runs, new lines still show within
-# seconds, and its end within RUNNING_STATE_MAX.
+# A follower that finds no new log text waits longer each time (x BACK_OFF), from the
+# caller's interval up to these seconds: a read is a remote call on a cluster's login
+# node, as a state query is (see ``run_pace``); new lines of a running job still show
+# within seconds.
 LOG_IDLE_MAX = 5.0
 QUEUED_LOG_MAX = 30.0  # a queued job writes no log
-RUNNING_STATE_MAX = 10.0
-QUEUED_STATE_MAX = 30.0
-BACK_OFF = 1.5
 
 
 class RunLogs:
@@ -106,8 +102,9 @@ class RunLogs:
         _require_mantik_run(run)
         state = RunInfo.from_run(run).state
         final = state.is_final
-        last_sync = time.monotonic()
-        idle, state_every = poll_interval, max(poll_interval, 2.0)
+        pace = StatePace(max(poll_interval, FIRST_STATE_ASK), state)
+        state_due = time.monotonic() + pace.every
+        idle = poll_interval
         while True:
             if not run_tags(run).get(TAG_JOB_ID):
                 if final:
@@ -126,23 +123,17 @@ class RunLogs:
             if final:
                 return
             # Ask the backend for the state only now and then (it may be a remote call).
-            if time.monotonic() - last_sync >= state_every:
+            if time.monotonic() >= state_due:
                 info = self._sync_runs(api, [run])[0]
-                last_sync = time.monotonic()
                 if info.state.is_final:
                     run = api.get_run(info.run_id)
                     final = True
                     continue
-                if info.state != state:  # it started (or was requeued): look soon
-                    state, idle = info.state, poll_interval
-                    state_every = max(poll_interval, 2.0)
-                else:
-                    queued = state in (RunState.QUEUED, RunState.SUBMITTING)
-                    cap = QUEUED_STATE_MAX if queued else RUNNING_STATE_MAX
-                    state_every = min(state_every * BACK_OFF, max(cap, poll_interval))
+                if info.state != pace.state:  # it started (or was requeued): look soon
+                    idle = poll_interval
+                state_due = time.monotonic() + pace.after(info.state)
             time.sleep(idle)
-            queued = state in (RunState.QUEUED, RunState.SUBMITTING)
-            cap = QUEUED_LOG_MAX if queued else LOG_IDLE_MAX
+            cap = QUEUED_LOG_MAX if pace.waiting else LOG_IDLE_MAX
             idle = min(idle * BACK_OFF, max(cap, poll_interval))
 
 

@@ -38,6 +38,7 @@ from .display import (
     StatusLine,
     _show_runs,
     _stream_log,
+    ask_soon,
     follow_in_background,
     in_kernel,
     notebook_sized,
@@ -445,6 +446,7 @@ class MantikMagics(Magics):
         """Cancel a run on its backend."""
         args = parse_line(self.mantik_cancel, line)
         info = self._runs().cancel(self._ref(args.run))
+        ask_soon(info.run_id)
         print(f"Cancelled run {info.run_id} ({info.run_name}): {info.state}")
 
     @magic_arguments()

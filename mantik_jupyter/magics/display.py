@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli_format import age, run_duration, runs_table, size
+from ..compute.run_pace import StatePace
 from ..compute.run_record import TAG_STATE_MESSAGE
 from ..compute.states import RunState
 from ..errors import MantikError
@@ -257,6 +258,7 @@ class Run:
 
     def cancel(self) -> Run:
         self.info = self._service.cancel(self.run_id)
+        ask_soon(self.run_id)
         return self
 
     def download(self, path: str = "", to: str | Path | None = None) -> Path:
@@ -303,10 +305,14 @@ def watch(
     poll: float = 2.0,
     timeout: float | None = None,
 ) -> RunInfo:
-    """Update ``line`` with the run's state until it ended: queued → running → finished."""
+    """Update ``line`` with the run's state until it ended: queued → running → finished.
+    The line is redrawn every ``poll`` seconds (its run time goes on); the state is asked
+    at the pace of ``StatePace``, seldom while nothing changes."""
     history: list[str] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     info = run.info
+    pace = StatePace(poll, info.state)
+    due = time.monotonic() + pace.every
     while True:
         # What the run last showed, also when the wait is interrupted.
         run.info = info
@@ -317,7 +323,9 @@ def watch(
         if info.state.is_final or (deadline is not None and time.monotonic() > deadline):
             return info
         time.sleep(poll)
-        info = service.get(run.run_id)
+        if time.monotonic() >= due:
+            info = service.get(run.run_id)
+            due = time.monotonic() + pace.after(info.state)
 
 
 @dataclass
@@ -379,8 +387,11 @@ class LivePoller:
         self._lock = threading.Lock()
         self._lines: list[_LiveLine] = []
         self._thread: threading.Thread | None = None
-        # Runs whose last refresh failed (only the poller's thread uses it).
+        # Runs whose last refresh failed, and when each healthy run is asked next (only
+        # the poller's thread uses them).
         self._failing: dict[str, _Backoff] = {}
+        self._paces: dict[str, tuple[StatePace, float]] = {}
+        self._soon: set[str] = set()  # cancelled here: asked at the next tick
 
     def add(self, service: RunService, run: Run, line: StatusLine, poll: float) -> None:
         state = str(run.info.state)
@@ -393,6 +404,12 @@ class LivePoller:
                 )
                 self._thread.start()
 
+    def ask_soon(self, run_id: str) -> None:
+        """Ask for ``run_id`` at the next tick, whatever its pace (it was just cancelled
+        from this kernel: its lines show the end within a poll interval)."""
+        with self._lock:
+            self._soon.add(run_id)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -400,6 +417,7 @@ class LivePoller:
                     # Under the lock: a line added from now on starts a new thread.
                     self._thread = None
                     self._failing.clear()
+                    self._paces.clear()
                     return
                 interval = min(live.poll for live in self._lines)
             time.sleep(interval)
@@ -420,29 +438,47 @@ class LivePoller:
             runs = services.setdefault(id(live.service), (live.service, {}))[1]
             asked = runs.setdefault(live.run.run_id, _Asked(live.run.info.experiment_id, live.poll))
             asked.poll = min(asked.poll, live.poll)
+        with self._lock:
+            soon, self._soon = self._soon, set()
+        for run_id in soon:
+            self._paces.pop(run_id, None)
         fresh: dict[str, RunInfo] = {}
+        due: set[str] = set()
         for service, runs in services.values():
-            fresh.update(self._refresh(service, runs))
+            fresh.update(self._refresh(service, runs, due))
         followed = {live.run.run_id for live in lines}
         self._failing = {k: v for k, v in self._failing.items() if k in followed}
+        self._paces = {k: v for k, v in self._paces.items() if k in followed}
         ended: set[int] = set()
         for live in lines:
             run_id = live.run.run_id
             backoff = self._failing.get(run_id)
+            note = backoff.note if backoff else None
             try:
-                if self._show(live, fresh.get(run_id), backoff.note if backoff else None):
+                if self._show(live, fresh.get(run_id), note, run_id in due):
                     ended.add(id(live))
             except Exception:  # noqa: BLE001 - a line that cannot be updated is dropped
                 log.exception("mantik: cannot update the live line of run %s", run_id)
                 ended.add(id(live))
         return ended
 
-    def _refresh(self, service: RunService, runs: dict[str, _Asked]) -> dict[str, RunInfo]:
-        """Ask for the runs that are due: the healthy ones together, the failing ones
-        whose back-off ran out together apart from them. Records who failed."""
+    def _refresh(
+        self, service: RunService, runs: dict[str, _Asked], asked: set[str]
+    ) -> dict[str, RunInfo]:
+        """Ask for the runs that are due (adding them to ``asked``): the healthy ones
+        together, at the pace of ``StatePace`` (a sweep queued for hours was asked every
+        tick, an ``squeue`` on the login node each) of the most eager of them, the
+        failing ones whose back-off ran out together apart from them. Records who
+        failed, and when each is due."""
         now = time.monotonic()
+        # All healthy runs are asked together once one is due: one state query per
+        # backend asks about them all (runs submitted one after another would drift
+        # apart into a query each).
         batch = [i for i in runs if i not in self._failing]
+        if all(self._paces.get(i, (None, 0.0))[1] > now for i in batch):
+            batch = []
         retried = [i for i in runs if i in self._failing and self._failing[i].due <= now]
+        asked.update(batch, retried)
         fresh: dict[str, RunInfo] = {}
         errors: dict[str, Exception] = {}
         for group in (batch, retried):
@@ -455,6 +491,8 @@ class LivePoller:
                 self._failed(run_id, runs[run_id].poll, " ".join(why.split()), None)
             else:
                 self._failing.pop(run_id, None)
+                pace = self._paces.get(run_id, (StatePace(runs[run_id].poll, info.state), 0))[0]
+                self._paces[run_id] = (pace, time.monotonic() + pace.after(info.state))
         return fresh
 
     @staticmethod
@@ -502,9 +540,11 @@ class LivePoller:
         self._failing[run_id] = _Backoff(delay, due, note, logged)
 
     @staticmethod
-    def _show(live: _LiveLine, info: RunInfo | None, note: str | None) -> bool:
+    def _show(live: _LiveLine, info: RunInfo | None, note: str | None, asked: bool) -> bool:
         """Update the line (``info``: the run's fresh state, None if not asked or not
-        answered; ``note``: why it may be out of date); True once its run ended."""
+        answered; ``note``: why it may be out of date; ``asked``: whether its run was
+        asked this tick, else it is only redrawn, its run time going on); True once its
+        run ended."""
         run = live.run
         if info is not None:
             live.info = info
@@ -514,7 +554,7 @@ class LivePoller:
             if info.state.is_final:
                 run.info = info
                 note = None
-        elif note is None:
+        elif note is None and asked:
             note = "state as last seen; the tracking server did not return it; trying again"
         text = status_text(live.info, live.history)
         html_text = status_html(live.info, run.url, live.history)
@@ -536,6 +576,11 @@ def with_note(text: str, html_text: str, note: str) -> tuple[str, str]:
 
 
 _POLLER = LivePoller()
+
+
+def ask_soon(run_id: str) -> None:
+    """The run's live lines show its new state at their next tick (see ``LivePoller``)."""
+    _POLLER.ask_soon(run_id)
 
 
 def follow_in_background(service: RunService, run: Run, line: StatusLine, poll: float) -> None:
