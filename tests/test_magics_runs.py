@@ -141,53 +141,6 @@ def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys
     assert sleeper.state == "KILLED"
 
 
-# ---- a real kernel runs the example notebook --------------------------------------------------
-
-
-def test_the_example_notebook_in_a_real_kernel(env, mlflow_server):
-    project = copy_example(env)
-    write_config(project, LOCAL_CONFIG)
-    path = project / EXAMPLE_NOTEBOOK
-    nb = nbformat.read(path, as_version=4)
-    execute_in_kernel(nb, path, project, timeout=180)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert [c.source for c in code] == [
-        "%load_ext mantik_jupyter",
-        "%mantik_submit --wait",
-        "%mantik_logs last",
-        "%mantik_submit --wait -P learning_rate=0.05",
-        "%mantik_runs",
-        "%mantik_compare --experiment weather-forecast --metric loss --top 2",
-    ]
-    for cell in code:
-        assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
-    submit = json.dumps(code[1].outputs)
-    # The status line was updated in place to the end state, with the metrics.
-    status = [o for o in code[1].outputs if o.output_type == "display_data"]
-    assert status and "FINISHED" in status[0]["data"]["text/plain"], submit
-    assert "rmse=" in status[0]["data"]["text/plain"]
-    assert "QUEUED" in status[0]["data"]["text/html"] or "RUNNING" in submit
-    assert "open in MLflow" in status[0]["data"]["text/html"]
-    # The line is the run's display: no Out[] repeating it.
-    assert not [o for o in code[1].outputs if o.output_type == "execute_result"], submit
-    log = "".join(o.get("text", "") for o in code[2].outputs)
-    assert "epoch 5/5" in log and "exit status 0" in log
-    second = [o for o in code[3].outputs if o.output_type == "display_data"]
-    assert second and "FINISHED" in second[0]["data"]["text/plain"], code[3].outputs
-    table = json.dumps(code[4].outputs)
-    assert "mantik-runs" in table and "FINISHED" in table
-    # The comparison of the two runs' losses is a live widget.
-    compare = json.dumps(code[5].outputs)
-    assert "application/vnd.jupyter.widget-view+json" in compare, compare
-
-    runs = admin_api(mlflow_server).search_runs(
-        [admin_api(mlflow_server).get_experiment_by_name("weather-forecast")["experiment_id"]],
-        filter_string="tags.`mantik.source` = 'notebook'",
-        max_results=5,
-    )[0]
-    assert runs and runs[0]["info"]["status"] == "FINISHED"
-
-
 def outputs_of(cell, kind: str) -> list:
     return [o for o in cell.outputs if o.output_type == kind]
 
