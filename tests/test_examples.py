@@ -28,6 +28,7 @@ from mantik_jupyter.compute.config import load_config, parse_config
 from mantik_jupyter.errors import ConfigError
 from mantik_jupyter.magics import MantikMagics
 from mantik_jupyter.magics.dashboards import DashboardMagics
+from mantik_jupyter.magics.display import Run
 
 from .runs_helpers import EXAMPLE
 
@@ -137,6 +138,25 @@ def test_every_magic_and_option_in_the_docs_exists() -> None:
     assert not problems, "\n".join(problems)
     # A magic nobody is told about is a magic nobody uses.
     assert set(magics) <= named, set(magics) - named
+
+
+def test_every_run_attribute_in_the_docs_is_used_as_it_is() -> None:
+    """`run.params()` in the README was a TypeError: params is a property, metrics() a method."""
+    problems = []
+    uses = 0
+    for name, text in doc_texts():
+        for snippet in snippets(text):
+            for attribute, call in re.findall(r"\b(?:run|second|sleeper)\.(\w+)(\()?", snippet):
+                uses += 1
+                member = vars(Run).get(attribute)
+                if member is None:
+                    problems.append(f"{name}: `{snippet}`: a Run has no {attribute!r}")
+                elif call and isinstance(member, property):
+                    problems.append(f"{name}: `{snippet}`: run.{attribute} is no method")
+                elif not call and not isinstance(member, property):
+                    problems.append(f"{name}: `{snippet}`: run.{attribute} is a method: add ()")
+    assert uses >= 10
+    assert not problems, "\n".join(problems)
 
 
 def test_every_lab_setting_in_the_docs_exists_and_every_setting_is_documented() -> None:
