@@ -10,6 +10,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, TraitError, Unicode, default, validate
 
 from . import paths
+from .compute.run_pace import SyncPace
 from .compute.run_sync import RETRY_PAUSE
 from .compute.runs import RunService
 from .errors import InvalidRequest, MantikError
@@ -54,7 +55,10 @@ class MantikApp(ExtensionApp):
         "from the lab's (e.g. a login node's name instead of 127.0.0.1). Default: the lab's.",
     )
     sync_interval = Float(
-        10.0, config=True, help="Seconds between background refreshes of active runs' states."
+        10.0,
+        config=True,
+        help="Seconds between background refreshes of active runs' states (0: none); while "
+        "every active run waits in the queue unchanged, up to 30 s.",
     )
     upload_stall_timeout = Float(
         60.0,
@@ -148,10 +152,14 @@ class MantikApp(ExtensionApp):
 
     async def _sync_loop(self) -> None:
         last_error = ""
+        pace = SyncPace(self.sync_interval)
         while True:
-            await asyncio.sleep(self.sync_interval)
+            await asyncio.sleep(pace.delay)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.run_service.sync)
+                runs = await asyncio.get_running_loop().run_in_executor(
+                    None, self.run_service.sync
+                )
+                pace.after(runs)
                 last_error = ""
             except asyncio.CancelledError:
                 raise

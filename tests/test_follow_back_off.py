@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from mantik_jupyter import cli
+from mantik_jupyter.compute.run_pace import SyncPace
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.magics.display import LivePoller, Run, watch
 
@@ -87,8 +88,14 @@ def test_following_a_queued_run_backs_off_and_still_sees_it_end(
         assert asked[LivePoller.THREAD_NAME] <= 12, asked
         assert asked["run.wait"] <= 12, asked
         assert asked["submit --wait"] <= 6, asked
+        # The lab's unattended sync backs off the same way while all its runs wait, and
+        # comes back to its interval on a change.
+        pace = SyncPace(0.2)
+        delays = [pace.after(service.sync([info.run_id])) for _ in range(3)]
+        assert delays == [0.2, pytest.approx(0.3), pytest.approx(0.45)], delays
     finally:
         service.cancel(info.run_id)
+    assert pace.after(service.sync([info.run_id])) == 0.2  # KILLED: a change
     # A cancel from the notebook shows on its live lines at once.
     poller.ask_soon(info.run_id)
     wait_until(lambda: "KILLED" in line.texts[-1], 3)

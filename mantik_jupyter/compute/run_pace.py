@@ -11,7 +11,13 @@ state brings it back to its first pace, as the next change is then likely soon.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from .states import RunState
+
+if TYPE_CHECKING:
+    from .run_record import RunInfo
 
 FIRST_STATE_ASK = 2.0
 RUNNING_STATE_MAX = 10.0
@@ -45,3 +51,25 @@ class StatePace:
     def waiting(self) -> bool:
         """Whether the run waits in the queue (it writes no log yet)."""
         return self.state in _WAITING
+
+
+class SyncPace:
+    """The pace of a lab's unattended sync of all active runs (``MantikApp``): every
+    ``interval`` seconds, but while every active run waits in the queue and none
+    changed, longer each time, up to ``QUEUED_STATE_MAX``. A lab left open overnight
+    with a sweep in the queue asked squeue every 10 s all night."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.delay = interval
+        self._seen: frozenset[tuple[str, RunState]] | None = None
+
+    def after(self, runs: Sequence[RunInfo]) -> float:
+        """Seconds until the next sync, once a sync found the active ``runs``."""
+        states = frozenset((r.run_id, r.state) for r in runs)
+        changed, self._seen = states != self._seen, states
+        if changed or not runs or any(r.state not in _WAITING for r in runs):
+            self.delay = self.interval
+        else:
+            self.delay = min(self.delay * BACK_OFF, max(QUEUED_STATE_MAX, self.interval))
+        return self.delay
