@@ -427,18 +427,29 @@ def cmd_files(ctx: Context) -> int:
 
 
 def cmd_download(ctx: Context) -> int:
+    from .compute.run_download import DownloadClash
+
     args = ctx.args
     bar = ProgressBar(label="download")
     try:
-        target = ctx.runs.download(
+        done = ctx.runs.download(
             args.run,
             args.remote_path or "",
             dest=Path(args.local_path) if args.local_path else None,
             progress=bar.bytes,
+            overwrite=args.overwrite,
         )
+    except DownloadClash as clash:
+        raise clash.with_flag("--overwrite") from None
     finally:
         bar.close()
-    ctx.emit({"path": str(target)}, f"Downloaded to {target}")
+    data = {
+        "path": str(done.path),
+        "written": done.written,
+        "identical": done.identical,
+        "replaced": done.replaced,
+    }
+    ctx.emit(data, done.summary())
     return EXIT_OK
 
 
@@ -575,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--local-path",
         help="where to put it, as cp does: into a folder that exists, else under this name "
         "(default: the current folder; a whole run goes into a folder named by its id)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace local files that differ from the run's (default: refuse, naming "
+        "them; files already there and identical are left as they are)",
     )
     return parser
 

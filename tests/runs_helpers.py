@@ -56,16 +56,21 @@ sys.stdout.flush()
 """
 
 
-def big_log_project(dest: Path, config: dict) -> Path:
-    """A project whose run logs more than one read (4 MiB), a character cut by the read."""
-    project = dest / "big-log"
+def script_project(dest: Path, name: str, script: str, config: dict) -> Path:
+    """A project ``dest/name`` whose main entry point runs ``script`` (its text)."""
+    project = dest / name
     project.mkdir()
     (project / "MLproject").write_text(
-        "name: big-log\nentry_points:\n  main:\n    command: python write.py\n"
+        f"name: {name}\nentry_points:\n  main:\n    command: python main.py\n"
     )
-    (project / "write.py").write_text(BIG_LOG_WRITER)
+    (project / "main.py").write_text(script)
     write_config(project, config)
     return project
+
+
+def big_log_project(dest: Path, config: dict) -> Path:
+    """A project whose run logs more than one read (4 MiB), a character cut by the read."""
+    return script_project(dest, "big-log", BIG_LOG_WRITER, config)
 
 
 def write_config(project: Path, config: dict, name: str = "compute-backend-config.yaml") -> Path:

@@ -516,8 +516,18 @@ def test_runs_lifecycle(
     result = ok(
         mantik("runs", "download", run_id, "--remote-path", "mantik.log", "--local-path", str(one))
     )
-    got = Path(result.stdout.strip().removeprefix("Downloaded to "))
+    got = Path(result.stdout.strip().removeprefix("Downloaded to ").split(" (")[0])
     assert got.is_file() and got.read_text() == follow.stdout
+    # Onto a file the user changed: refused, naming it and the flag; the file is theirs.
+    again = ("runs", "download", run_id, "--remote-path", "mantik.log", "--local-path", str(one))
+    assert "1 file already there and identical" in ok(mantik(*again)).stdout
+    one.write_text("my notes\n")
+    result = mantik(*again)
+    assert result.returncode == 4 and "'one'" in result.stderr, result
+    assert "again with --overwrite to replace" in result.stderr and "Traceback" not in result.stderr
+    assert one.read_text() == "my notes\n"
+    replaced = as_json(mantik(*again, "--overwrite", "--json"))
+    assert replaced["replaced"] == ["one"] and one.read_text() == follow.stdout
     everything = tmp_path / "all"
     target = as_json(mantik("runs", "download", run_id, "--local-path", str(everything), "--json"))
     files = {p.name for p in Path(target["path"]).rglob("*")}

@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from mantik_jupyter.compute.run_download import DownloadClash
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.magics.display import Run
 
@@ -127,7 +128,25 @@ def test_magics_on_the_slurm_cluster(ip, env, slurm_cluster, remote_base, capsys
     out = capsys.readouterr().out
     # A download says what it copies (GBs of results took minutes without a word).
     assert out.startswith("Downloading… (") and "Downloaded to" in out, out
-    assert (env / "forecast.csv").read_text().startswith("station,")
+    forecast = env / "forecast.csv"
+    assert forecast.read_text().startswith("station,")
+    # Over the user's edit: refused in one line, naming the file and the flag.
+    original = forecast.read_text()
+    forecast.write_text("station,my own numbers\n")
+    ip.run_line_magic("mantik_download", f"last code/outputs/forecast.csv --to {env}")
+    out = one_line(capsys.readouterr().out)
+    assert "'forecast.csv'" in out and "again with --overwrite" in out, out
+    assert forecast.read_text() == "station,my own numbers\n"
+    ip.run_line_magic("mantik_download", f"last code/outputs/forecast.csv --to {env} --overwrite")
+    assert "1 file replaced: 'forecast.csv'" in capsys.readouterr().out
+    assert forecast.read_text() == original
+    # run.download() alike, with overwrite=True; an identical file is left as it was.
+    forecast.write_text("station,edited again\n")
+    with pytest.raises(DownloadClash, match="overwrite=True"):
+        run.download("code/outputs/forecast.csv", to=env)
+    assert run.download("code/outputs/forecast.csv", to=env, overwrite=True) == forecast
+    assert run.download("code/outputs/forecast.csv", to=env) == forecast
+    assert "identical, left as it was" in capsys.readouterr().out
 
     # Cancel a sleeping run.
     sleeper = ip.run_line_magic("mantik_submit", "-e sleep --experiment magics-slurm")

@@ -246,7 +246,7 @@ def _credentials_hidden(service: RunService, run_id: str, tmp_path: Path) -> Non
             list(service.open_file(run_id, path))
         with pytest.raises(NotFound):
             service.download(run_id, path, dest=tmp_path / "one")
-    folder = service.download(run_id, dest=tmp_path / "all")
+    folder = service.download(run_id, dest=tmp_path / "all").path
     assert (folder / "mantik-job.sh").exists()
     assert not (folder / CREDENTIALS_FILE).exists()
 

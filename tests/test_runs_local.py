@@ -124,9 +124,9 @@ def test_lifecycle_finishes_with_everything_in_mlflow(
     # Files and downloads, confined to the run directory.
     entries = {e.path: e for e in service.files(info.run_id)}
     assert entries["code"].is_dir and "mantik.log" in entries
-    got = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "dl")
+    got = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "dl").path
     assert got.read_text().startswith("station,day_ahead")
-    folder = service.download(info.run_id, "", tmp_path / "whole")
+    folder = service.download(info.run_id, "", tmp_path / "whole").path
     assert (folder / "code" / "train.py").is_file() and (folder / "mantik.log").is_file()
     for bad in ("../x", "/etc/passwd", "code/../../x"):
         with pytest.raises(UnsafePath):

@@ -89,11 +89,11 @@ def test_slurm_lifecycle(
     assert "#SBATCH --partition=debug" in script
 
     # Nothing injected ran; the whole folder and one file download.
-    folder = service.download(info.run_id, "", tmp_path / "whole")
+    folder = service.download(info.run_id, "", tmp_path / "whole").path
     assert not list(folder.rglob("pwned*"))
     assert (folder / "code" / "outputs" / "forecast.csv").is_file()
     assert not (folder / ".mantik-credentials").exists()
-    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv")
+    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv").path
     assert one.read_text().startswith("station,")
     for bad in ("../x", "/etc/passwd"):
         with pytest.raises(UnsafePath):

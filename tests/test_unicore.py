@@ -144,11 +144,11 @@ def test_unicore_lifecycle_with_a_mantik_config(
     files = {e.path for e in service.files(info.run_id)}
     assert {"prepared.txt", "post.txt", "mantik.log", "mantik-login.log", "code"} <= files
     assert ".mantik-credentials" not in files
-    folder = service.download(info.run_id, "", tmp_path / "whole")
+    folder = service.download(info.run_id, "", tmp_path / "whole").path
     assert not list(folder.rglob("pwned*"))
     assert (folder / "code" / "outputs" / "forecast.csv").is_file()
     assert "[mantik] PreRunCommandOnLoginNode[0]" in (folder / "mantik-login.log").read_text()
-    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv")
+    one = service.download(info.run_id, "code/outputs/forecast.csv", tmp_path / "one.csv").path
     assert one.read_text().startswith("station,")
     for bad in ("../x", "/etc/passwd"):
         with pytest.raises(UnsafePath):

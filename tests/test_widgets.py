@@ -239,7 +239,26 @@ def test_download_button_says_how_it_went(api, service, tmp_path):
         table.download_button.click()
         table.wait()
         assert table.action_message.value.startswith("Downloaded to")
-        assert (tmp_path / "got" / "mantik.log").is_file()
+        log = tmp_path / "got" / f"mantik-run-{info.run_id[:8]}" / "mantik.log"
+        assert log.is_file()
+        # Again: into the same folder (a second one went inside the first), where
+        # everything is already there.
+        table.download_button.click()
+        table.wait()
+        assert "identical, left as they were" in table.action_message.value
+        # The user's edit: refused, named; the button offers to overwrite that run.
+        original = log.read_text()
+        log.write_text("my notes on this run\n")
+        table.download_button.click()
+        table.wait()
+        message = table.action_message.value
+        assert "&#x27;mantik.log&#x27;" in message and "again with the Overwrite button" in message
+        assert log.read_text() == "my notes on this run\n"
+        assert table.download_button.description == "Overwrite"
+        table.download_button.click()
+        table.wait()
+        assert "1 file replaced: &#x27;mantik.log&#x27;" in table.action_message.value
+        assert log.read_text() == original and table.download_button.description == "Download"
     finally:
         table.close()
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import builtins
 import errno
+import os
+import posixpath
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,10 +23,11 @@ from typing import Any
 from ..errors import Ambiguous, Conflict, InvalidRequest, NotFound, PermissionDenied
 from ..tracking.runs_api import RunsApi, now_ms, quote_filter_value, tag_key
 from ..tracking.service import TrackingService
-from .backends.base import FileEntry
+from .backends.base import Backend, FileEntry
 from .backends.paths import clean_relative, usable_path
 from .layout import CREDENTIALS_FILE
 from .run_backends import BackendPool, RunKeys, backend_kinds
+from .run_download import Downloaded, check_listing, land, landing_spot, staging_beside
 from .run_logs import RunLogs
 from .run_record import (
     ACTIVE_STATES,
@@ -400,31 +403,65 @@ class RunService:
         path: str = "",
         dest: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> Path:
-        """Copy a file or folder (default: the whole run directory) to ``dest``
-        (default: the current directory); returns the local path."""
+        *,
+        overwrite: bool = False,
+        exact: bool = False,
+    ) -> Downloaded:
+        """Copy a file or folder (default: the whole run directory) to ``dest`` (default:
+        the current directory): into it if it is a folder, else under that name (as cp
+        does; ``exact``: at ``dest`` itself, also when a folder is there, as an earlier
+        download of the same left it). A folder already there gets what it lacks; a local
+        file that differs from the run's is a ``DownloadClash`` unless ``overwrite``
+        (see ``run_download``). Nothing of the destination changes until all arrived."""
         rel = clean_relative(path)
         target = Path(dest) if dest else Path.cwd()
         usable_path(target, "download destination")
         run = self._resolve_run(self._api(), ref)
         backend, job_id = self._backends.of_run(run)
         _not_credentials(run, rel)
+        final = target
         try:
-            return backend.download(job_id, rel, target, progress)
+            name = posixpath.basename(rel) if rel else backend.download_name(job_id)
+            final = target if exact else landing_spot(target, name)
+            if os.path.lexists(final):
+                entry = self._entry(backend, job_id, rel)
+                if entry is not None:
+                    check_listing(final, entry, self._listing(backend, job_id), overwrite)
+            with staging_beside(final) as staging:
+                got = backend.download(job_id, rel, staging, progress)
+                return land(got, final, overwrite)
         except (ConnectionError, TimeoutError):
             raise
         except PermissionError as exc:
             raise PermissionDenied(
-                f"Cannot write the download to {target}: {exc.strerror}{_where(exc)}. "
+                f"Cannot write the download to {final}: {exc.strerror}{_where(exc)}. "
                 "Choose a destination you can write to."
             ) from None
         except OSError as exc:  # the backends map their remote side's errors themselves
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise InvalidRequest(
-                f"Cannot write the download to {target}: {exc.strerror or exc}{_where(exc)}. "
+                f"Cannot write the download to {final}: {exc.strerror or exc}{_where(exc)}. "
                 + ("Free space there or choose" if full else "Choose")
                 + " another destination."
             ) from None
+
+    @staticmethod
+    def _entry(backend: Backend, job_id: str, rel: str) -> FileEntry | None:
+        """What ``rel`` is in the run directory (None: not there; the download says so)."""
+        if not rel:
+            return FileEntry("", 0, True)
+        parent = posixpath.dirname(rel)
+        for entry in backend.list_files(job_id, parent):
+            if entry.path == rel:
+                return entry
+        return None
+
+    @staticmethod
+    def _listing(backend: Backend, job_id: str) -> Callable[[str], builtins.list[FileEntry]]:
+        # The credential file is not downloaded, so it is no clash either.
+        return lambda rel: [
+            e for e in backend.list_files(job_id, rel) if e.path != CREDENTIALS_FILE
+        ]
 
 
 # ---- helpers ------------------------------------------------------------------------------

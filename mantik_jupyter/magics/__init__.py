@@ -28,6 +28,7 @@ from traitlets import Bool, Float, Unicode
 from .. import paths
 from ..api import ENV_JOB_TRACKING_URI, run_service, tracking_service
 from ..cli import interrupted, positive_int
+from ..compute.run_download import DownloadClash
 from ..compute.states import RunState
 from ..errors import MantikError, NotFound, NotLoggedIn, ProjectError
 from .args import parse_line
@@ -453,19 +454,29 @@ class MantikMagics(Magics):
     @argument("run", metavar="RUN", help="Run id, unique id prefix, run name, or 'last'.")
     @argument("path", metavar="PATH", nargs="?", default="", help="File or folder (default: all).")
     @argument("--to", metavar="DIR", help="Where to put it (default: the working directory).")
+    @argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace local files that differ from the run's (default: refuse, naming them).",
+    )
     @line_magic
     @_guarded
     def mantik_download(self, line: str) -> Path | None:
-        """Download a file or folder of a run's directory (default: all of it)."""
+        """Download a file or folder of a run's directory (default: all of it). Local
+        files in the way are never replaced without --overwrite; identical ones are left."""
         args = parse_line(self.mantik_download, line)
         # Results can be GBs: the line shows how far the copy got.
-        target = self._runs().download(
-            self._ref(args.run),
-            args.path,
-            Path(args.to).expanduser() if args.to else None,
-            progress=PackagingProgress(StatusLine()).download,
-        )
-        print(f"Downloaded to {target}")
+        try:
+            done = self._runs().download(
+                self._ref(args.run),
+                args.path,
+                Path(args.to).expanduser() if args.to else None,
+                progress=PackagingProgress(StatusLine()).download,
+                overwrite=args.overwrite,
+            )
+        except DownloadClash as clash:
+            raise clash.with_flag("--overwrite") from None
+        print(done.summary())
         return None
 
 

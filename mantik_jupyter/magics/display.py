@@ -261,9 +261,17 @@ class Run:
         ask_soon(self.run_id)
         return self
 
-    def download(self, path: str = "", to: str | Path | None = None) -> Path:
-        """Copy a file or folder of the run directory (default: all of it) to ``to``."""
-        return self._service.download(self.run_id, path, Path(to) if to else None)
+    def download(
+        self, path: str = "", to: str | Path | None = None, *, overwrite: bool = False
+    ) -> Path:
+        """Copy a file or folder of the run directory (default: all of it) to ``to``,
+        and say what it did. Local files that differ from the run's are refused, named,
+        unless ``overwrite``; identical ones are left as they are."""
+        done = self._service.download(
+            self.run_id, path, Path(to) if to else None, overwrite=overwrite
+        )
+        print(done.summary())
+        return done.path
 
     def followed_by(self, line: StatusLine) -> None:
         """``line`` shows this run in the current cell (when it is live)."""

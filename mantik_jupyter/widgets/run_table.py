@@ -17,6 +17,7 @@ import ipywidgets as w
 import traitlets as t
 
 from ..cli_format import size
+from ..compute.run_download import DownloadClash
 from ..compute.run_record import ACTIVE_STATES
 from ..compute.runs import RunService
 from ..errors import MantikError
@@ -50,7 +51,8 @@ class RunTable(w.VBox):
     metrics of the first page). Active runs on the page refresh every
     ``refresh_interval`` seconds in a background thread (0 turns that off). Selecting
     rows opens the details pane: params, metrics, tags, the log tail, and buttons to
-    cancel, download, compare and open the run in the MLflow UI.
+    cancel, download, compare and open the run in the MLflow UI. A run downloads to
+    ``mantik-run-<id prefix>`` in ``download_dir`` (default: the working directory).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class RunTable(w.VBox):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mantik-table")
         self._pending: Future | None = None
         self._progress_shown = 0.0  # when the download line was last updated
+        self._overwrite_armed: str | None = None  # the run the Download button overwrites
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.refresh_interval = float(refresh_interval)
@@ -421,6 +424,8 @@ class RunTable(w.VBox):
         return [r for r in self.rows if r.run_id in chosen]
 
     def _on_select(self, change) -> None:
+        if self._overwrite_armed not in change["new"] or len(change["new"]) != 1:
+            self._arm_overwrite(None)
         if not self._quiet:
             self._in_background(self._show_details, list(change["new"]))
 
@@ -486,12 +491,39 @@ class RunTable(w.VBox):
         rows = self.selected_rows
         if len(rows) != 1:
             return None
-        dest = self.download_dir or Path.cwd() / f"mantik-run-{rows[0].run_id[:8]}"
+        run_id = rows[0].run_id
+        # The same folder each time (given exactly: a second download went into a new
+        # folder inside the first), so that it gets what the run wrote since.
+        dest = (self.download_dir or Path.cwd()) / f"mantik-run-{run_id[:8]}"
+        overwrite = self._overwrite_armed == run_id
+        self._arm_overwrite(None)
         self.action_message.value = "Downloading\u2026"
         self._progress_shown = 0.0
-        path = self.service.download(rows[0].run_id, dest=dest, progress=self._download_progress)
-        self.action_message.value = f"Downloaded to <code>{html.escape(str(path))}</code>"
-        return path
+        try:
+            done = self.service.download(
+                run_id,
+                dest=dest,
+                progress=self._download_progress,
+                overwrite=overwrite,
+                exact=True,
+            )
+        except DownloadClash as clash:
+            if not clash.kinds:  # the button can replace files, not a file by a folder
+                self._arm_overwrite(run_id)
+            raise clash.with_flag("the Overwrite button") from None
+        self.action_message.value = html.escape(done.summary())
+        return done.path
+
+    def _arm_overwrite(self, run_id: str | None) -> None:
+        """After a download refused for local files that differ, the button replaces
+        them for that run on the next click; anything else sets it back."""
+        self._overwrite_armed = run_id
+        armed = run_id is not None
+        self.download_button.description = "Overwrite" if armed else "Download"
+        self.download_button.button_style = "warning" if armed else ""
+        self.download_button.tooltip = (
+            "Download again, replacing the local files that differ" if armed else ""
+        )
 
     def compare_selected(self, **kwargs: Any):
         """Show a MetricComparison of the selected runs under the table."""
