@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anywidget
 import traitlets as t
@@ -18,14 +19,30 @@ HERE = Path(__file__).parent
 MAX_CHARS = 200_000  # the tail kept in the browser
 
 
+def _units(text: str) -> int:
+    """The length of ``text`` in the browser's string units (UTF-16 code units): an
+    emoji is one character here, two there."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 class LogView(anywidget.AnyWidget):
     """Follows the log of ``run`` (id, prefix or name) in a background thread; the view
     stays at the end unless the user scrolled up. ``source``: any iterable of text chunks
-    instead of a run (e.g. ``RunService.follow_logs``)."""
+    instead of a run (e.g. ``RunService.follow_logs``).
+
+    ``text`` (the tail kept) and ``end`` are the widget's state, as a new view and a saved
+    notebook get them; while the log grows, the browser gets only what is new (one
+    ``append`` message per flush: the text, and how much to drop from the front),
+    not ``text`` again: following a long log sent the whole tail (up to ``max_chars``)
+    every quarter second."""
 
     _esm = HERE / "_log.js"
     _css = HERE / "_table.css"
     text = t.Unicode("").tag(sync=True)
+    # Where ``text`` ends in the whole log, in the browser's units (``_units``): an
+    # append starting anywhere else does not fit the view's copy, which then asks for
+    # the state again.
+    end = t.Int(0).tag(sync=True)
     status = t.Unicode("").tag(sync=True)
     done = t.Bool(False).tag(sync=True)
 
@@ -41,6 +58,12 @@ class LogView(anywidget.AnyWidget):
         follow: bool = True,
         label: str | None = None,
     ) -> None:
+        # Held while ``text`` changes and its append goes out, and while the state is
+        # sent: a view that asks for the state gets it before or after an append, whole.
+        # (Before the widget's own __init__, which sends the first state.)
+        self._sync_lock = threading.RLock()
+        self._quiet = False  # ``text``/``end`` change without a state message
+        self.resyncs = 0  # views that asked for the whole state again (none, normally)
         super().__init__()
         if run is None and source is None:
             raise ValueError("give a run or a source of log text")
@@ -53,6 +76,7 @@ class LogView(anywidget.AnyWidget):
         self.max_chars = max_chars
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_msg(self._on_view_message)
         if follow:
             self.start()
 
@@ -93,10 +117,48 @@ class LogView(anywidget.AnyWidget):
         return not self._thread.is_alive()
 
     def _append(self, pending: list[str]) -> None:
-        if pending:
-            text = self.text + "".join(pending)
-            pending.clear()
-            self.text = text[-self.max_chars :] if len(text) > self.max_chars else text
+        if not pending:
+            return
+        added = "".join(pending)
+        pending.clear()
+        with self._sync_lock:
+            old, start = self.text, self.end
+            text = old + added
+            cut = max(0, len(text) - self.max_chars)
+            dropped, kept = (
+                (old[:cut], added) if cut <= len(old) else (old, added[cut - len(old) :])
+            )
+            self._quiet = True
+            try:
+                self.text = text[cut:]
+                self.end = start + _units(added)
+            finally:
+                self._quiet = False
+            self.send(
+                {
+                    "type": "append",
+                    "after": start,  # the view's ``end`` this applies to
+                    "end": self.end,
+                    "drop": _units(dropped),
+                    "text": kept,
+                }
+            )
+
+    # ---- the browser's copy --------------------------------------------------------------
+
+    def _should_send_property(self, key: str, value: Any) -> bool:
+        if self._quiet and key in ("text", "end"):
+            return False  # the append message carries the change
+        return super()._should_send_property(key, value)
+
+    def send_state(self, key: Any = None) -> None:
+        with self._sync_lock:
+            super().send_state(key)
+
+    def _on_view_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        if isinstance(content, dict) and content.get("type") == "resync":
+            self.resyncs += 1
+            self.send_state(["text", "end"])
 
     def _follow(self) -> None:
         pending: list[str] = []
