@@ -401,7 +401,7 @@ def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
         # The oldest run is not loaded: the filter says it looked at the newest 100 only.
         sidebar.get_by_label("Filter runs by name or id").fill("old-000")
         expect(sidebar.locator(".mantik-runs-empty")).to_have_text(
-            "No run among the 100 newest matches the filters."
+            'No run among the 100 newest matches the filters: text "old-000".'
         )
         more.get_by_role("button", name="Load older runs").click()
         expect(rows).to_have_count(1)
@@ -451,6 +451,78 @@ def test_many_runs_and_a_long_run_name(page, tracked_lab, mlflow_server):
         expect(sidebar.locator('[data-testid="mantik-run-details"]')).to_have_count(0)
         expect(rows.first).to_be_focused()
     finally:
+        _log_out(tracked_lab)
+
+
+def test_runs_list_names_and_filters_by_experiment(page, tracked_lab, mlflow_server):
+    """Each row names its run's experiment; the experiment filter is the server's search
+    (it finds an experiment's runs beyond the newest 100 of all), kept across refreshes
+    and a reload of the lab; an empty list names the filters that emptied it."""
+    from playwright.sync_api import expect
+
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    dana = mlflow_server.create_user()
+    api = RunsApi(TrackingClient(mlflow_server.uri, dana))
+    study_a, _ = api.get_or_create_experiment("browser-study-a")
+    study_b, _ = api.get_or_create_experiment("browser-study-b")
+    tags = {"mantik.backend": "local", "mantik.state": "FINISHED"}
+    start = int(time.time() * 1000) - 3_600_000
+    api.create_run(study_a, run_name="a-baseline", tags=tags, start_time=start)
+    for i in range(100):
+        api.create_run(study_b, run_name=f"b-{i:03d}", tags=tags, start_time=start + 1 + i)
+
+    sidebar = open_lab(page, tracked_lab)
+    by_experiment = sidebar.get_by_label("Filter runs by experiment")
+    try:
+        _log_in_form(sidebar, dana)
+        rows = sidebar.locator(".mantik-run-row")
+        expect(rows).to_have_count(100, timeout=60_000)
+        expect(rows.first.locator(".mantik-run-experiment")).to_have_text("browser-study-b")
+        expect(rows.filter(has_text="a-baseline")).to_have_count(0)
+
+        # Study A's run is older than the newest 100: the server's search finds it.
+        expect(by_experiment.locator("option")).to_have_text(
+            ["All experiments", "browser-study-a", "browser-study-b"]
+        )
+        by_experiment.select_option(label="browser-study-a")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator(".mantik-run-name")).to_have_text("a-baseline")
+        expect(rows.first.locator(".mantik-run-experiment")).to_have_text("browser-study-a")
+        expect(sidebar.locator('[data-testid="mantik-runs-more"]')).to_have_count(0)
+        rows.first.click()
+        expect(sidebar.locator(".mantik-run-experiment-name")).to_have_text("browser-study-a")
+        sidebar.screenshot(path=str(ARTIFACTS / "sidebar-experiment-filter.png"))
+
+        # The refresh button and the polls ask for the same experiment.
+        with page.expect_request(
+            lambda r: "/mantik/api/runs?" in r.url and f"experiment_id={study_a}" in r.url
+        ):
+            sidebar.get_by_role("button", name="Refresh runs").click()
+        page.wait_for_timeout(1_500)
+        expect(rows).to_have_count(1)
+
+        # No failed run in study A: the list says which filters are on.
+        sidebar.get_by_label("Filter runs by state").select_option("FAILED")
+        expect(sidebar.locator(".mantik-runs-empty")).to_have_text(
+            'No run matches the filters: experiment "browser-study-a", state "Failed".'
+        )
+        sidebar.get_by_label("Filter runs by state").select_option("all")
+
+        # A reload of the lab keeps the experiment.
+        page.reload()
+        sidebar = open_lab(page, tracked_lab)
+        by_experiment = sidebar.get_by_label("Filter runs by experiment")
+        rows = sidebar.locator(".mantik-run-row")
+        expect(by_experiment).to_have_value(str(study_a))
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator(".mantik-run-name")).to_have_text("a-baseline")
+    finally:
+        # The filter is kept with the lab's layout: the tests after this start with all.
+        if by_experiment.count():
+            by_experiment.select_option("")
+            page.wait_for_timeout(1_500)
         _log_out(tracked_lab)
 
 

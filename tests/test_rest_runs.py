@@ -382,6 +382,29 @@ async def test_backends(jp_fetch: Any, logged_in: str) -> None:
     assert all("name" in b for b in data["backends"])
 
 
+async def test_experiments_by_name(jp_fetch: Any, mlflow_server: MlflowServer) -> None:
+    """The sidebar names runs' experiments and filters by one: every experiment the user
+    may read, by name (case aside), with its id."""
+    from mantik_jupyter.tracking.rest import TrackingClient
+    from mantik_jupyter.tracking.runs_api import RunsApi
+
+    user = mlflow_server.create_user()
+    body = {"username": user.username, "password": user.password}
+    code, data = await call(jp_fetch, "auth", "login", method="POST", body=body)
+    assert code == 200, data
+    api = RunsApi(TrackingClient(mlflow_server.uri, user))
+    suffix = uuid.uuid4().hex[:8]
+    made = {
+        name: api.create_experiment(name) for name in (f"study-b-{suffix}", f"Study-A-{suffix}")
+    }
+    code, data = await call(jp_fetch, "experiments")
+    assert code == 200, data
+    listed = {e["name"]: e["experiment_id"] for e in data["experiments"]}
+    assert {name: listed.get(name) for name in made} == made
+    names = [e["name"] for e in data["experiments"]]
+    assert names == sorted(names, key=str.casefold), names
+
+
 # ---- errors ----------------------------------------------------------------------------
 
 

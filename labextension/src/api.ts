@@ -117,7 +117,9 @@ export class MantikApi {
     if (query.state) {
       params.set('state', query.state);
     }
-    if (query.experimentName) {
+    if (query.experimentId) {
+      params.set('experiment_id', query.experimentId);
+    } else if (query.experimentName) {
       params.set('experiment_name', query.experimentName);
     }
     if (query.maxResults !== undefined) {
@@ -141,6 +143,18 @@ export class MantikApi {
       next_page_token:
         typeof body.next_page_token === 'string' ? body.next_page_token : null
     };
+  }
+
+  /** The experiments the user may read (active ones), with their names. */
+  async listExperiments(): Promise<IExperiment[]> {
+    const body = await this.request('experiments', { method: 'GET' });
+    if (!isRecord(body) || !Array.isArray(body.experiments)) {
+      throw invalid('experiments');
+    }
+    return body.experiments.filter(isExperiment).map(e => ({
+      experiment_id: String(e.experiment_id),
+      name: e.name
+    }));
   }
 
   /** One run, its state refreshed from the backend. */
@@ -477,6 +491,8 @@ export interface IRunList {
 export interface IRunQuery {
   /** A run state, or `active` / `final`. */
   state?: string;
+  /** Runs of this experiment only (wins over `experimentName`). */
+  experimentId?: string;
   experimentName?: string;
   maxResults?: number;
   pageToken?: string;
@@ -493,6 +509,12 @@ export interface ISubmitRequest {
   experiment_id?: string;
   run_name?: string;
   source?: 'lab' | 'notebook' | 'cli' | 'api';
+}
+
+/** An experiment as `GET experiments` lists it. */
+export interface IExperiment {
+  experiment_id: string;
+  name: string;
 }
 
 export interface ILogChunk {
@@ -624,6 +646,16 @@ export function parseRun(value: unknown): IRun {
       : [],
     not_followed: strOrNull(value.not_followed)
   };
+}
+
+function isExperiment(
+  value: unknown
+): value is { experiment_id: string | number; name: string } {
+  return (
+    isRecord(value) &&
+    (typeof value.experiment_id === 'string' || typeof value.experiment_id === 'number') &&
+    typeof value.name === 'string'
+  );
 }
 
 function isFileEntry(value: unknown): value is IFileEntry {

@@ -15,6 +15,7 @@ import {
 } from '@jupyterlab/apputils';
 import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStateDB } from '@jupyterlab/statedb';
 import { Widget } from '@lumino/widgets';
 
 import { IRun, MantikApi } from './api';
@@ -64,14 +65,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
     ICommandPalette,
     ILayoutRestorer,
     ISettingRegistry,
-    IDefaultFileBrowser
+    IDefaultFileBrowser,
+    IStateDB
   ],
   activate: (
     app: JupyterFrontEnd,
     palette: ICommandPalette | null,
     restorer: ILayoutRestorer | null,
     settingRegistry: ISettingRegistry | null,
-    fileBrowser: IDefaultFileBrowser | null
+    fileBrowser: IDefaultFileBrowser | null,
+    stateDB: IStateDB | null
   ) => {
     const api = new MantikApi({
       serverSettings: app.serviceManager.serverSettings
@@ -189,6 +192,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       api,
       pollInterval: settings.pollInterval,
       restored: app.restored,
+      state: stateDB ?? undefined,
       onOpenMlflow: run => {
         void app.commands.execute(
           CommandIDs.openMlflow,

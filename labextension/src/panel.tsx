@@ -8,6 +8,7 @@ import {
   ReactWidget,
   refreshIcon
 } from '@jupyterlab/ui-components';
+import { IStateDB } from '@jupyterlab/statedb';
 import { Message } from '@lumino/messaging';
 import React, { useCallback, useEffect, useId, useRef, useState } from 'react';
 
@@ -58,7 +59,12 @@ export interface IMantikPanelOptions {
    * then is the restore's, not the user's, and leaves the focus where it is.
    */
   restored?: Promise<unknown>;
+  /** Where the runs list's experiment is kept across reloads of the lab. */
+  state?: IStateDB;
 }
+
+/** Key of the runs list's filters in the lab's state database. */
+const FILTER_STATE_KEY = 'mantik-jupyter:runs-filter';
 
 /**
  * The sidebar widget. Lumino owns visibility; React owns the content.
@@ -79,14 +85,22 @@ export class MantikPanel extends ReactWidget {
       });
     }
     this.runs = new RunsModel({
-      fetchRuns: async (refresh, limit) => {
-        const page = await this._api.listRuns({ maxResults: limit, refresh });
+      fetchRuns: async (refresh, limit, experimentId) => {
+        const page = await this._api.listRuns({
+          maxResults: limit,
+          refresh,
+          experimentId: experimentId || undefined
+        });
         return { runs: page.runs, more: page.next_page_token !== null };
       },
+      fetchExperiments: () => this._api.listExperiments(),
       interval: this._pollInterval * 1000,
       visible: false,
       describeError: errorMessage
     });
+    if (options.state) {
+      this._keepFilter(options.state);
+    }
     this.id = PANEL_ID;
     this.addClass('mantik-Panel');
     this.node.dataset.testid = 'mantik-sidebar';
@@ -120,6 +134,33 @@ export class MantikPanel extends ReactWidget {
     this._refreshToken++;
     void this.runs.refresh();
     this.update();
+  }
+
+  /** The experiment chosen is the one the list shows after the lab is reloaded. */
+  private _keepFilter(state: IStateDB): void {
+    let saved: string | null = null;
+    void state
+      .fetch(FILTER_STATE_KEY)
+      .then(value => {
+        const experiment =
+          value !== null && typeof value === 'object'
+            ? (value as { experiment?: unknown }).experiment
+            : undefined;
+        saved = typeof experiment === 'string' ? experiment : '';
+        if (saved !== '' && this.runs.snapshot.experiment === '') {
+          void this.runs.setExperiment(saved);
+        }
+      })
+      .catch(reason => {
+        console.warn('mantik-jupyter: the runs filter of the last session is lost', reason);
+      });
+    this.runs.subscribe(() => {
+      const experiment = this.runs.snapshot.experiment;
+      if (saved !== null && experiment !== saved) {
+        saved = experiment;
+        void state.save(FILTER_STATE_KEY, { experiment });
+      }
+    });
   }
 
   dispose(): void {

@@ -18,6 +18,8 @@ import {
   backendsOf,
   displayName,
   EMPTY_FILTER,
+  emptyRunsText,
+  experimentLabel,
   filterRuns,
   formatAge,
   formatBytes,
@@ -30,6 +32,7 @@ import {
   rowTimes,
   runDuration,
   RunsModel,
+  STATE_OPTIONS,
   stateKind,
   terminalText
 } from './state';
@@ -38,16 +41,6 @@ import {
 export function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
-
-const STATE_OPTIONS = [
-  ['all', 'All states'],
-  ['active', 'Active'],
-  ['QUEUED', 'Queued'],
-  ['RUNNING', 'Running'],
-  ['FINISHED', 'Finished'],
-  ['FAILED', 'Failed'],
-  ['KILLED', 'Killed']
-] as const;
 
 export interface IRunsSectionProps {
   api: MantikApi;
@@ -132,6 +125,20 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
   const unread = snapshot.error !== null && snapshot.runs.length === 0;
   const backends = backendsOf(snapshot.runs);
   const selected = snapshot.runs.find(r => r.run_id === selectedId) ?? null;
+  const experimentName = (experimentId: string) =>
+    experimentLabel(snapshot.experiments, experimentId);
+  // The chosen experiment stays an option while its name is not known (not read yet,
+  // or deleted since: the server then says so).
+  const experimentOptions = snapshot.experiments.some(
+    e => e.experiment_id === snapshot.experiment
+  )
+    ? snapshot.experiments
+    : snapshot.experiment
+      ? [
+          ...snapshot.experiments,
+          { experiment_id: snapshot.experiment, name: experimentName(snapshot.experiment) }
+        ]
+      : snapshot.experiments;
 
   // The row to focus once it is rendered and shown: after an action removed the control
   // that had the focus (the submit dialog, a run's Cancel button) the focus would fall to
@@ -270,6 +277,19 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
           </Button>
         </div>
         <div className="mantik-filters" role="group" aria-label="Filter runs">
+          <select
+            className="jp-mod-styled mantik-filter-experiment"
+            aria-label="Filter runs by experiment"
+            value={snapshot.experiment}
+            onChange={e => void model.setExperiment(e.target.value)}
+          >
+            <option value="">All experiments</option>
+            {experimentOptions.map(e => (
+              <option key={e.experiment_id} value={e.experiment_id}>
+                {e.name}
+              </option>
+            ))}
+          </select>
           <input
             type="search"
             className="jp-mod-styled mantik-filter-text"
@@ -319,11 +339,12 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
           <p className="mantik-muted">Loading runs…</p>
         ) : unread ? null : runs.length === 0 ? (
           <p className="mantik-muted mantik-runs-empty">
-            {snapshot.runs.length === 0
-              ? 'No runs yet. Use "Submit…" or right-click an MLproject folder.'
-              : snapshot.more
-                ? `No run among the ${snapshot.runs.length} newest matches the filters.`
-                : 'No run matches the filters.'}
+            {emptyRunsText({
+              filter,
+              experiment: snapshot.experiment ? experimentName(snapshot.experiment) : null,
+              loaded: snapshot.runs.length,
+              more: snapshot.more
+            })}
           </p>
         ) : (
           <ul
@@ -344,9 +365,9 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                   tabIndex={run.run_id === tabStop ? 0 : -1}
                   onFocus={() => setFocusedId(run.run_id)}
                   aria-pressed={run.run_id === selectedId}
-                  aria-label={`${displayName(run)}, ${run.state}, ${
-                    run.backend ?? 'unknown backend'
-                  }, ${rowTimes(run, now)}${
+                  aria-label={`${displayName(run)}, ${run.state}, ${experimentName(
+                    run.experiment_id
+                  )}, ${run.backend ?? 'unknown backend'}, ${rowTimes(run, now)}${
                     run.not_followed !== null ? ', not followed here' : ''
                   }`}
                   onClick={() =>
@@ -360,7 +381,16 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
                     {displayName(run)}
                   </span>
                   <StateChip state={run.state} />
-                  <span className="mantik-run-backend">{run.backend ?? '—'}</span>
+                  <span className="mantik-run-where">
+                    <span
+                      className="mantik-run-experiment"
+                      title={`Experiment: ${experimentName(run.experiment_id)}`}
+                    >
+                      {experimentName(run.experiment_id)}
+                    </span>
+                    {' · '}
+                    <span className="mantik-run-backend">{run.backend ?? '—'}</span>
+                  </span>
                   <span className="mantik-run-age" title={rowTimes(run, now)}>
                     {formatAge(run.start_time, now)}
                   </span>
@@ -392,6 +422,7 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
           sectionRef={detailsRef}
           api={api}
           run={selected}
+          experiment={experimentName(selected.experiment_id)}
           visible={visible}
           now={now}
           onClose={() => closeDetails(selected.run_id)}
@@ -411,6 +442,8 @@ export function RunsSection(props: IRunsSectionProps): JSX.Element {
 interface IRunDetailsProps {
   api: MantikApi;
   run: IRun;
+  /** The name of the run's experiment. */
+  experiment: string;
   visible: boolean;
   now: number;
   onClose: () => void;
@@ -421,8 +454,8 @@ interface IRunDetailsProps {
 }
 
 function RunDetails(props: IRunDetailsProps): JSX.Element {
-  const { api, run, visible, now, onClose, onOpenMlflow, onCancelled, confirmCancel } =
-    props;
+  const { api, run, experiment, visible, now, onClose, onOpenMlflow, onCancelled } = props;
+  const { confirmCancel } = props;
   const id = useId();
   const [cancelling, setCancelling] = useState(false);
   const [actionError, setActionError] = useState<string | null>(null);
@@ -486,6 +519,8 @@ function RunDetails(props: IRunDetailsProps): JSX.Element {
       <dl className="mantik-StatusList mantik-run-facts">
         <dt>Run id</dt>
         <dd className="mantik-mono">{run.run_id}</dd>
+        <dt>Experiment</dt>
+        <dd className="mantik-run-experiment-name">{experiment}</dd>
         <dt>Backend</dt>
         <dd>
           {run.backend ?? '—'}

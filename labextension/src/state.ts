@@ -3,7 +3,7 @@
  * a poller with backoff that pauses while the panel is hidden, a log follower,
  * and the pure helpers of the runs list (filters, merge, ages, chips).
  */
-import { FINAL_STATES, ILogChunk, IRun } from './api';
+import { FINAL_STATES, IExperiment, ILogChunk, IRun } from './api';
 
 // --------------------------------------------------------------------------- polling
 
@@ -297,6 +297,64 @@ export interface IRunFilter {
 }
 
 export const EMPTY_FILTER: IRunFilter = { text: '', state: 'all', backend: '' };
+
+/** The state filter's choices: value and label. */
+export const STATE_OPTIONS: ReadonlyArray<readonly [string, string]> = [
+  ['all', 'All states'],
+  ['active', 'Active'],
+  ['QUEUED', 'Queued'],
+  ['RUNNING', 'Running'],
+  ['FINISHED', 'Finished'],
+  ['FAILED', 'Failed'],
+  ['KILLED', 'Killed']
+];
+
+/** An experiment's name as the list shows it; its id while the name is not known. */
+export function experimentLabel(
+  experiments: readonly IExperiment[],
+  experimentId: string
+): string {
+  const found = experiments.find(e => e.experiment_id === experimentId);
+  return found ? found.name : `experiment ${experimentId}`;
+}
+
+/**
+ * What the runs list says when it shows no run, naming the filters that are on: with an
+ * experiment chosen, "No run matches the filters." left the user guessing which one hid
+ * their runs.
+ */
+export function emptyRunsText(options: {
+  filter: IRunFilter;
+  /** The experiment the list is narrowed to (its name), null for every experiment. */
+  experiment: string | null;
+  /** How many runs the server answered (before the filters of the page). */
+  loaded: number;
+  /** Older runs exist beyond those loaded. */
+  more: boolean;
+}): string {
+  const { filter, experiment, loaded, more } = options;
+  if (loaded === 0) {
+    return experiment === null
+      ? 'No runs yet. Use "Submit…" or right-click an MLproject folder.'
+      : `No runs in experiment "${experiment}". Choose "All experiments" to see the others.`;
+  }
+  const active: string[] = [];
+  if (experiment !== null) {
+    active.push(`experiment "${experiment}"`);
+  }
+  if (filter.state !== 'all') {
+    const label = STATE_OPTIONS.find(([value]) => value === filter.state)?.[1];
+    active.push(`state "${label ?? filter.state}"`);
+  }
+  if (filter.backend) {
+    active.push(`backend "${filter.backend}"`);
+  }
+  if (filter.text.trim()) {
+    active.push(`text "${filter.text.trim()}"`);
+  }
+  const among = more ? ` among the ${loaded} newest` : '';
+  return `No run${among} matches the filters: ${active.join(', ')}.`;
+}
 
 export function matchesFilter(run: IRun, filter: IRunFilter): boolean {
   if (filter.state === 'active' && !isActive(run)) {
@@ -596,7 +654,12 @@ export interface IRunsModelOptions {
   /**
    * Fetch the newest `limit` runs; `refresh` asks the server to query the backends first.
    */
-  fetchRuns: (refresh: boolean, limit: number) => Promise<IRunPage>;
+  fetchRuns: (refresh: boolean, limit: number, experimentId: string) => Promise<IRunPage>;
+  /**
+   * The experiments the user may read, for their names: asked with the first runs, and
+   * again when a run of an unknown experiment shows up.
+   */
+  fetchExperiments?: () => Promise<IExperiment[]>;
   /** Poll delay while runs are active (ms); 0 disables polling. */
   interval: number;
   /** Longest delay while idle or failing (ms). */
@@ -621,6 +684,10 @@ export interface IRunsSnapshot {
   more: boolean;
   /** A search is out: the list may be about to change (a hung server answers late). */
   busy: boolean;
+  /** The experiment the server lists runs of; '' for every experiment. */
+  experiment: string;
+  /** The experiments known by name (maybe not yet, or not all of them). */
+  experiments: IExperiment[];
 }
 
 const EMPTY_SNAPSHOT: IRunsSnapshot = {
@@ -630,8 +697,13 @@ const EMPTY_SNAPSHOT: IRunsSnapshot = {
   select: null,
   limit: RUNS_PAGE,
   more: false,
-  busy: false
+  busy: false,
+  experiment: '',
+  experiments: []
 };
+
+/** Least time between two reads of the experiments for a name not known yet (ms). */
+const EXPERIMENTS_RETRY_MS = 30_000;
 
 /**
  * The runs list: fetched with backoff while the panel is visible, paused while it is
@@ -640,6 +712,7 @@ const EMPTY_SNAPSHOT: IRunsSnapshot = {
 export class RunsModel {
   constructor(options: IRunsModelOptions) {
     this._fetch = options.fetchRuns;
+    this._fetchExperiments = options.fetchExperiments ?? null;
     this._describe = options.describeError ?? (e => String(e));
     this._poller = new Poller({
       task: () => this._poll(),
@@ -685,6 +758,17 @@ export class RunsModel {
    * `select` asks the list to select it.
    */
   upsert(run: IRun, select = false): void {
+    const experiment = this._snapshot.experiment;
+    if (select && experiment && run.experiment_id !== experiment) {
+      // A new submission to another experiment than the one listed: list them all, else
+      // the run the user just submitted would not show.
+      this._epoch++;
+      this._set({ ...this._snapshot, experiment: '', runs: [], more: false });
+    }
+    if (!this._snapshot.experiments.some(e => e.experiment_id === run.experiment_id)) {
+      // Most likely created by this submission: its name is read with the next poll.
+      this._experimentsAsked = 0;
+    }
     this._pinned = upsertRun(this._pinned, run);
     const request = select
       ? { runId: run.run_id, seq: (this._snapshot.select?.seq ?? 0) + 1 }
@@ -709,12 +793,34 @@ export class RunsModel {
   }
 
   /**
+   * List the runs of one experiment ('' for every one): the server searches that
+   * experiment only, so its runs beyond the newest of all experiments are found too.
+   */
+  setExperiment(experimentId: string): Promise<void> {
+    if (experimentId === this._snapshot.experiment) {
+      return Promise.resolve();
+    }
+    this._epoch++;
+    this._set({
+      ...EMPTY_SNAPSHOT,
+      experiment: experimentId,
+      experiments: this._snapshot.experiments,
+      select: this._snapshot.select
+    });
+    return this._poller.refresh();
+  }
+
+  /**
    * Forget every run shown and look again: someone else (or nobody) is logged in now,
    * so the list, the selection and an error of the old login are not theirs.
    */
   reset(): Promise<void> {
     this._epoch++;
+    this._logins++;
     this._pinned = [];
+    this._experimentsAsked = 0;
+    // Every experiment again: the one chosen is the old login's, which the new one may
+    // not read.
     this._set(EMPTY_SNAPSHOT);
     return this._poller.refresh();
   }
@@ -729,7 +835,8 @@ export class RunsModel {
     this._set({ ...this._snapshot, busy: true });
     try {
       const limit = this._snapshot.limit;
-      const page = await this._fetch(hasActiveRuns(this._snapshot.runs), limit);
+      const experiment = this._snapshot.experiment;
+      const page = await this._fetch(hasActiveRuns(this._snapshot.runs), limit, experiment);
       const fetched = page.runs;
       if (epoch !== this._epoch) {
         this._set({ ...this._snapshot, busy: false });
@@ -745,10 +852,12 @@ export class RunsModel {
         const before = known.get(r.run_id);
         return before && !isActive(before) && isActive(r) ? before : r;
       });
-      const runs = mergeRuns(fresh, this._pinned);
+      const pinned = this._pinned.filter(r => !experiment || r.experiment_id === experiment);
+      const runs = mergeRuns(fresh, pinned);
       // A "show more" while this poll was out asked for a larger page: the next poll has it.
       const more = page.more || limit < this._snapshot.limit;
       this._set({ ...this._snapshot, runs, error: null, loaded: true, more, busy: false });
+      void this._nameExperiments(runs);
       return hasActiveRuns(runs) ? 'active' : 'idle';
     } catch (error) {
       if (epoch !== this._epoch) {
@@ -765,6 +874,39 @@ export class RunsModel {
     }
   }
 
+  /** Read the experiments' names when a run's is not known (at most every 30 s). */
+  private async _nameExperiments(runs: readonly IRun[]): Promise<void> {
+    const known = new Set(this._snapshot.experiments.map(e => e.experiment_id));
+    const unknown =
+      this._experimentsAsked === 0 ||
+      runs.some(r => !known.has(r.experiment_id)) ||
+      (this._snapshot.experiment !== '' && !known.has(this._snapshot.experiment));
+    const now = Date.now();
+    if (
+      this._fetchExperiments === null ||
+      this._experimentsBusy ||
+      !unknown ||
+      (this._experimentsAsked !== 0 && now - this._experimentsAsked < EXPERIMENTS_RETRY_MS)
+    ) {
+      return;
+    }
+    const login = this._logins;
+    this._experimentsAsked = now;
+    this._experimentsBusy = true;
+    try {
+      const experiments = await this._fetchExperiments();
+      // Asked before a new login: the names are the old user's, the new ones come next.
+      if (login === this._logins) {
+        this._set({ ...this._snapshot, experiments });
+      }
+    } catch {
+      // The names stay as they were (ids where none is known); the runs list says why
+      // the tracking server does not answer.
+    } finally {
+      this._experimentsBusy = false;
+    }
+  }
+
   private _set(next: IRunsSnapshot): void {
     this._snapshot = next;
     for (const listener of [...this._listeners]) {
@@ -772,7 +914,11 @@ export class RunsModel {
     }
   }
 
-  private _fetch: (refresh: boolean, limit: number) => Promise<IRunPage>;
+  private _fetch: (refresh: boolean, limit: number, experimentId: string) => Promise<IRunPage>;
+  private _fetchExperiments: (() => Promise<IExperiment[]>) | null;
+  private _experimentsAsked = 0;
+  private _logins = 0;
+  private _experimentsBusy = false;
   private _describe: (error: unknown) => string;
   private _poller: Poller;
   private _pinned: IRun[] = [];

@@ -268,6 +268,23 @@ describe('MantikApi runs and projects', () => {
     expect(requests[0].url).toMatch(/\/lab-under-test\/mantik\/api\/runs$/);
   });
 
+  it('lists the runs of one experiment, and the experiments by name', async () => {
+    const seen: string[] = [];
+    const { api } = fakeServer(
+      json({ runs: [RUN], next_page_token: null }),
+      json({ experiments: [{ experiment_id: 7, name: 'study-a' }, { name: 'no id' }] })
+    );
+    const fetchFn = api.serverSettings.fetch;
+    (api.serverSettings as { fetch: typeof fetch }).fetch = (input, init) => {
+      seen.push(new URL((input as Request).url).search);
+      return fetchFn(input, init);
+    };
+    await api.listRuns({ experimentId: '7', experimentName: 'ignored' });
+    expect(seen[0]).toContain('experiment_id=7');
+    expect(seen[0]).not.toContain('experiment_name');
+    expect(await api.listExperiments()).toEqual([{ experiment_id: '7', name: 'study-a' }]);
+  });
+
   it('submits a run as JSON and parses the 201 answer', async () => {
     const { api, requests } = fakeServer(json(RUN, 201, 'Created'));
     const run = await api.submitRun({

@@ -4,6 +4,9 @@ import { IRun, parseRun } from '../src/api';
 import {
   changedParams,
   checkParam,
+  EMPTY_FILTER,
+  emptyRunsText,
+  experimentLabel,
   filterRuns,
   formatAge,
   ITimers,
@@ -420,6 +423,125 @@ describe('RunsModel after a login or logout', () => {
     await clock.advance(0);
     expect(model.snapshot.runs.map(r => r.run_id)).toEqual(['bob-run']);
     model.dispose();
+  });
+});
+
+describe('RunsModel by experiment', () => {
+  const inExperiment = (id: string, experiment: string) => ({
+    ...run(id, 'FINISHED'),
+    experiment_id: experiment
+  });
+  const all = [inExperiment('a1', '1'), inExperiment('b1', '2'), inExperiment('b2', '2')];
+
+  function model() {
+    const clock = fakeTimers();
+    const asked: string[] = [];
+    let experimentReads = 0;
+    const m = new RunsModel({
+      fetchRuns: async (_refresh, _limit, experimentId) => {
+        asked.push(experimentId);
+        return {
+          runs: all.filter(r => !experimentId || r.experiment_id === experimentId),
+          more: false
+        };
+      },
+      fetchExperiments: async () => {
+        experimentReads++;
+        return [
+          { experiment_id: '1', name: 'study-a' },
+          { experiment_id: '2', name: 'study-b' }
+        ];
+      },
+      interval: 1000,
+      timers: clock.timers
+    });
+    return { m, clock, asked, reads: () => experimentReads };
+  }
+
+  it('asks the server for the chosen experiment, on every poll after', async () => {
+    const { m, clock, asked } = model();
+    await clock.advance(0);
+    expect(asked).toEqual(['']);
+    expect(m.snapshot.runs).toHaveLength(3);
+    void m.setExperiment('2');
+    expect(m.snapshot).toMatchObject({ experiment: '2', runs: [], loaded: false });
+    await clock.advance(0);
+    expect(m.snapshot.runs.map(r => r.run_id).sort()).toEqual(['b1', 'b2']);
+    // The refresh button and the polls keep it.
+    await m.refresh();
+    await clock.advance(60_000);
+    expect(asked.slice(1).every(e => e === '2')).toBe(true);
+    expect(asked.length).toBeGreaterThan(2);
+    m.dispose();
+  });
+
+  it('names the experiments once, and again for an unknown one after a while', async () => {
+    const { m, clock, reads } = model();
+    await clock.advance(0);
+    expect(reads()).toBe(1);
+    expect(m.snapshot.experiments.map(e => e.name)).toEqual(['study-a', 'study-b']);
+    expect(experimentLabel(m.snapshot.experiments, '2')).toBe('study-b');
+    expect(experimentLabel(m.snapshot.experiments, '9')).toBe('experiment 9');
+    await m.refresh();
+    expect(reads()).toBe(1);
+    // A submission to an experiment it just created: named at the next poll.
+    m.upsert({ ...run('new', 'QUEUED'), experiment_id: '3' }, true);
+    await clock.advance(0);
+    expect(reads()).toBe(2);
+    m.dispose();
+  });
+
+  it('lists every experiment again when a submission went to another one', async () => {
+    const { m, clock } = model();
+    await clock.advance(0);
+    void m.setExperiment('1');
+    await clock.advance(0);
+    m.upsert(inExperiment('new', '2'), true);
+    expect(m.snapshot.experiment).toBe('');
+    expect(m.snapshot.runs.map(r => r.run_id)).toContain('new');
+    m.dispose();
+  });
+
+  it('keeps a pinned run of another experiment out of the list', async () => {
+    const { m, clock } = model();
+    await clock.advance(0);
+    m.upsert(inExperiment('pinned', '2'));
+    await clock.advance(0);
+    expect(m.snapshot.runs.map(r => r.run_id)).toContain('pinned');
+    void m.setExperiment('1');
+    await clock.advance(0);
+    expect(m.snapshot.runs.map(r => r.run_id)).toEqual(['a1']);
+    m.dispose();
+  });
+});
+
+describe('the empty runs list', () => {
+  it('says which filters are on', () => {
+    expect(
+      emptyRunsText({ filter: EMPTY_FILTER, experiment: null, loaded: 0, more: false })
+    ).toBe('No runs yet. Use "Submit…" or right-click an MLproject folder.');
+    expect(
+      emptyRunsText({ filter: EMPTY_FILTER, experiment: 'study-a', loaded: 0, more: false })
+    ).toBe('No runs in experiment "study-a". Choose "All experiments" to see the others.');
+    expect(
+      emptyRunsText({
+        filter: { text: ' lr ', state: 'FAILED', backend: 'ssh-slurm' },
+        experiment: 'study-a',
+        loaded: 12,
+        more: false
+      })
+    ).toBe(
+      'No run matches the filters: experiment "study-a", state "Failed", ' +
+        'backend "ssh-slurm", text "lr".'
+    );
+    expect(
+      emptyRunsText({
+        filter: { ...EMPTY_FILTER, text: 'old-000' },
+        experiment: null,
+        loaded: 100,
+        more: true
+      })
+    ).toBe('No run among the 100 newest matches the filters: text "old-000".');
   });
 });
 

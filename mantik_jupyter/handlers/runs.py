@@ -22,6 +22,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest
+from ..tracking.runs_api import RunsApi
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
@@ -155,6 +156,24 @@ class RunsHandler(RunsBaseHandler):
         self.write_json(self.run_json(info), status=201)
 
 
+class ExperimentsHandler(RunsBaseHandler):
+    """The experiments the user may read, by name: the sidebar names a run's experiment
+    (a run carries only its id) and filters the list by one (``GET runs?experiment_id``)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.write_json({"experiments": await self.in_thread(self._experiments)})
+
+    def _experiments(self) -> list[dict[str, str]]:
+        api = RunsApi(self.runs.tracking.client())
+        found = [
+            {"experiment_id": str(e["experiment_id"]), "name": str(e.get("name") or "")}
+            for e in api.search_experiments()
+        ]
+        return sorted(found, key=lambda e: (e["name"].casefold(), e["experiment_id"]))
+
+
 class RunHandler(RunsBaseHandler):
     @web.authenticated
     @authorized
@@ -269,6 +288,7 @@ def _disposition(name: str) -> str:
 _REF = r"(?P<ref>[^/]+)"
 handlers = [
     (r"mantik/api/runs", RunsHandler),
+    (r"mantik/api/experiments", ExperimentsHandler),
     (rf"mantik/api/runs/{_REF}", RunHandler),
     (rf"mantik/api/runs/{_REF}/logs", RunLogsHandler),
     (rf"mantik/api/runs/{_REF}/cancel", RunCancelHandler),
