@@ -265,10 +265,10 @@ def cmd_submit(ctx: Context) -> int:
 def _wait(ctx: Context, run_id: str) -> Any:
     import time
 
-    from .compute.run_pace import FIRST_STATE_ASK, StatePace
+    from .compute.run_pace import FIRST_STATE_ASK, StatePace, asks_a_cluster
 
     run = ctx.runs.get(run_id)
-    pace = StatePace(FIRST_STATE_ASK, run.state)
+    pace = StatePace(FIRST_STATE_ASK, run.state, backs_off=asks_a_cluster(run))
     wait = pace.every
     while not run.state.is_final:
         time.sleep(wait)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +23,7 @@ from mantik_jupyter.compute.run_record import (
 )
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.magics.display import LivePoller, Run, StatusLine
+from mantik_jupyter.magics.display import LivePoller, Run, StatusLine, watch
 from mantik_jupyter.tracking.rest import TrackingClient
 from mantik_jupyter.tracking.runs_api import RunsApi
 
@@ -184,3 +186,44 @@ def test_a_run_that_answers_again_is_asked_at_the_normal_pace(
     wait_until(lambda: "KILLED" in line.texts[-1], 10)
     assert "trying again" not in line.texts[-1], line.texts
     wait_until(lambda: poller._thread is None, 10)
+
+
+def test_a_local_run_is_followed_at_the_callers_pace(service, tmp_path, experiment_name):
+    # The back-off spares a cluster's login node; a local run's state and log are files
+    # here, and a short run's end showed seconds late once its followers had backed off.
+    project = copy_example(tmp_path)
+    write_config(project, LOCAL_CONFIG)
+    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
+    asked: Counter[str] = Counter()
+    sync, read = service._sync.sync_runs, service._logs._read_log
+
+    def counted(*args, **kwargs):
+        asked[threading.current_thread().name] += 1
+        return sync(*args, **kwargs)
+
+    def counted_read(*args, **kwargs):
+        asked["log"] += 1
+        return read(*args, **kwargs)
+
+    service._sync.sync_runs, service._logs._read_log = counted, counted_read
+    run = Run(service, info, "http://mlflow/local")
+    poller = LivePoller()
+    follow(poller, service, [run])
+    waiting = threading.Thread(
+        target=lambda: watch(service, run, Line(), poll=POLL), name="run.wait", daemon=True
+    )
+    waiting.start()
+    reading = threading.Thread(
+        target=lambda: list(service.follow_logs(info.run_id, poll_interval=POLL)), daemon=True
+    )
+    reading.start()
+    time.sleep(6)
+    service.cancel(info.run_id)
+    # 30 at the poll interval; backing off from it, 9 or 10.
+    assert asked[LivePoller.THREAD_NAME] >= 20, asked
+    assert asked["run.wait"] >= 20, asked
+    assert asked["log"] >= 20, asked
+    waiting.join(10)
+    reading.join(10)
+    assert not waiting.is_alive() and not reading.is_alive()
+    stop(poller)

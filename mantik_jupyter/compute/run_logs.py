@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import BackendUnavailable, NotFound, PermissionDenied
 from ..tracking.runs_api import RunsApi, run_tags
 from .backends.base import Backend
-from .run_pace import BACK_OFF, FIRST_STATE_ASK, StatePace
+from .run_pace import BACK_OFF, FIRST_STATE_ASK, StatePace, asks_a_cluster
 from .run_record import ARTIFACT_LOG, TAG_BACKEND, TAG_JOB_ID, LogChunk, RunInfo
 
 # A follower that finds no new log text waits longer each time (x BACK_OFF), from the
@@ -102,7 +102,9 @@ class RunLogs:
         _require_mantik_run(run)
         state = RunInfo.from_run(run).state
         final = state.is_final
-        pace = StatePace(max(poll_interval, FIRST_STATE_ASK), state)
+        # A local run's log and state are files here: read at the caller's pace.
+        remote = asks_a_cluster(RunInfo.from_run(run))
+        pace = StatePace(max(poll_interval, FIRST_STATE_ASK), state, backs_off=remote)
         state_due = time.monotonic() + pace.every
         idle = poll_interval
         while True:
@@ -133,8 +135,9 @@ class RunLogs:
                     idle = poll_interval
                 state_due = time.monotonic() + pace.after(info.state)
             time.sleep(idle)
-            cap = QUEUED_LOG_MAX if pace.waiting else LOG_IDLE_MAX
-            idle = min(idle * BACK_OFF, max(cap, poll_interval))
+            if remote:
+                cap = QUEUED_LOG_MAX if pace.waiting else LOG_IDLE_MAX
+                idle = min(idle * BACK_OFF, max(cap, poll_interval))
 
 
 def _require_mantik_run(run: Mapping[str, Any]) -> None:

@@ -7,6 +7,9 @@ hours a job may wait in the queue. So a follower that finds the state unchanged 
 longer each time (x``BACK_OFF``), up to ``QUEUED_STATE_MAX`` seconds while the job is
 queued and ``RUNNING_STATE_MAX`` while it runs (its end shows within that); a change of
 state brings it back to its first pace, as the next change is then likely soon.
+
+A local run's state and log are files of this machine: its followers keep their pace
+(``asks_a_cluster``), so a short run's end shows at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from .states import RunState
 
 if TYPE_CHECKING:
     from .run_record import RunInfo
+
+# The local backend's name (``LocalBackend.capabilities``), not imported: this module is
+# loaded by the ``mantik`` command's quick paths.
+LOCAL_BACKEND = "local"
 
 FIRST_STATE_ASK = 2.0
 RUNNING_STATE_MAX = 10.0
@@ -32,14 +39,15 @@ class StatePace:
     where it starts, and again after each change; it never asks more often than that,
     nor less often than the caps (unless ``poll`` itself is longer)."""
 
-    def __init__(self, poll: float, state: RunState) -> None:
+    def __init__(self, poll: float, state: RunState, *, backs_off: bool = True) -> None:
         self.poll = poll
         self.state = state
         self.every = poll
+        self.backs_off = backs_off
 
     def after(self, state: RunState) -> float:
         """Seconds until the next ask, once an ask found the run ``state``."""
-        if state != self.state:
+        if state != self.state or not self.backs_off:
             self.state = state
             self.every = self.poll
         else:
@@ -51,6 +59,11 @@ class StatePace:
     def waiting(self) -> bool:
         """Whether the run waits in the queue (it writes no log yet)."""
         return self.state in _WAITING
+
+
+def asks_a_cluster(run: RunInfo) -> bool:
+    """Whether following ``run`` asks another machine (a login node, a UNICORE server)."""
+    return run.backend != LOCAL_BACKEND
 
 
 class SyncPace:

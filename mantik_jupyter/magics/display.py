@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli_format import age, run_duration, runs_table, size
-from ..compute.run_pace import StatePace
+from ..compute.run_pace import StatePace, asks_a_cluster
 from ..compute.run_record import TAG_STATE_MESSAGE
 from ..compute.states import RunState
 from ..errors import MantikError
@@ -319,7 +319,7 @@ def watch(
     history: list[str] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     info = run.info
-    pace = StatePace(poll, info.state)
+    pace = StatePace(poll, info.state, backs_off=asks_a_cluster(info))
     due = time.monotonic() + pace.every
     while True:
         # What the run last showed, also when the wait is interrupted.
@@ -499,7 +499,9 @@ class LivePoller:
                 self._failed(run_id, runs[run_id].poll, " ".join(why.split()), None)
             else:
                 self._failing.pop(run_id, None)
-                pace = self._paces.get(run_id, (StatePace(runs[run_id].poll, info.state), 0))[0]
+                pace = self._paces.get(run_id, (None, 0.0))[0] or StatePace(
+                    runs[run_id].poll, info.state, backs_off=asks_a_cluster(info)
+                )
                 self._paces[run_id] = (pace, time.monotonic() + pace.after(info.state))
         return fresh
 

@@ -60,6 +60,7 @@ from pathlib import Path
 
 from ...errors import BackendRejected, InvalidRequest, NotFound, UnsafePath
 from .. import layout
+from ..run_pace import LOCAL_BACKEND
 from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
@@ -269,7 +270,7 @@ class LocalBackend(Backend):
     """Runs jobs as local processes below ``directory``."""
 
     capabilities = Capabilities(
-        name="local",
+        name=LOCAL_BACKEND,
         batch_states=True,
         description="Local processes on the machine of the lab (no scheduler)",
     )
