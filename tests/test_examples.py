@@ -309,7 +309,8 @@ def test_the_example_notebook_runs_as_shipped_on_the_embedded_default(
     from mantik_jupyter.tracking.runs_api import RunsApi
 
     project = tmp_path / "weather-forecast"
-    shutil.copytree(EXAMPLE, project)
+    # Without what a demo run in this checkout may have left there.
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("results", ".ipynb_*"))
     path = project / EXAMPLE_NOTEBOOK.name
     nb = nbformat.read(path, as_version=4)
     started = int(time.time() * 1000)
