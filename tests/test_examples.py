@@ -174,6 +174,13 @@ def test_every_lab_setting_in_the_docs_exists_and_every_setting_is_documented() 
     assert own <= named, f"settings the README does not mention: {own - named}"
 
 
+def test_every_doc_is_named_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in (REPO / "docs").iterdir():
+        name = path.relative_to(REPO).as_posix()
+        assert name in readme, f"README does not point to {name}: nobody finds it"
+
+
 def test_every_config_in_the_docs_is_accepted(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MANTIK_COMPUTE_BUDGET_ACCOUNT", raising=False)
     checked = 0
