@@ -692,6 +692,28 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     gone.write_text("here\n")
     details.locator(".mantik-files summary").click()
     expect(details.locator(".mantik-FileList a").first).to_be_visible(timeout=60_000)
+    files = details.locator(".mantik-files")
+    files.screenshot(path=str(ARTIFACTS / "sidebar-run-files.png"))
+    # The user's files first; the ones mantik wrote to run the job apart, closed and
+    # dimmed, and still there to download (the job script is how the run ran).
+    yours = files.get_by_label("Files in the run directory")
+    expect(yours.get_by_role("button", name="Open folder code")).to_be_visible()
+    expect(yours.get_by_role("link", name=re.compile("^Download mantik.log "))).to_be_visible()
+    for internal_file in ("mantik-job.sh", "package.tar.gz", "mantik.exitcode"):
+        expect(
+            yours.get_by_role("link", name=re.compile(f"^Download {internal_file} "))
+        ).to_have_count(0)
+    internal = files.locator('[data-testid="mantik-files-internal"]')
+    expect(internal).not_to_have_attribute("open", "")
+    expect(internal.locator("summary")).to_contain_text("mantik files")
+    internal.locator("summary").click()
+    script = internal.get_by_role("link", name=re.compile("^Download mantik-job.sh "))
+    expect(script).to_be_visible()
+    files.screenshot(path=str(ARTIFACTS / "sidebar-run-files-mantik.png"))
+    with page.expect_download() as download:
+        script.click()
+    assert download.value.failure() is None
+    assert "MLFLOW_RUN_ID" in Path(download.value.path()).read_text()
     link = details.get_by_role("link", name=re.compile("^Download gone soon.txt"))
     with page.expect_download() as download:
         link.click()
@@ -705,7 +727,6 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     )
     # The folder asked for last is the one shown, whatever order the answers come in:
     # the listing of code/outputs is held back until the run directory's has been shown.
-    files = details.locator(".mantik-files")
     files.get_by_role("button", name="Open folder code").click()
     expect(files.get_by_label("Files in code", exact=True)).to_be_visible(timeout=60_000)
     held = []

@@ -32,6 +32,8 @@ import {
   rowTimes,
   runDuration,
   RunsModel,
+  MANTIK_FILES,
+  splitRunFiles,
   STATE_OPTIONS,
   stateKind,
   terminalText
@@ -828,6 +830,34 @@ function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null 
 
   const parent = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
   const name = (p: string) => p.slice(p.lastIndexOf('/') + 1);
+  const split = splitRunFiles(entries ?? [], path);
+
+  const fileItem = (entry: IFileEntry, purpose?: string) => (
+    <li key={entry.path}>
+      {entry.is_dir ? (
+        <button
+          type="button"
+          className="mantik-linkbutton"
+          aria-label={`Open folder ${name(entry.path)}`}
+          onClick={() => void load(entry.path)}
+        >
+          {name(entry.path)}/
+        </button>
+      ) : (
+        <a
+          href={api.downloadUrl(run.run_id, entry.path)}
+          download={name(entry.path)}
+          aria-label={`Download ${name(entry.path)} (${formatBytes(entry.size)})`}
+          title={purpose}
+          onClick={event => void download(event, entry.path)}
+        >
+          {name(entry.path)}
+        </a>
+      )}
+      {entry.is_dir ? null : <span className="mantik-muted"> {formatBytes(entry.size)}</span>}
+      {purpose ? <span className="mantik-muted mantik-file-purpose"> {purpose}</span> : null}
+    </li>
+  );
 
   if (blocked !== null) {
     return (
@@ -853,42 +883,38 @@ function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null 
         </p>
       ) : null}
       {entries !== null ? (
-        <ul className="mantik-FileList" aria-label={`Files in ${path || 'the run directory'}`}>
-          {path ? (
-            <li>
-              <button type="button" className="mantik-linkbutton" onClick={() => void load(parent)}>
-                ../
-              </button>
-            </li>
-          ) : null}
-          {entries.length === 0 ? <li className="mantik-muted">Empty</li> : null}
-          {entries.map(entry => (
-            <li key={entry.path}>
-              {entry.is_dir ? (
+        <>
+          <ul className="mantik-FileList" aria-label={`Files in ${path || 'the run directory'}`}>
+            {path ? (
+              <li>
                 <button
                   type="button"
                   className="mantik-linkbutton"
-                  aria-label={`Open folder ${name(entry.path)}`}
-                  onClick={() => void load(entry.path)}
+                  onClick={() => void load(parent)}
                 >
-                  {name(entry.path)}/
+                  ../
                 </button>
-              ) : (
-                <a
-                  href={api.downloadUrl(run.run_id, entry.path)}
-                  download={name(entry.path)}
-                  aria-label={`Download ${name(entry.path)} (${formatBytes(entry.size)})`}
-                  onClick={event => void download(event, entry.path)}
-                >
-                  {name(entry.path)}
-                </a>
-              )}
-              {entry.is_dir ? null : (
-                <span className="mantik-muted"> {formatBytes(entry.size)}</span>
-              )}
-            </li>
-          ))}
-        </ul>
+              </li>
+            ) : null}
+            {entries.length === 0 ? <li className="mantik-muted">Empty</li> : null}
+            {entries.length > 0 && split.yours.length === 0 ? (
+              <li className="mantik-muted">Only mantik's files so far.</li>
+            ) : null}
+            {split.yours.map(entry => fileItem(entry))}
+          </ul>
+          {split.mantik.length > 0 ? (
+            <details className="mantik-files-internal" data-testid="mantik-files-internal">
+              <summary>mantik files ({split.mantik.length})</summary>
+              <p className="mantik-muted">
+                Written by mantik to run the job. The job script and the package are what
+                ran: keep them to reproduce the run.
+              </p>
+              <ul className="mantik-FileList" aria-label="Files mantik wrote to run the job">
+                {split.mantik.map(entry => fileItem(entry, MANTIK_FILES[name(entry.path)]))}
+              </ul>
+            </details>
+          ) : null}
+        </>
       ) : null}
     </details>
   );

@@ -3,7 +3,7 @@
  * a poller with backoff that pauses while the panel is hidden, a log follower,
  * and the pure helpers of the runs list (filters, merge, ages, chips).
  */
-import { FINAL_STATES, IExperiment, ILogChunk, IRun } from './api';
+import { FINAL_STATES, IExperiment, IFileEntry, ILogChunk, IRun } from './api';
 
 // --------------------------------------------------------------------------- polling
 
@@ -549,6 +549,49 @@ export function stateKind(state: string): 'ok' | 'error' | 'warn' | 'pending' | 
 
 export function displayName(run: Pick<IRun, 'run_name' | 'run_id'>): string {
   return run.run_name || run.run_id.slice(0, 8);
+}
+
+/**
+ * The files mantik itself writes into the top folder of a run directory
+ * (`compute/layout.py` and the local backend's bookkeeping), with what each is for. The
+ * job's log (`mantik.log`), the login node commands' output (`mantik-login.log`) and
+ * `code/` (the project, where the job writes its outputs) are the user's.
+ */
+export const MANTIK_FILES: Readonly<Record<string, string>> = {
+  'mantik-job.sh': 'The job script that ran: to run it again by hand.',
+  'package.tar.gz': 'The project as it was submitted.',
+  '.mantik-credentials': 'The tracking credential, until the job reads it.',
+  'mantik.exitcode': "The job's exit status.",
+  'mantik.jobid': 'Bookkeeping of the local backend.',
+  'mantik.jobmarker': 'Bookkeeping of the local backend.',
+  'mantik.supervisor': 'Bookkeeping of the local backend.',
+  'mantik.ended': 'Bookkeeping of the local backend.',
+  'mantik.stop': 'Bookkeeping of the local backend.',
+  'mantik.cancelled': 'Bookkeeping of the local backend.'
+};
+
+/**
+ * A folder of a run directory, the user's entries first: in the top folder, the files
+ * mantik wrote to run the job are set apart (they outnumbered the user's outputs and
+ * looked like them), never dropped.
+ */
+export function splitRunFiles(
+  entries: readonly IFileEntry[],
+  folder: string
+): { yours: IFileEntry[]; mantik: IFileEntry[] } {
+  const top = folder.replace(/^\/+|\/+$/g, '') === '';
+  const isMantik = (entry: IFileEntry) =>
+    top && !entry.is_dir && Object.prototype.hasOwnProperty.call(MANTIK_FILES, baseName(entry.path));
+  return {
+    yours: entries.filter(e => !isMantik(e)),
+    mantik: entries.filter(isMantik)
+  };
+}
+
+/** The last part of a path in a run directory. */
+export function baseName(path: string): string {
+  const trimmed = path.replace(/\/+$/, '');
+  return trimmed.slice(trimmed.lastIndexOf('/') + 1);
 }
 
 export function formatBytes(size: number): string {

@@ -19,6 +19,7 @@ import {
   Poller,
   revealOffset,
   RunsModel,
+  splitRunFiles,
   RUNS_PAGE,
   rowTimes,
   runDuration,
@@ -512,6 +513,41 @@ describe('RunsModel by experiment', () => {
     await clock.advance(0);
     expect(m.snapshot.runs.map(r => r.run_id)).toEqual(['a1']);
     m.dispose();
+  });
+});
+
+describe('the files of a run', () => {
+  const file = (path: string, is_dir = false) => ({ path, size: 10, is_dir });
+
+  it("puts the user's files first and mantik's apart, in the top folder only", () => {
+    const top = [
+      file('code', true),
+      file('mantik-job.sh'),
+      file('mantik.exitcode'),
+      file('mantik.jobid'),
+      file('mantik.log'),
+      file('mantik-login.log'),
+      file('package.tar.gz'),
+      file('results.nc')
+    ];
+    const { yours, mantik } = splitRunFiles(top, '');
+    expect(yours.map(e => e.path)).toEqual([
+      'code',
+      'mantik.log',
+      'mantik-login.log',
+      'results.nc'
+    ]);
+    expect(mantik.map(e => e.path)).toEqual([
+      'mantik-job.sh',
+      'mantik.exitcode',
+      'mantik.jobid',
+      'package.tar.gz'
+    ]);
+    // A user's file of the same name further down is theirs.
+    const inCode = [file('code/package.tar.gz'), file('code/mantik-job.sh')];
+    expect(splitRunFiles(inCode, 'code').mantik).toEqual([]);
+    // A folder is never mantik's.
+    expect(splitRunFiles([file('package.tar.gz', true)], '').mantik).toEqual([]);
   });
 });
 
