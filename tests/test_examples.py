@@ -174,6 +174,19 @@ def test_every_lab_setting_in_the_docs_exists_and_every_setting_is_documented() 
     assert own <= named, f"settings the README does not mention: {own - named}"
 
 
+def test_the_readme_shows_the_example_notebook_as_it_is() -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(
+        r"weather-forecast\.ipynb` and run its cells.*?```python\n(.*?)```", readme, re.S
+    )
+    assert shown, "README: the example notebook's cells are no longer shown"
+    notebook = nbformat.read(EXAMPLE_NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    for line in shown.group(1).splitlines():
+        for part in re.sub(r"\s#.*$", "", line).split(";"):
+            assert part.strip() in code, f"README shows `{part.strip()}`, the notebook does not"
+
+
 def test_every_doc_is_named_in_the_readme() -> None:
     readme = (REPO / "README.md").read_text()
     for path in (REPO / "docs").iterdir():
