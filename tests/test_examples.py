@@ -277,6 +277,48 @@ def test_the_example_config_shows_every_key_and_each_alternative_is_valid(monkey
         assert config.warnings == (), name
 
 
+def documented_commands() -> dict[str, str]:
+    """The login- and compute-node commands the README's and the example's configs show."""
+    readme = (REPO / "README.md").read_text()
+    shown: dict[str, str] = {}
+    for block in re.findall(r"^```yaml\n(.*?)^```", readme, flags=re.S | re.M):
+        shown.update(yaml.safe_load(block).get("Environment", {}))
+    shown.update(yaml.safe_load(uncommented(EXAMPLE_CONFIG.read_text()))["Environment"])
+    return {key: value for key, value in shown.items() if key.endswith("Node")}
+
+
+def test_login_node_commands_find_the_project_where_the_docs_say(
+    service, tmp_path, experiment_name
+) -> None:
+    """`PreRunCommandOnLoginNode: ./stage-data.sh` in the README failed (127): login-node
+    commands run in the run directory, the project being in code/ there. Each documented
+    command, its script put into the project, runs on the local backend as shown."""
+    from .runs_helpers import FINAL, wait_for
+
+    project = tmp_path / "weather-forecast"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("results", ".ipynb_*"))
+    environment: dict[str, Any] = {}
+    for key, value in documented_commands().items():
+        commands = [value] if isinstance(value, str) else list(value)
+        for script in re.findall(r"(?:^|\s)(?:\./|code/)?([\w-]+\.sh)\b", " ".join(commands)):
+            (project / script).write_text(f"#!/bin/sh\necho {script} ran in $(pwd)\n")
+            (project / script).chmod(0o755)
+        # No GPU here: a command that is only an example of one stands in as itself.
+        environment[key] = [c for c in commands if c != "nvidia-smi"]
+    assert {"PreRunCommandOnLoginNode", "PreRunCommandOnComputeNode"} <= set(environment)
+    environment["Python"] = sys.prefix  # the job's `python` is this venv's
+    (project / "compute-backend-config.yaml").write_text(
+        yaml.safe_dump({"Local": {}, "Resources": {"Queue": "local"}, "Environment": environment})
+    )
+    info = service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
+    final = wait_for(service, info.run_id, FINAL, timeout=60)
+    run_dir = Path(final.tags["mantik.run_dir"])
+    login_log = (run_dir / "mantik-login.log").read_text()
+    job_log = (run_dir / "mantik.log").read_text()
+    assert final.state == "FINISHED", (final.reason, login_log, job_log)
+    assert "stage-data.sh ran in" in login_log, login_log
+
+
 # ---- the example notebook ---------------------------------------------------------------------
 
 
