@@ -49,7 +49,10 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_RUN_UNSUCCESSFUL = 7
 EXIT_INTERRUPTED = 130
-RUN_HELP = "the run: its MLflow run id, a unique prefix of it, or its run name"
+RUN_HELP = (
+    "the run: its MLflow run id, a unique prefix of it, its run name, or 'last' (the newest "
+    "run you submitted)"
+)
 
 
 class Context:

@@ -1030,6 +1030,24 @@ def test_unknown_run_exit_4(mantik: Mantik) -> None:
     assert error["reason"] == "not_found" and "'no-such-run'" in error["message"], error
 
 
+def test_last_is_the_newest_run_you_submitted(mantik: Mantik, project: Path) -> None:
+    # The magics knew 'last'; `mantik runs logs last --follow` after a submission said
+    # "No run with id, id prefix or name 'last'".
+    none = mantik("runs", "status", "last")
+    assert none.returncode == 4 and "'last' is the newest run you submitted" in none.stderr
+    experiment = f"cli-{uuid.uuid4().hex[:8]}"
+    submitted = [
+        as_json(
+            mantik(
+                "runs", "submit", str(project), "--entry-point", "fail", "--json",
+                "--backend-config", "compute-backend-config.yaml", "--experiment-name", experiment,
+            )
+        )["run_id"]
+        for _ in range(2)
+    ]  # fmt: skip
+    assert as_json(mantik("runs", "status", "last", "--json"))["run_id"] == submitted[-1]
+
+
 def test_not_logged_in_exit_3(anon: Mantik) -> None:
     result = anon("runs", "list")
     assert result.returncode == 3 and "mantik login" in result.stderr, result

@@ -44,6 +44,9 @@ from .run_submit import Submitter
 from .run_sync import RunSync
 from .states import RunState
 
+# The run reference that names the newest run the user submitted.
+LAST = "last"
+
 CANCEL_WAIT = 15.0
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -224,10 +227,14 @@ class RunService:
         return self._resolve_run(self._api(), ref)["info"]["run_id"]
 
     def _resolve_run(self, api: RunsApi, ref: str) -> dict[str, Any]:
-        """The MLflow run for ``ref`` (one request when ``ref`` is a full id)."""
+        """The MLflow run for ``ref`` (one request when ``ref`` is a full id); ``last``:
+        the newest run the user submitted (``mantik runs logs last --follow`` after a
+        submission)."""
         ref = (ref or "").strip()
         if not ref:
             raise InvalidRequest("Give a run id, a unique prefix of one, or a run name.")
+        if ref == LAST:
+            return self._last_run(api)
         if _HEX_ID.fullmatch(ref):
             try:
                 return api.get_run(ref)
@@ -235,6 +242,21 @@ class RunService:
                 # MLflow's auth layer answers 403 for a run id that does not exist.
                 pass
         return self._search_ref(api, ref)
+
+    def _last_run(self, api: RunsApi) -> dict[str, Any]:
+        conditions = [f"{tag_key(TAG_BACKEND)} LIKE '%'"]
+        user = submitting_user(self.tracking)
+        if user:
+            conditions.append(f"{tag_key(TAG_USER)} = {quote_filter_value(user)}")
+        ids = self._experiment_ids(api, None, None)
+        runs, _ = api.search_runs(ids, filter_string=" and ".join(conditions), max_results=1)
+        if not runs:
+            raise NotFound(
+                f"'{LAST}' is the newest run you submitted, and there is none on "
+                f"{api.client.uri} that you may read. `mantik runs list` lists the runs "
+                "there are."
+            )
+        return runs[0]
 
     def _search_ref(self, api: RunsApi, ref: str) -> dict[str, Any]:
         ids = self._experiment_ids(api, None, None)
