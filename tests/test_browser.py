@@ -887,6 +887,57 @@ def test_submit_dialog_shows_server_errors_inline(page, lab, tracking_ready):
         shutil.rmtree(broken_project)
 
 
+def test_submit_dialog_says_which_parameter_names_mlflow_refuses(page, lab, tracking_ready):
+    """A parameter named 'T_2m (°C)' was refused after Submit with the tracking server's
+    raw answer (\\u00b0 escapes, params[0].key); the dialog says at the field what MLflow
+    allows and which characters it does not, and sends nothing. Letters of any alphabet
+    are fine ('température')."""
+    from playwright.sync_api import expect
+
+    folder = lab.root / "parameter-names"
+    folder.mkdir(exist_ok=True)
+    (folder / "MLproject").write_text(
+        "name: parameter-names\nentry_points:\n  main:\n    parameters:\n"
+        '      "température": {type: float, default: 1.5}\n'
+        '      "T_2m (°C)": {type: float, default: 2}\n'
+        '    command: "echo {température} {T_2m (°C)}"\n',
+        encoding="utf-8",
+    )
+    (folder / "compute-backend-config.yaml").write_text("Local: {}\nResources: {Queue: q}\n")
+    posts: list[str] = []
+    page.on(
+        "request",
+        lambda r: (
+            posts.append(r.url) if r.method == "POST" and "/mantik/api/runs" in r.url else None
+        ),
+    )
+    open_lab(page, lab)
+    dialog = _open_submit_dialog(page, folder.name)
+    refused = dialog.get_by_label(re.compile("^T_2m"))
+    expect(refused).to_be_visible()
+    expect(refused).to_have_attribute("aria-invalid", "true")
+    error = dialog.locator(".mantik-param-name-error")
+    expect(error).to_have_count(1)
+    expect(error).to_have_text(
+        'MLflow cannot record a parameter named "T_2m (°C)": a name may contain only letters '
+        'and digits (of any alphabet), spaces and _ - . : /, not "(", "°", ")". '
+        "Rename it in the MLproject."
+    )
+    expect(refused).to_have_accessible_description(re.compile("^MLflow cannot record"))
+    expect(dialog.get_by_label(re.compile("^température"))).not_to_have_attribute(
+        "aria-invalid", "true"
+    )
+    dialog.screenshot(path=str(ARTIFACTS / "submit-dialog-parameter-name.png"))
+    # Submit goes to the field at fault instead of to the server.
+    dialog.get_by_role("button", name="Submit").click()
+    expect(refused).to_be_focused()
+    page.wait_for_timeout(1_000)
+    assert posts == []
+    expect(dialog.locator('[data-testid="mantik-submit-error"]')).to_have_count(0)
+    page.keyboard.press("Escape")
+    expect(dialog).to_have_count(0)
+
+
 def test_runs_list_says_when_the_tracking_server_is_slow(page, lab, tracking_ready):
     """A hung tracking server answers the runs search only after the lab's 60 s timeout:
     meanwhile the list said nothing and looked up to date. It now says it is waiting."""

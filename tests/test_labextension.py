@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import ModuleType
@@ -9,7 +10,9 @@ from types import ModuleType
 from mantik_jupyter.compute import layout
 from mantik_jupyter.compute.backends import local
 
-STATE_TS = Path(__file__).resolve().parents[1] / "labextension" / "src" / "state.ts"
+LABEXTENSION = Path(__file__).resolve().parents[1] / "labextension"
+STATE_TS = LABEXTENSION / "src" / "state.ts"
+PARAM_NAMES = LABEXTENSION / "test" / "param-names.json"
 
 
 def _run_dir_names(module: ModuleType) -> set[str]:
@@ -37,3 +40,23 @@ def test_the_files_view_sets_apart_every_file_mantik_writes_to_run_a_job() -> No
         f"MANTIK_FILES in {STATE_TS} lists {sorted(listed - written)} that no one writes and "
         f"misses {sorted(written - listed)}"
     )
+
+
+def test_the_submit_dialogs_table_of_parameter_names_is_mlflows() -> None:
+    """The submit dialog says at the field when MLflow will refuse a parameter's name; its
+    check is tested (vitest) against a table of names, which MLflow's own validation (of
+    the version installed) must agree with."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_param
+
+    def accepted(name: str) -> bool:
+        try:
+            _validate_param(name, "1")
+        except MlflowException:
+            return False
+        return True
+
+    names = json.loads(PARAM_NAMES.read_text(encoding="utf-8"))["names"]
+    assert len(names) > 20
+    wrong = [(name, expected) for name, expected in names if accepted(name) != expected]
+    assert not wrong, f"{PARAM_NAMES}: MLflow decides otherwise on {wrong}"

@@ -648,6 +648,40 @@ export function checkParam(
   return null;
 }
 
+/** Longest parameter name MLflow records (its MAX_ENTITY_KEY_LENGTH). */
+export const MAX_PARAM_NAME_LENGTH = 250;
+
+/**
+ * Why MLflow will refuse to record a parameter of this name, else null. MLflow's own rule
+ * (`mlflow.utils.validation`): letters and digits of any alphabet, `_ - . : /` and spaces,
+ * as a relative path without empty, `.` or `..` parts, at most 250 characters. Without
+ * this check the dialog answered a name such as `T_2m (°C)` with the tracking server's
+ * INVALID_PARAMETER_VALUE, its `\u00b0` escapes and `params[0].key`, under the buttons.
+ */
+export function checkParamName(name: string): string | null {
+  const refused = `MLflow cannot record a parameter named "${name}"`;
+  const where = 'Rename it in the MLproject.';
+  const bad = [...new Set(Array.from(name).filter(c => !/^[\p{L}\p{N}_.\-:/ ]$/u.test(c)))];
+  if (bad.length > 0) {
+    const shown = bad.map(c => (/^\s$/u.test(c) ? JSON.stringify(c) : `"${c}"`)).join(', ');
+    return (
+      `${refused}: a name may contain only letters and digits (of any alphabet), ` +
+      `spaces and _ - . : /, not ${shown}. ${where}`
+    );
+  }
+  const parts = name.split('/');
+  if (name.startsWith('/') || name.startsWith('..') || parts.some(p => ['', '.', '..'].includes(p))) {
+    return (
+      `${refused}: a name with "/" must read as a relative path, without a leading "/", ` +
+      `"//", or "." and ".." parts. ${where}`
+    );
+  }
+  if (name.length > MAX_PARAM_NAME_LENGTH) {
+    return `${refused}: it has ${name.length} characters, at most ${MAX_PARAM_NAME_LENGTH} fit. ${where}`;
+  }
+  return null;
+}
+
 /** Parameters to send: only values that differ from the MLproject's defaults. */
 export function changedParams(
   specs: ReadonlyArray<{ name: string; default: string | null }>,

@@ -13,7 +13,7 @@ import React, { useEffect, useId, useRef, useState } from 'react';
 
 import { IProject, IRun, MantikApi } from './api';
 import { errorText, useWaitingSeconds } from './runs';
-import { changedParams, checkParam, pickConfig } from './state';
+import { changedParams, checkParam, checkParamName, pickConfig } from './state';
 
 export interface ISubmitOptions {
   api: MantikApi;
@@ -165,10 +165,14 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
 
   const specs = project?.entry_points[entryPoint]?.parameters ?? [];
   const fieldErrors: Record<string, string | null> = {};
+  // A name MLflow refuses is the MLproject's mistake, whatever the value: said at once.
+  const nameErrors: Record<string, string | null> = {};
   for (const spec of specs) {
     fieldErrors[spec.name] = checkParam(spec.type, values[spec.name] ?? '', spec.required);
+    nameErrors[spec.name] = checkParamName(spec.name);
   }
-  const hasFieldErrors = Object.values(fieldErrors).some(e => e !== null);
+  const atFault = (name: string) => fieldErrors[name] !== null || nameErrors[name] !== null;
+  const hasFieldErrors = specs.some(spec => atFault(spec.name));
   const check = config ? project?.config_checks[config] : undefined;
 
   const submit = async (event: React.FormEvent) => {
@@ -177,9 +181,9 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
     if (hasFieldErrors) {
       // The click on Submit would otherwise do nothing a keyboard or screen reader user
       // notices: go to the first field at fault, which names its error.
-      const first = specs.find(spec => fieldErrors[spec.name] !== null);
-      if (first) {
-        document.getElementById(`${id}-param-${first.name}`)?.focus();
+      const first = specs.findIndex(spec => atFault(spec.name));
+      if (first >= 0) {
+        document.getElementById(`${id}-param-${first}`)?.focus();
       }
       return;
     }
@@ -310,11 +314,18 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
                 {specs.length === 0 ? (
                   <p className="mantik-muted">This entry point declares no parameters.</p>
                 ) : null}
-                {specs.map(spec => {
-                  const fieldId = `${id}-param-${spec.name}`;
+                {specs.map((spec, index) => {
+                  // By position: a name may hold spaces, which would split the id lists
+                  // of aria-describedby.
+                  const fieldId = `${id}-param-${index}`;
                   const err = touched || values[spec.name] !== (spec.default ?? '')
                     ? fieldErrors[spec.name]
                     : null;
+                  const nameErr = nameErrors[spec.name];
+                  const described = [
+                    nameErr ? `${fieldId}-name-error` : '',
+                    err ? `${fieldId}-error` : ''
+                  ].filter(Boolean);
                   const numeric = ['int', 'integer', 'float', 'double'].includes(
                     spec.type.toLowerCase()
                   );
@@ -333,12 +344,20 @@ function SubmitForm(props: ISubmitFormProps): JSX.Element {
                         inputMode={numeric ? 'decimal' : undefined}
                         required={spec.required}
                         aria-required={spec.required}
-                        aria-invalid={err ? true : undefined}
-                        aria-describedby={err ? `${fieldId}-error` : undefined}
+                        aria-invalid={err || nameErr ? true : undefined}
+                        aria-describedby={described.length ? described.join(' ') : undefined}
                         placeholder={spec.default ?? 'required'}
                         value={values[spec.name] ?? ''}
                         onChange={e => setValues({ ...values, [spec.name]: e.target.value })}
                       />
+                      {nameErr ? (
+                        <span
+                          id={`${fieldId}-name-error`}
+                          className="mantik-field-error mantik-param-name-error"
+                        >
+                          {nameErr}
+                        </span>
+                      ) : null}
                       {err ? (
                         <span id={`${fieldId}-error`} className="mantik-field-error">
                           {err}

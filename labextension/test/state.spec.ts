@@ -1,9 +1,11 @@
 import { describe, expect, it } from 'vitest';
 
 import { IRun, parseRun } from '../src/api';
+import paramNames from './param-names.json';
 import {
   changedParams,
   checkParam,
+  checkParamName,
   EMPTY_FILTER,
   emptyRunsText,
   experimentLabel,
@@ -691,6 +693,23 @@ describe('submit form helpers', () => {
     expect(checkParam('float', '1,5', false)).toBe('Must be a number');
     expect(checkParam('string', '', true)).toBe('Required');
     expect(checkParam('path', 'data/x.nc', true)).toBeNull();
+  });
+
+  it("refuses the parameter names MLflow refuses, and only those", () => {
+    const names = paramNames.names as Array<[string, boolean]>;
+    const wrong = names.filter(([name, accepted]) => (checkParamName(name) === null) !== accepted);
+    expect(wrong).toEqual([]);
+  });
+
+  it('says at a name MLflow refuses what is allowed, and which characters are not', () => {
+    expect(checkParamName('T_2m (°C)')).toBe(
+      'MLflow cannot record a parameter named "T_2m (°C)": a name may contain only letters ' +
+        'and digits (of any alphabet), spaces and _ - . : /, not "(", "°", ")". ' +
+        'Rename it in the MLproject.'
+    );
+    expect(checkParamName('température')).toBeNull();
+    expect(checkParamName('a//b')).toContain('relative path');
+    expect(checkParamName('a'.repeat(251))).toContain('251 characters, at most 250');
   });
 
   it('sends only values that differ from the defaults', () => {
