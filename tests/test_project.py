@@ -291,9 +291,10 @@ def test_values_reach_the_program_literally(tmp_path: Path, value: str) -> None:
 
 def test_script_extra_param_keys_and_values_are_quoted(tmp_path: Path) -> None:
     project = load_project(make_project(tmp_path))
-    resolved = resolve_entry_point(project, "train.py", {"k; touch pwned": "1; touch pwned"})
+    # A key MLflow records may hold spaces (no ';': see the test of refused names).
+    resolved = resolve_entry_point(project, "train.py", {"k touch pwned": "1; touch pwned"})
     argv = _run(tmp_path, resolved.command)
-    assert argv == ["--k; touch pwned", "1; touch pwned"]
+    assert argv == ["--k touch pwned", "1; touch pwned"]
     assert not (tmp_path / "pwned").exists()
 
 
@@ -334,3 +335,28 @@ def test_example_project_loads() -> None:
     assert set(project.entry_points) == {"main", "fail", "sleep"}
     resolved = resolve_entry_point(project, "main", {"epochs": "2"})
     assert resolved.params == {"epochs": "2", "learning_rate": "0.01", "station": "Juelich"}
+
+
+def test_parameter_names_mlflow_refuses_are_refused_before_a_run_exists(tmp_path: Path) -> None:
+    # The run was created, then MLflow refused to log the parameter: a run that never ran
+    # was left behind, and the error named only 'params[0].key'.
+    text = """\
+name: weather
+entry_points:
+  main:
+    parameters:
+      "T_2m (°C)": {type: float, default: 1.5}
+      température: {type: float, default: 2.0}
+    command: "python train.py"
+"""
+    project = load_project(make_project(tmp_path, text))
+    with pytest.raises(ProjectError) as err:
+        resolve_entry_point(project, "main", {})
+    message = err.value.message
+    assert "'T_2m (°C)'" in message and "Rename it in" in message and "MLproject" in message
+    assert "température" not in message  # letters of any language are fine
+    with pytest.raises(ProjectError, match="'a/../b'.*Pass it under another name"):
+        resolve_entry_point(project, "train.py", {"a/../b": "1"})
+    with pytest.raises(ProjectError, match="at most 250"):
+        resolve_entry_point(project, "train.py", {"k" * 251: "1"})
+    assert resolve_entry_point(project, "train.py", {"Δt": "1"}).params == {"Δt": "1"}

@@ -866,6 +866,11 @@ def test_errors_come_before_anything_is_created(
         service.submit(project, params={"epoch": "3"}, experiment_name=experiment_name)
     with pytest.raises(ProjectError, match="Unknown entry point"):
         service.submit(project, entry_point="nope", experiment_name=experiment_name)
+    # A parameter name MLflow would refuse to log, once the run existed.
+    with pytest.raises(ProjectError, match="'lr;x'.*cannot be recorded in MLflow"):
+        service.submit(
+            project, entry_point="train.py", params={"lr;x": "1"}, experiment_name=experiment_name
+        )
     (project / "compute-backend-config.yaml").unlink()
     with pytest.raises(ConfigError, match="compute-backend-config.yaml"):
         service.submit(project, experiment_name=experiment_name)

@@ -284,10 +284,13 @@ def resolve_entry_point(
     if declared is None:
         ep = _script_entry_point(project, entry_point)
         for name, given in values.items():
+            _check_name(project, entry_point, name, declared_here=False)
             _check_length(project, entry_point, name, given, from_default=False)
         return _compute(project, ep, values, is_script=True)
     _check_known(project, declared, values)
     _check_required(project, declared, values)
+    for name in declared.parameter_names():
+        _check_name(project, entry_point, name, declared_here=True)
     for spec in declared.parameters:
         from_default = spec.name not in values
         value = spec.default if from_default else values[spec.name]
@@ -361,6 +364,35 @@ def _check_type(
     raise ProjectError(
         f"Parameter '{spec.name}' of entry point '{ep.name}' ({project.mlproject_path}) has "
         f"type {spec.type}, but {origin} {value!r} is not a valid {spec.type}."
+    )
+
+
+def _check_name(project: Project, entry_point: str, name: str, *, declared_here: bool) -> None:
+    # The run is created before its parameters are logged: a name MLflow refuses left a
+    # run behind that never ran, and the error was MLflow's own, naming 'params[0].key'.
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, _validate_param_name
+
+    try:
+        _validate_param_name(name)
+        why = (
+            f"it has {len(name)} characters, MLflow takes at most {MAX_ENTITY_KEY_LENGTH}"
+            if len(name) > MAX_ENTITY_KEY_LENGTH
+            else ""
+        )
+    except MlflowException as exc:
+        why = exc.message.split("supplied: ", 1)[-1].rstrip(".")
+    if not why:
+        return
+    fix = (
+        f"Rename it in {project.mlproject_path} (and where its command uses it)"
+        if declared_here
+        else "Pass it under another name"
+    )
+    raise ProjectError(
+        f"Parameter name {name!r} of entry point '{entry_point}' cannot be recorded in "
+        f"MLflow: {why}. {fix}; letters of any language, digits, _ - . : / and spaces are "
+        "accepted."
     )
 
 
