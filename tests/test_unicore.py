@@ -9,7 +9,9 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,6 @@ from mantik_jupyter.compute.script import safe_job_name
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import (
     AuthenticationFailed,
-    BackendRejected,
     BackendUnavailable,
     ConfigError,
     Conflict,
@@ -278,16 +279,50 @@ def test_aborting_a_queued_job_deletes_its_credential_file(
     backend.cancel(job_id)  # ended: nothing to stop or delete
 
 
-def test_rejected_description_shows_unicores_message(
-    unicore_site,
-    unicore_password,
-    tmp_path,
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        (
+            {"Resources": {"Queue": "batch", "Nodes": 64}, "ComputeBudgetAccount": PROJECT},
+            ["Resources.Nodes = 64 is outside what the site allows", "use a queue"],
+        ),
+        (
+            {"Resources": {"Queue": "batch", "Runtime": "48h"}, "ComputeBudgetAccount": PROJECT},
+            ["Resources.Runtime = 172800 s is outside what the site allows"],
+        ),
+        (
+            {"Resources": {"Queue": "gpu"}, "ComputeBudgetAccount": PROJECT},
+            ["Resources.Queue 'gpu' is not a queue (partition) you may use there"],
+        ),
+        (
+            {"Resources": {"Queue": "batch"}, "ComputeBudgetAccount": "deepacf-typo"},
+            ["ComputeBudgetAccount 'deepacf-typo'", "Invalid account", "you belong to"],
+        ),
+        (
+            {"Resources": {"Queue": "batch"}},
+            ["ComputeBudgetAccount (not set)", "Invalid account", "you belong to"],
+        ),
+    ],
+)
+def test_a_job_the_site_refuses_names_the_config_key_at_fault(
+    unicore_site, unicore_password, tmp_path, monkeypatch, config, words
 ):
+    """UNICORE takes any resource request with the job and checks it only when it sends
+    the job to the batch system (after the stage-in and the user precommand): the job
+    fails then with "Could not submit job: Resource request <Nodes=64> is out of range." or
+    the TSI's account of sbatch's refusal, neither of which names the config's key."""
+    monkeypatch.setattr(unicore_site, "default_account", None)  # Slurm's DefaultAccount
     backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
-    job = _prepared(tmp_path, "exit 0\n")
-    config = parse_config({"UnicoreApiUrl": unicore_site.base_url, "Resources": {"Queue": "gpu"}})
-    with pytest.raises(BackendRejected, match="Queue <gpu> is not available"):
-        backend.submit(dataclasses.replace(job, config=config))
+    job = _prepared(tmp_path, "echo ran > ran.txt\n")
+    parsed = parse_config({"UnicoreApiUrl": unicore_site.base_url, **config})
+    job_id = backend.submit(dataclasses.replace(job, config=parsed))
+    final = _wait_final(backend, job_id)
+    assert final.state == RunState.FAILED, final
+    assert final.reason is not None and final.reason.startswith("the site"), final.reason
+    for word in words:
+        assert word in final.reason, final.reason
+    assert "Could not submit job" not in final.reason and "TSI_FAILED" not in final.reason
+    assert not (unicore_site.jobs[job_id].workdir / "ran.txt").exists()
 
 
 def test_unreachable_site_is_backend_unavailable(unicore_password):
@@ -465,9 +500,7 @@ def test_a_password_in_unicore_api_url_is_refused_without_showing_it(tmp_path):
     assert "MANTIK_UNICORE_USERNAME" in text and "MANTIK_UNICORE_TOKEN" in text
 
 
-def test_a_site_certificate_that_is_not_trusted_says_how_to_trust_it(
-    tmp_path, unicore_password, monkeypatch
-):
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "site.pem", tmp_path / "site.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -475,6 +508,13 @@ def test_a_site_certificate_that_is_not_trusted_says_how_to_trust_it(
          "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )  # fmt: skip
+    return cert, key
+
+
+def test_a_site_certificate_that_is_not_trusted_says_how_to_trust_it(
+    tmp_path, unicore_password, monkeypatch
+):
+    cert, key = _self_signed(tmp_path)
     site = UnicoreStandin(tmp_path / "site", users={USER: unicore_password}, tls=(cert, key))
     site.start()
     try:
@@ -661,6 +701,58 @@ def test_a_wrong_unicore_api_url_says_what_it_should_be(unicore_site, unicore_pa
         assert url in err.value.message
 
 
+def test_http_for_a_site_that_serves_https_says_to_write_https(
+    tmp_path, unicore_password, monkeypatch
+):
+    """A UNICORE site listens with TLS only: plain HTTP to it is dropped (a reset or a
+    connection closed without an answer), which said only 'Connection reset by peer'."""
+    cert, key = _self_signed(tmp_path)
+    site = UnicoreStandin(tmp_path / "site", users={USER: unicore_password}, tls=(cert, key))
+    site.start()
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        plain = site.base_url.replace("https://", "http://")
+        backend = UnicoreBackend(plain, username=USER, password=unicore_password, timeout=5)
+        with pytest.raises(BackendUnavailable) as err:
+            backend.states(["a-job"])
+        assert f"set UnicoreApiUrl to {site.base_url}" in err.value.message
+        assert unicore_password not in err.value.message
+        fixed = UnicoreBackend(site.base_url, username=USER, password=unicore_password)
+        assert fixed.states(["a-job"])["a-job"].native_state == "NOT_FOUND"
+    finally:
+        site.close()
+
+
+def test_a_unicore_api_url_that_redirects_names_where_it_points(unicore_site, unicore_password):
+    """The site's web server on http:// (or a page moved elsewhere) answers with a
+    redirect; it said 'failed while logging in: HTTPStatusError: Redirect response ...'
+    with a link to MDN. The redirect is not followed: the credential stays here."""
+    target = unicore_site.base_url.replace("http://", "https://")
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(301)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/JUWELS/rest/core"
+        backend = UnicoreBackend(url, username=USER, password=unicore_password)
+        with pytest.raises(ConfigError) as err:
+            backend.check_credentials()
+        assert f"UnicoreApiUrl {url}" in err.value.message
+        assert f"redirects to {target} (301)" in err.value.message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(
     service, project, unicore_site, experiment_name
 ):
@@ -677,6 +769,35 @@ def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(
             assert svc.all_logs(info.run_id).text == text
     finally:
         fresh.close()
+
+
+def test_a_unicore_run_no_one_followed_ends_when_its_job_did(
+    service, project, unicore_site, unicore_password, experiment_name
+):
+    """A run whose job ended while no one followed it (the lab closed overnight) ended at
+    the sync that learnt of it, and had no running time: a 2 s job read 'ran 9 s' and
+    more the later one looked. The exit-code file's time (UNICORE file properties, with
+    their UTC offset) and UNICORE's consumedTime.main say when the job script ran."""
+    info = service.submit(
+        project, entry_point="sleep", params={"seconds": "2"}, experiment_name=experiment_name
+    )
+    assert info.job_id is not None
+    job = unicore_site.jobs[info.job_id]
+    deadline = time.monotonic() + 60
+    while job.status not in ("SUCCESSFUL", "FAILED"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(0.1)
+    job_end = (job.workdir / "mantik.exitcode").stat().st_mtime * 1000
+    main = job.times["end_main"] - job.times["start_main"]
+    time.sleep(4)  # the run's own sync learns of the end this late
+    final = service.get(info.run_id)
+    assert final.state == RunState.FINISHED, final.tags
+    assert final.end_time is not None
+    # UNICORE's times have whole seconds.
+    assert abs(final.end_time - job_end) < 1500, (final.end_time, job_end)
+    assert final.running_since is not None
+    ran = (final.end_time - final.running_since) / 1000
+    assert abs(ran - main) < 1.5, (ran, main)
 
 
 def test_a_missing_unicore_credential_creates_no_run(service, project, monkeypatch):

@@ -48,4 +48,5 @@ def start_site(base: Path, password: str) -> UnicoreStandin:
         projects=(PROJECT,),
         extra_path=[str(tools)],
         queue_delay=0.2,
+        resubmit_delay=0.2,
     ).start()

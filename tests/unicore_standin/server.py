@@ -9,9 +9,10 @@ pyunicore's ``Client``/``Job``/``Storage`` use, in the shapes UNICORE/X answers 
                                                ``_links`` (jobs, storages, factories, sites)
 ``GET  /jobs``                                 ``{"jobs": [url, ...], "_links": {...}}`` (URLs only,
                                                like UNICORE; ``offset``/``num``/``tags``)
-``POST /jobs``                                 201 + ``Location``; a description UNICORE would not
-                                               accept gets 500 ``{"errorMessage": "Could not submit
-                                               job: ..."}``
+``POST /jobs``                                 201 + ``Location``; a description that is no JSON
+                                               object gets 500 ``{"errorMessage": "Could not submit
+                                               job: ..."}``. Resource requests are checked only
+                                               when the job goes to the batch system (see below)
 ``GET  /jobs/{id}``                            ``status``, ``statusMessage``, ``exitCode`` (a
                                                string, present once known), ``log``, ``name``,
                                                ``_links`` (``workingDirectory``, ``action:*``, ...);
@@ -42,9 +43,16 @@ and ``Arguments`` joined into one shell line, as UNICORE's TSI writes them into 
 script; ``Stdout``/``Stderr`` files; ``Resources.Runtime`` enforced), STAGINGOUT (user
 postcommand, only after exit code 0 unless ``IgnoreNonZeroExitCode``), then SUCCESSFUL or
 FAILED (non-zero exit code, failed pre- or postcommand, time limit, ``abort``: status
-message "Job aborted."), with UNICORE's status messages. ``Umask`` (default
-027) applies to the job directory and the job's processes; uploaded files get the
-storage's umask (0640).
+message "Job aborted."), with UNICORE's status messages. Before QUEUED the job goes to
+the batch system as UNICORE/X sends it there: its resources are checked against the
+queues and their ranges (``limits``) and fail the job with "Could not submit job:
+Resource request <Nodes=64> is out of range." (not tried again); an account
+(``Project``) that Slurm does not know for the user (``projects``), or none from a user
+without a ``default_account``, makes sbatch refuse it, which UNICORE tries three more
+times, ``resubmit_delay`` apart, then fails the job with the TSI's words ("Could not
+submit job: TSI on <host>: TSI_FAILED: Command 'sbatch ...' failed with code 1: sbatch:
+error: ... Invalid account ..."). ``Umask`` (default 027) applies to the job directory
+and the job's processes; uploaded files get the storage's umask (0640).
 A new job's directory storage is INITIALIZING for ``uspace_delay`` seconds, as UNICORE
 makes the directory asynchronously.
 
@@ -89,6 +97,18 @@ _TIME_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 # What the Slurm TSI keeps of a job name; a name with anything else becomes UNICORE_job.
 _TSI_JOB_NAME_ILLEGAL = re.compile(r"[^0-9a-zA-Z.:=~/]")
 _MEM_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DEFAULT_LIMITS = {
+    "Nodes": (1, 16),
+    "TotalCPUs": (1, 2048),
+    "CPUsPerNode": (1, 128),
+    "GPUsPerNode": (0, 4),
+    "Runtime": (1, 86400),
+    "MemoryPerNode": (1, 512 * 1024**3),
+}
+_RESUBMIT_COUNT = 3  # XNJS bssResubmitCount
+# The site's time zone (a JVM in Central Europe says +0100): times are not assumed UTC.
+_SITE_ZONE = dt.timezone(dt.timedelta(hours=1))
+_TSI_HOST = "standin-login"
 
 
 class _Refused(Exception):
@@ -98,8 +118,14 @@ class _Refused(Exception):
         self.message = message
 
 
+def _iso(epoch: float) -> str:
+    """UNICORE's time format (UnitParser's ISO 8601 "yyyy-MM-dd'T'HH:mm:ssZ"): whole
+    seconds and the UTC offset, here the site's zone, not UTC, as at most sites."""
+    return dt.datetime.fromtimestamp(epoch, _SITE_ZONE).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    return _iso(time.time())
 
 
 def _parse_time(value: str) -> int:
@@ -156,10 +182,40 @@ class StandinJob:
     aborted: bool = False
     started: bool = False
     uspace_ready_at: float = 0.0
+    # JobProcessor's time stamps (TIME_START, TIME_END_MAIN, ...), epoch seconds.
+    times: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, text: str) -> None:
-        self.log.append(f"{_now()}: {text}")
+        # Action.addLogTrace: java.util.Date's toString(), in the site's zone.
+        when = dt.datetime.now(_SITE_ZONE).strftime("%a %b %d %H:%M:%S CET %Y")
+        self.log.append(f"{when}: {text}")
+
+    def stamp(self, name: str) -> None:
+        self.times.setdefault(name, time.time())
+
+    def consumed_time(self) -> dict[str, str]:
+        """``consumedTime`` as JobProcessor.TimeProfile.asMap() gives it: whole seconds of
+        each phase as strings, "N/A" where a phase has not ended; TIME_END (and so
+        ``total`` and ``stage-out``) only of a job that ended successfully."""
+        t = self.times
+        end = t.get("end")
+        stage_out = t.get("start_stageout", end)
+
+        def span(first: str | float | None, last: str | float | None) -> str:
+            a = t.get(first) if isinstance(first, str) else first
+            b = t.get(last) if isinstance(last, str) else last
+            return "N/A" if a is None or b is None else str(int(b - a))
+
+        return {
+            "total": span("start", end),
+            "stage-in": span("start", "end_stagein"),
+            "preCommand": span("start_pre", "submitted"),
+            "queued": span("submitted", "start_main"),
+            "main": span("start_main", "end_main"),
+            "postCommand": span("start_post", stage_out),
+            "stage-out": span(stage_out, end),
+        }
 
 
 class UnicoreStandin:
@@ -173,6 +229,8 @@ class UnicoreStandin:
         users: dict[str, str] | None = None,
         queues: tuple[str, ...] = ("batch", "devel"),
         projects: tuple[str, ...] | None = None,
+        limits: dict[str, tuple[int, int]] | None = None,
+        resubmit_delay: float = 10.0,
         extra_path: list[str] | None = None,
         queue_delay: float = 0.3,
         batch_minute: float = 60.0,
@@ -185,7 +243,18 @@ class UnicoreStandin:
         self.users = dict(users or {})
         self.tokens: dict[str, tuple[str, float]] = {}
         self.queues = queues
+        # The accounts Slurm knows for the user (None: any); an unknown one, or none
+        # for a user without a default account, makes sbatch refuse the job.
         self.projects = projects
+        # Slurm's DefaultAccount of the user, charged for a job that names none; a user
+        # without one must name an account (tests set None).
+        self.default_account = projects[0] if projects else None
+        # The IDB's ranges of the queues' resources (Runtime in seconds, MemoryPerNode in
+        # bytes): a request outside is "out of range" (GrounderImpl.incarnateResources).
+        self.limits = dict(_DEFAULT_LIMITS if limits is None else limits)
+        # XNJS bssResubmitDelay: the pause before the next of bssResubmitCount (3) more
+        # attempts to submit a job the TSI failed to submit.
+        self.resubmit_delay = resubmit_delay
         self.extra_path = list(extra_path or [])
         self.queue_delay = queue_delay
         # How long one minute of a batch job's time limit lasts here.
@@ -312,7 +381,6 @@ class UnicoreStandin:
             raise _Refused(500, "Could not submit job: the job description is not a JSON object")
         if not description.get("Executable") and not description.get("ApplicationName"):
             raise _Refused(500, "Could not submit job: no executable or application given")
-        self._check_resources(description.get("Resources") or {}, description.get("Project"))
         try:
             umask = int(str(description.get("Umask", "027")), 8)  # XNJS defaultUmask
         except ValueError:
@@ -325,6 +393,8 @@ class UnicoreStandin:
         workdir.chmod(0o777 & ~umask)  # made with the job's umask (LocalECManager)
         job = StandinJob(job_id, owner, description, workdir, umask)
         job.uspace_ready_at = time.monotonic() + self.uspace_delay
+        job.stamp("start")
+        job.stamp("end_stagein")
         job.note(f"Created with ID {job_id}")
         with self._lock:
             self.jobs[job_id] = job
@@ -334,35 +404,54 @@ class UnicoreStandin:
             job.note("Waiting for client stage-in")
         return job
 
-    def _check_resources(self, resources: Any, project: Any) -> None:
+    def _incarnate(self, description: dict[str, Any]) -> str | None:
+        """Why the job cannot go to the batch system, in UNICORE's words, or None.
+
+        UNICORE/X accepts any resource request with the job (POST /jobs stores the
+        description); it checks them only when it submits the job to the batch system,
+        after the stage-in and the user precommand (GrounderImpl.incarnateResources, from
+        JobProcessor.submitMainExecutable). Such a job fails with "Could not submit job:
+        ..." and is not tried again (ErrorCode.isWrongResourceSpec)."""
+        resources = description.get("Resources") or {}
         if not isinstance(resources, dict):
-            raise _Refused(500, "Could not submit job: 'Resources' must be a JSON object")
+            return "Could not submit job: 'Resources' must be a JSON object"
+        queue = str(resources.get("Queue", self.queues[0]))
+        if queue not in self.queues:
+            return f"Could not submit job: Resource request <Queue = {queue}> is out of range."
         for name, value in resources.items():
+            if name == "Queue" or name in ("Project", "Reservation", "NodeConstraints", "QoS"):
+                continue  # passed on to the batch system unchecked
             if name not in _KNOWN_RESOURCES:
-                raise _Refused(
-                    500, f"Could not submit job: Resource <{name}> is not available at this site"
+                return (
+                    f"Could not submit job: Resource <{name}> is not available for "
+                    f"partition <{queue}>"
                 )
             try:
-                if name in _INT_RESOURCES and int(str(value)) < (0 if "GPU" in name else 1):
-                    raise ValueError(f"value <{value}> out of range")
                 if name == "Runtime":
-                    _parse_time(value)
-                if name in ("MemoryPerNode", "Memory"):
-                    _parse_capacity(value)
+                    amount = _parse_time(value)
+                elif name in ("MemoryPerNode", "Memory"):
+                    amount = _parse_capacity(value)
+                else:
+                    amount = int(str(value))
             except ValueError as exc:
-                raise _Refused(
-                    500, f"Could not submit job: Could not parse requested resource <{name}>: {exc}"
-                ) from None
-        queue = resources.get("Queue")
-        if queue is not None and queue not in self.queues:
-            raise _Refused(
-                500,
-                f"Could not submit job: Queue <{queue}> is not available. "
-                f"Available queues: {', '.join(self.queues)}",
-            )
-        project = project or resources.get("Project")
-        if project is not None and self.projects is not None and project not in self.projects:
-            raise _Refused(500, f"Could not submit job: Project <{project}> is not available")
+                return f"Could not submit job: Could not parse requested resource <{name}>: {exc}"
+            low, high = self.limits.get(name, (0, 2**63))
+            if not low <= amount <= high:
+                return f"Could not submit job: Resource request <{name}={value}> is out of range."
+        return None
+
+    def _sbatch_refusal(self, description: dict[str, Any]) -> str | None:
+        """What sbatch says of the job's account (``--account`` from ``Project``), or
+        None when it takes the job."""
+        project = description.get("Project") or (description.get("Resources") or {}).get("Project")
+        project = project or self.default_account
+        if self.projects is None or (project is not None and project in self.projects):
+            return None
+        # A user without a default account who named none gets the same words.
+        return (
+            "sbatch: error: Batch job submission failed: Invalid account or "
+            "account/partition combination specified"
+        )
 
     def start_job(self, job: StandinJob) -> None:
         with job.lock:
@@ -495,18 +584,45 @@ class UnicoreStandin:
         time.sleep(0.1)
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
+        job.stamp("start_pre")
         code = self._login_command(job, "User precommand", "PRE")
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         ignore = str(desc.get("UserPrecommandIgnoreNonZeroExitCode", "false")).lower() == "true"
         if code != 0 and not ignore:
             return self._finish(job, "FAILED", f"Pre-command(s) failed: [{_non_zero(job, code)}]")
+        refused = self._incarnate(desc)
+        if refused is not None:
+            job.note(refused)
+            return self._finish(job, "FAILED", refused)
+        for attempt in range(1, _RESUBMIT_COUNT + 2):
+            said = self._sbatch_refusal(desc)
+            if said is None:
+                break
+            # Utils.run_command's words, one line (Connector.failed), from the TSI on a
+            # login node (TSIProblem), as Execution.submit passes them on.
+            reply = (
+                f"TSI_FAILED: Command 'sbatch ./bss_submit_{secrets.token_hex(5)}' failed "
+                f"with code 1: {said}:"
+            )
+            job.note(f"Submission attempt failed: {reply}")
+            problem = f"TSI on <{_TSI_HOST}>: {reply}"
+            if attempt > _RESUBMIT_COUNT:
+                job.note(f"Could not submit job: {problem}")
+                return self._finish(job, "FAILED", f"Could not submit job: {problem}")
+            job.note(f"Submit attempt {attempt} (of {_RESUBMIT_COUNT}) failed: {problem}")
+            job.status = "QUEUED"  # PENDING while it waits to try again
+            time.sleep(self.resubmit_delay)
+            if job.aborted:
+                return self._finish(job, "FAILED", "Job aborted.")
         job.status = "QUEUED"
+        job.stamp("submitted")
         job.note("Submitted to batch system")
         time.sleep(self.queue_delay)
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         job.status = "RUNNING"
+        job.stamp("start_main")
         job.note("Running")
         words = [str(desc.get("Executable") or desc.get("ApplicationName"))]
         words += [str(a) for a in desc.get("Arguments") or []]
@@ -540,6 +656,7 @@ class UnicoreStandin:
                 "and job log for more information.",
             )
         job.exit_code = code
+        job.stamp("end_main")
         job.status = "STAGINGOUT"
         # As JobProcessor.handlePostProcessing: a non-zero exit code ends the job here,
         # so the user postcommand runs only after a successful application (or with
@@ -553,9 +670,12 @@ class UnicoreStandin:
                 "information might be available in the job's working directory "
                 f"'{job.workdir}/'",
             )
+        job.stamp("start_post")
         post = self._login_command(job, "User postcommand", "POST")
         if post != 0:
             return self._finish(job, "FAILED", f"Post-command(s) failed: [{_non_zero(job, post)}]")
+        job.stamp("start_stageout")
+        job.stamp("end")  # JobProcessor.setToDoneSuccessfully
         return self._finish(job, "SUCCESSFUL")
 
     def bss_details(self, job: StandinJob) -> dict[str, str]:
@@ -583,6 +703,7 @@ class UnicoreStandin:
             "terminationTime": "",
             "currentTime": _now(),
             "batchSystemID": f"STANDIN_{job.id[:8]}",
+            "consumedTime": job.consumed_time(),
             "log": list(job.log),
             "tags": list(job.description.get("Tags") or []),
             "acl": [],
@@ -635,7 +756,8 @@ def _file_props(path: Path, name: str) -> dict[str, Any]:
         "group": "standin",
         "permissions": perms[:3],
         "unixPermissions": perms,
-        "lastAccessed": dt.datetime.fromtimestamp(st.st_mtime, dt.UTC).isoformat(),
+        # Files.getProperties: the modification time, "yyyy-MM-dd'T'HH:mm:ssZ".
+        "lastAccessed": _iso(st.st_mtime),
         "metadata": {},
     }
 

@@ -128,6 +128,19 @@ _ACCOUNT_HINT = (
 )
 
 
+def sbatch_refusal(said: str) -> tuple[str, str] | None:
+    """The config key sbatch's error points at (``ComputeBudgetAccount`` or
+    ``Resources.<key>``) and what to do; None when sbatch's words name no key. For a
+    refusal that reaches mantik without the config (UNICORE's TSI runs sbatch)."""
+    lowered = said.lower()
+    if _ACCOUNT_REFUSAL in lowered:
+        return "ComputeBudgetAccount", _ACCOUNT_HINT
+    for words, key, _field, hint in _SBATCH_REFUSALS:
+        if words in lowered:
+            return f"Resources.{key}", hint
+    return None
+
+
 def sbatch_culprit(said: str, config: ComputeConfig | None) -> tuple[str, str] | None:
     """What in the config sbatch's error points at (key, value and where it was set), and
     what to do; None when sbatch's words name no key."""

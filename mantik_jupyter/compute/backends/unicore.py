@@ -60,11 +60,14 @@ They never appear in messages, logs or reprs.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -100,7 +103,14 @@ from .base import (
     describe_error,
 )
 from .paths import clean_relative, safe_name, save_stream
-from .unicore_job import NOT_NORMALLY, bss_details, decide, exit_code, job_description
+from .unicore_job import (
+    NOT_NORMALLY,
+    bss_details,
+    decide,
+    exit_code,
+    job_description,
+    needs_project,
+)
 from .unicore_transport import (
     SessionTransport,
     UnicoreHTTPError,
@@ -116,7 +126,8 @@ ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
 ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
 STATE_WORKERS = 8
-_STATE_FIELDS = "status,statusMessage,exitCode"
+# consumedTime: what UNICORE measured of each phase (JobProcessor.TimeProfile), in seconds.
+_STATE_FIELDS = "status,statusMessage,exitCode,consumedTime"
 _LOGIN = "logging in"
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -245,7 +256,8 @@ class UnicoreBackend(Backend):
                     "`jupyter lab`, the kernel or `mantik`."
                 ) from None
             raise BackendUnavailable(
-                f"Cannot reach the UNICORE site {self.api_url} while {what}: {describe_error(exc)}"
+                f"Cannot reach the UNICORE site {self.api_url} while {what}: "
+                f"{describe_error(exc)}{self._https_hint(exc)}"
             ) from None
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
@@ -257,6 +269,22 @@ class UnicoreBackend(Backend):
                 f"API while {what} ({describe_error(exc)}); is UnicoreApiUrl the site's "
                 ".../rest/core URL?"
             ) from None
+
+    def _https_hint(self, exc: BaseException) -> str:
+        """UNICORE sites serve HTTPS only: an http:// URL meets a TLS port that drops the
+        plain request (a reset, a connection closed without an answer) or a closed port."""
+        if not self.api_url.lower().startswith("http://"):
+            return ""
+        seen: BaseException | None = exc
+        while seen is not None:
+            if isinstance(seen, socket.gaierror):
+                return ""  # the host name is wrong, not the scheme
+            seen = seen.__cause__ or seen.__context__
+        https = "https://" + self.api_url[len("http://") :]
+        return (
+            f". UNICORE sites answer HTTPS only: if the site's URL starts with https://, "
+            f"set UnicoreApiUrl to {https}"
+        )
 
     def _http_error(self, exc: UnicoreHTTPError, what: str) -> MantikError:
         # UNICORE answers a credential it cannot verify (wrong password, expired token)
@@ -278,6 +306,13 @@ class UnicoreBackend(Backend):
                 f"The UNICORE site {self.api_url} denied access while {what} "
                 f"({exc.message}); your login there is valid but has no right to this. "
                 "Check your project membership and roles with the site's support."
+            )
+        if 300 <= exc.status < 400:
+            where = f"to {exc.location}" if exc.location else "elsewhere"
+            return ConfigError(
+                f"UnicoreApiUrl {self.api_url} is not the REST API of a UNICORE site: it "
+                f"redirects {where} ({exc.status}). Set it to the site's .../rest/core URL, "
+                "https://<gateway>/<SITE>/rest/core, as the site documents it."
             )
         if exc.status == 404 and what == _LOGIN:
             return ConfigError(
@@ -494,9 +529,39 @@ class UnicoreBackend(Backend):
             bss = None
             if status == "FAILED" and NOT_NORMALLY in message:
                 bss = self._bss_details(job_id)
-            return decide(status, message, code, bss)
+            project = None
+            if status == "FAILED" and needs_project(message):
+                project = self._project_of(job_id)
+            decided = decide(status, message, code, bss, project)
+            if decided.state.is_final:
+                decided = self._with_times(job_id, decided, props.get("consumedTime"))
+            return decided
         except MantikError as exc:
             return exc
+
+    def _with_times(self, job_id: str, status: JobStatus, consumed: Any) -> JobStatus:
+        """When an ended job's script ran, where the site tells it.
+
+        UNICORE's job properties hold no time of the batch job (``submissionTime`` is
+        the job's creation; ``consumedTime`` holds durations only); ``/details``, the
+        batch system's own account (Slurm's StartTime/EndTime) through the TSI, gives
+        the login node's local time without its zone, a forecast while the job runs,
+        and nothing once Slurm forgot the job, so it is not used. What the protocol
+        does give: the modification time of the exit-code file, which the job script
+        writes last (file properties carry it with its UTC offset), and the run time
+        UNICORE measured of the main execution (``consumedTime.main``). A job killed
+        before it wrote the file (a time limit, an abort) gets neither: the sync then
+        takes the moment it learns of the end."""
+        try:
+            props = self._stat(job_id, layout.EXIT_CODE_FILE)
+        except MantikError:
+            return status
+        ended = _epoch_ms(props.get("lastAccessed"))
+        if ended is None:
+            return status
+        main = consumed.get("main") if isinstance(consumed, dict) else None
+        started = ended - int(str(main)) * 1000 if str(main or "").isdigit() else None
+        return dataclasses.replace(status, started_at=started, ended_at=ended)
 
     def _bss_details(self, job_id: str) -> dict[str, str] | None:
         """What the batch system said of a job that ended without an exit code (its
@@ -516,6 +581,23 @@ class UnicoreBackend(Backend):
             if found is not None:
                 return found
         return None
+
+    def _project_of(self, job_id: str) -> str | None:
+        """The budget account a job asked for (its description's ``Project``), to name
+        when the batch system refused it."""
+        transport = self.client().transport
+        try:
+            description = self._call(
+                lambda: transport.get(url=f"{self.job_url(job_id)}/submitted"),
+                f"reading the description of job {job_id}",
+            )
+        except MantikError:
+            return None
+        resources = description.get("Resources")
+        project = description.get("Project") or (
+            resources.get("Project") if isinstance(resources, dict) else None
+        )
+        return str(project) if project else None
 
     def _exit_code_file(self, job_id: str) -> int | None:
         try:
@@ -738,6 +820,16 @@ def _assert_login(site: uc.Client) -> None:
     props = site.transport.get(url=site.resource_url)
     if props["client"]["role"]["selected"] == "anonymous":
         raise AuthenticationFailedException(f"Failure to authenticate at {site.resource_url}")
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """UNICORE's time ("2026-11-27T23:43:43+0100") in ms since the epoch; None for one
+    without a UTC offset, which cannot be placed."""
+    try:
+        when = datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return None if when.tzinfo is None else int(when.timestamp() * 1000)
 
 
 def _token_expiry(token: str) -> float | None:

@@ -13,7 +13,7 @@ from ..config import ComputeConfig
 from ..script import login_commands_script
 from ..states import RunState
 from .base import JobStatus
-from .slurm_words import ended_by_slurm
+from .slurm_words import ended_by_slurm, sbatch_refusal
 
 # JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
 # non-zero exit code: <2>. More information ...]".
@@ -24,6 +24,18 @@ NOT_NORMALLY = "Job did not complete normally on BSS"
 BSS_DETAILS = "Detailed job information from batch system:"
 # The details are Slurm's `scontrol show job`: Key=Value fields over several lines.
 _BSS_FIELD = re.compile(r"\b([A-Za-z]+)=(\S*)")
+# JobProcessor.submitMainExecutable: the job did not get to the batch system. UNICORE/X
+# takes any resource request with the job and checks it only then, after the stage-in
+# and the user precommand: against the site's queues and their ranges (GrounderImpl),
+# then sbatch (through the TSI) may refuse it.
+NOT_SUBMITTED = "Could not submit job:"
+_OUT_OF_RANGE = re.compile(r"Resource request <\s*(\w+)\s*=\s*(.*?)\s*> is out of range")
+_NOT_IN_QUEUE = re.compile(r"Resource <(\w+)> is not available for partition <(.*?)>")
+_NO_SUCH_QUEUE = re.compile(r"Partition/Queue <(.*?)> is not available")
+# The TSI's reply when sbatch failed (Utils.run_command, newlines made ":").
+_TSI_COMMAND = re.compile(r"TSI_FAILED: Command '.*?' failed with code -?\d+: (.*)", re.S)
+# The site's resource names are Mantik's Resources keys; Project is the budget.
+_CONFIG_KEY = {"Project": "ComputeBudgetAccount"}
 # Slurm's words, as the Slurm backend reports them (docs/states.md).
 _BSS_FAILURES = {
     "TIMEOUT", "DEADLINE", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "REVOKED"
@@ -157,9 +169,11 @@ def decide(
     message: str,
     exit_code: int | None,
     bss: Mapping[str, str] | None = None,
+    project: str | None = None,
 ) -> JobStatus:
     """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
-    the batch system's fields where UNICORE logged them (a job without an exit code)."""
+    the batch system's fields where UNICORE logged them (a job without an exit code).
+    ``project``: the job's ``Project``, to name in a refusal of the account."""
     bss = bss or {}
     bss_state = bss.get("JobState")
     if status in _ACTIVE:
@@ -180,6 +194,9 @@ def decide(
             return JobStatus(RunState.FAILED, status, exit_code, _words("OUT_OF_MEMORY", bss))
         if exit_code:
             return JobStatus(RunState.FAILED, status, exit_code, f"exit code {exit_code}")
+        refused = not_submitted(message, project)
+        if refused:
+            return JobStatus(RunState.FAILED, status, exit_code, refused)
         pre = _PRE_COMMAND_FAILED.match(message.strip())
         if pre:
             # UNICORE's message points at the job directory; say which file to read.
@@ -193,6 +210,79 @@ def decide(
         first = message.strip().splitlines()[0] if message.strip() else "FAILED"
         return JobStatus(RunState.FAILED, status, exit_code, first)
     return JobStatus(RunState.UNKNOWN, native_state=status)
+
+
+def needs_project(message: str) -> bool:
+    """Whether the reason of a job that failed so names the budget account it asked for
+    (the batch system refused it); UNICORE's message does not say it."""
+    said = _tsi_said(message)
+    return said is not None and (sbatch_refusal(said) or ("",))[0] == _CONFIG_KEY["Project"]
+
+
+def _tsi_said(message: str) -> str | None:
+    if not message.strip().startswith(NOT_SUBMITTED):
+        return None
+    found = _TSI_COMMAND.search(message)
+    # The TSI made each line end of sbatch's output a ":".
+    return found.group(1).strip().rstrip(":").strip() if found else None
+
+
+def not_submitted(message: str, project: str | None = None) -> str | None:
+    """The reason of a job the site would not pass to its batch system, naming the
+    config key and value at fault and what to do; None for another failure."""
+    text = message.strip()
+    if not text.startswith(NOT_SUBMITTED):
+        return None
+    said = _tsi_said(text)
+    if said is not None:
+        refusal = sbatch_refusal(said)
+        if refusal is None:
+            return f"the site's batch system refused the job: {said}"
+        # Not the Slurm backend's hint: it names commands of the cluster's login node,
+        # which a user who reaches the site through UNICORE may have no shell on.
+        key, _ = refusal
+        if key == _CONFIG_KEY["Project"]:
+            shown = f"{key} {project!r}" if project else f"{key} (not set)"
+            return (
+                f"the site's batch system refused the job because of {shown}: {said}; "
+                f"set {key} to a compute budget (project) you belong to that may use the "
+                "queue, as the site's user portal lists them"
+            )
+        return (
+            f"the site's batch system refused the job because of {key}: {said}; ask for "
+            "what the queue allows, as the site documents it"
+        )
+    found = _OUT_OF_RANGE.search(text)
+    if found and found.group(1) == "Queue":
+        return _unknown_queue(found.group(2))
+    if found:
+        name, value = found.groups()
+        unit = " s" if name == "Runtime" else ""
+        return (
+            f"the site refused the job: {_key(name)} = {value}{unit} is outside what the "
+            "site allows for the queue; ask for what the queue allows (the site documents "
+            "its limits), or use a queue that allows it (Resources.Queue)"
+        )
+    found = _NOT_IN_QUEUE.search(text)
+    if found:
+        name, queue = found.groups()
+        return (
+            f"the site refused the job: queue {queue!r} has no resource {_key(name)}; "
+            "leave it out, or use a queue that has it (Resources.Queue)"
+        )
+    found = _NO_SUCH_QUEUE.search(text)
+    return _unknown_queue(found.group(1)) if found else None
+
+
+def _key(name: str) -> str:
+    return _CONFIG_KEY.get(name, f"Resources.{name}")
+
+
+def _unknown_queue(queue: str) -> str:
+    return (
+        f"the site refused the job: Resources.Queue {queue!r} is not a queue (partition) "
+        "you may use there; use one of the site's queues"
+    )
 
 
 def _words(state: str, bss: Mapping[str, str]) -> str:

@@ -21,10 +21,12 @@ from pyunicore import client as uc
 class UnicoreHTTPError(httpx.HTTPError):
     """A UNICORE answer with an error status; ``message`` is UNICORE's ``errorMessage``."""
 
-    def __init__(self, status: int, message: str, url: str) -> None:
+    def __init__(self, status: int, message: str, url: str, location: str = "") -> None:
         super().__init__(f"{status} {message} for url: {url}")
         self.status = status
         self.message = message
+        # Where a redirect pointed (UNICORE's REST API never redirects: a web server did).
+        self.location = location
 
 
 class SessionTransport(uc.Transport):
@@ -118,6 +120,11 @@ class SessionTransport(uc.Transport):
             except ValueError:
                 pass
             raise UnicoreHTTPError(res.status_code, str(message), str(res.url))
+        if res.is_redirect:
+            # Not followed (a credential is not sent on to another address): a URL that
+            # redirects is not the site's REST API, and the backend says where it points.
+            location = res.headers.get("Location", "")
+            raise UnicoreHTTPError(res.status_code, res.reason_phrase, str(res.url), location)
         res.raise_for_status()
 
 
