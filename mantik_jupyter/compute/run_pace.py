@@ -22,8 +22,8 @@ from .states import RunState
 if TYPE_CHECKING:
     from .run_record import RunInfo
 
-# The local backend's name (``LocalBackend.capabilities``), not imported: this module is
-# loaded by the ``mantik`` command's quick paths.
+# The local backend's name: ``LocalBackend.capabilities`` takes it from here, so that
+# this module, loaded by the ``mantik`` command's quick paths, imports no backend.
 LOCAL_BACKEND = "local"
 
 FIRST_STATE_ASK = 2.0
