@@ -15,6 +15,7 @@ import pytest
 from mantik_jupyter.compute.run_download import DownloadClash
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
+from mantik_jupyter.errors import Conflict
 
 from .runs_helpers import FINAL, remote_run_dirs, script_project, slurm_config, wait_for
 
@@ -171,3 +172,65 @@ def test_slurm_download_loses_no_local_file(
     project = outputs_project(tmp_path, slurm_config(slurm_cluster, remote_base))
     run_id = finished_run(service, project, experiment_name)
     check_no_local_file_is_lost(service, run_id, tmp_path / "ssh")
+
+
+# A link the run itself holds (inside the run, so it is downloaded), and a folder of the
+# same name elsewhere in the run.
+LINK_THEN_FOLDER = """\
+import os
+os.makedirs("outputs", exist_ok=True)
+os.symlink("..", "outputs/up")
+os.makedirs("later/up", exist_ok=True)
+open("later/up/notebook.ipynb", "w").write("from the run\\n")
+"""
+
+
+def check_no_write_through_a_landed_link(service: RunService, run_id: str, tmp: Path) -> None:
+    dest = tmp / "dest"
+    dest.mkdir(parents=True)
+    mine = dest / "notebook.ipynb"
+    mine.write_text("my notebook\n")
+    first = service.download(run_id, "code/outputs", dest)
+    link = first.path / "up"
+    assert link.is_symlink() and link.resolve() == dest.resolve()
+    # The name 'up' comes from the run, not from the user: the link it finds at
+    # outputs/up (to dest itself) is not a folder to write into, not even to replace.
+    for overwrite in (False, True):
+        with pytest.raises(Conflict) as refused:
+            service.download(run_id, "code/later/up", first.path, overwrite=overwrite)
+        assert str(link) in refused.value.message and "link" in refused.value.message
+        assert mine.read_text() == "my notebook\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["notebook.ipynb", "outputs"]
+    no_staging_left(dest)
+    # A destination the user names is theirs to be a link (a folder on a scratch disk).
+    elsewhere = tmp / "scratch"
+    elsewhere.mkdir()
+    (dest / "scratch").symlink_to(elsewhere)
+    done = service.download(run_id, "code/later/up", dest / "scratch", exact=True)
+    assert (elsewhere / "notebook.ipynb").read_text() == "from the run\n", done
+    # A link at the destination that leads nowhere is a local file in the way, named.
+    gone = tmp / "gone"
+    gone.mkdir()
+    (gone / "notebook.ipynb").symlink_to(tmp / "nowhere")
+    with pytest.raises(DownloadClash) as clash:
+        service.download(run_id, "code/later/up/notebook.ipynb", gone)
+    assert "'notebook.ipynb'" in clash.value.message, clash.value.message
+
+
+def test_local_download_writes_not_through_a_landed_link(
+    service, tracking, tmp_path, experiment_name
+):
+    config = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
+    project = script_project(tmp_path, "links", LINK_THEN_FOLDER, config)
+    run_id = finished_run(service, project, experiment_name)
+    check_no_write_through_a_landed_link(service, run_id, tmp_path / "local")
+
+
+@pytest.mark.slurm
+def test_slurm_download_writes_not_through_a_landed_link(
+    service, slurm_cluster, remote_base, tmp_path, experiment_name
+):
+    config = slurm_config(slurm_cluster, remote_base)
+    project = script_project(tmp_path, "links", LINK_THEN_FOLDER, config)
+    run_id = finished_run(service, project, experiment_name)
+    check_no_write_through_a_landed_link(service, run_id, tmp_path / "ssh")

@@ -89,8 +89,22 @@ class DownloadClash(Conflict):
 
 
 def landing_spot(dest: Path, name: str) -> Path:
-    """As cp does: into ``dest`` if it is a folder, else under the name ``dest``."""
-    return dest / name if dest.is_dir() else dest
+    """As cp does: into ``dest`` if it is a folder, else under the name ``dest``.
+
+    A link to a folder at ``dest/<name>`` is refused: the name comes from the run, and
+    such a link may be one an earlier download landed (a run's ``outputs/up -> ..``),
+    through which the download, merged into the folder it points to, replaced files
+    outside the one the user chose. A link the user names as ``dest`` is followed."""
+    if not dest.is_dir():
+        return dest
+    spot = dest / name
+    if spot.is_symlink() and spot.is_dir():
+        raise Conflict(
+            f"{spot} is a link to the folder {spot.resolve()}: a download does not write "
+            f"through a link it did not name. Download to {spot.resolve()} itself, or move "
+            "the link away first."
+        )
+    return spot
 
 
 def check_listing(
@@ -113,7 +127,9 @@ def check_listing(
         if remote.is_dir != local_dir:
             kinds.append(shown or str(local))
         elif not remote.is_dir:
-            if not overwrite and local.stat().st_size != remote.size:
+            # lstat, as the listing does: a link that leads nowhere is a file in the
+            # way, not a "No such file" about the destination.
+            if not overwrite and local.lstat().st_size != remote.size:
                 differ.append(shown or local.name)
         else:
             for child in listing(remote.path):
