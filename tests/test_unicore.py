@@ -239,7 +239,9 @@ def test_token_login_expired_token_and_states_of_many_jobs(unicore_site, tmp_pat
     states = backend.states([*ids, "no-such-job"])
     job_gets = [r for r in unicore_site.requests[before:] if "/jobs/" in r[1]]
     assert len(job_gets) == 4
-    assert states["no-such-job"].state == RunState.UNKNOWN
+    # A 404 is a job the site no longer has (another user's job is a 403).
+    assert states["no-such-job"].state == RunState.FAILED
+    assert "deleted job no-such-job" in (states["no-such-job"].reason or "")
     assert states[ids[2]].exit_code == 2
     # A security session the site forgot: pyunicore repeats the call with the token.
     unicore_site.expire_sessions()
@@ -607,8 +609,14 @@ def test_a_job_over_its_time_limit_ends_as_timeout(
 
 
 def _bss_details(backend: UnicoreBackend, job_id: str) -> dict:
-    """What the site's batch system says of the job (UNICORE's /jobs/{id}/details)."""
-    return backend.client().transport.get(url=f"{backend.job_url(job_id)}/details")
+    """What the site's batch system says of the job (UNICORE's /jobs/{id}/details), once
+    it has reached it: before, UNICORE answers {"rawDetailsData": "N/A"}."""
+    deadline = time.monotonic() + 20
+    while True:
+        details = backend.client().transport.get(url=f"{backend.job_url(job_id)}/details")
+        if "JobId" in details or time.monotonic() > deadline:
+            return details
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(
@@ -769,6 +777,56 @@ def test_logs_of_a_run_whose_job_the_site_removed_come_from_mlflow(
             assert svc.all_logs(info.run_id).text == text
     finally:
         fresh.close()
+
+
+def _wait_for_status(site: UnicoreStandin, job_id: str, *statuses: str) -> None:
+    deadline = time.monotonic() + 60
+    while site.jobs[job_id].status not in statuses:
+        assert time.monotonic() < deadline, site.jobs[job_id].status
+        time.sleep(0.1)
+
+
+def _delete_at_the_site(site: UnicoreStandin, job_id: str, password: str) -> None:
+    """What a site does when a job's lifetime ends (DELETE /jobs/{id}: abort, then the
+    job and its directory are gone)."""
+    UnicoreBackend(site.base_url, username=USER, password=password)._job(job_id).delete()
+    assert job_id not in site.jobs
+
+
+def test_a_run_whose_job_the_site_deleted_while_it_ran_ends(
+    service, project, unicore_site, unicore_password, experiment_name
+):
+    """It stayed UNKNOWN ('the backend does not know job X (any more)') and RUNNING in
+    MLflow for good, asked at every sync, and `mantik runs cancel` said 'Cancelled run
+    ...: UNKNOWN' without ending it."""
+    info = service.submit(
+        project, entry_point="sleep", params={"seconds": "60"}, experiment_name=experiment_name
+    )
+    assert info.job_id is not None
+    _wait_for_status(unicore_site, info.job_id, "RUNNING")
+    _delete_at_the_site(unicore_site, info.job_id, unicore_password)
+    final = service.get(info.run_id)
+    assert final.state == RunState.FAILED, final.tags
+    assert final.mlflow_status == "FAILED" and final.end_time is not None
+    assert final.reason is not None and f"deleted job {info.job_id}" in final.reason
+
+
+def test_a_finished_run_whose_job_the_site_deleted_before_the_sync_keeps_its_status(
+    service, project, unicore_site, unicore_password, experiment_name
+):
+    """The entry point ended its MLflow run FINISHED; the site deleted the job (its
+    lifetime ended) before anyone synced the run: that status and end time stand."""
+    info = service.submit(project, params={"epochs": "2"}, experiment_name=experiment_name)
+    assert info.job_id is not None
+    _wait_for_status(unicore_site, info.job_id, "SUCCESSFUL", "FAILED")
+    ended = service._api().get_run(info.run_id)["info"]  # as the entry point left it
+    assert ended["status"] == "FINISHED"
+    _delete_at_the_site(unicore_site, info.job_id, unicore_password)
+    final = service.get(info.run_id)
+    assert final.state == RunState.FINISHED, final.tags
+    assert final.mlflow_status == "FINISHED" and final.reason is None
+    assert final.end_time == int(ended["end_time"])
+    assert {"loss", "rmse"} <= set(final.metrics)
 
 
 def test_a_unicore_run_no_one_followed_ends_when_its_job_did(

@@ -296,6 +296,11 @@ class RunSync:
                 # The entry point exited 0 but reported its run as failed: believe the run.
                 state = MLFLOW_STATUS_STATE[current]
                 reason = f"the run reported status {current}"
+            elif not status.outcome_known and current in ("FINISHED", "FAILED", "KILLED"):
+                # The job's records are gone, but it ended its MLflow run itself: that
+                # status (and its end time) is the only account of how it ended.
+                state = MLFLOW_STATUS_STATE[current]
+                reason = None if current == "FINISHED" else f"the run reported status {current}"
             new_tags = {TAG_NATIVE_STATE: status.native_state} if status.native_state else {}
             if reason:
                 new_tags[TAG_REASON] = clip(reason)

@@ -150,6 +150,11 @@ def _tsi_minutes(description: dict[str, Any]) -> int | None:
     return max(int(seconds / 60), 1) if seconds > 0 else None
 
 
+def _slurm_local(epoch: float) -> str:
+    """A time as ``scontrol show job`` prints it: the login node's local time, no zone."""
+    return dt.datetime.fromtimestamp(epoch, _SITE_ZONE).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _slurm_time(minutes: int | None) -> str:
     """A time limit as ``scontrol show job`` prints it."""
     if minutes is None:
@@ -184,6 +189,9 @@ class StandinJob:
     uspace_ready_at: float = 0.0
     # JobProcessor's time stamps (TIME_START, TIME_END_MAIN, ...), epoch seconds.
     times: dict[str, float] = field(default_factory=dict)
+    # The batch job: Slurm's job id (UNICORE's batchSystemID) and state.
+    bss_id: str | None = None
+    bss_state: str = "PENDING"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, text: str) -> None:
@@ -263,6 +271,9 @@ class UnicoreStandin:
         # storage is INITIALIZING, and has no files, for this long after the submission.
         self.uspace_delay = uspace_delay
         self.session_lifetime = session_lifetime
+        # Slurm's MinJobAge: how long scontrol still knows an ended job.
+        self.min_job_age = 300.0
+        self._next_bss_id = 4710
         # (certificate, key) PEM files: serve HTTPS, as every real site does.
         self.tls = tls
         self.jobs: dict[str, StandinJob] = {}
@@ -487,10 +498,23 @@ class UnicoreStandin:
             except ProcessLookupError:
                 pass
 
+    @staticmethod
+    def _wait(job: StandinJob, seconds: float) -> None:
+        """Sleep, but end at an abort (UNICORE cancels a queued batch job at once)."""
+        deadline = time.monotonic() + seconds
+        while not job.aborted and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
     def _finish(self, job: StandinJob, status: str, message: str = "") -> None:
         with job.lock:
             job.status = status
             job.status_message = message
+            if job.bss_id is not None and "bss_end" not in job.times:
+                job.times["bss_end"] = time.time()
+                if job.aborted:
+                    job.bss_state = "CANCELLED"
+                elif job.bss_state == "RUNNING":
+                    job.bss_state = "COMPLETED" if job.exit_code == 0 else "FAILED"
         job.note(f"Job finished: {status} {message}".strip())
 
     def _env(self, job: StandinJob) -> dict[str, str]:
@@ -612,16 +636,20 @@ class UnicoreStandin:
                 return self._finish(job, "FAILED", f"Could not submit job: {problem}")
             job.note(f"Submit attempt {attempt} (of {_RESUBMIT_COUNT}) failed: {problem}")
             job.status = "QUEUED"  # PENDING while it waits to try again
-            time.sleep(self.resubmit_delay)
+            self._wait(job, self.resubmit_delay)
             if job.aborted:
                 return self._finish(job, "FAILED", "Job aborted.")
         job.status = "QUEUED"
         job.stamp("submitted")
+        with self._lock:
+            self._next_bss_id += 1
+            job.bss_id = str(self._next_bss_id)
         job.note("Submitted to batch system")
-        time.sleep(self.queue_delay)
+        self._wait(job, self.queue_delay)
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         job.status = "RUNNING"
+        job.bss_state = "RUNNING"
         job.stamp("start_main")
         job.note("Running")
         words = [str(desc.get("Executable") or desc.get("ApplicationName"))]
@@ -635,11 +663,12 @@ class UnicoreStandin:
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         if code == -999:
+            job.bss_state = "TIMEOUT"
             # The batch system killed the job script, so it wrote no exit code file:
             # Execution.handleCompleted logs the BSS details and fails the job.
             job.note(
                 "Detailed job information from batch system: "
-                f"JobId=4711 JobName={_tsi_job_name(desc)}\n"  # `scontrol show job`
+                f"JobId={job.bss_id} JobName={_tsi_job_name(desc)}\n"  # `scontrol show job`
                 f"   UserId={job.owner}(1000) GroupId={job.owner}(1000) MCS_label=N/A\n"
                 "   Priority=1 Nice=0 Account=standin QOS=normal\n"
                 "   JobState=TIMEOUT Reason=TimeLimit Dependency=(null)\n"
@@ -679,15 +708,41 @@ class UnicoreStandin:
         return self._finish(job, "SUCCESSFUL")
 
     def bss_details(self, job: StandinJob) -> dict[str, str]:
-        """``/jobs/{id}/details``: ``scontrol show job`` as the TSI's parse_job_details
-        splits it into key=value pairs (the part of it tests look at)."""
+        """``/jobs/{id}/details``: ``scontrol show job`` run by the TSI on a login node,
+        split into key=value pairs (parse_job_details; the part tests look at). Before
+        the job reached the batch system there is no batch job: "N/A" (not JSON, so
+        ``rawDetailsData``). Slurm's times are the login node's local time without a
+        zone; EndTime of a running job is its start plus the time limit, a forecast.
+        Slurm forgets an ended job after MinJobAge (``min_job_age``): scontrol fails,
+        and so does the call (500)."""
         desc = job.description
+        if job.bss_id is None:
+            return {"rawDetailsData": "N/A"}
+        ended = job.times.get("bss_end")
+        if ended is not None and time.time() - ended > self.min_job_age:
+            raise _Refused(
+                500,
+                f"Could not get job details: TSI on <{_TSI_HOST}>: TSI_FAILED: Command "
+                f"'scontrol show job {job.bss_id}' failed with code 1: slurm_load_jobs "
+                "error: Invalid job id specified:",
+            )
+        minutes = _tsi_minutes(desc)
+        start = job.times.get("start_main")
+        if ended is not None:
+            end = _slurm_local(ended)
+        elif start is not None and minutes is not None:
+            end = _slurm_local(start + minutes * 60)
+        else:
+            end = "Unknown"
         return {
-            "JobId": f"STANDIN_{job.id[:8]}",
+            "JobId": job.bss_id,
             "JobName": _tsi_job_name(desc),
-            "JobState": job.status,
+            "JobState": job.bss_state,
             "Partition": str((desc.get("Resources") or {}).get("Queue", "batch")),
-            "TimeLimit": _slurm_time(_tsi_minutes(desc)),
+            "TimeLimit": _slurm_time(minutes),
+            "SubmitTime": _slurm_local(job.times["submitted"]),
+            "StartTime": "Unknown" if start is None else _slurm_local(start),
+            "EndTime": end,
         }
 
     def job_properties(self, job: StandinJob) -> dict[str, Any]:
@@ -702,7 +757,7 @@ class UnicoreStandin:
             "submissionTime": job.submitted,
             "terminationTime": "",
             "currentTime": _now(),
-            "batchSystemID": f"STANDIN_{job.id[:8]}",
+            "batchSystemID": job.bss_id or "N/A",
             "consumedTime": job.consumed_time(),
             "log": list(job.log),
             "tags": list(job.description.get("Tags") or []),
@@ -728,7 +783,9 @@ class UnicoreStandin:
             return self.directory / "home"
         if storage_id.endswith("-uspace"):
             job = self.jobs.get(storage_id[: -len("-uspace")])
-            if job is not None and job.owner == user:
+            if job is not None and job.owner != user:
+                raise _Refused(403, f"Access denied to resource <{storage_id}>")
+            if job is not None:
                 return job.workdir
         raise _Refused(404, f"No such storage <{storage_id}>")
 
@@ -883,8 +940,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _job(self, user: str, job_id: str) -> StandinJob:
         job = self.standin.jobs.get(job_id)
-        if job is None or job.owner != user:
+        if job is None:
             raise _Refused(404, f"No such job <{job_id}>")
+        if job.owner != user:
+            # USERestInvoker: a resource that exists is found first, then access control
+            # refuses whoever does not own it; only a resource that is gone is a 404.
+            raise _Refused(403, f"Access denied to resource <{job_id}>")
         return job
 
     def _jobs(self, user: str, segments: list[str], body: bytes) -> None:

@@ -50,6 +50,10 @@ class JobStatus:
     # (Slurm's End, a local job's end); None: the sync records the moment it learns of
     # the end, which is late when no one followed the run then.
     ended_at: int | None = None
+    # False for an ended job whose outcome the backend cannot tell (a UNICORE site
+    # deleted the job and its directory): the sync then keeps a status the run's own
+    # MLflow client recorded (the entry point ended its run) over this one.
+    outcome_known: bool = True
 
 
 @dataclass(frozen=True)

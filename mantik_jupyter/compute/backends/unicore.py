@@ -492,6 +492,11 @@ class UnicoreBackend(Backend):
     # ---- states --------------------------------------------------------------------------------
 
     def states(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        """A job the site answers 404 for is gone for good: UNICORE finds a resource
+        before it checks who may see it (another user's job is a 403), and deletes a job
+        and its directory when its lifetime ends (aborting it if it still ran). Such a
+        job has ended, how is lost with it: FAILED, unless the run's own MLflow client
+        recorded how it ended (``outcome_known=False``)."""
         answer = {str(j): JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND") for j in job_ids}
         valid = [j for j in dict.fromkeys(str(j) for j in job_ids) if _JOB_ID.match(j)]
         if not valid:
@@ -507,7 +512,17 @@ class UnicoreBackend(Backend):
             if isinstance(result, JobStatus):
                 answer[job_id] = result
             elif isinstance(result, NotFound):
-                answer[job_id] = JobStatus(RunState.UNKNOWN, native_state="NOT_FOUND")
+                answer[job_id] = JobStatus(
+                    RunState.FAILED,
+                    native_state="NOT_FOUND",
+                    reason=(
+                        f"the UNICORE site deleted job {job_id} before mantik learnt how it "
+                        "ended (a site deletes a job and its directory when the job's "
+                        "lifetime ends, stopping it if it still ran); what the run logged "
+                        "to MLflow is kept"
+                    ),
+                    outcome_known=False,
+                )
             elif isinstance(result, AuthenticationFailed):
                 raise result
             else:
