@@ -332,3 +332,25 @@ def test_an_upload_into_a_directory_the_user_may_not_write_names_it(slurm_cluste
     finally:
         b._run(f"chmod 0755 {top}; rm -rf {top}", "cleaning up")
         b.close()
+
+
+def test_a_folder_download_keeps_only_links_that_point_down(slurm_cluster, tmp_path):
+    # tarfile's "data" filter finds where a link leads by resolving the folder extracted so
+    # far, which a chain of links with long names can outwit (CVE-2025-4517; this Python
+    # may predate the fix): a link pointing up was kept when it stayed inside.
+    top = f"{slurm_cluster.remote_dir}/links-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    try:
+        b._run(
+            f"mkdir -p {top}/out/sub && echo hi > {top}/out/data.txt"
+            f" && ln -s data.txt {top}/out/latest && ln -s ../data.txt {top}/out/sub/up"
+            f" && ln -s sub {top}/out/down",
+            "making a folder with links",
+        )
+        got = b.files.download(top, "out", tmp_path / "dest")
+        assert (got / "latest").is_symlink() and (got / "latest").read_text() == "hi\n"
+        assert (got / "down").is_symlink() and (got / "down").resolve() == (got / "sub").resolve()
+        assert not (got / "sub" / "up").exists() and not (got / "sub" / "up").is_symlink()
+    finally:
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()

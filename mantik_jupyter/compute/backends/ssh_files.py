@@ -458,7 +458,20 @@ class _CountingReader(io.RawIOBase):
 def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
     out), but skipping such a member instead of failing the download: run directories
-    often hold venvs whose links point to the cluster's own interpreters."""
+    often hold venvs whose links point to the cluster's own interpreters.
+
+    A symbolic link must also point down, without "..": the filter decides where a link
+    leads with ``os.path.realpath`` of the folder as extracted so far, which chains of
+    links with long names can outwit (CVE-2025-4517, fixed in Python 3.11.13 and
+    3.12.11). Links that only point down cannot lead out, however they chain."""
+    if member.issym() and (
+        member.linkname.startswith("/") or ".." in member.linkname.split("/")
+    ):
+        log.warning(
+            "download: skipped %s (a link to %r: only links down into the folder are kept)",
+            member.name, member.linkname,
+        )  # fmt: skip
+        return None
     try:
         return tarfile.data_filter(member, dest)
     except tarfile.FilterError as exc:
