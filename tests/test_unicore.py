@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mantik_jupyter.compute.backends import unicore as unicore_module
 from mantik_jupyter.compute.backends.base import PreparedJob
 from mantik_jupyter.compute.backends.unicore import UnicoreBackend
 from mantik_jupyter.compute.backends.unicore_job import bss_details, decide, job_description
@@ -707,6 +708,36 @@ def test_a_wrong_unicore_api_url_says_what_it_should_be(unicore_site, unicore_pa
         with pytest.raises(ConfigError, match=r"UnicoreApiUrl .*\.\.\./rest/core") as err:
             backend.states(["a-job"])
         assert url in err.value.message
+
+
+def test_a_job_that_waits_for_good_in_the_batch_system_says_why(
+    unicore_site, unicore_password, tmp_path, monkeypatch
+):
+    """A site without EnforcePartLimits lets Slurm take a job asking for more nodes than
+    the partition has; it pends for good (Reason=PartitionNodeLimit). UNICORE says only
+    QUEUED; the Slurm backend says why, and now so does this one (/details, asked at
+    most every DETAILS_INTERVAL: each ask runs scontrol on the site)."""
+    monkeypatch.setattr(unicore_module, "DETAILS_INTERVAL", 5.0)
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {"UnicoreApiUrl": unicore_site.base_url, "Resources": {"Queue": "batch", "Nodes": 12}}
+    )
+    job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "true\n"), config=config))
+    deadline = time.monotonic() + 20
+    while not (status := backend.states([job_id])[job_id]).reason:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert status.state == RunState.QUEUED
+    assert "waiting for good (Slurm: PartitionNodeLimit)" in status.reason
+    assert "Resources.Nodes is more than the partition allows" in status.reason
+    assert "sinfo" not in status.reason  # no shell on the cluster to run it in
+    # Asked again only after DETAILS_INTERVAL, not at every state query.
+    before = len(unicore_site.requests)
+    for _ in range(3):
+        assert backend.states([job_id])[job_id].reason == status.reason
+    assert not [r for r in unicore_site.requests[before:] if r[1].endswith("/details")]
+    backend.cancel(job_id)
+    assert _wait_final(backend, job_id).state == RunState.KILLED
 
 
 def test_http_for_a_site_that_serves_https_says_to_write_https(

@@ -192,6 +192,7 @@ class StandinJob:
     # The batch job: Slurm's job id (UNICORE's batchSystemID) and state.
     bss_id: str | None = None
     bss_state: str = "PENDING"
+    bss_reason: str = "Priority"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, text: str) -> None:
@@ -238,6 +239,7 @@ class UnicoreStandin:
         queues: tuple[str, ...] = ("batch", "devel"),
         projects: tuple[str, ...] | None = None,
         limits: dict[str, tuple[int, int]] | None = None,
+        partition_nodes: int = 8,
         resubmit_delay: float = 10.0,
         extra_path: list[str] | None = None,
         queue_delay: float = 0.3,
@@ -260,6 +262,9 @@ class UnicoreStandin:
         # The IDB's ranges of the queues' resources (Runtime in seconds, MemoryPerNode in
         # bytes): a request outside is "out of range" (GrounderImpl.incarnateResources).
         self.limits = dict(_DEFAULT_LIMITS if limits is None else limits)
+        # The nodes Slurm's partition has: a job asking for more is accepted (the site
+        # does not EnforcePartLimits) and pends for good, Reason=PartitionNodeLimit.
+        self.partition_nodes = partition_nodes
         # XNJS bssResubmitDelay: the pause before the next of bssResubmitCount (3) more
         # attempts to submit a job the TSI failed to submit.
         self.resubmit_delay = resubmit_delay
@@ -645,11 +650,16 @@ class UnicoreStandin:
             self._next_bss_id += 1
             job.bss_id = str(self._next_bss_id)
         job.note("Submitted to batch system")
+        nodes = (desc.get("Resources") or {}).get("Nodes")
+        if nodes is not None and int(str(nodes)) > self.partition_nodes:
+            job.bss_reason = "PartitionNodeLimit"
+            self._wait(job, float("inf"))  # until aborted
         self._wait(job, self.queue_delay)
         if job.aborted:
             return self._finish(job, "FAILED", "Job aborted.")
         job.status = "RUNNING"
         job.bss_state = "RUNNING"
+        job.bss_reason = "None"
         job.stamp("start_main")
         job.note("Running")
         words = [str(desc.get("Executable") or desc.get("ApplicationName"))]
@@ -738,6 +748,7 @@ class UnicoreStandin:
             "JobId": job.bss_id,
             "JobName": _tsi_job_name(desc),
             "JobState": job.bss_state,
+            "Reason": job.bss_reason if job.bss_state == "PENDING" else "None",
             "Partition": str((desc.get("Resources") or {}).get("Queue", "batch")),
             "TimeLimit": _slurm_time(minutes),
             "SubmitTime": _slurm_local(job.times["submitted"]),
@@ -997,7 +1008,11 @@ class _Handler(BaseHTTPRequestHandler):
         if len(segments) == 2 and segments[1] == "submitted" and self.command == "GET":
             return self._send(200, job.description)
         if len(segments) == 2 and segments[1] == "details" and self.command == "GET":
-            return self._send(200, self.standin.bss_details(job))
+            details = self.standin.bss_details(job)
+            fields = [f for f in self.query.get("fields", "").split(",") if f]
+            if fields:  # Jobs.details: ?fields= narrows the answer, as for properties
+                details = {k: v for k, v in details.items() if k in fields}
+            return self._send(200, details)
         raise _Refused(404, f"No such job resource <{'/'.join(segments)}>")
 
     def _storages(self, user: str, segments: list[str], body: bytes) -> None:

@@ -407,6 +407,17 @@ _BLOCKED = {
 }
 
 
+def waiting_for_good(reason: str) -> str | None:
+    """What a pending job's Slurm reason (``Reason=`` of ``scontrol show job``) means when
+    the job can never start as it asked; None for a reason that clears by waiting. For a
+    cluster reached without a shell (UNICORE): without the commands that list limits."""
+    blocked = _BLOCKED.get(reason.strip())
+    if blocked is None:
+        return None
+    what, how = blocked
+    return _blocked_reason(reason, (what, how.split(" (`")[0]))
+
+
 def _blocked_reason(word: str, blocked: tuple[str, str]) -> str:
     what, how = blocked
     return (

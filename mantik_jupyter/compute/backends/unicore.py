@@ -103,6 +103,7 @@ from .base import (
     describe_error,
 )
 from .paths import clean_relative, safe_name, save_stream
+from .slurm_words import waiting_for_good
 from .unicore_job import (
     NOT_NORMALLY,
     bss_details,
@@ -126,6 +127,9 @@ ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
 ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
 STATE_WORKERS = 8
+# How often the batch system is asked why a queued job waits (/details: the site's TSI
+# runs `scontrol show job` on a login node each time), per job.
+DETAILS_INTERVAL = 300.0
 # consumedTime: what UNICORE measured of each phase (JobProcessor.TimeProfile), in seconds.
 _STATE_FIELDS = "status,statusMessage,exitCode,consumedTime"
 _LOGIN = "logging in"
@@ -172,6 +176,8 @@ class UnicoreBackend(Backend):
         self._run_dirs: dict[str, str] = dict(run_dirs or {})
         # (job id, file name) -> how much of it was read: files read are logs that only grow.
         self._known_sizes: dict[tuple[str, str], int] = {}
+        # job id -> (when asked, monotonic; why it waits for good, or None).
+        self._waiting: dict[str, tuple[float, str | None]] = {}
         self._client: uc.Client | None = None
         self._http: httpx.Client | None = None
         self._lock = threading.RLock()
@@ -549,10 +555,46 @@ class UnicoreBackend(Backend):
                 project = self._project_of(job_id)
             decided = decide(status, message, code, bss, project)
             if decided.state.is_final:
+                self._waiting.pop(job_id, None)
                 decided = self._with_times(job_id, decided, props.get("consumedTime"))
+            elif status == "QUEUED":
+                why = self._why_waiting(job_id)
+                if why:
+                    decided = dataclasses.replace(decided, reason=why)
             return decided
         except MantikError as exc:
             return exc
+
+    def _why_waiting(self, job_id: str) -> str | None:
+        """Why a queued job waits for good (a request its partition, QoS or account can
+        never meet, which sites without EnforcePartLimits/DenyOnLimit accept), as the
+        Slurm backend says it; None while it waits its turn. UNICORE says only QUEUED:
+        the batch system's ``Reason`` is in the job's ``/details`` (Slurm sites), asked
+        at most every DETAILS_INTERVAL, as each ask runs scontrol on the site."""
+        now = time.monotonic()
+        asked = self._waiting.get(job_id)
+        if asked is not None and now - asked[0] < DETAILS_INTERVAL:
+            return asked[1]
+        transport = self.client().transport
+        why = None
+        # Not in the batch system yet (UNICORE says QUEUED from the user precommand on):
+        # asked again sooner.
+        when = now - DETAILS_INTERVAL + min(30.0, DETAILS_INTERVAL)
+        try:
+            details = self._call(
+                lambda: transport.get(
+                    url=f"{self.job_url(job_id)}/details", params={"fields": "JobState,Reason"}
+                ),
+                f"asking the batch system about job {job_id}",
+            )
+            if "JobState" in details:
+                when = now
+            if details.get("JobState") == "PENDING":
+                why = waiting_for_good(str(details.get("Reason") or ""))
+        except MantikError:
+            pass  # not a Slurm site, or the TSI failed: nothing to say
+        self._waiting[job_id] = (when, why)
+        return why
 
     def _with_times(self, job_id: str, status: JobStatus, consumed: Any) -> JobStatus:
         """When an ended job's script ran, where the site tells it.
