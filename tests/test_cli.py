@@ -1046,6 +1046,13 @@ def test_last_is_the_newest_run_you_submitted(mantik: Mantik, project: Path) -> 
         for _ in range(2)
     ]  # fmt: skip
     assert as_json(mantik("runs", "status", "last", "--json"))["run_id"] == submitted[-1]
+    # With a token, runs record no user: 'last' would be anyone's newest run.
+    token = Mantik({**mantik.env, "MLFLOW_TRACKING_TOKEN": "t0ken-from-ci"}, mantik.cwd)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        token.env.pop(name, None)
+    refused = token("runs", "status", "last")
+    assert refused.returncode == 2 and "token login" in refused.stderr, refused
+    assert "t0ken-from-ci" not in refused.stderr
 
 
 def test_not_logged_in_exit_3(anon: Mantik) -> None:

@@ -244,10 +244,18 @@ class RunService:
         return self._search_ref(api, ref)
 
     def _last_run(self, api: RunsApi) -> dict[str, Any]:
-        conditions = [f"{tag_key(TAG_BACKEND)} LIKE '%'"]
         user = submitting_user(self.tracking)
-        if user:
-            conditions.append(f"{tag_key(TAG_USER)} = {quote_filter_value(user)}")
+        if not user:
+            # Runs submitted with a token record no user: 'last' would be anyone's.
+            raise InvalidRequest(
+                f"'{LAST}' is the newest run you submitted, but with a token login to "
+                f"{api.client.uri} runs do not record who submitted them. Give the run's id "
+                "(`mantik runs list` lists them)."
+            )
+        conditions = [
+            f"{tag_key(TAG_BACKEND)} LIKE '%'",
+            f"{tag_key(TAG_USER)} = {quote_filter_value(user)}",
+        ]
         ids = self._experiment_ids(api, None, None)
         runs, _ = api.search_runs(ids, filter_string=" and ".join(conditions), max_results=1)
         if not runs:
