@@ -57,7 +57,10 @@ class _ReportedByMantik(logging.Filter):
         return True
 
 
-for _name in ("paramiko.transport", "paramiko.transport.sftp"):
+# mantik's own connections log under a channel of their own: a user's own paramiko code
+# in the same kernel keeps paramiko's account at ERROR.
+LOG_CHANNEL = "paramiko.transport.mantik"
+for _name in (LOG_CHANNEL, f"{LOG_CHANNEL}.sftp"):
     logging.getLogger(_name).addFilter(_ReportedByMantik())
 
 COMMAND_TIMEOUT = 120.0
@@ -217,6 +220,7 @@ class SshConnection:
 
     def _connect(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
+        client.set_log_channel(LOG_CHANNEL)
         if self.known_hosts.is_file():
             client.load_system_host_keys(str(self.known_hosts))
         client.set_missing_host_key_policy(
