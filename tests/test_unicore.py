@@ -580,10 +580,34 @@ def test_a_failing_pre_run_command_on_login_node_points_at_its_output(
     job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "echo x\n"), config=config))
     final = _wait_final(backend, job_id)
     assert final.state == RunState.FAILED
-    assert "PreRunCommandOnLoginNode" in final.reason and "mantik-login.log" in final.reason
-    assert "exit code 1" in final.reason
+    assert "PreRunCommandOnLoginNode" in final.reason and "exit code 1" in final.reason
+    # Its output, as the Slurm backend shows it: the run's log is empty (no job ran), and
+    # the user had to find and download mantik-login.log to learn why.
+    assert final.reason.endswith(
+        "; the end of mantik-login.log: [mantik] PreRunCommandOnLoginNode[0] | no data here | "
+        "[mantik] PreRunCommandOnLoginNode[0] failed with exit status 1"
+    ), final.reason
     login_log, _ = backend._read(job_id, "mantik-login.log", 0, 10_000)
     assert b"no data here" in login_log
+
+
+def test_the_end_of_a_long_login_log_is_shown_whole_lines(unicore_site, unicore_password, tmp_path):
+    backend = UnicoreBackend(unicore_site.base_url, username=USER, password=unicore_password)
+    config = parse_config(
+        {
+            "UnicoreApiUrl": unicore_site.base_url,
+            "Resources": {"Queue": "batch"},
+            "Environment": {
+                "PreRunCommandOnLoginNode": "for i in $(seq 1000); do echo line $i; done; false"
+            },
+        }
+    )
+    job_id = backend.submit(dataclasses.replace(_prepared(tmp_path, "echo x\n"), config=config))
+    reason = _wait_final(backend, job_id).reason or ""
+    shown = reason.split("the end of mantik-login.log: ", 1)[1].split(" | ")
+    assert shown == [f"line {n}" for n in range(994, 1001)] + [
+        "[mantik] PreRunCommandOnLoginNode[0] failed with exit status 1"
+    ]
 
 
 def test_a_job_over_its_time_limit_ends_as_timeout(

@@ -110,6 +110,7 @@ from .unicore_job import (
     decide,
     exit_code,
     job_description,
+    login_step_failed,
     needs_project,
 )
 from .unicore_transport import (
@@ -127,6 +128,8 @@ ENV_UNICORE_PASSWORD = "MANTIK_UNICORE_PASSWORD"  # noqa: S105 - a variable name
 ENV_UNICORE_TOKEN = "MANTIK_UNICORE_TOKEN"  # noqa: S105 - a variable name
 
 STATE_WORKERS = 8
+# How much of the end of mantik-login.log a failed login-node step's reason shows.
+LOGIN_LOG_TAIL = 1500
 # How often the batch system is asked why a queued job waits (/details: the site's TSI
 # runs `scontrol show job` on a login node each time), per job.
 DETAILS_INTERVAL = 300.0
@@ -553,7 +556,10 @@ class UnicoreBackend(Backend):
             project = None
             if status == "FAILED" and needs_project(message):
                 project = self._project_of(job_id)
-            decided = decide(status, message, code, bss, project)
+            tail = ""
+            if status == "FAILED" and login_step_failed(message):
+                tail = self._login_log_tail(job_id)
+            decided = decide(status, message, code, bss, project, tail)
             if decided.state.is_final:
                 self._waiting.pop(job_id, None)
                 decided = self._with_times(job_id, decided, props.get("consumedTime"))
@@ -638,6 +644,19 @@ class UnicoreBackend(Backend):
             if found is not None:
                 return found
         return None
+
+    def _login_log_tail(self, job_id: str) -> str:
+        """The last lines of mantik-login.log, where a failed login-node step wrote why
+        (the Slurm backend shows them with its refusal); "" when it cannot be read."""
+        try:
+            size = int(self._stat(job_id, layout.LOGIN_LOG_FILE).get("size") or 0)
+            start = max(0, size - LOGIN_LOG_TAIL)
+            self._known_sizes[(job_id, layout.LOGIN_LOG_FILE)] = start
+            data, _ = self._read(job_id, layout.LOGIN_LOG_FILE, start, LOGIN_LOG_TAIL)
+        except MantikError:
+            return ""
+        lines = data.decode(errors="replace").splitlines()
+        return "\n".join(lines[1:] if start and len(lines) > 1 else lines)
 
     def _project_of(self, job_id: str) -> str | None:
         """The budget account a job asked for (its description's ``Project``), to name

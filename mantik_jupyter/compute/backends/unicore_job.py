@@ -18,6 +18,9 @@ from .slurm_words import ended_by_slurm, sbatch_refusal
 # JobProcessor/AsyncCommandProcessor: "Pre-command(s) failed: [Command exited with
 # non-zero exit code: <2>. More information ...]".
 _PRE_COMMAND_FAILED = re.compile(r"Pre-command\(s\) failed:.*?exit code: <(-?\d+)>", re.S)
+# How much of mantik-login.log the reason of a failed login-node step shows.
+LOGIN_TAIL_LINES = 8
+LOGIN_TAIL_CHARS = 800
 # Execution.handleCompleted: a batch job that wrote no exit code (killed by the batch
 # system) fails with this message, and the batch system's details go into the job's log.
 NOT_NORMALLY = "Job did not complete normally on BSS"
@@ -170,10 +173,12 @@ def decide(
     exit_code: int | None,
     bss: Mapping[str, str] | None = None,
     project: str | None = None,
+    login_tail: str = "",
 ) -> JobStatus:
     """One job's status from UNICORE's ``status``, ``statusMessage`` and exit code, and
     the batch system's fields where UNICORE logged them (a job without an exit code).
-    ``project``: the job's ``Project``, to name in a refusal of the account."""
+    ``project``: the job's ``Project``, to name in a refusal of the account;
+    ``login_tail``: the end of mantik-login.log, for a failed login-node step."""
     bss = bss or {}
     bss_state = bss.get("JobState")
     if status in _ACTIVE:
@@ -200,16 +205,30 @@ def decide(
         pre = _PRE_COMMAND_FAILED.match(message.strip())
         if pre:
             # UNICORE's message points at the job directory; say which file to read.
+            # A reason is one line (the run's lists and the CLI show it so).
+            lines = [line.strip() for line in login_tail.splitlines() if line.strip()]
+            tail = " | ".join(lines[-LOGIN_TAIL_LINES:])[-LOGIN_TAIL_CHARS:]
+            said = (
+                f"; the end of {layout.LOGIN_LOG_FILE}: {tail}"
+                if tail
+                else f"; its output is in {layout.LOGIN_LOG_FILE}"
+            )
             return JobStatus(
                 RunState.FAILED,
                 status,
                 None,
                 "unpacking the code or PreRunCommandOnLoginNode failed on the login node "
-                f"(exit code {pre.group(1)}); its output is in {layout.LOGIN_LOG_FILE}",
+                f"(exit code {pre.group(1)}){said}",
             )
         first = message.strip().splitlines()[0] if message.strip() else "FAILED"
         return JobStatus(RunState.FAILED, status, exit_code, first)
     return JobStatus(RunState.UNKNOWN, native_state=status)
+
+
+def login_step_failed(message: str) -> bool:
+    """Whether UNICORE failed the job because the user precommand failed (unpacking the
+    code, PreRunCommandOnLoginNode), whose output is in mantik-login.log."""
+    return _PRE_COMMAND_FAILED.match(message.strip()) is not None
 
 
 def needs_project(message: str) -> bool:
