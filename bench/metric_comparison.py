@@ -1,12 +1,16 @@
 """MetricComparison with 20 runs x 100,000 steps: time to build the figure and points sent
 to the browser, against a figure that sends every point, measured in the same run.
 
-Two parts:
-1. In memory (no network): LTTB + small-multiples figure (a plotly FigureWidget) from the
-   full histories, against the same FigureWidget with all 2,000,000 points.
+Three parts:
+1. In memory (no network): LTTB + small-multiples figure from the full histories, against
+   the same figure with all 2,000,000 points.
 2. End to end against a real ``mlflow server`` whose sqlite store holds the histories
    (bench/_mlflow_seed.py): ``fetch="sampled"`` (server sampling + LTTB, the default) and,
    unless --skip-full, ``fetch="full"`` (every value through get-history, paged).
+3. Unless --skip-kernel, in a real kernel: the bytes of the messages that displaying one
+   comparison (2 runs x 2 metrics) sends to the browser, of its next update, and of the
+   notebook nbconvert executes with it, against the comparison of before (two plotly
+   FigureWidgets, each model carrying plotly's widget bundle) measured in the same run.
 
     PYTHONPATH=. python bench/metric_comparison.py [--runs 20] [--steps 100000]
 """
@@ -47,10 +51,10 @@ def in_memory(data, max_points: int) -> None:
     names = {r: r for r in ids}
     colors = {r: COLORS[i % len(COLORS)] for i, r in enumerate(ids)}
 
-    # Once per kernel: plotly loads its widget bundle and validators on the first
-    # FigureWidget. Reported apart; both builds below run after it.
+    # Once per kernel: plotly loads its validators on the first figure. Reported apart;
+    # both builds below run after it.
     started = time.perf_counter()
-    go.FigureWidget()
+    go.Figure(go.Scatter(x=[0], y=[0]))
     first = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -58,7 +62,7 @@ def in_memory(data, max_points: int) -> None:
         (rid, "loss"): m.build_series(rid, "loss", xy, max_points=max_points)
         for rid, xy in zip(ids, data, strict=True)
     }
-    fig = build_figure(series, ["loss"], ids, names, colors, figure=go.FigureWidget())
+    fig = build_figure(series, ["loss"], ids, names, colors)
     ours = time.perf_counter() - started
     ours_points = sum(len(tr.x) for tr in fig.data)
     ours_bytes = len(fig.to_json())
@@ -68,14 +72,14 @@ def in_memory(data, max_points: int) -> None:
         (rid, "loss"): m.Series(rid, "loss", xy[0], xy[1], len(xy[0]))
         for rid, xy in zip(ids, data, strict=True)
     }
-    base_fig = build_figure(full, ["loss"], ids, names, colors, figure=go.FigureWidget())
+    base_fig = build_figure(full, ["loss"], ids, names, colors)
     base = time.perf_counter() - started
     base_points = sum(len(tr.x) for tr in base_fig.data)
     base_bytes = len(base_fig.to_json())
     print(f"in memory, {len(data)} runs x {len(data[0][0]):,} steps:")
-    print(f"  (once per kernel: the first FigureWidget takes {first:.2f} s)")
+    print(f"  (once per kernel: the first figure takes {first:.2f} s)")
     print(
-        f"  LTTB + FigureWidget: {ours:.2f} s, {ours_points:,} points, "
+        f"  LTTB + figure: {ours:.2f} s, {ours_points:,} points, "
         f"{ours_bytes / 2**20:.1f} MiB of figure JSON (target < 2 s)"
     )
     print(
@@ -154,18 +158,42 @@ def end_to_end(data, max_points: int, skip_full: bool) -> None:
             stop_mlflow_server(server.proc)
 
 
+def in_a_kernel() -> None:
+    from tests.comparison_comms import measure, tracking_env
+
+    with tracking_env() as env:
+        base = measure(env, "FigureWidgetComparison")
+        ours = measure(env)
+    print("in a kernel, one comparison of 2 runs x 2 metrics x 2,000 steps:")
+    for name, cost in (("two FigureWidgets (before)", base), ("plotly mimetype (now)", ours)):
+        print(
+            f"  {name}: displayed {cost.shown / 1e6:.2f} MB, next update "
+            f"{cost.updated / 1e6:.2f} MB, largest message {cost.largest / 1e6:.2f} MB, "
+            f"nbconvert-executed notebook {cost.notebook / 1e6:.2f} MB"
+        )
+    print(
+        f"  ratio: {base.shown / ours.shown:.0f}x fewer bytes to display a comparison, "
+        f"{base.notebook / ours.notebook:.0f}x smaller notebook, "
+        f"an update {ours.updated / base.updated:.2f}x the bytes of before (the whole figure "
+        "as base64 in JSON, where a FigureWidget sent binary changes)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--max-points", type=int, default=m.DEFAULT_MAX_POINTS)
     parser.add_argument("--skip-full", action="store_true", help="skip fetch='full'")
-    parser.add_argument("--skip-server", action="store_true", help="in memory only")
+    parser.add_argument("--skip-server", action="store_true", help="skip the mlflow part")
+    parser.add_argument("--skip-kernel", action="store_true", help="skip the kernel part")
     args = parser.parse_args()
     data = curves(args.runs, args.steps)
     in_memory(data, args.max_points)
     if not args.skip_server:
         end_to_end(data, args.max_points, args.skip_full)
+    if not args.skip_kernel:
+        in_a_kernel()
     assert math.isfinite(data[0][1][0])
 
 

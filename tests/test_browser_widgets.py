@@ -2,7 +2,8 @@
 
 The notebook logs two runs into the lab's embedded MLflow, then displays the widgets; the
 test checks that the table rows and the chart's lines are visible, clicks a row to open
-the details pane and a header to sort. Screenshots go to ``test-artifacts/``.
+the details pane and a header to sort, and changes the comparison's x axis. Screenshots go
+to ``test-artifacts/``.
 """
 
 # The fixtures imported from browser_helpers are the tests' parameters.
@@ -11,6 +12,7 @@ the details pane and a header to sort. Screenshots go to ``test-artifacts/``.
 from __future__ import annotations
 
 import json
+import time
 
 from .browser_helpers import (  # noqa: F401 - fixtures
     ARTIFACTS,
@@ -23,45 +25,11 @@ from .browser_helpers import (  # noqa: F401 - fixtures
     page,
     tracking_ready,
 )
+from .comparison_comms import SEED, notebook
 
 pytestmark = BROWSER_MARKS
 
-SETUP = """\
-import math, time
-from mantik_jupyter.widgets import MetricComparison, RunTable
-from mantik_jupyter.widgets._core import default_service, runs_api
-
-api = runs_api(default_service())
-exp, _ = api.get_or_create_experiment("widgets-demo")
-ids = []
-for name, scale, width in [("baseline", 1.0, 64), ("wider", 0.6, 128)]:
-    rid = api.create_run(exp, run_name=name)["info"]["run_id"]
-    now = int(time.time() * 1000)
-    api.client.api(
-        "POST", "runs/log-batch", run_id=rid,
-        params=[{"key": "width", "value": str(width)}],
-        metrics=[{"key": "loss", "value": scale * math.exp(-s / 60) + 0.02 * math.sin(s),
-                  "step": s, "timestamp": now + 100 * s} for s in range(400)],
-    )
-    api.update_run(rid, status="FINISHED", end_time=now + 40_000)
-    ids.append(rid)
-print("runs ready", len(ids))
-"""
-
-
-def notebook(cells: list[str]) -> dict:
-    return {
-        "cells": [
-            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [],
-             "execution_count": None}
-            for src in cells
-        ],
-        "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }  # fmt: skip
+SETUP = SEED.format(experiment="widgets-demo", steps=400)
 
 
 def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready):
@@ -128,3 +96,16 @@ def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready
     page.locator(".mantik-comparison").first.screenshot(
         path=str(ARTIFACTS / "widgets-metric-comparison.png")
     )
+
+    # The charts are plotly's mimetype in Output widgets (not FigureWidgets, which carried
+    # plotly's 4.6 MB bundle each): both drawn, and redrawn live when the x axis changes.
+    charts = page.locator(".mantik-comparison .js-plotly-plot")
+    expect(charts).to_have_count(2)
+    expect(chart.locator(".xtitle")).to_have_text("step")
+    page.locator(".mantik-comparison button", has_text="Relative time (s)").click()
+    expect(chart.locator(".xtitle")).to_have_text("seconds since start", timeout=UI_TIMEOUT_MS)
+    expect(chart.locator(".scatterlayer .trace path.js-line")).to_have_count(2)
+    # Wall-clock time: a date axis (its first tick names the year), not milliseconds.
+    page.locator(".mantik-comparison button", has_text="Time").first.click()
+    expect(chart.locator(".xtitle")).to_have_text("time", timeout=UI_TIMEOUT_MS)
+    expect(chart.locator(".xtick").first).to_contain_text(str(time.gmtime().tm_year))

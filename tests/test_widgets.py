@@ -370,6 +370,11 @@ def test_comparison_downsamples_full_histories_with_lttb(api, service, curves):
     assert len(traces) == 2 and {tr.name for tr in traces} == {"small", "big"}
     assert all(len(tr.x) == 200 for tr in traces)
     assert "400 of 6,000 points drawn" in comp.note.value
+    # The browser gets the same figure as plotly's mimetype in an Output widget.
+    (shown,) = comp.chart.outputs
+    drawn = shown["data"]["application/vnd.plotly.v1+json"]["data"]
+    assert [tr["name"] for tr in drawn] == [tr.name for tr in traces]
+    assert "plotly chart: loss of 2 runs" in shown["data"]["text/plain"]
 
     # Summary: the best (lowest) final loss is highlighted.
     assert comp.summary.best["loss"] == small and comp.summary.goals["loss"] == "min"

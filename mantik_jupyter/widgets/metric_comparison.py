@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ipywidgets as w
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -25,6 +27,7 @@ from ._core import default_service, runs_api
 
 COLORS = qualitative.Plotly + qualitative.D3
 FETCH_MODES = ("sampled", "full")
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 _HEX = set("0123456789abcdef")
 
 
@@ -110,17 +113,23 @@ class MetricComparison(w.VBox):
             options=[("Step", "step"), ("Time", "time"), ("Relative time (s)", "relative")],
             value=x_axis,
         )
-        self.figure = go.FigureWidget()
-        self.params_figure = go.FigureWidget()
+        # The figures live in the kernel; the browser gets each as plotly's mimetype in an
+        # Output widget, drawn by the jupyterlab-plotly extension. A plotly FigureWidget
+        # carried plotly's whole 4.6 MB widget bundle in its model's state: two of them
+        # made a comparison 10 MB on the wire and in a notebook saved with widget state.
+        self.figure = go.Figure()
+        self.params_figure = go.Figure()
+        self.chart = w.Output()
+        self.params_chart = w.Output()
         self.summary_html = w.HTML()
         self.note = w.HTML()
         super().__init__(
             [
                 w.HBox([self.metric_select, self.x_select]),
-                self.figure,
+                self.chart,
                 self.note,
                 self.summary_html,
-                self.params_figure,
+                self.params_chart,
             ]
         )
         self.add_class("mantik-comparison")
@@ -255,10 +264,6 @@ class MetricComparison(w.VBox):
             for rid in self.run_ids
         }
         figure = build_figure(self.series, keys, self.run_ids, self.names(), self.colors, x_axis)
-        with self.figure.batch_update():
-            self.figure.data = ()
-            self.figure.layout = figure.layout
-            self.figure.add_traces(figure.data)
         sampled = [s for s in self.series.values() if not s.exact]
         total = sum(s.total_points for s in self.series.values())
         self.note.value = (
@@ -281,10 +286,15 @@ class MetricComparison(w.VBox):
             self.goals,
         )
         self.summary_html.value = summary_html(self.summary, self.colors)
-        with self.params_figure.batch_update():
-            build_params_figure(
-                self.infos, self.run_ids, keys[0] if keys else None, figure=self.params_figure
-            )
+        params_figure = build_params_figure(self.infos, self.run_ids, keys[0] if keys else None)
+        self._draw(figure, params_figure)
+
+    def _draw(self, figure: go.Figure, params_figure: go.Figure) -> None:
+        self.figure, self.params_figure = figure, params_figure
+        n = len(self.run_ids)
+        what = f"{', '.join(self.metrics)} of {n} run{'s' if n != 1 else ''}"
+        self.chart.outputs = (plotly_output(figure, what),)
+        self.params_chart.outputs = (plotly_output(params_figure, f"params vs {what}"),)
 
     def _on_metrics(self, change) -> None:
         if change["new"]:
@@ -328,6 +338,21 @@ class MetricComparison(w.VBox):
         return sum(s.points for s in self.series.values())
 
 
+def plotly_output(figure: go.Figure, what: str) -> dict[str, Any]:
+    """``figure`` as an Output widget's display_data: plotly's mimetype (its data as
+    base64 typed arrays), and a line of text where no plotly renderer is installed."""
+    return {
+        "output_type": "display_data",
+        "data": {
+            PLOTLY_MIME: json.loads(figure.to_json()),
+            "text/plain": f"[plotly chart: {what}. JupyterLab draws it with the "
+            "jupyterlab-plotly extension that `pip install plotly` installs; VS Code "
+            "draws it too.]",
+        },
+        "metadata": {},
+    }
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -339,16 +364,15 @@ def build_figure(
     names: Mapping[str, str],
     colors: Mapping[str, str],
     x_axis: str = "step",
-    figure: go.Figure | None = None,
 ) -> go.Figure:
     """Small multiples: one subplot per metric, one colour per run (shared legend).
 
-    Draws into ``figure`` (e.g. a FigureWidget, emptied first) or a new Figure. Values
-    go in as numpy arrays: plotly validates them at once and sends them as binary."""
+    Values go in as numpy arrays: plotly validates them at once and writes them as
+    base64 typed arrays, not as lists of decimal numbers."""
     n = max(1, len(keys))
     cols = 1 if n == 1 else 2
     rows = math.ceil(n / cols)
-    fig = _empty(figure)
+    fig = go.Figure()
     make_subplots(
         rows=rows,
         cols=cols,
@@ -364,9 +388,9 @@ def build_figure(
             s = series.get((rid, key))
             if s is None or not s.points:
                 continue  # this run never logged the metric
-            x: Any = s.x
-            if x_axis == "time":
-                x = s.x.astype("int64").astype("datetime64[ms]")
+            x: Any = s.x  # time: ms since the epoch, which a date axis reads as such
+            if x_axis == "step" and np.all(np.abs(s.x) < 2**31):
+                x = s.x.astype("int32")  # half the bytes of float64 steps to the browser
             fig.add_trace(
                 go.Scatter(
                     x=x,
@@ -383,7 +407,11 @@ def build_figure(
                 row=row,
                 col=col,
             )
-        fig.update_xaxes(title_text=label, row=row, col=col)
+        # Times as numbers on a date axis: 8 bytes a point, where datetimes went as
+        # 25-character strings.
+        fig.update_xaxes(
+            title_text=label, type="date" if x_axis == "time" else None, row=row, col=col
+        )
     fig.update_layout(
         height=max(320, 280 * rows),
         margin={"l": 50, "r": 20, "t": 40, "b": 40},
@@ -398,7 +426,6 @@ def build_params_figure(
     infos: Mapping[str, RunInfo],
     run_ids: Sequence[str],
     key: str | None,
-    figure: go.Figure | None = None,
 ) -> go.Figure:
     """Params vs the final value of ``key``: parallel coordinates for two or more params
     that vary, a scatter for one.
@@ -408,7 +435,7 @@ def build_params_figure(
     made every update a message that is not JSON (jupyter-client's 'Out of range float
     values are not JSON compliant' warning in whichever cell ran then). The title says
     how many runs were left out and why."""
-    fig = _empty(figure)
+    fig = go.Figure()
     fig.update_layout(height=320, margin={"l": 60, "r": 40, "t": 50, "b": 40})
     if key is None:
         return fig
@@ -474,14 +501,6 @@ def _left_out_note(no_value: int, no_param: int, key: str) -> str:
     if no_param:
         parts.append(f"{no_param} without a plotted param")
     return f"<br><sup>left out: {'; '.join(parts)}</sup>" if parts else ""
-
-
-def _empty(figure: go.Figure | None) -> go.Figure:
-    if figure is None:
-        return go.Figure()
-    figure.data = ()
-    figure.layout = {}
-    return figure
 
 
 def summary_html(summary: m.Summary, colors: Mapping[str, str]) -> str:
