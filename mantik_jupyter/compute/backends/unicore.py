@@ -46,7 +46,7 @@ the lab the RunService hands it back with ``attach(job_id, run_dir)``.
 States: UNICORE's REST API lists jobs only as URLs (``GET /jobs`` answers
 ``{"jobs": [url, ...]}``, see unicorex ``Jobs``/``ServicesBase``), so the list cannot
 give states. ``states()`` therefore asks each job once, narrowed with
-``?fields=status,statusMessage,exitCode``, several jobs in parallel. pyunicore's
+``?fields=status,statusMessage,exitCode,consumedTime``, several jobs in parallel. pyunicore's
 ``Job.exit_code`` turns an exit code of 0 into ``None``; the raw ``exitCode`` property is
 read instead, and ``mantik.exitcode`` in the working directory is the fallback. The
 mapping is in ``docs/states.md``.
