@@ -984,3 +984,40 @@ def test_a_folder_download_interrupted_leaves_nothing_and_can_be_tried_again(tmp
     folder = backend.download(job_id, "out", dest)
     assert folder == dest / "out"
     assert sorted(p.stat().st_size for p in folder.iterdir()) == [3_000_000] * 4
+
+
+def test_a_run_cancelled_while_it_is_submitted_does_not_run(
+    service, tracking, project, mlflow_server, experiment_name
+):
+    # A cancel from the sidebar or another command while the code was uploading marked
+    # the run KILLED, but the submission went on, queued the job and marked the run
+    # QUEUED again: the job ran (without its tracking user, which the cancel removed).
+    other = RunService(tracking, work_dir=service.work_dir.parent / "other")
+    cancelled: list = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "upload" and not cancelled:
+            api = admin_api(mlflow_server)
+            found = api.get_experiment_by_name(experiment_name)
+            (run,) = api.search_runs([found["experiment_id"]])[0]
+            cancelled.append(other.cancel(run["info"]["run_id"]))
+
+    try:
+        with pytest.raises(Conflict) as err:
+            service.submit(
+                project, entry_point="sleep", experiment_name=experiment_name, progress=progress
+            )
+    finally:
+        other.close()
+    (gone,) = cancelled
+    assert gone.state == RunState.KILLED
+    assert "cancelled while it was being submitted" in err.value.message
+    info = service.get(gone.run_id, refresh=False)
+    assert info.state == RunState.KILLED and info.mlflow_status == "KILLED" and info.job_id
+    assert f"job {info.job_id} was cancelled as soon as it was queued" in err.value.message
+    backend = LocalBackend(service.work_dir / "local-runs")
+    backend.attach(info.job_id, info.tags["mantik.run_dir"])
+    deadline = time.monotonic() + 30
+    while not backend.states([info.job_id])[info.job_id].state.is_final:
+        assert time.monotonic() < deadline, "the job of the cancelled run still runs"
+        time.sleep(0.2)

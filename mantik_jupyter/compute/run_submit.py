@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequest, MantikError, PermissionDenied
+from ..errors import Conflict, InvalidRequest, MantikError, PermissionDenied
 from ..tracking.credentials import Credential
 from ..tracking.rest import TrackingClient
 from ..tracking.run_users import (
@@ -309,9 +309,15 @@ class Submitter:
                 TAG_RUN_DIR: backend.run_dir_of(job_id),
                 TAG_STATE: str(RunState.QUEUED),
             }
+            cancelled = _cancelled_meanwhile(api, run_id)
+            if cancelled:
+                job_tags[TAG_STATE] = str(RunState.KILLED)
             # With the job's tags, in one call: a run is never followable unsigned.
             job_tags[TAG_BINDING] = self._sign(run_id, {**tags, **job_tags})
             _record_job(api, run_id, job_tags)
+            if cancelled:
+                wait(pending)
+                raise _stop_cancelled_job(backend, run_id, job_id)
             notes = notes + _artifact_failures(api, run_id, notes, artifacts)
         finally:
             pool.shutdown()
@@ -414,6 +420,32 @@ def _artifact_failures(
     except MantikError as exc:
         log.warning("run %s: could not tag the warning: %s", run_id, exc.message)
     return [note]
+
+
+def _cancelled_meanwhile(api: RunsApi, run_id: str) -> bool:
+    """Whether the run was cancelled while it was being submitted (``RunService.cancel``
+    of a run without a job marks it KILLED: from the sidebar, another command, a
+    colleague), which the submission learns only here, once its job is queued."""
+    try:
+        return run_tags(api.get_run(run_id)).get(TAG_STATE) == RunState.KILLED
+    except MantikError as exc:
+        log.warning("run %s: could not check whether it was cancelled: %s", run_id, exc.message)
+        return False
+
+
+def _stop_cancelled_job(backend: Backend, run_id: str, job_id: str) -> Conflict:
+    """Cancel the job of a run cancelled while it was submitted; the error to raise.
+    Its per-run tracking user went with the cancel: the job could not log anyway."""
+    try:
+        backend.cancel(job_id)
+        stopped = "was cancelled as soon as it was queued"
+    except MantikError as exc:
+        log.warning("run %s: cancelling job %s failed: %s", run_id, job_id, exc.message)
+        stopped = f"could not be cancelled ({exc.message}): cancel it on the cluster"
+    return Conflict(
+        f"Run {run_id} was cancelled while it was being submitted: its job {job_id} "
+        f"{stopped}. The run stays KILLED."
+    )
 
 
 def _submission_failed(
