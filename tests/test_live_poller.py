@@ -227,3 +227,20 @@ def test_a_local_run_is_followed_at_the_callers_pace(service, tmp_path, experime
     reading.join(10)
     assert not waiting.is_alive() and not reading.is_alive()
     stop(poller)
+
+
+def test_a_failed_run_that_wrote_no_log_says_so(
+    service, mlflow_server, user, experiment_name, capsys
+):
+    # A job the site refused wrote no log: `%mantik_submit --wait` printed "The last lines
+    # of its log:" over nothing.
+    from mantik_jupyter.compute.run_record import TAG_REASON
+    from mantik_jupyter.magics import _show_failure
+
+    api = RunsApi(TrackingClient(mlflow_server.uri, user))
+    experiment, _ = api.get_or_create_experiment(experiment_name)
+    tags = {TAG_BACKEND: "unicore", TAG_STATE: str(RunState.FAILED), TAG_REASON: "refused"}
+    run_id = api.create_run(experiment, tags=tags)["info"]["run_id"]
+    _show_failure(service, service.get(run_id, refresh=False))
+    said = capsys.readouterr().out
+    assert "wrote no log: refused" in said and "last lines" not in said, said

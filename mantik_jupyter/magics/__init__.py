@@ -491,7 +491,12 @@ def _show_failure(service: RunService, info: RunInfo) -> None:
         text = tail(service.all_logs(info.run_id).text, FAILURE_LOG_LINES)
     except MantikError as err:
         text = f"(its log cannot be read: {' '.join(err.message.split())})\n"
-    if text and not text.endswith("\n"):
+    if not text.strip():
+        # No job ran (refused by the site, its login-node commands failed): the reason on
+        # its line says why, and an empty "last lines" sent people looking for a log.
+        print(f"mantik: run {ref} failed and wrote no log: {info.reason or 'no reason given'}")
+        return
+    if not text.endswith("\n"):
         text += "\n"
     print(
         f"mantik: run {ref} failed. The last lines of its log:\n{text}"
