@@ -292,7 +292,9 @@ class Submitter:
                     config=config,
                 )
                 if progress:
-                    progress("upload", 0, package.size)
+                    # The total the backends count: every file shipped, not the package
+                    # alone (the bar's total jumped when the first count came).
+                    progress("upload", 0, sum((job_dir / f).stat().st_size for f in job.files))
                 try:
                     job_id = backend.submit(
                         job, progress=(lambda d, t: progress("upload", d, t)) if progress else None
