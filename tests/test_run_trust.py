@@ -215,16 +215,22 @@ def test_a_run_without_binding_or_moved_to_another_job_is_refused(
 ):
     run_id = _running(mine, project, "trust-unsigned")
     api = admin_api(mlflow_server)
-    binding = {t["key"]: t["value"] for t in api.get_run(run_id)["data"]["tags"]}[TAG_BINDING]
-    api.delete_tag(run_id, TAG_BINDING)  # as runs submitted before mantik signed them
-    with pytest.raises(PermissionDenied) as err:
+    tags = {t["key"]: t["value"] for t in api.get_run(run_id)["data"]["tags"]}
+    binding = tags[TAG_BINDING]
+    try:
+        api.delete_tag(run_id, TAG_BINDING)  # as runs submitted before mantik signed them
+        with pytest.raises(PermissionDenied) as err:
+            mine.cancel(run_id)
+        assert "has no mantik.binding tag" in err.value.message
+        # The signature copied along with another job id does not fit.
+        api.set_tags(run_id, {TAG_BINDING: binding, TAG_JOB_ID: "1"})
+        with pytest.raises(PermissionDenied):
+            mine.files(run_id)
+        assert mine.get(run_id).state == RunState.RUNNING
+    finally:
+        # Its job (a 10-minute sleep) is stopped, not left to the rest of the session.
+        api.set_tags(run_id, {TAG_BINDING: binding, TAG_JOB_ID: tags[TAG_JOB_ID]})
         mine.cancel(run_id)
-    assert "has no mantik.binding tag" in err.value.message
-    # The signature copied along with another job id does not fit.
-    api.set_tags(run_id, {TAG_BINDING: binding, TAG_JOB_ID: "1"})
-    with pytest.raises(PermissionDenied):
-        mine.files(run_id)
-    assert mine.get(run_id).state == RunState.RUNNING
 
 
 def test_the_credential_file_is_not_shown_opened_or_downloaded_locally(
