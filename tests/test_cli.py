@@ -141,7 +141,7 @@ def test_help_documents_exit_codes(tmp_path: Path) -> None:
     # `--remote-path code/outputs --local-path ./results` put the files into results/
     # or results/outputs/ depending on whether results/ existed, which no help said.
     download = ok(Mantik(_base_env(tmp_path), tmp_path)("runs", "download", "--help")).stdout
-    assert "unique prefix of it, or its run name" in " ".join(download.split())
+    assert "unique prefix of it, its run name, or 'last'" in " ".join(download.split())
     assert "into a folder that exists, else under this name" in " ".join(download.split())
 
 
