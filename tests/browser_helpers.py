@@ -283,6 +283,23 @@ def start_lab(tmp: Path, extra_args: tuple[str, ...] = ()) -> LabServer:
     )
 
 
+def open_and_run_all(page, lab: LabServer, name: str) -> None:
+    """Open the notebook ``name`` of the lab's root and run all its cells once its kernel
+    is up (the command palette's Run All Cells)."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{lab.base}lab/tree/{name}?token={lab.token}")
+    expect(page.locator(".jp-NotebookPanel")).to_be_visible()
+    # The kernel is up when its status says idle.
+    expect(
+        page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelName")
+    ).not_to_have_count(0)
+    page.wait_for_timeout(1000)
+    page.keyboard.press("Control+Shift+C")
+    page.locator(".lm-CommandPalette-input").fill("Run All Cells")
+    page.locator(".lm-CommandPalette-item").filter(has_text="Run All Cells").first.click()
+
+
 def save_log(server: LabServer, name: str = "jupyter-lab.log") -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copyfile(server.log_path, ARTIFACTS / name)

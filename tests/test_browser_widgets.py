@@ -22,6 +22,7 @@ from .browser_helpers import (  # noqa: F401 - fixtures
     jp_asyncio_loop,
     jp_server_cleanup,
     lab,
+    open_and_run_all,
     page,
     tracking_ready,
 )
@@ -47,17 +48,7 @@ def test_run_table_and_comparison_render_in_a_notebook(page, lab, tracking_ready
             )
         )
     )
-    page.goto(f"{lab.base}lab/tree/dashboards.ipynb?token={lab.token}")
-    notebook_panel = page.locator(".jp-NotebookPanel")
-    expect(notebook_panel).to_be_visible()
-    # The kernel is up when its status says idle.
-    expect(
-        page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelName")
-    ).not_to_have_count(0)
-    page.wait_for_timeout(1000)
-    page.keyboard.press("Control+Shift+C")
-    page.locator(".lm-CommandPalette-input").fill("Run All Cells")
-    page.locator(".lm-CommandPalette-item").filter(has_text="Run All Cells").first.click()
+    open_and_run_all(page, lab, "dashboards.ipynb")
 
     expect(page.get_by_text("runs ready 2")).to_be_visible(timeout=180_000)
     rows = page.locator(".mantik-runtable tr.mantik-w-row")

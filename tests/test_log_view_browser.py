@@ -23,6 +23,7 @@ from .browser_helpers import (  # noqa: F401 - fixtures
     jp_asyncio_loop,
     jp_server_cleanup,
     lab,
+    open_and_run_all,
     page,
 )
 from .test_browser_widgets import notebook
@@ -88,15 +89,7 @@ def test_a_followed_log_shows_the_kernels_text_in_every_view_and_in_the_saved_st
         'print("views asked again", view.resyncs)',
     ]
     path.write_text(json.dumps(notebook(cells)))
-    page.goto(f"{lab.base}lab/tree/follow-log.ipynb?token={lab.token}")
-    expect(page.locator(".jp-NotebookPanel")).to_be_visible()
-    expect(
-        page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelName")
-    ).not_to_have_count(0)
-    page.wait_for_timeout(1000)
-    page.keyboard.press("Control+Shift+C")
-    page.locator(".lm-CommandPalette-input").fill("Run All Cells")
-    page.locator(".lm-CommandPalette-item").filter(has_text="Run All Cells").first.click()
+    open_and_run_all(page, lab, "follow-log.ipynb")
     expect(page.get_by_text(f"followed {MAX_CHARS}")).to_be_visible(timeout=180_000)
 
     log = whole_log()
