@@ -204,6 +204,14 @@ class RunService:
                 infos = [fresh.get(i.run_id, i) for i in infos]
         return infos, token
 
+    def experiments(self) -> builtins.list[dict[str, str]]:
+        """The experiments the user may read, ``{experiment_id, name}``, sorted by name."""
+        found = [
+            {"experiment_id": str(e["experiment_id"]), "name": str(e.get("name") or "")}
+            for e in self._api().search_experiments()
+        ]
+        return sorted(found, key=lambda e: (e["name"].casefold(), e["experiment_id"]))
+
     def sync_found(self, runs: Sequence[Mapping[str, Any]]) -> builtins.list[RunInfo]:
         """``sync`` for runs as the tracking server just gave them (a search): they are
         not fetched again, only those whose state changed are read back."""

@@ -22,7 +22,6 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest
-from ..tracking.runs_api import RunsApi
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
@@ -163,15 +162,7 @@ class ExperimentsHandler(RunsBaseHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.write_json({"experiments": await self.in_thread(self._experiments)})
-
-    def _experiments(self) -> list[dict[str, str]]:
-        api = RunsApi(self.runs.tracking.client())
-        found = [
-            {"experiment_id": str(e["experiment_id"]), "name": str(e.get("name") or "")}
-            for e in api.search_experiments()
-        ]
-        return sorted(found, key=lambda e: (e["name"].casefold(), e["experiment_id"]))
+        self.write_json({"experiments": await self.in_thread(self.runs.experiments)})
 
 
 class RunHandler(RunsBaseHandler):
