@@ -185,20 +185,17 @@ open("later/up/notebook.ipynb", "w").write("from the run\\n")
 """
 
 
-def check_no_write_through_a_landed_link(
-    service: RunService, run_id: str, tmp: Path, *, links_up_land: bool = True
-) -> None:
+def check_no_write_through_a_landed_link(service: RunService, run_id: str, tmp: Path) -> None:
     dest = tmp / "dest"
     dest.mkdir(parents=True)
     mine = dest / "notebook.ipynb"
     mine.write_text("my notebook\n")
     first = service.download(run_id, "code/outputs", dest)
     link = first.path / "up"
-    if not links_up_land:
-        # Slurm over SSH keeps only links that point down (ssh_files): this one is put
-        # there as a local download, or the user, would have.
-        assert not link.is_symlink()
-        link.symlink_to("..")
+    # A download keeps only links that point down (paths.link_points_down): this one is
+    # put there as an older version, or the user, would have.
+    assert not link.is_symlink()
+    link.symlink_to("..")
     assert link.is_symlink() and link.resolve() == dest.resolve()
     # The name 'up' comes from the run, not from the user: the link it finds at
     # outputs/up (to dest itself) is not a folder to write into, not even to replace.
@@ -240,4 +237,4 @@ def test_slurm_download_writes_not_through_a_landed_link(
     config = slurm_config(slurm_cluster, remote_base)
     project = script_project(tmp_path, "links", LINK_THEN_FOLDER, config)
     run_id = finished_run(service, project, experiment_name)
-    check_no_write_through_a_landed_link(service, run_id, tmp_path / "ssh", links_up_land=False)
+    check_no_write_through_a_landed_link(service, run_id, tmp_path / "ssh")

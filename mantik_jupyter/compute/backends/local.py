@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -54,7 +55,7 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,7 +65,14 @@ from ..run_pace import LOCAL_BACKEND
 from ..script import login_commands_script
 from ..states import RunState
 from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
-from .paths import clean_relative, safe_name, save_stream, staged_folder
+from .paths import (
+    LINK_SKIPPED,
+    clean_relative,
+    link_points_down,
+    safe_name,
+    save_stream,
+    staged_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -657,29 +665,22 @@ class LocalBackend(Backend):
         a folder lands as ``dest/<name>`` (or ``dest``) and never merges into one."""
         root, target, rel = self._confined(job_id, path)
         dest = Path(dest)
-        name = target.name if rel else root.name
+        name = posixpath.basename(rel) if rel else root.name
         final = dest / name if dest.is_dir() else dest
         final.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             total = _tree_size(target)
             copied = [0]
 
-            def copy(src: str, dst: str) -> None:
-                shutil.copy2(src, dst)
-                copied[0] += os.path.getsize(src)
+            def count(size: int) -> None:
+                copied[0] += size
                 if progress:
-                    progress(copied[0], total)
+                    progress(copied[0], max(total, copied[0]))
 
             with staged_folder(final, name) as staging:
-                shutil.copytree(
-                    target,
-                    staging / name,
-                    symlinks=True,
-                    ignore=_links_leaving(root),
-                    copy_function=copy,
-                )
+                _copy_folder(target, staging / name, root, count)
             if progress:
-                progress(total, total)
+                progress(copied[0], max(total, copied[0]))
             return final
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
@@ -937,20 +938,44 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _links_leaving(root: Path):
-    """copytree's ``ignore`` for a folder download: links leading out of the run, and
-    the run's credential file (while a job has not read it yet)."""
-
-    def ignore(directory: str, names: list[str]) -> list[str]:
-        skipped = []
-        for name in names:
-            if name == layout.CREDENTIALS_FILE and Path(directory) == root:
-                skipped.append(name)
-                continue
-            path = Path(directory) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                log.warning("download: skipped %s (a link leading out of the run)", path)
-                skipped.append(name)
-        return skipped
-
-    return ignore
+def _copy_folder(src: Path, dst: Path, root: Path, copied: Callable[[int], None]) -> None:
+    """``src`` copied to ``dst`` as the SSH backend's tar download lands it: links only
+    where they point down (``link_points_down``), no special files, no credential file
+    of the run (``root``). A file or folder the job removes meanwhile (a running job
+    replacing its checkpoint) is skipped: copytree failed the whole download for it,
+    telling the user that the destination could not be written."""
+    dst.mkdir()
+    try:
+        with os.scandir(src) as found:
+            entries = sorted(found, key=lambda e: e.name)
+    except FileNotFoundError:
+        dst.rmdir()
+        log.warning("download: skipped %s (removed while it was downloaded)", src)
+        return
+    for entry in entries:
+        path, out = Path(entry.path), dst / entry.name
+        if entry.name == layout.CREDENTIALS_FILE and src == root:
+            continue  # stays in the run: a job that has not started yet reads it
+        try:
+            if entry.is_symlink():
+                link = os.readlink(path)
+                if link_points_down(link):
+                    os.symlink(link, out)
+                else:
+                    log.warning(LINK_SKIPPED, path, link)
+            elif entry.is_dir(follow_symlinks=False):
+                _copy_folder(path, out, root, copied)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copy2(path, out, follow_symlinks=False)
+                copied(out.stat().st_size)
+            else:
+                log.warning("download: skipped %s (not a file, folder or link)", path)
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise  # the destination's trouble, not the run's
+            out.unlink(missing_ok=True)
+            log.warning("download: skipped %s (removed while it was downloaded)", path)
+    try:
+        shutil.copystat(src, dst, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # removed meanwhile; what was in it arrived

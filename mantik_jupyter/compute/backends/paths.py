@@ -52,6 +52,20 @@ def clean_relative(path: str) -> str:
     return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
+# The warning for a link ``link_points_down`` refuses: its name, then where it points.
+LINK_SKIPPED = "download: skipped %s (a link to %r: only links down into the folder are kept)"
+
+
+def link_points_down(target: str) -> bool:
+    """Whether a folder download keeps a symbolic link to ``target``: only one that points
+    down into the folder (relative, no ``..``); the others are skipped. Where a link with
+    ``..`` leads depends on how much of the run was downloaded (``outputs/x -> ../code``
+    leaves a download of ``outputs``) and on the links it passes through: chains of links
+    outwit a check of the resolved path (CVE-2025-4517). A link that only points down
+    cannot lead out, however links chain, and lands the same from every backend."""
+    return not target.startswith("/") and ".." not in target.split("/")
+
+
 def save_stream(
     chunks: Iterable[bytes],
     final: Path,

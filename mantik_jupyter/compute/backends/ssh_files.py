@@ -36,7 +36,7 @@ from ...errors import (
 )
 from .. import layout
 from .base import FileEntry, Progress, describe_error
-from .paths import clean_relative, save_stream, staged_folder
+from .paths import LINK_SKIPPED, clean_relative, link_points_down, save_stream, staged_folder
 from .ssh_connection import CONNECTION_ERRORS, SshConnection, read_line, rest_of_stderr
 
 log = logging.getLogger(__name__)
@@ -458,19 +458,11 @@ class _CountingReader(io.RawIOBase):
 def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
     out), but skipping such a member instead of failing the download: run directories
-    often hold venvs whose links point to the cluster's own interpreters.
-
-    A symbolic link must also point down, without "..": the filter decides where a link
-    leads with ``os.path.realpath`` of the folder as extracted so far, which chains of
-    links with long names can outwit (CVE-2025-4517, fixed in Python 3.11.13 and
-    3.12.11). Links that only point down cannot lead out, however they chain."""
-    if member.issym() and (
-        member.linkname.startswith("/") or ".." in member.linkname.split("/")
-    ):
-        log.warning(
-            "download: skipped %s (a link to %r: only links down into the folder are kept)",
-            member.name, member.linkname,
-        )  # fmt: skip
+    often hold venvs whose links point to the cluster's own interpreters. A symbolic link
+    must also point down (``link_points_down``): the filter's own check of where a link
+    leads can be outwitted (CVE-2025-4517, fixed in Python 3.11.13 and 3.12.11)."""
+    if member.issym() and not link_points_down(member.linkname):
+        log.warning(LINK_SKIPPED, member.name, member.linkname)
         return None
     try:
         return tarfile.data_filter(member, dest)

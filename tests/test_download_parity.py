@@ -1,0 +1,114 @@
+"""A run's folder lands the same from every backend: against a real MLflow server, with
+the local backend and with Slurm over SSH on the loopback cluster.
+
+The local backend kept links that the SSH download skips: a download of ``outputs``
+landed ``outputs/secret -> ../secret.txt``, a link leading out of what was downloaded
+(to a file of the user's, wherever the folder landed), and it failed on a named pipe
+and on a file that a running job removed while the folder was copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mantik_jupyter.compute.runs import RunService
+
+from .runs_helpers import remote_run_dirs, script_project, slurm_config
+from .test_download_clash import finished_run, no_staging_left
+
+LOCAL = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
+
+LINKS = """\
+import os
+os.makedirs("outputs/run 1", exist_ok=True)
+open("outputs/run 1/data ü.txt", "w").write("forecast\\n")
+open("secret.txt", "w").write("beside outputs, not in it\\n")
+os.symlink("run 1/data ü.txt", "outputs/latest ü")
+os.symlink("../secret.txt", "outputs/secret")
+os.symlink(os.path.abspath("secret.txt"), "outputs/absolute")
+os.symlink("../../..", "outputs/root")
+os.symlink("../data ü.txt", "outputs/run 1/up")
+os.mkfifo("outputs/pipe")
+"""
+
+
+def check_only_links_down_land(
+    service: RunService, run_id: str, tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tmp.mkdir()
+    with caplog.at_level(logging.WARNING):
+        got = service.download(run_id, "code/outputs", tmp).path
+    assert sorted(str(p.relative_to(got)) for p in got.rglob("*")) == [
+        "latest ü",
+        "run 1",
+        "run 1/data ü.txt",
+    ]
+    assert os.readlink(got / "latest ü") == "run 1/data ü.txt"
+    assert (got / "latest ü").read_text() == "forecast\n"
+    said = caplog.text
+    for name in ("secret", "absolute", "root", "run 1/up"):
+        assert f"outputs/{name} (a link to" in said, said
+    # The whole run: the same rule, from the run directory down.
+    whole = service.download(run_id, "", tmp / "whole").path
+    outputs = whole / "code" / "outputs"
+    assert (outputs / "latest ü").is_symlink() and not os.path.lexists(outputs / "secret")
+    assert (whole / "code" / "secret.txt").is_file()
+    no_staging_left(tmp)
+
+
+def test_a_local_folder_download_keeps_only_links_that_point_down(
+    service, tracking, tmp_path, experiment_name, caplog
+):
+    project = script_project(tmp_path, "links", LINKS, LOCAL)
+    run_id = finished_run(service, project, experiment_name)
+    check_only_links_down_land(service, run_id, tmp_path / "local", caplog)
+
+
+@pytest.fixture(scope="module")
+def remote_base(slurm_cluster):
+    yield from remote_run_dirs(slurm_cluster, "parity")
+
+
+@pytest.mark.slurm
+def test_a_slurm_folder_download_keeps_only_links_that_point_down(
+    service, slurm_cluster, remote_base, tmp_path, experiment_name, caplog
+):
+    project = script_project(tmp_path, "links", LINKS, slurm_config(slurm_cluster, remote_base))
+    run_id = finished_run(service, project, experiment_name)
+    check_only_links_down_land(service, run_id, tmp_path / "ssh", caplog)
+
+
+CHECKPOINTS = """\
+import os
+os.makedirs("outputs/epoch-2", exist_ok=True)
+for name in ("ckpt-1.pt", "ckpt-2.pt", "ckpt-3.pt", "epoch-2/state.pt"):
+    open(f"outputs/{name}", "w").write(name)
+"""
+
+
+def test_a_local_folder_download_skips_what_the_job_removes_meanwhile(
+    service, tracking, tmp_path, experiment_name, caplog
+):
+    # A run still training replaces its checkpoints: a file listed but gone before it was
+    # copied failed the whole download, as a destination that could not be written.
+    project = script_project(tmp_path, "ckpt", CHECKPOINTS, LOCAL)
+    run_id = finished_run(service, project, experiment_name)
+    outputs = Path(service.get(run_id).tags["mantik.run_dir"]) / "code" / "outputs"
+
+    def job_goes_on(done: int, total: int) -> None:
+        # After the first file (ckpt-1.pt) arrived, as the job would between two reads.
+        for gone in (outputs / "ckpt-2.pt", outputs / "epoch-2" / "state.pt"):
+            gone.unlink(missing_ok=True)
+        if (outputs / "epoch-2").exists():
+            (outputs / "epoch-2").rmdir()
+
+    with caplog.at_level(logging.WARNING):
+        got = service.download(run_id, "code/outputs", tmp_path, progress=job_goes_on).path
+    assert sorted(p.name for p in got.iterdir()) == ["ckpt-1.pt", "ckpt-3.pt"]
+    assert "ckpt-2.pt (removed while it was downloaded)" in caplog.text, caplog.text
+    no_staging_left(tmp_path)
