@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import posixpath
 import pwd
@@ -353,4 +354,25 @@ def test_a_folder_download_keeps_only_links_that_point_down(slurm_cluster, tmp_p
         assert not (got / "sub" / "up").exists() and not (got / "sub" / "up").is_symlink()
     finally:
         b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_folder_download_of_files_still_being_written_arrives(slurm_cluster, tmp_path, caplog):
+    # A run still running writes as it is downloaded: tar says "file changed as we read it"
+    # and exits with 1, and the download failed with "tar ... failed", leaving nothing.
+    top = f"{slurm_cluster.remote_dir}/growing-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    try:
+        b._run(
+            f"mkdir -p {top}/out && head -c 20000000 /dev/zero > {top}/out/big.bin && cd {top}"
+            " && (nohup sh -c 'while [ ! -e stop ]; do echo x >> out/big.bin; done'"
+            " >/dev/null 2>&1 &)",
+            "starting a writer",
+        )
+        with caplog.at_level(logging.WARNING):
+            got = b.files.download(top, "out", tmp_path / "dest")
+        assert (got / "big.bin").stat().st_size >= 20_000_000
+        assert "changed while it was read" in caplog.text, caplog.text
+    finally:
+        b._run(f"touch {top}/stop; sleep 0.5; rm -rf {top}", "cleaning up")
         b.close()

@@ -369,7 +369,12 @@ class SshRunFiles:
                 ) from None
             finally:
                 channel.close()
-            if status != 0:
+            if status == 1:
+                # GNU tar's "some files differ": a file changed or went while it was read,
+                # as those of a run still running do (its log grows). Each file arrived as
+                # it was when read; failing the download left nothing to look at.
+                log.warning("download: %s changed while it was read: %s", target, err)
+            elif status != 0:
                 raise BackendRejected(f"tar of {target} on {self.ssh.hostname} failed: {err}")
         return final
 
