@@ -146,7 +146,10 @@ def test_unicore_lifecycle_with_a_mantik_config(
     files = {e.path for e in service.files(info.run_id)}
     assert {"prepared.txt", "post.txt", "mantik.log", "mantik-login.log", "code"} <= files
     assert ".mantik-credentials" not in files
+    (tmp_path / "whole").mkdir()
     folder = service.download(info.run_id, "", tmp_path / "whole").path
+    # Named after the run, as the local and Slurm backends name it, not after the job.
+    assert folder == tmp_path / "whole" / info.run_id
     assert not list(folder.rglob("pwned*"))
     assert (folder / "code" / "outputs" / "forecast.csv").is_file()
     assert "[mantik] PreRunCommandOnLoginNode[0]" in (folder / "mantik-login.log").read_text()

@@ -459,7 +459,9 @@ class RunService:
         _not_credentials(run, rel)
         final = target
         try:
-            name = posixpath.basename(rel) if rel else backend.download_name(job_id)
+            # The whole run lands under the run's id with every backend, as the SSH and
+            # local run directories are named; UNICORE's is named after its job.
+            name = posixpath.basename(rel) if rel else run["info"]["run_id"]
             final = target if exact else landing_spot(target, name)
             if os.path.lexists(final):
                 entry = self._entry(backend, job_id, rel)

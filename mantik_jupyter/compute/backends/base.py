@@ -9,7 +9,6 @@ tracking. Backends declare what they can do through ``capabilities``.
 from __future__ import annotations
 
 import abc
-import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +127,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         """Stream one file of the run directory in chunks."""
-
-    def download_name(self, job_id: str) -> str:
-        """The name a download of the whole run directory lands under (``download``
-        names it so): the run directory's own name."""
-        return posixpath.basename(self.run_dir_of(job_id).rstrip("/")) or job_id
 
     def run_dir_of(self, job_id: str) -> str:
         """Where the job's run directory is (a path or URL on the backend's machine), to

@@ -823,9 +823,6 @@ class UnicoreBackend(Backend):
                 f"Lost the UNICORE site {self.api_url} while reading {rel}: {describe_error(exc)}"
             ) from None
 
-    def download_name(self, job_id: str) -> str:
-        return job_id  # the storage's URL ends in its own id, not the job's
-
     def download(
         self, job_id: str, path: str, dest: Path, progress: Progress | None = None
     ) -> Path:
