@@ -154,8 +154,7 @@ def test_refused_submission_names_the_config_key(
     with pytest.raises(ConfigError) as caught:
         service.submit(project, params={"epochs": "1"}, experiment_name=experiment_name)
     message = caught.value.message
-    assert named in message and str(path) in message, message
-    assert "sbatch: error:" in message  # Slurm's own words stay
+    assert f"{named} in {path.name}: sbatch: error:" in message, message  # Slurm's words stay
     newest = service.list(experiment_name=experiment_name)[0][0]
     assert newest.state == RunState.FAILED and newest.reason and named in newest.reason
 
@@ -335,13 +334,18 @@ def test_sshd_down_is_unknown_then_recovers_after_a_lab_restart(
 def test_slurm_runtime_exceeded_is_timeout(
     service, project, slurm_cluster, remote_base, experiment_name
 ):
-    write_config(project, cluster_config(slurm_cluster, remote_base, Runtime="1m"))
-    info = service.submit(project, entry_point="sleep", experiment_name=experiment_name)
+    # Not the default config: the reason named compute-backend-config.yaml whatever file
+    # the run was submitted with.
+    config = cluster_config(slurm_cluster, remote_base, Runtime="1m")
+    write_config(project, config, "short.yml")
+    info = service.submit(
+        project, backend_config="short.yml", entry_point="sleep", experiment_name=experiment_name
+    )
     final = wait_for(service, info.run_id, FINAL, timeout=240)
     assert final.state == RunState.FAILED and final.tags["mantik.native_state"] == "TIMEOUT"
     # It read "TIMEOUT": Slurm's word, without the limit or what to change.
     assert "time limit of 00:01:00 reached" in final.reason
-    assert "Raise Resources.Runtime in compute-backend-config.yaml" in final.reason
+    assert "Raise Resources.Runtime in short.yml (at most" in final.reason, final.reason
     assert final.mlflow_status == "FAILED"
     # Slurm's SIGTERM left the credential file to a requeue; the run's end removed it.
     assert ".mantik-credentials" not in {e.path for e in service.files(info.run_id)}

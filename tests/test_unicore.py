@@ -394,11 +394,11 @@ def test_an_existing_mantik_unicore_config_maps_onto_a_job_description(tmp_path,
         ("FAILED", "Job aborted.", None, RunState.KILLED, "CANCELLED"),
         ("FAILED", "TIMEOUT: the job exceeded its run time limit", None, RunState.FAILED,
          "Slurm ended the job: time limit reached. Raise Resources.Runtime in "
-         "compute-backend-config.yaml (at most the partition's limit, `sinfo -o '%P %l'`) "
+         "the run's compute backend config (at most the partition's limit, `sinfo -o '%P %l'`) "
          "and submit the run again."),
         ("FAILED", "Slurm: OUT_OF_MEMORY", 137, RunState.FAILED, "Slurm ended the job: out of "
          "memory (the job used more than what it asked for, Resources.MemoryPerNode). Raise "
-         "Resources.MemoryPerNode in compute-backend-config.yaml (at most a node's memory, "
+         "Resources.MemoryPerNode in the run's compute backend config (at most a node's memory, "
          "`sinfo -o '%P %m'` in MB) and submit the run again."),
         ("FAILED", "Pre-command(s) failed: [Could not setup pre-command: no TSI]\nmore", None,
          RunState.FAILED, "Pre-command(s) failed: [Could not setup pre-command: no TSI]"),

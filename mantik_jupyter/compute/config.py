@@ -249,6 +249,8 @@ class ComputeConfig:
     warnings: tuple[str, ...] = ()
     # Slurm --account / UNICORE Project. From the file, else MANTIK_COMPUTE_BUDGET_ACCOUNT.
     compute_budget_account: str | None = None
+    # The file as messages name it, the one the user edits (``config_name``).
+    name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config in canonical (new-key) form, without secrets.
@@ -289,8 +291,25 @@ def find_config(directory: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def load_config(path: str | os.PathLike[str]) -> ComputeConfig:
-    """Read, validate and normalise one config file; raise ``ConfigError`` listing all faults."""
+def config_name(path: str | os.PathLike[str], project: str | os.PathLike[str] | None) -> str:
+    """How messages name a config file: relative to the project folder when it lies in it
+    (``slurm.yml``, ``configs/juwels.json``: as the user gives it and the sidebar lists
+    it), else its full path. Messages said "compute-backend-config.yaml" whatever the
+    file, and a user who submitted with another config edited the wrong one."""
+    source = Path(os.path.abspath(path))
+    if project is not None:
+        base = Path(os.path.abspath(project))
+        for inside, folder in ((source, base), (source.resolve(), base.resolve())):
+            if inside.is_relative_to(folder) and inside != folder:
+                return inside.relative_to(folder).as_posix()
+    return str(source)
+
+
+def load_config(
+    path: str | os.PathLike[str], project: str | os.PathLike[str] | None = None
+) -> ComputeConfig:
+    """Read, validate and normalise one config file; raise ``ConfigError`` listing all faults.
+    ``project``: the project folder it is used with, for its ``name`` (``config_name``)."""
     source = Path(path)
     text = _read_text(source)
     if source.suffix.lower() == ".json":
@@ -302,12 +321,12 @@ def load_config(path: str | os.PathLike[str]) -> ComputeConfig:
             f"{source}: unsupported config file type {source.suffix or '(none)'!r}; "
             "use a .yaml, .yml or .json file"
         )
-    return _build(document, source)
+    return _build(document, source, config_name(source, project))
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> ComputeConfig:
     """Validate a config already read into a mapping (no line numbers in messages)."""
-    return _build(_Document(data), Path(source))
+    return _build(_Document(data), Path(source), source)
 
 
 def parse_memory(value: int | float | str) -> int:
@@ -803,7 +822,7 @@ _ENVIRONMENT_KEYS = (
 _APPTAINER_KEYS = ("Path", "Type", "Options")
 
 
-def _build(document: _Document, source: Path) -> ComputeConfig:
+def _build(document: _Document, source: Path, name: str) -> ComputeConfig:
     ck = _Checker(document, source)
     for duplicate in document.duplicates:
         ck.error(duplicate, "is given twice; YAML would silently keep only the last one")
@@ -860,6 +879,7 @@ def _build(document: _Document, source: Path) -> ComputeConfig:
         exclude=exclude,
         warnings=tuple(message for message, _ in ck.notes),
         compute_budget_account=account,
+        name=name,
     )
 
 

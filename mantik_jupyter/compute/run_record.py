@@ -18,6 +18,8 @@ tag                         meaning
                             and only the run user it names is deleted. Made when the run is
                             created (no job yet), made again with the job's tags
 ``mantik.entry_point``      MLproject entry point; ``mantik.source``: cli|notebook|lab|api
+``mantik.config``           the compute backend config file as messages name it (relative
+                            to the project when in it): the file the user edits
 ``mantik.user``             submitting tracking user; ``mantik.run_user``: per-run user
 ``mantik.package_sha256``   digest of the code archive
 ``mantik.git_commit``       ``git rev-parse HEAD`` and ``mantik.git_dirty`` (true/false)
@@ -76,6 +78,7 @@ TAG_NATIVE_STATE = "mantik.native_state"
 TAG_STATE_MESSAGE = "mantik.state_message"
 TAG_WARNING = "mantik.warning"
 TAG_PROJECT = "mantik.project"
+TAG_CONFIG = "mantik.config"
 
 SOURCES = ("cli", "notebook", "lab", "api")
 ACTIVE_STATES = (RunState.SUBMITTING, RunState.QUEUED, RunState.RUNNING, RunState.UNKNOWN)

@@ -57,6 +57,7 @@ from .run_record import (
     TAG_BACKEND,
     TAG_BACKEND_SPEC,
     TAG_BINDING,
+    TAG_CONFIG,
     TAG_ENTRY_POINT,
     TAG_JOB_ID,
     TAG_PROJECT,
@@ -140,7 +141,7 @@ class Submitter:
             )
         # Everything the user can get wrong is checked before anything is created.
         project_path = resolve_project(project_dir, root_dir)
-        config = load_config(resolve_config(project_path, backend_config, root_dir))
+        config = load_config(resolve_config(project_path, backend_config, root_dir), project_path)
         spec, backend = self._backend_for(config)
         # The signing key is made (or found unusable) now: the job's tags are signed
         # once it is queued, where a failure would lose the job.
@@ -199,6 +200,7 @@ class Submitter:
                 TAG_SOURCE: source,
                 TAG_SHA: package.sha256,
                 TAG_PROJECT: project.name or project_path.name,
+                TAG_CONFIG: config.name,
                 "mlflow.source.name": str(project_path),
                 "mlflow.source.type": "PROJECT",
                 "mlflow.project.entryPoint": resolved.name,

@@ -12,14 +12,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import AuthenticationFailed, BackendUnavailable, MantikError
 from ..tracking.run_users import admin_client, delete_run_user
 from ..tracking.runs_api import RunsApi, now_ms, run_tags
 from ..tracking.service import TrackingService
-from .backends.base import Backend, JobStatus
+from .backends.base import Backend, JobStatus, name_config
 from .run_record import (
     ACTIVE_STATES,
     ARTIFACT_LOG,
@@ -27,6 +27,7 @@ from .run_record import (
     MLFLOW_STATUS_STATE,
     TAG_BACKEND_SPEC,
     TAG_BINDING,
+    TAG_CONFIG,
     TAG_EXIT_CODE,
     TAG_JOB_ID,
     TAG_NATIVE_STATE,
@@ -146,7 +147,12 @@ class RunSync:
             with self._lock:
                 self._pauses.pop(spec, None)
             for run in group:
-                status = statuses.get(run_tags(run)[TAG_JOB_ID], JobStatus(RunState.UNKNOWN))
+                tags = run_tags(run)
+                status = statuses.get(tags[TAG_JOB_ID], JobStatus(RunState.UNKNOWN))
+                if status.reason:
+                    status = replace(
+                        status, reason=name_config(status.reason, tags.get(TAG_CONFIG))
+                    )
                 if self._apply(api, backend, run, status):
                     changed.add(run["info"]["run_id"])
         infos = [

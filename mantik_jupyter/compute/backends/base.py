@@ -19,6 +19,22 @@ from ..states import RunState
 Progress = Callable[[int, int], None]
 """A callback ``progress(done_bytes, total_bytes)`` for long transfers."""
 
+# How a job's status names its config file: a backend serves the runs of many config files
+# and, after a restart of the lab, knows a job by its id alone. The RunService, which
+# knows the run, puts the file's name in its place (``name_config``).
+RUN_CONFIG = "the run's compute backend config"
+
+
+def config_file(config: ComputeConfig | None) -> str:
+    """The config file a message about a job being submitted names."""
+    return config.name if config is not None and config.name else RUN_CONFIG
+
+
+def name_config(text: str, name: str | None) -> str:
+    """A backend's words about a run with its config file named (``name``: the one it was
+    submitted with; None for a run from before mantik recorded it)."""
+    return text.replace(RUN_CONFIG, name) if name else text
+
 
 @dataclass(frozen=True)
 class Capabilities:

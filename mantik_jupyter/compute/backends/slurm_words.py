@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from ..config import ENV_COMPUTE_BUDGET_ACCOUNT, ComputeConfig, format_slurm_time
 from ..states import RunState
-from .base import JobStatus
+from .base import RUN_CONFIG, JobStatus, config_file
 
 # Separates the sections of the one combined status command's output.
 MARK = "@@mantik@@"
@@ -160,7 +160,7 @@ def sbatch_culprit(said: str, config: ComputeConfig | None) -> tuple[str, str] |
                 shown = f"({format_slurm_time(value)})"
             else:
                 shown = repr(value)
-            return f"Resources.{key} {shown} in {config.source}", hint
+            return f"Resources.{key} {shown} in {config_file(config)}", hint
     return None
 
 
@@ -168,16 +168,16 @@ def _account_culprit(config: ComputeConfig) -> str:
     account = config.compute_budget_account
     if account is None:
         return (
-            f"ComputeBudgetAccount (not set: {config.source} has none, nor does "
+            f"ComputeBudgetAccount (not set: {config_file(config)} has none, nor does "
             f"{ENV_COMPUTE_BUDGET_ACCOUNT})"
         )
     if os.environ.get(ENV_COMPUTE_BUDGET_ACCOUNT) == account:
         # The file's key wins over the variable; with the same value either may be it.
         return (
-            f"ComputeBudgetAccount {account!r} (in {config.source}, or from "
+            f"ComputeBudgetAccount {account!r} (in {config_file(config)}, or from "
             f"{ENV_COMPUTE_BUDGET_ACCOUNT} when the file sets none)"
         )
-    return f"ComputeBudgetAccount {account!r} in {config.source}"
+    return f"ComputeBudgetAccount {account!r} in {config_file(config)}"
 
 
 def split_sections(text: str) -> dict[str, str]:
@@ -500,7 +500,6 @@ def _said(squeue: list[str] | None, sacct: list[str] | None, context: _Context) 
 
 
 _AGAIN = "Submit the run again; if it keeps happening, tell the site's admins."
-_CONFIG = "compute-backend-config.yaml"
 
 
 def _on(nodes: str) -> str:
@@ -513,14 +512,14 @@ def _ended_by_slurm(word: str, said: _Said) -> str | None:
     if word == "TIMEOUT":
         limit = f"time limit of {said.time_limit}" if said.time_limit else "time limit"
         return (
-            f"Slurm ended the job: {limit} reached. Raise Resources.Runtime in {_CONFIG} "
+            f"Slurm ended the job: {limit} reached. Raise Resources.Runtime in {RUN_CONFIG} "
             "(at most the partition's limit, `sinfo -o '%P %l'`) and submit the run again."
         )
     if word == "OUT_OF_MEMORY":
         asked = f"the {said.memory} " if said.memory else "what "
         return (
             f"Slurm ended the job: out of memory (the job used more than {asked}it asked "
-            f"for, Resources.MemoryPerNode). Raise Resources.MemoryPerNode in {_CONFIG} (at "
+            f"for, Resources.MemoryPerNode). Raise Resources.MemoryPerNode in {RUN_CONFIG} (at "
             "most a node's memory, `sinfo -o '%P %m'` in MB) and submit the run again."
         )
     if word == "NODE_FAIL" or (word == "FAILED" and said.reason == "NodeDown"):

@@ -91,15 +91,27 @@ class SshRunFiles:
     # ---- upload ---------------------------------------------------------------------------
 
     def upload(
-        self, run_dir: str, local_dir: Path, names: list[str], progress: Progress | None
+        self,
+        run_dir: str,
+        local_dir: Path,
+        names: list[str],
+        progress: Progress | None,
+        config: str,
     ) -> None:
-        """The files ``names`` of ``local_dir`` into ``run_dir`` (made, mode 0700)."""
+        """The files ``names`` of ``local_dir`` into ``run_dir`` (made, mode 0700).
+        ``config``: the config file that chose ``run_dir``, as an error names it."""
         self.ssh.with_connection(
-            lambda: self._upload(run_dir, local_dir, names, progress), "uploading the run"
+            lambda: self._upload(run_dir, local_dir, names, progress, config),
+            "uploading the run",
         )
 
     def _upload(
-        self, run_dir: str, local_dir: Path, names: list[str], progress: Progress | None
+        self,
+        run_dir: str,
+        local_dir: Path,
+        names: list[str],
+        progress: Progress | None,
+        config: str,
     ) -> None:
         total = sum((local_dir / n).stat().st_size for n in names)
         done = 0
@@ -126,14 +138,15 @@ class SshRunFiles:
                             progress(done, total)
                     _check_arrived(dst, size)
         except _ShortWrite as short:
-            raise self._write_refused(sftp, target, run_dir, written, str(short)) from None
+            raise self._write_refused(sftp, target, run_dir, written, str(short), config) from None
         except PermissionError as exc:
-            raise self._write_denied(sftp, exc.filename or target, run_dir, written) from None
+            target = exc.filename or target
+            raise self._write_denied(sftp, target, run_dir, written, config) from None
         except OSError as exc:
             if not _refused(sftp, exc):
                 raise
             said = f"the SFTP server answered {str(exc).strip() or 'nothing'!r}"
-            raise self._write_refused(sftp, target, run_dir, written, said) from None
+            raise self._write_refused(sftp, target, run_dir, written, said, config) from None
         finally:
             sftp.close()
         if progress:
@@ -146,6 +159,7 @@ class SshRunFiles:
         run_dir: str,
         written: list[str],
         said: str,
+        config: str,
     ) -> BackendRejected:
         """The error of a write the server refused on a live link. OpenSSH answers a full
         disk, an exceeded quota and a read-only file system alike, with a bare "Failure":
@@ -154,12 +168,17 @@ class SshRunFiles:
         return BackendRejected(
             f"The file system of {target} on {self.ssh.hostname} refused the write "
             f"({said}): is it full or over quota? Free space there, or choose another "
-            "SSH.RemoteDirectory (one on a file system with room, e.g. $SCRATCH) in "
-            f"compute-backend-config.yaml. {left}"
+            f"SSH.RemoteDirectory (one on a file system with room, e.g. $SCRATCH) in {config}. "
+            f"{left}"
         )
 
     def _write_denied(
-        self, sftp: paramiko.SFTPClient, target: str, run_dir: str, written: list[str]
+        self,
+        sftp: paramiko.SFTPClient,
+        target: str,
+        run_dir: str,
+        written: list[str],
+        config: str,
     ) -> PermissionDenied:
         """SFTP's permission error names no path ("[Errno 13] Permission denied"): this
         one names the path and the setting that chose it."""
@@ -167,8 +186,8 @@ class SshRunFiles:
         user = self.ssh.username or "the SSH user"
         return PermissionDenied(
             f"{self.ssh.hostname} denied {user} the right to write {target} while uploading "
-            "the run: choose an SSH.RemoteDirectory that this user may write to in "
-            f"compute-backend-config.yaml, or change the permissions there. {left}"
+            f"the run: choose an SSH.RemoteDirectory that this user may write to in {config}, "
+            f"or change the permissions there. {left}"
         )
 
     @staticmethod

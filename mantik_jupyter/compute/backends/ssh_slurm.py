@@ -63,6 +63,7 @@ from .base import (
     JobStatus,
     PreparedJob,
     Progress,
+    config_file,
     describe_error,
 )
 from .paths import safe_name as _safe_name
@@ -306,7 +307,7 @@ class SshSlurmBackend(Backend):
         timeout = max(self.io_timeout, LOGIN_COMMAND_TIMEOUT) if pre else None
         group: list[str] = []  # the remote command's process group, once it said it
         try:
-            self.files.upload(run_dir, job.local_dir, files, progress)
+            self.files.upload(run_dir, job.local_dir, files, progress, config_file(job.config))
             # Not retried: a dropped link after sbatch ran would otherwise submit twice.
             result = self.ssh.with_connection(
                 lambda: self.ssh.execute(command, timeout, lambda c: group.append(_group(c))),
@@ -319,7 +320,7 @@ class SshSlurmBackend(Backend):
             self._abandon_submission(run_dir, group[0] if group else "", submission)
             raise
         if result.status != 0:
-            self._raise_unpack_failure(result, job.run_id, run_dir)
+            self._raise_unpack_failure(result, job, run_dir)
             self._raise_login_failure(result, job.run_id, run_dir)
             self._raise_if_stopped(
                 result, job.run_id, run_dir, group[0] if group else "", submission
@@ -447,7 +448,7 @@ class SshSlurmBackend(Backend):
                 describe_error(exc),
             )
 
-    def _raise_unpack_failure(self, result: CommandResult, run_id: str, run_dir: str) -> None:
+    def _raise_unpack_failure(self, result: CommandResult, job: PreparedJob, run_dir: str) -> None:
         """The error of unpacking the code on the login node, if that is what failed: it
         was told as sbatch refusing the job, and a full disk or quota (the package fits,
         its contents do not) read as a Slurm problem."""
@@ -456,11 +457,11 @@ class SshSlurmBackend(Backend):
             return
         said = marked[0].strip()
         raise BackendRejected(
-            f"Unpacking the code of run {run_id} into "
+            f"Unpacking the code of run {job.run_id} into "
             f"{posixpath.join(run_dir, layout.CODE_DIR)} on {self.hostname} failed, so no "
             f"job was submitted: {said}\nIf the file system is full or over quota (No "
             "space left on device, Disk quota exceeded), free space there or choose "
-            "another SSH.RemoteDirectory in compute-backend-config.yaml."
+            f"another SSH.RemoteDirectory in {config_file(job.config)}."
         )
 
     def _raise_if_stopped(
