@@ -18,7 +18,7 @@ import pytest
 
 from mantik_jupyter.compute.runs import RunService
 
-from .runs_helpers import remote_run_dirs, script_project, slurm_config
+from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config
 from .test_download_clash import finished_run, no_staging_left
 
 LOCAL = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
@@ -112,3 +112,32 @@ def test_a_local_folder_download_skips_what_the_job_removes_meanwhile(
     assert sorted(p.name for p in got.iterdir()) == ["ckpt-1.pt", "ckpt-3.pt"]
     assert "ckpt-2.pt (removed while it was downloaded)" in caplog.text, caplog.text
     no_staging_left(tmp_path)
+
+
+LINKS_BACK_UP = """\
+import os
+os.makedirs("outputs/plots", exist_ok=True)
+open("outputs/plots/t2m.png", "w").write("a plot\\n")
+os.symlink("..", "outputs/up")
+os.symlink("../../..", "outputs/plots/run")
+"""
+
+
+def test_a_unicore_folder_download_with_links_back_up_ends(
+    service, unicore_site, unicore_login, tmp_path, experiment_name, caplog
+):
+    # UNICORE lists a link to a folder as the folder: the walk went round outputs/up/
+    # outputs/up/... until the path was longer than 4096 bytes, and the download failed.
+    project = script_project(tmp_path, "loops", LINKS_BACK_UP, unicore_config(unicore_site))
+    run_id = finished_run(service, project, experiment_name)
+    with caplog.at_level(logging.WARNING):
+        got = service.download(run_id, "code/outputs", tmp_path).path
+    assert (got / "plots" / "t2m.png").read_text() == "a plot\n"
+    # What the links lead to arrives once, as a copy, never as a link.
+    assert (got / "up" / "main.py").is_file() and not (got / "up").is_symlink()
+    assert not (got / "up" / "outputs").exists()
+    assert "outputs/up/outputs (listed as a folder above it is" in caplog.text, caplog.text
+    whole = service.download(run_id, "", tmp_path / "whole").path
+    assert (whole / "code" / "outputs" / "plots" / "t2m.png").is_file()
+    assert not (whole / "code" / "outputs" / "up").exists()
+    assert not (whole / "code" / "outputs" / "plots" / "run").exists()

@@ -65,13 +65,14 @@ import datetime
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -757,6 +758,10 @@ class UnicoreBackend(Backend):
 
     def list_files(self, job_id: str, path: str = "") -> list[FileEntry]:
         """The entries of one directory of the run (not recursive), directories first."""
+        return _entries(self._listing(job_id, path))
+
+    def _listing(self, job_id: str, path: str) -> dict[str, Any]:
+        """What the site says of the folder ``path`` and of what is in it."""
         rel = clean_relative(path)
         storage = self._storage(job_id)
         try:
@@ -765,17 +770,7 @@ class UnicoreBackend(Backend):
             raise self._missing(job_id, rel) from None
         if not listing.get("isDirectory", "content" in listing):
             raise InvalidRequest(f"{path!r} of the run directory is not a folder")
-        entries = []
-        for name, meta in (listing.get("content") or {}).items():
-            entry_path = clean_relative(name.lstrip("/"))
-            entries.append(
-                FileEntry(
-                    path=entry_path,
-                    size=int(meta.get("size") or 0),
-                    is_dir=bool(meta.get("isDirectory")),
-                )
-            )
-        return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+        return listing
 
     def _stat(self, job_id: str, rel: str) -> dict[str, Any]:
         storage = self._storage(job_id)
@@ -872,19 +867,63 @@ class UnicoreBackend(Backend):
         return final
 
     def _walk(self, job_id: str, rel: str) -> list[tuple[str, int]]:
+        """The files below ``rel``, with their sizes. UNICORE lists a link to a folder as
+        that folder (its TSI stats through links), so a link to a folder above it (a
+        run's ``outputs/up -> ..``) was walked round and round, until the path grew
+        longer than 4096 bytes and the download failed. A folder listed exactly as one
+        above it (every name, kind, size and time alike) is taken for such a link."""
         files: list[tuple[str, int]] = []
-        pending = [rel]
+        pending: list[tuple[str, tuple[Hashable, ...]]] = [(rel, ())]
         while pending:
-            current = pending.pop()
-            for entry in self.list_files(job_id, current):
+            current, above = pending.pop()
+            listing = self._listing(job_id, current)
+            seen = _signature(listing)
+            if seen in above:
+                log.warning(
+                    "download: skipped %s (listed as a folder above it is: a link back up)",
+                    current,
+                )
+                continue
+            for entry in _entries(listing):
                 if entry.is_dir:
-                    pending.append(entry.path)
+                    pending.append((entry.path, (*above, seen)))
                 else:
                     files.append((entry.path, entry.size))
         return files
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def _entries(listing: dict[str, Any]) -> list[FileEntry]:
+    """A folder's listing (``UnicoreBackend._listing``) as entries, directories first."""
+    entries = [
+        FileEntry(
+            path=clean_relative(name.lstrip("/")),
+            size=int(meta.get("size") or 0),
+            is_dir=bool(meta.get("isDirectory")),
+        )
+        for name, meta in (listing.get("content") or {}).items()
+    ]
+    return sorted(entries, key=lambda e: (not e.is_dir, e.path))
+
+
+def _signature(listing: dict[str, Any]) -> Hashable:
+    """What tells a folder from another in a listing: its time, and the name, kind,
+    size and time of each thing in it (paths differ: the same folder reached through
+    a link is listed under the link's path)."""
+    return (
+        listing.get("lastAccessed"),
+        frozenset(
+            (
+                posixpath.basename(name.rstrip("/")),
+                bool(meta.get("isDirectory")),
+                meta.get("size"),
+                meta.get("lastAccessed"),
+            )
+            for name, meta in (listing.get("content") or {}).items()
+        ),
+    )
 
 
 def _assert_login(site: uc.Client) -> None:
