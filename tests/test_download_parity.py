@@ -141,3 +141,29 @@ def test_a_unicore_folder_download_with_links_back_up_ends(
     assert (whole / "code" / "outputs" / "plots" / "t2m.png").is_file()
     assert not (whole / "code" / "outputs" / "up").exists()
     assert not (whole / "code" / "outputs" / "plots" / "run").exists()
+
+
+URL_NAMES = ["report #1.csv", "why?.txt", "%41.txt", "A.txt", "run #3/x 1.txt", "ü/ß.txt"]
+URL_NAMES_MADE = f"""\
+import os
+for name in {URL_NAMES!r}:
+    os.makedirs(os.path.dirname(f"out/{{name}}") or "out", exist_ok=True)
+    open(f"out/{{name}}", "w").write(name)
+"""
+
+
+def test_unicore_files_with_url_characters_in_their_names_download(
+    service, unicore_site, unicore_login, tmp_path, experiment_name
+):
+    # pyunicore puts names into URLs as they are: '#' and '?' cut the path short (a
+    # folder holding 'run #3' failed to download), and '%41.txt' came back as 'A.txt'.
+    project = script_project(tmp_path, "names", URL_NAMES_MADE, unicore_config(unicore_site))
+    run_id = finished_run(service, project, experiment_name)
+    listed = {e.path for e in service.files(run_id, "code/out/run #3")}
+    assert listed == {"code/out/run #3/x 1.txt"}
+    got = service.download(run_id, "code/out", tmp_path).path
+    for name in URL_NAMES:
+        assert (got / name).read_text() == name
+        one = service.download(run_id, f"code/out/{name}", tmp_path / "one" / "x").path
+        assert one.read_text() == name, name
+        one.unlink()

@@ -76,6 +76,7 @@ from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pyunicore import client as uc
@@ -492,7 +493,7 @@ class UnicoreBackend(Backend):
 
             def upload(path: Path = path, name: str = name, headers: dict = headers) -> None:
                 transport.put(
-                    url=workdir._to_file_url(name), headers=headers, content=counting(path)
+                    url=_file_url(workdir, name), headers=headers, content=counting(path)
                 ).close()
 
             self._call(upload, f"uploading {name}")
@@ -709,7 +710,7 @@ class UnicoreBackend(Backend):
     def _read(self, job_id: str, name: str, offset: int, size: int) -> tuple[bytes, bool]:
         """Up to ``size`` bytes of a file from ``offset``; (b"", False) when it is absent."""
         storage = self._storage(job_id)
-        url = storage._to_file_url(name)
+        url = _file_url(storage, name)
         path = uc.PathFile(storage, url, name)
         # UNICORE never answers a Range that starts past the end of the file (its server
         # loops on skip()), so an offset beyond what this backend has read of it is
@@ -765,7 +766,9 @@ class UnicoreBackend(Backend):
         rel = clean_relative(path)
         storage = self._storage(job_id)
         try:
-            listing = self._call(lambda: storage.contents(rel or "/"), f"listing {rel or '/'}")
+            listing = self._call(
+                lambda: storage.transport.get(url=_file_url(storage, rel)), f"listing {rel or '/'}"
+            )
         except NotFound:
             raise self._missing(job_id, rel) from None
         if not listing.get("isDirectory", "content" in listing):
@@ -777,7 +780,7 @@ class UnicoreBackend(Backend):
         try:
             return self._call(
                 lambda: storage.transport.get(
-                    url=storage._to_file_url(rel or "/"), headers={"Accept": "application/json"}
+                    url=_file_url(storage, rel), headers={"Accept": "application/json"}
                 ),
                 f"looking at {rel or 'the run directory'}",
             )
@@ -806,7 +809,7 @@ class UnicoreBackend(Backend):
 
     def _stream(self, job_id: str, rel: str) -> Iterator[bytes]:
         storage = self._storage(job_id)
-        path = uc.PathFile(storage, storage._to_file_url(rel), rel)
+        path = uc.PathFile(storage, _file_url(storage, rel), rel)
         try:
             with path.raw() as resp:
                 if resp.status_code >= 400:
@@ -893,6 +896,14 @@ class UnicoreBackend(Backend):
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def _file_url(storage: uc.Storage, rel: str) -> str:
+    """The URL of ``rel`` in ``storage``, its names percent-encoded. pyunicore's
+    ``_to_file_url`` puts them in as they are: a '#' or '?' in a name cut the path short
+    ('run #3' was not found, and a folder holding it failed to download) and '%41.txt'
+    named another file ('A.txt')."""
+    return storage.resource_url + "/files" + (f"/{quote(rel, safe='/')}" if rel else "")
 
 
 def _entries(listing: dict[str, Any]) -> list[FileEntry]:
