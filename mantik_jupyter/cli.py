@@ -43,6 +43,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .compute.run_record import RunInfo
     from .compute.runs import RunService
     from .tracking.service import TrackingService
 
@@ -106,6 +107,14 @@ class Context:
             getattr(self.args, "tracking_uri", None),
             job_tracking_uri=getattr(self.args, "job_tracking_uri", None) or None,
         )
+
+    def run_json(self, run: RunInfo) -> dict[str, Any]:
+        """A run as the command shows it, with ``mlflow_url``: the link to its page in the
+        MLflow UI, the tracking server's own (no lab around a command)."""
+        from .tracking.service import run_page_url
+
+        url = run_page_url(run.experiment_id, run.run_id, self.runs.tracking.uri)
+        return {**run.to_json(), "mlflow_url": url}
 
     def emit(self, data: Any, human: str | Callable[[], str]) -> None:
         """JSON for scripts (``--json``), text for people; both on stdout."""
@@ -250,10 +259,11 @@ def cmd_submit(ctx: Context) -> int:
     for warning in run.warnings:
         ctx.warn(warning)
     if not args.wait:
+        data = ctx.run_json(run)
         ctx.emit(
-            run.to_json(),
+            data,
             f"Submitted run {run.run_id} ({run.run_name}) to {run.backend}, "
-            f"job {run.job_id}: {run.state}",
+            f"job {run.job_id}: {run.state}\nMLflow: {data['mlflow_url']}",
         )
         return EXIT_OK
     if not ctx.json:
@@ -261,7 +271,8 @@ def cmd_submit(ctx: Context) -> int:
         _follow(ctx, run.run_id, 0)
     with _following(run.run_id):
         final = _wait(ctx, run.run_id)
-    ctx.emit(final.to_json(), lambda: run_details(final.to_json(), full=False))
+    data = ctx.run_json(final)
+    ctx.emit(data, lambda: run_details(data, full=False))
     return EXIT_OK if final.state == "FINISHED" else EXIT_RUN_UNSUCCESSFUL
 
 
@@ -328,7 +339,7 @@ def cmd_list(ctx: Context) -> int:
         # gives a run this installation does not follow its warning.
         refresh=True,
     )
-    data = [r.to_json() for r in runs]
+    data = [ctx.run_json(r) for r in runs]
     ctx.emit(
         {"runs": data, "next_page_token": token},
         lambda: runs_table(data, columns=_terminal_columns()),
@@ -370,7 +381,7 @@ def _terminal_columns() -> int | None:
 
 def cmd_status_run(ctx: Context) -> int:
     ctx.shows_unknown = True
-    run = ctx.runs.get(ctx.args.run).to_json()
+    run = ctx.run_json(ctx.runs.get(ctx.args.run))
     ctx.emit(run, lambda: run_details(run, full=False))
     _warn_of_runs(ctx, [run])
     return EXIT_OK
@@ -378,7 +389,7 @@ def cmd_status_run(ctx: Context) -> int:
 
 def cmd_info(ctx: Context) -> int:
     ctx.shows_unknown = True
-    run = ctx.runs.get(ctx.args.run).to_json()
+    run = ctx.run_json(ctx.runs.get(ctx.args.run))
     ctx.emit(run, lambda: run_details(run, full=True))
     _warn_of_runs(ctx, [run])
     return EXIT_OK
@@ -417,7 +428,7 @@ def cmd_logs(ctx: Context) -> int:
 
 def cmd_cancel(ctx: Context) -> int:
     run = ctx.runs.cancel(ctx.args.run)
-    ctx.emit(run.to_json(), f"Cancelled run {run.run_id} ({run.run_name}): {run.state}")
+    ctx.emit(ctx.run_json(run), f"Cancelled run {run.run_id} ({run.run_name}): {run.state}")
     return EXIT_OK
 
 

@@ -179,6 +179,7 @@ def run_details(run: dict[str, Any], *, full: bool) -> str:
         ("Exit code", run.get("exit_code")),
         ("Backend", run.get("backend")),
         ("Job", run.get("job_id")),
+        ("MLflow", run.get("mlflow_url")),
     ]
     queued, ran = queue_and_run(run)
     if ran is not None:

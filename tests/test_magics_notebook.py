@@ -12,6 +12,7 @@ from typing import Any
 import nbformat
 
 from mantik_jupyter.magics import notebook as nbmod
+from mantik_jupyter.tracking.service import run_page_url
 
 
 def write_notebook(path: Path, *sources: str) -> Path:
@@ -62,12 +63,14 @@ async def test_the_sessions_api_finds_the_notebook_by_kernel_id(
         assert location.how == "sessions API"
         assert location.path == notebook.resolve()
         assert nbmod.lab_base_url(location) == jp_base_url
-        url = nbmod.mlflow_run_url("7", "ab12", nbmod.lab_base_url(location), "http://x")
+        url = run_page_url("7", "ab12", "http://x", nbmod.lab_base_url(location))
         assert url == f"{jp_base_url}mantik/mlflow/#/experiments/7/runs/ab12"
         # A kernel no server knows: no notebook, and the link goes to the tracking server.
         monkeypatch.setattr(nbmod, "kernel_id", lambda: "0000-unknown-kernel")
         assert (await asyncio.to_thread(nbmod.find_notebook)).path is None
-        assert nbmod.mlflow_run_url("7", "ab12", None, "http://t:5000/") == (
+        outside = await asyncio.to_thread(nbmod.lab_base_url)
+        assert outside is None
+        assert run_page_url("7", "ab12", "http://t:5000/", outside) == (
             "http://t:5000/#/experiments/7/runs/ab12"
         )
     finally:

@@ -279,6 +279,9 @@ async def test_submit_follow_download(
     assert run["source"] == "lab"
     assert run["backend"]
     assert "password" not in json.dumps(run).lower()
+    # The link every face shows in a lab: its MLflow proxy, which the browser opens.
+    page = f"#/experiments/{run['experiment_id']}/runs/{run_id}"
+    assert run["mlflow_url"] == f"{jp_base_url}mantik/mlflow/{page}", run
 
     run = await wait_for(jp_fetch, run_id, FINAL)
     assert run["state"] == "FINISHED", run

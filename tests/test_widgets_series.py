@@ -96,15 +96,3 @@ def test_table_queries():
     with pytest.raises(ValueError):
         q.filter_for("", "sleeping")
     assert q.format_duration(59) == "59s" and q.format_duration(3725) == "1h02m"
-
-
-def test_mlflow_link_uses_the_hub_prefix(monkeypatch):
-    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada")
-    assert q.mlflow_ui_url("3", "abc") == "/user/ada/mantik/mlflow/#/experiments/3/runs/abc"
-    assert q.mlflow_ui_url("3", "abc", "/x") == "/x/mantik/mlflow/#/experiments/3/runs/abc"
-    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX")
-    # No lab at all (plain IPython): the tracking server's own UI.
-    monkeypatch.setattr(q, "lab_base_url", lambda: None)
-    assert q.mlflow_ui_url("3", "abc", None, "http://mlflow:5000/") == (
-        "http://mlflow:5000/#/experiments/3/runs/abc"
-    )

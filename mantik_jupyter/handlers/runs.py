@@ -22,6 +22,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest
+from ..tracking.service import run_page_url
 from .base import MantikAPIHandler
 
 if TYPE_CHECKING:
@@ -39,12 +40,15 @@ class RunsBaseHandler(MantikAPIHandler):
         return self.mantik.run_service
 
     def run_json(self, info: RunInfo) -> dict[str, Any]:
-        """A run as JSON, with ``not_followed``: why this installation does not follow it
-        (the message its logs, files, downloads and cancel answer 403 with), else None.
-        The sidebar greys out those actions up front; the run list's warnings say this only
-        for active runs, and only after a sync."""
+        """A run as JSON, with ``mlflow_url`` (its page in the MLflow UI, through this lab)
+        and ``not_followed``: why this installation does not follow it (the message its
+        logs, files, downloads and cancel answer 403 with), else None. The sidebar greys
+        out those actions up front; the run list's warnings say this only for active runs,
+        and only after a sync."""
         out = info.to_json()
         out["not_followed"] = self.runs.not_followed(info)
+        uri = self.runs.tracking.uri
+        out["mlflow_url"] = run_page_url(info.experiment_id, info.run_id, uri, self.base_url)
         return out
 
     def query_str(self, name: str) -> str | None:

@@ -31,6 +31,7 @@ from ..cli import interrupted, positive_int
 from ..compute.run_download import DownloadClash
 from ..compute.states import RunState
 from ..errors import MantikError, NotFound, NotLoggedIn, ProjectError
+from ..tracking.service import run_page_url
 from .args import parse_line
 from .dashboards import DashboardMagics, show_log_view, show_run_table
 from .display import (
@@ -51,7 +52,6 @@ from .notebook import (
     ExecutionLog,
     find_notebook,
     lab_base_url,
-    mlflow_run_url,
     start_dir,
     unsaved_work_warning,
 )
@@ -159,8 +159,8 @@ class MantikMagics(Magics):
         return ref
 
     def _url(self, info: RunInfo, base_url: str | None = None) -> str:
-        service = self._runs()
-        return mlflow_run_url(info.experiment_id, info.run_id, base_url, service.tracking.uri)
+        uri = self._runs().tracking.uri
+        return run_page_url(info.experiment_id, info.run_id, uri, base_url)
 
     def _run(self, info: RunInfo, base_url: str | None = None) -> Run:
         return Run(self._runs(), info, self._url(info, base_url), poll=self.poll_interval)

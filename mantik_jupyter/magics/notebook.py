@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..errors import ProjectError
 
@@ -169,14 +168,6 @@ def lab_base_url(location: NotebookLocation | None = None) -> str | None:
         else:
             _BASE_URLS[kid] = None
     return _BASE_URLS[kid]
-
-
-def mlflow_run_url(experiment_id: str, run_id: str, base_url: str | None, tracking_uri: str) -> str:
-    """The run's page in the MLflow UI: through the lab's proxy when there is a lab."""
-    fragment = f"#/experiments/{quote(experiment_id)}/runs/{quote(run_id)}"
-    if base_url is not None:
-        return f"{base_url.rstrip('/')}/mantik/mlflow/{fragment}"
-    return f"{tracking_uri.rstrip('/')}/{fragment}"
 
 
 # ---- unsaved work ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from ..errors import (
     AuthenticationFailed,
@@ -311,6 +311,23 @@ def check_http_uri(
             "an MLflow tracking server. Write it like http://localhost:5000 or "
             f"https://mlflow.example.org, or leave it unset {unset}."
         )
+
+
+def run_page_url(
+    experiment_id: str, run_id: str, tracking_uri: str, lab_base_url: str | None = None
+) -> str:
+    """The link a user can open to a run's page in the MLflow UI; every face shows this one.
+
+    In a lab (``lab_base_url``: the lab's base URL as its browser sees it, ``/`` or
+    ``/user/ada/``), the lab's MLflow proxy: the browser opens it with the user's Jupyter
+    login, and the proxy adds the tracking credential (the embedded server listens on the
+    lab's loopback, with a password the user never sees). Outside a lab (the CLI, a
+    terminal, a kernel of no lab) only the tracking server's own UI opens."""
+    fragment = f"#/experiments/{quote(experiment_id, safe='')}/runs/{quote(run_id, safe='')}"
+    if lab_base_url is not None:
+        return f"{lab_base_url.rstrip('/')}/mantik/mlflow/{fragment}"
+    bare, _ = split_credential(tracking_uri)  # a password in the URI is never shown
+    return f"{bare.rstrip('/')}/{fragment}"
 
 
 def embedded_store_key(directory: Path) -> str:

@@ -8,7 +8,6 @@ Only the duration column (end - start, which MLflow cannot order by) sorts the l
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -211,46 +210,6 @@ def experiment_ids_for(
             raise NotFound(f"No experiment named {text!r} on {api.client.uri}")
         ids.append(str(found["experiment_id"]))
     return ids
-
-
-def mlflow_ui_url(
-    experiment_id: str,
-    run_id: str,
-    base_url: str | None = None,
-    tracking_uri: str | None = None,
-) -> str:
-    """The run's page in the MLflow UI: through the lab's proxy
-    (``<base_url>mantik/mlflow/#/experiments/<eid>/runs/<rid>``) when there is a lab,
-    else on the tracking server itself."""
-    base = base_url if base_url is not None else lab_base_url()
-    fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if base is None:
-        if tracking_uri:
-            return f"{tracking_uri.rstrip('/')}/{fragment}"
-        base = "/"
-    return f"{base.rstrip('/')}/mantik/mlflow/{fragment}"
-
-
-def lab_base_url() -> str | None:
-    """The lab's base URL as the browser sees it: JupyterHub's prefix, the lab whose
-    sessions know this kernel, the only running lab, or None."""
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
-    if prefix:
-        return prefix if prefix.endswith("/") else prefix + "/"
-    try:
-        from ..magics.notebook import lab_base_url as of_this_kernel
-
-        found = of_this_kernel()
-        if found:
-            return found
-        from jupyter_server.serverapp import list_running_servers
-
-        servers = list(list_running_servers())
-    except Exception:  # noqa: BLE001 - best effort; the link then goes to the tracking server
-        return None
-    if len(servers) == 1:
-        return servers[0].get("base_url") or "/"
-    return None
 
 
 def short_json(value: Any, limit: int = 200) -> str:

@@ -18,10 +18,11 @@ import traitlets as t
 
 from ..cli_format import size
 from ..compute.run_download import DownloadClash
-from ..compute.run_record import ACTIVE_STATES
+from ..compute.run_record import ACTIVE_STATES, RunInfo
 from ..compute.runs import RunService
 from ..errors import MantikError
 from ..tracking.runs_api import RunsApi
+from ..tracking.service import run_page_url
 from . import query as q
 from ._core import default_service, runs_api
 
@@ -53,6 +54,8 @@ class RunTable(w.VBox):
     rows opens the details pane: params, metrics, tags, the log tail, and buttons to
     cancel, download, compare and open the run in the MLflow UI. A run downloads to
     ``mantik-run-<id prefix>`` in ``download_dir`` (default: the working directory).
+    ``base_url``: the lab's base URL as the browser sees it (default: the lab of this
+    kernel, if any), for the links to MLflow (``url_of``).
     """
 
     def __init__(
@@ -291,11 +294,7 @@ class RunTable(w.VBox):
             return None
         from ..magics.display import RunsTable
 
-        uri = self.api.client.uri
-        static = RunsTable(
-            [r.info for r in self.rows],
-            lambda i: q.mlflow_ui_url(i.experiment_id, i.run_id, self.base_url, uri),
-        )
+        static = RunsTable([r.info for r in self.rows], self.url_of)
         bundle["text/plain"] = repr(static)
         bundle["text/html"] = static._repr_html_()
         return bundle
@@ -429,6 +428,15 @@ class RunTable(w.VBox):
         if not self._quiet:
             self._in_background(self._show_details, list(change["new"]))
 
+    def url_of(self, info: RunInfo) -> str:
+        """The link to the run's page in the MLflow UI, as the magics show it: the lab's
+        proxy in a lab, else the tracking server. Not any lab that runs on this machine:
+        a kernel of none (nbconvert, VS Code) got a path of that lab it could not open."""
+        from ..magics.notebook import lab_base_url
+
+        base = self.base_url if self.base_url is not None else lab_base_url()
+        return run_page_url(info.experiment_id, info.run_id, self.api.client.uri, base)
+
     def _show_details(self, run_ids: Sequence[str], with_log: bool = True) -> None:
         rows = [r for r in self.rows if r.run_id in set(run_ids)]
         if not rows:
@@ -438,7 +446,7 @@ class RunTable(w.VBox):
         row = rows[0]
         info = row.info
         self.details.value = details_html(rows)
-        url = q.mlflow_ui_url(info.experiment_id, info.run_id, self.base_url, self.api.client.uri)
+        url = self.url_of(info)
         self.mlflow_link.value = (
             f'<a class="mantik-open-in-mlflow" target="_blank" rel="noopener" '
             f'href="{html.escape(url)}">Open in MLflow UI</a>'
