@@ -680,7 +680,9 @@ class LocalBackend(Backend):
             with staged_folder(final, name) as staging:
                 _copy_folder(target, staging / name, root, count)
             if progress:
-                progress(copied[0], max(total, copied[0]))
+                # Complete, also when what was skipped (links, a removed file) never came.
+                end = max(total, copied[0])
+                progress(end, end)
             return final
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
 
@@ -928,13 +930,16 @@ def _read_code(path: Path) -> int | None:
 
 
 def _tree_size(root: Path) -> int:
+    """The bytes of the files a folder download copies (links are made, not copied)."""
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
+                st = os.lstat(os.path.join(dirpath, name))
             except OSError:
-                pass
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
     return total
 
 
