@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mantik_jupyter.compute.runs import RunService
 
 from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config
 from .test_download_clash import finished_run, no_staging_left
+from .unicore_standin import server
 
 LOCAL = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
 
@@ -170,3 +172,36 @@ def test_unicore_files_with_url_characters_in_their_names_download(
         one = service.download(run_id, f"code/out/{name}", tmp_path / "one" / "x").path
         assert one.read_text() == name, name
         one.unlink()
+
+
+CHECKPOINT_FOLDERS = """\
+import os
+for step in (500, 1000):
+    os.makedirs(f"outputs/checkpoint-{step}", exist_ok=True)
+    open(f"outputs/checkpoint-{step}/model.pt", "w").write(str(step))
+"""
+
+
+def test_a_unicore_folder_download_skips_a_folder_the_job_removes_meanwhile(
+    service, unicore_site, unicore_login, tmp_path, experiment_name, monkeypatch, caplog
+):
+    # A trainer keeping only its last checkpoints removes checkpoint-500 once it wrote
+    # checkpoint-1000: listed, then gone, it failed the whole download ("There is no ...").
+    project = script_project(tmp_path, "ckpt", CHECKPOINT_FOLDERS, unicore_config(unicore_site))
+    run_id = finished_run(service, project, experiment_name)
+    answer = server._Handler._get_file
+    listings: list[str] = []
+
+    def job_goes_on(handler, target: Path, rel: str) -> None:
+        answer(handler, target, rel)
+        if rel.endswith("code/outputs"):
+            listings.append(rel)
+            if len(listings) == 2:  # looked at, then listed for the walk: the job goes on
+                shutil.rmtree(target / "checkpoint-500")
+
+    monkeypatch.setattr(server._Handler, "_get_file", job_goes_on)
+    with caplog.at_level(logging.WARNING):
+        got = service.download(run_id, "code/outputs", tmp_path).path
+    assert [p.name for p in got.iterdir()] == ["checkpoint-1000"]
+    assert (got / "checkpoint-1000" / "model.pt").read_text() == "1000"
+    assert "checkpoint-500 (removed while it was downloaded)" in caplog.text, caplog.text

@@ -879,7 +879,15 @@ class UnicoreBackend(Backend):
         pending: list[tuple[str, tuple[Hashable, ...]]] = [(rel, ())]
         while pending:
             current, above = pending.pop()
-            listing = self._listing(job_id, current)
+            try:
+                listing = self._listing(job_id, current)
+            except NotFound:
+                if current == rel:
+                    raise
+                # A running job replaced it (a trainer keeping its last checkpoints):
+                # the whole download failed, with "There is no ..." for a folder listed.
+                log.warning("download: skipped %s (removed while it was downloaded)", current)
+                continue
             seen = _signature(listing)
             if seen in above:
                 log.warning(
