@@ -21,7 +21,7 @@ from jupyter_server.utils import url_path_join
 from tornado import httputil, web
 
 from mantik_jupyter.app import MantikApp
-from mantik_jupyter.handlers.mlflow_proxy import DROP_REQUEST, DROP_RESPONSE, _Relay
+from mantik_jupyter.handlers.proxy_relay import DROP_REQUEST, DROP_RESPONSE, Relay
 from mantik_jupyter.handlers.upstream import Origin, UpstreamRequest, upstream_pool
 
 
@@ -53,7 +53,7 @@ class FloorRelay(web.RequestHandler):
         target = f"/{path}?{self.request.query}" if self.request.query else f"/{path}"
         request = UpstreamRequest(self.request.method or "GET", target, headers)
         request.body = self.request.body or None
-        await upstream_pool().exchange(origin, request, _Relay(self))  # type: ignore[arg-type]
+        await upstream_pool().exchange(origin, request, Relay(self))
         self.finish()
 
     get = post = _relay

@@ -14,7 +14,7 @@ from .compute.run_pace import SyncPace
 from .compute.run_sync import RETRY_PAUSE
 from .compute.runs import RunService
 from .errors import InvalidRequest, MantikError
-from .handlers import auth, backends, mlflow_proxy, projects, runs
+from .handlers import auth, backends, mlflow_proxy, projects, runs, token_proxy
 from .tracking.credentials import CredentialStore
 from .tracking.embedded import EmbeddedTrackingServer
 from .tracking.service import TrackingService, check_http_uri
@@ -140,6 +140,8 @@ class MantikApp(ExtensionApp):
         self._sync_task: asyncio.Task[None] | None = None
 
     def initialize_handlers(self) -> None:
+        # Before the proxy's Jupyter route, which Jupyter adds from ``self.handlers`` next.
+        token_proxy.add_token_route(self.serverapp, self)  # type: ignore[arg-type]
         self.handlers.extend(
             auth.handlers + runs.handlers + projects.handlers + backends.handlers
             + mlflow_proxy.handlers

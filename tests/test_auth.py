@@ -16,7 +16,7 @@ import pytest
 import tornado.httpclient
 import tornado.web
 
-from mantik_jupyter.handlers import mlflow_proxy
+from mantik_jupyter.handlers import proxy_relay
 from mantik_jupyter.tracking.embedded import free_port
 
 from .lab_fixtures import api_json, lab_config, login_as
@@ -265,7 +265,7 @@ class TestHungEmbeddedServer:
     @pytest.fixture
     def jp_server_config(self, tmp_path, monkeypatch):
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        monkeypatch.setattr(mlflow_proxy, "UNANSWERED_AFTER", 1.0)
+        monkeypatch.setattr(proxy_relay, "UNANSWERED_AFTER", 1.0)
         return lab_config(tmp_path / "mantik", None, embedded_hang_grace=3.0)
 
     async def test_a_hung_embedded_server_is_started_again(self, jp_fetch, tmp_path):

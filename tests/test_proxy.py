@@ -256,33 +256,40 @@ class WithStandInUpstream:
         return config
 
 
+def capturing_upstream(seen: list[dict]) -> type[tornado.web.RequestHandler]:
+    """A stand-in tracking server that notes each request in ``seen`` and answers with
+    what a proxy must not pass on (a cookie, a password challenge, CORS)."""
+
+    class Capture(tornado.web.RequestHandler):
+        def _reply(self, path: str) -> None:
+            seen.append(
+                {"method": self.request.method, "path": self.request.path,
+                 "query": self.request.query, "headers": dict(self.request.headers),
+                 "body": self.request.body.decode(),
+                 "port": self.request.connection.context.address[1]}
+            )  # fmt: skip
+            if path == "redirect":
+                self.redirect(f"http://{self.request.host}/next?x=1")
+                return
+            self.set_status(418)
+            self.set_header("Set-Cookie", "upstream=1")
+            self.set_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.set_header("X-Upstream", "yes")
+            self.finish({"ok": True})
+
+        get = post = put = delete = _reply
+
+    return Capture
+
+
 class TestHeaderHygiene(WithStandInUpstream):
     """A capturing upstream shows exactly what the proxy forwards."""
 
     @pytest.fixture
     def upstream(self):
         seen: list[dict] = []
-
-        class Capture(tornado.web.RequestHandler):
-            def _reply(self, path: str) -> None:
-                seen.append(
-                    {"method": self.request.method, "path": self.request.path,
-                     "query": self.request.query, "headers": dict(self.request.headers),
-                     "body": self.request.body.decode(),
-                     "port": self.request.connection.context.address[1]}
-                )  # fmt: skip
-                if path == "redirect":
-                    self.redirect(f"http://{self.request.host}/next?x=1")
-                    return
-                self.set_status(418)
-                self.set_header("Set-Cookie", "upstream=1")
-                self.set_header("WWW-Authenticate", 'Basic realm="mlflow"')
-                self.set_header("X-Upstream", "yes")
-                self.finish({"ok": True})
-
-            get = post = put = delete = _reply
-
-        with self.serving(Capture):
+        with self.serving(capturing_upstream(seen)):
             yield seen
 
     async def test_forwarded_request_and_response(self, jp_fetch, upstream, jp_base_url):

@@ -57,14 +57,9 @@ def write_mantik_error(handler: web.RequestHandler, status_code: int, **kwargs: 
     handler.finish(json.dumps(body))
 
 
-class MantikMixin(ExtensionHandlerMixin):
-    """What the JSON handlers and the proxy share."""
-
-    auth_resource = AUTH_RESOURCE
-
-    @property
-    def mantik(self) -> MantikApp:
-        return self.extensionapp  # type: ignore[return-value]
+class MantikErrors:
+    """How every mantik handler reports a failure: domain errors as they are, anything
+    else without a traceback."""
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, MantikError):
@@ -75,6 +70,21 @@ class MantikMixin(ExtensionHandlerMixin):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         write_mantik_error(self, status_code, **kwargs)  # type: ignore[arg-type]
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking core call off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+class MantikMixin(MantikErrors, ExtensionHandlerMixin):
+    """What the JSON handlers and the proxy's Jupyter route share."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def mantik(self) -> MantikApp:
+        return self.extensionapp  # type: ignore[return-value]
 
     async def check_authorized(self) -> None:
         """Authentication and authorization, for handlers that cannot use the decorators."""
@@ -88,11 +98,6 @@ class MantikMixin(ExtensionHandlerMixin):
         )
         if not allowed:
             raise web.HTTPError(403, f"Not authorized to {action} {self.auth_resource}.")
-
-    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking core call off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
 class MantikAPIHandler(MantikMixin, APIHandler):
