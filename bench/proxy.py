@@ -10,6 +10,10 @@ ratio proxy/direct (target: p50 ratio <= 1.15), plus MLflow's ``/health`` (no
 work, so the row shows the proxy's fixed cost) and, for scale, the latency of
 Jupyter's cheapest authenticated endpoint.
 
+The proxied calls carry the lab's token, as MLflow's client with ``MLFLOW_TRACKING_TOKEN``
+does, and so take the proxy's token route. A browser's calls (the MLflow UI: a login
+cookie, an Origin) take the Jupyter route; the ``runs/search`` rounds time that too.
+
 The same rounds also time the calls (but get-history) through the cheapest relay
 the lab can hold (``bench/floor_relay.py``: a token comparison and the proxy's
 upstream pool, none of Jupyter's handler machinery): the floor that the machine,
@@ -115,6 +119,9 @@ def main() -> None:
             direct.auth = (admin["admin_username"], admin["admin_password"])
             proxied = requests.Session()
             proxied.headers["Authorization"] = f"token {token}"
+            browser = requests.Session()  # logged in by a cookie, as the MLflow UI in the lab
+            browser.get(f"{lab}api/status?token={token}", timeout=60).raise_for_status()
+            browser.headers["Origin"] = lab.rstrip("/")
             up, via = status["tracking_uri"] + "/", lab + "mantik/mlflow/"
 
             api = "api/2.0/mlflow/"
@@ -176,8 +183,14 @@ def main() -> None:
             for name, (method, path, kw) in calls.items():
                 # get-history's 450 ms calls would double the run for a floor row.
                 with_floor = sides + ([floor] if "get-history" not in name else [])
+                if name == "runs/search":
+                    with_floor.append(("browser", browser, via))
                 times = time_calls(method, path, kw, with_floor, args.requests)
+                if "browser" in times:
+                    browser_p50 = statistics.median(times.pop("browser"))
                 p50 = {side: statistics.median(t) for side, t in times.items()}
+                if name == "runs/search":
+                    search_direct = times["direct"]
                 row = f"{name:34} {p50['direct']:7.2f}ms {p50['proxy']:7.2f}ms"
                 row += f" {p50['proxy'] / p50['direct']:6.2f}"
                 if "floor" in p50:
@@ -198,6 +211,11 @@ def main() -> None:
                 if i >= 10:
                     jupyter.append((time.perf_counter() - t0) * 1000)
             ms = {side: ", ".join(f"{o:.2f} ms" for o in v) for side, v in added.items()}
+            direct_search = statistics.median(search_direct)
+            print(
+                f"runs/search by the Jupyter route (a browser's call): {browser_p50:.2f} ms, "
+                f"ratio {browser_p50 / direct_search:.2f}."
+            )
             print(
                 f"added at p50 by the proxy: {ms['proxy']}; by the floor: {ms['floor']}. "
                 f"One authenticated Jupyter request (api/status) takes "
