@@ -9,6 +9,7 @@ import logging
 import os
 import posixpath
 import pwd
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from mantik_jupyter.compute.backends.base import PreparedJob
+from mantik_jupyter.compute.backends.ssh_files import _untar_stream
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
@@ -353,6 +355,66 @@ def test_a_folder_download_keeps_only_links_that_point_down(slurm_cluster, tmp_p
         assert (got / "down").is_symlink() and (got / "down").resolve() == (got / "sub").resolve()
         assert not (got / "sub" / "up").exists() and not (got / "sub" / "up").is_symlink()
     finally:
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def _stream_out_through_dot_dot_names(prefix: str, escape: str) -> bytes:
+    """A folder's tar stream with links that all point down (into deep folders of long
+    names, and one to '.') and a file whose name passes back up through them, more times
+    than the folders are deep: resolving the name as tarfile's "data" filter does gives
+    up past PATH_MAX and counts the '..' against the names, which keeps it inside."""
+    deep = "d" * 254
+    steps = "abcdefghijklmnop"
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+
+        def add(name: str, kind: bytes, linkname: str = "", data: bytes | None = None) -> None:
+            member = tarfile.TarInfo(posixpath.join(prefix, name) if name else prefix)
+            member.type, member.linkname = kind, linkname
+            member.size = len(data or b"")
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+
+        add("", tarfile.DIRTYPE)
+        path = ""
+        for step in steps:
+            add(posixpath.join(path, deep), tarfile.DIRTYPE)
+            add(posixpath.join(path, step), tarfile.SYMTYPE, deep)
+            path = posixpath.join(path, step)
+        add(posixpath.join(path, "here"), tarfile.SYMTYPE, ".")
+        up = len(steps) + 2  # the deep folders, the folder itself, the destination
+        name = posixpath.join(path, *["here"] * up, *[".."] * up, escape)
+        add(name, tarfile.REGTYPE, data=b"written outside the download\n")
+    return out.getvalue()
+
+
+def test_a_folder_stream_cannot_write_outside_through_names_with_dot_dot(slurm_cluster, tmp_path):
+    # A folder arrives as what the cluster's tar sends (a job can put another tar in the
+    # PATH there). Only links pointing down were kept, but a name with '..' was left to
+    # tarfile's "data" filter, which long names outwit (CVE-2025-4517, before Python
+    # 3.11.13): such a stream wrote a file beside the download's destination.
+    top = f"{slurm_cluster.remote_dir}/dotdot-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    local = tmp_path / "stream.tar"
+    local.write_bytes(_stream_out_through_dot_dot_names("out", "escaped.txt"))
+    dest = tmp_path / "downloads" / "staging"
+    dest.mkdir(parents=True)
+    try:
+        b._run(f"mkdir -p {top}", "making a folder")
+        with b.files.shared() as sftp:
+            sftp.put(str(local), f"{top}/stream.tar")
+        client = b.ssh.client()
+        # What _download_folder's command sends: the size line, then the archive.
+        channel = b.ssh.open_stream(f"echo 0 && cat {top}/stream.tar", client)
+        try:
+            _untar_stream(channel, dest, None)
+        finally:
+            channel.close()
+        # The name climbs from the deepest folder to just above the destination.
+        assert not (dest.parent / "escaped.txt").exists()
+        assert (dest / "out" / "a").is_symlink()  # the rest of the folder arrived
+    finally:
+        shutil.rmtree(dest)  # paths past PATH_MAX, which a walk of tmp_path trips on
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()
 

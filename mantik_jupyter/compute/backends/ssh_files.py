@@ -479,9 +479,14 @@ def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo 
     """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
     out), but skipping such a member instead of failing the download: run directories
     often hold venvs whose links point to the cluster's own interpreters. A symbolic link
-    must also point down (``link_points_down``): the filter's own check of where a link
-    leads can be outwitted (CVE-2025-4517, fixed in Python 3.11.13 and 3.12.11)."""
-    if member.issym() and not link_points_down(member.linkname):
+    must also point down (``link_points_down``), and so must every name and a hard link's
+    target: the filter's own check of where a path leads can be outwitted (CVE-2025-4517,
+    fixed in Python 3.11.13 and 3.12.11) by a link's '..' or, through links to '.', by a
+    name's. tar sends no '..' of a folder it read: a stream with one was made to get out."""
+    if not link_points_down(member.name):
+        log.warning("download: skipped %s (not a name inside the folder)", member.name)
+        return None
+    if (member.issym() or member.islnk()) and not link_points_down(member.linkname):
         log.warning(LINK_SKIPPED, member.name, member.linkname)
         return None
     try:
