@@ -4,6 +4,7 @@ to a stand-in tracking server that shows what it received."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import tornado.web
 from jupyter_server.auth.authorizer import Authorizer
 from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.base.handlers import JupyterHandler
 from tornado import httputil
 
 from mantik_jupyter.handlers.mlflow_proxy import MlflowProxyHandler
@@ -46,9 +48,7 @@ class TestWhichRoute:
     def jp_server_config(self, tmp_path):
         return lab_config(tmp_path / "mantik", "http://127.0.0.1:9")
 
-    def test_a_call_with_the_lab_token_alone_takes_the_token_route(
-        self, jp_serverapp, jp_base_url
-    ):
+    def test_a_call_with_the_lab_token_alone_takes_the_token_route(self, jp_serverapp, jp_base_url):
         token = token_of(jp_serverapp)
         for auth in (f"token {token}", f"Bearer {token}", f"TOKEN {token}"):
             length = {"Content-Length": "20"}
@@ -78,9 +78,7 @@ class TestWhichRoute:
             ("the proxy's root with a slash", {"path": "mantik/mlflow/"}),
         ],
     )
-    def test_every_other_call_takes_the_jupyter_route(
-        self, jp_serverapp, jp_base_url, why, change
-    ):
+    def test_every_other_call_takes_the_jupyter_route(self, jp_serverapp, jp_base_url, why, change):
         token = token_of(jp_serverapp)
         headers = {"Authorization": f"token {token}", "Content-Length": "20"}
         path = change.pop("path", PATH) + change.pop("query", "")
@@ -158,6 +156,61 @@ class TestASiteAuthorizesItsOwnWay(WithStandInUpstream):
         assert upstream == (["GET api/2.0/mlflow/runs/search"] if expected == "200" else [])
 
 
+def hub_user(handler):
+    """Jupyter's deprecated way to authenticate (JupyterHub before 3.0): an overridden
+    ``get_current_user``, asked instead of the identity provider. This site knows a user
+    by its own header only."""
+    return "hub-user" if handler.request.headers.get("X-Hub-User") == "yes" else None
+
+
+class WithCapturingUpstream(WithStandInUpstream):
+    @pytest.fixture
+    def upstream(self):
+        seen: list[dict] = []
+        with self.serving(capturing_upstream(seen)):
+            yield seen
+
+
+class TestAnOverriddenGetCurrentUserDecides(WithCapturingUpstream):
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, upstream, monkeypatch):
+        monkeypatch.setattr(JupyterHandler, "get_current_user", hub_user)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
+        config = lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+        # Only with this provider does Jupyter ask the override (a password lab's ignores it).
+        config.ServerApp.identity_provider_class = IdentityProvider
+        return config
+
+    async def test_the_lab_token_alone_admits_nothing(
+        self, jp_serverapp, http_server_client, jp_base_url, upstream
+    ):
+        # The token route admitted the lab's token, which such a lab does not look at.
+        token = token_of(jp_serverapp)
+        assert route_of(jp_serverapp, jp_base_url, Authorization=f"token {token}") is (
+            MlflowProxyHandler
+        )
+        url = lab_url(jp_serverapp, jp_base_url) + PATH
+        code, out, err, _ = await curl(
+            "-H", f"Authorization: token {token}", "-w", "\n%{http_code}", url
+        )  # fmt: skip
+        assert out.rsplit("\n", 1)[1] != "418" and upstream == [], (out, err)
+        code, out, err, _ = await curl(
+            "-H", f"Authorization: token {token}", "-H", "X-Hub-User: yes",
+            "-w", "\n%{http_code}", url,
+        )  # fmt: skip
+        assert out.rsplit("\n", 1)[1] == "418", (out, err)  # the site's user passes
+
+
+async def raw_call(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
 ROUTES = {
     # The MLflow client in a kernel: the token and nothing else.
     "token": {},
@@ -171,13 +224,7 @@ def route(request) -> dict[str, str]:
     return dict(ROUTES[request.param])  # a copy: jp_fetch adds its token to the headers given
 
 
-class TestBothRoutesRelayAlike(WithStandInUpstream):
-    @pytest.fixture
-    def upstream(self):
-        seen: list[dict] = []
-        with self.serving(capturing_upstream(seen)):
-            yield seen
-
+class TestBothRoutesRelayAlike(WithCapturingUpstream):
     async def test_the_call_and_its_answer(self, jp_fetch, jp_serverapp, upstream, route):
         settings = jp_serverapp.web_app.settings
         settings["api_last_activity"] = before = settings["started"]
@@ -202,6 +249,36 @@ class TestBothRoutesRelayAlike(WithStandInUpstream):
         assert headers["host"] == f"127.0.0.1:{self.port}"
         assert headers["x-forwarded-prefix"].endswith("/mantik/mlflow")
         assert settings["api_last_activity"] > before
+
+    async def test_a_body_only_where_the_method_has_one(
+        self, jp_serverapp, http_server_client, jp_base_url, upstream, route
+    ):
+        # The token route sent a GET's body on to MLflow; the Jupyter route drops it.
+        url = lab_url(jp_serverapp, jp_base_url) + PATH
+        extra = [arg for name, value in route.items() for arg in ("-H", f"{name}: {value}")]
+        code, out, err, _ = await curl(
+            "-X", "GET", "-H", f"Authorization: token {token_of(jp_serverapp)}", *extra,
+            "-d", "a body", "-w", "\n%{http_code}", url,
+        )  # fmt: skip
+        assert out.rsplit("\n", 1)[1] == "418", (out, err)
+        assert upstream[-1]["method"] == "GET" and upstream[-1]["body"] == ""
+
+    async def test_a_length_that_is_no_number_is_answered(
+        self, jp_serverapp, http_server_client, jp_base_url, upstream, route
+    ):
+        # '\u00b2' is a digit to str.isdigit, not to int: the token route's check raised, and
+        # the client's connection was dropped unanswered (the Jupyter route: a 500).
+        extra = "".join(f"{name}: {value}\r\n" for name, value in route.items())
+        answer = await raw_call(
+            jp_serverapp.port,
+            (
+                f"POST {jp_base_url}{PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: token {token_of(jp_serverapp)}\r\n{extra}"
+                "Content-Length: \u00b2\r\nConnection: close\r\n\r\nab"
+            ).encode("latin-1"),
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert upstream == []
 
     async def test_redirects_point_back_at_the_proxy(self, jp_fetch, jp_base_url, route):
         resp = await jp_fetch(
@@ -233,6 +310,7 @@ class TestBothRoutesReportAlike(WithStandInUpstream):
         assert (code, status) == (0, "502"), err
         answer = json.loads(body)
         assert answer["reason"] == "tracking_unavailable"
-        assert "closed the connection without answering POST /api/2.0/mlflow/drop/" in (
-            answer["message"]
+        assert (
+            "closed the connection without answering POST /api/2.0/mlflow/drop/"
+            in (answer["message"])
         )

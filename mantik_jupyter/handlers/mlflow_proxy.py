@@ -22,7 +22,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from tornado import web
 
 from .base import MantikMixin
-from .proxy_relay import BODY_METHODS, BUFFER_LIMIT, PROXY_PATH, ProxyRelay, Relay
+from .proxy_relay import BODY_METHODS, BUFFER_LIMIT, PROXY_PATH, ProxyRelay, Relay, named_length
 from .upstream import MAX_BODY, upstream_pool
 
 CHUNK_QUEUE = 16
@@ -93,7 +93,8 @@ class MlflowProxyHandler(ProxyRelay, MantikMixin, JupyterHandler):
         chunked = "chunked" in self.request.headers.get("Transfer-Encoding", "").lower()
         if method in BODY_METHODS and (chunked or length not in ("", "0")):
             self.request.connection.set_max_body_size(MAX_BODY)  # type: ignore[union-attr]
-            if length.isdigit() and int(length) <= BUFFER_LIMIT:
+            size = named_length(self.request.headers)
+            if size is not None and size <= BUFFER_LIMIT:
                 self._buffered = []
             else:
                 self._body = asyncio.Queue(maxsize=CHUNK_QUEUE)

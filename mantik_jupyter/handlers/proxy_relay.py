@@ -66,6 +66,14 @@ UNANSWERED_AFTER = 10.0
 PROXY_PATH = "mantik/mlflow/"
 
 
+def named_length(headers: httputil.HTTPHeaders) -> int | None:
+    """The body's length that a call's ``Content-Length`` names; None without one, or for
+    a value that is no number of bytes ('12, 12'; '\u00b2', a digit to ``str.isdigit``
+    that ``int`` refuses)."""
+    length = headers.get("Content-Length", "").strip()
+    return int(length) if length.isascii() and length.isdigit() else None
+
+
 @functools.lru_cache(maxsize=8)
 def _split_upstream(uri: str) -> tuple[Origin, str]:
     """Where the tracking server listens, and the path it is mounted under."""
@@ -243,8 +251,8 @@ class ProxyRelay:
         return "/" + self.request.path[len(self._prefix) :]  # type: ignore[attr-defined]
 
     def _sent(self, sent: int) -> str:
-        length = self.request.headers.get("Content-Length", "").strip()  # type: ignore[attr-defined]
-        total = f" of {int(length) / 2**20:.1f} MB" if length.isdigit() else " MB"
+        length = named_length(self.request.headers)  # type: ignore[attr-defined]
+        total = f" of {length / 2**20:.1f} MB" if length is not None else " MB"
         return f"{sent / 2**20:.1f}{total}"
 
     def _cut_off(self, error: BaseException) -> None:

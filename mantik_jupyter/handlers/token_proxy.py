@@ -17,6 +17,7 @@ uploads too large to hold in memory (that route streams them).
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import logging
 import re
@@ -24,12 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider, User
+from jupyter_server.base import handlers as jupyter_handlers
 from jupyter_server.utils import url_path_join
 from tornado import httputil, web
 from tornado.routing import PathMatches, Rule
 
 from .base import MantikErrors
-from .proxy_relay import BUFFER_LIMIT, PROXY_PATH, ProxyRelay, Relay
+from .mlflow_proxy import MlflowProxyHandler
+from .proxy_relay import (
+    BODY_METHODS,
+    BUFFER_LIMIT,
+    PROXY_PATH,
+    ProxyRelay,
+    Relay,
+    named_length,
+)
 from .upstream import upstream_pool
 
 if TYPE_CHECKING:
@@ -73,6 +83,10 @@ class TokenCall(PathMatches):
         provider = app.identity_provider
         if type(provider) not in TOKEN_PROVIDERS or type(app.authorizer) is not AllowAllAuthorizer:
             return False
+        if inspect.getmodule(MlflowProxyHandler.get_current_user) is not jupyter_handlers:
+            # Jupyter's deprecated way to authenticate (JupyterHub before 3.0): an overridden
+            # get_current_user, which Jupyter asks instead of the identity provider.
+            return False
         token = provider.token
         headers = request.headers
         if not token or any(name in headers for name in BROWSER_HEADERS):
@@ -84,8 +98,8 @@ class TokenCall(PathMatches):
             return False
         if "Transfer-Encoding" in headers:
             return False  # a body of unknown length streams, on the Jupyter route
-        length = headers.get("Content-Length", "0").strip()
-        if not length.isdigit() or int(length) > BUFFER_LIMIT:
+        length = named_length(headers) if "Content-Length" in headers else 0
+        if length is None or length > BUFFER_LIMIT:
             return False
         return self._local_host(request)
 
@@ -138,7 +152,8 @@ class TokenCallProxyHandler(ProxyRelay, MantikErrors, web.RequestHandler):
         # The raw path keeps its percent-encoding (artifact names with spaces or slashes).
         self._prefix = self.proxy_prefix()
         request = await self.upstream_request(self.request.path[len(self._prefix) :])
-        request.body = self.request.body or None
+        if request.method in BODY_METHODS:  # as the Jupyter route, which drops a GET's body
+            request.body = self.request.body or None
         await self.answer(upstream_pool().exchange(self._origin, request, Relay(self)))
 
     def on_finish(self) -> None:
