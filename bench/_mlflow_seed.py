@@ -7,6 +7,7 @@ file afterwards serves them like any other runs.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -103,3 +104,27 @@ def _flush(store, model, rows: list[dict[str, Any]]) -> None:
         with store.ManagedSessionMaker() as session:
             session.execute(insert(model.__table__), rows)
         rows.clear()
+
+
+def log_runs_table(session: Any, uri: str) -> dict[str, Any]:
+    """An experiment as a runs table shows it, logged through a server's REST API: 50 runs
+    with 10 parameters, 5 metrics and 3 tags each. Returns the ``runs/search`` body that
+    asks for it as the table does."""
+    api = f"{uri.rstrip('/')}/api/2.0/mlflow/"
+    table = session.post(api + "experiments/create", json={"name": "table"}).json()
+    now = int(time.time() * 1000)
+    for r in range(50):
+        run = session.post(api + "runs/create", json={"experiment_id": table["experiment_id"]})
+        session.post(
+            api + "runs/log-batch",
+            json={
+                "run_id": run.json()["run"]["info"]["run_id"],
+                "params": [{"key": f"p{k}", "value": str(r * k)} for k in range(10)],
+                "metrics": [
+                    {"key": f"m{k}", "value": r / (k + 1), "timestamp": now, "step": 0}
+                    for k in range(5)
+                ],
+                "tags": [{"key": f"t{k}", "value": f"tag {r}"} for k in range(3)],
+            },
+        ).raise_for_status()
+    return {"experiment_ids": [table["experiment_id"]], "max_results": 50}

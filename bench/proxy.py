@@ -38,7 +38,10 @@ from pathlib import Path
 
 import requests
 
-from mantik_jupyter.tracking.embedded import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._mlflow_seed import log_runs_table  # noqa: E402
+from mantik_jupyter.tracking.embedded import free_port  # noqa: E402
 
 
 def start_lab(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -141,26 +144,9 @@ def main() -> None:
                 ).raise_for_status()
 
             # An experiment as a runs table shows it: 50 runs with parameters, metrics, tags.
-            table = direct.post(up + api + "experiments/create", json={"name": "table"}).json()
-            for r in range(50):
-                created = direct.post(
-                    up + api + "runs/create", json={"experiment_id": table["experiment_id"]}
-                ).json()["run"]["info"]["run_id"]
-                direct.post(
-                    up + api + "runs/log-batch",
-                    json={
-                        "run_id": created,
-                        "params": [{"key": f"p{k}", "value": str(r * k)} for k in range(10)],
-                        "metrics": [
-                            {"key": f"m{k}", "value": r / (k + 1), "timestamp": now, "step": 0}
-                            for k in range(5)
-                        ],
-                        "tags": [{"key": f"t{k}", "value": f"tag {r}"} for k in range(3)],
-                    },
-                ).raise_for_status()
+            search_table = log_runs_table(direct, up)
 
             search = {"experiment_ids": [exp["experiment_id"]], "max_results": 50}
-            search_table = {"experiment_ids": [table["experiment_id"]], "max_results": 50}
             history = {"run_id": run_id, "metric_key": "loss", "max_results": 25000}
             calls = {
                 "health (no work: the fixed cost)": ("GET", "health", {}),

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -557,3 +558,59 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(600)
 """
+
+
+def _worker_cmdline(server: EmbeddedTrackingServer) -> str:
+    """The command line of the process of the server's group that serves its app."""
+    assert server._proc is not None
+    pgid = server._proc.pid
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+        if " uvicorn " in cmdline or " gunicorn " in cmdline:
+            return cmdline
+    raise AssertionError("no uvicorn or gunicorn process in the server's group")
+
+
+def test_the_server_runs_mlflows_auth_app_with_its_start_up_frozen(server_dir):
+    # Full collections walked all of MLflow once every 16 or so runs/search calls of a
+    # runs table, holding that call some 0.2 s (bench/tracking_gc.py).
+    server = EmbeddedTrackingServer(server_dir)
+    server.start()
+    try:
+        server.wait_ready(120)
+        assert "mantik_jupyter.tracking.mlflow_app:create_app" in _worker_cmdline(server)
+        # The app is MLflow's basic-auth app: no credential, no data; the admin's works.
+        anonymous = requests.post(
+            f"{server.uri}/api/2.0/mlflow/experiments/search", json={"max_results": 5}, timeout=10
+        )
+        assert anonymous.status_code == 401
+        admin = TrackingClient(server.uri, server.credential())
+        assert admin.api("POST", "experiments/search", max_results=1)["experiments"]
+    finally:
+        server.stop()
+    # The same app, made in a process of its own: start-up is frozen.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(server_dir / "basic_auth.ini")
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "only-for-this-test"
+    code = (
+        "import gc; from mantik_jupyter.tracking.mlflow_app import create_app; "
+        "create_app(); print(gc.get_freeze_count())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=server_dir, env=env, capture_output=True,
+        text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert int(out.stdout.split()[-1]) > 100_000, out.stdout
+
+
+def test_without_its_plugin_entry_point_the_server_runs_mlflows_own_app(monkeypatch):
+    # A checkout on PYTHONPATH, not installed: MLflow would not find mantik's app.
+    monkeypatch.setattr(embedded.metadata, "entry_points", lambda group: metadata.EntryPoints())
+    assert embedded._app_name() == "basic-auth"

@@ -37,6 +37,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from ..errors import LocalStateInvalid, MantikError, TrackingTimeout, TrackingUnavailable
+from . import mlflow_app
 from .credentials import Credential
 from .rest import TrackingClient
 from .secrets import (
@@ -217,6 +218,13 @@ def _quiet_access_log() -> list[str]:
         return []
     # Its release candidates (3.3.0rc0) ran uvicorn already.
     return ["--uvicorn-opts", "--no-access-log"] if version.release[:2] >= (3, 3) else []
+
+
+def _app_name() -> str:
+    """MLflow's basic-auth app as mantik runs it (``mlflow_app.py``), when this package is
+    installed with its plugin entry point; else MLflow's own (a checkout on ``PYTHONPATH``)."""
+    plugins = metadata.entry_points(group="mlflow.app")
+    return mlflow_app.APP_NAME if mlflow_app.APP_NAME in plugins.names else "basic-auth"
 
 
 def _cap_log(path: Path, limit: int) -> bool:
@@ -505,7 +513,7 @@ class EmbeddedTrackingServer:
             "--workers", "1",
             "--backend-store-uri", "sqlite:///mlflow.db",
             "--artifacts-destination", (self.directory / "artifacts").as_uri(),
-            "--app-name", "basic-auth",
+            "--app-name", _app_name(),
             *([] if self.access_log else _quiet_access_log()),
         ]  # fmt: skip
         _cap_log(self.directory / LOG_FILE, self.max_log_bytes)
