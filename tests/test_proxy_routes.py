@@ -280,6 +280,23 @@ class TestBothRoutesRelayAlike(WithCapturingUpstream):
         assert answer.startswith(b"HTTP/1.1 400 "), answer
         assert upstream == []
 
+    @pytest.mark.parametrize("path", ["../../api/contents", "a/%2e%2E/%2E./x", "a%2F..%2Fx"])
+    async def test_no_path_climbs_above_the_tracking_server(
+        self, jp_serverapp, http_server_client, jp_base_url, upstream, route, path
+    ):
+        # '..' went to the tracking server as it came, with the lab's credential: under a
+        # server mounted at https://apps.example.org/mlflow, nginx (normalising the path)
+        # handed '/mlflow/../grafana/...' and that credential to another application.
+        url = lab_url(jp_serverapp, jp_base_url) + "mantik/mlflow/" + path
+        extra = [arg for name, value in route.items() for arg in ("-H", f"{name}: {value}")]
+        code, out, err, _ = await curl(
+            "--path-as-is", "-H", f"Authorization: token {token_of(jp_serverapp)}", *extra,
+            "-w", "\n%{http_code}", url,
+        )  # fmt: skip
+        body, status = out.rsplit("\n", 1)
+        assert status == "400" and "'..'" in json.loads(body)["message"], (out, err)
+        assert upstream == []
+
     async def test_redirects_point_back_at_the_proxy(self, jp_fetch, jp_base_url, route):
         resp = await jp_fetch(
             "mantik", "mlflow", "redirect", headers=route, raise_error=False,

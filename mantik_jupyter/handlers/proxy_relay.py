@@ -14,12 +14,12 @@ import ssl
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from jupyter_server.utils import url_path_join
 from tornado import httputil
 
-from ..errors import MantikError, TrackingTimeout, TrackingUnavailable
+from ..errors import MantikError, TrackingTimeout, TrackingUnavailable, UnsafePath
 from ..tracking.tls import certificate_hint
 from .upstream import NoAnswer, Origin, UploadInterrupted, UploadStalled, UpstreamRequest
 from .upstream_http import UpstreamProtocolError
@@ -123,6 +123,14 @@ class ProxyRelay:
     async def upstream_request(self, path: str) -> UpstreamRequest:
         """The call as the tracking server gets it: its path under the server's own, the
         client's headers but its credentials, and the lab's credential."""
+        if ".." in unquote(path).split("/"):
+            # A server mounted under a path (https://apps.example.org/mlflow) sits behind a
+            # web server that resolves '..': the call, with the lab's credential, would
+            # reach whatever else that server serves.
+            raise UnsafePath(
+                f"The path {path!r} climbs with '..' above the tracking server's; the MLflow "
+                "proxy passes only paths below it."
+            )
         tracking = self.mantik.tracking
         if not tracking.ready:
             await self.in_thread(tracking.wait_ready)  # type: ignore[attr-defined]
