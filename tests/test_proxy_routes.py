@@ -331,3 +331,20 @@ class TestBothRoutesReportAlike(WithStandInUpstream):
             "closed the connection without answering POST /api/2.0/mlflow/drop/"
             in (answer["message"])
         )
+
+
+class TestBothRoutesCarryTheSitesHeaders(WithCapturingUpstream):
+    """A site's headers for every answer of its lab (``tornado_settings["headers"]``)."""
+
+    @pytest.fixture
+    def jp_server_config(self, tmp_path, upstream, monkeypatch):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "proxyuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "proxy-password-123")
+        config = lab_config(tmp_path / "mantik", f"http://127.0.0.1:{self.port}")
+        config.ServerApp.tornado_settings = {"headers": {"X-Site-Policy": "kept"}}
+        return config
+
+    async def test_on_both_routes(self, jp_fetch, route):
+        resp = await jp_fetch("mantik", "mlflow", "api", "x", headers=route, raise_error=False)
+        assert resp.code == 418 and resp.headers["X-Upstream"] == "yes"
+        assert resp.headers["X-Site-Policy"] == "kept"

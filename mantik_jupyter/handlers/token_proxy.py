@@ -142,7 +142,12 @@ class TokenCallProxyHandler(ProxyRelay, MantikErrors, web.RequestHandler):
         raise web.HTTPError(403, "Authentication is required.")
 
     def set_default_headers(self) -> None:
-        self.set_header("X-Content-Type-Options", "nosniff")  # as on every Jupyter answer
+        # As on every Jupyter answer, with the headers a site adds to all of them
+        # (``ServerApp.tornado_settings["headers"]``). Not Jupyter's default
+        # Content-Security-Policy: it concerns pages, and no browser gets this answer.
+        self.set_header("X-Content-Type-Options", "nosniff")
+        for name, value in self.settings.get("headers", {}).items():
+            self.set_header(name, value)
 
     def check_xsrf_cookie(self) -> None:
         pass  # a token in the header proves the call is no cross-site forgery; Jupyter agrees
