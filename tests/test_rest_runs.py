@@ -8,19 +8,27 @@ through ``POST runs`` and followed to its end with the other routes.
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
+import tracemalloc
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from tornado.httpclient import HTTPResponse
+from tornado.simple_httpclient import HTTPStreamClosedError, SimpleAsyncHTTPClient
 from traitlets.config import Config
+
+from mantik_jupyter.compute.backends import local as local_backend
 
 from .lab_fixtures import lab_config
 from .mlflow_fixtures import MlflowServer
@@ -256,7 +264,75 @@ async def _download_abandoned(
     assert any("stopped by the client" in r.getMessage() for r in records), records
 
 
+async def _big_folder_streams(
+    lab: tuple[int, str, str], run_id: str, run_dir: Path, tmp: Path
+) -> None:
+    """A folder of 384 MiB reaches the browser while the lab holds a few chunks of it."""
+    big = run_dir / "big"
+    big.mkdir()
+    for i in range(3):
+        with (big / f"part-{i}.npz").open("wb") as out:  # stored as it is: quick to send
+            out.truncate(128 * 1024 * 1024)
+    out_file = tmp / "big.zip"
+    port, base_url, token = lab
+    tracemalloc.start()
+    try:
+        # A client of its own: the test's stops reading at 100 MB.
+        client = SimpleAsyncHTTPClient(force_instance=True, max_body_size=2**31)
+        with out_file.open("wb") as sink:
+            resp = await client.fetch(
+                f"http://localhost:{port}{base_url}mantik/api/runs/{run_id}/download?path=big",
+                headers={"Authorization": f"token {token}"},
+                streaming_callback=lambda chunk: sink.write(chunk) and None,
+                request_timeout=120,
+            )
+        client.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        shutil.rmtree(big)
+    assert resp.code == 200
+    assert peak < 32 * 1024 * 1024, f"the lab held {peak / 2**20:.0f} MiB of a 384 MiB folder"
+    with zipfile.ZipFile(out_file) as zipped:
+        assert zipped.testzip() is None
+        assert [i.file_size for i in zipped.infolist()] == [0] + [128 * 1024 * 1024] * 3
+    out_file.unlink()
+
+
+async def _failure_half_way_fails_the_download(
+    lab: tuple[int, str, str], run_id: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder whose reading fails after the first bytes went out (a disk error, a lost
+    cluster): the connection drops, so the browser says the download failed. Finishing
+    the response had the browser keep a cut-off archive as a complete one."""
+    port, base_url, token = lab
+    (run_dir / "failing").mkdir()
+    (run_dir / "failing" / "a.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    reads = local_backend._read_all
+
+    def disk_error(f: Any) -> Any:
+        chunks = reads(f)
+        for _ in range(4):  # a megabyte: the first of it went out
+            yield next(chunks)
+        raise OSError(errno.EIO, "Input/output error", f.name)
+
+    monkeypatch.setattr(local_backend, "_read_all", disk_error)
+    client = SimpleAsyncHTTPClient(force_instance=True)
+    try:
+        with pytest.raises(HTTPStreamClosedError):
+            await client.fetch(
+                f"http://localhost:{port}{base_url}mantik/api/runs/{run_id}/download?path=failing",
+                headers={"Authorization": f"token {token}"},
+            )
+    finally:
+        client.close()
+        monkeypatch.undo()
+        shutil.rmtree(run_dir / "failing")
+
+
 async def test_submit_follow_download(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     jp_fetch: Any,
     project: str,
     logged_in: str,
@@ -341,14 +417,35 @@ async def test_submit_follow_download(
     assert disposition.endswith("filename*=UTF-8''J%C3%BClich%202m%20temp.csv"), disposition
     assert resp.body == b"t\n1\n"
 
-    # The whole run directory: a tar stream where the core offers one, else a 400 that
-    # says to pick a file. Never a 500.
-    resp = await jp_fetch("mantik", "api", "runs", run_id, "download", raise_error=False)
-    assert resp.code in (200, 400), resp.body
-    if resp.code == 400:
-        assert "pick a file" in json.loads(resp.body)["message"]
-    else:
-        assert resp.headers["Content-Disposition"].endswith('.tar"')
+    # A folder, and the whole run directory, as one zip archive named after the run (the
+    # download refused folders and sent the user to `mantik runs download`).
+    code_dir = Path(run["tags"]["mantik.run_dir"]) / "code"
+    (code_dir / "outputs").mkdir(exist_ok=True)
+    (code_dir / "outputs" / "t2m.csv").write_text("t2m\n280.1\n")
+    (code_dir / "outputs" / "up").symlink_to("../MLproject")
+    resp = await jp_fetch(
+        "mantik", "api", "runs", run_id, "download", params={"path": "code/outputs/"}
+    )
+    assert resp.code == 200
+    assert resp.headers["Content-Type"] == "application/zip"
+    disposition = 'attachment; filename="rest-lifecycle-outputs.zip"'
+    assert resp.headers["Content-Disposition"] == disposition
+    zipped = zipfile.ZipFile(io.BytesIO(resp.body))
+    # The link up (to the project's MLproject) is left out, as from every download.
+    names = zipped.namelist()
+    assert names == ["outputs/", "outputs/forecast.csv", "outputs/t2m.csv"], names
+    assert zipped.read("outputs/t2m.csv") == b"t2m\n280.1\n"
+    resp = await jp_fetch("mantik", "api", "runs", run_id, "download")
+    assert resp.headers["Content-Disposition"] == 'attachment; filename="rest-lifecycle.zip"'
+    names = zipfile.ZipFile(io.BytesIO(resp.body)).namelist()
+    assert f"{run_id}/mantik.log" in names and f"{run_id}/code/outputs/t2m.csv" in names
+    lab = (jp_http_port, jp_base_url, jp_serverapp.identity_provider.token)
+    await _big_folder_streams(lab, run_id, code_dir.parent, tmp_path)
+    await _failure_half_way_fails_the_download(lab, run_id, code_dir.parent, monkeypatch)
+    # A folder that is not there: the domain's 404, before any byte.
+    code, err = await call(jp_fetch, "runs", run_id, "download", path="code/nothing")
+    assert code == 404 and err["reason"] == "not_found", err
+    assert "There is no 'code/nothing'" in err["message"], err
 
     for what in ("files", "download"):
         code, err = await call(jp_fetch, "runs", run_id, what, path="ü" * 200)

@@ -26,6 +26,7 @@ from ..tracking.service import TrackingService
 from .backends.base import Backend, FileEntry
 from .backends.paths import clean_relative, usable_path
 from .layout import CREDENTIALS_FILE
+from .run_archive import Archive, archive_name, zip_stream
 from .run_backends import BackendPool, RunKeys, backend_kinds
 from .run_download import Downloaded, check_listing, land, landing_spot, staging_beside
 from .run_logs import RunLogs
@@ -434,6 +435,24 @@ class RunService:
         backend, job_id = self._backends.of_run(run)
         _not_credentials(run, rel)
         return backend.open_file(job_id, rel)
+
+    def open_archive(self, ref: str, path: str = "") -> Archive:
+        """A folder of the run (default: the whole run directory) as one zip archive made
+        while it streams (``run_archive``): entries below ``<folder>/`` (the run's id for
+        the whole run, as ``download`` lands it), saved as ``<run name>-<folder>.zip``.
+        The folder is checked first (``NotFound``; ``InvalidRequest`` for a file)."""
+        rel = clean_relative(path)
+        run = self._resolve_run(self._api(), ref)
+        backend, job_id = self._backends.of_run(run)
+        _not_credentials(run, rel)
+        members = backend.folder_members(job_id, rel)
+        run_id = run["info"]["run_id"]
+        top = posixpath.basename(rel) if rel else run_id
+        label = (run["info"].get("run_name") or "").strip() or run_id
+        return Archive(
+            archive_name(label, posixpath.basename(rel)),
+            zip_stream(top, members, folder=rel, whole_run=not rel),
+        )
 
     def download(
         self,

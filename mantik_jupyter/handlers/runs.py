@@ -21,7 +21,8 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest
+from ..compute.backends.base import describe_error
+from ..errors import InvalidRequest, MantikError
 from ..tracking.service import run_page_url
 from .base import MantikAPIHandler
 
@@ -202,6 +203,9 @@ class RunFilesHandler(RunsBaseHandler):
 
 
 class RunDownloadHandler(RunsBaseHandler):
+    """A file of the run as it is; a folder (``path`` empty: the whole run directory) as
+    one zip archive made while it streams (``RunService.open_archive``)."""
+
     @web.authenticated
     @authorized
     async def get(self, ref: str) -> None:
@@ -209,9 +213,9 @@ class RunDownloadHandler(RunsBaseHandler):
         run_id = await self.in_thread(self.runs.resolve, ref)
         # The first chunk is read before any header is sent, so a failure to open
         # still becomes a JSON error with its own status.
-        first, chunks, filename = await self.in_thread(self._open, run_id, path)
+        first, chunks, filename, kind = await self.in_thread(self._open, run_id, path)
         try:
-            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Type", kind)
             self.set_header("Content-Disposition", _disposition(filename))
             self.set_header("X-Content-Type-Options", "nosniff")
             chunk = first
@@ -225,42 +229,36 @@ class RunDownloadHandler(RunsBaseHandler):
             # The browser went away (the user cancelled the download): nothing to answer,
             # and not an error of the server's.
             self.log.info("Download of %r from run %s stopped by the client.", path, run_id)
+        except Exception as exc:
+            # The status and the first bytes went out: an error answer can no longer be
+            # sent, and finishing the response would have the browser keep a cut-off file
+            # as complete. The connection is dropped instead, so the browser says the
+            # download failed.
+            said = exc.message if isinstance(exc, MantikError) else describe_error(exc)
+            self.log.warning("Download of %r from run %s failed half-way: %s", path, run_id, said)
+            if not isinstance(exc, MantikError):
+                self.log.debug("The failed download's traceback:", exc_info=True)
+            self.request.connection.close()  # type: ignore[union-attr]
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 await self.in_thread(close)
 
-    def _open(self, run_id: str, path: str) -> tuple[bytes | None, Iterator[bytes], str]:
-        """First chunk, the rest, and a file name: a file of the run, or a tar of a folder."""
+    def _open(self, run_id: str, path: str) -> tuple[bytes | None, Iterator[bytes], str, str]:
+        """First chunk, the rest, the file name and the content type."""
         wanted = path.strip("/")
-        name = posixpath.basename(wanted) or f"run-{run_id[:8]}"
         if wanted:
             try:
                 chunks = iter(self.runs.open_file(run_id, path))
-                return next(chunks, None), chunks, name
+                return next(chunks, None), chunks, posixpath.basename(wanted), _OCTETS
             except InvalidRequest:
-                # Most likely a folder; anything else is the user's answer.
-                if not self._is_folder(run_id, wanted):
-                    raise
-        # A folder only travels as one tar stream made by the core (one round trip to the
-        # cluster); assembling it here file by file would be slow and inconsistent.
-        open_tar = getattr(self.runs, "open_tar", None)
-        if open_tar is None:
-            what = f"'{wanted}'" if wanted else "The run directory"
-            raise InvalidRequest(
-                f"{what} of run {run_id} is a folder: pick a file inside it "
-                f"(GET runs/{run_id}/files?path={wanted}), or download the folder with "
-                f"`mantik runs download {run_id}"
-                + (f" --remote-path {wanted}`." if wanted else "`.")
-            )
-        chunks = iter(open_tar(run_id, path))
-        return next(chunks, None), chunks, f"{name}.tar"
+                # A folder, most likely: the archive's own check says what else it is.
+                pass
+        archive = self.runs.open_archive(run_id, path)
+        return next(archive.chunks, None), archive.chunks, archive.filename, "application/zip"
 
-    def _is_folder(self, run_id: str, wanted: str) -> bool:
-        parent = posixpath.dirname(wanted)
-        return any(
-            e.is_dir and e.path.strip("/") == wanted for e in self.runs.files(run_id, parent)
-        )
+
+_OCTETS = "application/octet-stream"
 
 
 def _safe_filename(name: str) -> str:

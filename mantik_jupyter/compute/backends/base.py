@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import InvalidRequest
 from ..config import ComputeConfig
 from ..states import RunState
 
@@ -76,6 +77,23 @@ class FileEntry:
     path: str  # relative to the run directory, "/"-separated
     size: int
     is_dir: bool
+
+
+FileOpener = Callable[[], tuple[int, Iterator[bytes]]]
+"""Opens a file of a folder being archived: its size now, and its data. Raises
+``FileNotFoundError`` or ``NotFound`` for one gone since it was listed."""
+
+
+@dataclass(frozen=True)
+class FolderMember:
+    """One entry of a folder being archived (``Backend.folder_members``)."""
+
+    path: str  # relative to the folder, "/"-separated
+    kind: str  # "file", "dir" or "link"
+    mtime: float = 0.0
+    mode: int = 0o644
+    target: str = ""  # where a link points, as it was written
+    open: FileOpener | None = None  # a file's data
 
 
 @dataclass
@@ -143,6 +161,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open_file(self, job_id: str, path: str) -> Iterator[bytes]:
         """Stream one file of the run directory in chunks."""
+
+    def folder_members(self, job_id: str, path: str) -> Iterator[FolderMember]:
+        """The entries below the folder ``path`` of the run directory ("" for all of it),
+        each folder before what is in it, for an archive made while it streams. Checks
+        the folder before it returns (``NotFound``; ``InvalidRequest`` for a file); the
+        walk itself may skip what a running job removes meanwhile."""
+        raise InvalidRequest(
+            f"The {self.capabilities.name} backend cannot send a folder as one archive; "
+            "download it with `mantik runs download`."
+        )
 
     def run_dir_of(self, job_id: str) -> str:
         """Where the job's run directory is (a path or URL on the backend's machine), to

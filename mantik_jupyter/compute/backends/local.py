@@ -41,6 +41,8 @@ cancel stops it too). Their output goes to ``mantik-login.log``, as on UNICORE.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import posixpath
@@ -64,7 +66,15 @@ from .. import layout
 from ..run_pace import LOCAL_BACKEND
 from ..script import login_commands_script
 from ..states import RunState
-from .base import Backend, Capabilities, FileEntry, JobStatus, PreparedJob, Progress
+from .base import (
+    Backend,
+    Capabilities,
+    FileEntry,
+    FolderMember,
+    JobStatus,
+    PreparedJob,
+    Progress,
+)
 from .paths import (
     LINK_SKIPPED,
     clean_relative,
@@ -685,6 +695,65 @@ class LocalBackend(Backend):
                 progress(end, end)
             return final
         return save_stream(self._stream(target), final, target.stat().st_size, progress)
+
+
+    def folder_members(self, job_id: str, path: str) -> Iterator[FolderMember]:
+        root, target, rel = self._confined(job_id, path)
+        if not target.is_dir():
+            raise InvalidRequest(f"{path!r} of run directory {root} is not a folder")
+        return _walk_members(target, "")
+
+
+def _walk_members(folder: Path, prefix: str) -> Iterator[FolderMember]:
+    """The entries below ``folder`` as ``_copy_folder`` sees them: links as links (the
+    archive keeps those pointing down), no special files; what the job removes meanwhile
+    is skipped."""
+    try:
+        with os.scandir(folder) as found:
+            entries = sorted(found, key=lambda e: e.name)
+    except FileNotFoundError:
+        log.warning("download: skipped %s (removed while it was downloaded)", folder)
+        return
+    for entry in entries:
+        rel = f"{prefix}{entry.name}"
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                yield FolderMember(rel, "link", st.st_mtime, target=os.readlink(entry.path))
+            elif stat.S_ISDIR(st.st_mode):
+                yield FolderMember(rel, "dir", st.st_mtime, stat.S_IMODE(st.st_mode))
+                yield from _walk_members(Path(entry.path), f"{rel}/")
+            elif stat.S_ISREG(st.st_mode):
+                yield FolderMember(
+                    rel, "file", st.st_mtime, stat.S_IMODE(st.st_mode), open=_opener(entry.path)
+                )
+            else:
+                log.warning("download: skipped %s (not a file, folder or link)", entry.path)
+        except FileNotFoundError:
+            log.warning("download: skipped %s (removed while it was downloaded)", entry.path)
+
+
+def _opener(path: str) -> Callable[[], tuple[int, Iterator[bytes]]]:
+    def open_now() -> tuple[int, Iterator[bytes]]:
+        # O_NOFOLLOW: a file the job replaced by a link since it was listed is not read
+        # through that link.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # now a link: the file that was listed is gone
+                raise FileNotFoundError(errno.ENOENT, "replaced by a link", path) from None
+            raise
+        f = os.fdopen(fd, "rb")
+        size = os.fstat(fd).st_size
+        return size, _read_all(f)
+
+    return open_now
+
+
+def _read_all(f: io.BufferedReader) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(layout.CHUNK):
+            yield chunk
 
 
 def _job_members(target: _Target, *, beside_group: bool = False) -> list[int]:

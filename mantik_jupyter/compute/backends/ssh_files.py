@@ -20,7 +20,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
-from .base import FileEntry, Progress, describe_error
+from .base import FileEntry, FolderMember, Progress, describe_error
 from .paths import LINK_SKIPPED, clean_relative, link_points_down, save_stream, staged_folder
 from .ssh_connection import CONNECTION_ERRORS, SshConnection, read_line, rest_of_stderr
 
@@ -348,11 +348,8 @@ class SshRunFiles:
         self, target: str, final: Path, progress: Progress | None, *, whole_run: bool = False
     ) -> Path:
         parent, name = posixpath.split(target)
-        q = shlex.quote
-        # The run's credential file stays on the cluster (a pending job has not read it).
-        exclude = f"--exclude={q(f'{name}/{layout.CREDENTIALS_FILE}')} " if whole_run else ""
         # The archive's size first (for progress), then the archive, on one channel.
-        command = f"cd {q(parent)} && {_tar_size(name)} && tar -cf - {exclude}-- {q(name)}"
+        command = f"cd {shlex.quote(parent)} && {_tar_size(name)} && {_tar(name, whole_run)}"
 
         def open_stream() -> tuple[paramiko.SSHClient, paramiko.Channel]:
             client = self.ssh.client()
@@ -374,24 +371,96 @@ class SshRunFiles:
                 local = failed.error
                 raise OSError(local.errno, local.strerror or str(local), str(final)) from None
             except CONNECTION_ERRORS as exc:
-                # Only the link this stream used: another thread may have replaced it
-                # with a fresh one meanwhile, which must stay open.
-                self.ssh.drop(client)
-                raise BackendUnavailable(
-                    f"Lost the SSH connection to {self.ssh.hostname}:{self.ssh.port} while "
-                    f"downloading {target}: {describe_error(exc)}. Nothing was kept of "
-                    "the folder; try the download again."
-                ) from None
+                raise self._lost(client, target, exc, "Nothing was kept of the folder. ") from None
             finally:
                 channel.close()
-            if status == 1:
-                # GNU tar's "some files differ": a file changed or went while it was read,
-                # as those of a run still running do (its log grows). Each file arrived as
-                # it was when read; failing the download left nothing to look at.
-                log.warning("download: %s changed while it was read: %s", target, err)
-            elif status != 0:
-                raise BackendRejected(f"tar of {target} on {self.ssh.hostname} failed: {err}")
+            self._check_tar(status, err, target)
         return final
+
+    def _lost(
+        self, client: paramiko.SSHClient, target: str, exc: BaseException, note: str = ""
+    ) -> BackendUnavailable:
+        # Only the link this stream used: another thread may have replaced it with a
+        # fresh one meanwhile, which must stay open.
+        self.ssh.drop(client)
+        return BackendUnavailable(
+            f"Lost the SSH connection to {self.ssh.hostname}:{self.ssh.port} while "
+            f"downloading {target}: {describe_error(exc)}. {note}Try the download again."
+        )
+
+    def _check_tar(self, status: int, err: str, target: str) -> None:
+        if status == 1:
+            # GNU tar's "some files differ": a file changed or went while it was read,
+            # as those of a run still running do (its log grows). Each file arrived as
+            # it was when read; failing the download left nothing to look at.
+            log.warning("download: %s changed while it was read: %s", target, err)
+        elif status != 0:
+            raise BackendRejected(f"tar of {target} on {self.ssh.hostname} failed: {err}")
+
+    def folder_members(self, run_dir: str, path: str) -> Iterator[FolderMember]:
+        """A folder's entries, read from one tar stream of it (``tar -cf -`` on the login
+        node, as for a folder download): one round trip, whatever the number of files.
+        Each file's data is read from the stream before the next entry comes."""
+        rel = clean_relative(path)
+
+        def inspect() -> tuple[str, bool]:
+            with self.shared() as sftp:
+                target, st = self._stat_confined(sftp, run_dir, rel)
+            return target, stat.S_ISDIR(st.st_mode or 0)
+
+        target, is_dir = self.ssh.with_connection(inspect, "inspecting a folder")
+        if not is_dir:
+            raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
+        parent, name = posixpath.split(target)
+        # --hard-dereference: a file's second hard link comes with its data, not as a
+        # reference to an earlier member that a streamed archive cannot go back to.
+        command = f"cd {shlex.quote(parent)} && {_tar(name, not rel, '--hard-dereference ')}"
+
+        def open_stream() -> tuple[paramiko.SSHClient, paramiko.Channel]:
+            client = self.ssh.client()
+            return client, self.ssh.open_stream(command, client)
+
+        client, channel = self.ssh.with_connection(open_stream, "downloading")
+        return self._tar_members(client, channel, target, name)
+
+    def _tar_members(
+        self, client: paramiko.SSHClient, channel: paramiko.Channel, target: str, name: str
+    ) -> Iterator[FolderMember]:
+        raw = _CountingReader(channel, 0, None)
+        reader = io.BufferedReader(raw, layout.CHUNK)
+        try:
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as archive:
+                    for member in archive:
+                        rel = member.name.removeprefix(name).lstrip("/")
+                        if not rel or member.name.split("/")[0] != name:
+                            continue
+                        if member.isdir():
+                            yield FolderMember(rel, "dir", member.mtime, member.mode)
+                        elif member.issym():
+                            yield FolderMember(rel, "link", member.mtime, target=member.linkname)
+                        elif member.isreg():
+                            yield FolderMember(
+                                rel, "file", member.mtime, member.mode,
+                                open=_member_data(archive, member),
+                            )  # fmt: skip
+                        else:
+                            log.warning("download: skipped %s (not a file, folder or link)", rel)
+                status = self.ssh.exit_status(channel)
+                if status == -1 and _cut_off(channel):
+                    raise EOFError(_CUT_OFF)
+                err = rest_of_stderr(channel).decode(errors="replace").strip()
+            except tarfile.TarError as exc:
+                if _cut_off(channel):
+                    raise EOFError(_CUT_OFF) from None
+                raise BackendRejected(
+                    f"The folder {target} arrived as a broken tar stream: {exc}"
+                ) from None
+        except CONNECTION_ERRORS as exc:
+            raise self._lost(client, target, exc) from None
+        finally:
+            channel.close()
+        self._check_tar(status, err, target)
 
     def _confined(self, sftp: paramiko.SFTPClient, run_dir: str, rel: str) -> str:
         """The real remote path of ``rel``; refuses anything resolving outside the run."""
@@ -475,6 +544,22 @@ class _CountingReader(io.RawIOBase):
         return len(data)
 
 
+def _member_data(
+    archive: tarfile.TarFile, member: tarfile.TarInfo
+) -> Callable[[], tuple[int, Iterator[bytes]]]:
+    def open_now() -> tuple[int, Iterator[bytes]]:
+        data = archive.extractfile(member)
+        assert data is not None  # a regular file
+
+        def chunks() -> Iterator[bytes]:
+            while chunk := data.read(layout.CHUNK):
+                yield chunk
+
+        return member.size, chunks()
+
+    return open_now
+
+
 def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     """tarfile's "data" filter (no absolute names, no "..", no devices, no links leading
     out), but skipping such a member instead of failing the download: run directories
@@ -522,6 +607,14 @@ $1 ~ /^[a-z]$/ && $2 ~ /^[0-9]+$/ {
   if ($1 == "f") n += int(($2 + 511) / 512) * 512
 }
 END { n += 1024; print int((n + 10239) / 10240) * 10240 }"""
+
+
+def _tar(name: str, whole_run: bool, options: str = "") -> str:
+    """``tar`` writing the folder ``name`` to stdout; the whole run's credential file stays
+    on the cluster (a pending job has not read it)."""
+    q = shlex.quote
+    exclude = f"--exclude={q(f'{name}/{layout.CREDENTIALS_FILE}')} " if whole_run else ""
+    return f"tar -cf - {options}{exclude}-- {q(name)}"
 
 
 def _tar_size(name: str) -> str:

@@ -60,6 +60,7 @@ from .base import (
     Backend,
     Capabilities,
     FileEntry,
+    FolderMember,
     JobStatus,
     PreparedJob,
     Progress,
@@ -620,6 +621,9 @@ class SshSlurmBackend(Backend):
         an older copy. A folder travels as one tar stream and lands as ``dest/<name>``
         (or at ``dest`` if that does not exist yet); an existing one is a ``Conflict``."""
         return self.files.download(self.run_dir_of(job_id), path, dest, progress)
+
+    def folder_members(self, job_id: str, path: str) -> Iterator[FolderMember]:
+        return self.files.folder_members(self.run_dir_of(job_id), path)
 
 
 def _sweep_function(submission: str) -> list[str]:

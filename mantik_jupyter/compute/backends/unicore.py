@@ -62,6 +62,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -99,6 +100,7 @@ from .base import (
     Backend,
     Capabilities,
     FileEntry,
+    FolderMember,
     JobStatus,
     PreparedJob,
     Progress,
@@ -869,14 +871,63 @@ class UnicoreBackend(Backend):
             progress(max(total, done), max(total, done))
         return final
 
-    def _walk(self, job_id: str, rel: str) -> list[tuple[str, int]]:
+    def folder_members(self, job_id: str, path: str) -> Iterator[FolderMember]:
+        """The files below a folder, one by one through the site's file API. UNICORE
+        lists a link as what it leads to, so links arrive as copies, as with a folder
+        download; one leading out of the job's directory the site refuses (skipped)."""
+        rel = clean_relative(path)
+        if not self._stat(job_id, rel).get("isDirectory"):
+            raise InvalidRequest(f"{path!r} of the run directory is not a folder")
+        return self._members(job_id, rel)
+
+    def _members(self, job_id: str, rel: str) -> Iterator[FolderMember]:
+        made: set[str] = set()
+        for file_rel, size in sorted(self._walk(job_id, rel, outer=True)):
+            inner = file_rel[len(rel) :].lstrip("/") if rel else file_rel
+            # The folders of each file, once, before it (the walk lists files only).
+            parts = inner.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                folder = "/".join(parts[:depth])
+                if folder not in made:
+                    made.add(folder)
+                    yield FolderMember(folder, "dir", time.time(), 0o755)
+            yield FolderMember(
+                inner, "file", time.time(), 0o644, open=self._opener(job_id, file_rel, size)
+            )
+
+    def _opener(
+        self, job_id: str, file_rel: str, size: int
+    ) -> Callable[[], tuple[int, Iterator[bytes]]]:
+        def open_now() -> tuple[int, Iterator[bytes]]:
+            stream = self._stream(job_id, file_rel)
+            # The request goes out now: a file gone since the listing (NotFound) or a
+            # link out of the job's directory (PermissionDenied) fails here, before its
+            # entry is written.
+            first = next(stream, b"")
+            return size, itertools.chain([first], stream)
+
+        return open_now
+
+    def _walk(
+        self, job_id: str, rel: str, *, outer: bool = False
+    ) -> list[tuple[str, int]]:
         """The files below ``rel``, with their sizes. UNICORE lists a link to a folder as
         that folder (its TSI stats through links), so a link to a folder above it (a
         run's ``outputs/up -> ..``) was walked round and round, until the path grew
         longer than 4096 bytes and the download failed. A folder listed exactly as one
-        above it (every name, kind, size and time alike) is taken for such a link."""
+        above it (every name, kind, size and time alike) is taken for such a link.
+        ``outer``: the folders above ``rel`` in the run directory count too, so a link up
+        out of ``rel`` (``outputs/run -> ../..``: the whole run again, its credential file
+        while a job waits) is left out, as the other backends leave out links up."""
         files: list[tuple[str, int]] = []
-        pending: list[tuple[str, tuple[Hashable, ...]]] = [(rel, ())]
+        start: tuple[Hashable, ...] = ()
+        if outer and rel:
+            parts = rel.split("/")
+            start = tuple(
+                _signature(self._listing(job_id, "/".join(parts[:depth])))
+                for depth in range(len(parts))
+            )
+        pending: list[tuple[str, tuple[Hashable, ...]]] = [(rel, start)]
         while pending:
             current, above = pending.pop()
             try:
