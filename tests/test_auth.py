@@ -136,7 +136,17 @@ class TestUnreachable:
 
 
 @pytest.mark.parametrize(
-    "uri", ["admin:pw-secret@localhost:5000", "ftp://admin:pw-secret@host", "http://admin:pw-secret@[::1"]
+    "uri",
+    [
+        "admin:pw-secret@localhost:5000",
+        "ftp://admin:pw-secret@host",
+        "http://admin:pw-secret@[::1",
+        "https:/admin:pw-secret@host",
+        # Unencoded, these end the host part inside the password.
+        "https://admin:pw#secret@host",
+        "https://admin:pw/secret@host:5000",
+        "https://admin:pw?secret@host",
+    ],
 )
 def test_a_refused_uri_is_shown_without_its_password(uri):
     from mantik_jupyter.errors import InvalidRequest
@@ -144,7 +154,9 @@ def test_a_refused_uri_is_shown_without_its_password(uri):
 
     with pytest.raises(InvalidRequest) as err:
         check_http_uri(uri, "from $MLFLOW_TRACKING_URI")
-    assert "pw-secret" not in err.value.message and "$MLFLOW_TRACKING_URI" in err.value.message
+    message = err.value.message
+    assert "secret" not in message and "$MLFLOW_TRACKING_URI" in message
+    assert "percent-encoded" in message and "log in" in message
 
 
 class TestMalformedUri:

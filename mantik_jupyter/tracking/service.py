@@ -300,16 +300,27 @@ def check_http_uri(
         shown, _ = split_credential(uri)  # a password in the URI is never shown
         parts = urlsplit(uri)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # unparsable ('http://[::1')
+        # 'https://ada:p#ss@host': an unencoded '#', '/' or '?' in a password ends the
+        # host part early, leaving the rest of the password to be shown as path or fragment.
+        parts.port  # noqa: B018 - raises for 'p', the start of that password
+    except ValueError:  # unparsable ('http://[::1', a port that is no number)
         shown, ok = uri, False
     if not ok:
         # Without '//' no netloc is parsed: 'admin:pw@localhost:5000' keeps its password.
         shown = re.sub(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@", "", shown)
-    if not ok:
+        # Nor with one slash ('https:/admin:pw@host'), nor when the password ended early:
+        # everything up to the last '@' goes.
+        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:/*).*@", r"\1", shown)
+        userinfo = (
+            " A user name and password written into it must have '#', '/', '?' and '@' "
+            "percent-encoded (%23, %2F, %3F, %40); better, leave them out and log in."
+            if "@" in uri
+            else ""
+        )
         raise InvalidRequest(
             f"The {name} {shown!r} ({source}) is not the http:// or https:// address of "
             "an MLflow tracking server. Write it like http://localhost:5000 or "
-            f"https://mlflow.example.org, or leave it unset {unset}."
+            f"https://mlflow.example.org, or leave it unset {unset}.{userinfo}"
         )
 
 
