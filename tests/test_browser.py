@@ -10,10 +10,12 @@ inside the lab's iframe. Screenshots and the server log go to ``test-artifacts/`
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -725,6 +727,34 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     expect(details.locator(".mantik-files .mantik-error")).to_contain_text(
         "Cannot download gone soon.txt: There is no 'gone soon.txt' in the run directory"
     )
+    # A folder downloads as one zip archive named after the run and the folder, and so
+    # does the whole run (the download refused folders): what the run has, links up and
+    # mantik's credential file left out.
+    run_dir = gone.parent
+    (run_dir / "code" / "outputs" / "up").symlink_to("../MLproject")
+    (run_dir / ".mantik-credentials").write_text("MLFLOW_TRACKING_PASSWORD=never-served\n")
+    with page.expect_download() as download:
+        yours.get_by_role("link", name="Download folder code as zip").click()
+    assert download.value.failure() is None
+    assert download.value.suggested_filename == "e2e-forecast-code.zip"
+    with zipfile.ZipFile(download.value.path()) as zipped:
+        assert zipped.testzip() is None
+        names = zipped.namelist()
+        assert "code/MLproject" in names and "code/outputs/" in names, names
+        forecast = (run_dir / "code" / "outputs" / "forecast.csv").read_bytes()
+        assert zipped.read("code/outputs/forecast.csv") == forecast
+        assert "code/outputs/up" not in names, names
+    with page.expect_download() as download:
+        files.get_by_role("link", name="Download the whole run as zip").click()
+    assert download.value.failure() is None
+    assert download.value.suggested_filename == "e2e-forecast.zip"
+    whole = Path(download.value.path()).read_bytes()
+    assert b"never-served" not in whole
+    names = zipfile.ZipFile(io.BytesIO(whole)).namelist()
+    run_id = details.get_attribute("data-run-id")
+    assert f"{run_id}/mantik.log" in names and f"{run_id}/code/outputs/forecast.csv" in names
+    assert not [n for n in names if ".mantik-credentials" in n], names
+    (run_dir / ".mantik-credentials").unlink()
     # The folder asked for last is the one shown, whatever order the answers come in:
     # the listing of code/outputs is held back until the run directory's has been shown.
     files.get_by_role("button", name="Open folder code").click()
@@ -785,6 +815,10 @@ def test_submit_follow_cancel_and_open_in_mlflow(page, lab, tracking_ready):
     mlflow = page.locator("#mantik-mlflow")
     expect(mlflow).to_be_visible()
     src = mlflow.locator("iframe").get_attribute("src") or ""
+    # The link the server gives with the run, not one the sidebar builds itself.
+    status, sleeping = lab.get_json(f"mantik/api/runs/{details.get_attribute('data-run-id')}")
+    assert status == 200, sleeping
+    assert src == sleeping["mlflow_url"], (src, sleeping["mlflow_url"])
     assert "/lab-under-test/mantik/mlflow/#/experiments/" in src, src
     frame = page.frame_locator("#mantik-mlflow iframe")
     expect(frame.locator("body")).to_contain_text("e2e-sleep", timeout=90_000)

@@ -219,8 +219,9 @@ export class MantikApi {
   }
 
   /**
-   * URL that downloads one file of a run (the lab's cookie authenticates a
-   * plain browser download; no token is put in the URL).
+   * URL that downloads one file of a run, or a folder (`''`: the whole run) as one zip
+   * archive (the lab's cookie authenticates a plain browser download; no token is put in
+   * the URL).
    */
   downloadUrl(ref: string, path: string): string {
     return (
@@ -273,11 +274,19 @@ export class MantikApi {
     return parseProject(body);
   }
 
-  /** URL of the MLflow UI page of a run (through the proxy). */
-  mlflowRunUrl(run: Pick<IRun, 'experiment_id' | 'run_id'>): string {
-    return `${this.mlflowUrl}#/experiments/${encodeURIComponent(
-      run.experiment_id
-    )}/runs/${encodeURIComponent(run.run_id)}`;
+  /**
+   * Whether `url` (a run's `mlflow_url`) opens in the lab's MLflow proxy: the MLflow tab
+   * loads nothing else. Relative URLs count from the page.
+   */
+  isMlflowPage(url: string): boolean {
+    try {
+      const base = globalThis.location?.href ?? this.serverSettings.baseUrl;
+      const page = new URL(url, base);
+      const proxy = new URL(this.mlflowUrl, base);
+      return page.origin === proxy.origin && page.pathname.startsWith(proxy.pathname);
+    } catch {
+      return false;
+    }
   }
 
   /** Forget the stored credential. Returns the new status. */
@@ -481,6 +490,11 @@ export interface IRun {
    * when it is followed.
    */
   not_followed: string | null;
+  /**
+   * The link that opens the run's page in the MLflow UI, as the server makes it for every
+   * face (in a lab: through its MLflow proxy); null from a server that does not send it.
+   */
+  mlflow_url: string | null;
 }
 
 export interface IRunList {
@@ -644,7 +658,8 @@ export function parseRun(value: unknown): IRun {
     warnings: Array.isArray(value.warnings)
       ? value.warnings.filter((w): w is string => typeof w === 'string')
       : [],
-    not_followed: strOrNull(value.not_followed)
+    not_followed: strOrNull(value.not_followed),
+    mlflow_url: strOrNull(value.mlflow_url)
   };
 }
 

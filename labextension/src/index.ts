@@ -91,15 +91,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
       caption: 'Open the MLflow tracking UI in a tab',
       icon: args => (args['isPalette'] ? undefined : mantikIcon),
       execute: async args => {
-        // A run's page when both ids are given; the URL is always built here, never taken
-        // from the arguments.
+        // A run's page: the link the server gives with the run (`mlflow_url`), passed by
+        // the sidebar or fetched for a run id. Only a page of the lab's MLflow proxy is
+        // loaded: a command's arguments may come from anywhere.
         const runId = typeof args['runId'] === 'string' ? args['runId'] : '';
-        const experimentId =
-          typeof args['experimentId'] === 'string' ? args['experimentId'] : '';
-        const url =
-          runId && experimentId
-            ? api.mlflowRunUrl({ run_id: runId, experiment_id: experimentId })
-            : api.mlflowUrl;
+        let url = typeof args['url'] === 'string' ? args['url'] : '';
+        if (runId && !url) {
+          try {
+            url = (await api.getRun(runId)).mlflow_url ?? '';
+          } catch (error) {
+            console.warn(`mantik: cannot find run ${runId} to open in MLflow`, error);
+          }
+        }
+        if (!url || !api.isMlflowPage(url)) {
+          url = api.mlflowUrl;
+        }
         let widget = tracker.find(w => w.id === MLFLOW_WIDGET_ID) ?? null;
         if (!widget || widget.isDisposed) {
           widget = createMlflowWidget(url);
@@ -196,7 +202,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       onOpenMlflow: run => {
         void app.commands.execute(
           CommandIDs.openMlflow,
-          run ? { runId: run.run_id, experimentId: run.experiment_id } : {}
+          run ? { runId: run.run_id, url: run.mlflow_url ?? '' } : {}
         );
       },
       onSubmit: () => {

@@ -821,7 +821,7 @@ function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null 
     setError(null);
     const problem = await api.downloadProblem(run.run_id, file);
     if (problem !== null) {
-      setError(`Cannot download ${name(file)}: ${problem.message}`);
+      setError(`Cannot download ${name(file) || 'the run'}: ${problem.message}`);
       return;
     }
     link.dataset.checked = 'true';
@@ -832,17 +832,34 @@ function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null 
   const name = (p: string) => p.slice(p.lastIndexOf('/') + 1);
   const split = splitRunFiles(entries ?? [], path);
 
+  // A folder downloads as one zip archive that the server names (`<run>-<folder>.zip`).
+  const folderDownload = (folder: string, label: string, text: string) => (
+    <a
+      href={api.downloadUrl(run.run_id, folder)}
+      download=""
+      className="mantik-folder-download"
+      aria-label={label}
+      title={label}
+      onClick={event => void download(event, folder)}
+    >
+      {text}
+    </a>
+  );
+
   const fileItem = (entry: IFileEntry, purpose?: string) => (
     <li key={entry.path}>
       {entry.is_dir ? (
-        <button
-          type="button"
-          className="mantik-linkbutton"
-          aria-label={`Open folder ${name(entry.path)}`}
-          onClick={() => void load(entry.path)}
-        >
-          {name(entry.path)}/
-        </button>
+        <>
+          <button
+            type="button"
+            className="mantik-linkbutton"
+            aria-label={`Open folder ${name(entry.path)}`}
+            onClick={() => void load(entry.path)}
+          >
+            {name(entry.path)}/
+          </button>{' '}
+          {folderDownload(entry.path, `Download folder ${name(entry.path)} as zip`, '.zip')}
+        </>
       ) : (
         <a
           href={api.downloadUrl(run.run_id, entry.path)}
@@ -884,6 +901,19 @@ function FilesView(props: { api: MantikApi; run: IRun; blocked: IBlocked | null 
       ) : null}
       {entries !== null ? (
         <>
+          <p className="mantik-files-archive">
+            {path
+              ? folderDownload(
+                  path,
+                  `Download folder ${name(path)} as zip`,
+                  `Download ${name(path)}/ as .zip`
+                )
+              : folderDownload(
+                  '',
+                  'Download the whole run as zip',
+                  'Download the whole run as .zip'
+                )}
+          </p>
           <ul className="mantik-FileList" aria-label={`Files in ${path || 'the run directory'}`}>
             {path ? (
               <li>

@@ -236,8 +236,23 @@ describe('MantikApi runs and projects', () => {
     exit_code: null,
     user: 'ada',
     warnings: [],
-    not_followed: null
+    not_followed: null,
+    mlflow_url: '/lab-under-test/mantik/mlflow/#/experiments/7/runs/abc123'
   };
+
+  it('reads the link to the run in MLflow that the server gives', () => {
+    expect(parseRun(RUN).mlflow_url).toBe(RUN.mlflow_url);
+    const { mlflow_url: _, ...older } = RUN;
+    expect(parseRun(older).mlflow_url).toBeNull();
+  });
+
+  it('opens only pages of the lab\'s MLflow proxy in the MLflow tab', () => {
+    const { api } = fakeServer();
+    expect(api.isMlflowPage('http://127.0.0.1:8888/lab-under-test/mantik/mlflow/#/x')).toBe(true);
+    expect(api.isMlflowPage('http://127.0.0.1:8888/lab-under-test/mantik/api/runs')).toBe(false);
+    expect(api.isMlflowPage('https://evil.example/lab-under-test/mantik/mlflow/')).toBe(false);
+    expect(api.isMlflowPage('javascript:alert(1)')).toBe(false);
+  });
 
   it('reads why a run is not followed here', () => {
     const why = 'Run abc123 was submitted from another mantik installation';
@@ -334,8 +349,9 @@ describe('MantikApi runs and projects', () => {
     expect(api.downloadUrl('abc123', 'out/a b.csv')).toBe(
       'http://127.0.0.1:8888/lab-under-test/mantik/api/runs/abc123/download?path=out%2Fa%20b.csv'
     );
-    expect(api.mlflowRunUrl(RUN)).toBe(
-      'http://127.0.0.1:8888/lab-under-test/mantik/mlflow/#/experiments/7/runs/abc123'
+    // A folder (here the whole run) downloads from the same route, as one zip.
+    expect(api.downloadUrl('abc123', '')).toBe(
+      'http://127.0.0.1:8888/lab-under-test/mantik/api/runs/abc123/download?path='
     );
   });
 
