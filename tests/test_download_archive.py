@@ -24,7 +24,7 @@ from mantik_jupyter.compute.layout import CREDENTIALS_FILE
 from mantik_jupyter.compute.run_archive import zip_stream
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import NotFound
+from mantik_jupyter.errors import BackendRejected, NotFound
 
 from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config, wait_for
 from .test_download_clash import finished_run
@@ -273,3 +273,29 @@ def test_a_file_over_4_gib_streams_as_zip64(tmp_path):
     with zipfile.ZipFile(out) as zipped:
         assert zipped.getinfo("outputs/era5.nc.gz").file_size == 4 * 1024**3 + 12345
         assert zipped.read("outputs/small.csv") == b"t2m\n280.1\n"
+
+
+LOCKED = """\
+import os
+os.makedirs("outputs/locked", exist_ok=True)
+open("outputs/locked/a.txt", "w").write("a")
+open("outputs/z.txt", "w").write("z")
+os.chmod("outputs/locked", 0)
+"""
+
+
+@pytest.mark.slurm
+def test_a_slurm_folder_tar_cannot_read_fails_the_archive(
+    service, slurm_cluster, remote_base, tmp_path, experiment_name
+):
+    # tar on the login node cannot read a folder of the run (its job made it unreadable):
+    # the archive fails at its end, so the lab drops the connection and the browser says
+    # the download failed, instead of a complete-looking archive without that folder.
+    config = slurm_config(slurm_cluster, remote_base)
+    project = script_project(tmp_path, "locked", LOCKED, config)
+    run_id = finished_run(service, project, experiment_name)
+    chunks = service.open_archive(run_id, "code/outputs").chunks
+    with pytest.raises(BackendRejected, match="Permission denied"):
+        b"".join(chunks)
+    run_dir = Path(service.get(run_id).tags["mantik.run_dir"])
+    (run_dir / "code" / "outputs" / "locked").chmod(0o700)  # for the clean-up
