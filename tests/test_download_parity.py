@@ -36,6 +36,8 @@ os.symlink(os.path.abspath("secret.txt"), "outputs/absolute")
 os.symlink("../../..", "outputs/root")
 os.symlink("../data ü.txt", "outputs/run 1/up")
 os.mkfifo("outputs/pipe")
+# mantik's name: never downloaded, wherever it is (a job's copy of its token).
+open("outputs/run 1/.mantik-credentials", "w").write("MLFLOW_TRACKING_TOKEN=x")
 """
 
 
@@ -58,11 +60,13 @@ def check_only_links_down_land(
     said = caplog.text
     for name in ("secret", "absolute", "root", "run 1/up"):
         assert f"outputs/{name} (a link to" in said, said
+    assert ".mantik-credentials (mantik's credential file)" in said, said
     # The whole run: the same rule, from the run directory down.
     whole = service.download(run_id, "", tmp / "whole").path
     outputs = whole / "code" / "outputs"
     assert (outputs / "latest ü").is_symlink() and not os.path.lexists(outputs / "secret")
     assert (whole / "code" / "secret.txt").is_file()
+    assert not [p for p in whole.rglob(".mantik-credentials")]
     no_staging_left(tmp)
 
 
@@ -125,6 +129,7 @@ os.makedirs("outputs/plots", exist_ok=True)
 open("outputs/plots/t2m.png", "w").write("a plot\\n")
 os.symlink("..", "outputs/up")
 os.symlink("../../..", "outputs/plots/run")
+open("outputs/plots/.mantik-credentials", "w").write("MLFLOW_TRACKING_TOKEN=x")
 """
 
 
@@ -141,11 +146,14 @@ def test_a_unicore_folder_download_with_links_back_up_ends(
     # What the links lead to arrives once, as a copy, never as a link.
     assert (got / "up" / "main.py").is_file() and not (got / "up").is_symlink()
     assert not (got / "up" / "outputs").exists()
+    # mantik's credential file of that name goes nowhere (through plots/run: the run's own).
+    assert not [p for p in got.rglob(".mantik-credentials")]
     assert "outputs/up/outputs (listed as a folder above it is" in caplog.text, caplog.text
     whole = service.download(run_id, "", tmp_path / "whole").path
     assert (whole / "code" / "outputs" / "plots" / "t2m.png").is_file()
     assert not (whole / "code" / "outputs" / "up").exists()
     assert not (whole / "code" / "outputs" / "plots" / "run").exists()
+    assert not [p for p in whole.rglob(".mantik-credentials")]
 
 
 URL_NAMES = ["report #1.csv", "why?.txt", "%41.txt", "A.txt", "run #3/x 1.txt", "ü/ß.txt"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from ..errors import NotFound, PermissionDenied
 from . import layout
 from .backends.base import FolderMember
-from .backends.paths import LINK_SKIPPED, link_points_down
+from .backends.paths import CREDENTIALS_SKIPPED, LINK_SKIPPED, is_credentials, link_points_down
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,9 @@ def _allowed(member: FolderMember, whole_run: bool) -> bool:
     ):
         log.warning("download: skipped %r (not a name inside the folder)", member.path)
         return False
-    # The job's tracking credential (there until the job read it) is never served; the
-    # name is mantik's, so none of that name goes, wherever a job copied it.
-    if parts[-1] == layout.CREDENTIALS_FILE:
+    if is_credentials(member.path):
         if not whole_run or len(parts) > 1:
-            log.warning("download: skipped %s (mantik's credential file)", member.path)
+            log.warning(CREDENTIALS_SKIPPED, member.path)
         return False
     if member.kind == "link" and not link_points_down(member.target):
         log.warning(LINK_SKIPPED, member.path, member.target)

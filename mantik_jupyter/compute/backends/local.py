@@ -76,8 +76,10 @@ from .base import (
     Progress,
 )
 from .paths import (
+    CREDENTIALS_SKIPPED,
     LINK_SKIPPED,
     clean_relative,
+    is_credentials,
     link_points_down,
     safe_name,
     save_stream,
@@ -1028,8 +1030,10 @@ def _copy_folder(src: Path, dst: Path, root: Path, copied: Callable[[int], None]
         return
     for entry in entries:
         path, out = Path(entry.path), dst / entry.name
-        if entry.name == layout.CREDENTIALS_FILE and src == root:
-            continue  # stays in the run: a job that has not started yet reads it
+        if is_credentials(entry.name):
+            if src != root:
+                log.warning(CREDENTIALS_SKIPPED, path)
+            continue  # at the run's top it stays for a job that has not started yet
         try:
             if entry.is_symlink():
                 link = os.readlink(path)

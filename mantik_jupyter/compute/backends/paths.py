@@ -3,6 +3,7 @@ are paths a file system can hold at all."""
 
 from __future__ import annotations
 
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from ...errors import Conflict, InvalidRequest, UnsafePath
+from .. import layout
 
 # Linux's NAME_MAX and PATH_MAX, in bytes: a longer path fails in the file system
 # (ENAMETOOLONG), deep in whatever touches it first.
@@ -64,6 +66,16 @@ def link_points_down(target: str) -> bool:
     outwit a check of the resolved path (CVE-2025-4517). A link that only points down
     cannot lead out, however links chain, and lands the same from every backend."""
     return not target.startswith("/") and ".." not in target.split("/")
+
+
+CREDENTIALS_SKIPPED = "download: skipped %s (mantik's credential file)"
+
+
+def is_credentials(path: str) -> bool:
+    """Whether a run's file is mantik's credential file (the job's tracking token, there
+    until the job read it), which no download takes: the name is mantik's, so none of that
+    name goes, at any depth (a link UNICORE follows, or a job's copy, puts one below)."""
+    return posixpath.basename(path.rstrip("/")) == layout.CREDENTIALS_FILE
 
 
 def save_stream(

@@ -36,7 +36,15 @@ from ...errors import (
 )
 from .. import layout
 from .base import FileEntry, FolderMember, Progress, describe_error
-from .paths import LINK_SKIPPED, clean_relative, link_points_down, save_stream, staged_folder
+from .paths import (
+    CREDENTIALS_SKIPPED,
+    LINK_SKIPPED,
+    clean_relative,
+    is_credentials,
+    link_points_down,
+    save_stream,
+    staged_folder,
+)
 from .ssh_connection import CONNECTION_ERRORS, SshConnection, read_line, rest_of_stderr
 
 log = logging.getLogger(__name__)
@@ -570,6 +578,9 @@ def _skip_unsafe_members(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo 
     name's. tar sends no '..' of a folder it read: a stream with one was made to get out."""
     if not link_points_down(member.name):
         log.warning("download: skipped %s (not a name inside the folder)", member.name)
+        return None
+    if is_credentials(member.name):  # the run's own stays on the cluster (``_tar``)
+        log.warning(CREDENTIALS_SKIPPED, member.name)
         return None
     if (member.issym() or member.islnk()) and not link_points_down(member.linkname):
         log.warning(LINK_SKIPPED, member.name, member.linkname)

@@ -106,7 +106,7 @@ from .base import (
     Progress,
     describe_error,
 )
-from .paths import clean_relative, safe_name, save_stream
+from .paths import CREDENTIALS_SKIPPED, clean_relative, is_credentials, safe_name, save_stream
 from .slurm_words import waiting_for_good
 from .unicore_job import (
     NOT_NORMALLY,
@@ -840,8 +840,12 @@ class UnicoreBackend(Backend):
         if final.exists():
             raise Conflict(f"{final} exists already: remove it or download elsewhere")
         files = self._walk(job_id, rel)
-        if not rel:  # the run's credential file stays on the site
-            files = [(f, size) for f, size in files if f != layout.CREDENTIALS_FILE]
+        # The run's credential file stays on the site; so does any of its name below, where
+        # a link UNICORE follows (plots/run -> ../../..) shows the run's own.
+        for f, _ in files:
+            if is_credentials(f) and f != layout.CREDENTIALS_FILE:
+                log.warning(CREDENTIALS_SKIPPED, f)
+        files = [(f, size) for f, size in files if not is_credentials(f)]
         total = sum(size for _, size in files) or 0
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".mantik-download-", dir=final.parent))
