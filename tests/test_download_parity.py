@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mantik_jupyter.compute.runs import RunService
+from mantik_jupyter.errors import NotFound
 
 from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config
 from .test_download_clash import finished_run, no_staging_left
@@ -61,6 +62,12 @@ def check_only_links_down_land(
     for name in ("secret", "absolute", "root", "run 1/up"):
         assert f"outputs/{name} (a link to" in said, said
     assert ".mantik-credentials (mantik's credential file)" in said, said
+    # Nor is it listed or opened there.
+    inner = "code/outputs/run 1"
+    listed = [e.path for e in service.files(run_id, inner)]
+    assert f"{inner}/data ü.txt" in listed and f"{inner}/.mantik-credentials" not in listed
+    with pytest.raises(NotFound):
+        service.open_file(run_id, f"{inner}/.mantik-credentials")
     # The whole run: the same rule, from the run directory down.
     whole = service.download(run_id, "", tmp / "whole").path
     outputs = whole / "code" / "outputs"

@@ -24,8 +24,7 @@ from ..errors import Ambiguous, Conflict, InvalidRequest, NotFound, PermissionDe
 from ..tracking.runs_api import RunsApi, now_ms, quote_filter_value, tag_key
 from ..tracking.service import TrackingService
 from .backends.base import Backend, FileEntry
-from .backends.paths import clean_relative, usable_path
-from .layout import CREDENTIALS_FILE
+from .backends.paths import clean_relative, is_credentials, usable_path
 from .run_archive import Archive, archive_name, zip_stream
 from .run_backends import BackendPool, RunKeys, backend_kinds
 from .run_download import Downloaded, check_listing, land, landing_spot, staging_beside
@@ -419,13 +418,13 @@ class RunService:
 
     # The run's credential file (``layout.CREDENTIALS_FILE``: the job's tracking token,
     # there until the job reads it, e.g. while a Slurm job waits) is not a file of the
-    # run for anyone: not listed, not opened, not downloaded (the backends leave it out
-    # of folder downloads).
+    # run for anyone: not listed, not opened, not downloaded, nor any file of its name
+    # below (``paths.is_credentials``; the backends leave them out of folder downloads).
 
     def files(self, ref: str, path: str = "") -> builtins.list[FileEntry]:
         rel = clean_relative(path)
         backend, job_id = self._backends.of_run(self._resolve_run(self._api(), ref))
-        return [e for e in backend.list_files(job_id, rel) if e.path != CREDENTIALS_FILE]
+        return _run_files(backend, job_id, rel)
 
     def open_file(self, ref: str, path: str) -> Iterator[bytes]:
         rel = clean_relative(path)
@@ -518,17 +517,20 @@ class RunService:
     @staticmethod
     def _listing(backend: Backend, job_id: str) -> Callable[[str], builtins.list[FileEntry]]:
         # The credential file is not downloaded, so it is no clash either.
-        return lambda rel: [
-            e for e in backend.list_files(job_id, rel) if e.path != CREDENTIALS_FILE
-        ]
+        return lambda rel: _run_files(backend, job_id, rel)
 
 
 # ---- helpers ------------------------------------------------------------------------------
 
 
+def _run_files(backend: Backend, job_id: str, rel: str) -> builtins.list[FileEntry]:
+    """A folder's listing, as users see it: without mantik's credential file."""
+    return [e for e in backend.list_files(job_id, rel) if not is_credentials(e.path)]
+
+
 def _not_credentials(run: Mapping[str, Any], rel: str) -> None:
     """The credential file is answered as a file that is not there."""
-    if rel == CREDENTIALS_FILE:
+    if is_credentials(rel):
         raise NotFound(
             f"No file {rel!r} in the run directory of run {run['info']['run_id']}; list "
             "the run directory to see what is there."
