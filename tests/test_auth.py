@@ -146,6 +146,9 @@ class TestUnreachable:
         "https://admin:pw#secret@host",
         "https://admin:pw/secret@host:5000",
         "https://admin:pw?secret@host",
+        # A password that starts with digits reads as a port: the URI parsed, host 'admin'.
+        "https://admin:2024/secret@host",
+        "https://admin:12#secret@host:5000",
     ],
 )
 def test_a_refused_uri_is_shown_without_its_password(uri):

@@ -299,9 +299,15 @@ def check_http_uri(
     try:
         shown, _ = split_credential(uri)  # a password in the URI is never shown
         parts = urlsplit(uri)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
         # 'https://ada:p#ss@host': an unencoded '#', '/' or '?' in a password ends the
         # host part early, leaving the rest of the password to be shown as path or fragment.
+        # An '@' after the host part is such a password's end ('ada:2024/pw@host' parses,
+        # with 'ada' for its host, and no tracking server's address holds one).
+        ok = (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and uri.count("@") == parts.netloc.count("@")
+        )
         parts.port  # noqa: B018 - raises for 'p', the start of that password
     except ValueError:  # unparsable ('http://[::1', a port that is no number)
         shown, ok = uri, False
