@@ -70,6 +70,7 @@ from .base import (
     Backend,
     Capabilities,
     FileEntry,
+    FileOpener,
     FolderMember,
     JobStatus,
     PreparedJob,
@@ -735,7 +736,7 @@ def _walk_members(folder: Path, prefix: str) -> Iterator[FolderMember]:
             log.warning("download: skipped %s (removed while it was downloaded)", entry.path)
 
 
-def _opener(path: str) -> Callable[[], tuple[int, Iterator[bytes]]]:
+def _opener(path: str) -> FileOpener:
     def open_now() -> tuple[int, Iterator[bytes]]:
         # O_NOFOLLOW: a file the job replaced by a link since it was listed is not read
         # through that link.

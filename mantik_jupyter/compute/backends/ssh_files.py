@@ -20,7 +20,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from ...errors import (
     UnsafePath,
 )
 from .. import layout
-from .base import FileEntry, FolderMember, Progress, describe_error
+from .base import FileEntry, FileOpener, FolderMember, Progress, describe_error
 from .paths import (
     CREDENTIALS_SKIPPED,
     LINK_SKIPPED,
@@ -552,9 +552,7 @@ class _CountingReader(io.RawIOBase):
         return len(data)
 
 
-def _member_data(
-    archive: tarfile.TarFile, member: tarfile.TarInfo
-) -> Callable[[], tuple[int, Iterator[bytes]]]:
+def _member_data(archive: tarfile.TarFile, member: tarfile.TarInfo) -> FileOpener:
     def open_now() -> tuple[int, Iterator[bytes]]:
         data = archive.extractfile(member)
         assert data is not None  # a regular file

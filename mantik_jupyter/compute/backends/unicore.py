@@ -100,6 +100,7 @@ from .base import (
     Backend,
     Capabilities,
     FileEntry,
+    FileOpener,
     FolderMember,
     JobStatus,
     PreparedJob,
@@ -899,9 +900,7 @@ class UnicoreBackend(Backend):
                 inner, "file", time.time(), 0o644, open=self._opener(job_id, file_rel, size)
             )
 
-    def _opener(
-        self, job_id: str, file_rel: str, size: int
-    ) -> Callable[[], tuple[int, Iterator[bytes]]]:
+    def _opener(self, job_id: str, file_rel: str, size: int) -> FileOpener:
         def open_now() -> tuple[int, Iterator[bytes]]:
             stream = self._stream(job_id, file_rel)
             # The request goes out now: a file gone since the listing (NotFound) or a
