@@ -446,6 +446,10 @@ async def test_submit_follow_download(
     code, err = await call(jp_fetch, "runs", run_id, "download", path="code/nothing")
     assert code == 404 and err["reason"] == "not_found", err
     assert "There is no 'code/nothing'" in err["message"], err
+    # Neither a file nor a folder: said so (it was "is not a folder", for a named pipe).
+    os.mkfifo(code_dir / "outputs" / "pipe")
+    code, err = await call(jp_fetch, "runs", run_id, "download", path="code/outputs/pipe")
+    assert code == 400 and "neither a file nor a folder" in err["message"], err
 
     for what in ("files", "download"):
         code, err = await call(jp_fetch, "runs", run_id, what, path="ü" * 200)

@@ -26,7 +26,7 @@ from mantik_jupyter.compute.backends.ssh_files import _untar_stream
 from mantik_jupyter.compute.backends.ssh_slurm import SshSlurmBackend
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
-from mantik_jupyter.errors import BackendRejected, NotFound, PermissionDenied
+from mantik_jupyter.errors import BackendRejected, InvalidRequest, NotFound, PermissionDenied
 
 from ..runs_helpers import copy_example, slurm_config, write_config
 from .test_ssh_slurm import FINAL, _backend, make_job, wait_for
@@ -415,6 +415,22 @@ def test_a_folder_stream_cannot_write_outside_through_names_with_dot_dot(slurm_c
         assert (dest / "out" / "a").is_symlink()  # the rest of the folder arrived
     finally:
         shutil.rmtree(dest)  # paths past PATH_MAX, which a walk of tmp_path trips on
+        b._run(f"rm -rf {top}", "cleaning up")
+        b.close()
+
+
+def test_a_path_that_cannot_go_as_a_folder_archive_says_what_it_is(slurm_cluster):
+    # The lab asks for a folder's archive when a path does not open as a file: for a named
+    # pipe that said "is not a folder", as if a file had been asked for.
+    top = f"{slurm_cluster.remote_dir}/nofolder-{uuid.uuid4().hex[:8]}"
+    b = _backend(slurm_cluster, top)
+    try:
+        b._run(f"mkdir -p {top} && mkfifo {top}/pipe && echo x > {top}/a.txt", "making files")
+        for rel, said in [("pipe", "is neither a file nor a folder"), ("a.txt", "is a file")]:
+            with pytest.raises(InvalidRequest) as caught:
+                b.files.folder_members(top, rel)
+            assert f"{rel!r} of run directory {top} {said}" in caught.value.message
+    finally:
         b._run(f"rm -rf {top}", "cleaning up")
         b.close()
 

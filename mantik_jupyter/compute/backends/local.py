@@ -82,6 +82,7 @@ from .paths import (
     clean_relative,
     is_credentials,
     link_points_down,
+    not_folder,
     safe_name,
     save_stream,
     staged_folder,
@@ -703,7 +704,8 @@ class LocalBackend(Backend):
     def folder_members(self, job_id: str, path: str) -> Iterator[FolderMember]:
         root, target, rel = self._confined(job_id, path)
         if not target.is_dir():
-            raise InvalidRequest(f"{path!r} of run directory {root} is not a folder")
+            why = not_folder(target.is_file())
+            raise InvalidRequest(f"{path!r} of run directory {root} {why}")
         return _walk_members(target, "")
 
 

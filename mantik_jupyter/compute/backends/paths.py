@@ -78,6 +78,14 @@ def is_credentials(path: str) -> bool:
     return posixpath.basename(path.rstrip("/")) == layout.CREDENTIALS_FILE
 
 
+def not_folder(is_file: bool) -> str:
+    """Why a path of a run cannot go as a folder's archive. The lab asks for one when the
+    path would not open as a file: for a named pipe, "is not a folder" was all it said."""
+    if is_file:
+        return "is a file, not a folder: download it as it is"
+    return "is neither a file nor a folder (a named pipe, socket or device): nothing to download"
+
+
 def save_stream(
     chunks: Iterable[bytes],
     final: Path,

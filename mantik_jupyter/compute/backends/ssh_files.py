@@ -42,6 +42,7 @@ from .paths import (
     clean_relative,
     is_credentials,
     link_points_down,
+    not_folder,
     save_stream,
     staged_folder,
 )
@@ -411,14 +412,15 @@ class SshRunFiles:
         Each file's data is read from the stream before the next entry comes."""
         rel = clean_relative(path)
 
-        def inspect() -> tuple[str, bool]:
+        def inspect() -> tuple[str, int]:
             with self.shared() as sftp:
                 target, st = self._stat_confined(sftp, run_dir, rel)
-            return target, stat.S_ISDIR(st.st_mode or 0)
+            return target, st.st_mode or 0
 
-        target, is_dir = self.ssh.with_connection(inspect, "inspecting a folder")
-        if not is_dir:
-            raise InvalidRequest(f"{path!r} of run directory {run_dir} is not a folder")
+        target, mode = self.ssh.with_connection(inspect, "inspecting a folder")
+        if not stat.S_ISDIR(mode):
+            why = not_folder(stat.S_ISREG(mode))
+            raise InvalidRequest(f"{path!r} of run directory {run_dir} {why}")
         parent, name = posixpath.split(target)
         # --hard-dereference: a file's second hard link comes with its data, not as a
         # reference to an earlier member that a streamed archive cannot go back to.
