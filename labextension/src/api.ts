@@ -236,8 +236,8 @@ export class MantikApi {
   }
 
   /**
-   * Whether `downloadUrl(ref, path)` would answer with the file: null when it would, else
-   * the server's error. A browser download that fails only says "failed" (or nothing), so
+   * Whether `downloadUrl(ref, path)` would answer with the file (or the folder's zip
+   * archive): null when it would, else the server's error. A browser download that fails only says "failed" (or nothing), so
    * the panel asks first; the body is not read (the request ends with its headers).
    */
   async downloadProblem(ref: string, path: string): Promise<MantikApiError | null> {
