@@ -296,7 +296,7 @@ def test_a_link_lost_during_an_upload_is_still_a_lost_link(slurm_cluster, tmp_pa
 
 def test_a_folder_download_into_a_full_local_disk_is_a_local_error(slurm_cluster, tmp_path):
     # Extracting the folder's tar stream failed with ENOSPC on the lab's disk, which was
-    # told as "Lost the SSH connection ... try the download again", and the link dropped.
+    # told as "Lost the SSH connection ... Try the download again", and the link dropped.
     top = f"{slurm_cluster.remote_dir}/local-full-{uuid.uuid4().hex[:8]}"
     b = _backend(slurm_cluster, top)
     try:
