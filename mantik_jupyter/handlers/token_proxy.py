@@ -16,6 +16,7 @@ uploads too large to hold in memory (that route streams them).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import inspect
 import ipaddress
@@ -59,8 +60,13 @@ _HOST_PORT = re.compile(r"^(.*?)(:\d+)?$")
 TOKEN_USER = User(username="token", name="Anonymous (lab token)")
 
 
-def _same(given: str, token: str) -> bool:
-    return hmac.compare_digest(given.encode(), token.encode())
+def carries_lab_token(provider: IdentityProvider, headers: httputil.HTTPHeaders) -> bool:
+    """Whether the ``Authorization`` header holds the lab's token, read as Jupyter reads it."""
+    token = provider.token
+    given = provider.auth_header_pat.match(headers.get("Authorization", ""))
+    return bool(token) and given is not None and hmac.compare_digest(
+        given.group(2).encode(), token.encode()
+    )
 
 
 class TokenCall(PathMatches):
@@ -78,23 +84,25 @@ class TokenCall(PathMatches):
             return None
         return super().match(request)
 
-    def admits(self, request: httputil.HTTPServerRequest) -> bool:
+    @functools.cached_property
+    def jupyters_defaults(self) -> bool:
+        """Whether the lab authenticates as Jupyter does by default; fixed once it serves."""
         app = self.serverapp
-        provider = app.identity_provider
-        if type(provider) not in TOKEN_PROVIDERS or type(app.authorizer) is not AllowAllAuthorizer:
+        if type(app.identity_provider) not in TOKEN_PROVIDERS:
             return False
-        if inspect.getmodule(MlflowProxyHandler.get_current_user) is not jupyter_handlers:
-            # Jupyter's deprecated way to authenticate (JupyterHub before 3.0): an overridden
-            # get_current_user, which Jupyter asks instead of the identity provider.
+        if type(app.authorizer) is not AllowAllAuthorizer:
             return False
-        token = provider.token
+        # Jupyter's deprecated way to authenticate (JupyterHub before 3.0): an overridden
+        # get_current_user, which Jupyter asks instead of the identity provider.
+        return inspect.getmodule(MlflowProxyHandler.get_current_user) is jupyter_handlers
+
+    def admits(self, request: httputil.HTTPServerRequest) -> bool:
         headers = request.headers
-        if not token or any(name in headers for name in BROWSER_HEADERS):
+        if not self.jupyters_defaults or any(name in headers for name in BROWSER_HEADERS):
             return False
         if "token" in request.query_arguments:
             return False  # Jupyter would take the URL's token over the header's
-        given = provider.auth_header_pat.match(headers.get("Authorization", ""))
-        if given is None or not _same(given.group(2), token):
+        if not carries_lab_token(self.serverapp.identity_provider, headers):
             return False
         if "Transfer-Encoding" in headers:
             return False  # a body of unknown length streams, on the Jupyter route
@@ -133,10 +141,7 @@ class TokenCallProxyHandler(ProxyRelay, MantikErrors, web.RequestHandler):
         # ``TokenCall`` admitted the call already; checked again (a few microseconds) so
         # that this handler never answers a call without the token, however it was routed.
         provider = self.settings["identity_provider"]
-        given = provider.auth_header_pat.match(self.request.headers.get("Authorization", ""))
-        if given is None or not provider.token:
-            return None
-        return TOKEN_USER if _same(given.group(2), provider.token) else None
+        return TOKEN_USER if carries_lab_token(provider, self.request.headers) else None
 
     def get_login_url(self) -> str:
         raise web.HTTPError(403, "Authentication is required.")
