@@ -56,6 +56,10 @@ sys.stdout.flush()
 """
 
 
+# The local backend, running jobs with this Python (it has MLflow and mantik).
+LOCAL_CONFIG = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
+
+
 def script_project(dest: Path, name: str, script: str, config: dict) -> Path:
     """A project ``dest/name`` whose main entry point runs ``script`` (its text)."""
     project = dest / name

@@ -26,9 +26,16 @@ from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import BackendRejected, NotFound
 
-from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config, wait_for
+from .runs_helpers import (
+    LOCAL_CONFIG,
+    remote_run_dirs,
+    script_project,
+    slurm_config,
+    unicore_config,
+    wait_for,
+)
 from .test_download_clash import finished_run
-from .test_download_parity import LINKS, LINKS_BACK_UP, LOCAL
+from .test_download_parity import LINKS, LINKS_BACK_UP
 
 # A job that keeps a copy of its credential file among its outputs, as one copying its
 # run directory would: mantik's secret goes nowhere, wherever it lies.
@@ -107,7 +114,7 @@ def check_archive(
 
 
 def test_a_local_folder_streams_as_a_zip(service, tracking, tmp_path, experiment_name, caplog):
-    project = script_project(tmp_path, "links", LINKS_AND_SECRET, LOCAL)
+    project = script_project(tmp_path, "links", LINKS_AND_SECRET, LOCAL_CONFIG)
     run_id = finished_run(service, project, experiment_name)
     run_dir = Path(service.get(run_id).tags["mantik.run_dir"])
     check_archive(service, run_id, run_dir, tmp_path, caplog)
@@ -174,7 +181,7 @@ def check_running(service: RunService, run_id: str, run_dir: Path) -> None:
 
 
 def test_a_local_folder_of_a_running_job_streams(service, tracking, tmp_path, experiment_name):
-    project = script_project(tmp_path, "growing", GROWING, LOCAL)
+    project = script_project(tmp_path, "growing", GROWING, LOCAL_CONFIG)
     run_id = service.submit(project, experiment_name=experiment_name).run_id
     run_dir = Path(wait_for(service, run_id, {RunState.RUNNING}).tags["mantik.run_dir"])
     check_running(service, run_id, run_dir)
@@ -206,7 +213,7 @@ for name in ("ckpt-1.pt", "ckpt-2.pt", "epoch-2/state.pt"):
 def test_a_local_file_removed_between_listing_and_read_is_left_out(
     service, tracking, tmp_path, experiment_name, caplog
 ):
-    project = script_project(tmp_path, "ckpt", CHECKPOINTS, LOCAL)
+    project = script_project(tmp_path, "ckpt", CHECKPOINTS, LOCAL_CONFIG)
     run_id = finished_run(service, project, experiment_name)
     outputs = Path(service.get(run_id).tags["mantik.run_dir"]) / "code" / "outputs"
     chunks = service.open_archive(run_id, "code/outputs").chunks

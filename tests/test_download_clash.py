@@ -17,7 +17,14 @@ from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.compute.states import RunState
 from mantik_jupyter.errors import Conflict
 
-from .runs_helpers import FINAL, remote_run_dirs, script_project, slurm_config, wait_for
+from .runs_helpers import (
+    FINAL,
+    LOCAL_CONFIG,
+    remote_run_dirs,
+    script_project,
+    slurm_config,
+    wait_for,
+)
 
 MAKE_OUTPUTS = """\
 import os
@@ -225,7 +232,7 @@ def check_no_write_through_a_landed_link(service: RunService, run_id: str, tmp: 
 def test_local_download_writes_not_through_a_landed_link(
     service, tracking, tmp_path, experiment_name
 ):
-    config = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
+    config = LOCAL_CONFIG
     project = script_project(tmp_path, "links", LINK_THEN_FOLDER, config)
     run_id = finished_run(service, project, experiment_name)
     check_no_write_through_a_landed_link(service, run_id, tmp_path / "local")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,15 @@ import pytest
 from mantik_jupyter.compute.runs import RunService
 from mantik_jupyter.errors import NotFound
 
-from .runs_helpers import remote_run_dirs, script_project, slurm_config, unicore_config
+from .runs_helpers import (
+    LOCAL_CONFIG,
+    remote_run_dirs,
+    script_project,
+    slurm_config,
+    unicore_config,
+)
 from .test_download_clash import finished_run, no_staging_left
 from .unicore_standin import server
-
-LOCAL = {"Local": {}, "Resources": {"Queue": "local"}, "Environment": {"Python": sys.prefix}}
 
 LINKS = """\
 import os
@@ -80,7 +83,7 @@ def check_only_links_down_land(
 def test_a_local_folder_download_keeps_only_links_that_point_down(
     service, tracking, tmp_path, experiment_name, caplog
 ):
-    project = script_project(tmp_path, "links", LINKS, LOCAL)
+    project = script_project(tmp_path, "links", LINKS, LOCAL_CONFIG)
     run_id = finished_run(service, project, experiment_name)
     check_only_links_down_land(service, run_id, tmp_path / "local", caplog)
 
@@ -112,7 +115,7 @@ def test_a_local_folder_download_skips_what_the_job_removes_meanwhile(
 ):
     # A run still training replaces its checkpoints: a file listed but gone before it was
     # copied failed the whole download, as a destination that could not be written.
-    project = script_project(tmp_path, "ckpt", CHECKPOINTS, LOCAL)
+    project = script_project(tmp_path, "ckpt", CHECKPOINTS, LOCAL_CONFIG)
     run_id = finished_run(service, project, experiment_name)
     outputs = Path(service.get(run_id).tags["mantik.run_dir"]) / "code" / "outputs"
 
